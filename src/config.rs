@@ -1,0 +1,532 @@
+//! Configuration: a TOML file (every key documented in `config/guestd.toml`), environment
+//! overrides `GUESTD_<SECTION>__<KEY>` (for example `GUESTD_SESSION__RECONNECT_GRACE=90s`), and
+//! validation with errors that name the key.
+
+use crate::backoff_policy::BackoffConfig;
+use crate::session::Timing;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown key or a wrong type.
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    /// An environment override that does not fit.
+    #[error("environment variable {var}: {msg}")]
+    Env {
+        /// The variable.
+        var: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A value out of range.
+    #[error("invalid value for {key}: {msg}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        msg: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the guest chat API is.
+    pub genesys: GenesysSection,
+    /// REST client.
+    pub rest: RestSection,
+    /// Websocket transport.
+    pub stream: StreamSection,
+    /// Session rules.
+    pub session: SessionSection,
+    /// Session registry.
+    pub supervisor: SupervisorSection,
+    /// Event output.
+    pub events: EventsSection,
+    /// Control channels.
+    pub control: ControlSection,
+    /// Session journal.
+    pub journal: JournalSection,
+    /// Shutdown behaviour.
+    pub shutdown: ShutdownSection,
+}
+
+/// `[genesys]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GenesysSection {
+    /// API base URL of the region, or of the emulator.
+    pub api_base: String,
+    /// Organization id used by `start`.
+    pub organization_id: String,
+    /// Web chat deployment id used by `start`.
+    pub deployment_id: String,
+    /// Allow plaintext http/ws to hosts other than loopback.
+    pub allow_insecure: bool,
+}
+
+impl Default for GenesysSection {
+    fn default() -> Self {
+        GenesysSection {
+            api_base: "https://api.mypurecloud.com".into(),
+            organization_id: String::new(),
+            deployment_id: String::new(),
+            allow_insecure: false,
+        }
+    }
+}
+
+/// `[rest]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RestSection {
+    /// Per-request timeout.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Retries after the first try for 429, 5xx and transport errors.
+    pub max_retries: u32,
+    /// Longest Retry-After honoured.
+    #[serde(with = "humantime_serde")]
+    pub max_retry_after: Duration,
+    /// Delays between retries.
+    pub backoff: BackoffConfig,
+}
+
+impl Default for RestSection {
+    fn default() -> Self {
+        RestSection {
+            timeout: Duration::from_secs(10),
+            max_retries: 4,
+            max_retry_after: Duration::from_secs(60),
+            backoff: BackoffConfig {
+                initial: Duration::from_millis(200),
+                max: Duration::from_secs(5),
+                multiplier: 2.0,
+                jitter: 0.3,
+            },
+        }
+    }
+}
+
+/// `[stream]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamSection {
+    /// Read buffer per socket, bytes.
+    pub read_buffer: usize,
+    /// Write buffer target per socket, bytes (0 writes every frame through).
+    pub write_buffer: usize,
+    /// Largest message accepted from the server, bytes.
+    pub max_message: usize,
+    /// Websocket handshake timeout.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Handshakes in flight at once, process-wide (bounds reconnect storms).
+    pub max_concurrent_connects: usize,
+    /// Send `Authorization: Bearer <jwt>` on the handshake.
+    pub send_jwt: bool,
+}
+
+impl Default for StreamSection {
+    fn default() -> Self {
+        StreamSection {
+            read_buffer: 4096,
+            write_buffer: 0,
+            max_message: 256 * 1024,
+            connect_timeout: Duration::from_secs(10),
+            max_concurrent_connects: 256,
+            send_jwt: true,
+        }
+    }
+}
+
+/// `[session]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionSection {
+    /// Expected heartbeat period.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Missed heartbeats before the socket counts as dead.
+    pub heartbeat_tolerance: u32,
+    /// How long after a loss to keep reconnecting.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_grace: Duration,
+    /// No guest message this long while an agent is connected ends the chat.
+    #[serde(with = "humantime_serde")]
+    pub inactivity_timeout: Duration,
+    /// Warn this long before (0s: no warning).
+    #[serde(with = "humantime_serde")]
+    pub inactivity_warning_lead: Duration,
+    /// A server end this close to the deadline counts as inactivity.
+    #[serde(with = "humantime_serde")]
+    pub inactivity_skew: Duration,
+    /// An agent leaving this soon before the guest means agent_ended.
+    #[serde(with = "humantime_serde")]
+    pub agent_end_window: Duration,
+    /// Put message bodies in events.
+    pub include_bodies: bool,
+    /// Reconnect delays.
+    pub backoff: BackoffConfig,
+}
+
+impl Default for SessionSection {
+    fn default() -> Self {
+        let t = Timing::default();
+        SessionSection {
+            heartbeat_interval: t.heartbeat_interval,
+            heartbeat_tolerance: t.heartbeat_tolerance,
+            reconnect_grace: t.reconnect_grace,
+            inactivity_timeout: t.inactivity_timeout,
+            inactivity_warning_lead: t.inactivity_warning_lead,
+            inactivity_skew: t.inactivity_skew,
+            agent_end_window: t.agent_end_window,
+            include_bodies: t.include_bodies,
+            backoff: t.backoff,
+        }
+    }
+}
+
+impl SessionSection {
+    /// The machine's timing.
+    pub fn timing(&self) -> Timing {
+        Timing {
+            heartbeat_interval: self.heartbeat_interval,
+            heartbeat_tolerance: self.heartbeat_tolerance,
+            reconnect_grace: self.reconnect_grace,
+            inactivity_timeout: self.inactivity_timeout,
+            inactivity_warning_lead: self.inactivity_warning_lead,
+            inactivity_skew: self.inactivity_skew,
+            agent_end_window: self.agent_end_window,
+            include_bodies: self.include_bodies,
+            backoff: self.backoff.clone(),
+        }
+    }
+}
+
+/// `[supervisor]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SupervisorSection {
+    /// Sessions held at once; more are refused.
+    pub max_sessions: usize,
+}
+
+impl Default for SupervisorSection {
+    fn default() -> Self {
+        SupervisorSection {
+            max_sessions: 100_000,
+        }
+    }
+}
+
+/// `[events]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventsSection {
+    /// Events queued for stdout before producers wait.
+    pub queue_capacity: usize,
+}
+
+impl Default for EventsSection {
+    fn default() -> Self {
+        EventsSection {
+            queue_capacity: 4096,
+        }
+    }
+}
+
+/// `[control]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlSection {
+    /// Read JSON-line commands from stdin.
+    pub stdin: bool,
+    /// Address of the HTTP API and ops endpoints; empty to disable.
+    pub http_listen: String,
+    /// Allow `http_listen` on a non-loopback address.
+    pub allow_non_loopback: bool,
+}
+
+impl Default for ControlSection {
+    fn default() -> Self {
+        ControlSection {
+            stdin: true,
+            http_listen: "127.0.0.1:8787".into(),
+            allow_non_loopback: false,
+        }
+    }
+}
+
+/// `[journal]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct JournalSection {
+    /// Keep a journal (needed to survive restarts).
+    pub enabled: bool,
+    /// Its file (created 0600: it holds jwts).
+    pub path: PathBuf,
+}
+
+impl Default for JournalSection {
+    fn default() -> Self {
+        JournalSection {
+            enabled: true,
+            path: PathBuf::from("guestd-journal.jsonl"),
+        }
+    }
+}
+
+/// `[shutdown]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownSection {
+    /// Longest a SIGTERM drain may take.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Leave every chat on shutdown instead of keeping it for the next start.
+    pub leave_on_shutdown: bool,
+}
+
+impl Default for ShutdownSection {
+    fn default() -> Self {
+        ShutdownSection {
+            drain_timeout: Duration::from_secs(10),
+            leave_on_shutdown: false,
+        }
+    }
+}
+
+/// Turn `GUESTD_A__B_C=v` pairs into overrides of key `a.b_c` in `doc`.
+fn apply_env(
+    doc: &mut toml::Table,
+    vars: impl Iterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    for (var, raw) in vars {
+        let Some(rest) = var.strip_prefix("GUESTD_") else {
+            continue;
+        };
+        let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+        if path.len() < 2 || path.iter().any(|p| p.is_empty()) {
+            // GUESTD_CONFIG and the like are CLI variables, not keys.
+            continue;
+        }
+        // A value is TOML if it parses as one (numbers, booleans, arrays), else a string.
+        let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or(toml::Value::String(raw.clone()));
+        let mut table = &mut *doc;
+        for seg in &path[..path.len() - 1] {
+            let entry = table
+                .entry(seg.clone())
+                .or_insert_with(|| toml::Value::Table(Default::default()));
+            table = entry.as_table_mut().ok_or_else(|| ConfigError::Env {
+                var: var.clone(),
+                msg: format!("{seg} is not a section"),
+            })?;
+        }
+        table.insert(path[path.len() - 1].clone(), value);
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Parse TOML text, apply environment overrides, validate.
+    pub fn from_toml(
+        text: &str,
+        env: impl Iterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut doc: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        apply_env(&mut doc, env)?;
+        let cfg: Config = toml::Value::Table(doc)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Load a file (or the defaults when `path` is None) with the process environment.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_path_buf(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        Config::from_toml(&text, std::env::vars())
+    }
+
+    /// Check ranges and relations between keys.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key, msg: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                msg: msg.into(),
+            })
+        };
+        let s = &self.session;
+        if s.heartbeat_interval.is_zero() {
+            return bad("session.heartbeat_interval", "must be > 0");
+        }
+        if s.heartbeat_tolerance == 0 {
+            return bad("session.heartbeat_tolerance", "must be >= 1");
+        }
+        if s.reconnect_grace.is_zero() {
+            return bad("session.reconnect_grace", "must be > 0");
+        }
+        if s.inactivity_timeout.is_zero() {
+            return bad("session.inactivity_timeout", "must be > 0");
+        }
+        if s.inactivity_warning_lead >= s.inactivity_timeout {
+            return bad(
+                "session.inactivity_warning_lead",
+                "must be shorter than inactivity_timeout",
+            );
+        }
+        for (key, b) in [
+            ("session.backoff", &s.backoff),
+            ("rest.backoff", &self.rest.backoff),
+        ] {
+            if b.initial.is_zero()
+                || b.max < b.initial
+                || b.multiplier < 1.0
+                || !(0.0..=1.0).contains(&b.jitter)
+            {
+                return bad(
+                    key,
+                    "needs initial > 0, max >= initial, multiplier >= 1, 0 <= jitter <= 1",
+                );
+            }
+        }
+        if self.stream.max_concurrent_connects == 0 {
+            return bad("stream.max_concurrent_connects", "must be >= 1");
+        }
+        if self.stream.read_buffer < 256 {
+            return bad("stream.read_buffer", "must be >= 256 bytes");
+        }
+        if self.stream.max_message < 1024 {
+            return bad("stream.max_message", "must be >= 1024 bytes");
+        }
+        if self.events.queue_capacity == 0 {
+            return bad("events.queue_capacity", "must be >= 1");
+        }
+        if self.supervisor.max_sessions == 0 {
+            return bad("supervisor.max_sessions", "must be >= 1");
+        }
+        if let Err(e) = crate::genesys::client::check_transport(
+            &self.genesys.api_base,
+            self.genesys.allow_insecure,
+        ) {
+            return bad("genesys.api_base", &e.to_string());
+        }
+        if !self.control.http_listen.is_empty() {
+            let addr: SocketAddr = match self.control.http_listen.parse() {
+                Ok(a) => a,
+                Err(e) => return bad("control.http_listen", &format!("not an ip:port: {e}")),
+            };
+            if !addr.ip().is_loopback() && !self.control.allow_non_loopback {
+                return bad(
+                    "control.http_listen",
+                    "must be a loopback address unless allow_non_loopback = true",
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn none() -> std::iter::Empty<(String, String)> {
+        std::iter::empty()
+    }
+
+    #[test]
+    fn shipped_config_file_parses_and_matches_the_defaults() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/guestd.toml"))
+                .unwrap();
+        let cfg = Config::from_toml(&text, none()).unwrap();
+        assert_eq!(cfg, Config::default());
+    }
+
+    #[test]
+    fn env_overrides_keys_with_types() {
+        let env = vec![
+            (
+                "GUESTD_SESSION__RECONNECT_GRACE".to_string(),
+                "90s".to_string(),
+            ),
+            (
+                "GUESTD_SESSION__HEARTBEAT_TOLERANCE".to_string(),
+                "3".to_string(),
+            ),
+            (
+                "GUESTD_SESSION__BACKOFF__JITTER".to_string(),
+                "0.0".to_string(),
+            ),
+            (
+                "GUESTD_GENESYS__API_BASE".to_string(),
+                "http://127.0.0.1:9".to_string(),
+            ),
+            ("GUESTD_CONFIG".to_string(), "ignored".to_string()),
+            ("PATH".to_string(), "/bin".to_string()),
+        ];
+        let cfg = Config::from_toml("", env.into_iter()).unwrap();
+        assert_eq!(cfg.session.reconnect_grace, Duration::from_secs(90));
+        assert_eq!(cfg.session.heartbeat_tolerance, 3);
+        assert_eq!(cfg.session.backoff.jitter, 0.0);
+        assert_eq!(cfg.genesys.api_base, "http://127.0.0.1:9");
+    }
+
+    #[test]
+    fn bad_config_names_the_problem() {
+        let e = Config::from_toml("[session]\nheartbeat_tolerence = 2\n", none())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("heartbeat_tolerence"), "{e}");
+        let e = Config::from_toml("[session]\nreconnect_grace = \"soon\"\n", none())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("reconnect_grace") || e.contains("soon"), "{e}");
+        let e = Config::from_toml("[session]\ninactivity_warning_lead = \"20m\"\n", none())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("inactivity_warning_lead"), "{e}");
+        let e = Config::from_toml("[genesys]\napi_base = \"http://example.com\"\n", none())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("allow_insecure"), "{e}");
+        let e = Config::from_toml("[control]\nhttp_listen = \"0.0.0.0:80\"\n", none())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("loopback"), "{e}");
+        assert!(
+            Config::from_toml(
+                "[genesys]\napi_base = \"http://example.com\"\nallow_insecure = true\n",
+                none()
+            )
+            .is_ok()
+        );
+    }
+}

@@ -1,0 +1,437 @@
+//! Control channels: JSON-line commands on stdin and a loopback HTTP API, with the same command
+//! set behind both. A bad command gets an error naming the problem; it never stops the daemon or
+//! touches another session.
+//!
+//! stdin: one JSON object per line, `{"cmd": "...", "request_id": "...", ...}`; the reply is a
+//! `command_result` or `command_error` event on stdout carrying the `request_id`. Commands run
+//! concurrently, so a slow `start` does not hold up a `send`.
+
+use crate::backend::{ChatRef, StartSpec};
+use crate::events::{Event, EventKind};
+use crate::secret::Secret;
+use crate::supervisor::{Supervisor, SupervisorError};
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::StreamExt;
+use serde::Deserialize;
+use tokio::io::AsyncRead;
+use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
+
+/// Longest stdin command line, bytes.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// A parsed command.
+#[derive(Debug)]
+pub enum Command {
+    /// Create a chat and supervise it.
+    Start(StartSpec),
+    /// Supervise an existing chat.
+    Attach(ChatRef),
+    /// Send a message as the guest.
+    Send {
+        /// Session id or conversation id.
+        session: String,
+        /// Text.
+        body: String,
+    },
+    /// Send typing.
+    Typing {
+        /// Session id or conversation id.
+        session: String,
+    },
+    /// Leave the chat.
+    Leave {
+        /// Session id or conversation id.
+        session: String,
+    },
+    /// List sessions.
+    List,
+    /// One session.
+    Get {
+        /// Session id or conversation id.
+        session: String,
+    },
+}
+
+impl Command {
+    /// The command's name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Start(_) => "start",
+            Command::Attach(_) => "attach",
+            Command::Send { .. } => "send",
+            Command::Typing { .. } => "typing",
+            Command::Leave { .. } => "leave",
+            Command::List => "list",
+            Command::Get { .. } => "get",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AttachArgs {
+    conversation_id: String,
+    member_id: String,
+    jwt: Secret,
+    event_stream_uri: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendArgs {
+    session: String,
+    body: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SessionArg {
+    session: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoArgs {}
+
+/// Parse one stdin line into (request_id, command name, command). The name and request id are
+/// returned even when the rest is wrong, so the error reply can carry them.
+pub fn parse_line(line: &str) -> (Option<String>, String, Result<Command, String>) {
+    let mut v: serde_json::Map<String, serde_json::Value> = match serde_json::from_str(line) {
+        Ok(serde_json::Value::Object(m)) => m,
+        Ok(_) => {
+            return (
+                None,
+                "unknown".into(),
+                Err("a command is a JSON object".into()),
+            );
+        }
+        Err(e) => return (None, "unknown".into(), Err(format!("not JSON: {e}"))),
+    };
+    let request_id = match v.remove("request_id") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) => Some(s),
+        Some(other) => Some(other.to_string()),
+    };
+    let name = match v.remove("cmd") {
+        Some(serde_json::Value::String(s)) => s,
+        _ => {
+            return (
+                request_id,
+                "unknown".into(),
+                Err("missing \"cmd\" (start, attach, send, typing, leave, list, get)".into()),
+            );
+        }
+    };
+    let rest = serde_json::Value::Object(v);
+    let cmd = parse_command(&name, rest);
+    (request_id, name, cmd)
+}
+
+/// Parse the arguments of command `name`.
+pub fn parse_command(name: &str, args: serde_json::Value) -> Result<Command, String> {
+    fn de<T: serde::de::DeserializeOwned>(name: &str, v: serde_json::Value) -> Result<T, String> {
+        serde_json::from_value(v).map_err(|e| format!("{name}: {e}"))
+    }
+    Ok(match name {
+        "start" => Command::Start(de(name, args)?),
+        "attach" => {
+            let a: AttachArgs = de(name, args)?;
+            Command::Attach(ChatRef {
+                conversation_id: a.conversation_id,
+                member_id: a.member_id,
+                jwt: a.jwt,
+                event_stream_uri: a.event_stream_uri,
+            })
+        }
+        "send" => {
+            let a: SendArgs = de(name, args)?;
+            Command::Send {
+                session: a.session,
+                body: a.body,
+            }
+        }
+        "typing" => Command::Typing {
+            session: de::<SessionArg>(name, args)?.session,
+        },
+        "leave" => Command::Leave {
+            session: de::<SessionArg>(name, args)?.session,
+        },
+        "get" => Command::Get {
+            session: de::<SessionArg>(name, args)?.session,
+        },
+        "list" => {
+            de::<NoArgs>(name, args)?;
+            Command::List
+        }
+        other => {
+            return Err(format!(
+                "unknown command {other:?} (start, attach, send, typing, leave, list, get)"
+            ));
+        }
+    })
+}
+
+/// Run a command.
+pub async fn execute(sup: &Supervisor, cmd: Command) -> Result<serde_json::Value, SupervisorError> {
+    let to_json = |v: crate::session::SessionView| serde_json::to_value(v).unwrap_or_default();
+    match cmd {
+        Command::Start(spec) => sup.start(spec).await.map(to_json),
+        Command::Attach(chat) => sup.attach(chat).await.map(to_json),
+        Command::Send { session, body } => sup.send_message(&session, body).await,
+        Command::Typing { session } => sup.send_typing(&session).await,
+        Command::Leave { session } => sup.leave(&session).await,
+        Command::List => Ok(serde_json::json!({ "sessions": sup.list().await })),
+        Command::Get { session } => sup.get(&session).await.map(to_json),
+    }
+}
+
+fn reply_event(
+    request_id: Option<String>,
+    command: String,
+    result: Result<serde_json::Value, String>,
+) -> Event {
+    let (session, conv) = match &result {
+        Ok(v) => (
+            v.get("session")
+                .and_then(|s| s.as_str())
+                .unwrap_or("-")
+                .to_string(),
+            v.get("conversation_id")
+                .and_then(|s| s.as_str())
+                .map(str::to_string),
+        ),
+        Err(_) => ("-".to_string(), None),
+    };
+    let kind = match result {
+        Ok(result) => EventKind::CommandResult { command, result },
+        Err(error) => EventKind::CommandError { command, error },
+    };
+    Event::new(&session, conv.as_deref(), kind).with_request(request_id)
+}
+
+/// Read commands from `input` until it closes or `stop` fires; each runs in its own task.
+pub async fn stdin_loop<R: AsyncRead + Unpin>(
+    sup: Supervisor,
+    input: R,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut lines = FramedRead::new(input, LinesCodec::new_with_max_length(MAX_LINE));
+    loop {
+        let next = tokio::select! {
+            _ = stop.cancelled() => break,
+            l = lines.next() => l,
+        };
+        let line = match next {
+            None => break,
+            Some(Ok(l)) => l,
+            Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
+                let ev = reply_event(
+                    None,
+                    "unknown".into(),
+                    Err(format!("command line longer than {MAX_LINE} bytes")),
+                );
+                sup.emitter().emit(ev).await;
+                continue;
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "stdin read failed; no more stdin commands");
+                break;
+            }
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let (request_id, name, parsed) = parse_line(&line);
+        let sup = sup.clone();
+        tokio::spawn(async move {
+            let result = match parsed {
+                Err(e) => Err(e),
+                Ok(cmd) => execute(&sup, cmd).await.map_err(|e| e.to_string()),
+            };
+            let ok = if result.is_ok() { "ok" } else { "error" };
+            metrics::counter!("guestd_commands_total", "channel" => "stdin", "result" => ok)
+                .increment(1);
+            if let Err(e) = &result {
+                tracing::info!(command = %name, error = %e, "command failed");
+            }
+            sup.emitter()
+                .emit(reply_event(request_id, name, result))
+                .await;
+        });
+    }
+    tracing::debug!("stdin closed; commands still accepted over HTTP");
+}
+
+/// State of the HTTP API.
+#[derive(Clone)]
+pub struct HttpState {
+    /// The registry.
+    pub sup: Supervisor,
+    /// Ready once the journal is replayed and until shutdown.
+    pub ready: tokio::sync::watch::Receiver<bool>,
+}
+
+struct HttpError(StatusCode, String, &'static str);
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        metrics::counter!("guestd_commands_total", "channel" => "http", "result" => "error")
+            .increment(1);
+        (
+            self.0,
+            Json(serde_json::json!({ "error": self.1, "code": self.2 })),
+        )
+            .into_response()
+    }
+}
+
+impl From<SupervisorError> for HttpError {
+    fn from(e: SupervisorError) -> Self {
+        let status = match &e {
+            SupervisorError::NotFound(_) => StatusCode::NOT_FOUND,
+            SupervisorError::Full(_) | SupervisorError::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            SupervisorError::AlreadyAttached(..) | SupervisorError::Ended(_) => {
+                StatusCode::CONFLICT
+            }
+            SupervisorError::Invalid(_) => StatusCode::BAD_REQUEST,
+            SupervisorError::Api(_) => StatusCode::BAD_GATEWAY,
+        };
+        HttpError(status, e.to_string(), e.code())
+    }
+}
+
+async fn run_http(
+    st: &HttpState,
+    name: &str,
+    args: serde_json::Value,
+) -> Result<Response, HttpError> {
+    let cmd =
+        parse_command(name, args).map_err(|e| HttpError(StatusCode::BAD_REQUEST, e, "invalid"))?;
+    let created = matches!(cmd, Command::Start(_) | Command::Attach(_));
+    let v = execute(&st.sup, cmd).await?;
+    metrics::counter!("guestd_commands_total", "channel" => "http", "result" => "ok").increment(1);
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(v)).into_response())
+}
+
+fn body_json(body: &Bytes) -> Result<serde_json::Value, HttpError> {
+    if body.is_empty() {
+        return Ok(serde_json::json!({}));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| HttpError(StatusCode::BAD_REQUEST, format!("not JSON: {e}"), "invalid"))
+}
+
+/// The HTTP API and ops endpoints.
+pub fn router(st: HttpState) -> Router {
+    Router::new()
+        .route("/v1/sessions", post(http_start).get(http_list))
+        .route("/v1/sessions/attach", post(http_attach))
+        .route("/v1/sessions/{id}", get(http_get).delete(http_leave))
+        .route("/v1/sessions/{id}/messages", post(http_send))
+        .route("/v1/sessions/{id}/typing", post(http_typing))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(|| async { crate::metrics::render() }))
+        .fallback(|| async { HttpError(StatusCode::NOT_FOUND, "no such path".into(), "not_found") })
+        .with_state(st)
+}
+
+async fn readyz(State(st): State<HttpState>) -> Response {
+    if *st.ready.borrow() && st.sup.accepting() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+async fn http_start(State(st): State<HttpState>, body: Bytes) -> Result<Response, HttpError> {
+    run_http(&st, "start", body_json(&body)?).await
+}
+
+async fn http_attach(State(st): State<HttpState>, body: Bytes) -> Result<Response, HttpError> {
+    run_http(&st, "attach", body_json(&body)?).await
+}
+
+async fn http_list(State(st): State<HttpState>) -> Result<Response, HttpError> {
+    run_http(&st, "list", serde_json::json!({})).await
+}
+
+async fn http_get(
+    State(st): State<HttpState>,
+    Path(id): Path<String>,
+) -> Result<Response, HttpError> {
+    run_http(&st, "get", serde_json::json!({ "session": id })).await
+}
+
+async fn http_leave(
+    State(st): State<HttpState>,
+    Path(id): Path<String>,
+) -> Result<Response, HttpError> {
+    run_http(&st, "leave", serde_json::json!({ "session": id })).await
+}
+
+async fn http_typing(
+    State(st): State<HttpState>,
+    Path(id): Path<String>,
+) -> Result<Response, HttpError> {
+    run_http(&st, "typing", serde_json::json!({ "session": id })).await
+}
+
+async fn http_send(
+    State(st): State<HttpState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, HttpError> {
+    let mut args = body_json(&body)?;
+    if let Some(m) = args.as_object_mut() {
+        m.insert("session".into(), serde_json::Value::String(id));
+    }
+    run_http(&st, "send", args).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_commands_and_names_errors() {
+        let (rid, name, c) =
+            parse_line(r#"{"cmd":"send","request_id":"r1","session":"s-1","body":"hi"}"#);
+        assert_eq!(rid.as_deref(), Some("r1"));
+        assert_eq!(name, "send");
+        assert!(
+            matches!(c, Ok(Command::Send { ref session, ref body }) if session == "s-1" && body == "hi")
+        );
+        let (_, _, c) = parse_line(r#"{"cmd":"start","queue":"Support","display_name":"Ann"}"#);
+        assert!(matches!(c, Ok(Command::Start(ref s)) if s.queue == "Support"));
+        let (_, _, c) = parse_line("{oops");
+        assert!(c.unwrap_err().starts_with("not JSON"));
+        let (rid, _, c) = parse_line(r#"{"request_id":"r2"}"#);
+        assert_eq!(rid.as_deref(), Some("r2"));
+        assert!(c.unwrap_err().contains("missing \"cmd\""));
+        let (_, _, c) = parse_line(r#"{"cmd":"fly"}"#);
+        assert!(c.unwrap_err().contains("unknown command"));
+        let (_, _, c) = parse_line(r#"{"cmd":"send","session":"s"}"#);
+        assert!(c.unwrap_err().contains("body"));
+        let (_, _, c) = parse_line(r#"{"cmd":"list","extra":1}"#);
+        assert!(c.unwrap_err().contains("extra"));
+        let (_, _, c) = parse_line(
+            r#"{"cmd":"attach","conversation_id":"c","member_id":"m","jwt":"secret-token","event_stream_uri":"ws://127.0.0.1:1/x"}"#,
+        );
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("secret-token"), "{dbg}");
+    }
+}

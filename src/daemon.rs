@@ -1,0 +1,206 @@
+//! Wiring: turn a [`Config`] into a running guestd (journal, event writer, backend, supervisor,
+//! control channels) and shut it down in order. `guestd run` and `guestd demo` both use it.
+
+use crate::backend::ChatApi;
+use crate::config::Config;
+use crate::control::{self, HttpState};
+use crate::events::{self, Emitter, EventSink};
+use crate::genesys::client::{ClientConfig, GenesysApi};
+use crate::journal::{FileJournal, Journal, NullJournal};
+use crate::session::SessionCtx;
+use crate::stream::{Connector, StreamConfig};
+use crate::supervisor::Supervisor;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::io::AsyncRead;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+/// Why guestd could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The journal.
+    #[error(transparent)]
+    Journal(#[from] crate::journal::JournalError),
+    /// The backend client.
+    #[error("backend: {0}")]
+    Backend(#[from] crate::backend::ApiError),
+    /// The HTTP listener.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running guestd.
+pub struct Running {
+    /// The session registry.
+    pub sup: Supervisor,
+    /// Where the HTTP API listens, if enabled.
+    pub http_addr: Option<SocketAddr>,
+    emitter: Emitter,
+    writer: tokio::task::JoinHandle<()>,
+    journal: Arc<dyn Journal>,
+    sessions_cancel: CancellationToken,
+    control_cancel: CancellationToken,
+    ready: watch::Sender<bool>,
+    cfg: Config,
+}
+
+/// What a shutdown did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShutdownReport {
+    /// Sessions live when it began.
+    pub sessions: usize,
+    /// Whether all of them finished inside the drain timeout.
+    pub drained: bool,
+}
+
+/// Start guestd with `sink` for events and optionally `stdin` for commands.
+pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
+    cfg: Config,
+    sink: S,
+    stdin: Option<R>,
+) -> Result<Running, DaemonError> {
+    crate::metrics::install();
+    let (journal, recovered): (Arc<dyn Journal>, _) = if cfg.journal.enabled {
+        let (j, r) = FileJournal::open(&cfg.journal.path)?;
+        (Arc::new(j), r)
+    } else {
+        (Arc::new(NullJournal), Vec::new())
+    };
+    let (emitter, writer) = events::spawn_writer(sink, cfg.events.queue_capacity);
+    let api: Arc<dyn ChatApi> = Arc::new(GenesysApi::new(ClientConfig {
+        api_base: cfg.genesys.api_base.clone(),
+        organization_id: cfg.genesys.organization_id.clone(),
+        deployment_id: cfg.genesys.deployment_id.clone(),
+        timeout: cfg.rest.timeout,
+        max_retries: cfg.rest.max_retries,
+        backoff: cfg.rest.backoff.clone(),
+        max_retry_after: cfg.rest.max_retry_after,
+        allow_insecure: cfg.genesys.allow_insecure,
+    })?);
+    let connector = Connector::new(
+        StreamConfig {
+            read_buffer: cfg.stream.read_buffer,
+            write_buffer: cfg.stream.write_buffer,
+            max_message: cfg.stream.max_message,
+            connect_timeout: cfg.stream.connect_timeout,
+            allow_insecure: cfg.genesys.allow_insecure,
+            send_jwt: cfg.stream.send_jwt,
+        },
+        cfg.stream.max_concurrent_connects,
+    );
+    let sessions_cancel = CancellationToken::new();
+    let control_cancel = CancellationToken::new();
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let ctx = SessionCtx {
+        api,
+        connector,
+        emitter: emitter.clone(),
+        journal: journal.clone(),
+        timing: cfg.session.timing(),
+        done: done_tx,
+        cancel: sessions_cancel.clone(),
+        leave_on_shutdown: cfg.shutdown.leave_on_shutdown,
+    };
+    let sup = Supervisor::spawn(ctx, done_rx, cfg.supervisor.max_sessions);
+    let (ready, ready_rx) = watch::channel(false);
+    let http_addr = if cfg.control.http_listen.is_empty() {
+        None
+    } else {
+        let addr = cfg.control.http_listen.clone();
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .map_err(|source| DaemonError::Listen {
+                addr: addr.clone(),
+                source,
+            })?;
+        let local = listener
+            .local_addr()
+            .map_err(|source| DaemonError::Listen { addr, source })?;
+        let app = control::router(HttpState {
+            sup: sup.clone(),
+            ready: ready_rx,
+        });
+        let stop = control_cancel.clone();
+        tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "HTTP API stopped");
+            }
+        });
+        tracing::info!(addr = %local, "HTTP API listening");
+        Some(local)
+    };
+    let resumed = recovered.len();
+    for r in recovered {
+        let id = r.record.session.clone();
+        if let Err(e) = sup.resume(r).await {
+            tracing::error!(session = %id, error = %e, "could not resume a journaled session");
+        }
+    }
+    if resumed > 0 {
+        tracing::info!(sessions = resumed, "picked up sessions from the journal");
+    }
+    if let Some(input) = stdin {
+        tokio::spawn(control::stdin_loop(
+            sup.clone(),
+            input,
+            control_cancel.clone(),
+        ));
+    }
+    let _ = ready.send(true);
+    Ok(Running {
+        sup,
+        http_addr,
+        emitter,
+        writer,
+        journal,
+        sessions_cancel,
+        control_cancel,
+        ready,
+        cfg,
+    })
+}
+
+impl Running {
+    /// The event emitter (for process-level events).
+    pub fn emitter(&self) -> &Emitter {
+        &self.emitter
+    }
+
+    /// Drain: stop taking commands, let every session close (or leave, with
+    /// `leave_on_shutdown`), persist, flush events. Bounded by `shutdown.drain_timeout`.
+    pub async fn shutdown(self) -> ShutdownReport {
+        let _ = self.ready.send(false);
+        self.sup.stop_accepting();
+        let sessions = self.sup.live();
+        tracing::info!(
+            sessions,
+            leave = self.cfg.shutdown.leave_on_shutdown,
+            "shutting down"
+        );
+        self.sessions_cancel.cancel();
+        let drained = tokio::time::timeout(self.cfg.shutdown.drain_timeout, self.sup.wait_empty())
+            .await
+            .is_ok();
+        if !drained {
+            tracing::warn!(
+                left = self.sup.live(),
+                "drain timeout: some sessions did not finish"
+            );
+        }
+        self.control_cancel.cancel();
+        self.journal.sync().await;
+        self.emitter.flush().await;
+        drop(self.writer);
+        ShutdownReport { sessions, drained }
+    }
+}

@@ -1,0 +1,3 @@
+pub async fn run(_e: bool) -> anyhow::Result<bool> {
+    Ok(true)
+}

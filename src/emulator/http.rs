@@ -1,0 +1,683 @@
+//! The emulator's HTTP surface: the Genesys guest REST paths, the websocket upgrade at the
+//! `eventStreamUri`, and the admin API under `/emulator/` (kept apart from the Genesys paths).
+
+use super::world::{EndCause, SocketCmd};
+use super::{AdminError, Emulator, Shared};
+use crate::genesys::protocol::{
+    BodyType, CreateChatRequest, CreateChatResponse, ErrorBody, IdRef, MemberState, Page,
+    SendMessageRequest,
+};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::time::Instant;
+
+type S = State<Arc<Shared>>;
+
+/// A platform-shaped error reply.
+pub(crate) struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+    fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad.request", message)
+    }
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not.found", message)
+    }
+    fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "authentication.required", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            message: self.message,
+            code: self.code.to_string(),
+            status: self.status.as_u16(),
+        };
+        let mut resp = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        resp
+    }
+}
+
+impl From<AdminError> for ApiError {
+    fn from(e: AdminError) -> Self {
+        let status = match e {
+            AdminError::NoConversation(_) => StatusCode::NOT_FOUND,
+            AdminError::Ended(_) | AdminError::NoAgent(_) | AdminError::Nothing(_) => {
+                StatusCode::CONFLICT
+            }
+        };
+        ApiError::new(status, "emulator.admin", e.to_string())
+    }
+}
+
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    const C: &str = "/api/v2/webchat/guest/conversations";
+    Router::new()
+        .route(C, post(create))
+        .route(&format!("{C}/{{conv}}/members"), get(list_members))
+        .route(
+            &format!("{C}/{{conv}}/members/{{member}}"),
+            get(get_member).delete(leave),
+        )
+        .route(
+            &format!("{C}/{{conv}}/members/{{member}}/messages"),
+            post(send_message),
+        )
+        .route(
+            &format!("{C}/{{conv}}/members/{{member}}/typing"),
+            post(send_typing),
+        )
+        .route(&format!("{C}/{{conv}}/messages"), get(list_messages))
+        .route(
+            &format!("{C}/{{conv}}/messages/{{message}}"),
+            get(get_message),
+        )
+        .route("/v2/stream/{conv}", get(stream))
+        .route("/emulator/conversations", get(admin_list))
+        .route("/emulator/conversations/{conv}", get(admin_get))
+        .route(
+            "/emulator/conversations/{conv}/{action}",
+            post(admin_action),
+        )
+        .route(
+            "/emulator/conversations/{conv}/{group}/{action}",
+            post(admin_action2),
+        )
+        .route("/emulator/faults", post(admin_faults))
+        .route("/emulator/sockets/drop-all", post(admin_drop_all))
+        .route("/emulator/log", get(admin_log))
+        .route("/emulator/stats", get(admin_stats))
+        .fallback(|| async { ApiError::not_found("no such path") })
+        .with_state(shared)
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+}
+
+/// The checks every guest call but create goes through, in the platform's order: injected
+/// faults, then a bearer token at all, the conversation, the token matching it and not expired.
+/// Every outcome is written to the guest-side log.
+fn guard(shared: &Shared, headers: &HeaderMap, conv: &str, action: &str) -> Result<(), ApiError> {
+    let mut w = shared.world();
+    let result = (|| {
+        if let Some((status, retry)) = w.rest_faults.pop_front() {
+            let code = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            let mut e = ApiError::new(code, "emulator.fault", format!("injected {status}"));
+            if status == 429 {
+                e.code = "too.many.requests";
+                e.retry_after = Some(retry);
+            }
+            return Err(e);
+        }
+        let token =
+            bearer(headers).ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
+        let c = w
+            .convs
+            .get(conv)
+            .ok_or_else(|| ApiError::not_found(format!("conversation {conv} not found")))?;
+        if c.jwt != token {
+            return Err(ApiError::unauthorized("invalid token"));
+        }
+        if c.jwt_expires <= Instant::now() {
+            return Err(ApiError::unauthorized("token expired"));
+        }
+        Ok(())
+    })();
+    let status = match &result {
+        Ok(()) => 200,
+        Err(e) => e.status.as_u16(),
+    };
+    w.record(Some(conv), action, Some(status), String::new());
+    result
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("invalid body: {e}")))
+}
+
+async fn create(State(sh): S, body: Bytes) -> Result<Json<CreateChatResponse>, ApiError> {
+    let req: CreateChatRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            sh.world()
+                .record(None, "create", Some(400), e.message.clone());
+            return Err(e);
+        }
+    };
+    let missing = [
+        ("organizationId", req.organization_id.is_empty()),
+        ("deploymentId", req.deployment_id.is_empty()),
+        (
+            "routingTarget.targetAddress",
+            req.routing_target.target_address.is_empty(),
+        ),
+        (
+            "memberInfo.displayName",
+            req.member_info.display_name.is_empty(),
+        ),
+    ]
+    .into_iter()
+    .find(|(_, empty)| *empty);
+    if let Some((field, _)) = missing {
+        let msg = format!("{field} is required");
+        sh.world().record(None, "create", Some(400), msg.clone());
+        return Err(ApiError::bad(msg));
+    }
+    if req.routing_target.target_type != "QUEUE" {
+        return Err(ApiError::bad("routingTarget.targetType must be QUEUE"));
+    }
+    let (id, jwt, guest, notify) = {
+        let mut w = sh.world();
+        if let Some((status, retry)) = w.rest_faults.pop_front() {
+            w.record(None, "create", Some(status), "injected".into());
+            let code = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            let mut e = ApiError::new(code, "emulator.fault", format!("injected {status}"));
+            if status == 429 {
+                e.retry_after = Some(retry);
+            }
+            return Err(e);
+        }
+        let out = w.create(&req.member_info.display_name, Instant::now());
+        w.record(
+            Some(&out.0),
+            "create",
+            Some(200),
+            req.routing_target.target_address.clone(),
+        );
+        out
+    };
+    sh.spawn_rules(id.clone(), notify);
+    Ok(Json(CreateChatResponse {
+        event_stream_uri: format!("{}/v2/stream/{id}", sh.stream_base),
+        id,
+        jwt,
+        member: IdRef { id: guest },
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MembersQuery {
+    page_size: Option<usize>,
+    page_number: Option<usize>,
+    #[serde(default)]
+    exclude_disconnected_members: bool,
+}
+
+async fn list_members(
+    State(sh): S,
+    headers: HeaderMap,
+    Path(conv): Path<String>,
+    q: Result<Query<MembersQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    guard(&sh, &headers, &conv, "list_members")?;
+    let Query(q) = q.map_err(|e| ApiError::bad(e.body_text()))?;
+    let size = q.page_size.unwrap_or(25);
+    let number = q.page_number.unwrap_or(1);
+    if size == 0 || size > 100 || number == 0 {
+        return Err(ApiError::bad(
+            "pageSize must be 1..=100 and pageNumber >= 1",
+        ));
+    }
+    let w = sh.world();
+    let c = w
+        .convs
+        .get(&conv)
+        .ok_or_else(|| ApiError::not_found("conversation"))?;
+    let all: Vec<_> = c
+        .members
+        .iter()
+        .filter(|m| !(q.exclude_disconnected_members && m.state == MemberState::Disconnected))
+        .cloned()
+        .collect();
+    let total = all.len();
+    let entities = all
+        .into_iter()
+        .skip((number - 1) * size)
+        .take(size)
+        .collect();
+    Ok(Json(Page {
+        entities,
+        page_size: Some(size as u32),
+        page_number: Some(number as u32),
+        total: Some(total as u32),
+        next: None,
+        previous: None,
+    })
+    .into_response())
+}
+
+async fn get_member(
+    State(sh): S,
+    headers: HeaderMap,
+    Path((conv, member)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    guard(&sh, &headers, &conv, "get_member")?;
+    let w = sh.world();
+    let c = w
+        .convs
+        .get(&conv)
+        .ok_or_else(|| ApiError::not_found("conversation"))?;
+    let m = c
+        .members
+        .iter()
+        .find(|m| m.id == member)
+        .ok_or_else(|| ApiError::not_found(format!("member {member} not found")))?;
+    Ok(Json(m.clone()).into_response())
+}
+
+fn own_member(sh: &Shared, conv: &str, member: &str) -> Result<(), ApiError> {
+    let w = sh.world();
+    let c = w
+        .convs
+        .get(conv)
+        .ok_or_else(|| ApiError::not_found("conversation"))?;
+    if c.member_state(member).is_none() {
+        return Err(ApiError::not_found(format!("member {member} not found")));
+    }
+    if c.guest_id != member {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "not your member",
+        ));
+    }
+    if c.ended.is_some() {
+        return Err(
+            ApiError::bad("the conversation has ended").with_code("chat.error.conversation.state")
+        );
+    }
+    Ok(())
+}
+
+impl ApiError {
+    fn with_code(mut self, code: &'static str) -> Self {
+        self.code = code;
+        self
+    }
+}
+
+async fn leave(
+    State(sh): S,
+    headers: HeaderMap,
+    Path((conv, member)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    guard(&sh, &headers, &conv, "leave")?;
+    own_member(&sh, &conv, &member)?;
+    sh.world().end(&conv, EndCause::GuestLeft);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn send_message(
+    State(sh): S,
+    headers: HeaderMap,
+    Path((conv, member)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    guard(&sh, &headers, &conv, "send_message")?;
+    let req: SendMessageRequest = parse(&body)?;
+    if !matches!(req.body_type, BodyType::Standard | BodyType::Notice) {
+        return Err(ApiError::bad("bodyType must be standard or notice"));
+    }
+    own_member(&sh, &conv, &member)?;
+    let mut w = sh.world();
+    let c = w
+        .convs
+        .get_mut(&conv)
+        .ok_or_else(|| ApiError::not_found("conversation"))?;
+    c.last_guest_activity = Instant::now();
+    c.notify.notify_one();
+    let msg = c.post_message(&member, &req.body, req.body_type);
+    Ok(Json(msg).into_response())
+}
+
+async fn send_typing(
+    State(sh): S,
+    headers: HeaderMap,
+    Path((conv, member)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    guard(&sh, &headers, &conv, "send_typing")?;
+    own_member(&sh, &conv, &member)?;
+    let counts = sh.cfg.typing_counts_as_activity;
+    let mut w = sh.world();
+    let c = w
+        .convs
+        .get_mut(&conv)
+        .ok_or_else(|| ApiError::not_found("conversation"))?;
+    if counts {
+        c.last_guest_activity = Instant::now();
+        c.notify.notify_one();
+    }
+    Ok(Json(c.post_typing(&member)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MessagesQuery {
+    after: Option<String>,
+    before: Option<String>,
+    sort_order: Option<String>,
+    max_results: Option<usize>,
+}
+
+async fn list_messages(
+    State(sh): S,
+    headers: HeaderMap,
+    Path(conv): Path<String>,
+    q: Result<Query<MessagesQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    guard(&sh, &headers, &conv, "list_messages")?;
+    let Query(q) = q.map_err(|e| ApiError::bad(e.body_text()))?;
+    let max = q.max_results.unwrap_or(100);
+    if max == 0 || max > 100 {
+        return Err(ApiError::bad("maxResults must be 1..=100"));
+    }
+    // The platform's default order is a guess [unsure]; guestd always asks explicitly.
+    let ascending = match q.sort_order.as_deref() {
+        None | Some("descending") => false,
+        Some("ascending") => true,
+        Some(other) => {
+            return Err(ApiError::bad(format!(
+                "sortOrder {other} is not ascending/descending"
+            )));
+        }
+    };
+    let w = sh.world();
+    let c = w
+        .convs
+        .get(&conv)
+        .ok_or_else(|| ApiError::not_found("conversation"))?;
+    let pos = |id: &str| {
+        c.messages
+            .iter()
+            .position(|m| m.id == id)
+            .ok_or_else(|| ApiError::bad(format!("message {id} is not in this conversation")))
+    };
+    let lo = match &q.after {
+        Some(id) => pos(id)? + 1,
+        None => 0,
+    };
+    let hi = match &q.before {
+        Some(id) => pos(id)?,
+        None => c.messages.len(),
+    };
+    let window = if lo < hi {
+        &c.messages[lo..hi]
+    } else {
+        &[][..]
+    };
+    let (entities, next) = if ascending {
+        let e: Vec<_> = window.iter().take(max).cloned().collect();
+        let next = (window.len() > max)
+            .then(|| {
+                e.last()
+                    .map(|m| format!("?after={}&sortOrder=ascending&maxResults={max}", m.id))
+            })
+            .flatten();
+        (e, next)
+    } else {
+        let e: Vec<_> = window.iter().rev().take(max).cloned().collect();
+        let next = (window.len() > max)
+            .then(|| {
+                e.last()
+                    .map(|m| format!("?before={}&sortOrder=descending&maxResults={max}", m.id))
+            })
+            .flatten();
+        (e, next)
+    };
+    Ok(Json(Page {
+        entities,
+        page_size: Some(max as u32),
+        page_number: None,
+        total: None,
+        next,
+        previous: None,
+    })
+    .into_response())
+}
+
+async fn get_message(
+    State(sh): S,
+    headers: HeaderMap,
+    Path((conv, message)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    guard(&sh, &headers, &conv, "get_message")?;
+    let w = sh.world();
+    let c = w
+        .convs
+        .get(&conv)
+        .ok_or_else(|| ApiError::not_found("conversation"))?;
+    let m = c
+        .messages
+        .iter()
+        .find(|m| m.id == message)
+        .ok_or_else(|| ApiError::not_found(format!("message {message} not found")))?;
+    Ok(Json(m.clone()).into_response())
+}
+
+/// The websocket upgrade. Done by hand rather than with axum's `ws` extractor so the socket task
+/// owns the raw `TcpStream` and can drop it with a TCP reset (SO_LINGER 0), which is one of the
+/// faults the admin API offers.
+async fn stream(
+    State(sh): S,
+    Path(conv): Path<String>,
+    mut req: Request,
+) -> Result<Response, ApiError> {
+    let headers = req.headers().clone();
+    let key = headers
+        .get("sec-websocket-key")
+        .cloned()
+        .ok_or_else(|| ApiError::bad("not a websocket upgrade"))?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<SocketCmd>();
+    let sock = {
+        let mut w = sh.world();
+        let checked = (|| {
+            let c = w
+                .convs
+                .get(&conv)
+                .ok_or_else(|| ApiError::not_found("conversation not found"))?;
+            if c.ended.is_some() {
+                return Err(ApiError::not_found("conversation has ended"));
+            }
+            match bearer(&headers) {
+                Some(t) if t != c.jwt => return Err(ApiError::unauthorized("invalid token")),
+                Some(_) if c.jwt_expires <= Instant::now() => {
+                    return Err(ApiError::unauthorized("token expired"));
+                }
+                None if sh.cfg.stream_requires_jwt => {
+                    return Err(ApiError::unauthorized("missing bearer token"));
+                }
+                _ => {}
+            }
+            Ok(())
+        })();
+        if let Err(e) = checked {
+            w.record(
+                Some(&conv),
+                "rejected",
+                Some(e.status.as_u16()),
+                e.message.clone(),
+            );
+            return Err(e);
+        }
+        w.socket_opened(&conv, tx)
+            .ok_or_else(|| ApiError::not_found("conversation"))?
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(super::socket::run(sh.clone(), conv, sock, on_upgrade, rx));
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header("sec-websocket-accept", accept)
+        .body(Body::empty())
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+}
+
+fn emu(sh: &Arc<Shared>) -> Emulator {
+    Emulator {
+        addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        shared: sh.clone(),
+    }
+}
+
+async fn admin_list(State(sh): S) -> Json<Vec<super::ConversationView>> {
+    let e = emu(&sh);
+    let mut v: Vec<_> = e
+        .conversation_ids()
+        .iter()
+        .filter_map(|id| e.conversation(id))
+        .collect();
+    v.sort_by(|a, b| a.id.cmp(&b.id));
+    Json(v)
+}
+
+async fn admin_get(State(sh): S, Path(conv): Path<String>) -> Result<Response, ApiError> {
+    let view = emu(&sh)
+        .conversation(&conv)
+        .ok_or_else(|| ApiError::not_found(format!("conversation {conv} not found")))?;
+    Ok(Json(view).into_response())
+}
+
+#[derive(Deserialize, Default)]
+struct AdminBody {
+    body: Option<String>,
+    bytes: Option<usize>,
+    mode: Option<String>,
+}
+
+async fn admin_action(
+    State(sh): S,
+    Path((conv, action)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let a: AdminBody = if body.is_empty() {
+        AdminBody::default()
+    } else {
+        parse(&body)?
+    };
+    let e = emu(&sh);
+    let n = match action.as_str() {
+        "flow-disconnect" => e.flow_disconnect(&conv).map(|_| 1)?,
+        "half-open" => e.half_open(&conv)?,
+        "socket-closing" => e.socket_closing(&conv)?,
+        "malformed" => e.send_malformed(&conv)?,
+        "oversized" => e.send_oversized(&conv, a.bytes.unwrap_or(1 << 20))?,
+        "unknown-event" => e.send_unknown(&conv)?,
+        "duplicate" => e.send_duplicate(&conv)?,
+        "expire-jwt" => e.expire_jwt(&conv).map(|_| 1)?,
+        "drop" => e.drop_sockets(&conv, a.mode.as_deref() == Some("reset"))?,
+        other => return Err(ApiError::not_found(format!("no admin action {other}"))),
+    };
+    Ok(Json(serde_json::json!({ "ok": true, "affected": n })).into_response())
+}
+
+async fn admin_action2(
+    State(sh): S,
+    Path((conv, group, action)): Path<(String, String, String)>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    if group != "agent" {
+        return Err(ApiError::not_found(format!("no admin group {group}")));
+    }
+    let a: AdminBody = if body.is_empty() {
+        AdminBody::default()
+    } else {
+        parse(&body)?
+    };
+    let e = emu(&sh);
+    let reply = match action.as_str() {
+        "join" => e
+            .agent_join(&conv)
+            .map(|_| serde_json::json!({"ok": true}))?,
+        "message" => {
+            let m = e.agent_send(&conv, a.body.as_deref().unwrap_or_default())?;
+            serde_json::to_value(m).unwrap_or_default()
+        }
+        "typing" => e
+            .agent_typing(&conv)
+            .map(|_| serde_json::json!({"ok": true}))?,
+        "end" => e
+            .agent_end(&conv)
+            .map(|_| serde_json::json!({"ok": true}))?,
+        other => return Err(ApiError::not_found(format!("no agent action {other}"))),
+    };
+    Ok(Json(reply).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+struct FaultBody {
+    status: u16,
+    #[serde(default = "one")]
+    count: usize,
+    #[serde(default = "one_u64")]
+    retry_after: u64,
+}
+fn one() -> usize {
+    1
+}
+fn one_u64() -> u64 {
+    1
+}
+
+async fn admin_faults(State(sh): S, body: Bytes) -> Result<Response, ApiError> {
+    let f: FaultBody = parse(&body)?;
+    if !(400..=599).contains(&f.status) {
+        return Err(ApiError::bad("status must be 400..=599"));
+    }
+    emu(&sh).inject_rest_faults(f.status, f.count, f.retry_after);
+    Ok(Json(serde_json::json!({ "ok": true, "queued": f.count })).into_response())
+}
+
+async fn admin_drop_all(State(sh): S, Query(q): Query<HashMap<String, String>>) -> Response {
+    let n = emu(&sh).drop_all_sockets(q.get("mode").map(String::as_str) == Some("reset"));
+    Json(serde_json::json!({ "ok": true, "affected": n })).into_response()
+}
+
+async fn admin_log(State(sh): S, Query(q): Query<HashMap<String, String>>) -> Response {
+    let log = emu(&sh).log();
+    let conv = q.get("conversation");
+    let v: Vec<_> = log
+        .into_iter()
+        .filter(|e| conv.is_none() || e.conversation_id.as_ref() == conv)
+        .collect();
+    Json(v).into_response()
+}
+
+async fn admin_stats(State(sh): S) -> Response {
+    Json(emu(&sh).stats()).into_response()
+}

@@ -1,0 +1,468 @@
+//! An emulator of the Genesys Cloud guest chat server side (REST + websocket) on one loopback port.
+//!
+//! It is the ground truth of guestd's tests, the embedded default of `guestd demo`, and a product
+//! feature: users point their own integration tests at `guestd emulator`. It follows
+//! `../shared/protocol/genesys-guest-chat.md`; behaviours that are guesses about the real platform
+//! are listed in `docs/emulator.md` and each has a knob in [`EmulatorConfig`].
+//!
+//! Shape: [`World`](world::World) holds the model under one lock (see its doc for why), `http`
+//! serves the Genesys paths and the admin API under `/emulator/`, `socket` runs one task per
+//! websocket, and a rules task per conversation fires the server-side timers.
+
+mod http;
+mod socket;
+pub mod world;
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::broadcast;
+use tokio::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use world::{EndCause, LogEntry, SocketCmd, World};
+
+pub use world::EndCause as EmulatorEndCause;
+
+/// Every knob of the emulated platform. Durations in config files are humantime strings ("30s").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmulatorConfig {
+    /// Heartbeat period on every socket (platform: about 30 s).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// How long a guest without a live socket is kept before it goes DISCONNECTED
+    /// ("a couple of minutes" on the platform **[unsure]**; default 2 min).
+    #[serde(with = "humantime_serde")]
+    pub reconnect_grace: Duration,
+    /// No guest message for this long while an agent is connected ends the chat (15 min).
+    #[serde(with = "humantime_serde")]
+    pub inactivity_timeout: Duration,
+    /// Whether typing indicators count as guest activity (**[unsure]**; default no).
+    pub typing_counts_as_activity: bool,
+    /// Delay from create to an agent being offered the chat; `None` means only on admin command.
+    #[serde(with = "humantime_serde")]
+    pub agent_join_delay: Option<Duration>,
+    /// How long an offered agent stays ALERTING before CONNECTED.
+    #[serde(with = "humantime_serde")]
+    pub agent_alert_duration: Duration,
+    /// Whether the workflow member goes DISCONNECTED when an agent connects (**[unsure]**).
+    pub workflow_leaves_on_agent: bool,
+    /// Lifetime of a jwt from create; calls after it answer 401.
+    #[serde(with = "humantime_serde")]
+    pub jwt_lifetime: Duration,
+    /// After `v2.system.socket_closing`, how long before the server closes that socket (about 1 min).
+    #[serde(with = "humantime_serde")]
+    pub socket_closing_delay: Duration,
+    /// Close every socket of a chat (code 1000) right after it ends (**[unsure]**).
+    pub close_sockets_on_end: bool,
+    /// Whether the websocket handshake must carry `Authorization: Bearer <jwt>` (**[unsure]**: the
+    /// public record shows the URI alone; a header that is present is always checked).
+    pub stream_requires_jwt: bool,
+    /// Host (and port) put into `eventStreamUri`; default the address the emulator listens on.
+    pub public_host: Option<String>,
+    /// Largest message a socket accepts from a client, bytes.
+    pub max_client_frame: usize,
+    /// Entries kept in the guest-side log.
+    pub log_limit: usize,
+}
+
+impl Default for EmulatorConfig {
+    fn default() -> Self {
+        EmulatorConfig {
+            heartbeat_interval: Duration::from_secs(30),
+            reconnect_grace: Duration::from_secs(120),
+            inactivity_timeout: Duration::from_secs(15 * 60),
+            typing_counts_as_activity: false,
+            agent_join_delay: Some(Duration::from_secs(5)),
+            agent_alert_duration: Duration::from_millis(500),
+            workflow_leaves_on_agent: true,
+            jwt_lifetime: Duration::from_secs(2 * 3600),
+            socket_closing_delay: Duration::from_secs(60),
+            close_sockets_on_end: true,
+            stream_requires_jwt: false,
+            public_host: None,
+            max_client_frame: 64 * 1024,
+            log_limit: 100_000,
+        }
+    }
+}
+
+/// A read-only view of one conversation, for tests and the admin API.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConversationView {
+    /// Conversation id.
+    pub id: String,
+    /// The guest member id.
+    pub guest_member_id: String,
+    /// The agent member id, once one was offered.
+    pub agent_member_id: Option<String>,
+    /// Why it ended, if it did.
+    pub ended: Option<EndCause>,
+    /// Members in join order.
+    pub members: Vec<crate::genesys::protocol::Member>,
+    /// Messages in order.
+    pub messages: Vec<crate::genesys::protocol::Message>,
+    /// Sockets counted as connected.
+    pub live_sockets: usize,
+}
+
+/// Counters for benches and dashboards.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EmulatorStats {
+    /// Conversations created.
+    pub conversations: usize,
+    /// Conversations not ended.
+    pub active: usize,
+    /// Sockets counted as connected.
+    pub live_sockets: usize,
+}
+
+/// Errors of the admin operations.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// No such conversation.
+    #[error("no conversation {0}")]
+    NoConversation(String),
+    /// The conversation ended; it never reopens.
+    #[error("conversation {0} has ended")]
+    Ended(String),
+    /// The operation needs an agent that is not there.
+    #[error("conversation {0} has no connected agent")]
+    NoAgent(String),
+    /// Nothing to act on.
+    #[error("{0}")]
+    Nothing(String),
+}
+
+pub(crate) struct Shared {
+    pub world: Mutex<World>,
+    pub cfg: EmulatorConfig,
+    pub stream_base: String,
+    pub cancel: CancellationToken,
+}
+
+impl Shared {
+    /// Lock the world; a poisoned lock (a panic elsewhere) is recovered, the state is still sound
+    /// enough for a test double.
+    pub fn world(&self) -> MutexGuard<'_, World> {
+        self.world.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn spawn_rules(self: &Arc<Self>, conv_id: String, notify: Arc<tokio::sync::Notify>) {
+        let shared = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = shared.world().tick(&conv_id, Instant::now());
+                let Some(next) = next else { break };
+                tokio::select! {
+                    _ = tokio::time::sleep_until(next) => {}
+                    _ = notify.notified() => {}
+                    _ = shared.cancel.cancelled() => break,
+                }
+            }
+        });
+    }
+}
+
+/// A running emulator. Dropping it does not stop it; call [`Emulator::shutdown`].
+#[derive(Clone)]
+pub struct Emulator {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+impl Emulator {
+    /// Bind `addr` (port 0 for an ephemeral port) and serve until shutdown.
+    pub async fn start(cfg: EmulatorConfig, addr: SocketAddr) -> std::io::Result<Emulator> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let host = cfg.public_host.clone().unwrap_or_else(|| addr.to_string());
+        let shared = Arc::new(Shared {
+            world: Mutex::new(World::new(cfg.clone())),
+            cfg,
+            stream_base: format!("ws://{host}"),
+            cancel: CancellationToken::new(),
+        });
+        let app = http::router(shared.clone());
+        let cancel = shared.cancel.clone();
+        // A plain HTTP/1 accept loop rather than `axum::serve`: axum's auto (h1/h2) builder wraps
+        // the connection in a private type, and the socket task needs the bare `TcpStream` back
+        // from the upgrade to be able to reset it.
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    a = listener.accept() => match a {
+                        Ok(a) => a,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "emulator accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let _ = tcp.set_nodelay(true);
+                let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+                tokio::spawn(async move {
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .with_upgrades();
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "emulator connection ended with an error");
+                    }
+                });
+            }
+        });
+        tracing::info!(%addr, "emulator listening");
+        Ok(Emulator { addr, shared })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://addr`, the API base to configure guestd with.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stop serving and close every socket.
+    pub fn shutdown(&self) {
+        self.shared.cancel.cancel();
+    }
+
+    /// Subscribe to the guest-side log as it grows.
+    pub fn subscribe_log(&self) -> broadcast::Receiver<LogEntry> {
+        self.shared.world().log_tx.subscribe()
+    }
+
+    /// The guest-side log so far.
+    pub fn log(&self) -> Vec<LogEntry> {
+        self.shared.world().log.clone()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> EmulatorStats {
+        let w = self.shared.world();
+        EmulatorStats {
+            conversations: w.convs.len(),
+            active: w.convs.values().filter(|c| c.ended.is_none()).count(),
+            live_sockets: w.live_sockets,
+        }
+    }
+
+    /// All conversation ids.
+    pub fn conversation_ids(&self) -> Vec<String> {
+        self.shared.world().convs.keys().cloned().collect()
+    }
+
+    /// One conversation.
+    pub fn conversation(&self, id: &str) -> Option<ConversationView> {
+        let w = self.shared.world();
+        let c = w.convs.get(id)?;
+        Some(ConversationView {
+            id: c.id.clone(),
+            guest_member_id: c.guest_id.clone(),
+            agent_member_id: c.agent_id.clone(),
+            ended: c.ended,
+            members: c.members.clone(),
+            messages: c.messages.clone(),
+            live_sockets: c.sockets.values().filter(|s| s.live).count(),
+        })
+    }
+
+    fn with_live<T>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut World) -> Result<T, AdminError>,
+    ) -> Result<T, AdminError> {
+        let mut w = self.shared.world();
+        match w.convs.get(id) {
+            None => return Err(AdminError::NoConversation(id.to_string())),
+            Some(c) if c.ended.is_some() => return Err(AdminError::Ended(id.to_string())),
+            Some(_) => {}
+        }
+        f(&mut w)
+    }
+
+    /// Offer the chat to an agent now (ALERTING, then CONNECTED after the alert duration).
+    pub fn agent_join(&self, id: &str) -> Result<(), AdminError> {
+        let alert = self.shared.cfg.agent_alert_duration;
+        self.with_live(id, |w| {
+            let c = w
+                .convs
+                .get_mut(id)
+                .ok_or_else(|| AdminError::NoConversation(id.into()))?;
+            if c.agent_id.is_some() {
+                return Err(AdminError::Nothing(format!("{id} already has an agent")));
+            }
+            c.agent_alert(Instant::now(), alert);
+            c.notify.notify_one();
+            Ok(())
+        })
+    }
+
+    fn agent_id(w: &World, id: &str) -> Result<String, AdminError> {
+        let c = w
+            .convs
+            .get(id)
+            .ok_or_else(|| AdminError::NoConversation(id.into()))?;
+        let a = c
+            .agent_id
+            .clone()
+            .ok_or_else(|| AdminError::NoAgent(id.into()))?;
+        if c.member_state(&a) != Some(crate::genesys::protocol::MemberState::Connected) {
+            return Err(AdminError::NoAgent(id.into()));
+        }
+        Ok(a)
+    }
+
+    /// The agent sends a message.
+    pub fn agent_send(
+        &self,
+        id: &str,
+        body: &str,
+    ) -> Result<crate::genesys::protocol::Message, AdminError> {
+        self.with_live(id, |w| {
+            let agent = Self::agent_id(w, id)?;
+            let c = w
+                .convs
+                .get_mut(id)
+                .ok_or_else(|| AdminError::NoConversation(id.into()))?;
+            Ok(c.post_message(&agent, body, crate::genesys::protocol::BodyType::Standard))
+        })
+    }
+
+    /// The agent types.
+    pub fn agent_typing(&self, id: &str) -> Result<(), AdminError> {
+        self.with_live(id, |w| {
+            let agent = Self::agent_id(w, id)?;
+            let c = w
+                .convs
+                .get_mut(id)
+                .ok_or_else(|| AdminError::NoConversation(id.into()))?;
+            c.post_typing(&agent);
+            Ok(())
+        })
+    }
+
+    /// The agent disconnects the interaction; the chat ends.
+    pub fn agent_end(&self, id: &str) -> Result<(), AdminError> {
+        self.with_live(id, |w| {
+            Self::agent_id(w, id)?;
+            w.end(id, EndCause::AgentEnded);
+            Ok(())
+        })
+    }
+
+    /// A flow's Disconnect block runs (typically while queued); the chat ends.
+    pub fn flow_disconnect(&self, id: &str) -> Result<(), AdminError> {
+        self.with_live(id, |w| {
+            w.end(id, EndCause::FlowDisconnected);
+            Ok(())
+        })
+    }
+
+    fn sockets(&self, id: &str, cmd: SocketCmd) -> Result<usize, AdminError> {
+        self.with_live(id, |w| match w.to_sockets(id, cmd) {
+            0 => Err(AdminError::Nothing(format!("{id} has no live socket"))),
+            n => Ok(n),
+        })
+    }
+
+    /// Drop the guest's sockets: with a close frame (`reset = false`) or a TCP reset.
+    pub fn drop_sockets(&self, id: &str, reset: bool) -> Result<usize, AdminError> {
+        self.sockets(
+            id,
+            if reset {
+                SocketCmd::Reset
+            } else {
+                SocketCmd::Close(1011)
+            },
+        )
+    }
+
+    /// Stop heartbeats and answers on the guest's sockets, keeping TCP open; the platform
+    /// treats the guest as gone and starts the grace window.
+    pub fn half_open(&self, id: &str) -> Result<usize, AdminError> {
+        self.sockets(id, SocketCmd::HalfOpen)
+    }
+
+    /// Send `v2.system.socket_closing`; the socket closes after `socket_closing_delay`.
+    pub fn socket_closing(&self, id: &str) -> Result<usize, AdminError> {
+        self.sockets(id, SocketCmd::Closing)
+    }
+
+    /// Send a frame that is not JSON.
+    pub fn send_malformed(&self, id: &str) -> Result<usize, AdminError> {
+        self.sockets(
+            id,
+            SocketCmd::Text(r#"{"topicName": "v2.conversations.chats.#"#.into()),
+        )
+    }
+
+    /// Send a well-formed frame of `bytes` bytes (to trip a client's frame limit).
+    pub fn send_oversized(&self, id: &str, bytes: usize) -> Result<usize, AdminError> {
+        let body = serde_json::json!({ "message": "x".repeat(bytes) });
+        let text = crate::genesys::protocol::encode_envelope("channel.metadata", body, None);
+        self.sockets(id, SocketCmd::Text(text.into()))
+    }
+
+    /// Send a frame of an unknown topic.
+    pub fn send_unknown(&self, id: &str) -> Result<usize, AdminError> {
+        let text = crate::genesys::protocol::encode_envelope(
+            "v2.emulator.unknown",
+            serde_json::json!({ "hello": "world" }),
+            Some("mystery"),
+        );
+        self.sockets(id, SocketCmd::Text(text.into()))
+    }
+
+    /// Send the last event of the conversation again.
+    pub fn send_duplicate(&self, id: &str) -> Result<usize, AdminError> {
+        let frame = {
+            let w = self.shared.world();
+            w.convs.get(id).and_then(|c| c.last_frame.clone())
+        };
+        let frame = frame.ok_or_else(|| AdminError::Nothing(format!("{id} has sent no event")))?;
+        self.sockets(id, SocketCmd::Text(frame))
+    }
+
+    /// Make the conversation's jwt expire now.
+    pub fn expire_jwt(&self, id: &str) -> Result<(), AdminError> {
+        let mut w = self.shared.world();
+        let c = w
+            .convs
+            .get_mut(id)
+            .ok_or_else(|| AdminError::NoConversation(id.into()))?;
+        c.jwt_expires = Instant::now();
+        Ok(())
+    }
+
+    /// Answer the next `count` guest REST calls with `status` (429 carries `Retry-After`).
+    pub fn inject_rest_faults(&self, status: u16, count: usize, retry_after_secs: u64) {
+        let mut w = self.shared.world();
+        for _ in 0..count {
+            w.rest_faults.push_back((status, retry_after_secs));
+        }
+    }
+
+    /// Drop every live socket of every conversation (a reconnect storm). Returns how many.
+    pub fn drop_all_sockets(&self, reset: bool) -> usize {
+        let mut w = self.shared.world();
+        let ids: Vec<String> = w.convs.keys().cloned().collect();
+        ids.iter()
+            .map(|id| {
+                w.to_sockets(
+                    id,
+                    if reset {
+                        SocketCmd::Reset
+                    } else {
+                        SocketCmd::Close(1011)
+                    },
+                )
+            })
+            .sum()
+    }
+}

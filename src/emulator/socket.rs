@@ -1,0 +1,158 @@
+//! One task per emulator websocket: heartbeats, pong replies, and the socket faults.
+
+use super::Shared;
+use super::world::SocketCmd;
+use crate::genesys::protocol::{
+    self as p, HEARTBEAT_MESSAGE, PING_FRAME, TOPIC_METADATA, TOPIC_SOCKET_CLOSING,
+};
+use futures::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
+use std::sync::Arc;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::{Duration, Instant};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+
+pub(crate) async fn run(
+    sh: Arc<Shared>,
+    conv: String,
+    sock: u64,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    rx: mpsc::UnboundedReceiver<SocketCmd>,
+) {
+    let why = match on_upgrade.await {
+        Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) if parts.read_buf.is_empty() => {
+                let cfg = WebSocketConfig::default()
+                    .read_buffer_size(4096)
+                    .write_buffer_size(0)
+                    .max_message_size(Some(sh.cfg.max_client_frame))
+                    .max_frame_size(Some(sh.cfg.max_client_frame));
+                let ws = WebSocketStream::from_raw_socket(
+                    parts.io.into_inner(),
+                    Role::Server,
+                    Some(cfg),
+                )
+                .await;
+                serve(&sh, &conv, sock, ws, rx).await
+            }
+            _ => "upgrade did not yield a bare TCP stream",
+        },
+        Err(_) => "upgrade failed",
+    };
+    sh.world().socket_lost(&conv, sock, true, why);
+}
+
+async fn serve(
+    sh: &Shared,
+    conv: &str,
+    sock: u64,
+    mut ws: WebSocketStream<TcpStream>,
+    mut rx: mpsc::UnboundedReceiver<SocketCmd>,
+) -> &'static str {
+    let every = sh.cfg.heartbeat_interval;
+    let mut hb = tokio::time::interval_at(Instant::now() + every, every);
+    let heartbeat: Utf8Bytes = p::encode_envelope(
+        TOPIC_METADATA,
+        serde_json::json!({ "message": HEARTBEAT_MESSAGE }),
+        None,
+    )
+    .into();
+    let pong: Utf8Bytes = p::encode_envelope(
+        TOPIC_METADATA,
+        serde_json::json!({ "message": "pong" }),
+        None,
+    )
+    .into();
+    let far = Instant::now() + Duration::from_secs(86_400 * 365);
+    let mut close_at = far;
+    let mut half_open = false;
+    loop {
+        tokio::select! {
+            _ = sh.cancel.cancelled() => {
+                let frame = CloseFrame { code: 1001u16.into(), reason: "emulator stopping".into() };
+                let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(Some(frame))).await;
+                return "emulator stopped";
+            }
+            cmd = rx.recv() => match cmd {
+                None => return "emulator stopped",
+                Some(SocketCmd::Text(t)) => {
+                    if !half_open && ws.send(Message::Text(t)).await.is_err() {
+                        return "write failed";
+                    }
+                }
+                Some(SocketCmd::Close(code)) => {
+                    let frame = CloseFrame { code: code.into(), reason: "".into() };
+                    let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
+                    return "closed by server";
+                }
+                Some(SocketCmd::Reset) => {
+                    // SO_LINGER 0 turns the close of the fd into a RST: no close frame, no FIN.
+                    if let Err(e) = socket_reset(ws.get_ref()) {
+                        tracing::warn!(error = %e, "could not set SO_LINGER for a reset");
+                    }
+                    return "reset by server";
+                }
+                Some(SocketCmd::HalfOpen) => {
+                    half_open = true;
+                    // Keep the TCP connection open but silent until the chat ends or a long bound.
+                    close_at = Instant::now() + sh.cfg.reconnect_grace + Duration::from_secs(60);
+                    // The platform counts a silent socket as lost: the grace window starts now.
+                    sh.world().socket_lost(conv, sock, false, "half-open");
+                }
+                Some(SocketCmd::Closing) => {
+                    let t = p::encode_envelope(TOPIC_SOCKET_CLOSING, serde_json::json!({}), None);
+                    if ws.send(Message::Text(t.into())).await.is_err() {
+                        return "write failed";
+                    }
+                    close_at = Instant::now() + sh.cfg.socket_closing_delay;
+                }
+            },
+            _ = hb.tick(), if !half_open => {
+                if ws.send(Message::Text(heartbeat.clone())).await.is_err() {
+                    return "write failed";
+                }
+            }
+            _ = tokio::time::sleep_until(close_at) => {
+                if half_open {
+                    return "half-open socket expired";
+                }
+                let frame = CloseFrame { code: 1001u16.into(), reason: "socket closing".into() };
+                let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
+                return "closed after socket_closing";
+            }
+            msg = ws.next(), if !half_open => match msg {
+                Some(Ok(Message::Text(t))) => {
+                    if is_ping(&t) {
+                        sh.world().record(Some(conv), "ping", None, String::new());
+                        if ws.send(Message::Text(pong.clone())).await.is_err() {
+                            return "write failed";
+                        }
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None => return "closed by client",
+                Some(Err(_)) => return "read failed",
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+}
+
+fn is_ping(t: &str) -> bool {
+    t == PING_FRAME
+        || serde_json::from_str::<serde_json::Value>(t)
+            .ok()
+            .and_then(|v| {
+                v.get("message")
+                    .and_then(|m| m.as_str())
+                    .map(|m| m == "ping")
+            })
+            .unwrap_or(false)
+}
+
+#[allow(deprecated)]
+fn socket_reset(s: &TcpStream) -> std::io::Result<()> {
+    s.set_linger(Some(Duration::ZERO))
+}

@@ -1,0 +1,430 @@
+//! REST client of the Genesys guest chat API, implementing [`ChatApi`].
+//!
+//! Every call goes through [`GenesysApi::call`], which owns the retry policy: 429 waits for
+//! `Retry-After` (capped), 5xx and transport errors back off with jitter, anything else fails at
+//! once with a typed [`ApiError`]. The jwt only ever leaves this module in the `Authorization`
+//! header.
+
+use super::protocol::{
+    self as p, CreateChatRequest, CreateChatResponse, ErrorBody, MemberInfo, Page, RoutingTarget,
+    SendMessageRequest,
+};
+use crate::backend::{ApiError, ChatApi, ChatEvent, ChatMember, ChatMessage, ChatRef, StartSpec};
+use crate::backoff_policy::{Backoff, BackoffConfig};
+use crate::secret::Secret;
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Settings of the REST client.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// API base, e.g. `https://api.mypurecloud.com` or the emulator's `http://127.0.0.1:PORT`.
+    pub api_base: String,
+    /// Organization id (create only).
+    pub organization_id: String,
+    /// Deployment id (create only).
+    pub deployment_id: String,
+    /// Per-request timeout.
+    pub timeout: Duration,
+    /// Retries after the first try, for 429/5xx/transport errors.
+    pub max_retries: u32,
+    /// Delays between retries.
+    pub backoff: BackoffConfig,
+    /// Longest `Retry-After` honoured; longer ones are capped.
+    pub max_retry_after: Duration,
+    /// Allow plaintext http/ws to hosts other than loopback.
+    pub allow_insecure: bool,
+}
+
+/// The Genesys backend.
+#[derive(Clone)]
+pub struct GenesysApi {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    cfg: ClientConfig,
+}
+
+/// Whether `url` may be used: https/wss anywhere, http/ws only to loopback unless allowed.
+pub fn check_transport(url: &str, allow_insecure: bool) -> Result<(), ApiError> {
+    let u = url::Url::parse(url).map_err(|e| ApiError::Policy(format!("bad URL {url}: {e}")))?;
+    match u.scheme() {
+        "https" | "wss" => Ok(()),
+        "http" | "ws" => {
+            let loopback = match u.host() {
+                Some(url::Host::Ipv4(a)) => a.is_loopback(),
+                Some(url::Host::Ipv6(a)) => a.is_loopback(),
+                Some(url::Host::Domain(d)) => d == "localhost",
+                None => false,
+            };
+            if loopback || allow_insecure {
+                Ok(())
+            } else {
+                Err(ApiError::Policy(format!(
+                    "plaintext {} to non-loopback host {}; set allow_insecure to permit",
+                    u.scheme(),
+                    u.host_str().unwrap_or("?")
+                )))
+            }
+        }
+        other => Err(ApiError::Policy(format!("unsupported scheme {other}"))),
+    }
+}
+
+impl GenesysApi {
+    /// Build a client. TLS uses rustls with the webpki roots; certificates are always verified.
+    pub fn new(cfg: ClientConfig) -> Result<Self, ApiError> {
+        check_transport(&cfg.api_base, cfg.allow_insecure)?;
+        let http = reqwest::Client::builder()
+            .timeout(cfg.timeout)
+            .connect_timeout(cfg.timeout)
+            .pool_max_idle_per_host(64)
+            .user_agent(concat!("guestd/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ApiError::Transport(e.to_string()))?;
+        Ok(GenesysApi {
+            inner: Arc::new(Inner { http, cfg }),
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!(
+            "{}/api/v2/webchat/guest/conversations{path}",
+            self.inner.cfg.api_base.trim_end_matches('/')
+        )
+    }
+}
+
+impl Inner {
+    /// One REST call with the retry policy. `T = ()` for replies without a body.
+    async fn call<T: DeserializeOwned>(
+        &self,
+        name: &'static str,
+        method: Method,
+        url: String,
+        jwt: Option<Secret>,
+        body: Option<serde_json::Value>,
+    ) -> Result<Option<T>, ApiError> {
+        let mut backoff = Backoff::new(&self.cfg.backoff);
+        let mut attempt = 0;
+        loop {
+            let mut req = self.http.request(method.clone(), &url);
+            if let Some(jwt) = &jwt {
+                req = req.bearer_auth(jwt.expose());
+            }
+            if let Some(b) = &body {
+                req = req.json(b);
+            }
+            let started = Instant::now();
+            let sent = req.send().await;
+            metrics::histogram!("guestd_rest_request_duration_seconds", "call" => name)
+                .record(started.elapsed().as_secs_f64());
+            let (err, wait) = match sent {
+                Err(e) => (ApiError::Transport(transport_text(&e)), None),
+                Ok(resp) => {
+                    let status = resp.status();
+                    if status.is_success() {
+                        if status == StatusCode::NO_CONTENT {
+                            return Ok(None);
+                        }
+                        let bytes = resp
+                            .bytes()
+                            .await
+                            .map_err(|e| ApiError::Transport(transport_text(&e)))?;
+                        if bytes.is_empty() {
+                            return Ok(None);
+                        }
+                        return serde_json::from_slice(&bytes)
+                            .map(Some)
+                            .map_err(|e| ApiError::Decode(format!("{name}: {e}")));
+                    }
+                    let retry_after = resp
+                        .headers()
+                        .get(reqwest::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .map(Duration::from_secs);
+                    let text = resp.text().await.unwrap_or_default();
+                    let message = serde_json::from_str::<ErrorBody>(&text)
+                        .map(|b| b.message)
+                        .unwrap_or(text);
+                    match status.as_u16() {
+                        401 => return Err(ApiError::Unauthorized(message)),
+                        404 => return Err(ApiError::NotFound(message)),
+                        429 => (ApiError::RateLimited(retry_after), retry_after),
+                        s @ 500..=599 => (ApiError::Server { status: s, message }, None),
+                        s => return Err(ApiError::Rejected { status: s, message }),
+                    }
+                }
+            };
+            if attempt >= self.cfg.max_retries {
+                return Err(err);
+            }
+            attempt += 1;
+            let delay = match wait {
+                Some(d) => d.min(self.cfg.max_retry_after),
+                None => backoff.next_delay(),
+            };
+            metrics::counter!("guestd_rest_retries_total", "call" => name).increment(1);
+            tracing::debug!(call = name, attempt, delay_ms = delay.as_millis() as u64, error = %err, "retrying REST call");
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+/// reqwest's error text without the URL (which is harmless here, but keep lines short).
+fn transport_text(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else {
+        "request"
+    };
+    let mut s = format!("{kind}: {e}");
+    let mut src = std::error::Error::source(e);
+    while let Some(cause) = src {
+        s.push_str(&format!(": {cause}"));
+        src = cause.source();
+    }
+    s
+}
+
+fn member(m: p::Member) -> ChatMember {
+    ChatMember {
+        id: m.id,
+        role: m.role,
+        state: m.state,
+        leave_date: m.leave_date,
+    }
+}
+
+/// Map a wire message to the neutral one.
+pub fn message(m: p::Message) -> ChatMessage {
+    let body_type = serde_json::to_value(m.body_type)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into());
+    ChatMessage {
+        id: m.id,
+        sender_id: m.sender.id,
+        body: m.body,
+        body_type,
+        timestamp: m.timestamp,
+    }
+}
+
+impl ChatApi for GenesysApi {
+    fn create(&self, spec: StartSpec) -> BoxFuture<'static, Result<ChatRef, ApiError>> {
+        let inner = self.inner.clone();
+        let url = self.url("");
+        async move {
+            let req = CreateChatRequest {
+                organization_id: inner.cfg.organization_id.clone(),
+                deployment_id: inner.cfg.deployment_id.clone(),
+                routing_target: RoutingTarget {
+                    target_type: "QUEUE".into(),
+                    target_address: spec.queue,
+                    skills: spec.skills,
+                    language: spec.language,
+                    priority: spec.priority,
+                },
+                member_info: MemberInfo {
+                    display_name: spec.display_name,
+                    avatar_image_url: None,
+                    first_name: spec.first_name,
+                    last_name: spec.last_name,
+                    email: spec.email,
+                    phone_number: spec.phone_number,
+                    custom_fields: spec.custom_fields,
+                },
+            };
+            let body = serde_json::to_value(req).map_err(|e| ApiError::Decode(e.to_string()))?;
+            let r: CreateChatResponse = inner
+                .call("create", Method::POST, url, None, Some(body))
+                .await?
+                .ok_or_else(|| ApiError::Decode("create: empty reply".into()))?;
+            check_transport(&r.event_stream_uri, inner.cfg.allow_insecure)?;
+            Ok(ChatRef {
+                conversation_id: r.id,
+                member_id: r.member.id,
+                jwt: Secret::new(r.jwt),
+                event_stream_uri: r.event_stream_uri,
+            })
+        }
+        .boxed()
+    }
+
+    fn list_members(
+        &self,
+        chat: &ChatRef,
+    ) -> BoxFuture<'static, Result<Vec<ChatMember>, ApiError>> {
+        let inner = self.inner.clone();
+        let base = self.url(&format!("/{}/members", chat.conversation_id));
+        let jwt = chat.jwt.clone();
+        async move {
+            let mut out = Vec::new();
+            for page in 1..=50u32 {
+                let url = format!("{base}?pageSize=100&pageNumber={page}");
+                let p: Page<p::Member> = inner
+                    .call("list_members", Method::GET, url, Some(jwt.clone()), None)
+                    .await?
+                    .ok_or_else(|| ApiError::Decode("list members: empty reply".into()))?;
+                let n = p.entities.len();
+                out.extend(p.entities.into_iter().map(member));
+                let total = p.total.map(|t| t as usize).unwrap_or(out.len());
+                if n < 100 || out.len() >= total {
+                    break;
+                }
+            }
+            Ok(out)
+        }
+        .boxed()
+    }
+
+    fn messages_after(
+        &self,
+        chat: &ChatRef,
+        after: Option<String>,
+    ) -> BoxFuture<'static, Result<Vec<ChatMessage>, ApiError>> {
+        let inner = self.inner.clone();
+        let base = self.url(&format!("/{}/messages", chat.conversation_id));
+        let jwt = chat.jwt.clone();
+        async move {
+            let mut out: Vec<ChatMessage> = Vec::new();
+            let mut cursor = after;
+            // Bounded: 100 pages of 100 is far more than any chat holds.
+            for _ in 0..100 {
+                let mut url = format!("{base}?sortOrder=ascending&maxResults=100");
+                if let Some(c) = &cursor {
+                    url.push_str(&format!("&after={c}"));
+                }
+                let p: Page<p::Message> = inner
+                    .call("list_messages", Method::GET, url, Some(jwt.clone()), None)
+                    .await?
+                    .ok_or_else(|| ApiError::Decode("list messages: empty reply".into()))?;
+                let n = p.entities.len();
+                out.extend(p.entities.into_iter().map(message));
+                if n < 100 || p.next.is_none() {
+                    break;
+                }
+                cursor = out.last().map(|m| m.id.clone());
+            }
+            Ok(out)
+        }
+        .boxed()
+    }
+
+    fn leave(&self, chat: &ChatRef) -> BoxFuture<'static, Result<(), ApiError>> {
+        let inner = self.inner.clone();
+        let url = self.url(&format!(
+            "/{}/members/{}",
+            chat.conversation_id, chat.member_id
+        ));
+        let jwt = chat.jwt.clone();
+        async move {
+            inner
+                .call::<serde_json::Value>("leave", Method::DELETE, url, Some(jwt), None)
+                .await
+                .map(|_| ())
+        }
+        .boxed()
+    }
+
+    fn send_message(
+        &self,
+        chat: &ChatRef,
+        body: String,
+    ) -> BoxFuture<'static, Result<ChatMessage, ApiError>> {
+        let inner = self.inner.clone();
+        let url = self.url(&format!(
+            "/{}/members/{}/messages",
+            chat.conversation_id, chat.member_id
+        ));
+        let jwt = chat.jwt.clone();
+        async move {
+            let req = SendMessageRequest {
+                body,
+                body_type: p::BodyType::Standard,
+            };
+            let body = serde_json::to_value(req).map_err(|e| ApiError::Decode(e.to_string()))?;
+            let m: p::Message = inner
+                .call("send_message", Method::POST, url, Some(jwt), Some(body))
+                .await?
+                .ok_or_else(|| ApiError::Decode("send message: empty reply".into()))?;
+            Ok(message(m))
+        }
+        .boxed()
+    }
+
+    fn send_typing(&self, chat: &ChatRef) -> BoxFuture<'static, Result<(), ApiError>> {
+        let inner = self.inner.clone();
+        let url = self.url(&format!(
+            "/{}/members/{}/typing",
+            chat.conversation_id, chat.member_id
+        ));
+        let jwt = chat.jwt.clone();
+        async move {
+            inner
+                .call::<serde_json::Value>("send_typing", Method::POST, url, Some(jwt), None)
+                .await
+                .map(|_| ())
+        }
+        .boxed()
+    }
+
+    fn decode(&self, text: &str) -> Result<ChatEvent, String> {
+        match p::decode_frame(text).map_err(|e| e.to_string())? {
+            p::StreamEvent::Heartbeat => Ok(ChatEvent::Heartbeat),
+            p::StreamEvent::Pong => Ok(ChatEvent::Pong),
+            p::StreamEvent::Metadata(m) => Ok(ChatEvent::Other(format!(
+                "channel.metadata: {}",
+                truncate(&m)
+            ))),
+            p::StreamEvent::Message(m) => Ok(ChatEvent::Message(message(m))),
+            p::StreamEvent::Typing(t) => Ok(ChatEvent::Typing {
+                sender_id: t.sender.id,
+            }),
+            p::StreamEvent::MemberChange(c) => Ok(ChatEvent::MemberChange {
+                member_id: c.member.id,
+                state: c.member.state,
+            }),
+            p::StreamEvent::SocketClosing => Ok(ChatEvent::SocketClosing),
+            p::StreamEvent::Unknown { topic } => Ok(ChatEvent::Other(topic)),
+        }
+    }
+
+    fn ping_frame(&self) -> &'static str {
+        p::PING_FRAME
+    }
+}
+
+fn truncate(s: &str) -> &str {
+    match s.char_indices().nth(64) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_transport;
+
+    #[test]
+    fn plaintext_only_to_loopback_unless_allowed() {
+        assert!(check_transport("http://127.0.0.1:8080", false).is_ok());
+        assert!(check_transport("ws://localhost:1/x", false).is_ok());
+        assert!(check_transport("ws://[::1]:1/x", false).is_ok());
+        assert!(check_transport("https://api.mypurecloud.com", false).is_ok());
+        assert!(check_transport("http://api.example.com", false).is_err());
+        assert!(check_transport("ws://10.0.0.1/x", false).is_err());
+        assert!(check_transport("ws://10.0.0.1/x", true).is_ok());
+        assert!(check_transport("ftp://x", true).is_err());
+    }
+}

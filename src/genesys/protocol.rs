@@ -1,0 +1,486 @@
+//! Wire types of the Genesys Cloud guest chat API (Web Chat v2), REST and websocket.
+//!
+//! Field names mirror the remote API through serde attributes; nothing here knows about guestd's
+//! own event schema. Both the REST client and the emulator use these types, so a drift between
+//! them shows up as a compile error rather than a silent mismatch.
+//! See `../shared/protocol/genesys-guest-chat.md` for the reference this follows.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Body of `POST /api/v2/webchat/guest/conversations`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateChatRequest {
+    /// Genesys organization id.
+    pub organization_id: String,
+    /// Web chat deployment id.
+    pub deployment_id: String,
+    /// Where the flow routes the chat.
+    pub routing_target: RoutingTarget,
+    /// The guest's own details.
+    pub member_info: MemberInfo,
+}
+
+/// Routing target of a new chat.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RoutingTarget {
+    /// Always "QUEUE" for guest chats.
+    pub target_type: String,
+    /// Queue name.
+    pub target_address: String,
+    /// Optional skills.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skills: Vec<String>,
+    /// Optional language.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
+    /// Optional priority.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i64>,
+}
+
+/// The guest's details on create.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberInfo {
+    /// Name shown to the agent.
+    pub display_name: String,
+    /// Optional avatar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avatar_image_url: Option<String>,
+    /// Optional first name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_name: Option<String>,
+    /// Optional last name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_name: Option<String>,
+    /// Optional email.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    /// Optional phone number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phone_number: Option<String>,
+    /// Free-form string attributes.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub custom_fields: BTreeMap<String, String>,
+}
+
+/// Reply to create chat.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateChatResponse {
+    /// Conversation id.
+    pub id: String,
+    /// Bearer token for every later call. Secret: never logged.
+    pub jwt: String,
+    /// Websocket URI of the event stream.
+    pub event_stream_uri: String,
+    /// The guest member.
+    pub member: IdRef,
+}
+
+impl std::fmt::Debug for CreateChatResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreateChatResponse")
+            .field("id", &self.id)
+            .field("jwt", &"<redacted>")
+            .field("event_stream_uri", &self.event_stream_uri)
+            .field("member", &self.member)
+            .finish()
+    }
+}
+
+/// `{"id": ...}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IdRef {
+    /// The id.
+    pub id: String,
+}
+
+/// Member state.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MemberState {
+    /// Being offered (agents).
+    Alerting,
+    /// In the chat.
+    Connected,
+    /// Gone; final.
+    Disconnected,
+    /// A state this build does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+/// Member role. The exact set is **[unsure]** in the public record; unknown roles decode as `Unknown`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Role {
+    /// The guest.
+    Customer,
+    /// A human agent.
+    Agent,
+    /// An Architect flow.
+    Workflow,
+    /// The queue.
+    Acd,
+    /// Anything else.
+    #[serde(other)]
+    Unknown,
+}
+
+/// A conversation member as list/get members return it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Member {
+    /// Member id.
+    pub id: String,
+    /// Display name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    /// Avatar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avatar_image_url: Option<String>,
+    /// Role.
+    pub role: Role,
+    /// When the member joined (ISO-8601).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join_date: Option<String>,
+    /// When the member left (ISO-8601).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leave_date: Option<String>,
+    /// Whether the guest authenticated.
+    #[serde(default)]
+    pub authenticated_guest: bool,
+    /// Custom fields.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub custom_fields: BTreeMap<String, String>,
+    /// State.
+    pub state: MemberState,
+}
+
+/// A page of entities (list members, list messages).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Page<T> {
+    /// The entities.
+    pub entities: Vec<T>,
+    /// Page size, where the call pages by number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_size: Option<u32>,
+    /// Page number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_number: Option<u32>,
+    /// Total entities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<u32>,
+    /// Link to the next page (messages).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+    /// Link to the previous page (messages).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<String>,
+}
+
+/// Body type of a chat message.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum BodyType {
+    /// A normal message.
+    Standard,
+    /// A system notice.
+    Notice,
+    /// A member joined.
+    MemberJoin,
+    /// A member left.
+    MemberLeave,
+    /// Anything else.
+    #[serde(other)]
+    Unknown,
+}
+
+/// A chat message (REST and stream).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Message {
+    /// Message id.
+    pub id: String,
+    /// Optional name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Conversation.
+    pub conversation: IdRef,
+    /// Sender member.
+    pub sender: IdRef,
+    /// Text.
+    #[serde(default)]
+    pub body: String,
+    /// Kind of body.
+    pub body_type: BodyType,
+    /// ISO-8601 UTC with ms.
+    pub timestamp: String,
+}
+
+/// Body of send message.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SendMessageRequest {
+    /// Text.
+    pub body: String,
+    /// "standard" or "notice".
+    #[serde(default = "default_body_type")]
+    pub body_type: BodyType,
+}
+
+fn default_body_type() -> BodyType {
+    BodyType::Standard
+}
+
+/// A typing indicator (REST reply and stream event).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Typing {
+    /// Indicator id.
+    pub id: String,
+    /// Conversation.
+    pub conversation: IdRef,
+    /// Sender member.
+    pub sender: IdRef,
+    /// ISO-8601 UTC with ms.
+    pub timestamp: String,
+}
+
+/// Member-change event body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberChange {
+    /// Conversation.
+    pub conversation: IdRef,
+    /// Member id and new state.
+    pub member: MemberRef,
+    /// ISO-8601 UTC with ms.
+    #[serde(default)]
+    pub timestamp: String,
+}
+
+/// `{"id", "state"}` inside a member-change.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MemberRef {
+    /// Member id.
+    pub id: String,
+    /// New state.
+    pub state: MemberState,
+}
+
+/// Error body of every 4xx/5xx.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ErrorBody {
+    /// Human text.
+    pub message: String,
+    /// Machine code, e.g. "bad.request".
+    pub code: String,
+    /// HTTP status.
+    pub status: u16,
+}
+
+/// One websocket text frame, as sent by the server.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Envelope {
+    /// Topic, e.g. `v2.conversations.chats.{id}.messages`.
+    pub topic_name: String,
+    /// Always "2".
+    #[serde(default)]
+    pub version: Option<String>,
+    /// Event payload.
+    #[serde(default)]
+    pub event_body: serde_json::Value,
+    /// Carries `type` for chat topics.
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// Topic of heartbeats and pongs.
+pub const TOPIC_METADATA: &str = "channel.metadata";
+/// Topic of the maintenance notice.
+pub const TOPIC_SOCKET_CLOSING: &str = "v2.system.socket_closing";
+/// Body of a heartbeat.
+pub const HEARTBEAT_MESSAGE: &str = "WebSocket Heartbeat";
+/// The client's ping frame.
+pub const PING_FRAME: &str = r#"{"message":"ping"}"#;
+
+/// Topic of chat messages and typing for a conversation.
+pub fn messages_topic(conversation_id: &str) -> String {
+    format!("v2.conversations.chats.{conversation_id}.messages")
+}
+
+/// Topic of member changes for a conversation.
+pub fn members_topic(conversation_id: &str) -> String {
+    format!("v2.conversations.chats.{conversation_id}.members")
+}
+
+/// A decoded stream frame.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamEvent {
+    /// Server heartbeat.
+    Heartbeat,
+    /// Reply to our ping.
+    Pong,
+    /// Other `channel.metadata` text.
+    Metadata(String),
+    /// Chat message.
+    Message(Message),
+    /// Typing indicator.
+    Typing(Typing),
+    /// Member changed state.
+    MemberChange(MemberChange),
+    /// Server will close this socket soon.
+    SocketClosing,
+    /// A well-formed frame of a topic or type we do not handle.
+    Unknown {
+        /// Its topic.
+        topic: String,
+    },
+}
+
+/// Why a frame could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// Not JSON or not an envelope.
+    #[error("frame is not a valid envelope: {0}")]
+    Envelope(#[source] serde_json::Error),
+    /// Envelope fine, body not of the shape its type says.
+    #[error("{topic}: body does not match its type: {source}")]
+    Body {
+        /// The topic.
+        topic: String,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Decode one text frame.
+pub fn decode_frame(text: &str) -> Result<StreamEvent, DecodeError> {
+    let env: Envelope = serde_json::from_str(text).map_err(DecodeError::Envelope)?;
+    let body_err = |topic: &str, source| DecodeError::Body {
+        topic: topic.to_string(),
+        source,
+    };
+    if env.topic_name == TOPIC_METADATA {
+        let msg = env
+            .event_body
+            .get("message")
+            .and_then(|m| m.as_str())
+            .unwrap_or_default();
+        return Ok(match msg {
+            HEARTBEAT_MESSAGE => StreamEvent::Heartbeat,
+            "pong" => StreamEvent::Pong,
+            other => StreamEvent::Metadata(other.to_string()),
+        });
+    }
+    if env.topic_name == TOPIC_SOCKET_CLOSING {
+        return Ok(StreamEvent::SocketClosing);
+    }
+    let kind = env
+        .metadata
+        .as_ref()
+        .and_then(|m| m.get("type"))
+        .and_then(|t| t.as_str())
+        .unwrap_or_default()
+        .to_string();
+    let topic = env.topic_name;
+    if topic.starts_with("v2.conversations.chats.") {
+        if topic.ends_with(".messages") {
+            match kind.as_str() {
+                "message" => {
+                    return serde_json::from_value(env.event_body)
+                        .map(StreamEvent::Message)
+                        .map_err(|e| body_err(&topic, e));
+                }
+                "typing-indicator" => {
+                    return serde_json::from_value(env.event_body)
+                        .map(StreamEvent::Typing)
+                        .map_err(|e| body_err(&topic, e));
+                }
+                _ => {}
+            }
+        } else if topic.ends_with(".members") && kind == "member-change" {
+            return serde_json::from_value(env.event_body)
+                .map(StreamEvent::MemberChange)
+                .map_err(|e| body_err(&topic, e));
+        }
+    }
+    Ok(StreamEvent::Unknown { topic })
+}
+
+/// Encode an envelope for the server side (the emulator).
+pub fn encode_envelope(topic: &str, body: serde_json::Value, kind: Option<&str>) -> String {
+    let env = Envelope {
+        topic_name: topic.to_string(),
+        version: Some("2".to_string()),
+        event_body: body,
+        metadata: kind.map(|k| serde_json::json!({ "type": k })),
+    };
+    serde_json::to_string(&env).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_heartbeat_pong_and_closing() {
+        let hb = encode_envelope(
+            TOPIC_METADATA,
+            serde_json::json!({"message": HEARTBEAT_MESSAGE}),
+            None,
+        );
+        assert_eq!(decode_frame(&hb).ok(), Some(StreamEvent::Heartbeat));
+        let pong = encode_envelope(TOPIC_METADATA, serde_json::json!({"message": "pong"}), None);
+        assert_eq!(decode_frame(&pong).ok(), Some(StreamEvent::Pong));
+        let closing = encode_envelope(TOPIC_SOCKET_CLOSING, serde_json::json!({}), None);
+        assert_eq!(
+            decode_frame(&closing).ok(),
+            Some(StreamEvent::SocketClosing)
+        );
+    }
+
+    #[test]
+    fn decodes_member_change_and_message() {
+        let mc = r#"{"topicName":"v2.conversations.chats.c1.members","version":"2","eventBody":{"conversation":{"id":"c1"},"member":{"id":"m1","state":"DISCONNECTED"},"timestamp":"2026-01-01T00:00:00.000Z"},"metadata":{"type":"member-change"}}"#;
+        match decode_frame(mc) {
+            Ok(StreamEvent::MemberChange(m)) => {
+                assert_eq!(m.member.id, "m1");
+                assert_eq!(m.member.state, MemberState::Disconnected);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let msg = r#"{"topicName":"v2.conversations.chats.c1.messages","eventBody":{"id":"x","conversation":{"id":"c1"},"sender":{"id":"m1"},"body":"hi","bodyType":"standard","timestamp":"t"},"metadata":{"type":"message"}}"#;
+        assert!(matches!(decode_frame(msg), Ok(StreamEvent::Message(m)) if m.body == "hi"));
+    }
+
+    #[test]
+    fn malformed_and_unknown_frames_are_told_apart() {
+        assert!(matches!(
+            decode_frame("{not json"),
+            Err(DecodeError::Envelope(_))
+        ));
+        let bad_body = r#"{"topicName":"v2.conversations.chats.c1.members","eventBody":{"member":7},"metadata":{"type":"member-change"}}"#;
+        assert!(matches!(
+            decode_frame(bad_body),
+            Err(DecodeError::Body { .. })
+        ));
+        let unknown = r#"{"topicName":"v2.users.x.presence","eventBody":{}}"#;
+        assert!(matches!(
+            decode_frame(unknown),
+            Ok(StreamEvent::Unknown { .. })
+        ));
+        let odd_state = r#"{"topicName":"v2.conversations.chats.c1.members","eventBody":{"conversation":{"id":"c1"},"member":{"id":"m","state":"PARKED"}},"metadata":{"type":"member-change"}}"#;
+        assert!(
+            matches!(decode_frame(odd_state), Ok(StreamEvent::MemberChange(m)) if m.member.state == MemberState::Unknown)
+        );
+    }
+}

@@ -1,0 +1,37 @@
+//! guestd supervises contact-center guest chat sessions (Genesys Cloud Web Chat v2) and reports,
+//! as JSON lines, when and why each chat ends.
+//!
+//! Data flows one way: transport (`stream`, `genesys::client`) -> protocol decode
+//! (`genesys::protocol`) -> session actor (`session`) -> event sink (`events`). Commands flow the
+//! other way through handles (`control` -> `supervisor` -> `session`).
+
+/// The backend-neutral interface a session talks to (REST calls and stream decoding).
+pub mod backend;
+/// Retry and reconnect delays (the `backoff` crate behind one small module).
+pub mod backoff_policy;
+/// Configuration file, defaults and environment overrides.
+pub mod config;
+/// Control channels: stdin JSON lines and the loopback HTTP API.
+pub mod control;
+/// Wiring a configuration into a running guestd.
+pub mod daemon;
+/// `guestd demo`: scripted chats against the embedded emulator.
+pub mod demo;
+/// The emulator of the Genesys guest chat server side.
+pub mod emulator;
+/// guestd's own event schema and the sinks that write it.
+pub mod events;
+/// The Genesys guest chat backend.
+pub mod genesys;
+/// The session journal that lets a restarted guestd pick chats back up.
+pub mod journal;
+/// Prometheus metrics.
+pub mod metrics;
+/// Secret strings that never print.
+pub mod secret;
+/// One session: the pure state machine and the actor that drives it.
+pub mod session;
+/// The websocket transport.
+pub mod stream;
+/// The registry of sessions and its limits.
+pub mod supervisor;

@@ -1,0 +1,164 @@
+//! The `guestd` binary: `run` (the daemon), `emulator` (the Genesys guest chat emulator) and
+//! `demo` (scripted chats against the embedded emulator).
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use guestd::config::Config;
+use guestd::emulator::{Emulator, EmulatorConfig};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "guestd",
+    version,
+    about = "Supervises Genesys Cloud guest chat sessions and reports when and why each ends."
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Pretty, env = "GUESTD_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon: commands on stdin and HTTP, events as JSON lines on stdout.
+    Run {
+        /// Configuration file (TOML); defaults apply without one. Keys can be overridden with
+        /// GUESTD_<SECTION>__<KEY> environment variables.
+        #[arg(long, short, env = "GUESTD_CONFIG")]
+        config: Option<PathBuf>,
+        /// Leave every chat on SIGTERM/SIGINT instead of keeping it for the next start.
+        #[arg(long)]
+        leave_on_shutdown: bool,
+    },
+    /// Serve the guest chat emulator (REST + websocket + /emulator admin API).
+    Emulator {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8780")]
+        listen: SocketAddr,
+        /// Emulator settings (TOML, keys of EmulatorConfig; see docs/emulator.md).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Run scripted chats against the embedded emulator, one per end reason, and print a summary.
+    Demo {
+        /// Print every event line, not only the summary.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        events: bool,
+    },
+    /// Check a configuration file and print the effective configuration.
+    CheckConfig {
+        /// Configuration file.
+        #[arg(long, short, env = "GUESTD_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+        LogFormat::Pretty => builder.with_ansi(false).init(),
+    }
+}
+
+async fn shutdown_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                "SIGINT"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "SIGINT"
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match cli.cmd {
+        Cmd::Run {
+            config,
+            leave_on_shutdown,
+        } => {
+            let mut cfg = Config::load(config.as_deref()).context("loading configuration")?;
+            cfg.shutdown.leave_on_shutdown |= leave_on_shutdown;
+            let stdin = cfg.control.stdin.then(tokio::io::stdin);
+            let running =
+                guestd::daemon::start(cfg, guestd::events::WriterSink(tokio::io::stdout()), stdin)
+                    .await
+                    .context("starting guestd")?;
+            let sig = shutdown_signal().await;
+            tracing::info!(signal = sig, "signal received");
+            let report = running.shutdown().await;
+            tracing::info!(
+                sessions = report.sessions,
+                drained = report.drained,
+                "stopped"
+            );
+            Ok(())
+        }
+        Cmd::Emulator { listen, config } => {
+            let cfg: EmulatorConfig = match config {
+                Some(p) => {
+                    let text = std::fs::read_to_string(&p)
+                        .with_context(|| format!("reading {}", p.display()))?;
+                    toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
+                }
+                None => EmulatorConfig::default(),
+            };
+            let emu = Emulator::start(cfg, listen)
+                .await
+                .with_context(|| format!("listening on {listen}"))?;
+            eprintln!(
+                "guestd emulator on {} (admin API under /emulator/)",
+                emu.base_url()
+            );
+            let sig = shutdown_signal().await;
+            tracing::info!(signal = sig, "signal received");
+            emu.shutdown();
+            Ok(())
+        }
+        Cmd::Demo { events } => {
+            let ok = guestd::demo::run(events).await?;
+            if !ok {
+                anyhow::bail!("the demo did not see the expected end reasons");
+            }
+            Ok(())
+        }
+        Cmd::CheckConfig { config } => {
+            let cfg = Config::load(config.as_deref()).context("loading configuration")?;
+            println!(
+                "{}",
+                toml::to_string_pretty(&cfg).context("printing configuration")?
+            );
+            Ok(())
+        }
+    }
+}

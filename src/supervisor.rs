@@ -1,0 +1,429 @@
+//! The registry of sessions: who is live, the session limit, and the one place that turns a
+//! `start`/`attach`/journal entry into a running session actor.
+//!
+//! The registry itself is a small actor (one task owning the maps), per the project's shape: no
+//! shared `Mutex<HashMap>` of live state. Slow work (the create call, asking 10k sessions for
+//! their view) happens outside it, in the caller's task.
+
+use crate::backend::{ApiError, ChatApi, ChatRef, StartSpec};
+use crate::events::{Emitter, Event, EventKind};
+use crate::journal::{Recovered, SessionRecord};
+use crate::session::{Machine, SessionCmd, SessionCtx, SessionHandle, SessionView, actor};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+/// Why a supervisor operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// No live session by that id or conversation id.
+    #[error("no live session {0}")]
+    NotFound(String),
+    /// The session limit is reached.
+    #[error("session limit reached ({0})")]
+    Full(usize),
+    /// That conversation already has a session.
+    #[error("conversation {0} is already supervised by session {1}")]
+    AlreadyAttached(String, String),
+    /// The backend refused.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// The session ended while the command was on its way.
+    #[error("{0}")]
+    Ended(String),
+    /// The command's arguments were wrong.
+    #[error("{0}")]
+    Invalid(String),
+    /// guestd is shutting down.
+    #[error("guestd is shutting down")]
+    ShuttingDown,
+}
+
+impl SupervisorError {
+    /// A short machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            SupervisorError::NotFound(_) => "not_found",
+            SupervisorError::Full(_) => "full",
+            SupervisorError::AlreadyAttached(..) => "conflict",
+            SupervisorError::Api(ApiError::Unauthorized(_)) => "unauthorized",
+            SupervisorError::Api(ApiError::RateLimited(_)) => "rate_limited",
+            SupervisorError::Api(_) => "backend_error",
+            SupervisorError::Ended(_) => "ended",
+            SupervisorError::Invalid(_) => "invalid",
+            SupervisorError::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+enum Cmd {
+    Reserve(oneshot::Sender<Result<(), SupervisorError>>),
+    Release,
+    Register(SessionHandle, oneshot::Sender<Result<(), SupervisorError>>),
+    Lookup(String, oneshot::Sender<Option<SessionHandle>>),
+    List(oneshot::Sender<Vec<SessionHandle>>),
+}
+
+/// A cheap handle to the registry.
+#[derive(Clone)]
+pub struct Supervisor {
+    tx: mpsc::Sender<Cmd>,
+    ctx: SessionCtx,
+    live: watch::Receiver<usize>,
+    accepting: watch::Receiver<bool>,
+    stop_accepting: Arc<watch::Sender<bool>>,
+}
+
+fn new_session_id() -> String {
+    let u = uuid::Uuid::new_v4().simple().to_string();
+    format!("s-{}", &u[..12])
+}
+
+/// Rebase a wall-clock instant (ms since the epoch) onto the monotonic clock.
+fn instant_at(wall_ms: i64, now: Instant) -> Instant {
+    let ago = (chrono::Utc::now().timestamp_millis() - wall_ms).max(0) as u64;
+    now.checked_sub(Duration::from_millis(ago)).unwrap_or(now)
+}
+
+impl Supervisor {
+    /// Start the registry. `ctx.done` must be the sender whose receiver is `done_rx`.
+    pub fn spawn(
+        ctx: SessionCtx,
+        done_rx: mpsc::UnboundedReceiver<String>,
+        max_sessions: usize,
+    ) -> Supervisor {
+        let (tx, rx) = mpsc::channel(1024);
+        let (live_tx, live) = watch::channel(0usize);
+        let (stop_accepting, accepting) = watch::channel(true);
+        tokio::spawn(registry(rx, done_rx, max_sessions, live_tx));
+        Supervisor {
+            tx,
+            ctx,
+            live,
+            accepting,
+            stop_accepting: Arc::new(stop_accepting),
+        }
+    }
+
+    /// The backend.
+    pub fn api(&self) -> &Arc<dyn ChatApi> {
+        &self.ctx.api
+    }
+
+    /// The event emitter.
+    pub fn emitter(&self) -> &Emitter {
+        &self.ctx.emitter
+    }
+
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Cmd,
+    ) -> Result<T, SupervisorError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| SupervisorError::ShuttingDown)?;
+        rx.await.map_err(|_| SupervisorError::ShuttingDown)
+    }
+
+    /// Live sessions now.
+    pub fn live(&self) -> usize {
+        *self.live.borrow()
+    }
+
+    /// Whether new sessions are accepted.
+    pub fn accepting(&self) -> bool {
+        *self.accepting.borrow()
+    }
+
+    /// Refuse new sessions from now on (shutdown).
+    pub fn stop_accepting(&self) {
+        let _ = self.stop_accepting.send(false);
+    }
+
+    /// Wait until no session is live.
+    pub async fn wait_empty(&self) {
+        let mut live = self.live.clone();
+        let _ = live.wait_for(|n| *n == 0).await;
+    }
+
+    /// Create a chat with the backend and supervise it.
+    pub async fn start(&self, spec: StartSpec) -> Result<SessionView, SupervisorError> {
+        if spec.queue.trim().is_empty() || spec.display_name.trim().is_empty() {
+            return Err(SupervisorError::Invalid(
+                "start needs queue and display_name".into(),
+            ));
+        }
+        self.reserve().await?;
+        match self.ctx.api.create(spec).await {
+            Ok(chat) => self.launch(chat, "start").await,
+            Err(e) => {
+                let _ = self.tx.send(Cmd::Release).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Supervise a chat the caller created.
+    pub async fn attach(&self, chat: ChatRef) -> Result<SessionView, SupervisorError> {
+        for (name, v) in [
+            ("conversation_id", &chat.conversation_id),
+            ("member_id", &chat.member_id),
+            ("event_stream_uri", &chat.event_stream_uri),
+        ] {
+            if v.trim().is_empty() {
+                return Err(SupervisorError::Invalid(format!("attach needs {name}")));
+            }
+        }
+        if chat.jwt.expose().trim().is_empty() {
+            return Err(SupervisorError::Invalid("attach needs jwt".into()));
+        }
+        crate::genesys::client::check_transport(&chat.event_stream_uri, false).or_else(|e| {
+            if self.ctx.connector_allows_insecure() {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })?;
+        if let Some(h) = self.lookup(&chat.conversation_id).await {
+            return Err(SupervisorError::AlreadyAttached(
+                chat.conversation_id,
+                h.id.to_string(),
+            ));
+        }
+        self.reserve().await?;
+        self.launch(chat, "attach").await
+    }
+
+    async fn reserve(&self) -> Result<(), SupervisorError> {
+        if !self.accepting() {
+            return Err(SupervisorError::ShuttingDown);
+        }
+        self.ask(Cmd::Reserve).await?
+    }
+
+    async fn launch(&self, chat: ChatRef, mode: &str) -> Result<SessionView, SupervisorError> {
+        let id = new_session_id();
+        let now = Instant::now();
+        self.ctx.journal.session_started(SessionRecord {
+            session: id.clone(),
+            chat: chat.clone(),
+            started_ms: chrono::Utc::now().timestamp_millis(),
+            mode: mode.to_string(),
+        });
+        let machine = Machine::new(self.ctx.timing.clone(), &chat.member_id, now);
+        self.run(id, chat, machine, mode).await
+    }
+
+    async fn run(
+        &self,
+        id: String,
+        chat: ChatRef,
+        machine: Machine,
+        mode: &str,
+    ) -> Result<SessionView, SupervisorError> {
+        // session_started goes out before the actor can emit anything.
+        self.ctx
+            .emitter
+            .emit(Event::new(
+                &id,
+                Some(&chat.conversation_id),
+                EventKind::SessionStarted {
+                    mode: mode.to_string(),
+                    member_id: chat.member_id.clone(),
+                },
+            ))
+            .await;
+        let view = SessionView {
+            session: id.clone(),
+            conversation_id: chat.conversation_id.clone(),
+            member_id: chat.member_id.clone(),
+            state: machine.phase().as_str(),
+            agent_connected: false,
+            last_message_id: machine.last_message_id().map(str::to_string),
+            ended: None,
+        };
+        let handle = actor::spawn(self.ctx.clone(), id, chat, machine);
+        self.ask(|tx| Cmd::Register(handle, tx)).await??;
+        Ok(view)
+    }
+
+    /// Pick up a session found in the journal after a restart.
+    pub async fn resume(&self, r: Recovered) -> Result<(), SupervisorError> {
+        let id = r.record.session.clone();
+        let conv = r.record.chat.conversation_id.clone();
+        if let Some(ending) = r.ending {
+            // Decided before the crash but maybe never written: write it again, same event_id.
+            let mut ev = Event::new(
+                &id,
+                Some(&conv),
+                EventKind::Ended {
+                    reason: ending.reason,
+                    duration_ms: ending.duration_ms,
+                    detail: ending.detail,
+                },
+            );
+            ev.ts = ending.ts;
+            ev.event_id = Some(ending.event_id);
+            if self.ctx.emitter.emit_flushed(ev).await {
+                self.ctx.journal.ended(&id);
+            }
+            return Ok(());
+        }
+        self.reserve().await?;
+        let now = Instant::now();
+        let started = instant_at(r.record.started_ms, now);
+        // The grace window counts from this restart: the crash time is not known precisely,
+        // and giving up too early would lose chats the platform still holds.
+        let machine = Machine::resume(
+            self.ctx.timing.clone(),
+            &r.record.chat.member_id,
+            started,
+            now,
+            r.last_message_id,
+            now,
+        );
+        self.run(id, r.record.chat, machine, "resume")
+            .await
+            .map(|_| ())
+    }
+
+    /// Find a live session by session id or conversation id.
+    pub async fn lookup(&self, key: &str) -> Option<SessionHandle> {
+        self.ask(|tx| Cmd::Lookup(key.to_string(), tx))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    async fn handle(&self, key: &str) -> Result<SessionHandle, SupervisorError> {
+        self.lookup(key)
+            .await
+            .ok_or_else(|| SupervisorError::NotFound(key.to_string()))
+    }
+
+    /// One session's view.
+    pub async fn get(&self, key: &str) -> Result<SessionView, SupervisorError> {
+        self.handle(key)
+            .await?
+            .view()
+            .await
+            .map_err(|e| SupervisorError::Ended(e.to_string()))
+    }
+
+    /// Every live session's view.
+    pub async fn list(&self) -> Vec<SessionView> {
+        let handles = self.ask(Cmd::List).await.unwrap_or_default();
+        let views = futures::future::join_all(handles.iter().map(|h| h.view())).await;
+        let mut v: Vec<_> = views.into_iter().filter_map(Result::ok).collect();
+        v.sort_by(|a, b| a.session.cmp(&b.session));
+        v
+    }
+
+    async fn command(
+        &self,
+        key: &str,
+        make: impl FnOnce(oneshot::Sender<Result<serde_json::Value, String>>) -> SessionCmd,
+    ) -> Result<serde_json::Value, SupervisorError> {
+        let h = self.handle(key).await?;
+        let (tx, rx) = oneshot::channel();
+        h.send(make(tx))
+            .await
+            .map_err(|e| SupervisorError::Ended(e.to_string()))?;
+        rx.await
+            .map_err(|_| SupervisorError::Ended(format!("session {key} has ended")))?
+            .map_err(SupervisorError::Invalid)
+    }
+
+    /// Send a message as the guest.
+    pub async fn send_message(
+        &self,
+        key: &str,
+        body: String,
+    ) -> Result<serde_json::Value, SupervisorError> {
+        if body.is_empty() {
+            return Err(SupervisorError::Invalid(
+                "send needs a non-empty body".into(),
+            ));
+        }
+        self.command(key, |reply| SessionCmd::Send { body, reply })
+            .await
+    }
+
+    /// Send a typing indicator as the guest.
+    pub async fn send_typing(&self, key: &str) -> Result<serde_json::Value, SupervisorError> {
+        self.command(key, |reply| SessionCmd::Typing { reply })
+            .await
+    }
+
+    /// Make the guest leave; the `ended` event follows.
+    pub async fn leave(&self, key: &str) -> Result<serde_json::Value, SupervisorError> {
+        self.command(key, |reply| SessionCmd::Leave { reply }).await
+    }
+}
+
+impl SessionCtx {
+    fn connector_allows_insecure(&self) -> bool {
+        self.connector.allows_insecure()
+    }
+}
+
+async fn registry(
+    mut rx: mpsc::Receiver<Cmd>,
+    mut done_rx: mpsc::UnboundedReceiver<String>,
+    max: usize,
+    live_tx: watch::Sender<usize>,
+) {
+    let mut by_id: HashMap<Arc<str>, SessionHandle> = HashMap::new();
+    let mut by_conv: HashMap<Arc<str>, Arc<str>> = HashMap::new();
+    let mut reserved = 0usize;
+    loop {
+        tokio::select! {
+            cmd = rx.recv() => {
+                let Some(cmd) = cmd else { break };
+                match cmd {
+                    Cmd::Reserve(reply) => {
+                        if by_id.len() + reserved >= max {
+                            let _ = reply.send(Err(SupervisorError::Full(max)));
+                        } else {
+                            reserved += 1;
+                            let _ = reply.send(Ok(()));
+                        }
+                    }
+                    Cmd::Release => reserved = reserved.saturating_sub(1),
+                    Cmd::Register(h, reply) => {
+                        reserved = reserved.saturating_sub(1);
+                        // A session that already finished has sent its `done`, maybe before this.
+                        if h.is_closed() {
+                            let _ = reply.send(Ok(()));
+                            let _ = live_tx.send(by_id.len() + reserved);
+                            continue;
+                        }
+                        by_conv.insert(h.conversation_id.clone(), h.id.clone());
+                        by_id.insert(h.id.clone(), h);
+                        let _ = reply.send(Ok(()));
+                    }
+                    Cmd::Lookup(key, reply) => {
+                        let h = by_id
+                            .get(key.as_str())
+                            .or_else(|| by_conv.get(key.as_str()).and_then(|id| by_id.get(id)))
+                            .cloned();
+                        let _ = reply.send(h);
+                    }
+                    Cmd::List(reply) => {
+                        let _ = reply.send(by_id.values().cloned().collect());
+                    }
+                }
+            }
+            Some(id) = done_rx.recv() => {
+                if let Some(h) = by_id.remove(id.as_str()) {
+                    by_conv.remove(&h.conversation_id);
+                }
+            }
+        }
+        let _ = live_tx.send(by_id.len() + reserved);
+    }
+}
