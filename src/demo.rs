@@ -1,3 +1,296 @@
-pub async fn run(_e: bool) -> anyhow::Result<bool> {
-    Ok(true)
+//! `guestd demo`: the embedded emulator and the supervisor in one process, running one scripted
+//! chat per end reason at accelerated durations (a 15-minute rule becomes 3 s), printing every
+//! event and a closing summary. It exits non-zero if any chat ends for the wrong reason, so it is
+//! also a smoke test of the whole product.
+
+use crate::config::Config;
+use crate::emulator::{Emulator, EmulatorConfig};
+use crate::events::{EndReason, TapSink, WriterSink};
+use crate::supervisor::Supervisor;
+use std::time::Duration;
+use tokio::sync::broadcast;
+
+/// Accelerated emulator settings shared by the demo and the tests.
+pub fn fast_emulator() -> EmulatorConfig {
+    EmulatorConfig {
+        heartbeat_interval: Duration::from_millis(500),
+        reconnect_grace: Duration::from_secs(2),
+        inactivity_timeout: Duration::from_secs(3),
+        agent_join_delay: None,
+        agent_alert_duration: Duration::from_millis(100),
+        socket_closing_delay: Duration::from_secs(1),
+        ..EmulatorConfig::default()
+    }
+}
+
+/// guestd settings that match [`fast_emulator`], pointed at `api_base`.
+pub fn fast_config(api_base: &str) -> Config {
+    let mut c = Config::default();
+    c.genesys.api_base = api_base.to_string();
+    c.genesys.organization_id = "demo-org".into();
+    c.genesys.deployment_id = "demo-deployment".into();
+    c.session.heartbeat_interval = Duration::from_millis(500);
+    c.session.heartbeat_tolerance = 2;
+    c.session.reconnect_grace = Duration::from_secs(2);
+    c.session.inactivity_timeout = Duration::from_secs(3);
+    c.session.inactivity_warning_lead = Duration::from_secs(1);
+    c.session.inactivity_skew = Duration::from_millis(500);
+    c.session.agent_end_window = Duration::from_secs(2);
+    c.session.backoff.initial = Duration::from_millis(200);
+    c.session.backoff.max = Duration::from_millis(800);
+    c.rest.backoff.initial = Duration::from_millis(50);
+    c.rest.backoff.max = Duration::from_millis(200);
+    c.control.http_listen = String::new();
+    c.control.stdin = false;
+    c.journal.enabled = false;
+    c
+}
+
+/// Follows the event lines of one session.
+pub struct Follower {
+    rx: broadcast::Receiver<serde_json::Value>,
+    session: String,
+}
+
+/// The awaited event did not come.
+#[derive(Debug, thiserror::Error)]
+#[error("session {session}: no {what} within {secs}s")]
+pub struct Timeout {
+    /// Session.
+    pub session: String,
+    /// What was awaited.
+    pub what: String,
+    /// How long.
+    pub secs: u64,
+}
+
+impl Follower {
+    /// Follow `session` on `rx` (subscribe before the session can emit).
+    pub fn new(rx: broadcast::Receiver<serde_json::Value>, session: &str) -> Self {
+        Follower {
+            rx,
+            session: session.to_string(),
+        }
+    }
+
+    /// Wait for the next event of this session with `type == kind`.
+    pub async fn wait(
+        &mut self,
+        kind: &str,
+        within: Duration,
+    ) -> Result<serde_json::Value, Timeout> {
+        let session = self.session.clone();
+        let fut = async {
+            loop {
+                match self.rx.recv().await {
+                    Ok(v) if v["session"] == session.as_str() && v["type"] == kind => {
+                        return Some(v);
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        };
+        match tokio::time::timeout(within, fut).await {
+            Ok(Some(v)) => Ok(v),
+            _ => Err(Timeout {
+                session,
+                what: kind.to_string(),
+                secs: within.as_secs(),
+            }),
+        }
+    }
+}
+
+struct Outcome {
+    name: &'static str,
+    session: String,
+    expected: EndReason,
+    got: Option<String>,
+    duration_ms: u64,
+    detail: String,
+}
+
+const WAIT: Duration = Duration::from_secs(15);
+
+async fn scenario(
+    name: &'static str,
+    expected: EndReason,
+    sup: Supervisor,
+    emu: Emulator,
+    tap: broadcast::Sender<serde_json::Value>,
+) -> Outcome {
+    let rx = tap.subscribe();
+    let spec = crate::backend::StartSpec {
+        queue: "Support".into(),
+        display_name: format!("Demo guest ({name})"),
+        ..Default::default()
+    };
+    let view = match sup.start(spec).await {
+        Ok(v) => v,
+        Err(e) => {
+            return Outcome {
+                name,
+                session: "-".into(),
+                expected,
+                got: None,
+                duration_ms: 0,
+                detail: format!("start failed: {e}"),
+            };
+        }
+    };
+    let conv = view.conversation_id.clone();
+    let mut f = Follower::new(rx, &view.session);
+    let script = async {
+        f.wait("connected", WAIT).await?;
+        let admin = |r: Result<_, crate::emulator::AdminError>| {
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "demo admin call failed");
+            }
+        };
+        match expected {
+            EndReason::GuestLeft => {
+                admin(emu.agent_join(&conv));
+                f.wait("agent_connected", WAIT).await?;
+                admin(emu.agent_send(&conv, "Hello, how can I help?").map(|_| ()));
+                f.wait("message", WAIT).await?;
+                let _ = sup
+                    .send_message(&view.session, "My order is late.".into())
+                    .await;
+                // An abrupt drop, and a message sent while the guest is away: backfilled.
+                admin(emu.drop_sockets(&conv, true).map(|_| ()));
+                f.wait("disconnected", WAIT).await?;
+                admin(
+                    emu.agent_send(&conv, "Sorry to hear that, checking now.")
+                        .map(|_| ()),
+                );
+                f.wait("reconnected", WAIT).await?;
+                // Maintenance: the server asks for a new socket.
+                admin(emu.socket_closing(&conv).map(|_| ()));
+                f.wait("reconnected", WAIT).await?;
+                let _ = sup.leave(&view.session).await;
+            }
+            EndReason::AgentEnded => {
+                admin(emu.agent_join(&conv));
+                f.wait("agent_connected", WAIT).await?;
+                admin(emu.agent_typing(&conv));
+                admin(emu.agent_send(&conv, "Anything else?").map(|_| ()));
+                let _ = sup.send_message(&view.session, "No, thanks!".into()).await;
+                f.wait("message", WAIT).await?;
+                admin(emu.agent_end(&conv));
+            }
+            EndReason::FlowEnded => {
+                admin(emu.flow_disconnect(&conv));
+            }
+            EndReason::InactivityTimeout => {
+                admin(emu.agent_join(&conv));
+                f.wait("agent_connected", WAIT).await?;
+                f.wait("inactivity_warning", WAIT).await?;
+            }
+            EndReason::ReconnectGraceExpired => {
+                // A network partition: the guest cannot get a socket back.
+                admin(emu.block_stream(&conv, true));
+                admin(emu.drop_sockets(&conv, true).map(|_| ()));
+            }
+            EndReason::TokenExpired => {
+                admin(emu.expire_jwt(&conv));
+                admin(emu.drop_sockets(&conv, false).map(|_| ()));
+            }
+            EndReason::ServerEnded => {
+                admin(emu.half_open(&conv).map(|_| ()));
+                f.wait("reconnected", WAIT).await?;
+                admin(emu.server_end(&conv));
+            }
+        }
+        f.wait("ended", WAIT).await
+    };
+    match script.await {
+        Ok(ended) => Outcome {
+            name,
+            session: view.session,
+            expected,
+            got: ended["reason"].as_str().map(str::to_string),
+            duration_ms: ended["duration_ms"].as_u64().unwrap_or(0),
+            detail: ended["detail"].as_str().unwrap_or_default().to_string(),
+        },
+        Err(e) => Outcome {
+            name,
+            session: view.session,
+            expected,
+            got: None,
+            duration_ms: 0,
+            detail: e.to_string(),
+        },
+    }
+}
+
+/// Run the demo; true when every chat ended for the reason it was scripted to.
+pub async fn run(print_events: bool) -> anyhow::Result<bool> {
+    let emu = Emulator::start(fast_emulator(), "127.0.0.1:0".parse()?).await?;
+    let stdout = print_events.then(|| WriterSink(tokio::io::stdout()));
+    let tap = TapSink::new(stdout, 65_536);
+    let tap_tx = tap.sender();
+    let cfg = fast_config(&emu.base_url());
+    let no_stdin: Option<tokio::io::Empty> = None;
+    let running = crate::daemon::start(cfg, tap, no_stdin).await?;
+    eprintln!(
+        "guestd demo: emulator on {}, 7 scripted chats (heartbeat 0.5 s, grace 2 s, no-activity rule 3 s)",
+        emu.base_url()
+    );
+    let plan = [
+        ("leave after a drop + socket_closing", EndReason::GuestLeft),
+        ("agent ends the chat", EndReason::AgentEnded),
+        ("flow disconnects in queue", EndReason::FlowEnded),
+        ("guest silent with an agent", EndReason::InactivityTimeout),
+        ("network partition", EndReason::ReconnectGraceExpired),
+        ("jwt expired, then a drop", EndReason::TokenExpired),
+        ("half-open, then platform ends", EndReason::ServerEnded),
+    ];
+    let runs = plan.iter().map(|(name, reason)| {
+        scenario(
+            name,
+            *reason,
+            running.sup.clone(),
+            emu.clone(),
+            tap_tx.clone(),
+        )
+    });
+    let outcomes = futures::future::join_all(runs).await;
+    running.shutdown().await;
+    emu.shutdown();
+    let mut ok = true;
+    println!();
+    println!(
+        "{:<38} {:<16} {:<24} {:<24} {:>9}",
+        "chat", "session", "expected", "ended", "duration"
+    );
+    for o in &outcomes {
+        let got = o.got.clone().unwrap_or_else(|| "-".into());
+        let mark = if got == o.expected.as_str() {
+            ""
+        } else {
+            "  <-- MISMATCH"
+        };
+        ok &= mark.is_empty();
+        println!(
+            "{:<38} {:<16} {:<24} {:<24} {:>7}ms{mark}",
+            o.name,
+            o.session,
+            o.expected.as_str(),
+            got,
+            o.duration_ms
+        );
+        if !mark.is_empty() {
+            println!("    detail: {}", o.detail);
+        }
+    }
+    println!(
+        "{} of {} chats ended for the scripted reason",
+        outcomes
+            .iter()
+            .filter(|o| o.got.as_deref() == Some(o.expected.as_str()))
+            .count(),
+        outcomes.len()
+    );
+    Ok(ok)
 }

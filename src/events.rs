@@ -294,6 +294,49 @@ enum Msg {
     Flush(oneshot::Sender<()>),
 }
 
+/// A sink that hands every line, parsed, to subscribers and then to an optional inner sink.
+/// `guestd demo` uses it to follow its chats; tests use it to await events instead of sleeping.
+pub struct TapSink<S> {
+    inner: Option<S>,
+    tx: tokio::sync::broadcast::Sender<serde_json::Value>,
+}
+
+impl<S> TapSink<S> {
+    /// Tap in front of `inner` (None: lines go only to subscribers).
+    pub fn new(inner: Option<S>, capacity: usize) -> Self {
+        let (tx, _) = tokio::sync::broadcast::channel(capacity.max(16));
+        TapSink { inner, tx }
+    }
+
+    /// Subscribe to the lines written from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<serde_json::Value> {
+        self.tx.subscribe()
+    }
+
+    /// The sender, to subscribe later.
+    pub fn sender(&self) -> tokio::sync::broadcast::Sender<serde_json::Value> {
+        self.tx.clone()
+    }
+}
+
+impl<S: EventSink> EventSink for TapSink<S> {
+    fn write_line<'a>(&'a mut self, line: &'a [u8]) -> BoxFuture<'a, std::io::Result<()>> {
+        if let Ok(v) = serde_json::from_slice(line) {
+            let _ = self.tx.send(v);
+        }
+        match &mut self.inner {
+            Some(s) => s.write_line(line),
+            None => Box::pin(async { Ok(()) }),
+        }
+    }
+    fn flush(&mut self) -> BoxFuture<'_, std::io::Result<()>> {
+        match &mut self.inner {
+            Some(s) => s.flush(),
+            None => Box::pin(async { Ok(()) }),
+        }
+    }
+}
+
 /// The producers' end: cheap to clone.
 #[derive(Clone)]
 pub struct Emitter {

@@ -511,6 +511,13 @@ async fn stream(
             if c.ended.is_some() {
                 return Err(ApiError::not_found("conversation has ended"));
             }
+            if c.stream_blocked {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "emulator.blocked",
+                    "stream blocked by the admin API",
+                ));
+            }
             match bearer(&headers) {
                 Some(t) if t != c.jwt => return Err(ApiError::unauthorized("invalid token")),
                 Some(_) if c.jwt_expires <= Instant::now() => {
@@ -592,6 +599,9 @@ async fn admin_action(
     let e = emu(&sh);
     let n = match action.as_str() {
         "flow-disconnect" => e.flow_disconnect(&conv).map(|_| 1)?,
+        "server-end" => e.server_end(&conv).map(|_| 1)?,
+        "block-stream" => e.block_stream(&conv, true).map(|_| 1)?,
+        "unblock-stream" => e.block_stream(&conv, false).map(|_| 1)?,
         "half-open" => e.half_open(&conv)?,
         "socket-closing" => e.socket_closing(&conv)?,
         "malformed" => e.send_malformed(&conv)?,

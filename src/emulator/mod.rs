@@ -429,6 +429,26 @@ impl Emulator {
         self.sockets(id, SocketCmd::Text(frame))
     }
 
+    /// The platform disconnects the guest for a reason it does not tell; the chat ends.
+    pub fn server_end(&self, id: &str) -> Result<(), AdminError> {
+        self.with_live(id, |w| {
+            w.end(id, EndCause::Server);
+            Ok(())
+        })
+    }
+
+    /// Refuse (`true`) or allow again (`false`) websocket handshakes for the chat: the guest
+    /// cannot reconnect, as in a network partition. REST still works.
+    pub fn block_stream(&self, id: &str, blocked: bool) -> Result<(), AdminError> {
+        let mut w = self.shared.world();
+        let c = w
+            .convs
+            .get_mut(id)
+            .ok_or_else(|| AdminError::NoConversation(id.into()))?;
+        c.stream_blocked = blocked;
+        Ok(())
+    }
+
     /// Make the conversation's jwt expire now.
     pub fn expire_jwt(&self, id: &str) -> Result<(), AdminError> {
         let mut w = self.shared.world();

@@ -48,6 +48,8 @@ pub enum EndCause {
     GraceExpired,
     /// No guest message for the no-activity timeout while an agent was connected.
     Inactivity,
+    /// The platform disconnected the guest for a reason the guest is not told (admin `end`).
+    Server,
 }
 
 /// One line of the guest-side log: what a client did to the emulator.
@@ -96,6 +98,8 @@ pub(crate) struct Conv {
     pub notify: Arc<Notify>,
     /// Leave dates are kept strictly increasing so their order is the order members left.
     pub last_leave_ms: i64,
+    /// While set, websocket handshakes for this chat answer 503 (a network partition).
+    pub stream_blocked: bool,
 }
 
 /// The whole emulated platform.
@@ -372,6 +376,7 @@ impl World {
             last_frame: None,
             notify: notify.clone(),
             last_leave_ms: 0,
+            stream_blocked: false,
         };
         conv.add_member(
             &guest_id,

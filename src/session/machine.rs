@@ -209,6 +209,10 @@ pub struct Machine {
     held_members: Vec<(String, MemberState)>,
     fetching: Option<Fetch>,
     reconciling: bool,
+    guest_gone: bool,
+    gone_refetches: u8,
+    role_refetches: u8,
+    gone_seen_up: bool,
     agent: Option<String>,
     agent_since: Option<Instant>,
     agent_ever: bool,
@@ -255,6 +259,10 @@ impl Machine {
             held_members: Vec::new(),
             fetching: None,
             reconciling: false,
+            guest_gone: false,
+            gone_refetches: 0,
+            role_refetches: 0,
+            gone_seen_up: false,
             agent: None,
             agent_since: None,
             agent_ever: false,
@@ -563,6 +571,8 @@ impl Machine {
         if !self.ever_connected && !self.needs_backfill {
             self.ever_connected = true;
             out.push(Action::Emit(EventKind::Connected));
+            // Members that joined before the stream opened: learn their roles and states.
+            self.fetch(Fetch::Refresh, out);
             return;
         }
         self.ever_connected = true;
@@ -727,15 +737,26 @@ impl Machine {
             (Role::Agent, MemberState::Disconnected) if self.agent.as_deref() == Some(id) => {
                 self.agent = None;
                 self.agent_since = None;
-                self.last_agent_left = Some(now);
+                if !self.guest_gone {
+                    // After the guest left, an agent leaving is not why the chat ended.
+                    self.last_agent_left = Some(now);
+                }
                 out.push(Action::Emit(EventKind::AgentDisconnected {
                     member_id: id.to_string(),
                 }));
             }
-            (Role::Workflow, MemberState::Disconnected) => self.workflow_left = true,
+            (Role::Workflow, MemberState::Disconnected) if !self.guest_gone => {
+                self.workflow_left = true
+            }
             _ => {}
         }
         if id == self.guest_id && state == MemberState::Disconnected && !self.reconciling {
+            if !self.held_members.is_empty() || self.fetching.is_some() {
+                // Roles or states are still on their way: decide when the members list is in.
+                self.guest_gone = true;
+                self.gone_seen_up = matches!(self.link, Link::Up { .. });
+                return;
+            }
             let (reason, detail) = self.infer(now);
             self.end(reason, detail, now, out);
         }
@@ -758,13 +779,17 @@ impl Machine {
         if let Some((reason, why)) = self.evidence {
             return (reason, why.into());
         }
-        if let Link::Down { lost_at, .. } = self.link {
-            if now >= lost_at + self.t.reconnect_grace {
-                return (
-                    EndReason::ReconnectGraceExpired,
-                    "no reconnect within the grace window".into(),
-                );
-            }
+        if let (Link::Down { lost_at, .. }, false) = (&self.link, self.gone_seen_up) {
+            let lost_at = *lost_at;
+            // The platform drops a guest whose socket is gone; guestd was reconnecting (or down).
+            let detail = if now >= lost_at + self.t.reconnect_grace {
+                "no reconnect within the grace window"
+            } else if self.resumed && !self.ever_connected {
+                "the chat ended while guestd was down"
+            } else {
+                "the platform disconnected the guest while guestd was reconnecting"
+            };
+            return (EndReason::ReconnectGraceExpired, detail.into());
         }
         if self
             .last_agent_left
@@ -779,12 +804,6 @@ impl Machine {
             return (
                 EndReason::FlowEnded,
                 "a flow disconnected the chat before any agent connected".into(),
-            );
-        }
-        if self.resumed && !self.ever_connected {
-            return (
-                EndReason::ReconnectGraceExpired,
-                "the chat ended while guestd was down".into(),
             );
         }
         (
@@ -840,17 +859,44 @@ impl Machine {
                 }
                 // Decide before applying the list: applying it (an agent that left after the
                 // guest, say) must not change what the state said when the guest left.
-                let decided = (guest_left.is_some() || all_gone).then(|| self.infer(now));
+                if self.guest_gone && guest_left.is_none() && self.gone_refetches < 3 {
+                    // The list predates the guest's DISCONNECTED: ask again before deciding.
+                    self.gone_refetches += 1;
+                    self.held_members = held;
+                    return self.fetch(Fetch::Refresh, out);
+                }
+                let decided =
+                    (guest_left.is_some() || all_gone || self.guest_gone).then(|| self.infer(now));
                 self.reconciling = true;
+                // Held changes are older than the list: apply them first, with the list's roles,
+                // so a member seen ALERTING then CONNECTED reports both, in order.
+                let mut missing = Vec::new();
+                for (id, state) in held {
+                    match list.iter().find(|m| m.id == id) {
+                        Some(m) => self.apply_member(&id, Some(m.role), state, now, out),
+                        None => missing.push((id, state)),
+                    }
+                }
                 let (guest, others): (Vec<_>, Vec<_>) =
                     list.into_iter().partition(|m| m.id == self.guest_id);
                 for m in others.iter().chain(guest.iter()) {
                     self.apply_member(&m.id, Some(m.role), m.state, now, out);
                 }
-                for (id, state) in held {
-                    self.apply_member(&id, None, state, now, out);
-                }
                 self.reconciling = false;
+                if !missing.is_empty() {
+                    if self.role_refetches < 3 && decided.is_none() {
+                        // Joined after the list was taken: ask again.
+                        self.role_refetches += 1;
+                        self.held_members = missing;
+                        self.fetch(Fetch::Refresh, out);
+                    } else {
+                        for (id, state) in missing {
+                            self.apply_member(&id, None, state, now, out);
+                        }
+                    }
+                } else {
+                    self.role_refetches = 0;
+                }
                 if let Some((reason, detail)) = decided {
                     return self.end(reason, detail, now, out);
                 }
@@ -874,6 +920,10 @@ impl Machine {
                 }
                 if self.ended.is_some() {
                     return;
+                }
+                if self.guest_gone {
+                    let (reason, detail) = self.infer(now);
+                    return self.end(reason, detail, now, out);
                 }
                 match (why, f) {
                     (Fetch::GaveUp, f) => self.end(
