@@ -1041,3 +1041,6 @@ pub fn state_str(s: MemberState) -> &'static str {
         MemberState::Unknown => "unknown",
     }
 }
+
+#[cfg(test)]
+mod tests;

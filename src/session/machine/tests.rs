@@ -1,0 +1,650 @@
+//! Every rule of the machine, driven in tokio's paused virtual time: `advance(15 min)` takes
+//! microseconds, and nothing here touches a socket.
+
+use super::*;
+use crate::backend::{ChatEvent, ChatMember, ChatMessage, MemberState, Role};
+use tokio::time::advance;
+
+const GUEST: &str = "guest";
+const AGENT: &str = "agent";
+const FLOW: &str = "flow";
+
+fn timing() -> Timing {
+    Timing {
+        heartbeat_interval: Duration::from_secs(30),
+        heartbeat_tolerance: 2,
+        reconnect_grace: Duration::from_secs(120),
+        inactivity_timeout: Duration::from_secs(15 * 60),
+        inactivity_warning_lead: Duration::from_secs(60),
+        inactivity_skew: Duration::from_secs(5),
+        agent_end_window: Duration::from_secs(10),
+        include_bodies: true,
+        backoff: BackoffConfig {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(8),
+            multiplier: 2.0,
+            jitter: 0.0,
+        },
+    }
+}
+
+/// A machine plus the events it emitted, driven in virtual time.
+struct Sim {
+    m: Machine,
+    actions: Vec<Action>,
+}
+
+impl Sim {
+    fn new() -> Self {
+        Sim {
+            m: Machine::new(timing(), GUEST, Instant::now()),
+            actions: Vec::new(),
+        }
+    }
+
+    fn step(&mut self, i: Input) -> Vec<Action> {
+        let a = self.m.step(i, Instant::now());
+        self.actions.extend(a.clone());
+        a
+    }
+
+    /// Advance virtual time to the machine's next deadline and tick.
+    async fn tick_next(&mut self) -> Vec<Action> {
+        let next = self.m.next_deadline().expect("a deadline");
+        let now = Instant::now();
+        if next > now {
+            advance(next - now).await;
+        }
+        self.step(Input::Tick)
+    }
+
+    async fn wait(&mut self, d: Duration) -> Vec<Action> {
+        advance(d).await;
+        self.step(Input::Tick)
+    }
+
+    fn events(&self) -> Vec<EventKind> {
+        self.actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Emit(e) => Some(e.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn types(&self) -> Vec<String> {
+        self.events().iter().map(|e| e.type_name()).collect()
+    }
+
+    fn ended(&self) -> Vec<(EndReason, String)> {
+        self.events()
+            .into_iter()
+            .filter_map(|e| match e {
+                EventKind::Ended { reason, detail, .. } => Some((reason, detail)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn only_end(&self) -> EndReason {
+        let e = self.ended();
+        assert_eq!(e.len(), 1, "exactly one ended: {e:?}");
+        e[0].0
+    }
+
+    /// Connect for the first time and learn the roster.
+    fn connect(&mut self) {
+        let a = self.step(Input::Tick);
+        assert!(a.contains(&Action::Connect), "{a:?}");
+        let a = self.step(Input::Opened);
+        assert!(a.contains(&Action::FetchMembers));
+        self.step(Input::Members(Ok(vec![
+            member(GUEST, Role::Customer, MemberState::Connected, None),
+            member(FLOW, Role::Workflow, MemberState::Connected, None),
+        ])));
+    }
+
+    fn change(&mut self, id: &str, state: MemberState) -> Vec<Action> {
+        self.step(Input::Frame(ChatEvent::MemberChange {
+            member_id: id.into(),
+            state,
+        }))
+    }
+
+    fn agent_joins(&mut self) {
+        let a = self.change(AGENT, MemberState::Alerting);
+        assert!(
+            a.contains(&Action::FetchMembers),
+            "unknown member fetches roles: {a:?}"
+        );
+        self.step(Input::Members(Ok(vec![
+            member(GUEST, Role::Customer, MemberState::Connected, None),
+            member(FLOW, Role::Workflow, MemberState::Connected, None),
+            member(AGENT, Role::Agent, MemberState::Alerting, None),
+        ])));
+        self.change(AGENT, MemberState::Connected);
+        assert!(self.m.agent_connected());
+    }
+
+    fn message(&mut self, id: &str, sender: &str) -> Vec<Action> {
+        self.step(Input::Frame(ChatEvent::Message(msg(id, sender))))
+    }
+}
+
+fn member(id: &str, role: Role, state: MemberState, left: Option<&str>) -> ChatMember {
+    ChatMember {
+        id: id.into(),
+        role,
+        state,
+        leave_date: left.map(str::to_string),
+    }
+}
+
+fn msg(id: &str, sender: &str) -> ChatMessage {
+    ChatMessage {
+        id: id.into(),
+        sender_id: sender.into(),
+        body: format!("body {id}"),
+        body_type: "standard".into(),
+        timestamp: "2026-01-01T00:00:00.000Z".into(),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn first_tick_connects_and_any_frame_is_life() {
+    let mut s = Sim::new();
+    s.connect();
+    assert_eq!(s.types()[0], "connected");
+    // Frames every 20 s keep the socket alive for ten minutes.
+    for _ in 0..30 {
+        advance(Duration::from_secs(20)).await;
+        s.step(Input::Frame(ChatEvent::Heartbeat));
+        s.step(Input::Tick);
+    }
+    assert!(!s.types().contains(&"heartbeat_missed".to_string()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn missed_heartbeats_ping_then_reconnect() {
+    let mut s = Sim::new();
+    s.connect();
+    let a = s.tick_next().await;
+    assert!(a.contains(&Action::Ping), "first miss pings: {a:?}");
+    assert!(matches!(
+        s.events().last(),
+        Some(EventKind::HeartbeatMissed {
+            missed: 1,
+            silent_ms: 45_000
+        })
+    ));
+    let a = s.tick_next().await;
+    assert!(a.contains(&Action::CloseSocket), "{a:?}");
+    assert!(matches!(
+        s.events().last(),
+        Some(EventKind::Reconnecting {
+            attempt: 1,
+            delay_ms: 1000,
+            grace_left_ms: 120_000
+        })
+    ));
+    let t = s.types();
+    assert_eq!(
+        &t[t.len() - 3..],
+        ["heartbeat_missed", "disconnected", "reconnecting"]
+    );
+    let a = s.tick_next().await;
+    assert_eq!(a, vec![Action::Connect]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn grace_expires_across_several_failed_reconnects() {
+    let mut s = Sim::new();
+    s.connect();
+    s.step(Input::Lost("reset".into()));
+    let mut attempts = 0;
+    loop {
+        let a = s.tick_next().await;
+        if a.contains(&Action::Connect) {
+            attempts += 1;
+            s.step(Input::ConnectFailed(Failure::Other("refused".into())));
+        } else {
+            assert!(
+                a.contains(&Action::FetchMembers),
+                "grace over: reconcile once: {a:?}"
+            );
+            break;
+        }
+    }
+    // Delays 1, 2, 4, 8, 8, ... s until 120 s: every attempt inside the window.
+    assert!(attempts >= 10, "{attempts}");
+    let delays: Vec<u64> = s
+        .events()
+        .iter()
+        .filter_map(|e| match e {
+            EventKind::Reconnecting { delay_ms, .. } => Some(*delay_ms),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(&delays[..5], [1000, 2000, 4000, 8000, 8000]);
+    s.step(Input::Members(Ok(vec![member(
+        GUEST,
+        Role::Customer,
+        MemberState::Disconnected,
+        Some("t1"),
+    )])));
+    assert_eq!(s.only_end(), EndReason::ReconnectGraceExpired);
+    assert_eq!(s.m.next_deadline(), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn grace_expiry_ends_even_if_reconcile_fails() {
+    let mut s = Sim::new();
+    s.connect();
+    s.step(Input::Lost("reset".into()));
+    advance(Duration::from_secs(121)).await;
+    s.step(Input::Tick);
+    s.step(Input::Members(Err(Failure::Other("503".into()))));
+    assert_eq!(s.only_end(), EndReason::ReconnectGraceExpired);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reconnect_backfills_in_order_once_each() {
+    let mut s = Sim::new();
+    s.connect();
+    s.agent_joins();
+    s.message("m1", AGENT);
+    s.step(Input::Lost("closed".into()));
+    s.tick_next().await;
+    let a = s.step(Input::Opened);
+    assert!(
+        a.contains(&Action::Backfill {
+            after: Some("m1".into())
+        }),
+        "{a:?}"
+    );
+    // A live message arrives before the backfill answers: held, not emitted out of order.
+    let a = s.message("m4", AGENT);
+    assert!(a.is_empty(), "{a:?}");
+    s.step(Input::Backfill(Ok(vec![
+        msg("m2", AGENT),
+        msg("m3", GUEST),
+        msg("m4", AGENT),
+    ])));
+    let ids: Vec<String> = s
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            EventKind::Message {
+                message_id,
+                backfilled,
+                ..
+            } => Some(format!("{message_id}:{backfilled}")),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ids, ["m1:false", "m2:true", "m3:true", "m4:true"]);
+    assert!(s.events().iter().any(|e| matches!(
+        e,
+        EventKind::Reconnected {
+            backfilled: 3,
+            downtime_ms: 1000
+        }
+    )));
+    // A duplicate of an old message later is dropped.
+    assert!(s.message("m2", AGENT).is_empty());
+    assert_eq!(s.m.last_message_id(), Some("m4"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_activity_rule_does_not_run_in_queue() {
+    let mut s = Sim::new();
+    s.connect();
+    for _ in 0..40 {
+        s.wait(Duration::from_secs(29)).await;
+        s.step(Input::Frame(ChatEvent::Heartbeat));
+    }
+    assert!(s.m.inactivity_deadline().is_none());
+    assert!(
+        s.ended().is_empty(),
+        "20 queued minutes without a message is fine"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_activity_rule_warns_then_leaves_and_guest_messages_reset_it() {
+    let mut s = Sim::new();
+    s.connect();
+    s.agent_joins();
+    let keepalive = |s: &mut Sim| {
+        s.step(Input::Frame(ChatEvent::Heartbeat));
+    };
+    // 10 minutes in, the guest writes (echoed on the stream): the clock restarts.
+    for _ in 0..20 {
+        s.wait(Duration::from_secs(30)).await;
+        keepalive(&mut s);
+    }
+    s.message("g1", GUEST);
+    // 13 minutes later: no warning yet (warning at 14).
+    for _ in 0..26 {
+        s.wait(Duration::from_secs(30)).await;
+        keepalive(&mut s);
+    }
+    assert!(!s.types().contains(&"inactivity_warning".to_string()));
+    // A message sent through guestd also counts.
+    s.step(Input::GuestSent);
+    for _ in 0..28 {
+        s.wait(Duration::from_secs(30)).await;
+        keepalive(&mut s);
+    }
+    assert!(matches!(
+        s.events()
+            .iter()
+            .find(|e| matches!(e, EventKind::InactivityWarning { .. })),
+        Some(EventKind::InactivityWarning {
+            remaining_ms: 60_000
+        })
+    ));
+    assert!(s.ended().is_empty());
+    let mut saw_leave = false;
+    for _ in 0..4 {
+        let a = s.wait(Duration::from_secs(30)).await;
+        saw_leave |= a.contains(&Action::Leave);
+        keepalive(&mut s);
+    }
+    assert!(saw_leave, "guestd leaves at the deadline");
+    assert_eq!(s.only_end(), EndReason::InactivityTimeout);
+    // The platform's own DISCONNECTED that follows changes nothing.
+    assert!(s.change(GUEST, MemberState::Disconnected).is_empty());
+    assert_eq!(s.ended().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_activity_clock_stops_when_the_agent_leaves() {
+    let mut s = Sim::new();
+    s.connect();
+    s.agent_joins();
+    s.wait(Duration::from_secs(600)).await;
+    s.step(Input::Frame(ChatEvent::Heartbeat));
+    s.change(AGENT, MemberState::Disconnected);
+    assert!(s.types().contains(&"agent_disconnected".to_string()));
+    assert_eq!(s.m.inactivity_deadline(), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn server_end_at_our_deadline_is_inactivity_exactly_once() {
+    let mut s = Sim::new();
+    s.connect();
+    s.agent_joins();
+    let dl = s.m.inactivity_deadline().unwrap();
+    advance(dl - Instant::now()).await;
+    // Same instant: the platform's DISCONNECTED arrives, then our tick.
+    s.change(GUEST, MemberState::Disconnected);
+    let a = s.step(Input::Tick);
+    assert!(a.is_empty());
+    assert_eq!(s.only_end(), EndReason::InactivityTimeout);
+}
+
+#[tokio::test(start_paused = true)]
+async fn guest_left_on_request() {
+    let mut s = Sim::new();
+    s.connect();
+    assert_eq!(s.step(Input::LeaveRequested), vec![Action::Leave]);
+    // The member-change can beat the 204.
+    s.change(GUEST, MemberState::Disconnected);
+    s.step(Input::LeaveDone(Ok(())));
+    assert_eq!(s.only_end(), EndReason::GuestLeft);
+}
+
+#[tokio::test(start_paused = true)]
+async fn agent_ended() {
+    let mut s = Sim::new();
+    s.connect();
+    s.agent_joins();
+    s.change(AGENT, MemberState::Disconnected);
+    s.change(GUEST, MemberState::Disconnected);
+    assert_eq!(s.only_end(), EndReason::AgentEnded);
+    let t = s.types();
+    assert_eq!(
+        &t[t.len() - 4..],
+        [
+            "member_changed",
+            "agent_disconnected",
+            "member_changed",
+            "ended"
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn agent_that_left_long_ago_is_not_the_reason() {
+    let mut s = Sim::new();
+    s.connect();
+    s.agent_joins();
+    s.change(AGENT, MemberState::Disconnected);
+    s.wait(Duration::from_secs(20)).await;
+    s.step(Input::Frame(ChatEvent::Heartbeat));
+    s.change(GUEST, MemberState::Disconnected);
+    assert_eq!(s.only_end(), EndReason::ServerEnded);
+}
+
+#[tokio::test(start_paused = true)]
+async fn flow_ended_in_queue() {
+    let mut s = Sim::new();
+    s.connect();
+    s.change(FLOW, MemberState::Disconnected);
+    s.change(GUEST, MemberState::Disconnected);
+    assert_eq!(s.only_end(), EndReason::FlowEnded);
+}
+
+#[tokio::test(start_paused = true)]
+async fn server_ended_without_a_cause() {
+    let mut s = Sim::new();
+    s.connect();
+    s.change(GUEST, MemberState::Disconnected);
+    assert_eq!(s.only_end(), EndReason::ServerEnded);
+}
+
+#[tokio::test(start_paused = true)]
+async fn token_expired_on_reconnect_and_on_reconcile() {
+    let mut s = Sim::new();
+    s.connect();
+    s.step(Input::Lost("closed".into()));
+    s.tick_next().await;
+    s.step(Input::ConnectFailed(Failure::Unauthorized(
+        "expired".into(),
+    )));
+    assert_eq!(s.only_end(), EndReason::TokenExpired);
+
+    let mut s = Sim::new();
+    s.connect();
+    s.step(Input::Frame(ChatEvent::MemberChange {
+        member_id: "new".into(),
+        state: MemberState::Connected,
+    }));
+    s.step(Input::Members(Err(Failure::Unauthorized("expired".into()))));
+    assert_eq!(s.only_end(), EndReason::TokenExpired);
+}
+
+#[tokio::test(start_paused = true)]
+async fn chat_gone_while_reconnecting_uses_leave_dates() {
+    // The agent ended the chat while guestd was away: the stream answers 404, the members list
+    // shows who left first.
+    let mut s = Sim::new();
+    s.connect();
+    s.agent_joins();
+    s.step(Input::Lost("reset".into()));
+    s.tick_next().await;
+    let a = s.step(Input::ConnectFailed(Failure::NotFound("gone".into())));
+    assert!(a.contains(&Action::FetchMembers));
+    s.step(Input::Members(Ok(vec![
+        member(
+            GUEST,
+            Role::Customer,
+            MemberState::Disconnected,
+            Some("2026-01-01T00:00:00.002Z"),
+        ),
+        member(
+            AGENT,
+            Role::Agent,
+            MemberState::Disconnected,
+            Some("2026-01-01T00:00:00.001Z"),
+        ),
+    ])));
+    assert_eq!(s.only_end(), EndReason::AgentEnded);
+
+    // The guest left first (the platform's grace rule): not the agent.
+    let mut s = Sim::new();
+    s.connect();
+    s.agent_joins();
+    s.step(Input::Lost("reset".into()));
+    s.tick_next().await;
+    s.step(Input::ConnectFailed(Failure::NotFound("gone".into())));
+    s.step(Input::Members(Ok(vec![
+        member(
+            GUEST,
+            Role::Customer,
+            MemberState::Disconnected,
+            Some("2026-01-01T00:00:00.001Z"),
+        ),
+        member(
+            AGENT,
+            Role::Agent,
+            MemberState::Disconnected,
+            Some("2026-01-01T00:00:00.002Z"),
+        ),
+    ])));
+    assert_eq!(s.only_end(), EndReason::ReconnectGraceExpired);
+}
+
+#[tokio::test(start_paused = true)]
+async fn end_during_reconnect_and_late_inputs_give_one_ended() {
+    let mut s = Sim::new();
+    s.connect();
+    s.step(Input::Lost("reset".into()));
+    s.tick_next().await; // Connect in flight
+    s.step(Input::LeaveRequested);
+    let a = s.step(Input::LeaveDone(Ok(())));
+    assert!(
+        a.contains(&Action::AbortConnect) && a.contains(&Action::Stop),
+        "{a:?}"
+    );
+    // Everything after the end is ignored: the connect result, frames, deadlines.
+    assert!(s.step(Input::Opened).is_empty());
+    assert!(s.change(GUEST, MemberState::Disconnected).is_empty());
+    assert!(s.step(Input::Members(Ok(vec![]))).is_empty());
+    advance(Duration::from_secs(3600)).await;
+    assert!(s.step(Input::Tick).is_empty());
+    assert_eq!(s.only_end(), EndReason::GuestLeft);
+}
+
+#[tokio::test(start_paused = true)]
+async fn grace_deadline_and_server_end_race_once() {
+    let mut s = Sim::new();
+    s.connect();
+    s.step(Input::Lost("reset".into()));
+    advance(Duration::from_secs(120)).await;
+    let a = s.step(Input::Tick);
+    assert!(a.contains(&Action::FetchMembers));
+    // A late connect success and the reconcile both arrive.
+    assert_eq!(s.step(Input::Opened), vec![Action::CloseSocket]);
+    s.step(Input::Members(Ok(vec![member(
+        GUEST,
+        Role::Customer,
+        MemberState::Disconnected,
+        None,
+    )])));
+    s.step(Input::Members(Ok(vec![member(
+        GUEST,
+        Role::Customer,
+        MemberState::Disconnected,
+        None,
+    )])));
+    assert_eq!(s.only_end(), EndReason::ReconnectGraceExpired);
+}
+
+#[tokio::test(start_paused = true)]
+async fn socket_closing_reconnects_at_once() {
+    let mut s = Sim::new();
+    s.connect();
+    let a = s.step(Input::Frame(ChatEvent::SocketClosing));
+    assert!(a.contains(&Action::CloseSocket));
+    assert!(matches!(
+        s.events().last(),
+        Some(EventKind::Reconnecting { delay_ms: 0, .. })
+    ));
+    assert_eq!(s.step(Input::Tick), vec![Action::Connect]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_frames_are_reported_and_count_as_life() {
+    let mut s = Sim::new();
+    s.connect();
+    advance(Duration::from_secs(40)).await;
+    s.step(Input::BadFrame("not JSON".into()));
+    assert!(matches!(
+        s.events().last(),
+        Some(EventKind::StreamError { .. })
+    ));
+    advance(Duration::from_secs(40)).await;
+    s.step(Input::Tick);
+    assert!(!s.types().contains(&"heartbeat_missed".to_string()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn bodies_can_be_turned_off() {
+    let mut t = timing();
+    t.include_bodies = false;
+    let mut m = Machine::new(t, GUEST, Instant::now());
+    m.step(Input::Tick, Instant::now());
+    m.step(Input::Opened, Instant::now());
+    let a = m.step(
+        Input::Frame(ChatEvent::Message(msg("m1", GUEST))),
+        Instant::now(),
+    );
+    assert!(
+        matches!(&a[0], Action::Emit(EventKind::Message { body: None, .. })),
+        "{a:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn resumed_session_backfills_and_reports_an_end_while_down() {
+    let now = Instant::now();
+    let mut m = Machine::resume(timing(), GUEST, now, now, Some("m9".into()), now);
+    assert_eq!(m.step(Input::Tick, now), vec![Action::Connect]);
+    let a = m.step(Input::ConnectFailed(Failure::NotFound("ended".into())), now);
+    assert_eq!(a, vec![Action::FetchMembers]);
+    let a = m.step(
+        Input::Members(Ok(vec![
+            member(
+                GUEST,
+                Role::Customer,
+                MemberState::Disconnected,
+                Some("2026-01-01T00:00:00.001Z"),
+            ),
+            member(
+                FLOW,
+                Role::Workflow,
+                MemberState::Disconnected,
+                Some("2026-01-01T00:00:00.002Z"),
+            ),
+        ])),
+        now,
+    );
+    let reason = a.iter().find_map(|a| match a {
+        Action::Emit(EventKind::Ended { reason, .. }) => Some(*reason),
+        _ => None,
+    });
+    assert_eq!(reason, Some(EndReason::ReconnectGraceExpired));
+
+    let mut m = Machine::resume(timing(), GUEST, now, now, Some("m9".into()), now);
+    m.step(Input::Tick, now);
+    let a = m.step(Input::Opened, now);
+    assert!(
+        a.contains(&Action::Backfill {
+            after: Some("m9".into())
+        }),
+        "{a:?}"
+    );
+}
