@@ -1,0 +1,356 @@
+//! Shared helpers: a guest test client for the emulator (real REST and websocket on loopback),
+//! and a driver for the real `guestd` binary over stdin/stdout.
+#![allow(dead_code)]
+
+use futures::StreamExt;
+use guestd::emulator::{Emulator, EmulatorConfig};
+use serde_json::{Value, json};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const WAIT: Duration = Duration::from_secs(15);
+
+pub async fn emulator(cfg: EmulatorConfig) -> Emulator {
+    Emulator::start(cfg, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap()
+}
+
+/// Short durations for rule tests; agents only on command.
+pub fn quick() -> EmulatorConfig {
+    EmulatorConfig {
+        heartbeat_interval: Duration::from_millis(200),
+        reconnect_grace: Duration::from_millis(600),
+        inactivity_timeout: Duration::from_millis(800),
+        agent_join_delay: None,
+        agent_alert_duration: Duration::from_millis(50),
+        socket_closing_delay: Duration::from_millis(300),
+        ..EmulatorConfig::default()
+    }
+}
+
+pub struct Guest {
+    pub http: reqwest::Client,
+    pub base: String,
+    pub id: String,
+    pub jwt: String,
+    pub member: String,
+    pub uri: String,
+}
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+impl Guest {
+    pub async fn create(emu: &Emulator) -> Guest {
+        let http = reqwest::Client::new();
+        let base = emu.base_url();
+        let r = http
+            .post(format!("{base}/api/v2/webchat/guest/conversations"))
+            .json(&json!({
+                "organizationId": "org", "deploymentId": "dep",
+                "routingTarget": {"targetType": "QUEUE", "targetAddress": "Support"},
+                "memberInfo": {"displayName": "Ann", "customFields": {"k": "v"}}
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        Guest {
+            http,
+            base,
+            id: v["id"].as_str().unwrap().into(),
+            jwt: v["jwt"].as_str().unwrap().into(),
+            member: v["member"]["id"].as_str().unwrap().into(),
+            uri: v["eventStreamUri"].as_str().unwrap().into(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!(
+            "{}/api/v2/webchat/guest/conversations/{}{}",
+            self.base, self.id, path
+        )
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(&self.jwt)
+            .send()
+            .await
+            .unwrap();
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(&self.jwt)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn say(&self, text: &str) -> (u16, Value) {
+        self.post(
+            &format!("/members/{}/messages", self.member),
+            json!({"body": text, "bodyType": "standard"}),
+        )
+        .await
+    }
+
+    pub async fn leave(&self) -> u16 {
+        let r = self
+            .http
+            .delete(self.url(&format!("/members/{}", self.member)))
+            .bearer_auth(&self.jwt)
+            .send()
+            .await
+            .unwrap();
+        r.status().as_u16()
+    }
+
+    pub async fn members(&self) -> Vec<Value> {
+        let (s, v) = self.get("/members").await;
+        assert_eq!(s, 200, "{v}");
+        v["entities"].as_array().unwrap().clone()
+    }
+
+    pub async fn connect(&self) -> Ws {
+        let (ws, _) = tokio_tungstenite::connect_async(self.uri.as_str())
+            .await
+            .unwrap();
+        ws
+    }
+}
+
+/// Next text frame parsed as JSON, skipping heartbeats unless `keep_heartbeats`.
+pub async fn next_event(ws: &mut Ws, keep_heartbeats: bool) -> Value {
+    loop {
+        let m = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a frame in time");
+        match m {
+            Some(Ok(Message::Text(t))) => {
+                let v: Value = serde_json::from_str(&t).unwrap_or(json!({"raw": t.to_string()}));
+                if !keep_heartbeats && v["eventBody"]["message"] == "WebSocket Heartbeat" {
+                    continue;
+                }
+                return v;
+            }
+            Some(Ok(Message::Close(c))) => return json!({"close": c.map(|c| u16::from(c.code))}),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return json!({"error": e.to_string()}),
+            None => return json!({"eof": true}),
+        }
+    }
+}
+
+/// Wait for a frame matching `pred`, skipping others.
+pub async fn wait_event(ws: &mut Ws, pred: impl Fn(&Value) -> bool) -> Value {
+    loop {
+        let v = next_event(ws, true).await;
+        if pred(&v) {
+            return v;
+        }
+        assert!(
+            v.get("close").is_none() && v.get("error").is_none() && v.get("eof").is_none(),
+            "stream ended: {v}"
+        );
+    }
+}
+
+pub fn is_member_change(v: &Value, id: &str, state: &str) -> bool {
+    v["metadata"]["type"] == "member-change"
+        && v["eventBody"]["member"]["id"] == id
+        && v["eventBody"]["member"]["state"] == state
+}
+
+/// Wait for the emulator's guest-side log to show `action` for `conv`.
+pub async fn wait_log(emu: &Emulator, conv: &str, action: &str, count: usize) {
+    let mut rx = emu.subscribe_log();
+    let n = || {
+        emu.log()
+            .iter()
+            .filter(|e| e.conversation_id.as_deref() == Some(conv) && e.action == action)
+            .count()
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while n() < count {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(_) => {}
+            Err(_) => panic!(
+                "no {count}x {action} for {conv} in the emulator log: {:?}",
+                emu.log()
+            ),
+        }
+    }
+}
+
+/// The real binary, driven over stdin/stdout.
+pub struct Daemon {
+    pub child: tokio::process::Child,
+    stdin: Option<tokio::process::ChildStdin>,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    pub seen: Vec<Value>,
+    pub stderr_path: std::path::PathBuf,
+}
+
+/// Environment for the binary: fast durations matching `quick()`-like emulators.
+pub fn fast_env(emu: &Emulator) -> Vec<(String, String)> {
+    vec![
+        ("GUESTD_GENESYS__API_BASE", emu.base_url()),
+        ("GUESTD_GENESYS__ORGANIZATION_ID", "org".into()),
+        ("GUESTD_GENESYS__DEPLOYMENT_ID", "dep".into()),
+        ("GUESTD_SESSION__HEARTBEAT_INTERVAL", "200ms".into()),
+        ("GUESTD_SESSION__HEARTBEAT_TOLERANCE", "2".into()),
+        ("GUESTD_SESSION__RECONNECT_GRACE", "1500ms".into()),
+        ("GUESTD_SESSION__INACTIVITY_TIMEOUT", "800ms".into()),
+        ("GUESTD_SESSION__INACTIVITY_WARNING_LEAD", "300ms".into()),
+        ("GUESTD_SESSION__INACTIVITY_SKEW", "200ms".into()),
+        ("GUESTD_SESSION__AGENT_END_WINDOW", "2s".into()),
+        ("GUESTD_SESSION__BACKOFF__INITIAL", "100ms".into()),
+        ("GUESTD_SESSION__BACKOFF__MAX", "400ms".into()),
+        ("GUESTD_REST__BACKOFF__INITIAL", "20ms".into()),
+        ("GUESTD_REST__BACKOFF__MAX", "100ms".into()),
+        ("GUESTD_CONTROL__HTTP_LISTEN", "".into()),
+        ("GUESTD_JOURNAL__ENABLED", "false".into()),
+        ("RUST_LOG", "guestd=debug".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+impl Daemon {
+    pub fn spawn(env: Vec<(String, String)>, args: &[&str]) -> Daemon {
+        let dir = std::env::temp_dir().join(format!("guestd-test-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let stderr_path = dir.join("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_guestd"));
+        cmd.arg("run")
+            .args(args)
+            .current_dir(&dir)
+            .envs(env)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(stderr)
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().unwrap();
+        let stdin = child.stdin.take();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Daemon {
+            child,
+            stdin,
+            lines,
+            seen: Vec::new(),
+            stderr_path,
+        }
+    }
+
+    pub async fn send(&mut self, cmd: Value) {
+        let stdin = self.stdin.as_mut().unwrap();
+        stdin
+            .write_all(format!("{cmd}\n").as_bytes())
+            .await
+            .unwrap();
+        stdin.flush().await.unwrap();
+    }
+
+    pub async fn send_raw(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().unwrap();
+        stdin.write_all(line.as_bytes()).await.unwrap();
+        stdin.flush().await.unwrap();
+    }
+
+    /// Next event line; None at EOF.
+    pub async fn next(&mut self) -> Option<Value> {
+        let line = tokio::time::timeout(WAIT, self.lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("no event within {WAIT:?}; seen: {:#?}", self.seen))
+            .unwrap()?;
+        let v: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("stdout line is not JSON ({e}): {line}"));
+        self.seen.push(v.clone());
+        Some(v)
+    }
+
+    /// Wait for an event matching `pred`.
+    pub async fn wait(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
+        loop {
+            match self.next().await {
+                Some(v) if pred(&v) => return v,
+                Some(_) => {}
+                None => panic!("stdout closed; seen: {:#?}", self.seen),
+            }
+        }
+    }
+
+    pub async fn wait_type(&mut self, session: &str, kind: &str) -> Value {
+        self.wait(|v| v["session"] == session && v["type"] == kind)
+            .await
+    }
+
+    /// Start a chat; returns (session id, conversation id).
+    pub async fn start(&mut self, rid: &str) -> (String, String) {
+        self.send(json!({"cmd": "start", "request_id": rid, "queue": "Support", "display_name": "Test guest"})).await;
+        let r = self.wait(|v| v["request_id"] == rid).await;
+        assert_eq!(r["type"], "command_result", "{r}");
+        (
+            r["result"]["session"].as_str().unwrap().to_string(),
+            r["result"]["conversation_id"].as_str().unwrap().to_string(),
+        )
+    }
+
+    /// Types of every event of `session` seen so far.
+    pub fn types(&self, session: &str) -> Vec<String> {
+        self.seen
+            .iter()
+            .filter(|v| v["session"] == session)
+            .map(|v| v["type"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    pub fn count(&self, session: &str, kind: &str) -> usize {
+        self.seen
+            .iter()
+            .filter(|v| v["session"] == session && v["type"] == kind)
+            .count()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id().unwrap() as i32
+    }
+
+    pub fn close_stdin(&mut self) {
+        self.stdin.take();
+    }
+
+    /// Read every remaining line until EOF.
+    pub async fn drain(&mut self) {
+        while self.next().await.is_some() {}
+    }
+}
+
+pub fn signal(pid: i32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
