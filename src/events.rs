@@ -290,7 +290,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> EventSink for WriterSink<W> {
 }
 
 enum Msg {
-    Event(Event),
+    Event(Box<Event>),
     Flush(oneshot::Sender<()>),
 }
 
@@ -351,7 +351,7 @@ impl Emitter {
         if self.tx.capacity() == 0 {
             metrics::counter!("guestd_event_queue_full_total").increment(1);
         }
-        if self.tx.send(Msg::Event(ev)).await.is_err() {
+        if self.tx.send(Msg::Event(Box::new(ev))).await.is_err() {
             tracing::error!("event writer is gone; event lost");
         }
     }

@@ -365,7 +365,7 @@ impl Emulator {
     }
 
     fn sockets(&self, id: &str, cmd: SocketCmd) -> Result<usize, AdminError> {
-        self.with_live(id, |w| match w.to_sockets(id, cmd) {
+        self.with_live(id, |w| match w.send_to_sockets(id, cmd) {
             0 => Err(AdminError::Nothing(format!("{id} has no live socket"))),
             n => Ok(n),
         })
@@ -449,6 +449,11 @@ impl Emulator {
         Ok(())
     }
 
+    /// The conversation's jwt, for tests and audits (for example: check it never appears in logs).
+    pub fn jwt(&self, id: &str) -> Option<String> {
+        self.shared.world().convs.get(id).map(|c| c.jwt.clone())
+    }
+
     /// Make the conversation's jwt expire now.
     pub fn expire_jwt(&self, id: &str) -> Result<(), AdminError> {
         let mut w = self.shared.world();
@@ -474,7 +479,7 @@ impl Emulator {
         let ids: Vec<String> = w.convs.keys().cloned().collect();
         ids.iter()
             .map(|id| {
-                w.to_sockets(
+                w.send_to_sockets(
                     id,
                     if reset {
                         SocketCmd::Reset

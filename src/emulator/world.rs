@@ -501,7 +501,7 @@ impl World {
     }
 
     /// Send a command to every socket of a conversation (live ones only, unless `all`).
-    pub fn to_sockets(&mut self, conv_id: &str, cmd: SocketCmd) -> usize {
+    pub fn send_to_sockets(&mut self, conv_id: &str, cmd: SocketCmd) -> usize {
         let Some(conv) = self.convs.get(conv_id) else {
             return 0;
         };

@@ -1,0 +1,596 @@
+//! The real `guestd run` binary, driven over stdin and read on stdout, against the emulator over
+//! real sockets: one test per end reason and per emulator fault, bad commands, and 1,000
+//! concurrent sessions.
+
+mod common;
+
+use common::*;
+use guestd::emulator::{Emulator, EmulatorConfig};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+fn emu_cfg() -> EmulatorConfig {
+    EmulatorConfig {
+        heartbeat_interval: Duration::from_millis(200),
+        reconnect_grace: Duration::from_secs(3),
+        inactivity_timeout: Duration::from_millis(800),
+        agent_join_delay: None,
+        agent_alert_duration: Duration::from_millis(50),
+        socket_closing_delay: Duration::from_millis(500),
+        ..EmulatorConfig::default()
+    }
+}
+
+async fn setup() -> (Emulator, Daemon) {
+    let emu = emulator(emu_cfg()).await;
+    let d = Daemon::spawn(fast_env(&emu), &[]);
+    (emu, d)
+}
+
+/// Start a chat and wait until its stream is open and the roster known.
+async fn started(d: &mut Daemon, rid: &str) -> (String, String) {
+    let (s, c) = d.start(rid).await;
+    d.wait_type(&s, "connected").await;
+    d.wait(|v| {
+        v["session"] == s.as_str() && v["type"] == "member_changed" && v["role"] == "workflow"
+    })
+    .await;
+    (s, c)
+}
+
+async fn with_agent(emu: &Emulator, d: &mut Daemon, s: &str, c: &str) -> String {
+    emu.agent_join(c).unwrap();
+    let a = d.wait_type(s, "agent_connected").await;
+    a["member_id"].as_str().unwrap().to_string()
+}
+
+fn assert_one_ended(d: &Daemon, s: &str, reason: &str) -> Value {
+    let ended: Vec<&Value> = d
+        .seen
+        .iter()
+        .filter(|v| v["session"] == s && v["type"] == "ended")
+        .collect();
+    assert_eq!(ended.len(), 1, "exactly one ended for {s}: {:#?}", d.seen);
+    assert_eq!(ended[0]["reason"], reason, "{:#?}", d.types(s));
+    for k in [
+        "v",
+        "seq",
+        "ts",
+        "session",
+        "conversation_id",
+        "event_id",
+        "duration_ms",
+        "detail",
+    ] {
+        assert!(!ended[0][k].is_null(), "ended carries {k}");
+    }
+    ended[0].clone()
+}
+
+async fn finish(mut d: Daemon) -> Daemon {
+    signal(d.pid(), "TERM");
+    d.close_stdin();
+    d.drain().await;
+    let st = tokio::time::timeout(WAIT, d.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(st.success(), "exit status {st:?}; stderr:\n{}", d.stderr());
+    // Sequence numbers strictly increase across the whole run.
+    let seqs: Vec<u64> = d.seen.iter().map(|v| v["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    d
+}
+
+#[tokio::test]
+async fn guest_left_on_command() {
+    let (emu, mut d) = setup().await;
+    let (s, c) = started(&mut d, "r1").await;
+    let agent = with_agent(&emu, &mut d, &s, &c).await;
+    d.send(json!({"cmd": "send", "request_id": "r2", "session": s, "body": "hello agent"}))
+        .await;
+    let r = d.wait(|v| v["request_id"] == "r2").await;
+    assert_eq!(r["type"], "command_result", "{r}");
+    let echo = d
+        .wait(|v| {
+            v["session"] == s.as_str() && v["type"] == "message" && v["body"] == "hello agent"
+        })
+        .await;
+    assert_eq!(echo["sender_role"], "customer");
+    emu.agent_send(&c, "hi guest").unwrap();
+    let m = d
+        .wait(|v| v["type"] == "message" && v["body"] == "hi guest")
+        .await;
+    assert_eq!(
+        (m["sender_id"].as_str(), m["sender_role"].as_str()),
+        (Some(agent.as_str()), Some("agent"))
+    );
+    d.send(json!({"cmd": "typing", "request_id": "r3", "session": c}))
+        .await;
+    assert_eq!(
+        d.wait(|v| v["request_id"] == "r3").await["type"],
+        "command_result"
+    );
+    d.send(json!({"cmd": "leave", "request_id": "r4", "session": s}))
+        .await;
+    d.wait_type(&s, "ended").await;
+    assert_one_ended(&d, &s, "guest_left");
+    wait_log(&emu, &c, "leave", 1).await;
+    let t = d.types(&s);
+    assert_eq!(&t[..3], ["session_started", "command_result", "connected"]);
+    // After the end, commands on it fail cleanly.
+    d.send(json!({"cmd": "send", "request_id": "r5", "session": s, "body": "late"}))
+        .await;
+    let r = d.wait(|v| v["request_id"] == "r5").await;
+    assert_eq!(r["type"], "command_error");
+    finish(d).await;
+}
+
+#[tokio::test]
+async fn agent_ended() {
+    let (emu, mut d) = setup().await;
+    let (s, c) = started(&mut d, "r1").await;
+    with_agent(&emu, &mut d, &s, &c).await;
+    emu.agent_typing(&c).unwrap();
+    let t = d.wait_type(&s, "typing").await;
+    assert_eq!(t["sender_role"], "agent");
+    emu.agent_end(&c).unwrap();
+    d.wait_type(&s, "ended").await;
+    assert_one_ended(&d, &s, "agent_ended");
+    let t = d.types(&s);
+    let tail: Vec<&str> = t.iter().rev().take(4).rev().map(String::as_str).collect();
+    assert_eq!(
+        tail,
+        [
+            "member_changed",
+            "agent_disconnected",
+            "member_changed",
+            "ended"
+        ]
+    );
+    finish(d).await;
+}
+
+#[tokio::test]
+async fn flow_ended_while_queued() {
+    let (emu, mut d) = setup().await;
+    let (s, c) = started(&mut d, "r1").await;
+    emu.flow_disconnect(&c).unwrap();
+    d.wait_type(&s, "ended").await;
+    assert_one_ended(&d, &s, "flow_ended");
+    finish(d).await;
+}
+
+#[tokio::test]
+async fn inactivity_timeout_warns_then_leaves() {
+    let (emu, mut d) = setup().await;
+    let (s, c) = started(&mut d, "r1").await;
+    with_agent(&emu, &mut d, &s, &c).await;
+    let w = d.wait_type(&s, "inactivity_warning").await;
+    assert!(w["remaining_ms"].as_u64().unwrap() <= 300);
+    d.wait_type(&s, "ended").await;
+    assert_one_ended(&d, &s, "inactivity_timeout");
+    finish(d).await;
+}
+
+#[tokio::test]
+async fn no_inactivity_rule_while_queued() {
+    let (emu, mut d) = setup().await;
+    let (s, c) = started(&mut d, "r1").await;
+    // Three times the timeout in queue, counted in heartbeats the emulator sends.
+    let mut rx = emu.subscribe_log();
+    d.send(json!({"cmd": "get", "request_id": "g1", "session": s}))
+        .await;
+    d.wait(|v| v["request_id"] == "g1").await;
+    let mut pings = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(2400);
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(Ok(e)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+            pings += (e.action == "ping") as u32;
+        }
+    }
+    assert_eq!(
+        pings, 0,
+        "heartbeats flowed, so guestd never needed to ping"
+    );
+    d.send(json!({"cmd": "get", "request_id": "g2", "session": c}))
+        .await;
+    let r = d.wait(|v| v["request_id"] == "g2").await;
+    assert_eq!(r["result"]["state"], "connected", "{r}");
+    assert_eq!(d.count(&s, "ended"), 0);
+    assert_eq!(d.count(&s, "inactivity_warning"), 0);
+    finish(d).await;
+}
+
+#[tokio::test]
+async fn reconnect_grace_expired_in_a_partition() {
+    let (emu, mut d) = setup().await;
+    let (s, c) = started(&mut d, "r1").await;
+    emu.block_stream(&c, true).unwrap();
+    emu.drop_sockets(&c, true).unwrap();
+    d.wait_type(&s, "ended").await;
+    let e = assert_one_ended(&d, &s, "reconnect_grace_expired");
+    assert!(e["duration_ms"].as_u64().unwrap() >= 1500);
+    assert!(d.count(&s, "reconnecting") >= 3, "{:?}", d.types(&s));
+    // Reconnect attempts hit the emulator's stream and were refused.
+    assert!(
+        emu.log()
+            .iter()
+            .filter(|e| e.conversation_id.as_deref() == Some(&c) && e.action == "rejected")
+            .count()
+            >= 2
+    );
+    finish(d).await;
+}
+
+#[tokio::test]
+async fn token_expired_on_reconnect() {
+    let (emu, mut d) = setup().await;
+    let (s, c) = started(&mut d, "r1").await;
+    emu.expire_jwt(&c).unwrap();
+    emu.drop_sockets(&c, false).unwrap();
+    d.wait_type(&s, "ended").await;
+    assert_one_ended(&d, &s, "token_expired");
+    finish(d).await;
+}
+
+#[tokio::test]
+async fn server_ended() {
+    let (emu, mut d) = setup().await;
+    let (s, c) = started(&mut d, "r1").await;
+    emu.server_end(&c).unwrap();
+    d.wait_type(&s, "ended").await;
+    assert_one_ended(&d, &s, "server_ended");
+    finish(d).await;
+}
+
+#[tokio::test]
+async fn abrupt_drop_reconnects_and_backfills_what_was_missed() {
+    let (emu, mut d) = setup().await;
+    let (s, c) = started(&mut d, "r1").await;
+    with_agent(&emu, &mut d, &s, &c).await;
+    emu.agent_send(&c, "before").unwrap();
+    d.wait(|v| v["body"] == "before").await;
+    // Block the stream so the message certainly lands while guestd is away.
+    emu.block_stream(&c, true).unwrap();
+    emu.drop_sockets(&c, true).unwrap();
+    let dis = d.wait_type(&s, "disconnected").await;
+    assert!(
+        dis["reason"].as_str().unwrap().contains("reset")
+            || dis["reason"].as_str().unwrap().contains("stream"),
+        "{dis}"
+    );
+    emu.agent_send(&c, "while away").unwrap();
+    wait_log(&emu, &c, "rejected", 1).await;
+    emu.block_stream(&c, false).unwrap();
+    let m = d.wait(|v| v["body"] == "while away").await;
+    assert_eq!(m["backfilled"], true);
+    let r = d.wait_type(&s, "reconnected").await;
+    assert_eq!(r["backfilled"], 1);
+    // A live message after the reconnect comes once, not backfilled.
+    emu.agent_send(&c, "after").unwrap();
+    let m = d.wait(|v| v["body"] == "after").await;
+    assert_eq!(m["backfilled"], false);
+    emu.agent_end(&c).unwrap();
+    d.wait_type(&s, "ended").await;
+    assert_one_ended(&d, &s, "agent_ended");
+    let bodies: Vec<_> = d
+        .seen
+        .iter()
+        .filter(|v| v["type"] == "message" && v["body_type"] == "standard")
+        .map(|v| v["body"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(bodies, ["before", "while away", "after"]);
+    finish(d).await;
+}
+
+#[tokio::test]
+async fn half_open_socket_is_detected_by_missed_heartbeats() {
+    let (emu, mut d) = setup().await;
+    let (s, c) = started(&mut d, "r1").await;
+    emu.half_open(&c).unwrap();
+    let m1 = d.wait_type(&s, "heartbeat_missed").await;
+    assert_eq!(m1["missed"], 1);
+    let m2 = d.wait_type(&s, "heartbeat_missed").await;
+    assert_eq!(m2["missed"], 2);
+    let dis = d.wait_type(&s, "disconnected").await;
+    assert_eq!(dis["reason"], "heartbeat timeout");
+    d.wait_type(&s, "reconnected").await;
+    // guestd pinged after the first miss; the half-open socket never answered.
+    assert_eq!(
+        emu.log()
+            .iter()
+            .filter(|e| e.conversation_id.as_deref() == Some(&c) && e.action == "ping")
+            .count(),
+        0
+    );
+    assert_eq!(emu.conversation(&c).unwrap().live_sockets, 1);
+    emu.server_end(&c).unwrap();
+    d.wait_type(&s, "ended").await;
+    assert_one_ended(&d, &s, "server_ended");
+    finish(d).await;
+}
+
+#[tokio::test]
+async fn socket_closing_moves_to_a_new_socket() {
+    let (emu, mut d) = setup().await;
+    let (s, c) = started(&mut d, "r1").await;
+    emu.socket_closing(&c).unwrap();
+    let dis = d.wait_type(&s, "disconnected").await;
+    assert_eq!(dis["reason"], "socket_closing");
+    let r = d.wait_type(&s, "reconnecting").await;
+    assert_eq!(r["delay_ms"], 0);
+    d.wait_type(&s, "reconnected").await;
+    wait_log(&emu, &c, "connect", 2).await;
+    with_agent(&emu, &mut d, &s, &c).await;
+    emu.agent_end(&c).unwrap();
+    d.wait_type(&s, "ended").await;
+    assert_one_ended(&d, &s, "agent_ended");
+    finish(d).await;
+}
+
+#[tokio::test]
+async fn rest_429_and_503_are_retried() {
+    let (emu, mut d) = setup().await;
+    emu.inject_rest_faults(429, 1, 1);
+    emu.inject_rest_faults(503, 2, 0);
+    let t0 = std::time::Instant::now();
+    let (s, c) = d.start("r1").await;
+    assert!(
+        t0.elapsed() >= Duration::from_secs(1),
+        "Retry-After: 1 was honoured"
+    );
+    let creates: Vec<_> = emu
+        .log()
+        .iter()
+        .filter(|e| e.action == "create")
+        .map(|e| e.status)
+        .collect();
+    assert_eq!(creates, [Some(429), Some(503), Some(503), Some(200)]);
+    d.wait_type(&s, "connected").await;
+    // More faults than retries: a clear error, nothing else harmed.
+    emu.inject_rest_faults(503, 10, 0);
+    d.send(json!({"cmd": "send", "request_id": "r2", "session": s, "body": "x"}))
+        .await;
+    let r = d.wait(|v| v["request_id"] == "r2").await;
+    assert_eq!(r["type"], "command_error");
+    assert!(r["error"].as_str().unwrap().contains("503"), "{r}");
+    emu.inject_rest_faults(200, 0, 0);
+    let left = 10
+        - emu
+            .log()
+            .iter()
+            .filter(|e| e.action == "send_message" && e.status == Some(503))
+            .count();
+    for _ in 0..left {
+        // Drain the remaining injected faults through harmless calls so the end is observed cleanly.
+        let _ = reqwest::Client::new()
+            .get(format!(
+                "{}/api/v2/webchat/guest/conversations/{c}/members",
+                emu.base_url()
+            ))
+            .send()
+            .await;
+    }
+    emu.server_end(&c).unwrap();
+    d.wait_type(&s, "ended").await;
+    assert_one_ended(&d, &s, "server_ended");
+    finish(d).await;
+}
+
+#[tokio::test]
+async fn malformed_unknown_duplicate_and_oversized_frames() {
+    let (emu, mut d) = setup().await;
+    let (s, c) = started(&mut d, "r1").await;
+    with_agent(&emu, &mut d, &s, &c).await;
+    emu.send_malformed(&c).unwrap();
+    let e = d.wait_type(&s, "stream_error").await;
+    assert!(
+        e["detail"]
+            .as_str()
+            .unwrap()
+            .contains("not a valid envelope"),
+        "{e}"
+    );
+    emu.send_unknown(&c).unwrap();
+    let m = emu.agent_send(&c, "once").unwrap();
+    d.wait(|v| v["body"] == "once").await;
+    emu.send_duplicate(&c).unwrap();
+    emu.send_oversized(&c, 300_000).unwrap();
+    let dis = d.wait_type(&s, "disconnected").await;
+    assert!(
+        dis["reason"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("message too long")
+            || dis["reason"].as_str().unwrap().contains("Space limit"),
+        "{dis}"
+    );
+    d.wait_type(&s, "reconnected").await;
+    emu.agent_end(&c).unwrap();
+    d.wait_type(&s, "ended").await;
+    assert_one_ended(&d, &s, "agent_ended");
+    let copies = d
+        .seen
+        .iter()
+        .filter(|v| v["type"] == "message" && v["message_id"] == m.id.as_str())
+        .count();
+    assert_eq!(copies, 1, "the duplicate was dropped");
+    finish(d).await;
+}
+
+#[tokio::test]
+async fn bad_commands_get_clear_errors_and_harm_nothing() {
+    let (emu, mut d) = setup().await;
+    let (s, c) = started(&mut d, "r0").await;
+    d.send_raw("{not json\n").await;
+    let e = d.wait(|v| v["type"] == "command_error").await;
+    assert!(e["error"].as_str().unwrap().starts_with("not JSON"), "{e}");
+    let cases = [
+        (json!({"cmd": "fly", "request_id": "b1"}), "unknown command"),
+        (json!({"request_id": "b2"}), "missing \"cmd\""),
+        (
+            json!({"cmd": "send", "request_id": "b3", "session": s}),
+            "missing field `body`",
+        ),
+        (
+            json!({"cmd": "send", "request_id": "b4", "session": "s-nope", "body": "x"}),
+            "no live session",
+        ),
+        (
+            json!({"cmd": "start", "request_id": "b5", "queue": "", "display_name": "x"}),
+            "needs queue",
+        ),
+        (
+            json!({"cmd": "attach", "request_id": "b6", "conversation_id": c, "member_id": "m", "jwt": "t", "event_stream_uri": "ws://127.0.0.1:1/x"}),
+            "already supervised",
+        ),
+        (
+            json!({"cmd": "attach", "request_id": "b7", "conversation_id": "x", "member_id": "m", "jwt": "t", "event_stream_uri": "ws://192.0.2.1/x"}),
+            "allow_insecure",
+        ),
+        (
+            json!({"cmd": "list", "request_id": "b8", "bogus": 1}),
+            "unknown field",
+        ),
+    ];
+    for (cmd, want) in cases {
+        let rid = cmd["request_id"].as_str().unwrap_or("b2").to_string();
+        d.send(cmd).await;
+        let r = d.wait(|v| v["request_id"] == rid.as_str()).await;
+        assert_eq!(r["type"], "command_error", "{r}");
+        assert!(r["error"].as_str().unwrap().contains(want), "{rid}: {r}");
+    }
+    d.send(json!({"cmd": "list", "request_id": "l1"})).await;
+    let l = d.wait(|v| v["request_id"] == "l1").await;
+    assert_eq!(l["result"]["sessions"].as_array().unwrap().len(), 1);
+    assert_eq!(l["result"]["sessions"][0]["state"], "connected");
+    emu.flow_disconnect(&c).unwrap();
+    d.wait_type(&s, "ended").await;
+    assert_one_ended(&d, &s, "flow_ended");
+    finish(d).await;
+}
+
+#[tokio::test]
+async fn attach_a_chat_created_elsewhere_and_keep_the_jwt_secret() {
+    let emu = emulator(emu_cfg()).await;
+    let mut d = Daemon::spawn(fast_env(&emu), &["--log-format", "json"]);
+    let g = Guest::create(&emu).await;
+    d.send(json!({"cmd": "attach", "request_id": "a1", "conversation_id": g.id, "member_id": g.member, "jwt": g.jwt, "event_stream_uri": g.uri})).await;
+    let r = d.wait(|v| v["request_id"] == "a1").await;
+    assert_eq!(r["type"], "command_result", "{r}");
+    let s = r["result"]["session"].as_str().unwrap().to_string();
+    let started = d
+        .seen
+        .iter()
+        .find(|v| v["session"] == s.as_str() && v["type"] == "session_started")
+        .unwrap();
+    assert_eq!(started["mode"], "attach");
+    d.wait_type(&s, "connected").await;
+    let (s2, c2) = started_pair(&mut d).await;
+    emu.expire_jwt(&c2).unwrap();
+    emu.drop_sockets(&c2, false).unwrap();
+    d.wait_type(&s2, "ended").await;
+    emu.agent_join(&g.id).unwrap();
+    d.wait_type(&s, "agent_connected").await;
+    emu.agent_end(&g.id).unwrap();
+    d.wait_type(&s, "ended").await;
+    let jwt2 = emu.jwt(&c2).unwrap();
+    let d = finish(d).await;
+    let out: String = d
+        .seen
+        .iter()
+        .map(|v| v.to_string())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let err = d.stderr();
+    assert!(
+        err.contains("\"conversation\""),
+        "json logs with the session span: {err}"
+    );
+    for secret in [&g.jwt, &jwt2] {
+        assert!(!out.contains(secret.as_str()), "jwt in events");
+        assert!(!err.contains(secret.as_str()), "jwt in logs");
+        let sig = secret.rsplit('.').next().unwrap();
+        assert!(!out.contains(sig) && !err.contains(sig));
+    }
+}
+
+async fn started_pair(d: &mut Daemon) -> (String, String) {
+    let (s, c) = d.start("p1").await;
+    d.wait_type(&s, "connected").await;
+    (s, c)
+}
+
+/// 1,000 concurrent sessions in one daemon: each gets exactly one correct `ended`.
+#[tokio::test]
+async fn a_thousand_concurrent_sessions_each_end_once() {
+    let emu = emulator(EmulatorConfig {
+        heartbeat_interval: Duration::from_secs(1),
+        ..emu_cfg()
+    })
+    .await;
+    let mut env = fast_env(&emu);
+    env.push(("GUESTD_SESSION__HEARTBEAT_INTERVAL".into(), "1s".into()));
+    env.push(("GUESTD_SESSION__INACTIVITY_TIMEOUT".into(), "5m".into()));
+    env.push(("RUST_LOG".into(), "guestd=warn".into()));
+    let mut d = Daemon::spawn(env, &[]);
+    const N: usize = 1000;
+    for i in 0..N {
+        d.send(json!({"cmd": "start", "request_id": format!("r{i}"), "queue": "Support", "display_name": format!("g{i}")})).await;
+    }
+    let mut sessions = std::collections::HashMap::new();
+    let mut connected = 0;
+    while sessions.len() < N || connected < N {
+        let v = d.next().await.unwrap();
+        match v["type"].as_str().unwrap() {
+            "command_result" => {
+                sessions.insert(
+                    v["result"]["session"].as_str().unwrap().to_string(),
+                    v["result"]["conversation_id"].as_str().unwrap().to_string(),
+                );
+            }
+            "connected" => connected += 1,
+            "command_error" => panic!("{v}"),
+            _ => {}
+        }
+    }
+    // Half end by the agent, half by the guest leaving.
+    let mut expect = std::collections::HashMap::new();
+    for (i, (s, c)) in sessions.iter().enumerate() {
+        if i % 2 == 0 {
+            emu.agent_join(c).unwrap();
+            expect.insert(s.clone(), "agent_ended");
+        } else {
+            d.send(json!({"cmd": "leave", "session": s})).await;
+            expect.insert(s.clone(), "guest_left");
+        }
+    }
+    let mut agents = 0;
+    let mut ended = std::collections::HashMap::new();
+    while ended.len() < N {
+        let v = d.next().await.unwrap();
+        match v["type"].as_str().unwrap() {
+            "agent_connected" => {
+                agents += 1;
+                emu.agent_end(&sessions[v["session"].as_str().unwrap()])
+                    .unwrap();
+            }
+            "ended" => {
+                let prev = ended.insert(
+                    v["session"].as_str().unwrap().to_string(),
+                    v["reason"].as_str().unwrap().to_string(),
+                );
+                assert!(prev.is_none(), "second ended: {v}");
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(agents, N / 2);
+    for (s, want) in &expect {
+        assert_eq!(ended[s], *want, "{s}");
+    }
+    let d = finish(d).await;
+    assert_eq!(d.seen.iter().filter(|v| v["type"] == "ended").count(), N);
+}
