@@ -122,7 +122,9 @@ async fn main() -> anyhow::Result<()> {
                 drained = report.drained,
                 "stopped"
             );
-            Ok(())
+            // Events are flushed and the journal synced. Exit now: the runtime would otherwise
+            // wait for the blocking thread that reads stdin, which may never see EOF.
+            std::process::exit(0)
         }
         Cmd::Emulator { listen, config } => {
             let cfg: EmulatorConfig = match config {

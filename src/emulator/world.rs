@@ -60,7 +60,8 @@ pub struct LogEntry {
     /// Conversation, where known.
     pub conversation_id: Option<String>,
     /// What happened: `create`, `connect`, `socket_closed`, `ping`, `list_members`, `get_member`,
-    /// `leave`, `send_message`, `send_typing`, `list_messages`, `get_message`, `ended`, `rejected`.
+    /// `leave`, `send_message`, `send_typing`, `list_messages`, `get_message`, `agent_connected`,
+    /// `ended`, `rejected`.
     pub action: String,
     /// HTTP status answered, for REST calls.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -399,6 +400,7 @@ impl World {
     pub fn tick(&mut self, conv_id: &str, now: Instant) -> Option<Instant> {
         let cfg = self.cfg.clone();
         let mut ended_now = None;
+        let mut agent_now = false;
         {
             let conv = self.convs.get_mut(conv_id)?;
             if conv.ended.is_some() {
@@ -409,6 +411,7 @@ impl World {
             }
             if conv.agent_connect_at.is_some_and(|t| t <= now) {
                 conv.agent_connect(now, cfg.workflow_leaves_on_agent);
+                agent_now = true;
             }
             if conv.lost_at.is_some_and(|t| t + cfg.reconnect_grace <= now) {
                 conv.end(EndCause::GraceExpired, cfg.close_sockets_on_end);
@@ -420,6 +423,9 @@ impl World {
                 conv.end(EndCause::Inactivity, cfg.close_sockets_on_end);
                 ended_now = Some(EndCause::Inactivity);
             }
+        }
+        if agent_now {
+            self.record(Some(conv_id), "agent_connected", None, String::new());
         }
         if let Some(cause) = ended_now {
             self.record(Some(conv_id), "ended", None, format!("{cause:?}"));

@@ -1,0 +1,499 @@
+//! guestd as a service: SIGTERM drain, leave-on-shutdown, SIGKILL and restart from the journal,
+//! re-emitting an undelivered `ended`, a stalled stdout reader, the HTTP API and `/metrics`.
+
+mod common;
+
+use common::*;
+use guestd::emulator::{Emulator, EmulatorConfig};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+fn emu_cfg() -> EmulatorConfig {
+    EmulatorConfig {
+        heartbeat_interval: Duration::from_millis(200),
+        reconnect_grace: Duration::from_secs(5),
+        inactivity_timeout: Duration::from_secs(60),
+        agent_join_delay: None,
+        agent_alert_duration: Duration::from_millis(20),
+        ..EmulatorConfig::default()
+    }
+}
+
+fn journal_env(emu: &Emulator, journal: &PathBuf) -> Vec<(String, String)> {
+    let mut env = fast_env(emu);
+    env.retain(|(k, _)| k != "GUESTD_JOURNAL__ENABLED");
+    env.push(("GUESTD_JOURNAL__ENABLED".into(), "true".into()));
+    env.push(("GUESTD_JOURNAL__PATH".into(), journal.display().to_string()));
+    env.push(("GUESTD_SESSION__RECONNECT_GRACE".into(), "4s".into()));
+    env.push(("GUESTD_SESSION__INACTIVITY_TIMEOUT".into(), "1m".into()));
+    env
+}
+
+fn temp_journal() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("guestd-svc-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join("journal.jsonl")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn start_n(d: &mut Daemon, n: usize) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let (s, c) = d.start(&format!("r{i}")).await;
+        d.wait_type(&s, "connected").await;
+        out.push((s, c));
+    }
+    out
+}
+
+#[tokio::test]
+async fn sigterm_drains_keeps_chats_and_exits_zero() {
+    let emu = emulator(emu_cfg()).await;
+    let journal = temp_journal();
+    let mut d = Daemon::spawn(journal_env(&emu, &journal), &[]);
+    let chats = start_n(&mut d, 3).await;
+    let t0 = std::time::Instant::now();
+    signal(d.pid(), "TERM");
+    d.drain().await;
+    let st = tokio::time::timeout(WAIT, d.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(st.success(), "{st:?}\n{}", d.stderr());
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "inside the drain timeout"
+    );
+    assert_eq!(
+        d.seen.iter().filter(|v| v["type"] == "ended").count(),
+        0,
+        "chats are kept, not ended"
+    );
+    for (_, c) in &chats {
+        // Closed cleanly by the client, not left, not ended.
+        wait_log(&emu, c, "socket_closed", 1).await;
+        let closed = emu
+            .log()
+            .into_iter()
+            .find(|e| e.conversation_id.as_deref() == Some(c) && e.action == "socket_closed")
+            .unwrap();
+        assert!(closed.detail.contains("closed by client"), "{closed:?}");
+        assert!(emu.conversation(c).unwrap().ended.is_none());
+        assert!(
+            !emu.log()
+                .iter()
+                .any(|e| e.conversation_id.as_deref() == Some(c) && e.action == "leave")
+        );
+    }
+    let kept = guestd::journal::load(&journal).unwrap();
+    assert_eq!(
+        kept.len(),
+        3,
+        "every live chat is in the journal for the next start"
+    );
+    assert!(d.stderr().contains("shutting down"));
+}
+
+#[tokio::test]
+async fn leave_on_shutdown_ends_every_chat() {
+    let emu = emulator(emu_cfg()).await;
+    let mut d = Daemon::spawn(fast_env(&emu), &["--leave-on-shutdown"]);
+    let chats = start_n(&mut d, 3).await;
+    signal(d.pid(), "TERM");
+    d.drain().await;
+    assert!(d.child.wait().await.unwrap().success());
+    for (s, c) in &chats {
+        let ended: Vec<_> = d
+            .seen
+            .iter()
+            .filter(|v| v["session"] == s.as_str() && v["type"] == "ended")
+            .collect();
+        assert_eq!(ended.len(), 1);
+        assert_eq!(ended[0]["reason"], "guest_left");
+        assert!(emu.conversation(c).unwrap().ended.is_some());
+    }
+}
+
+#[tokio::test]
+async fn sigkill_then_restart_picks_every_chat_back_up() {
+    let emu = emulator(emu_cfg()).await;
+    let journal = temp_journal();
+    let mut d1 = Daemon::spawn(journal_env(&emu, &journal), &[]);
+    let chats = start_n(&mut d1, 5).await;
+    // One message seen before the crash, one sent while guestd is down.
+    emu.agent_join(&chats[0].1).unwrap();
+    d1.wait_type(&chats[0].0, "agent_connected").await;
+    emu.agent_send(&chats[0].1, "before the crash").unwrap();
+    d1.wait(|v| v["body"] == "before the crash").await;
+    signal(d1.pid(), "KILL");
+    let _ = d1.child.wait().await;
+    emu.agent_send(&chats[0].1, "while guestd was down")
+        .unwrap();
+    // One chat ends while guestd is down: the agent ends it.
+    emu.agent_join(&chats[1].1).unwrap();
+    wait_log(&emu, &chats[1].1, "agent_connected", 1).await;
+    emu.agent_end(&chats[1].1).unwrap();
+
+    let mut d2 = Daemon::spawn(journal_env(&emu, &journal), &[]);
+    let mut ended: HashMap<String, String> = HashMap::new();
+    let mut resumed = 0;
+    let mut reconnected = 0;
+    while resumed < 5 || reconnected < 4 || ended.is_empty() {
+        let v = d2.next().await.unwrap();
+        match v["type"].as_str().unwrap() {
+            "session_started" => {
+                assert_eq!(v["mode"], "resume");
+                resumed += 1;
+            }
+            "reconnected" => reconnected += 1,
+            "ended" => {
+                ended.insert(
+                    v["session"].as_str().unwrap().into(),
+                    v["reason"].as_str().unwrap().into(),
+                );
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(
+        ended.get(&chats[1].0).map(String::as_str),
+        Some("agent_ended"),
+        "{:#?}",
+        d2.seen
+    );
+    let backfilled = match d2
+        .seen
+        .iter()
+        .find(|v| v["body"] == "while guestd was down")
+    {
+        Some(v) => v.clone(),
+        None => d2.wait(|v| v["body"] == "while guestd was down").await,
+    };
+    assert_eq!(backfilled["backfilled"], true);
+    assert!(
+        !d2.seen.iter().any(|v| v["body"] == "before the crash"),
+        "backfill starts after the last seen id"
+    );
+    // End the rest; each gets one ended, none got one in the first process.
+    for (s, c) in &chats[2..] {
+        emu.flow_disconnect(c).unwrap();
+        d2.wait_type(s, "ended").await;
+    }
+    emu.agent_end(&chats[0].1).unwrap();
+    d2.wait_type(&chats[0].0, "ended").await;
+    let d2 = finish_ok(d2).await;
+    for (s, _) in &chats {
+        let n1 = d1
+            .seen
+            .iter()
+            .filter(|v| v["session"] == s.as_str() && v["type"] == "ended")
+            .count();
+        let n2 = d2
+            .seen
+            .iter()
+            .filter(|v| v["session"] == s.as_str() && v["type"] == "ended")
+            .count();
+        assert_eq!(n1 + n2, 1, "{s}");
+    }
+    assert!(
+        guestd::journal::load(&journal).unwrap().is_empty(),
+        "nothing left to resume"
+    );
+}
+
+async fn finish_ok(mut d: Daemon) -> Daemon {
+    signal(d.pid(), "TERM");
+    d.drain().await;
+    assert!(d.child.wait().await.unwrap().success(), "{}", d.stderr());
+    d
+}
+
+#[tokio::test]
+async fn an_end_decided_but_not_written_is_written_after_restart_with_the_same_event_id() {
+    let emu = emulator(emu_cfg()).await;
+    let journal = temp_journal();
+    let lines = [
+        json!({"op":"session","session":"s-crashed","chat":{"conversation_id":"c-1","member_id":"m-1","jwt":"secret","event_stream_uri":"ws://127.0.0.1:1/v2/stream/c-1"},"started_ms":1,"mode":"start"}),
+        json!({"op":"ending","session":"s-crashed","ending":{"reason":"agent_ended","detail":"the agent disconnected just before the guest","duration_ms":1234,"event_id":"s-crashed:ended","ts":"2026-11-26T10:00:00.000Z"}}),
+    ];
+    std::fs::write(
+        &journal,
+        lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    )
+    .unwrap();
+    let mut d = Daemon::spawn(journal_env(&emu, &journal), &[]);
+    let e = d.wait(|v| v["type"] == "ended").await;
+    assert_eq!(e["event_id"], "s-crashed:ended");
+    assert_eq!(e["reason"], "agent_ended");
+    assert_eq!(e["ts"], "2026-11-26T10:00:00.000Z");
+    let d = finish_ok(d).await;
+    assert_eq!(d.seen.iter().filter(|v| v["type"] == "ended").count(), 1);
+    assert!(guestd::journal::load(&journal).unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_stalled_stdout_reader_loses_no_event() {
+    let emu = emulator(emu_cfg()).await;
+    let port = free_port();
+    let mut env = fast_env(&emu);
+    env.retain(|(k, _)| k != "GUESTD_CONTROL__HTTP_LISTEN");
+    env.push((
+        "GUESTD_CONTROL__HTTP_LISTEN".into(),
+        format!("127.0.0.1:{port}"),
+    ));
+    env.push(("GUESTD_EVENTS__QUEUE_CAPACITY".into(), "4".into()));
+    env.push(("GUESTD_SESSION__INACTIVITY_TIMEOUT".into(), "1m".into()));
+    let mut d = Daemon::spawn(env, &[]);
+    let chats = start_n(&mut d, 10).await;
+    for (s, c) in &chats {
+        emu.agent_join(c).unwrap();
+        d.wait_type(s, "agent_connected").await;
+    }
+    // Stop reading stdout. 10 chats x 60 messages of ~300 bytes: far more than the pipe holds.
+    let big = "x".repeat(200);
+    for (_, c) in &chats {
+        for i in 0..60 {
+            emu.agent_send(c, &format!("{i} {big}")).unwrap();
+        }
+        emu.agent_end(c).unwrap();
+    }
+    // The daemon is back-pressured, not failing: its HTTP side still answers.
+    let http = reqwest::Client::new();
+    let metrics = http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("guestd_event_queue_depth"), "{metrics}");
+    // Now read everything.
+    let mut ended = 0;
+    while ended < chats.len() {
+        let v = d.next().await.unwrap();
+        ended += (v["type"] == "ended") as usize;
+    }
+    for (s, _) in &chats {
+        assert_eq!(
+            d.count(s, "message") - 1,
+            60,
+            "every message of {s} (plus the agent's member-join)"
+        );
+        assert_eq!(d.count(s, "ended"), 1);
+    }
+    let metrics = http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let full = metric(&metrics, "guestd_event_queue_full_total");
+    assert!(full > 0.0, "the stall was seen: {full}");
+    finish_ok(d).await;
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn metric_with(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn http_api_ops_endpoints_and_metrics_match_what_happened() {
+    let emu = emulator(emu_cfg()).await;
+    let port = free_port();
+    let mut env = fast_env(&emu);
+    env.retain(|(k, _)| k != "GUESTD_CONTROL__HTTP_LISTEN");
+    env.push((
+        "GUESTD_CONTROL__HTTP_LISTEN".into(),
+        format!("127.0.0.1:{port}"),
+    ));
+    let mut d = Daemon::spawn(env, &[]);
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    // Readiness comes once started; the first start proves the port is up.
+    let (s0, c0) = d.start("r0").await;
+    assert_eq!(
+        http.get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        http.get(format!("{base}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // Start and manage a chat over HTTP.
+    let r = http
+        .post(format!("{base}/v1/sessions"))
+        .json(&json!({"queue": "Support", "display_name": "Bob"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let v: Value = r.json().await.unwrap();
+    let s1 = v["session"].as_str().unwrap().to_string();
+    let c1 = v["conversation_id"].as_str().unwrap().to_string();
+    d.wait_type(&s1, "connected").await;
+    let got: Value = http
+        .get(format!("{base}/v1/sessions/{c1}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["session"], s1.as_str());
+    let r = http
+        .post(format!("{base}/v1/sessions/{s1}/messages"))
+        .json(&json!({"body": "over http"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    d.wait(|v| v["body"] == "over http").await;
+    assert_eq!(
+        http.post(format!("{base}/v1/sessions/{s1}/typing"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let list: Value = http
+        .get(format!("{base}/v1/sessions"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["sessions"].as_array().unwrap().len(), 2);
+    // Bad requests are clear and harmless.
+    let r = http
+        .post(format!("{base}/v1/sessions"))
+        .body("{oops")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("not JSON"));
+    assert_eq!(
+        http.get(format!("{base}/v1/sessions/s-nope"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(
+        http.post(format!("{base}/v1/sessions/{s1}/messages"))
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    // A reconnect and a heartbeat miss, then two ends.
+    emu.drop_sockets(&c0, true).unwrap();
+    d.wait_type(&s0, "reconnected").await;
+    emu.half_open(&c0).unwrap();
+    d.wait_type(&s0, "heartbeat_missed").await;
+    d.wait_type(&s0, "reconnected").await;
+    assert_eq!(
+        http.delete(format!("{base}/v1/sessions/{s1}"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    d.wait_type(&s1, "ended").await;
+    emu.flow_disconnect(&c0).unwrap();
+    d.wait_type(&s0, "ended").await;
+    let m = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric_with(&m, "guestd_ended_total", "reason=\"guest_left\""),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric_with(&m, "guestd_ended_total", "reason=\"flow_ended\""),
+        1.0
+    );
+    assert_eq!(metric(&m, "guestd_ended_total"), 2.0);
+    assert_eq!(metric(&m, "guestd_reconnects_total"), 2.0);
+    assert_eq!(metric(&m, "guestd_connects_total"), 4.0);
+    assert!(metric(&m, "guestd_heartbeat_misses_total") >= 2.0);
+    assert!(
+        metric_with(
+            &m,
+            "guestd_rest_request_duration_seconds_bucket",
+            "call=\"create\""
+        ) > 0.0
+    );
+    assert_eq!(
+        metric_with(&m, "guestd_sessions", "state=\"connected\""),
+        0.0
+    );
+    let d = finish_ok(d).await;
+    assert!(d.seen.iter().all(|v| v["type"] != "command_error"));
+}
+
+#[tokio::test]
+async fn bad_config_is_refused_with_a_clear_error() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_guestd"))
+        .args(["run"])
+        .env("GUESTD_SESSION__HEARTBEAT_TOLERANCE", "0")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("session.heartbeat_tolerance"), "{err}");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_guestd"))
+        .args([
+            "check-config",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/guestd.toml"),
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("reconnect_grace = \"2m\""));
+}
