@@ -21,7 +21,7 @@ fn emu_cfg() -> EmulatorConfig {
     }
 }
 
-fn journal_env(emu: &Emulator, journal: &PathBuf) -> Vec<(String, String)> {
+fn journal_env(emu: &Emulator, journal: &std::path::Path) -> Vec<(String, String)> {
     let mut env = fast_env(emu);
     env.retain(|(k, _)| k != "GUESTD_JOURNAL__ENABLED");
     env.push(("GUESTD_JOURNAL__ENABLED".into(), "true".into()));
