@@ -103,6 +103,8 @@ pub struct RestSection {
     /// Longest Retry-After honoured.
     #[serde(with = "humantime_serde")]
     pub max_retry_after: Duration,
+    /// REST requests in flight at once, process-wide.
+    pub max_concurrent: usize,
     /// Delays between retries.
     pub backoff: BackoffConfig,
 }
@@ -113,6 +115,7 @@ impl Default for RestSection {
             timeout: Duration::from_secs(10),
             max_retries: 4,
             max_retry_after: Duration::from_secs(60),
+            max_concurrent: 64,
             backoff: BackoffConfig {
                 initial: Duration::from_millis(200),
                 max: Duration::from_secs(5),
@@ -145,7 +148,7 @@ pub struct StreamSection {
 impl Default for StreamSection {
     fn default() -> Self {
         StreamSection {
-            read_buffer: 4096,
+            read_buffer: 1024,
             write_buffer: 0,
             max_message: 256 * 1024,
             connect_timeout: Duration::from_secs(10),
@@ -415,6 +418,9 @@ impl Config {
                     "needs initial > 0, max >= initial, multiplier >= 1, 0 <= jitter <= 1",
                 );
             }
+        }
+        if self.rest.max_concurrent == 0 {
+            return bad("rest.max_concurrent", "must be >= 1");
         }
         if self.stream.max_concurrent_connects == 0 {
             return bad("stream.max_concurrent_connects", "must be >= 1");

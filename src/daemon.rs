@@ -83,6 +83,7 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
         backoff: cfg.rest.backoff.clone(),
         max_retry_after: cfg.rest.max_retry_after,
         allow_insecure: cfg.genesys.allow_insecure,
+        max_concurrent: cfg.rest.max_concurrent,
     })?);
     let connector = Connector::new(
         StreamConfig {
@@ -103,7 +104,7 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
         connector,
         emitter: emitter.clone(),
         journal: journal.clone(),
-        timing: cfg.session.timing(),
+        timing: Arc::new(cfg.session.timing()),
         done: done_tx,
         cancel: sessions_cancel.clone(),
         leave_on_shutdown: cfg.shutdown.leave_on_shutdown,

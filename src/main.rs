@@ -42,9 +42,9 @@ enum Cmd {
     },
     /// Serve the guest chat emulator (REST + websocket + /emulator admin API).
     Emulator {
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:8780")]
-        listen: SocketAddr,
+        /// Address to listen on; repeat to serve on several (eventStreamUri rotates over them).
+        #[arg(long, default_values_t = vec![SocketAddr::from(([127, 0, 0, 1], 8780))])]
+        listen: Vec<SocketAddr>,
         /// Emulator settings (TOML, keys of EmulatorConfig; see docs/emulator.md).
         #[arg(long)]
         config: Option<PathBuf>,
@@ -75,25 +75,42 @@ fn init_logs(format: LogFormat) {
     }
 }
 
-async fn shutdown_signal() -> &'static str {
+/// SIGTERM and SIGINT handlers, installed when this is created (before any work starts, so a
+/// signal that arrives early is not the default action that kills the process mid-write).
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => tokio::select! {
-                _ = term.recv() => "SIGTERM",
-                _ = tokio::signal::ctrl_c() => "SIGINT",
-            },
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                "SIGINT"
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Signals {
+                term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+                int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    async fn wait(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.term.recv() => "SIGTERM",
+                _ = self.int.recv() => "SIGINT",
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-        "SIGINT"
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "SIGINT"
+        }
     }
 }
 
@@ -102,11 +119,16 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logs(cli.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // One socket per session: take the whole hard limit of open files.
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!(error = %e, "could not raise the open-file limit");
+    }
     match cli.cmd {
         Cmd::Run {
             config,
             leave_on_shutdown,
         } => {
+            let mut signals = Signals::install()?;
             let mut cfg = Config::load(config.as_deref()).context("loading configuration")?;
             cfg.shutdown.leave_on_shutdown |= leave_on_shutdown;
             let stdin = cfg.control.stdin.then(tokio::io::stdin);
@@ -114,7 +136,7 @@ async fn main() -> anyhow::Result<()> {
                 guestd::daemon::start(cfg, guestd::events::WriterSink(tokio::io::stdout()), stdin)
                     .await
                     .context("starting guestd")?;
-            let sig = shutdown_signal().await;
+            let sig = signals.wait().await;
             tracing::info!(signal = sig, "signal received");
             let report = running.shutdown().await;
             tracing::info!(
@@ -127,6 +149,7 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(0)
         }
         Cmd::Emulator { listen, config } => {
+            let mut signals = Signals::install()?;
             let cfg: EmulatorConfig = match config {
                 Some(p) => {
                     let text = std::fs::read_to_string(&p)
@@ -135,14 +158,14 @@ async fn main() -> anyhow::Result<()> {
                 }
                 None => EmulatorConfig::default(),
             };
-            let emu = Emulator::start(cfg, listen)
+            let emu = Emulator::start_multi(cfg, &listen)
                 .await
-                .with_context(|| format!("listening on {listen}"))?;
+                .with_context(|| format!("listening on {listen:?}"))?;
             eprintln!(
                 "guestd emulator on {} (admin API under /emulator/)",
                 emu.base_url()
             );
-            let sig = shutdown_signal().await;
+            let sig = signals.wait().await;
             tracing::info!(signal = sig, "signal received");
             emu.shutdown();
             Ok(())

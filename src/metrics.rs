@@ -4,7 +4,7 @@
 //! Names: `guestd_sessions{state}`, `guestd_connects_total`, `guestd_connect_failures_total`,
 //! `guestd_reconnect_attempts_total`, `guestd_reconnects_total`, `guestd_heartbeat_misses_total`,
 //! `guestd_ended_total{reason}`, `guestd_bad_frames_total`, `guestd_stream_errors_total`,
-//! `guestd_event_queue_depth`, `guestd_event_queue_full_total`, `guestd_connects_in_flight`,
+//! `guestd_event_queue_depth`, `guestd_event_queue_full_total`, `guestd_connects_in_flight`, `guestd_connects_in_flight_peak`,
 //! `guestd_rest_request_duration_seconds{call}` (histogram), `guestd_rest_retries_total{call}`,
 //! `guestd_commands_total{channel,result}`.
 

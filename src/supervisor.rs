@@ -70,7 +70,7 @@ enum Cmd {
 #[derive(Clone)]
 pub struct Supervisor {
     tx: mpsc::Sender<Cmd>,
-    ctx: SessionCtx,
+    ctx: Arc<SessionCtx>,
     live: watch::Receiver<usize>,
     accepting: watch::Receiver<bool>,
     stop_accepting: Arc<watch::Sender<bool>>,
@@ -100,7 +100,7 @@ impl Supervisor {
         tokio::spawn(registry(rx, done_rx, max_sessions, live_tx));
         Supervisor {
             tx,
-            ctx,
+            ctx: Arc::new(ctx),
             live,
             accepting,
             stop_accepting: Arc::new(stop_accepting),

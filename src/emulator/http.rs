@@ -113,6 +113,8 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/emulator/faults", post(admin_faults))
         .route("/emulator/sockets/drop-all", post(admin_drop_all))
         .route("/emulator/log", get(admin_log))
+        .route("/emulator/bulk/create", post(admin_bulk_create))
+        .route("/emulator/bulk/end", post(admin_bulk_end))
         .route("/emulator/stats", get(admin_stats))
         .fallback(|| async { ApiError::not_found("no such path") })
         .with_state(shared)
@@ -220,7 +222,7 @@ async fn create(State(sh): S, body: Bytes) -> Result<Json<CreateChatResponse>, A
     };
     sh.spawn_rules(id.clone(), notify);
     Ok(Json(CreateChatResponse {
-        event_stream_uri: format!("{}/v2/stream/{id}", sh.stream_base),
+        event_stream_uri: format!("{}/v2/stream/{id}", sh.next_stream_base()),
         id,
         jwt,
         member: IdRef { id: guest },
@@ -690,4 +692,37 @@ async fn admin_log(State(sh): S, Query(q): Query<HashMap<String, String>>) -> Re
 
 async fn admin_stats(State(sh): S) -> Response {
     Json(emu(&sh).stats()).into_response()
+}
+
+#[derive(Deserialize)]
+struct BulkCreate {
+    count: usize,
+}
+
+async fn admin_bulk_create(State(sh): S, body: Bytes) -> Result<Response, ApiError> {
+    let b: BulkCreate = parse(&body)?;
+    if b.count == 0 || b.count > 100_000 {
+        return Err(ApiError::bad("count must be 1..=100000"));
+    }
+    let chats: Vec<_> = emu(&sh)
+        .bulk_create(b.count)
+        .into_iter()
+        .map(|(id, member, jwt, uri)| serde_json::json!({"conversation_id": id, "member_id": member, "jwt": jwt, "event_stream_uri": uri}))
+        .collect();
+    Ok(Json(chats).into_response())
+}
+
+#[derive(Deserialize)]
+struct BulkEnd {
+    ids: Vec<String>,
+}
+
+async fn admin_bulk_end(State(sh): S, body: Bytes) -> Result<Response, ApiError> {
+    let b: BulkEnd = parse(&body)?;
+    let sent: serde_json::Map<String, serde_json::Value> = emu(&sh)
+        .bulk_server_end(&b.ids)
+        .into_iter()
+        .map(|(id, us)| (id, serde_json::Value::from(us)))
+        .collect();
+    Ok(Json(serde_json::json!({ "sent_at_us": sent })).into_response())
 }

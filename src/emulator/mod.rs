@@ -15,6 +15,7 @@ pub mod world;
 
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::broadcast;
 use tokio::time::{Duration, Instant};
@@ -115,6 +116,8 @@ pub struct EmulatorStats {
     pub active: usize,
     /// Sockets counted as connected.
     pub live_sockets: usize,
+    /// Heartbeat frames written since start.
+    pub heartbeats_sent: u64,
 }
 
 /// Errors of the admin operations.
@@ -137,7 +140,10 @@ pub enum AdminError {
 pub(crate) struct Shared {
     pub world: Mutex<World>,
     pub cfg: EmulatorConfig,
-    pub stream_base: String,
+    pub stream_bases: Vec<String>,
+    pub next_base: AtomicUsize,
+    /// Heartbeat frames written, across all sockets.
+    pub heartbeats: AtomicU64,
     pub cancel: CancellationToken,
 }
 
@@ -146,6 +152,12 @@ impl Shared {
     /// enough for a test double.
     pub fn world(&self) -> MutexGuard<'_, World> {
         self.world.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The websocket base for the next chat (round robin over the listen addresses).
+    pub fn next_stream_base(&self) -> &str {
+        let i = self.next_base.fetch_add(1, Ordering::Relaxed);
+        &self.stream_bases[i % self.stream_bases.len()]
     }
 
     pub fn spawn_rules(self: &Arc<Self>, conv_id: String, notify: Arc<tokio::sync::Notify>) {
@@ -174,46 +186,44 @@ pub struct Emulator {
 impl Emulator {
     /// Bind `addr` (port 0 for an ephemeral port) and serve until shutdown.
     pub async fn start(cfg: EmulatorConfig, addr: SocketAddr) -> std::io::Result<Emulator> {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
-        let addr = listener.local_addr()?;
-        let host = cfg.public_host.clone().unwrap_or_else(|| addr.to_string());
+        Self::start_multi(cfg, &[addr]).await
+    }
+
+    /// Serve the same emulated platform on several addresses (for example 127.0.0.1..4, so a
+    /// benchmark's 50k client sockets are not limited by one destination's ephemeral ports).
+    /// Each new chat's `eventStreamUri` names the next address in turn.
+    pub async fn start_multi(
+        cfg: EmulatorConfig,
+        addrs: &[SocketAddr],
+    ) -> std::io::Result<Emulator> {
+        let mut listeners = Vec::new();
+        for a in addrs {
+            listeners.push(tokio::net::TcpListener::bind(a).await?);
+        }
+        let bound: Vec<SocketAddr> = listeners
+            .iter()
+            .map(|l| l.local_addr())
+            .collect::<Result<_, _>>()?;
+        let addr = *bound.first().ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to listen on")
+        })?;
+        let stream_bases = match &cfg.public_host {
+            Some(h) => vec![format!("ws://{h}")],
+            None => bound.iter().map(|a| format!("ws://{a}")).collect(),
+        };
         let shared = Arc::new(Shared {
             world: Mutex::new(World::new(cfg.clone())),
             cfg,
-            stream_base: format!("ws://{host}"),
+            stream_bases,
+            next_base: AtomicUsize::new(0),
+            heartbeats: AtomicU64::new(0),
             cancel: CancellationToken::new(),
         });
         let app = http::router(shared.clone());
-        let cancel = shared.cancel.clone();
-        // A plain HTTP/1 accept loop rather than `axum::serve`: axum's auto (h1/h2) builder wraps
-        // the connection in a private type, and the socket task needs the bare `TcpStream` back
-        // from the upgrade to be able to reset it.
-        tokio::spawn(async move {
-            loop {
-                let (tcp, _) = tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    a = listener.accept() => match a {
-                        Ok(a) => a,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "emulator accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                };
-                let _ = tcp.set_nodelay(true);
-                let svc = hyper_util::service::TowerToHyperService::new(app.clone());
-                tokio::spawn(async move {
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                        .with_upgrades();
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "emulator connection ended with an error");
-                    }
-                });
-            }
-        });
-        tracing::info!(%addr, "emulator listening");
+        for listener in listeners {
+            tokio::spawn(serve_listener(listener, app.clone(), shared.cancel.clone()));
+        }
+        tracing::info!(addrs = ?bound, "emulator listening");
         Ok(Emulator { addr, shared })
     }
 
@@ -249,6 +259,7 @@ impl Emulator {
             conversations: w.convs.len(),
             active: w.convs.values().filter(|c| c.ended.is_none()).count(),
             live_sockets: w.live_sockets,
+            heartbeats_sent: self.shared.heartbeats.load(Ordering::Relaxed),
         }
     }
 
@@ -473,6 +484,40 @@ impl Emulator {
         }
     }
 
+    /// Create `count` chats at once, as the platform's create call would (benchmarks). Returns
+    /// (conversation id, guest member id, jwt, eventStreamUri) for each.
+    pub fn bulk_create(&self, count: usize) -> Vec<(String, String, String, String)> {
+        let now = Instant::now();
+        let mut out = Vec::with_capacity(count);
+        for _ in 0..count {
+            let (id, jwt, member, notify) = {
+                let mut w = self.shared.world();
+                let r = w.create("Bench guest", now);
+                w.record(Some(&r.0), "create", Some(200), "bulk".into());
+                r
+            };
+            self.shared.spawn_rules(id.clone(), notify);
+            let uri = format!("{}/v2/stream/{id}", self.shared.next_stream_base());
+            out.push((id, member, jwt, uri));
+        }
+        out
+    }
+
+    /// End these chats as the platform would for an unknown reason (guest DISCONNECTED first);
+    /// returns, for each, the wall-clock time in microseconds at which the decisive frame (the
+    /// guest's DISCONNECTED) was handed to its sockets.
+    pub fn bulk_server_end(&self, ids: &[String]) -> Vec<(String, u64)> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let mut w = self.shared.world();
+            let at = wall_us();
+            if w.end(id, EndCause::Server) {
+                out.push((id.clone(), at));
+            }
+        }
+        out
+    }
+
     /// Drop every live socket of every conversation (a reconnect storm). Returns how many.
     pub fn drop_all_sockets(&self, reset: bool) -> usize {
         let mut w = self.shared.world();
@@ -490,4 +535,46 @@ impl Emulator {
             })
             .sum()
     }
+}
+
+/// A plain HTTP/1 accept loop rather than `axum::serve`: axum's auto (h1/h2) builder wraps the
+/// connection in a private type, and the socket task needs the bare `TcpStream` back from the
+/// upgrade to be able to reset it.
+async fn serve_listener(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    cancel: CancellationToken,
+) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = cancel.cancelled() => break,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors, typically: back off instead of spinning.
+                    tracing::warn!(error = %e, "emulator accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                .with_upgrades();
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "emulator connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Wall-clock microseconds since the epoch (comparable across processes on one machine).
+pub fn wall_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }

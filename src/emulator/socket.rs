@@ -114,6 +114,7 @@ async fn serve(
                 if ws.send(Message::Text(heartbeat.clone())).await.is_err() {
                     return "write failed";
                 }
+                sh.heartbeats.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             _ = tokio::time::sleep_until(close_at) => {
                 if half_open {

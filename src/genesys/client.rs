@@ -38,6 +38,9 @@ pub struct ClientConfig {
     pub max_retry_after: Duration,
     /// Allow plaintext http/ws to hosts other than loopback.
     pub allow_insecure: bool,
+    /// REST requests in flight at once, process-wide (a reconnect storm's reconciles queue here
+    /// rather than opening thousands of connections and tripping the platform's rate limit).
+    pub max_concurrent: usize,
 }
 
 /// The Genesys backend.
@@ -48,6 +51,7 @@ pub struct GenesysApi {
 
 struct Inner {
     http: reqwest::Client,
+    permits: tokio::sync::Semaphore,
     cfg: ClientConfig,
 }
 
@@ -89,7 +93,11 @@ impl GenesysApi {
             .build()
             .map_err(|e| ApiError::Transport(e.to_string()))?;
         Ok(GenesysApi {
-            inner: Arc::new(Inner { http, cfg }),
+            inner: Arc::new(Inner {
+                http,
+                permits: tokio::sync::Semaphore::new(cfg.max_concurrent.max(1)),
+                cfg,
+            }),
         })
     }
 
@@ -121,6 +129,11 @@ impl Inner {
             if let Some(b) = &body {
                 req = req.json(b);
             }
+            let permit = self
+                .permits
+                .acquire()
+                .await
+                .map_err(|_| ApiError::Transport("client closed".into()))?;
             let started = Instant::now();
             let sent = req.send().await;
             metrics::histogram!("guestd_rest_request_duration_seconds", "call" => name)
@@ -163,6 +176,7 @@ impl Inner {
                     }
                 }
             };
+            drop(permit);
             if attempt >= self.cfg.max_retries {
                 return Err(err);
             }

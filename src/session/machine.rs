@@ -22,7 +22,7 @@
 use crate::backend::{ApiError, ChatEvent, ChatMember, ChatMessage, MemberState, Role};
 use crate::backoff_policy::{Backoff, BackoffConfig};
 use crate::events::{EndReason, EventKind};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use tokio::time::{Duration, Instant};
 
 /// Every duration the machine uses.
@@ -198,14 +198,16 @@ const SEEN_CAP: usize = 128;
 /// The state of one session.
 #[derive(Debug)]
 pub struct Machine {
-    t: Timing,
+    t: std::sync::Arc<Timing>,
     backoff: Backoff,
     guest_id: String,
     started: Instant,
     link: Link,
     ever_connected: bool,
     resumed: bool,
-    members: HashMap<String, Known>,
+    /// Members by id. A chat has a handful: a vector searched linearly is smaller and faster
+    /// than a hash map.
+    members: Vec<(String, Known)>,
     held_members: Vec<(String, MemberState)>,
     fetching: Option<Fetch>,
     reconciling: bool,
@@ -232,16 +234,16 @@ pub struct Machine {
 
 impl Machine {
     /// A new session that has not connected yet; the first `Tick` asks to connect.
-    pub fn new(t: Timing, guest_id: &str, now: Instant) -> Self {
+    pub fn new(t: impl Into<std::sync::Arc<Timing>>, guest_id: &str, now: Instant) -> Self {
+        let t = t.into();
         let backoff = Backoff::new(&t.backoff);
-        let mut members = HashMap::new();
-        members.insert(
+        let members = vec![(
             guest_id.to_string(),
             Known {
                 role: Some(Role::Customer),
                 state: MemberState::Connected,
             },
-        );
+        )];
         Machine {
             t,
             backoff,
@@ -284,7 +286,7 @@ impl Machine {
     /// A session picked up from the journal after a restart: it started at `started`, lost its
     /// socket at `lost_at`, and backfills from `last_msg_id` once reconnected.
     pub fn resume(
-        t: Timing,
+        t: impl Into<std::sync::Arc<Timing>>,
         guest_id: &str,
         started: Instant,
         lost_at: Instant,
@@ -643,10 +645,13 @@ impl Machine {
         }
     }
 
+    fn member(&self, id: &str) -> Option<&Known> {
+        self.members.iter().find(|(m, _)| m == id).map(|(_, k)| k)
+    }
+
     fn role_name(&self, id: &str) -> String {
         let role = self
-            .members
-            .get(id)
+            .member(id)
             .and_then(|k| k.role)
             .unwrap_or(Role::Unknown);
         role_str(role).to_string()
@@ -691,7 +696,7 @@ impl Machine {
         now: Instant,
         out: &mut Vec<Action>,
     ) {
-        if !self.members.contains_key(&id) {
+        if self.member(&id).is_none() {
             self.held_members.push((id, state));
             self.fetch(Fetch::Refresh, out);
             return;
@@ -707,10 +712,20 @@ impl Machine {
         now: Instant,
         out: &mut Vec<Action>,
     ) {
-        let known = self.members.entry(id.to_string()).or_insert(Known {
-            role: None,
-            state: MemberState::Unknown,
-        });
+        let at = match self.members.iter().position(|(m, _)| m == id) {
+            Some(i) => i,
+            None => {
+                self.members.push((
+                    id.to_string(),
+                    Known {
+                        role: None,
+                        state: MemberState::Unknown,
+                    },
+                ));
+                self.members.len() - 1
+            }
+        };
+        let known = &mut self.members[at].1;
         if role.is_some() {
             known.role = role;
         }

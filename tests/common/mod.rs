@@ -203,6 +203,8 @@ pub struct Daemon {
     stdin: Option<tokio::process::ChildStdin>,
     lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
     pub seen: Vec<Value>,
+    /// Whether `wait` already returned the event at the same index of `seen`.
+    taken: Vec<bool>,
     pub stderr_path: std::path::PathBuf,
 }
 
@@ -215,8 +217,8 @@ pub fn fast_env(emu: &Emulator) -> Vec<(String, String)> {
         ("GUESTD_SESSION__HEARTBEAT_INTERVAL", "200ms".into()),
         ("GUESTD_SESSION__HEARTBEAT_TOLERANCE", "2".into()),
         ("GUESTD_SESSION__RECONNECT_GRACE", "1500ms".into()),
-        ("GUESTD_SESSION__INACTIVITY_TIMEOUT", "800ms".into()),
-        ("GUESTD_SESSION__INACTIVITY_WARNING_LEAD", "300ms".into()),
+        ("GUESTD_SESSION__INACTIVITY_TIMEOUT", "2s".into()),
+        ("GUESTD_SESSION__INACTIVITY_WARNING_LEAD", "500ms".into()),
         ("GUESTD_SESSION__INACTIVITY_SKEW", "200ms".into()),
         ("GUESTD_SESSION__AGENT_END_WINDOW", "2s".into()),
         ("GUESTD_SESSION__BACKOFF__INITIAL", "100ms".into()),
@@ -255,6 +257,7 @@ impl Daemon {
             stdin,
             lines,
             seen: Vec::new(),
+            taken: Vec::new(),
             stderr_path,
         }
     }
@@ -283,15 +286,25 @@ impl Daemon {
         let v: Value = serde_json::from_str(&line)
             .unwrap_or_else(|e| panic!("stdout line is not JSON ({e}): {line}"));
         self.seen.push(v.clone());
+        self.taken.push(true);
         Some(v)
     }
 
-    /// Wait for an event matching `pred`.
+    /// The first event matching `pred` that no earlier `wait` returned: one already seen (read
+    /// while waiting for something else; events race, tests should not care in which order
+    /// unrelated ones arrive) or the next one to come.
     pub async fn wait(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(i) = (0..self.seen.len()).find(|&i| !self.taken[i] && pred(&self.seen[i])) {
+            self.taken[i] = true;
+            return self.seen[i].clone();
+        }
         loop {
             match self.next().await {
                 Some(v) if pred(&v) => return v,
-                Some(_) => {}
+                Some(_) => {
+                    let last = self.taken.len() - 1;
+                    self.taken[last] = false;
+                }
                 None => panic!("stdout closed; seen: {:#?}", self.seen),
             }
         }

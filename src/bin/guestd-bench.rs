@@ -1,0 +1,610 @@
+//! guestd-bench: sessions per box, memory and CPU per session, `ended` latency and a reconnect
+//! storm, for guestd and a hand-written peer, side by side in the same run.
+//!
+//! Each measured program runs in its own process against an emulator in another process (so the
+//! emulator's memory and CPU are not counted). The emulator listens on several loopback addresses
+//! so client sockets are not limited by one destination's ephemeral ports.
+//!
+//! ```sh
+//! cargo run --release --bin guestd-bench -- --sessions 1000,10000,19000
+//! cargo run --release --bin guestd-bench -- --smoke        # ~1k sessions, under a minute
+//! ```
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use serde_json::{Value, json};
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::mpsc;
+
+#[derive(Parser, Clone)]
+#[command(about = "Benchmark guestd against a hand-written peer on the emulator")]
+struct Args {
+    /// Session counts to run, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1000")]
+    sessions: Vec<usize>,
+    /// Quick run for CI: 1,000 sessions, short windows.
+    #[arg(long)]
+    smoke: bool,
+    /// Heartbeat period used by the emulator and both programs (figures are scaled to 30 s).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    heartbeat: Duration,
+    /// Steady-state window over which CPU is measured.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    steady: Duration,
+    /// Chats ended one batch at a time to measure `ended` latency.
+    #[arg(long, default_value_t = 1000)]
+    latency_samples: usize,
+    /// Peer: "python" (benches/peers/peer.py, needs the websockets package) or "none".
+    #[arg(long, default_value = "python")]
+    peer: String,
+    /// Loopback addresses the emulator listens on (127.0.0.1 ..).
+    #[arg(long, default_value_t = 4)]
+    addrs: u8,
+    /// guestd's stream.max_concurrent_connects.
+    #[arg(long, default_value_t = 256)]
+    max_connects: usize,
+    /// guestd's stream.read_buffer, bytes (default: guestd's own default).
+    #[arg(long)]
+    read_buffer: Option<usize>,
+    /// The guestd binary (default: next to this one).
+    #[arg(long)]
+    guestd: Option<PathBuf>,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn wall_us() -> u64 {
+    guestd::emulator::wall_us()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn clk_tck() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit(')').next().unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|x| x.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|x| x.parse().ok()).unwrap_or(0.0);
+    ticks / clk_tck()
+}
+
+fn free_port(ip: &str) -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind(format!("{ip}:0"))?
+        .local_addr()?
+        .port())
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+struct Proc {
+    child: Child,
+    pid: u32,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::UnboundedReceiver<(u64, Value)>,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command) -> anyhow::Result<Proc> {
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().context("spawning")?;
+        let pid = child.id().context("pid")?;
+        let stdin = child.stdin.take().context("stdin")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let (tx, lines) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut r = BufReader::new(stdout).lines();
+            while let Ok(Some(l)) = r.next_line().await {
+                let at = wall_us();
+                if let Ok(v) = serde_json::from_str::<Value>(&l) {
+                    if tx.send((at, v)).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(Proc {
+            child,
+            pid,
+            stdin: Some(stdin),
+            lines,
+        })
+    }
+
+    async fn next(&mut self, within: Duration) -> anyhow::Result<(u64, Value)> {
+        match tokio::time::timeout(within, self.lines.recv()).await {
+            Ok(Some(x)) => Ok(x),
+            Ok(None) => bail!("the program's stdout closed"),
+            Err(_) => bail!("no output within {within:?}"),
+        }
+    }
+}
+
+struct Emu {
+    _child: Child,
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Emu {
+    async fn start(exe: &PathBuf, args: &Args) -> anyhow::Result<Emu> {
+        let dir = std::env::temp_dir().join(format!("guestd-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let cfg = dir.join("emulator.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "heartbeat_interval = \"{}ms\"\nreconnect_grace = \"5m\"\ninactivity_timeout = \"2h\"\nlog_limit = 1000\n",
+                args.heartbeat.as_millis()
+            ),
+        )?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("emulator").arg("--config").arg(&cfg);
+        let mut first = None;
+        for i in 1..=args.addrs.max(1) {
+            let ip = format!("127.0.0.{i}");
+            let addr = format!("{ip}:{}", free_port(&ip)?);
+            first.get_or_insert_with(|| addr.clone());
+            cmd.arg("--listen").arg(addr);
+        }
+        cmd.env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().context("starting the emulator")?;
+        let stderr = child.stderr.take().context("emulator stderr")?;
+        let mut lines = BufReader::new(stderr).lines();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await {
+                Ok(Ok(Some(l))) if l.contains("guestd emulator on") => break,
+                Ok(Ok(Some(_))) => {}
+                _ => bail!("the emulator did not start"),
+            }
+        }
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Emu {
+            _child: child,
+            base: format!("http://{}", first.context("an address")?),
+            http: reqwest::Client::new(),
+        })
+    }
+
+    async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        let r = self
+            .http
+            .post(format!("{}/emulator/{path}", self.base))
+            .json(&body)
+            .send()
+            .await?;
+        let status = r.status();
+        let v: Value = r.json().await?;
+        if !status.is_success() {
+            bail!("emulator {path}: {status} {v}");
+        }
+        Ok(v)
+    }
+
+    async fn heartbeats(&self) -> anyhow::Result<u64> {
+        let v: Value = self
+            .http
+            .get(format!("{}/emulator/stats", self.base))
+            .send()
+            .await?
+            .json()
+            .await?;
+        Ok(v["heartbeats_sent"].as_u64().unwrap_or(0))
+    }
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+struct Report {
+    program: String,
+    sessions: usize,
+    connect_secs: f64,
+    rss_base_kib: u64,
+    rss_loaded_kib: u64,
+    bytes_per_session: f64,
+    cpu_secs_per_1000_heartbeats: f64,
+    core_pct_at_30s_heartbeats: f64,
+    core_pct_at_30s_for_50k: f64,
+    ended_samples: usize,
+    ended_p50_ms: f64,
+    ended_p99_ms: f64,
+    ended_max_ms: f64,
+    storm_sessions: usize,
+    storm_recovered_secs: f64,
+    storm_lost: usize,
+    storm_peak_connects: Option<u64>,
+}
+
+async fn run(kind: &str, n: usize, exe: &PathBuf, args: &Args) -> anyhow::Result<Report> {
+    let emu = Emu::start(exe, args).await?;
+    let metrics_port = free_port("127.0.0.1")?;
+    let hb_ms = args.heartbeat.as_millis();
+    let mut cmd = if kind == "guestd" {
+        let mut c = Command::new(exe);
+        c.arg("run")
+            .env("GUESTD_GENESYS__API_BASE", &emu.base)
+            .env("GUESTD_SESSION__HEARTBEAT_INTERVAL", format!("{hb_ms}ms"))
+            .env("GUESTD_SESSION__RECONNECT_GRACE", "2m")
+            .env("GUESTD_SESSION__INACTIVITY_TIMEOUT", "1h")
+            .env(
+                "GUESTD_STREAM__MAX_CONCURRENT_CONNECTS",
+                args.max_connects.to_string(),
+            )
+            .envs(
+                args.read_buffer
+                    .map(|b| ("GUESTD_STREAM__READ_BUFFER", b.to_string())),
+            )
+            .env("GUESTD_JOURNAL__ENABLED", "false")
+            .env(
+                "GUESTD_CONTROL__HTTP_LISTEN",
+                format!("127.0.0.1:{metrics_port}"),
+            )
+            .env("GUESTD_SUPERVISOR__MAX_SESSIONS", "200000")
+            .env("RUST_LOG", "error");
+        c
+    } else {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/peers/peer.py");
+        let mut c = Command::new("python3");
+        c.arg(script)
+            .env(
+                "PEER_HEARTBEAT",
+                format!("{}", args.heartbeat.as_secs_f64()),
+            )
+            .env("PEER_GRACE", "120");
+        c
+    };
+    cmd.env_remove("GUESTD_CONFIG");
+    let mut p = Proc::spawn(cmd)?;
+    // Ready: guestd answers a command; the peer says so.
+    if kind == "guestd" {
+        if let Some(stdin) = p.stdin.as_mut() {
+            stdin
+                .write_all(b"{\"cmd\":\"list\",\"request_id\":\"ready\"}\n")
+                .await?;
+        }
+    }
+    loop {
+        let (_, v) = p.next(Duration::from_secs(20)).await?;
+        if v["request_id"] == "ready" || v["type"] == "ready" {
+            break;
+        }
+    }
+    let rss_base = rss_kib(p.pid);
+    // Chats, created straight on the emulator, attached through stdin.
+    let mut chats = Vec::with_capacity(n);
+    while chats.len() < n {
+        let count = (n - chats.len()).min(5000);
+        let v = emu.post("bulk/create", json!({ "count": count })).await?;
+        chats.extend(v.as_array().cloned().unwrap_or_default());
+    }
+    let t0 = Instant::now();
+    let mut buf = Vec::new();
+    for c in &chats {
+        let mut cmd = c.clone();
+        cmd["cmd"] = json!("attach");
+        buf.extend_from_slice(cmd.to_string().as_bytes());
+        buf.push(b'\n');
+    }
+    let writer = {
+        let mut stdin = p.stdin.take().context("stdin")?;
+        tokio::spawn(async move {
+            let r = stdin.write_all(&buf).await;
+            (stdin, r)
+        })
+    };
+    let mut connected = HashSet::new();
+    let mut ended_early = 0;
+    while connected.len() < n {
+        let (_, v) = p
+            .next(Duration::from_secs(120))
+            .await
+            .with_context(|| format!("{} of {n} connected", connected.len()))?;
+        match v["type"].as_str() {
+            Some("connected") => {
+                connected.insert(
+                    v["conversation_id"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                );
+            }
+            Some("ended") => ended_early += 1,
+            Some("command_error") => bail!("attach failed: {v}"),
+            _ => {}
+        }
+    }
+    let connect_secs = t0.elapsed().as_secs_f64();
+    let (stdin, wrote) = writer.await?;
+    wrote?;
+    p.stdin = Some(stdin);
+    if ended_early > 0 {
+        bail!("{ended_early} sessions ended while connecting");
+    }
+    // Steady state: wait until the connect-time work (roster fetches and their events) is done,
+    // that is until stdout has been quiet for a heartbeat interval, and at least two intervals.
+    let settle_from = Instant::now();
+    let quiet = args.heartbeat.max(Duration::from_secs(1));
+    loop {
+        match tokio::time::timeout(quiet, p.lines.recv()).await {
+            Ok(Some(_)) => continue,
+            Ok(None) => bail!("the program's stdout closed"),
+            Err(_) if settle_from.elapsed() >= args.heartbeat * 2 => break,
+            Err(_) => {}
+        }
+        if settle_from.elapsed() > Duration::from_secs(120) {
+            bail!("no quiet steady state within 120 s");
+        }
+    }
+    let rss_loaded = rss_kib(p.pid);
+    let (hb0, cpu0) = (emu.heartbeats().await?, cpu_secs(p.pid));
+    let t_cpu = Instant::now();
+    drain_until(&mut p, Instant::now() + args.steady).await;
+    let (hb1, cpu1) = (emu.heartbeats().await?, cpu_secs(p.pid));
+    let window = t_cpu.elapsed().as_secs_f64();
+    let hbs = (hb1 - hb0).max(1) as f64;
+    let cpu = cpu1 - cpu0;
+    let per_hb = cpu / hbs;
+    let per_30s = (cpu / window) * args.heartbeat.as_secs_f64() / 30.0;
+
+    // `ended` latency: end small batches and time each decisive frame to its `ended` line.
+    let samples = args.latency_samples.min(n / 2).max(1);
+    let ids: Vec<String> = chats
+        .iter()
+        .take(samples)
+        .filter_map(|c| c["conversation_id"].as_str().map(str::to_string))
+        .collect();
+    let mut lat = Vec::with_capacity(samples);
+    for batch in ids.chunks(10) {
+        let r = emu.post("bulk/end", json!({ "ids": batch })).await?;
+        let sent: HashMap<String, u64> = r["sent_at_us"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut waiting = sent.len();
+        while waiting > 0 {
+            let (at, v) = p.next(Duration::from_secs(30)).await?;
+            if v["type"] == "ended" {
+                if let Some(s) = v["conversation_id"].as_str().and_then(|c| sent.get(c)) {
+                    lat.push(at.saturating_sub(*s));
+                    waiting -= 1;
+                }
+            }
+        }
+    }
+    lat.sort_unstable();
+
+    // Reconnect storm: every remaining socket reset at once.
+    let storm_n = n - samples;
+    let t_drop = Instant::now();
+    emu.post("sockets/drop-all?mode=reset", json!({})).await?;
+    let mut back = HashSet::new();
+    let mut lost = 0;
+    let deadline = Instant::now() + Duration::from_secs(150);
+    while back.len() < storm_n && Instant::now() < deadline {
+        let Ok((_, v)) = p.next(Duration::from_secs(150)).await else {
+            break;
+        };
+        match v["type"].as_str() {
+            Some("reconnected") => {
+                back.insert(
+                    v["conversation_id"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                );
+            }
+            Some("ended") => lost += 1,
+            _ => {}
+        }
+    }
+    let storm_secs = t_drop.elapsed().as_secs_f64();
+    let peak = if kind == "guestd" {
+        let m = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+            .await?
+            .text()
+            .await?;
+        m.lines()
+            .find(|l| l.starts_with("guestd_connects_in_flight_peak"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|x| x as u64)
+    } else {
+        None
+    };
+    // Stop it politely (a profiler wrapping it gets to write its output), then for sure.
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &p.pid.to_string()])
+        .status();
+    if tokio::time::timeout(Duration::from_secs(30), p.child.wait())
+        .await
+        .is_err()
+    {
+        let _ = p.child.start_kill();
+    }
+    Ok(Report {
+        program: kind.to_string(),
+        sessions: n,
+        connect_secs,
+        rss_base_kib: rss_base,
+        rss_loaded_kib: rss_loaded,
+        bytes_per_session: (rss_loaded.saturating_sub(rss_base) as f64 * 1024.0) / n as f64,
+        cpu_secs_per_1000_heartbeats: per_hb * 1000.0,
+        core_pct_at_30s_heartbeats: per_30s * 100.0,
+        core_pct_at_30s_for_50k: per_hb * 50_000.0 / 30.0 * 100.0,
+        ended_samples: lat.len(),
+        ended_p50_ms: percentile(&lat, 0.50) as f64 / 1000.0,
+        ended_p99_ms: percentile(&lat, 0.99) as f64 / 1000.0,
+        ended_max_ms: lat.last().copied().unwrap_or(0) as f64 / 1000.0,
+        storm_sessions: storm_n,
+        storm_recovered_secs: if back.len() == storm_n {
+            storm_secs
+        } else {
+            f64::NAN
+        },
+        storm_lost: lost + storm_n.saturating_sub(back.len()),
+        storm_peak_connects: peak,
+    })
+}
+
+async fn drain_until(p: &mut Proc, until: Instant) {
+    while let Ok(Some(_)) = tokio::time::timeout_at(until.into(), p.lines.recv()).await {}
+}
+
+fn peer_available() -> bool {
+    std::process::Command::new("python3")
+        .args(["-c", "import websockets"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn print(reports: &[Report]) {
+    println!();
+    println!(
+        "| sessions | program | connect s | RSS/session | CPU s/1k hb | core % @30s hb | core % @30s, 50k | ended p50/p99/max ms | storm: recovered s, lost, peak connects |"
+    );
+    println!("|---:|---|---:|---:|---:|---:|---:|---|---|");
+    for r in reports {
+        println!(
+            "| {} | {} | {:.1} | {:.1} KiB | {:.4} | {:.3} | {:.2} | {:.2} / {:.2} / {:.2} | {:.1}, {}, {} |",
+            r.sessions,
+            r.program,
+            r.connect_secs,
+            r.bytes_per_session / 1024.0,
+            r.cpu_secs_per_1000_heartbeats,
+            r.core_pct_at_30s_heartbeats,
+            r.core_pct_at_30s_for_50k,
+            r.ended_p50_ms,
+            r.ended_p99_ms,
+            r.ended_max_ms,
+            r.storm_recovered_secs,
+            r.storm_lost,
+            r.storm_peak_connects
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "n/a".into()),
+        );
+    }
+    let by_n: HashMap<usize, Vec<&Report>> = reports.iter().fold(HashMap::new(), |mut m, r| {
+        m.entry(r.sessions).or_default().push(r);
+        m
+    });
+    let mut ns: Vec<_> = by_n.keys().copied().collect();
+    ns.sort_unstable();
+    for n in ns {
+        let rs = &by_n[&n];
+        if let (Some(g), Some(p)) = (
+            rs.iter().find(|r| r.program == "guestd"),
+            rs.iter().find(|r| r.program != "guestd"),
+        ) {
+            println!(
+                "ratio at {n} sessions, peer/guestd: memory per session {:.1}x, CPU per heartbeat {:.1}x",
+                p.bytes_per_session / g.bytes_per_session.max(1.0),
+                p.cpu_secs_per_1000_heartbeats / g.cpu_secs_per_1000_heartbeats.max(1e-9)
+            );
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = Args::parse();
+    if args.smoke {
+        args.sessions = vec![1000];
+        args.heartbeat = Duration::from_secs(1);
+        args.steady = Duration::from_secs(5);
+        args.latency_samples = 200;
+    }
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => eprintln!("open-file limit: {n}"),
+        Err(e) => eprintln!("could not raise the open-file limit: {e}"),
+    }
+    let exe = match &args.guestd {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?.with_file_name("guestd"),
+    };
+    if !exe.exists() {
+        bail!(
+            "{} not found: build it first (cargo build --release)",
+            exe.display()
+        );
+    }
+    let mut programs = vec!["guestd"];
+    match args.peer.as_str() {
+        "python" if peer_available() => programs.push("python-peer"),
+        "python" => eprintln!(
+            "peer skipped: python3 with the websockets package is not installed (pip install websockets)"
+        ),
+        _ => {}
+    }
+    eprintln!(
+        "machine: {} cores; heartbeat {:?}; steady window {:?}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        args.heartbeat,
+        args.steady
+    );
+    let mut reports = Vec::new();
+    for &n in &args.sessions {
+        for kind in &programs {
+            eprintln!("running {kind} with {n} sessions ...");
+            match run(kind, n, &exe, &args).await {
+                Ok(r) => reports.push(r),
+                Err(e) => eprintln!("{kind} at {n} sessions failed: {e:#}"),
+            }
+        }
+    }
+    print(&reports);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&reports)?)?;
+    }
+    if reports.iter().filter(|r| r.program == "guestd").count() < args.sessions.len() {
+        bail!("some guestd runs failed");
+    }
+    if reports
+        .iter()
+        .any(|r| r.program == "guestd" && r.storm_lost > 0)
+    {
+        bail!("guestd lost sessions in the reconnect storm");
+    }
+    Ok(())
+}
