@@ -37,6 +37,11 @@ fn temp_journal() -> PathBuf {
     dir.join("journal.jsonl")
 }
 
+/// The status of a request.
+async fn status(req: reqwest::RequestBuilder) -> u16 {
+    req.send().await.unwrap().status().as_u16()
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -333,22 +338,8 @@ async fn http_api_ops_endpoints_and_metrics_match_what_happened() {
     let http = reqwest::Client::new();
     // Readiness comes once started; the first start proves the port is up.
     let (s0, c0) = d.start("r0").await;
-    assert_eq!(
-        http.get(format!("{base}/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        http.get(format!("{base}/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status(http.get(format!("{base}/healthz"))).await, 200);
+    assert_eq!(status(http.get(format!("{base}/readyz"))).await, 200);
     // Start and manage a chat over HTTP.
     let r = http
         .post(format!("{base}/v1/sessions"))
@@ -379,11 +370,7 @@ async fn http_api_ops_endpoints_and_metrics_match_what_happened() {
     assert_eq!(r.status(), 200);
     d.wait(|v| v["body"] == "over http").await;
     assert_eq!(
-        http.post(format!("{base}/v1/sessions/{s1}/typing"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        status(http.post(format!("{base}/v1/sessions/{s1}/typing"))).await,
         200
     );
     let list: Value = http
@@ -405,11 +392,7 @@ async fn http_api_ops_endpoints_and_metrics_match_what_happened() {
     assert_eq!(r.status(), 400);
     assert!(r.text().await.unwrap().contains("not JSON"));
     assert_eq!(
-        http.get(format!("{base}/v1/sessions/s-nope"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        status(http.get(format!("{base}/v1/sessions/s-nope"))).await,
         404
     );
     assert_eq!(
@@ -428,11 +411,7 @@ async fn http_api_ops_endpoints_and_metrics_match_what_happened() {
     d.wait_type(&s0, "heartbeat_missed").await;
     d.wait_type(&s0, "reconnected").await;
     assert_eq!(
-        http.delete(format!("{base}/v1/sessions/{s1}"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        status(http.delete(format!("{base}/v1/sessions/{s1}"))).await,
         200
     );
     d.wait_type(&s1, "ended").await;

@@ -489,11 +489,13 @@ impl Machine {
         }
         if let Some(dl) = self.inactivity_deadline() {
             if now >= dl {
-                let mins = self.t.inactivity_timeout.as_secs_f64() / 60.0;
+                let limit = humantime::format_duration(self.t.inactivity_timeout);
                 out.push(Action::Leave);
                 self.end(
                     EndReason::InactivityTimeout,
-                    format!("no guest message for {mins:.1} min while an agent was connected; guestd left"),
+                    format!(
+                        "no guest message for {limit} while an agent was connected; guestd left"
+                    ),
                     now,
                     out,
                 );
