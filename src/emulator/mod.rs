@@ -40,8 +40,9 @@ pub struct EmulatorConfig {
     pub inactivity_timeout: Duration,
     /// Whether typing indicators count as guest activity (**[unsure]**; default no).
     pub typing_counts_as_activity: bool,
-    /// Delay from create to an agent being offered the chat; `None` means only on admin command.
-    #[serde(with = "humantime_serde")]
+    /// Delay from create to an agent being offered the chat; `None` (`"never"` in a file) means
+    /// only on admin command.
+    #[serde(with = "never_or_duration")]
     pub agent_join_delay: Option<Duration>,
     /// How long an offered agent stays ALERTING before CONNECTED.
     #[serde(with = "humantime_serde")]
@@ -84,6 +85,29 @@ impl Default for EmulatorConfig {
             public_host: None,
             max_client_frame: 64 * 1024,
             log_limit: 100_000,
+        }
+    }
+}
+
+/// `"never"` (also `"off"`, `"none"`) or a humantime duration such as `"5s"`.
+mod never_or_duration {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(v: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            None => s.serialize_str("never"),
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.trim() {
+            "never" | "off" | "none" => Ok(None),
+            t => humantime::parse_duration(t)
+                .map(Some)
+                .map_err(|e| serde::de::Error::custom(format!("{t:?}: {e} (or \"never\")"))),
         }
     }
 }
@@ -577,4 +601,37 @@ pub fn wall_us() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_emulator_config_parses_and_matches_the_defaults() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/emulator.toml"))
+                .unwrap();
+        let cfg: EmulatorConfig = toml::from_str(&text).unwrap();
+        assert_eq!(
+            toml::to_string(&cfg).unwrap(),
+            toml::to_string(&EmulatorConfig::default()).unwrap()
+        );
+    }
+
+    #[test]
+    fn agents_can_join_only_on_command_and_bad_keys_are_refused() {
+        let cfg: EmulatorConfig = toml::from_str("agent_join_delay = \"never\"").unwrap();
+        assert_eq!(cfg.agent_join_delay, None);
+        let cfg: EmulatorConfig = toml::from_str("agent_join_delay = \"250ms\"").unwrap();
+        assert_eq!(cfg.agent_join_delay, Some(Duration::from_millis(250)));
+        let e = toml::from_str::<EmulatorConfig>("agent_join_delay = \"soon\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("never"), "{e}");
+        let e = toml::from_str::<EmulatorConfig>("heartbeat = \"1s\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("heartbeat"), "{e}");
+    }
 }
