@@ -284,6 +284,8 @@ pub struct JournalSection {
     pub enabled: bool,
     /// Its file (created 0600: it holds jwts).
     pub path: PathBuf,
+    /// Rewrite it with only the live sessions each time this many bytes have been appended.
+    pub compact_after_bytes: u64,
 }
 
 impl Default for JournalSection {
@@ -291,6 +293,7 @@ impl Default for JournalSection {
         JournalSection {
             enabled: true,
             path: PathBuf::from("guestd-journal.jsonl"),
+            compact_after_bytes: 64 * 1024 * 1024,
         }
     }
 }

@@ -68,7 +68,7 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
 ) -> Result<Running, DaemonError> {
     crate::metrics::install();
     let (journal, recovered): (Arc<dyn Journal>, _) = if cfg.journal.enabled {
-        let (j, r) = FileJournal::open(&cfg.journal.path)?;
+        let (j, r) = FileJournal::open(&cfg.journal.path, cfg.journal.compact_after_bytes)?;
         (Arc::new(j), r)
     } else {
         (Arc::new(NullJournal), Vec::new())

@@ -220,7 +220,11 @@ pub fn load(path: &Path) -> Result<Vec<Recovered>, JournalError> {
 
 impl FileJournal {
     /// Open (creating) the journal at `path`, compact it, and return it with the sessions it held.
-    pub fn open(path: &Path) -> Result<(FileJournal, Vec<Recovered>), JournalError> {
+    /// While running, it is compacted again each time `compact_after` bytes have been appended.
+    pub fn open(
+        path: &Path,
+        compact_after: u64,
+    ) -> Result<(FileJournal, Vec<Recovered>), JournalError> {
         let io = |source| JournalError::Io {
             path: path.to_path_buf(),
             source,
@@ -228,41 +232,12 @@ impl FileJournal {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
-        let recovered = load(path)?;
-        // Compact: rewrite the live sessions into a temp file, fsync, rename over the old one.
-        let tmp = path.with_extension("compact");
-        {
-            let mut f = open_0600(&tmp, true).map_err(io)?;
-            for r in &recovered {
-                let mut recs = vec![Rec::Session(r.record.clone())];
-                if let Some(id) = &r.last_message_id {
-                    recs.push(Rec::Progress {
-                        session: r.record.session.clone(),
-                        last_message_id: id.clone(),
-                        at_ms: r.last_alive_ms,
-                    });
-                }
-                if let Some(e) = &r.ending {
-                    recs.push(Rec::Ending {
-                        session: r.record.session.clone(),
-                        ending: e.clone(),
-                    });
-                }
-                for rec in recs {
-                    let mut line = serde_json::to_vec(&rec).unwrap_or_default();
-                    line.push(b'\n');
-                    f.write_all(&line).map_err(io)?;
-                }
-            }
-            f.sync_all().map_err(io)?;
-        }
-        std::fs::rename(&tmp, path).map_err(io)?;
-        let file = open_0600(path, false).map_err(io)?;
+        let (file, recovered) = compact(path)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let path = path.to_path_buf();
         std::thread::Builder::new()
             .name("guestd-journal".into())
-            .spawn(move || writer(file, path, rx))
+            .spawn(move || writer(file, path, rx, compact_after.max(1024)))
             .map_err(io)?;
         Ok((FileJournal { tx }, recovered))
     }
@@ -274,9 +249,61 @@ impl FileJournal {
     }
 }
 
+/// Rewrite the journal with its live sessions only (temp file, fsync, rename over the old one),
+/// and reopen it for appending.
+fn compact(path: &Path) -> Result<(std::fs::File, Vec<Recovered>), JournalError> {
+    let io = |source| JournalError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let recovered = load(path)?;
+    let tmp = path.with_extension("compact");
+    {
+        let mut f = std::io::BufWriter::new(open_0600(&tmp, true).map_err(io)?);
+        for r in &recovered {
+            let mut recs = vec![Rec::Session(r.record.clone())];
+            if let Some(id) = &r.last_message_id {
+                recs.push(Rec::Progress {
+                    session: r.record.session.clone(),
+                    last_message_id: id.clone(),
+                    at_ms: r.last_alive_ms,
+                });
+            }
+            if let Some(e) = &r.ending {
+                recs.push(Rec::Ending {
+                    session: r.record.session.clone(),
+                    ending: e.clone(),
+                });
+            }
+            for rec in recs {
+                let mut line = serde_json::to_vec(&rec).unwrap_or_default();
+                line.push(b'\n');
+                f.write_all(&line).map_err(io)?;
+            }
+        }
+        let f = f.into_inner().map_err(|e| io(e.into_error()))?;
+        f.sync_all().map_err(io)?;
+    }
+    std::fs::rename(&tmp, path).map_err(io)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        // The rename is durable once the directory is.
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    let file = open_0600(path, false).map_err(io)?;
+    Ok((file, recovered))
+}
+
 /// A plain thread: file I/O and fsync block, and batching is easiest with a blocking receive.
-fn writer(file: std::fs::File, path: PathBuf, mut rx: mpsc::UnboundedReceiver<Msg>) {
+fn writer(
+    file: std::fs::File,
+    path: PathBuf,
+    mut rx: mpsc::UnboundedReceiver<Msg>,
+    compact_after: u64,
+) {
     let mut out = std::io::BufWriter::new(file);
+    let mut appended: u64 = 0;
     while let Some(first) = rx.blocking_recv() {
         let mut waiters = Vec::new();
         let mut next = Some(first);
@@ -288,6 +315,7 @@ fn writer(file: std::fs::File, path: PathBuf, mut rx: mpsc::UnboundedReceiver<Ms
                     if let Err(e) = out.write_all(&line) {
                         tracing::error!(path = %path.display(), error = %e, "journal write failed");
                     }
+                    appended += line.len() as u64;
                 }
                 Msg::Sync(w) => waiters.push(w),
             }
@@ -302,6 +330,27 @@ fn writer(file: std::fs::File, path: PathBuf, mut rx: mpsc::UnboundedReceiver<Ms
         });
         if let Err(e) = flushed {
             tracing::error!(path = %path.display(), error = %e, "journal flush failed");
+        }
+        if appended >= compact_after {
+            // Only this thread appends, so what it reads back is everything written so far.
+            let synced = out.flush().and_then(|_| out.get_ref().sync_data());
+            match synced
+                .map_err(|e| JournalError::Io {
+                    path: path.clone(),
+                    source: e,
+                })
+                .and_then(|_| compact(&path))
+            {
+                Ok((file, live)) => {
+                    tracing::debug!(live = live.len(), appended, "journal compacted");
+                    out = std::io::BufWriter::new(file);
+                    appended = 0;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "journal compaction failed; appending to the old file");
+                    appended = 0;
+                }
+            }
         }
         for w in waiters {
             let _ = w.send(());
@@ -365,7 +414,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("guestd-journal-{}", uuid::Uuid::new_v4()));
         let path = dir.join("journal.jsonl");
         {
-            let (j, rec0) = FileJournal::open(&path).unwrap();
+            let (j, rec0) = FileJournal::open(&path, 1 << 20).unwrap();
             assert!(rec0.is_empty());
             j.session_started(rec("a"));
             j.session_started(rec("b"));
@@ -401,7 +450,7 @@ mod tests {
             .unwrap()
             .write_all(b"{\"op\":\"sess")
             .unwrap();
-        let (_j, got) = FileJournal::open(&path).unwrap();
+        let (_j, got) = FileJournal::open(&path, 1 << 20).unwrap();
         let ids: Vec<_> = got.iter().map(|r| r.record.session.as_str()).collect();
         assert_eq!(ids, vec!["a", "b"]);
         assert_eq!(got[0].last_message_id.as_deref(), Some("m2"));
@@ -415,6 +464,41 @@ mod tests {
             let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600);
         }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
+#[cfg(test)]
+mod compaction_tests {
+    use super::*;
+    use crate::secret::Secret;
+
+    #[tokio::test]
+    async fn a_running_journal_stays_small() {
+        let dir = std::env::temp_dir().join(format!("guestd-journal-c-{}", uuid::Uuid::new_v4()));
+        let path = dir.join("journal.jsonl");
+        let (j, _) = FileJournal::open(&path, 4096).unwrap();
+        j.session_started(SessionRecord {
+            session: "a".into(),
+            chat: ChatRef {
+                conversation_id: "c".into(),
+                member_id: "m".into(),
+                jwt: Secret::new("tok"),
+                event_stream_uri: "ws://127.0.0.1:1/x".into(),
+            },
+            started_ms: 1,
+            mode: "start".into(),
+        });
+        for i in 0..2000 {
+            j.progress("a", &format!("message-{i:05}"));
+        }
+        j.sync().await;
+        // 2000 progress lines are ~200 KB; compaction keeps the file near the threshold.
+        let size = std::fs::metadata(&path).unwrap().len();
+        assert!(size < 8192, "{size}");
+        let got = load(&path).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].last_message_id.as_deref(), Some("message-01999"));
         std::fs::remove_dir_all(&dir).ok();
     }
 }
