@@ -78,6 +78,9 @@ pub struct GenesysSection {
     pub deployment_id: String,
     /// Allow plaintext http/ws to hosts other than loopback.
     pub allow_insecure: bool,
+    /// Extra trusted root certificates (PEM), added to the webpki roots: a corporate TLS proxy,
+    /// or a test server. Verification itself is never turned off.
+    pub extra_ca_file: Option<PathBuf>,
 }
 
 impl Default for GenesysSection {
@@ -87,7 +90,25 @@ impl Default for GenesysSection {
             organization_id: String::new(),
             deployment_id: String::new(),
             allow_insecure: false,
+            extra_ca_file: None,
         }
+    }
+}
+
+impl GenesysSection {
+    /// The certificates of `extra_ca_file` (none when unset).
+    pub fn extra_roots(&self) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+        use rustls::pki_types::pem::PemObject;
+        let Some(path) = &self.extra_ca_file else {
+            return Ok(Vec::new());
+        };
+        let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+            .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| e.to_string())?;
+        if certs.is_empty() {
+            return Err("no certificate in the file".into());
+        }
+        Ok(certs)
     }
 }
 
@@ -445,6 +466,11 @@ impl Config {
             self.genesys.allow_insecure,
         ) {
             return bad("genesys.api_base", &e.to_string());
+        }
+        if let Some(p) = &self.genesys.extra_ca_file {
+            if let Err(e) = self.genesys.extra_roots() {
+                return bad("genesys.extra_ca_file", &format!("{}: {e}", p.display()));
+            }
         }
         if !self.control.http_listen.is_empty() {
             let addr: SocketAddr = match self.control.http_listen.parse() {

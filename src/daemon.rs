@@ -74,6 +74,10 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
         (Arc::new(NullJournal), Vec::new())
     };
     let (emitter, writer) = events::spawn_writer(sink, cfg.events.queue_capacity);
+    let extra_roots = cfg
+        .genesys
+        .extra_roots()
+        .map_err(crate::backend::ApiError::Policy)?;
     let api: Arc<dyn ChatApi> = Arc::new(GenesysApi::new(ClientConfig {
         api_base: cfg.genesys.api_base.clone(),
         organization_id: cfg.genesys.organization_id.clone(),
@@ -84,6 +88,7 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
         max_retry_after: cfg.rest.max_retry_after,
         allow_insecure: cfg.genesys.allow_insecure,
         max_concurrent: cfg.rest.max_concurrent,
+        extra_roots: extra_roots.clone(),
     })?);
     let connector = Connector::new(
         StreamConfig {
@@ -93,6 +98,7 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
             connect_timeout: cfg.stream.connect_timeout,
             allow_insecure: cfg.genesys.allow_insecure,
             send_jwt: cfg.stream.send_jwt,
+            extra_roots,
         },
         cfg.stream.max_concurrent_connects,
     );

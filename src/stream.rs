@@ -93,6 +93,8 @@ pub struct StreamConfig {
     pub allow_insecure: bool,
     /// Send `Authorization: Bearer <jwt>` on the handshake.
     pub send_jwt: bool,
+    /// Root certificates trusted besides the webpki roots.
+    pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 impl Default for StreamConfig {
@@ -104,6 +106,7 @@ impl Default for StreamConfig {
             connect_timeout: Duration::from_secs(10),
             allow_insecure: false,
             send_jwt: true,
+            extra_roots: Vec::new(),
         }
     }
 }
@@ -122,8 +125,13 @@ impl Connector {
     /// A connector with a concurrency limit.
     pub fn new(cfg: StreamConfig, limit: usize) -> Self {
         // TLS is always verified against the webpki roots; there is no way to turn that off.
-        let roots =
+        let mut roots =
             rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        for der in &cfg.extra_roots {
+            if let Err(e) = roots.add(der.clone()) {
+                tracing::error!(error = %e, "an extra CA certificate was refused");
+            }
+        }
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))

@@ -62,6 +62,10 @@ pub struct EmulatorConfig {
     pub stream_requires_jwt: bool,
     /// Host (and port) put into `eventStreamUri`; default the address the emulator listens on.
     pub public_host: Option<String>,
+    /// Serve HTTPS and WSS with this certificate chain (PEM); plaintext when unset.
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    /// The private key (PEM) of `tls_cert_file`.
+    pub tls_key_file: Option<std::path::PathBuf>,
     /// Largest message a socket accepts from a client, bytes.
     pub max_client_frame: usize,
     /// Entries kept in the guest-side log.
@@ -83,6 +87,8 @@ impl Default for EmulatorConfig {
             close_sockets_on_end: true,
             stream_requires_jwt: false,
             public_host: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             max_client_frame: 64 * 1024,
             log_limit: 100_000,
         }
@@ -163,6 +169,8 @@ pub enum AdminError {
 
 pub(crate) struct Shared {
     pub world: Mutex<World>,
+    /// Serving HTTPS/WSS.
+    pub https: bool,
     pub cfg: EmulatorConfig,
     pub stream_bases: Vec<String>,
     pub next_base: AtomicUsize,
@@ -231,12 +239,15 @@ impl Emulator {
         let addr = *bound.first().ok_or_else(|| {
             std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to listen on")
         })?;
+        let tls = tls_acceptor(&cfg)?;
+        let ws = if tls.is_some() { "wss" } else { "ws" };
         let stream_bases = match &cfg.public_host {
-            Some(h) => vec![format!("ws://{h}")],
-            None => bound.iter().map(|a| format!("ws://{a}")).collect(),
+            Some(h) => vec![format!("{ws}://{h}")],
+            None => bound.iter().map(|a| format!("{ws}://{a}")).collect(),
         };
         let shared = Arc::new(Shared {
             world: Mutex::new(World::new(cfg.clone())),
+            https: tls.is_some(),
             cfg,
             stream_bases,
             next_base: AtomicUsize::new(0),
@@ -245,7 +256,12 @@ impl Emulator {
         });
         let app = http::router(shared.clone());
         for listener in listeners {
-            tokio::spawn(serve_listener(listener, app.clone(), shared.cancel.clone()));
+            tokio::spawn(serve_listener(
+                listener,
+                app.clone(),
+                shared.cancel.clone(),
+                tls.clone(),
+            ));
         }
         tracing::info!(addrs = ?bound, "emulator listening");
         Ok(Emulator { addr, shared })
@@ -256,9 +272,10 @@ impl Emulator {
         self.addr
     }
 
-    /// `http://addr`, the API base to configure guestd with.
+    /// `http://addr` (or `https://`), the API base to configure guestd with.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.shared.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Stop serving and close every socket.
@@ -561,13 +578,38 @@ impl Emulator {
     }
 }
 
+/// The TLS acceptor when `tls_cert_file` and `tls_key_file` are set.
+fn tls_acceptor(cfg: &EmulatorConfig) -> std::io::Result<Option<tokio_rustls::TlsAcceptor>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, m);
+    let (cert, key) = match (&cfg.tls_cert_file, &cfg.tls_key_file) {
+        (None, None) => return Ok(None),
+        (Some(c), Some(k)) => (c, k),
+        _ => return Err(bad("tls_cert_file and tls_key_file go together".into())),
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| bad(format!("{}: {e}", cert.display())))?;
+    let key =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| bad(format!("{}: {e}", key.display())))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key))
+    .map_err(|e| bad(format!("TLS configuration: {e}")))?;
+    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
+}
+
 /// A plain HTTP/1 accept loop rather than `axum::serve`: axum's auto (h1/h2) builder wraps the
-/// connection in a private type, and the socket task needs the bare `TcpStream` back from the
-/// upgrade to be able to reset it.
+/// connection in a private type, and the socket task needs its own stream type back from the
+/// upgrade to be able to reset the TCP connection.
 async fn serve_listener(
     listener: tokio::net::TcpListener,
     app: axum::Router,
     cancel: CancellationToken,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     loop {
         let (tcp, _) = tokio::select! {
@@ -584,9 +626,20 @@ async fn serve_listener(
         };
         let _ = tcp.set_nodelay(true);
         let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        let tls = tls.clone();
         tokio::spawn(async move {
+            let io = match tls {
+                None => socket::EmuStream::Plain(tcp),
+                Some(acceptor) => match acceptor.accept(tcp).await {
+                    Ok(s) => socket::EmuStream::Tls(Box::new(s)),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "emulator TLS handshake failed");
+                        return;
+                    }
+                },
+            };
             let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
                 .with_upgrades();
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "emulator connection ended with an error");

@@ -23,7 +23,7 @@ pub(crate) async fn run(
     rx: mpsc::UnboundedReceiver<SocketCmd>,
 ) {
     let why = match on_upgrade.await {
-        Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(upgraded) => match upgraded.downcast::<TokioIo<EmuStream>>() {
             Ok(parts) if parts.read_buf.is_empty() => {
                 let cfg = WebSocketConfig::default()
                     .read_buffer_size(4096)
@@ -38,7 +38,7 @@ pub(crate) async fn run(
                 .await;
                 serve(&sh, &conv, sock, ws, rx).await
             }
-            _ => "upgrade did not yield a bare TCP stream",
+            _ => "upgrade did not yield the emulator's stream",
         },
         Err(_) => "upgrade failed",
     };
@@ -49,7 +49,7 @@ async fn serve(
     sh: &Shared,
     conv: &str,
     sock: u64,
-    mut ws: WebSocketStream<TcpStream>,
+    mut ws: WebSocketStream<EmuStream>,
     mut rx: mpsc::UnboundedReceiver<SocketCmd>,
 ) -> &'static str {
     let every = sh.cfg.heartbeat_interval;
@@ -90,7 +90,7 @@ async fn serve(
                 }
                 Some(SocketCmd::Reset) => {
                     // SO_LINGER 0 turns the close of the fd into a RST: no close frame, no FIN.
-                    if let Err(e) = socket_reset(ws.get_ref()) {
+                    if let Err(e) = socket_reset(ws.get_ref().tcp()) {
                         tracing::warn!(error = %e, "could not set SO_LINGER for a reset");
                     }
                     return "reset by server";
@@ -156,4 +156,68 @@ fn is_ping(t: &str) -> bool {
 #[allow(deprecated)]
 fn socket_reset(s: &TcpStream) -> std::io::Result<()> {
     s.set_linger(Some(Duration::ZERO))
+}
+
+/// What the emulator serves on: TCP, or TLS over TCP (boxed: the TLS state is large).
+pub(crate) enum EmuStream {
+    /// Plaintext.
+    Plain(TcpStream),
+    /// TLS.
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl EmuStream {
+    /// The TCP connection underneath (to reset it).
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            EmuStream::Plain(s) => s,
+            EmuStream::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for EmuStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            EmuStream::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            EmuStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for EmuStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            EmuStream::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            EmuStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            EmuStream::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            EmuStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            EmuStream::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            EmuStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }

@@ -41,6 +41,8 @@ pub struct ClientConfig {
     /// REST requests in flight at once, process-wide (a reconnect storm's reconciles queue here
     /// rather than opening thousands of connections and tripping the platform's rate limit).
     pub max_concurrent: usize,
+    /// Root certificates trusted besides the webpki roots.
+    pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 /// The Genesys backend.
@@ -85,7 +87,13 @@ impl GenesysApi {
     /// Build a client. TLS uses rustls with the webpki roots; certificates are always verified.
     pub fn new(cfg: ClientConfig) -> Result<Self, ApiError> {
         check_transport(&cfg.api_base, cfg.allow_insecure)?;
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        for der in &cfg.extra_roots {
+            let cert = reqwest::Certificate::from_der(der)
+                .map_err(|e| ApiError::Policy(format!("extra CA: {e}")))?;
+            builder = builder.add_root_certificate(cert);
+        }
+        let http = builder
             .timeout(cfg.timeout)
             .connect_timeout(cfg.timeout)
             .pool_max_idle_per_host(64)

@@ -592,6 +592,7 @@ mod size_tests {
             max_retry_after: Duration::from_secs(1),
             allow_insecure: false,
             max_concurrent: 1,
+            extra_roots: Vec::new(),
         })
         .unwrap();
         let (done, _rx) = mpsc::unbounded_channel();

@@ -45,7 +45,20 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 impl Guest {
     pub async fn create(emu: &Emulator) -> Guest {
-        let http = reqwest::Client::new();
+        Self::create_with(emu, reqwest::Client::new()).await
+    }
+
+    /// Against an emulator serving HTTPS with the certificate in `ca` (PEM).
+    pub async fn create_tls(emu: &Emulator, ca: &std::path::Path) -> Guest {
+        let pem = std::fs::read(ca).unwrap();
+        let http = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+            .build()
+            .unwrap();
+        Self::create_with(emu, http).await
+    }
+
+    async fn create_with(emu: &Emulator, http: reqwest::Client) -> Guest {
         let base = emu.base_url();
         let r = http
             .post(format!("{base}/api/v2/webchat/guest/conversations"))
