@@ -6,13 +6,15 @@ measures (attach commands on stdin; heartbeat tracking, reconnect with backoff i
 window, end detection from member-change events, JSON lines on stdout). It does less than guestd
 (no REST reconcile or backfill, no inactivity rule, no journal), which only flatters it.
 
-Settings come from the environment: PEER_HEARTBEAT (seconds), PEER_TOLERANCE, PEER_GRACE.
+Settings come from the environment: PEER_HEARTBEAT (seconds), PEER_TOLERANCE, PEER_GRACE,
+PEER_CA_FILE (a PEM root to trust for wss).
 """
 
 import asyncio
 import json
 import os
 import random
+import ssl
 import sys
 import time
 
@@ -21,6 +23,8 @@ import websockets
 HEARTBEAT = float(os.environ.get("PEER_HEARTBEAT", "30"))
 TOLERANCE = int(os.environ.get("PEER_TOLERANCE", "2"))
 GRACE = float(os.environ.get("PEER_GRACE", "120"))
+CA_FILE = os.environ.get("PEER_CA_FILE")
+SSL = ssl.create_default_context(cafile=CA_FILE) if CA_FILE else None
 seq = 0
 
 
@@ -52,7 +56,8 @@ class Session:
         delay = 0.5
         while not self.ended:
             try:
-                async with websockets.connect(self.uri, ping_interval=None, max_size=256 * 1024,
+                extra = {"ssl": SSL} if self.uri.startswith("wss:") and SSL else {}
+                async with websockets.connect(self.uri, ping_interval=None, max_size=256 * 1024, **extra,
                                               additional_headers={"Authorization": f"Bearer {self.jwt}"}) as ws:
                     emit({"type": "reconnected" if lost_at else "connected", "conversation_id": self.conv})
                     lost_at, delay = None, 0.5

@@ -57,6 +57,46 @@ struct Args {
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Run over TLS (HTTPS/WSS with a throwaway certificate made by the `openssl` command).
+    #[arg(long)]
+    tls: bool,
+}
+
+/// A throwaway certificate for 127.0.0.1-4, made with the openssl command line.
+fn make_cert(dir: &std::path::Path, addrs: u8) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    let sans: Vec<String> = (1..=addrs.max(1))
+        .map(|i| format!("IP:127.0.0.{i}"))
+        .collect();
+    let st = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+        ])
+        .args(["-subj", "/CN=localhost", "-addext"])
+        .arg(format!("subjectAltName=DNS:localhost,{}", sans.join(",")))
+        // A leaf, not a CA: rustls refuses a CA certificate used as the server's own.
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("running openssl (needed for --tls)")?;
+    if !st.success() {
+        bail!("openssl could not make a certificate");
+    }
+    Ok((cert, key))
 }
 
 fn wall_us() -> u64 {
@@ -160,17 +200,25 @@ struct Emu {
 }
 
 impl Emu {
-    async fn start(exe: &PathBuf, args: &Args) -> anyhow::Result<Emu> {
+    async fn start(
+        exe: &PathBuf,
+        args: &Args,
+        tls: Option<(PathBuf, PathBuf)>,
+    ) -> anyhow::Result<Emu> {
         let dir = std::env::temp_dir().join(format!("guestd-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let cfg = dir.join("emulator.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "heartbeat_interval = \"{}ms\"\nreconnect_grace = \"5m\"\ninactivity_timeout = \"2h\"\nlog_limit = 1000\n",
-                args.heartbeat.as_millis()
-            ),
-        )?;
+        let mut text = format!(
+            "heartbeat_interval = \"{}ms\"\nreconnect_grace = \"5m\"\ninactivity_timeout = \"2h\"\nlog_limit = 1000\n",
+            args.heartbeat.as_millis()
+        );
+        if let Some((cert, key)) = &tls {
+            text.push_str(&format!(
+                "tls_cert_file = {:?}\ntls_key_file = {:?}\n",
+                cert, key
+            ));
+        }
+        std::fs::write(&cfg, text)?;
         let mut cmd = Command::new(exe);
         cmd.arg("emulator").arg("--config").arg(&cfg);
         let mut first = None;
@@ -196,10 +244,16 @@ impl Emu {
             }
         }
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let mut http = reqwest::Client::builder();
+        if let Some((cert, _)) = &tls {
+            http =
+                http.add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(cert)?)?);
+        }
+        let scheme = if tls.is_some() { "https" } else { "http" };
         Ok(Emu {
             _child: child,
-            base: format!("http://{}", first.context("an address")?),
-            http: reqwest::Client::new(),
+            base: format!("{scheme}://{}", first.context("an address")?),
+            http: http.build()?,
         })
     }
 
@@ -252,7 +306,14 @@ struct Report {
 }
 
 async fn run(kind: &str, n: usize, exe: &PathBuf, args: &Args) -> anyhow::Result<Report> {
-    let emu = Emu::start(exe, args).await?;
+    let tls = if args.tls {
+        let dir = std::env::temp_dir().join(format!("guestd-bench-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Some(make_cert(&dir, args.addrs)?)
+    } else {
+        None
+    };
+    let emu = Emu::start(exe, args, tls.clone()).await?;
     let metrics_port = free_port("127.0.0.1")?;
     let hb_ms = args.heartbeat.as_millis();
     let mut cmd = if kind == "guestd" {
@@ -276,6 +337,10 @@ async fn run(kind: &str, n: usize, exe: &PathBuf, args: &Args) -> anyhow::Result
                 format!("127.0.0.1:{metrics_port}"),
             )
             .env("GUESTD_SUPERVISOR__MAX_SESSIONS", "200000")
+            .envs(
+                tls.as_ref()
+                    .map(|(cert, _)| ("GUESTD_GENESYS__EXTRA_CA_FILE", cert.display().to_string())),
+            )
             .env("RUST_LOG", "error");
         c
     } else {
@@ -286,7 +351,11 @@ async fn run(kind: &str, n: usize, exe: &PathBuf, args: &Args) -> anyhow::Result
                 "PEER_HEARTBEAT",
                 format!("{}", args.heartbeat.as_secs_f64()),
             )
-            .env("PEER_GRACE", "120");
+            .env("PEER_GRACE", "120")
+            .envs(
+                tls.as_ref()
+                    .map(|(cert, _)| ("PEER_CA_FILE", cert.display().to_string())),
+            );
         c
     };
     cmd.env_remove("GUESTD_CONFIG");
