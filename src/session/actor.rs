@@ -292,11 +292,15 @@ impl Actor {
                 Some(i) => Wake::Input(i),
                 None => {
                     sleep.as_mut().reset(self.m.next_deadline().unwrap_or(far));
+                    // Biased, frames before the timer: after a stall (a slow stdout reader holds
+                    // the session in `emit`), frames already received are proof of life and must
+                    // be seen before a deadline can declare the socket silent.
                     tokio::select! {
+                        biased;
                         _ = cancel.cancelled(), if !shutting_down => Wake::Shutdown,
+                        frame = next_frame(&mut self.ws) => self.frame(frame).map_or(Wake::Nothing, Wake::Input),
                         cmd = rx.recv() => self.command(*cmd).map_or(Wake::Nothing, Wake::Input),
                         r = opt(self.connecting.as_mut()) => Wake::Input(self.connected(r)),
-                        frame = next_frame(&mut self.ws) => self.frame(frame).map_or(Wake::Nothing, Wake::Input),
                         i = next_rest(&mut self.rest) => i.map_or(Wake::Nothing, Wake::Input),
                         _ = sleep.as_mut() => Wake::Input(Input::Tick),
                     }
