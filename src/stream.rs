@@ -22,38 +22,42 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 /// An open event stream.
 pub type Ws = WebSocketStream<Transport>;
 
-/// TCP, or TLS over TCP. Not tokio-tungstenite's `MaybeTlsStream`: that enum holds the rustls
-/// connection inline, so every socket is 1,112 bytes even when plaintext; boxing the TLS state
-/// makes a plaintext socket 40 bytes and a TLS one 8 bytes more than before.
-pub enum Transport {
+/// guestd's side of a websocket: TCP, or TLS over TCP.
+pub type Transport = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// TCP, or TLS over TCP, with the TLS state boxed. Not tokio-tungstenite's `MaybeTlsStream`: that
+/// enum holds the rustls connection inline, so every socket is 1,112 bytes even when plaintext;
+/// boxed, a plaintext socket is 40 bytes and a TLS one 8 bytes more than before. Generic over the
+/// TLS stream so the emulator's server side uses the same type.
+pub enum MaybeTls<T> {
     /// Plaintext (loopback, or `allow_insecure`).
     Plain(TcpStream),
     /// TLS, verified.
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Tls(Box<T>),
 }
 
-impl tokio::io::AsyncRead for Transport {
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for MaybeTls<T> {
     fn poll_read(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         match self.get_mut() {
-            Transport::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-            Transport::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+            MaybeTls::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            MaybeTls::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
 
-impl tokio::io::AsyncWrite for Transport {
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for MaybeTls<T> {
     fn poll_write(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
         match self.get_mut() {
-            Transport::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-            Transport::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+            MaybeTls::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            MaybeTls::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -62,8 +66,8 @@ impl tokio::io::AsyncWrite for Transport {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         match self.get_mut() {
-            Transport::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
-            Transport::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+            MaybeTls::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            MaybeTls::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -72,8 +76,8 @@ impl tokio::io::AsyncWrite for Transport {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         match self.get_mut() {
-            Transport::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-            Transport::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+            MaybeTls::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            MaybeTls::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -214,7 +218,7 @@ impl Connector {
             .map_err(|e| other(format!("connect {host}:{port}: {e}")))?;
         let _ = tcp.set_nodelay(true);
         let mut stream = match url.scheme() {
-            "ws" => Transport::Plain(tcp),
+            "ws" => MaybeTls::Plain(tcp),
             "wss" => {
                 let name = rustls::pki_types::ServerName::try_from(
                     host.trim_start_matches('[')
@@ -230,7 +234,7 @@ impl Connector {
                     .connect(name, tcp)
                     .await
                     .map_err(|e| other(format!("TLS with {host}: {e}")))?;
-                Transport::Tls(Box::new(tls))
+                MaybeTls::Tls(Box::new(tls))
             }
             s => return Err(other(format!("unsupported scheme {s}"))),
         };

@@ -90,7 +90,7 @@ async fn serve(
                 }
                 Some(SocketCmd::Reset) => {
                     // SO_LINGER 0 turns the close of the fd into a RST: no close frame, no FIN.
-                    if let Err(e) = socket_reset(ws.get_ref().tcp()) {
+                    if let Err(e) = socket_reset(tcp(ws.get_ref())) {
                         tracing::warn!(error = %e, "could not set SO_LINGER for a reset");
                     }
                     return "reset by server";
@@ -158,66 +158,13 @@ fn socket_reset(s: &TcpStream) -> std::io::Result<()> {
     s.set_linger(Some(Duration::ZERO))
 }
 
-/// What the emulator serves on: TCP, or TLS over TCP (boxed: the TLS state is large).
-pub(crate) enum EmuStream {
-    /// Plaintext.
-    Plain(TcpStream),
-    /// TLS.
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
-}
+/// What the emulator serves on: TCP, or TLS over TCP (the same boxed-TLS type guestd uses).
+pub(crate) type EmuStream = crate::stream::MaybeTls<tokio_rustls::server::TlsStream<TcpStream>>;
 
-impl EmuStream {
-    /// The TCP connection underneath (to reset it).
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            EmuStream::Plain(s) => s,
-            EmuStream::Tls(s) => s.get_ref().0,
-        }
-    }
-}
-
-impl tokio::io::AsyncRead for EmuStream {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            EmuStream::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-            EmuStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl tokio::io::AsyncWrite for EmuStream {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            EmuStream::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-            EmuStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            EmuStream::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
-            EmuStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            EmuStream::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-            EmuStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
+/// The TCP connection underneath (to reset it).
+fn tcp(s: &EmuStream) -> &TcpStream {
+    match s {
+        EmuStream::Plain(s) => s,
+        EmuStream::Tls(s) => s.get_ref().0,
     }
 }
