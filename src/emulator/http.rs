@@ -128,19 +128,26 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .strip_prefix("Bearer ")
 }
 
+/// The next fault queued by `/emulator/faults`, as the error reply it becomes (429 carries
+/// `Retry-After`). Create and every other guest call take faults from the same queue.
+fn injected_fault(w: &mut super::world::World) -> Option<ApiError> {
+    let (status, retry) = w.rest_faults.pop_front()?;
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    let mut e = ApiError::new(code, "emulator.fault", format!("injected {status}"));
+    if status == 429 {
+        e.code = "too.many.requests";
+        e.retry_after = Some(retry);
+    }
+    Some(e)
+}
+
 /// The checks every guest call but create goes through, in the platform's order: injected
 /// faults, then a bearer token at all, the conversation, the token matching it and not expired.
 /// Every outcome is written to the guest-side log.
 fn guard(shared: &Shared, headers: &HeaderMap, conv: &str, action: &str) -> Result<(), ApiError> {
     let mut w = shared.world();
     let result = (|| {
-        if let Some((status, retry)) = w.rest_faults.pop_front() {
-            let code = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-            let mut e = ApiError::new(code, "emulator.fault", format!("injected {status}"));
-            if status == 429 {
-                e.code = "too.many.requests";
-                e.retry_after = Some(retry);
-            }
+        if let Some(e) = injected_fault(&mut w) {
             return Err(e);
         }
         let token =
@@ -202,13 +209,8 @@ async fn create(State(sh): S, body: Bytes) -> Result<Json<CreateChatResponse>, A
     }
     let (id, jwt, guest, notify) = {
         let mut w = sh.world();
-        if let Some((status, retry)) = w.rest_faults.pop_front() {
-            w.record(None, "create", Some(status), "injected".into());
-            let code = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-            let mut e = ApiError::new(code, "emulator.fault", format!("injected {status}"));
-            if status == 429 {
-                e.retry_after = Some(retry);
-            }
+        if let Some(e) = injected_fault(&mut w) {
+            w.record(None, "create", Some(e.status.as_u16()), "injected".into());
             return Err(e);
         }
         let out = w.create(&req.member_info.display_name, Instant::now());
