@@ -15,13 +15,20 @@
 //!   that arrive meanwhile are held so messages come out once each and in order;
 //! - no guest message for `inactivity_timeout` while an agent is connected: warn at
 //!   `inactivity_warning_lead` before, then leave and end with `inactivity_timeout`;
-//! - the end is inferred in the reference's order (leave requested, own inactivity deadline,
-//!   grace, 401, agent left just before, flow with no agent, otherwise server); exactly one
-//!   `ended` is ever produced, whatever arrives after it.
+//! - the end is inferred from all the evidence at hand, in the order `ending` documents (leave
+//!   requested, own inactivity deadline, the members' leave dates, the member frames' order, a
+//!   stream that was down, otherwise server); a 401 ends with `token_expired` when it arrives;
+//!   exactly one `ended` is ever produced, whatever arrives after it;
+//! - member-change frames are applied in the order they arrived: once a frame names a member
+//!   whose role is unknown, later member frames wait behind it until the members list gives the
+//!   roles, then all are replayed in order before anything is decided.
+
+mod ending;
 
 use crate::backend::{ApiError, ChatEvent, ChatMember, ChatMessage, MemberState, Role};
 use crate::backoff_policy::{Backoff, BackoffConfig};
 use crate::events::{EndReason, EventKind};
+use ending::{ByDates, ByFrames, Evidence, Stream};
 use std::collections::VecDeque;
 use tokio::time::{Duration, Instant};
 
@@ -65,13 +72,16 @@ impl Default for Timing {
 }
 
 /// A REST failure as the machine needs to know it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Failure {
     /// 401.
+    #[error("unauthorized (401): {0}")]
     Unauthorized(String),
     /// 404.
+    #[error("not found (404): {0}")]
     NotFound(String),
     /// Anything else (already retried by the client).
+    #[error("{0}")]
     Other(String),
 }
 
@@ -193,7 +203,14 @@ impl Phase {
     }
 }
 
+/// Message ids remembered to drop duplicates (a backfill overlapping live frames).
 const SEEN_CAP: usize = 128;
+/// Times the members list is asked again when it predates the guest's DISCONNECTED frame.
+const MAX_GONE_REFETCHES: u8 = 3;
+/// Times the members list is asked again for a member it does not list yet.
+const MAX_ROLE_REFETCHES: u8 = 3;
+/// Times a failed members list is retried while frames wait for roles or an end waits for it.
+const MAX_LOOKUP_RETRIES: u8 = 3;
 
 /// The state of one session.
 #[derive(Debug)]
@@ -214,13 +231,16 @@ pub struct Machine {
     guest_gone: bool,
     gone_refetches: u8,
     role_refetches: u8,
-    gone_seen_up: bool,
+    lookup_retries: u8,
+    /// The evidence as it stood when the guest's DISCONNECTED frame arrived.
+    at_gone: Option<Evidence>,
     agent: Option<String>,
     agent_since: Option<Instant>,
     agent_ever: bool,
     last_agent_left: Option<Instant>,
     workflow_left: bool,
-    evidence: Option<(EndReason, &'static str)>,
+    /// What a members list that showed the guest DISCONNECTED said through its leave dates.
+    dates: Option<ByDates>,
     last_guest_msg: Option<Instant>,
     warned: bool,
     leave_requested: bool,
@@ -264,13 +284,14 @@ impl Machine {
             guest_gone: false,
             gone_refetches: 0,
             role_refetches: 0,
-            gone_seen_up: false,
+            lookup_retries: 0,
+            at_gone: None,
             agent: None,
             agent_since: None,
             agent_ever: false,
             last_agent_left: None,
             workflow_left: false,
-            evidence: None,
+            dates: None,
             last_guest_msg: None,
             warned: false,
             leave_requested: false,
@@ -375,7 +396,7 @@ impl Machine {
     }
 
     fn miss_due(&self, last_rx: Instant, missed: u32) -> Instant {
-        last_rx + self.t.heartbeat_interval * (missed + 1) + self.t.heartbeat_interval / 2
+        last_rx_miss_due(&self.t, last_rx, missed)
     }
 
     fn warning_at(&self, deadline: Instant) -> Option<Instant> {
@@ -450,8 +471,8 @@ impl Machine {
     fn on_tick(&mut self, now: Instant, out: &mut Vec<Action>) {
         match &mut self.link {
             Link::Up { last_rx, missed } => {
-                let due = self.t.heartbeat_interval * (*missed + 1) + self.t.heartbeat_interval / 2;
-                if now >= *last_rx + due {
+                let due = last_rx_miss_due(&self.t, *last_rx, *missed);
+                if now >= due {
                     *missed += 1;
                     let (k, silent) = (*missed, now - *last_rx);
                     out.push(Action::Emit(EventKind::HeartbeatMissed {
@@ -698,12 +719,27 @@ impl Machine {
         now: Instant,
         out: &mut Vec<Action>,
     ) {
-        if self.member(&id).is_none() {
+        // Frame order is evidence: once one frame waits for a role, later ones wait behind it.
+        if !self.held_members.is_empty() || self.member(&id).is_none() {
             self.held_members.push((id, state));
             self.fetch(Fetch::Refresh, out);
             return;
         }
         self.apply_member(&id, None, state, now, out);
+    }
+
+    /// Record a member's role (from a members list) without touching its state.
+    fn learn_role(&mut self, id: &str, role: Role) {
+        match self.members.iter_mut().find(|(m, _)| m == id) {
+            Some((_, k)) => k.role = Some(role),
+            None => self.members.push((
+                id.to_string(),
+                Known {
+                    role: Some(role),
+                    state: MemberState::Unknown,
+                },
+            )),
+        }
     }
 
     fn apply_member(
@@ -768,65 +804,58 @@ impl Machine {
             _ => {}
         }
         if id == self.guest_id && state == MemberState::Disconnected && !self.reconciling {
-            if !self.held_members.is_empty() || self.fetching.is_some() {
-                // Roles or states are still on their way: decide when the members list is in.
-                self.guest_gone = true;
-                self.gone_seen_up = matches!(self.link, Link::Up { .. });
-                return;
+            // A frame (or a held frame replayed): the stream was up when it was sent.
+            if self.at_gone.is_none() {
+                let mut e = self.snapshot(now);
+                e.stream = Stream::Up;
+                self.at_gone = Some(e);
             }
-            let (reason, detail) = self.infer(now);
-            self.end(reason, detail, now, out);
+            self.guest_gone = true;
+            if self.held_members.is_empty() && self.fetching.is_none() {
+                self.decide(now, out);
+            }
+            // Otherwise roles or states are still on their way: decide when the list is in.
         }
     }
 
-    /// Why the chat ended, in the protocol reference's order.
-    fn infer(&self, now: Instant) -> (EndReason, String) {
-        if self.leave_requested {
-            return (EndReason::GuestLeft, "guest left on request".into());
+    /// The evidence as it stands now (without a members list's dates unless one was read).
+    fn snapshot(&self, now: Instant) -> Evidence {
+        let stream = match self.link {
+            Link::Up { .. } => Stream::Up,
+            Link::Down { .. } if self.resumed && !self.ever_connected => Stream::GuestdWasDown,
+            Link::Down { lost_at, .. } => Stream::Reconnecting {
+                grace_elapsed: now >= lost_at + self.t.reconnect_grace,
+            },
+        };
+        Evidence {
+            leave_requested: self.leave_requested,
+            inactivity_due: self
+                .inactivity_deadline()
+                .is_some_and(|dl| now + self.t.inactivity_skew >= dl),
+            dates: self.dates,
+            frames: ByFrames {
+                agent_just_before: self
+                    .last_agent_left
+                    .is_some_and(|t| now.saturating_duration_since(t) <= self.t.agent_end_window),
+                flow_without_agent: !self.agent_ever && self.workflow_left,
+            },
+            stream,
         }
-        if self
-            .inactivity_deadline()
-            .is_some_and(|dl| now + self.t.inactivity_skew >= dl)
-        {
-            return (
-                EndReason::InactivityTimeout,
-                "the platform ended it at the no-activity deadline".into(),
-            );
-        }
-        if let Some((reason, why)) = self.evidence {
-            return (reason, why.into());
-        }
-        if let (Link::Down { lost_at, .. }, false) = (&self.link, self.gone_seen_up) {
-            let lost_at = *lost_at;
-            // The platform drops a guest whose socket is gone; guestd was reconnecting (or down).
-            let detail = if now >= lost_at + self.t.reconnect_grace {
-                "no reconnect within the grace window"
-            } else if self.resumed && !self.ever_connected {
-                "the chat ended while guestd was down"
-            } else {
-                "the platform disconnected the guest while guestd was reconnecting"
-            };
-            return (EndReason::ReconnectGraceExpired, detail.into());
-        }
-        if self
-            .last_agent_left
-            .is_some_and(|t| now.saturating_duration_since(t) <= self.t.agent_end_window)
-        {
-            return (
-                EndReason::AgentEnded,
-                "the agent disconnected just before the guest".into(),
-            );
-        }
-        if !self.agent_ever && self.workflow_left {
-            return (
-                EndReason::FlowEnded,
-                "a flow disconnected the chat before any agent connected".into(),
-            );
-        }
-        (
-            EndReason::ServerEnded,
-            "the guest went DISCONNECTED without a known cause".into(),
-        )
+    }
+
+    /// End the chat for the reason the evidence gives (`pre` when the guest's end was learned
+    /// from a list: the evidence before that list's states were applied).
+    fn decide_with(&mut self, pre: Evidence, now: Instant, out: &mut Vec<Action>) {
+        let mut e = self.at_gone.unwrap_or(pre);
+        e.dates = self.dates;
+        e.leave_requested |= self.leave_requested;
+        let (reason, detail) = ending::infer(&e);
+        self.end(reason, detail.into(), now, out);
+    }
+
+    fn decide(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let pre = self.snapshot(now);
+        self.decide_with(pre, now, out);
     }
 
     fn on_members(
@@ -837,138 +866,136 @@ impl Machine {
     ) {
         let why = self.fetching.take().unwrap_or(Fetch::Refresh);
         let held = std::mem::take(&mut self.held_members);
-        match r {
-            Ok(list) => {
-                let guest_left = list
-                    .iter()
-                    .find(|m| m.id == self.guest_id && m.state == MemberState::Disconnected)
-                    .map(|m| m.leave_date.clone());
-                let all_gone =
-                    list.len() > 1 && list.iter().all(|m| m.state == MemberState::Disconnected);
-                // Leave dates tell whether an agent or a flow left before the guest did.
-                if let Some(g) = &guest_left {
-                    let before = |m: &ChatMember| match (&m.leave_date, g) {
-                        (Some(a), Some(g)) => a < g,
-                        _ => false,
-                    };
-                    let agent_first = list.iter().any(|m| {
-                        m.role == Role::Agent && m.state == MemberState::Disconnected && before(m)
-                    });
-                    let any_agent = self.agent_ever || list.iter().any(|m| m.role == Role::Agent);
-                    let flow_first = list.iter().any(|m| {
-                        m.role == Role::Workflow
-                            && m.state == MemberState::Disconnected
-                            && before(m)
-                    });
-                    self.evidence = if agent_first {
-                        Some((
-                            EndReason::AgentEnded,
-                            "the agent left before the guest (members' leave dates)",
-                        ))
-                    } else if flow_first && !any_agent {
-                        Some((
-                            EndReason::FlowEnded,
-                            "a flow left before the guest and no agent joined (members' leave dates)",
-                        ))
-                    } else {
-                        None
-                    };
-                }
-                // Decide before applying the list: applying it (an agent that left after the
-                // guest, say) must not change what the state said when the guest left.
-                if self.guest_gone && guest_left.is_none() && self.gone_refetches < 3 {
-                    // The list predates the guest's DISCONNECTED: ask again before deciding.
-                    self.gone_refetches += 1;
-                    self.held_members = held;
-                    return self.fetch(Fetch::Refresh, out);
-                }
-                let decided =
-                    (guest_left.is_some() || all_gone || self.guest_gone).then(|| self.infer(now));
-                self.reconciling = true;
-                // Held changes are older than the list: apply them first, with the list's roles,
-                // so a member seen ALERTING then CONNECTED reports both, in order.
-                let mut missing = Vec::new();
-                for (id, state) in held {
-                    match list.iter().find(|m| m.id == id) {
-                        Some(m) => self.apply_member(&id, Some(m.role), state, now, out),
-                        None => missing.push((id, state)),
-                    }
-                }
-                let (guest, others): (Vec<_>, Vec<_>) =
-                    list.into_iter().partition(|m| m.id == self.guest_id);
-                for m in others.iter().chain(guest.iter()) {
-                    self.apply_member(&m.id, Some(m.role), m.state, now, out);
-                }
-                self.reconciling = false;
-                if !missing.is_empty() {
-                    if self.role_refetches < 3 && decided.is_none() {
-                        // Joined after the list was taken: ask again.
-                        self.role_refetches += 1;
-                        self.held_members = missing;
-                        self.fetch(Fetch::Refresh, out);
-                    } else {
-                        for (id, state) in missing {
-                            self.apply_member(&id, None, state, now, out);
-                        }
-                    }
-                } else {
-                    self.role_refetches = 0;
-                }
-                if let Some((reason, detail)) = decided {
-                    return self.end(reason, detail, now, out);
-                }
-                match why {
-                    Fetch::GaveUp => self.end(
-                        EndReason::ReconnectGraceExpired,
-                        "no reconnect within the grace window".into(),
-                        now,
-                        out,
-                    ),
-                    // 404 on the stream but the guest is still in: try the stream again.
-                    Fetch::Gone if matches!(self.link, Link::Down { .. }) => {
-                        self.schedule(false, now, out)
-                    }
-                    _ => {}
-                }
+        let list = match r {
+            Ok(list) => list,
+            Err(f) => return self.on_members_failed(why, f, held, now, out),
+        };
+        self.lookup_retries = 0;
+        let guest_left_in_list = list
+            .iter()
+            .any(|m| m.id == self.guest_id && m.state == MemberState::Disconnected);
+        let guest_left_in_frames = self.guest_gone
+            || held
+                .iter()
+                .any(|(id, s)| *id == self.guest_id && *s == MemberState::Disconnected);
+        if guest_left_in_frames && !guest_left_in_list && self.gone_refetches < MAX_GONE_REFETCHES {
+            // The list predates the guest's DISCONNECTED: ask again before deciding.
+            self.gone_refetches += 1;
+            self.held_members = held;
+            return self.fetch(Fetch::Refresh, out);
+        }
+        if guest_left_in_list {
+            self.dates = ending::by_dates(
+                &list,
+                &self.guest_id,
+                self.agent_ever,
+                self.t.agent_end_window,
+            );
+        }
+        let all_gone = list.len() > 1 && list.iter().all(|m| m.state == MemberState::Disconnected);
+        // Roles first, then the held frames in the order they arrived: that order is evidence
+        // (an agent who joined and left before the guest), and deciding from the list alone
+        // would throw it away.
+        for m in &list {
+            self.learn_role(&m.id, m.role);
+        }
+        let mut held = held.into_iter();
+        while let Some((id, state)) = held.next() {
+            if self.ended.is_some() {
+                return;
             }
-            Err(f) => {
-                for (id, state) in held {
-                    self.apply_member(&id, None, state, now, out);
-                }
-                if self.ended.is_some() {
-                    return;
-                }
-                if self.guest_gone {
-                    let (reason, detail) = self.infer(now);
-                    return self.end(reason, detail, now, out);
-                }
-                match (why, f) {
-                    (Fetch::GaveUp, f) => self.end(
-                        EndReason::ReconnectGraceExpired,
-                        format!("no reconnect within the grace window (reconcile: {f:?})"),
-                        now,
-                        out,
-                    ),
-                    (_, Failure::Unauthorized(m)) => self.end(
-                        EndReason::TokenExpired,
-                        format!("list members refused the jwt (401): {m}"),
-                        now,
-                        out,
-                    ),
-                    (_, Failure::NotFound(m)) => self.end(
-                        EndReason::ServerEnded,
-                        format!("the conversation is gone (404): {m}"),
-                        now,
-                        out,
-                    ),
-                    (Fetch::Gone, Failure::Other(_)) if matches!(self.link, Link::Down { .. }) => {
-                        self.schedule(false, now, out)
-                    }
-                    (_, Failure::Other(e)) => out.push(Action::Emit(EventKind::StreamError {
-                        detail: format!("list members failed: {e}"),
-                    })),
-                }
+            let listed = list.iter().any(|m| m.id == id);
+            if !listed && self.role_refetches < MAX_ROLE_REFETCHES && !guest_left_in_list {
+                // Joined after the list was taken: ask again, keeping the order.
+                self.role_refetches += 1;
+                self.held_members = std::iter::once((id, state)).chain(held).collect();
+                return self.fetch(Fetch::Refresh, out);
             }
+            self.apply_member(&id, None, state, now, out);
+        }
+        self.role_refetches = 0;
+        if self.ended.is_some() {
+            return;
+        }
+        // Then the list's own states, the guest last; an end they show is decided on the
+        // evidence as it stood before them.
+        let pre = self.snapshot(now);
+        self.reconciling = true;
+        let (guest, others): (Vec<_>, Vec<_>) =
+            list.into_iter().partition(|m| m.id == self.guest_id);
+        for m in others.iter().chain(guest.iter()) {
+            self.apply_member(&m.id, Some(m.role), m.state, now, out);
+        }
+        self.reconciling = false;
+        if guest_left_in_list || all_gone || self.guest_gone {
+            return self.decide_with(pre, now, out);
+        }
+        match why {
+            Fetch::GaveUp => self.end(
+                EndReason::ReconnectGraceExpired,
+                "no reconnect within the grace window".into(),
+                now,
+                out,
+            ),
+            // 404 on the stream but the guest is still in: try the stream again.
+            Fetch::Gone if matches!(self.link, Link::Down { .. }) => self.schedule(false, now, out),
+            _ => {}
+        }
+    }
+
+    fn on_members_failed(
+        &mut self,
+        why: Fetch,
+        f: Failure,
+        held: Vec<(String, MemberState)>,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let waiting = !held.is_empty() || self.guest_gone;
+        if let Failure::Other(e) = &f {
+            out.push(Action::Emit(EventKind::StreamError {
+                detail: format!("list members failed: {e}"),
+            }));
+            if waiting && self.lookup_retries < MAX_LOOKUP_RETRIES {
+                // Roles or an end wait on this list: ask again rather than guess.
+                self.lookup_retries += 1;
+                self.held_members = held;
+                return self.fetch(why, out);
+            }
+        }
+        // No list to be had: apply the frames as they came, with the roles known so far.
+        for (id, state) in held {
+            self.apply_member(&id, None, state, now, out);
+        }
+        if self.ended.is_some() {
+            return;
+        }
+        if self.guest_gone {
+            return self.decide(now, out);
+        }
+        match (why, f) {
+            (Fetch::GaveUp, f) => self.end(
+                EndReason::ReconnectGraceExpired,
+                format!("no reconnect within the grace window (reconcile: {f})"),
+                now,
+                out,
+            ),
+            (_, Failure::Unauthorized(m)) => self.end(
+                EndReason::TokenExpired,
+                format!("list members refused the jwt (401): {m}"),
+                now,
+                out,
+            ),
+            (_, Failure::NotFound(m)) => self.end(
+                EndReason::ServerEnded,
+                format!("the conversation is gone (404): {m}"),
+                now,
+                out,
+            ),
+            (Fetch::Gone, Failure::Other(_)) if matches!(self.link, Link::Down { .. }) => {
+                self.schedule(false, now, out)
+            }
+            (_, Failure::Other(_)) => {}
         }
     }
 
@@ -1036,6 +1063,12 @@ impl Machine {
         out.push(Action::CloseSocket);
         out.push(Action::Stop);
     }
+}
+
+/// When the next heartbeat counts as missed: `last_rx + interval * (missed + 1) + interval / 2`
+/// (half an interval of slack for a heartbeat on its way).
+fn last_rx_miss_due(t: &Timing, last_rx: Instant, missed: u32) -> Instant {
+    last_rx + t.heartbeat_interval * (missed + 1) + t.heartbeat_interval / 2
 }
 
 /// snake_case role.

@@ -648,3 +648,130 @@ async fn resumed_session_backfills_and_reports_an_end_while_down() {
         "{a:?}"
     );
 }
+
+/// Issue 9, case 1: an agent joins and ends the chat within milliseconds. Its frames name a
+/// member guestd has not met; the guest's DISCONNECTED follows. Whether or not the list carries
+/// leave dates, the frames' order (replayed with the list's roles) names the agent.
+#[tokio::test(start_paused = true)]
+async fn agent_who_joins_and_ends_at_once_is_the_cause() {
+    for dates in [None, Some("2026-01-01T00:00:05Z")] {
+        let mut s = Sim::new();
+        s.connect();
+        let a = s.change(AGENT, MemberState::Connected);
+        assert!(a.contains(&Action::FetchMembers), "{a:?}");
+        assert!(s.change(AGENT, MemberState::Disconnected).is_empty());
+        assert!(
+            s.change(GUEST, MemberState::Disconnected).is_empty(),
+            "held behind the unknown member, in order"
+        );
+        s.step(Input::Members(Ok(vec![
+            member(GUEST, Role::Customer, MemberState::Disconnected, dates),
+            member(FLOW, Role::Workflow, MemberState::Disconnected, dates),
+            member(AGENT, Role::Agent, MemberState::Disconnected, dates),
+        ])));
+        assert_eq!(s.only_end(), EndReason::AgentEnded, "dates {dates:?}");
+        let t = s.types();
+        let agent_on = t.iter().position(|x| x == "agent_connected").unwrap();
+        let agent_off = t.iter().position(|x| x == "agent_disconnected").unwrap();
+        assert!(agent_on < agent_off, "frames replayed in order: {t:?}");
+    }
+}
+
+/// The list answers before the guest's DISCONNECTED was written: it is asked again, and the
+/// held frames still decide in their order.
+#[tokio::test(start_paused = true)]
+async fn a_list_older_than_the_guests_end_is_asked_again() {
+    let mut s = Sim::new();
+    s.connect();
+    s.change(AGENT, MemberState::Connected);
+    s.change(AGENT, MemberState::Disconnected);
+    s.change(GUEST, MemberState::Disconnected);
+    let a = s.step(Input::Members(Ok(vec![
+        member(GUEST, Role::Customer, MemberState::Connected, None),
+        member(AGENT, Role::Agent, MemberState::Connected, None),
+    ])));
+    assert_eq!(a, vec![Action::FetchMembers]);
+    s.step(Input::Members(Ok(vec![
+        member(GUEST, Role::Customer, MemberState::Disconnected, None),
+        member(AGENT, Role::Agent, MemberState::Disconnected, None),
+    ])));
+    assert_eq!(s.only_end(), EndReason::AgentEnded);
+}
+
+/// A failed lookup while frames wait for roles is retried; the roles then decide.
+#[tokio::test(start_paused = true)]
+async fn a_failed_lookup_is_retried_before_guessing() {
+    let mut s = Sim::new();
+    s.connect();
+    s.change(FLOW, MemberState::Disconnected);
+    s.change("flow2", MemberState::Disconnected);
+    s.change(GUEST, MemberState::Disconnected);
+    let a = s.step(Input::Members(Err(Failure::Other("503".into()))));
+    assert!(a.contains(&Action::FetchMembers), "{a:?}");
+    s.step(Input::Members(Ok(vec![
+        member(GUEST, Role::Customer, MemberState::Disconnected, None),
+        member("flow2", Role::Workflow, MemberState::Disconnected, None),
+    ])));
+    assert_eq!(s.only_end(), EndReason::FlowEnded);
+}
+
+/// Issue 9, case 2: a chat its agent ended while guestd was down; the list gives the agent and
+/// the guest the same leave date (the platform's normal case), one of them without a fraction.
+#[tokio::test(start_paused = true)]
+async fn agent_end_while_guestd_was_down_with_tied_leave_dates() {
+    for (agent, guest) in [
+        ("2026-11-26T10:00:05.000Z", "2026-11-26T10:00:05Z"),
+        ("2026-11-26T10:00:05Z", "2026-11-26T10:00:05.000Z"),
+        ("2026-11-26T10:00:04.999Z", "2026-11-26T10:00:05Z"),
+    ] {
+        let now = Instant::now();
+        let mut m = Machine::resume(timing(), GUEST, now, now, Some("m9".into()), now);
+        m.step(Input::Tick, now);
+        m.step(Input::ConnectFailed(Failure::NotFound("ended".into())), now);
+        let a = m.step(
+            Input::Members(Ok(vec![
+                member(
+                    GUEST,
+                    Role::Customer,
+                    MemberState::Disconnected,
+                    Some(guest),
+                ),
+                member(AGENT, Role::Agent, MemberState::Disconnected, Some(agent)),
+                member(FLOW, Role::Workflow, MemberState::Disconnected, Some(agent)),
+            ])),
+            now,
+        );
+        let reason = a.iter().find_map(|a| match a {
+            Action::Emit(EventKind::Ended { reason, .. }) => Some(*reason),
+            _ => None,
+        });
+        assert_eq!(reason, Some(EndReason::AgentEnded), "{agent} vs {guest}");
+    }
+}
+
+/// Issue 9, case 3: `10:00:05Z` is before `10:00:05.120Z` (as strings it sorts after): the
+/// agent who left at .120 left after the guest and is not the cause.
+#[tokio::test(start_paused = true)]
+async fn leave_dates_compare_as_instants() {
+    let mut s = Sim::new();
+    s.connect();
+    s.agent_joins();
+    s.step(Input::Lost("reset".into()));
+    s.tick_next().await;
+    s.step(Input::ConnectFailed(Failure::NotFound("gone".into())));
+    s.step(Input::Members(Ok(vec![
+        member(
+            GUEST,
+            Role::Customer,
+            MemberState::Disconnected,
+            Some("2026-11-26T10:00:05Z"),
+        ),
+        member(
+            AGENT,
+            Role::Agent,
+            MemberState::Disconnected,
+            Some("2026-11-26T10:00:05.120Z"),
+        ),
+    ])));
+    assert_eq!(s.only_end(), EndReason::ReconnectGraceExpired);
+}
