@@ -62,6 +62,10 @@ enum Rec {
         session: String,
         ending: EndingRecord,
     },
+    /// The guest was asked to leave; a restart sends the leave again.
+    Leaving {
+        session: String,
+    },
     Ended {
         session: String,
     },
@@ -78,6 +82,8 @@ pub struct Recovered {
     pub last_alive_ms: i64,
     /// An end decided but perhaps never written.
     pub ending: Option<EndingRecord>,
+    /// A `leave` was accepted; the DELETE may not have reached the platform.
+    pub leaving: bool,
 }
 
 /// What sessions need from a journal. The file journal implements it; a replicated one (NATS
@@ -89,6 +95,8 @@ pub trait Journal: Send + Sync + 'static {
     fn progress(&self, session: &str, last_message_id: &str);
     /// The end is decided; resolves once durable.
     fn ending(&self, session: &str, ending: EndingRecord) -> BoxFuture<'static, ()>;
+    /// The guest is to leave; resolves once durable (the `leave` reply waits for it).
+    fn leaving(&self, session: &str) -> BoxFuture<'static, ()>;
     /// The `ended` line is flushed; the session is gone for good.
     fn ended(&self, session: &str);
     /// Everything recorded so far is durable.
@@ -102,6 +110,9 @@ impl Journal for NullJournal {
     fn session_started(&self, _: SessionRecord) {}
     fn progress(&self, _: &str, _: &str) {}
     fn ending(&self, _: &str, _: EndingRecord) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
+    fn leaving(&self, _: &str) -> BoxFuture<'static, ()> {
         Box::pin(async {})
     }
     fn ended(&self, _: &str) {}
@@ -189,6 +200,7 @@ pub fn load(path: &Path) -> Result<Vec<Recovered>, JournalError> {
                         record: r,
                         last_message_id: None,
                         ending: None,
+                        leaving: false,
                     },
                 );
             }
@@ -205,6 +217,11 @@ pub fn load(path: &Path) -> Result<Vec<Recovered>, JournalError> {
             Ok(Rec::Ending { session, ending }) => {
                 if let Some(s) = live.get_mut(&session) {
                     s.ending = Some(ending);
+                }
+            }
+            Ok(Rec::Leaving { session }) => {
+                if let Some(s) = live.get_mut(&session) {
+                    s.leaving = true;
                 }
             }
             Ok(Rec::Ended { session }) => {
@@ -267,6 +284,11 @@ fn compact(path: &Path) -> Result<(std::fs::File, Vec<Recovered>), JournalError>
                     session: r.record.session.clone(),
                     last_message_id: id.clone(),
                     at_ms: r.last_alive_ms,
+                });
+            }
+            if r.leaving {
+                recs.push(Rec::Leaving {
+                    session: r.record.session.clone(),
                 });
             }
             if let Some(e) = &r.ending {
@@ -376,6 +398,12 @@ impl Journal for FileJournal {
         }));
         self.sync()
     }
+    fn leaving(&self, session: &str) -> BoxFuture<'static, ()> {
+        self.send(Msg::Rec(Rec::Leaving {
+            session: session.to_string(),
+        }));
+        self.sync()
+    }
     fn ended(&self, session: &str) {
         self.send(Msg::Rec(Rec::Ended {
             session: session.to_string(),
@@ -463,6 +491,29 @@ mod tests {
             use std::os::unix::fs::PermissionsExt;
             let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600);
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// A leave accepted before a crash survives the restart and its compaction.
+    #[tokio::test]
+    async fn a_leave_request_survives_restarts() {
+        let dir = std::env::temp_dir().join(format!("guestd-journal-l-{}", uuid::Uuid::new_v4()));
+        let path = dir.join("journal.jsonl");
+        {
+            let (j, _) = FileJournal::open(&path, 1 << 20).unwrap();
+            j.session_started(rec("a"));
+            j.session_started(rec("b"));
+            j.leaving("a").await;
+        }
+        for _ in 0..2 {
+            // Each open compacts: the record must be carried over, not only read.
+            let (_j, got) = FileJournal::open(&path, 1 << 20).unwrap();
+            let leaving: Vec<_> = got
+                .iter()
+                .map(|r| (r.record.session.as_str(), r.leaving))
+                .collect();
+            assert_eq!(leaving, vec![("a", true), ("b", false)]);
         }
         std::fs::remove_dir_all(&dir).ok();
     }

@@ -286,6 +286,12 @@ impl Supervisor {
             r.last_message_id,
             now,
         );
+        // A leave accepted before the crash is sent again.
+        let machine = if r.leaving {
+            machine.leaving()
+        } else {
+            machine
+        };
         self.run(id, r.record.chat, machine, "resume")
             .await
             .map(|_| ())

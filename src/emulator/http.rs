@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::sync::Arc;
-use tokio::time::Instant;
+use tokio::time::{Duration, Instant};
 
 type S = State<Arc<Shared>>;
 
@@ -588,6 +588,7 @@ struct AdminBody {
     body: Option<String>,
     bytes: Option<usize>,
     mode: Option<String>,
+    hold_ms: Option<u64>,
 }
 
 async fn admin_action(
@@ -646,6 +647,9 @@ async fn admin_action2(
             .map(|_| serde_json::json!({"ok": true}))?,
         "end" => e
             .agent_end(&conv)
+            .map(|_| serde_json::json!({"ok": true}))?,
+        "flash" => e
+            .agent_flash(&conv, Duration::from_millis(a.hold_ms.unwrap_or(0)))
             .map(|_| serde_json::json!({"ok": true}))?,
         other => return Err(ApiError::not_found(format!("no agent action {other}"))),
     };

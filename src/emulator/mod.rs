@@ -66,6 +66,10 @@ pub struct EmulatorConfig {
     pub tls_cert_file: Option<std::path::PathBuf>,
     /// The private key (PEM) of `tls_cert_file`.
     pub tls_key_file: Option<std::path::PathBuf>,
+    /// When the agent (or a flow) ends a chat, the guest's leave date equals the ender's, as the
+    /// platform closes the guest's leg in the same operation (**[unsure]**: reported as the
+    /// normal case; `false` keeps every leave date strictly after the previous one).
+    pub tie_leave_dates: bool,
     /// Largest message a socket accepts from a client, bytes.
     pub max_client_frame: usize,
     /// Entries kept in the guest-side log.
@@ -89,6 +93,7 @@ impl Default for EmulatorConfig {
             public_host: None,
             tls_cert_file: None,
             tls_key_file: None,
+            tie_leave_dates: true,
             max_client_frame: 64 * 1024,
             log_limit: 100_000,
         }
@@ -395,6 +400,27 @@ impl Emulator {
                 .get_mut(id)
                 .ok_or_else(|| AdminError::NoConversation(id.into()))?;
             c.post_typing(&agent);
+            Ok(())
+        })
+    }
+
+    /// An agent joins (CONNECTED at once) and ends the chat `hold` later: the race of a member
+    /// guestd has not met joining and leaving within milliseconds. Zero ends it under the same
+    /// lock, so the three member-change frames go out back to back.
+    pub fn agent_flash(&self, id: &str, hold: Duration) -> Result<(), AdminError> {
+        self.with_live(id, |w| {
+            let c = w
+                .convs
+                .get_mut(id)
+                .ok_or_else(|| AdminError::NoConversation(id.into()))?;
+            if c.agent_id.is_some() {
+                return Err(AdminError::Nothing(format!("{id} already has an agent")));
+            }
+            c.agent_flash(Instant::now(), hold);
+            c.notify.notify_one();
+            if hold.is_zero() {
+                w.end(id, EndCause::AgentEnded);
+            }
             Ok(())
         })
     }

@@ -97,8 +97,12 @@ pub(crate) struct Conv {
     pub last_guest_activity: Instant,
     pub last_frame: Option<Utf8Bytes>,
     pub notify: Arc<Notify>,
-    /// Leave dates are kept strictly increasing so their order is the order members left.
+    /// Leave dates never go backwards; each is after the last unless `tie_next_leave`.
     pub last_leave_ms: i64,
+    /// The next member to leave gets the same leave date as the last one (one operation).
+    pub tie_next_leave: bool,
+    /// When an agent who joined with `agent_flash` ends the chat.
+    pub agent_end_at: Option<Instant>,
     /// While set, websocket handshakes for this chat answer 503 (a network partition).
     pub stream_blocked: bool,
 }
@@ -212,9 +216,13 @@ impl Conv {
         }
         m.state = state;
         if state == MemberState::Disconnected {
-            let ms = chrono::Utc::now()
-                .timestamp_millis()
-                .max(self.last_leave_ms + 1);
+            let ms = if std::mem::take(&mut self.tie_next_leave) {
+                self.last_leave_ms
+            } else {
+                chrono::Utc::now()
+                    .timestamp_millis()
+                    .max(self.last_leave_ms + 1)
+            };
             self.last_leave_ms = ms;
             if let Some(m) = self.member_mut(member_id) {
                 m.leave_date = chrono::DateTime::from_timestamp_millis(ms)
@@ -275,8 +283,24 @@ impl Conv {
         Some(since.max(self.last_guest_activity) + timeout)
     }
 
-    /// End the chat; idempotent. `first` goes DISCONNECTED before everyone else.
-    pub fn end(&mut self, cause: EndCause, close_sockets: bool) {
+    /// An agent joins CONNECTED at once (no ALERTING, no `member-join` message) and ends the
+    /// chat `hold` later (at once for zero: the caller ends it under the same lock).
+    pub fn agent_flash(&mut self, now: Instant, hold: Duration) {
+        if self.ended.is_some() || self.agent_id.is_some() {
+            return;
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        self.add_member(&id, Role::Agent, "Agent", MemberState::Connected);
+        self.agent_id = Some(id);
+        self.agent_join_at = None;
+        self.agent_connected_at = Some(now);
+        self.agent_end_at = Some(now + hold);
+    }
+
+    /// End the chat; idempotent. `first` goes DISCONNECTED before everyone else; with
+    /// `tie_dates`, an agent's or a flow's end gives the guest the same leave date as `first`
+    /// (the platform closes the guest's leg in the operation that ends the agent's).
+    pub fn end(&mut self, cause: EndCause, close_sockets: bool, tie_dates: bool) {
         if self.ended.is_some() {
             return;
         }
@@ -288,6 +312,8 @@ impl Conv {
         };
         if let Some(first) = first {
             self.set_state(&first, MemberState::Disconnected);
+            self.tie_next_leave =
+                tie_dates && matches!(cause, EndCause::AgentEnded | EndCause::FlowDisconnected);
         }
         let guest = self.guest_id.clone();
         self.set_state(&guest, MemberState::Disconnected);
@@ -295,8 +321,10 @@ impl Conv {
         for id in rest {
             self.set_state(&id, MemberState::Disconnected);
         }
+        self.tie_next_leave = false;
         self.agent_join_at = None;
         self.agent_connect_at = None;
+        self.agent_end_at = None;
         self.lost_at = None;
         if close_sockets {
             for s in self.sockets.values() {
@@ -377,6 +405,8 @@ impl World {
             last_frame: None,
             notify: notify.clone(),
             last_leave_ms: 0,
+            tie_next_leave: false,
+            agent_end_at: None,
             stream_blocked: false,
         };
         conv.add_member(
@@ -413,15 +443,19 @@ impl World {
                 conv.agent_connect(now, cfg.workflow_leaves_on_agent);
                 agent_now = true;
             }
+            let (close, tie) = (cfg.close_sockets_on_end, cfg.tie_leave_dates);
             if conv.lost_at.is_some_and(|t| t + cfg.reconnect_grace <= now) {
-                conv.end(EndCause::GraceExpired, cfg.close_sockets_on_end);
+                conv.end(EndCause::GraceExpired, close, tie);
                 ended_now = Some(EndCause::GraceExpired);
             } else if conv
                 .inactivity_deadline(cfg.inactivity_timeout)
                 .is_some_and(|t| t <= now)
             {
-                conv.end(EndCause::Inactivity, cfg.close_sockets_on_end);
+                conv.end(EndCause::Inactivity, close, tie);
                 ended_now = Some(EndCause::Inactivity);
+            } else if conv.agent_end_at.is_some_and(|t| t <= now) {
+                conv.end(EndCause::AgentEnded, close, tie);
+                ended_now = Some(EndCause::AgentEnded);
             }
         }
         if agent_now {
@@ -437,6 +471,7 @@ impl World {
             conv.agent_connect_at,
             conv.lost_at.map(|t| t + cfg.reconnect_grace),
             conv.inactivity_deadline(cfg.inactivity_timeout),
+            conv.agent_end_at,
         ]
         .into_iter()
         .flatten()
@@ -446,14 +481,14 @@ impl World {
 
     /// End a conversation for an admin or guest reason, and log it.
     pub fn end(&mut self, conv_id: &str, cause: EndCause) -> bool {
-        let close = self.cfg.close_sockets_on_end;
+        let (close, tie) = (self.cfg.close_sockets_on_end, self.cfg.tie_leave_dates);
         let Some(conv) = self.convs.get_mut(conv_id) else {
             return false;
         };
         if conv.ended.is_some() {
             return false;
         }
-        conv.end(cause, close);
+        conv.end(cause, close, tie);
         self.record(Some(conv_id), "ended", None, format!("{cause:?}"));
         true
     }

@@ -408,7 +408,7 @@ impl Actor {
                         match fut.await {
                             Ok(m) => {
                                 let _ = reply.send(Ok(serde_json::json!({ "message_id": m.id, "timestamp": m.timestamp })));
-                                Some(Input::GuestSent)
+                                Some(Input::GuestSent(m.id))
                             }
                             Err(e) => {
                                 let _ = reply.send(Err(e.to_string()));
@@ -436,8 +436,18 @@ impl Actor {
                 None
             }
             SessionCmd::Leave { reply } => {
-                let _ = reply.send(Ok(serde_json::json!({ "leaving": true })));
-                Some(Input::LeaveRequested)
+                // Durable before the reply: a crash after "leaving" must not lose the leave
+                // (the next process finds it in the journal and sends it again).
+                let durable = self.ctx.journal.leaving(&self.id);
+                self.rest_push(
+                    async move {
+                        durable.await;
+                        let _ = reply.send(Ok(serde_json::json!({ "leaving": true })));
+                        Some(Input::LeaveRequested)
+                    }
+                    .boxed(),
+                );
+                None
             }
         }
     }

@@ -118,8 +118,8 @@ pub enum Input {
     LeaveRequested,
     /// Result of the leave call.
     LeaveDone(Result<(), Failure>),
-    /// A message was sent for the guest through guestd.
-    GuestSent,
+    /// A message was sent for the guest through guestd; the platform gave it this id.
+    GuestSent(String),
 }
 
 /// What to do.
@@ -205,6 +205,8 @@ impl Phase {
 
 /// Message ids remembered to drop duplicates (a backfill overlapping live frames).
 const SEEN_CAP: usize = 128;
+/// Ids of messages guestd sent for the guest, remembered until their echo is seen.
+const OWN_SENT_CAP: usize = 8;
 /// Times the members list is asked again when it predates the guest's DISCONNECTED frame.
 const MAX_GONE_REFETCHES: u8 = 3;
 /// Times the members list is asked again for a member it does not list yet.
@@ -225,7 +227,8 @@ pub struct Machine {
     /// Members by id. A chat has a handful: a vector searched linearly is smaller and faster
     /// than a hash map.
     members: Vec<(String, Known)>,
-    held_members: Vec<(String, MemberState)>,
+    /// Member frames waiting for roles, in arrival order, with when each arrived.
+    held_members: Vec<(String, MemberState, Instant)>,
     fetching: Option<Fetch>,
     reconciling: bool,
     guest_gone: bool,
@@ -244,11 +247,19 @@ pub struct Machine {
     last_guest_msg: Option<Instant>,
     warned: bool,
     leave_requested: bool,
+    /// A leave recorded before a restart: the first tick sends it again.
+    leave_due: bool,
     backfilling: Option<Instant>,
-    held: Vec<ChatEvent>,
+    /// A members list that arrived while a backfill held live frames: those frames are older
+    /// than the list, so it is read once they have been replayed.
+    deferred_list: Option<(Fetch, Vec<ChatMember>)>,
+    /// Live frames that arrived during a backfill, with when each arrived.
+    held: Vec<(ChatEvent, Instant)>,
     needs_backfill: bool,
     last_msg_id: Option<String>,
     seen: VecDeque<String>,
+    /// Messages guestd sent itself (already counted as guest activity).
+    own_sent: VecDeque<String>,
     ended: Option<EndReason>,
 }
 
@@ -295,11 +306,14 @@ impl Machine {
             last_guest_msg: None,
             warned: false,
             leave_requested: false,
+            leave_due: false,
             backfilling: None,
+            deferred_list: None,
             held: Vec::new(),
             needs_backfill: false,
             last_msg_id: None,
             seen: VecDeque::new(),
+            own_sent: VecDeque::new(),
             ended: None,
         }
     }
@@ -326,6 +340,14 @@ impl Machine {
         m.needs_backfill = true;
         m.last_msg_id = last_msg_id;
         m
+    }
+
+    /// A resumed session whose guest was asked to leave before the restart (the journal holds
+    /// the request): the first tick sends the leave again, and the end reads `guest_left`.
+    pub fn leaving(mut self) -> Self {
+        self.leave_requested = true;
+        self.leave_due = true;
+        self
     }
 
     /// The coarse state.
@@ -451,7 +473,14 @@ impl Machine {
                     _ => self.fetch(Fetch::Gone, &mut out),
                 }
             }
-            Input::GuestSent => self.guest_activity(now),
+            Input::GuestSent(id) => {
+                // Its echo (live or backfilled) must not move the clock again, later.
+                if self.own_sent.len() >= OWN_SENT_CAP {
+                    self.own_sent.pop_front();
+                }
+                self.own_sent.push_back(id);
+                self.guest_activity(now)
+            }
         }
         out
     }
@@ -469,6 +498,9 @@ impl Machine {
     }
 
     fn on_tick(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if std::mem::take(&mut self.leave_due) {
+            out.push(Action::Leave);
+        }
         match &mut self.link {
             Link::Up { last_rx, missed } => {
                 let due = last_rx_miss_due(&self.t, *last_rx, *missed);
@@ -540,15 +572,16 @@ impl Machine {
         self.backfilling = None;
         let held = std::mem::take(&mut self.held);
         // Frames held for a backfill that will not finish: the next backfill covers messages.
-        for ev in held {
+        for (ev, at) in held {
             if let ChatEvent::MemberChange { member_id, state } = ev {
-                self.on_member_change(member_id, state, now, out);
+                self.on_member_change(member_id, state, at, out);
             }
         }
         out.push(Action::Emit(EventKind::Disconnected {
             reason: why.to_string(),
         }));
         self.schedule(immediate, now, out);
+        self.read_deferred_list(now, out);
     }
 
     fn schedule(&mut self, immediate: bool, now: Instant, out: &mut Vec<Action>) {
@@ -657,7 +690,7 @@ impl Machine {
             ev @ (ChatEvent::Message(_) | ChatEvent::MemberChange { .. })
                 if self.backfilling.is_some() =>
             {
-                self.held.push(ev);
+                self.held.push((ev, now));
             }
             ChatEvent::Message(m) => {
                 self.on_message(m, false, now, out);
@@ -697,7 +730,13 @@ impl Machine {
         self.seen.push_back(m.id.clone());
         self.last_msg_id = Some(m.id.clone());
         if m.sender_id == self.guest_id && matches!(m.body_type.as_str(), "standard" | "notice") {
-            self.guest_activity(now);
+            // guestd's own messages were counted when sent; counting a late echo (a backfill
+            // after an outage) would put guestd's deadline after the platform's. Another
+            // client's message counts when seen: a backfilled one is then late, which can
+            // only delay guestd's own deadline, never bring it early.
+            if !self.own_sent.contains(&m.id) {
+                self.guest_activity(now);
+            }
         }
         let sender_role = self.role_name(&m.sender_id);
         out.push(Action::Emit(EventKind::Message {
@@ -721,7 +760,7 @@ impl Machine {
     ) {
         // Frame order is evidence: once one frame waits for a role, later ones wait behind it.
         if !self.held_members.is_empty() || self.member(&id).is_none() {
-            self.held_members.push((id, state));
+            self.held_members.push((id, state, now));
             self.fetch(Fetch::Refresh, out);
             return;
         }
@@ -787,16 +826,20 @@ impl Machine {
                     member_id: id.to_string(),
                 }));
             }
-            (Role::Agent, MemberState::Disconnected) if self.agent.as_deref() == Some(id) => {
-                self.agent = None;
-                self.agent_since = None;
+            (Role::Agent, MemberState::Disconnected) => {
+                // Any agent leaving is evidence, even one whose CONNECTED guestd missed; after
+                // the guest left, an agent leaving is not why the chat ended.
+                self.agent_ever = true;
                 if !self.guest_gone {
-                    // After the guest left, an agent leaving is not why the chat ended.
                     self.last_agent_left = Some(now);
                 }
-                out.push(Action::Emit(EventKind::AgentDisconnected {
-                    member_id: id.to_string(),
-                }));
+                if self.agent.as_deref() == Some(id) {
+                    self.agent = None;
+                    self.agent_since = None;
+                    out.push(Action::Emit(EventKind::AgentDisconnected {
+                        member_id: id.to_string(),
+                    }));
+                }
             }
             (Role::Workflow, MemberState::Disconnected) if !self.guest_gone => {
                 self.workflow_left = true
@@ -811,7 +854,10 @@ impl Machine {
                 self.at_gone = Some(e);
             }
             self.guest_gone = true;
-            if self.held_members.is_empty() && self.fetching.is_none() {
+            if self.held_members.is_empty()
+                && self.fetching.is_none()
+                && self.deferred_list.is_none()
+            {
                 self.decide(now, out);
             }
             // Otherwise roles or states are still on their way: decide when the list is in.
@@ -870,6 +916,11 @@ impl Machine {
             Ok(list) => list,
             Err(f) => return self.on_members_failed(why, f, held, now, out),
         };
+        if self.backfilling.is_some() {
+            self.held_members = held;
+            self.deferred_list = Some((why, list));
+            return;
+        }
         self.lookup_retries = 0;
         let guest_left_in_list = list
             .iter()
@@ -877,7 +928,7 @@ impl Machine {
         let guest_left_in_frames = self.guest_gone
             || held
                 .iter()
-                .any(|(id, s)| *id == self.guest_id && *s == MemberState::Disconnected);
+                .any(|(id, s, _)| *id == self.guest_id && *s == MemberState::Disconnected);
         if guest_left_in_frames && !guest_left_in_list && self.gone_refetches < MAX_GONE_REFETCHES {
             // The list predates the guest's DISCONNECTED: ask again before deciding.
             self.gone_refetches += 1;
@@ -900,7 +951,9 @@ impl Machine {
             self.learn_role(&m.id, m.role);
         }
         let mut held = held.into_iter();
-        while let Some((id, state)) = held.next() {
+        // Each frame is applied at the instant it arrived: when an agent connected is when the
+        // no-activity clock starts, however long its role took to learn.
+        while let Some((id, state, at)) = held.next() {
             if self.ended.is_some() {
                 return;
             }
@@ -908,10 +961,10 @@ impl Machine {
             if !listed && self.role_refetches < MAX_ROLE_REFETCHES && !guest_left_in_list {
                 // Joined after the list was taken: ask again, keeping the order.
                 self.role_refetches += 1;
-                self.held_members = std::iter::once((id, state)).chain(held).collect();
+                self.held_members = std::iter::once((id, state, at)).chain(held).collect();
                 return self.fetch(Fetch::Refresh, out);
             }
-            self.apply_member(&id, None, state, now, out);
+            self.apply_member(&id, None, state, at, out);
         }
         self.role_refetches = 0;
         if self.ended.is_some() {
@@ -947,25 +1000,26 @@ impl Machine {
         &mut self,
         why: Fetch,
         f: Failure,
-        held: Vec<(String, MemberState)>,
+        held: Vec<(String, MemberState, Instant)>,
         now: Instant,
         out: &mut Vec<Action>,
     ) {
-        let waiting = !held.is_empty() || self.guest_gone;
+        // Frames wait on this list, or an end does (the guest left, the grace ran out, the stream
+        // answered 404): ask again rather than guess.
+        let waiting = !held.is_empty() || self.guest_gone || why != Fetch::Refresh;
         if let Failure::Other(e) = &f {
             out.push(Action::Emit(EventKind::StreamError {
                 detail: format!("list members failed: {e}"),
             }));
             if waiting && self.lookup_retries < MAX_LOOKUP_RETRIES {
-                // Roles or an end wait on this list: ask again rather than guess.
                 self.lookup_retries += 1;
                 self.held_members = held;
                 return self.fetch(why, out);
             }
         }
         // No list to be had: apply the frames as they came, with the roles known so far.
-        for (id, state) in held {
-            self.apply_member(&id, None, state, now, out);
+        for (id, state, at) in held {
+            self.apply_member(&id, None, state, at, out);
         }
         if self.ended.is_some() {
             return;
@@ -1041,11 +1095,24 @@ impl Machine {
             downtime_ms: now.saturating_duration_since(lost_at).as_millis() as u64,
             backfilled: n,
         }));
-        for ev in std::mem::take(&mut self.held) {
+        for (ev, at) in std::mem::take(&mut self.held) {
             if self.ended.is_some() {
                 return;
             }
-            self.on_frame(ev, now, out);
+            self.on_frame(ev, at, out);
+        }
+        self.read_deferred_list(now, out);
+    }
+
+    /// Read a members list that waited for a backfill's held frames.
+    fn read_deferred_list(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let Some((why, list)) = self.deferred_list.take() else {
+            return;
+        };
+        // A lookup started meanwhile answers later, with a newer list: that one is read instead.
+        if self.ended.is_none() && self.fetching.is_none() {
+            self.fetching = Some(why);
+            self.on_members(Ok(list), now, out);
         }
     }
 
@@ -1092,5 +1159,7 @@ pub fn state_str(s: MemberState) -> &'static str {
     }
 }
 
+#[cfg(test)]
+mod prop;
 #[cfg(test)]
 mod tests;

@@ -244,6 +244,13 @@ async fn grace_expiry_ends_even_if_reconcile_fails() {
     s.step(Input::Lost("reset".into()));
     advance(Duration::from_secs(121)).await;
     s.step(Input::Tick);
+    // The reconcile decides the end: it is asked again a bounded number of times...
+    for _ in 0..MAX_LOOKUP_RETRIES {
+        let a = s.step(Input::Members(Err(Failure::Other("503".into()))));
+        assert!(a.contains(&Action::FetchMembers), "{a:?}");
+        assert!(s.ended().is_empty());
+    }
+    // ...then the session ends without it.
     s.step(Input::Members(Err(Failure::Other("503".into()))));
     assert_eq!(s.only_end(), EndReason::ReconnectGraceExpired);
 }
@@ -332,7 +339,7 @@ async fn no_activity_rule_warns_then_leaves_and_guest_messages_reset_it() {
     }
     assert!(!s.types().contains(&"inactivity_warning".to_string()));
     // A message sent through guestd also counts.
-    s.step(Input::GuestSent);
+    s.step(Input::GuestSent("g-sent".into()));
     for _ in 0..28 {
         s.wait(Duration::from_secs(30)).await;
         keepalive(&mut s);
