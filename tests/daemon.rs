@@ -595,6 +595,72 @@ async fn a_thousand_concurrent_sessions_each_end_once() {
     assert_eq!(d.seen.iter().filter(|v| v["type"] == "ended").count(), N);
 }
 
+/// Issue 9's race at scale: 1,000 concurrent chats, half ended by an agent guestd has never met
+/// who joins and ends within a few ms, half by a flow. Each gets exactly one `ended`, and the
+/// right one.
+#[tokio::test]
+async fn a_thousand_chats_with_flash_agents_and_flows_each_end_once_for_the_right_reason() {
+    let emu = emulator(EmulatorConfig {
+        heartbeat_interval: Duration::from_secs(1),
+        ..emu_cfg()
+    })
+    .await;
+    let mut env = fast_env(&emu);
+    env.push(("GUESTD_SESSION__HEARTBEAT_INTERVAL".into(), "1s".into()));
+    env.push(("GUESTD_SESSION__INACTIVITY_TIMEOUT".into(), "5m".into()));
+    env.push(("RUST_LOG".into(), "guestd=warn".into()));
+    let mut d = Daemon::spawn(env, &[]);
+    const N: usize = 1000;
+    for i in 0..N {
+        d.send(json!({"cmd": "start", "request_id": format!("r{i}"), "queue": "Support", "display_name": format!("g{i}")})).await;
+    }
+    let mut sessions = Vec::new();
+    let mut connected = 0;
+    while sessions.len() < N || connected < N {
+        let v = d.next().await.unwrap();
+        match v["type"].as_str().unwrap() {
+            "command_result" => sessions.push((
+                v["result"]["session"].as_str().unwrap().to_string(),
+                v["result"]["conversation_id"].as_str().unwrap().to_string(),
+            )),
+            "connected" => connected += 1,
+            "command_error" => panic!("{v}"),
+            _ => {}
+        }
+    }
+    let mut expect = std::collections::HashMap::new();
+    for (i, (s, c)) in sessions.iter().enumerate() {
+        if i % 2 == 0 {
+            // 0..=4 ms between the agent joining and ending the chat.
+            emu.agent_flash(c, Duration::from_millis((i % 5) as u64))
+                .unwrap();
+            expect.insert(s.clone(), "agent_ended");
+        } else {
+            emu.flow_disconnect(c).unwrap();
+            expect.insert(s.clone(), "flow_ended");
+        }
+    }
+    let mut ended = std::collections::HashMap::new();
+    while ended.len() < N {
+        let v = d.next().await.unwrap();
+        if v["type"] == "ended" {
+            let prev = ended.insert(
+                v["session"].as_str().unwrap().to_string(),
+                v["reason"].as_str().unwrap().to_string(),
+            );
+            assert!(prev.is_none(), "second ended: {v}");
+        }
+    }
+    let wrong: Vec<_> = expect
+        .iter()
+        .filter(|(s, want)| ended[*s] != **want)
+        .map(|(s, want)| format!("{s}: want {want}, got {}", ended[s]))
+        .collect();
+    assert!(wrong.is_empty(), "{} wrong: {wrong:#?}", wrong.len());
+    let d = finish(d).await;
+    assert_eq!(d.seen.iter().filter(|v| v["type"] == "ended").count(), N);
+}
+
 /// Every line a varied run produces matches docs/events.schema.json (types, required fields and
 /// their JSON types), so the shipped schema cannot drift from what guestd writes.
 #[tokio::test]

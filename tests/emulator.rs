@@ -529,9 +529,9 @@ async fn flow_and_server_ends_and_their_member_order() {
     );
     wait_event(&mut ws, |v| is_member_change(v, &g.member, "DISCONNECTED")).await;
     let m = g.members().await;
-    assert!(
-        m[1]["leaveDate"].as_str() < m[0]["leaveDate"].as_str(),
-        "leave dates keep the order: {m:?}"
+    assert_eq!(
+        m[1]["leaveDate"], m[0]["leaveDate"],
+        "the flow's end closes the guest's leg in the same operation: {m:?}"
     );
 
     let g = Guest::create(&emu).await;
@@ -727,4 +727,86 @@ async fn walk_a_chat_to_each_end() {
         );
         assert_eq!(g.say("after").await.0, 400, "{way}: no reopen");
     }
+}
+
+fn leave_ms(m: &Value) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(m["leaveDate"].as_str().unwrap())
+        .unwrap()
+        .timestamp_millis()
+}
+
+/// The two races of issue 9, on purpose: an agent guestd has not met joins and ends the chat
+/// within N ms (three member-change frames back to back for N = 0), and leave dates that tie.
+#[tokio::test]
+async fn races_on_purpose_a_flash_agent_and_tied_leave_dates() {
+    for tie in [true, false] {
+        let emu = emulator(EmulatorConfig {
+            tie_leave_dates: tie,
+            ..quick()
+        })
+        .await;
+        let g = Guest::create(&emu).await;
+        let mut ws = g.connect().await;
+        emu.agent_flash(&g.id, Duration::ZERO).unwrap();
+        let changes = [
+            wait_event(&mut ws, |v| v["metadata"]["type"] == "member-change").await,
+            wait_event(&mut ws, |v| v["metadata"]["type"] == "member-change").await,
+            wait_event(&mut ws, |v| v["metadata"]["type"] == "member-change").await,
+        ];
+        let agent = changes[0]["eventBody"]["member"]["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_ne!(agent, g.member);
+        assert!(
+            is_member_change(&changes[0], &agent, "CONNECTED"),
+            "{changes:?}"
+        );
+        assert!(
+            is_member_change(&changes[1], &agent, "DISCONNECTED"),
+            "{changes:?}"
+        );
+        assert!(
+            is_member_change(&changes[2], &g.member, "DISCONNECTED"),
+            "{changes:?}"
+        );
+        let m = g.members().await;
+        let by_id = |id: &str| m.iter().find(|x| x["id"] == id).unwrap().clone();
+        let (a, gst) = (leave_ms(&by_id(&agent)), leave_ms(&by_id(&g.member)));
+        if tie {
+            assert_eq!(a, gst, "tied: {m:?}");
+        } else {
+            assert!(a < gst, "strictly before: {m:?}");
+        }
+        assert_eq!(by_id(&agent)["role"], "AGENT");
+        assert_eq!(
+            emu.conversation(&g.id).unwrap().ended,
+            Some(EmulatorEndCause::AgentEnded)
+        );
+    }
+
+    // Over HTTP with a hold: the agent is CONNECTED, then ends the chat on its own.
+    let emu = emulator(quick()).await;
+    let g = Guest::create(&emu).await;
+    let mut ws = g.connect().await;
+    let r = reqwest::Client::new()
+        .post(format!(
+            "{}/emulator/conversations/{}/agent/flash",
+            emu.base_url(),
+            g.id
+        ))
+        .body(r#"{"hold_ms":50}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let on = wait_event(&mut ws, |v| v["metadata"]["type"] == "member-change").await;
+    assert_eq!(on["eventBody"]["member"]["state"], "CONNECTED");
+    wait_event(&mut ws, |v| is_member_change(v, &g.member, "DISCONNECTED")).await;
+    assert_eq!(
+        emu.conversation(&g.id).unwrap().ended,
+        Some(EmulatorEndCause::AgentEnded)
+    );
+    // A second flash on an ended chat is refused.
+    assert!(emu.agent_flash(&g.id, Duration::ZERO).is_err());
 }

@@ -215,6 +215,57 @@ async fn sigkill_then_restart_picks_every_chat_back_up() {
     );
 }
 
+/// Issue 9, case 2: chats their agents end while guestd is down (SIGKILL; grace 4 s). The
+/// platform gives the agent and the guest the same leave date; every one is `agent_ended`, once.
+#[tokio::test]
+async fn chats_ended_by_agents_while_guestd_was_down_with_tied_dates_are_agent_ended() {
+    let emu = emulator(EmulatorConfig {
+        tie_leave_dates: true,
+        ..emu_cfg()
+    })
+    .await;
+    let journal = temp_journal();
+    let mut d1 = Daemon::spawn(journal_env(&emu, &journal), &[]);
+    let chats = start_n(&mut d1, 8).await;
+    for (s, c) in &chats {
+        emu.agent_join(c).unwrap();
+        d1.wait_type(s, "agent_connected").await;
+    }
+    signal(d1.pid(), "KILL");
+    let _ = d1.child.wait().await;
+    for (_, c) in &chats {
+        emu.agent_end(c).unwrap();
+        let m = emu.conversation(c).unwrap();
+        let json = serde_json::to_value(&m).unwrap();
+        let dates: Vec<&str> = json["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["role"] == "AGENT" || m["role"] == "CUSTOMER")
+            .map(|m| m["leaveDate"].as_str().unwrap())
+            .collect();
+        assert_eq!(dates.len(), 2);
+        assert_eq!(dates[0], dates[1], "tied leave dates");
+    }
+    let mut d2 = Daemon::spawn(journal_env(&emu, &journal), &[]);
+    let mut ended: HashMap<String, String> = HashMap::new();
+    while ended.len() < chats.len() {
+        let v = d2.next().await.unwrap();
+        if v["type"] == "ended" {
+            let prev = ended.insert(
+                v["session"].as_str().unwrap().into(),
+                v["reason"].as_str().unwrap().into(),
+            );
+            assert!(prev.is_none(), "second ended: {v}");
+        }
+    }
+    for (s, _) in &chats {
+        assert_eq!(ended[s], "agent_ended", "{s}: {:#?}", d2.types(s));
+        assert_eq!(d1.count(s, "ended"), 0);
+    }
+    finish_ok(d2).await;
+}
+
 async fn finish_ok(mut d: Daemon) -> Daemon {
     signal(d.pid(), "TERM");
     d.drain().await;
