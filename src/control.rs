@@ -3,8 +3,15 @@
 //! touches another session.
 //!
 //! stdin: one JSON object per line, `{"cmd": "...", "request_id": "...", ...}`; the reply is a
-//! `command_result` or `command_error` event on stdout carrying the `request_id`. Commands run
-//! concurrently, so a slow `start` does not hold up a `send`.
+//! `command_result` or `command_error` event on stdout carrying the `request_id`. Commands that
+//! name the same session (or conversation) are applied in the order they were read, so a `send`
+//! right after its `attach` finds the session; others run concurrently, so a slow `start` does
+//! not hold up a `send`. At most [`MAX_STDIN_IN_FLIGHT`] run at once: beyond that the reader
+//! stops reading, and the writer feeding stdin waits (back-pressure, not memory). A line that is
+//! not a command (not UTF-8, too long, not JSON) gets a `command_error` and reading goes on.
+//!
+//! HTTP: each command runs in its own task, so a client that hangs up cannot abandon a `start`
+//! halfway (a chat created on the platform but never supervised).
 
 use crate::backend::{ChatRef, StartSpec};
 use crate::events::{Event, EventKind};
@@ -19,11 +26,107 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
 use serde::Deserialize;
+use std::collections::HashMap;
+use std::sync::Arc;
 use tokio::io::AsyncRead;
-use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
+use tokio::sync::{Semaphore, oneshot};
+use tokio_util::bytes::{Buf, BytesMut};
+use tokio_util::codec::{Decoder, FramedRead};
 
 /// Longest stdin command line, bytes.
 pub const MAX_LINE: usize = 1 << 20;
+/// stdin commands running at once; the reader waits beyond this.
+pub const MAX_STDIN_IN_FLIGHT: usize = 256;
+
+/// One stdin line as read: its text, or why it cannot be a command.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Line {
+    /// A line of UTF-8 (without its `\n` or `\r\n`).
+    Text(String),
+    /// Longer than [`MAX_LINE`]; its bytes were skipped.
+    TooLong,
+    /// Not UTF-8.
+    NotUtf8,
+}
+
+/// Splits stdin into [`Line`]s. Unlike `LinesCodec` it never fails on content: tokio-util's
+/// `FramedRead` ends the stream after a decoder's first error, so one bad byte would end stdin.
+#[derive(Debug)]
+pub struct CommandLines {
+    max: usize,
+    /// Inside a line that is too long: skip to its end.
+    skipping: bool,
+    /// Bytes already searched for `\n`.
+    searched: usize,
+}
+
+impl CommandLines {
+    /// Lines of at most `max` bytes.
+    pub fn new(max: usize) -> Self {
+        CommandLines {
+            max,
+            skipping: false,
+            searched: 0,
+        }
+    }
+
+    fn line(bytes: &[u8]) -> Line {
+        let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+        match std::str::from_utf8(bytes) {
+            Ok(s) => Line::Text(s.to_string()),
+            Err(_) => Line::NotUtf8,
+        }
+    }
+}
+
+impl Decoder for CommandLines {
+    type Item = Line;
+    type Error = std::io::Error;
+
+    fn decode(&mut self, buf: &mut BytesMut) -> std::io::Result<Option<Line>> {
+        let newline = buf[self.searched..]
+            .iter()
+            .position(|b| *b == b'\n')
+            .map(|i| i + self.searched);
+        match newline {
+            Some(i) => {
+                self.searched = 0;
+                let line = buf.split_to(i + 1);
+                if std::mem::take(&mut self.skipping) || i > self.max {
+                    return Ok(Some(Line::TooLong));
+                }
+                Ok(Some(Self::line(&line[..i])))
+            }
+            None if buf.len() > self.max => {
+                // Keep no more than the limit in memory: drop what is here, skip to the end.
+                buf.advance(buf.len());
+                self.searched = 0;
+                self.skipping = true;
+                Ok(None)
+            }
+            None => {
+                self.searched = buf.len();
+                Ok(None)
+            }
+        }
+    }
+
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> std::io::Result<Option<Line>> {
+        if let Some(line) = self.decode(buf)? {
+            return Ok(Some(line));
+        }
+        self.searched = 0;
+        if std::mem::take(&mut self.skipping) {
+            buf.clear();
+            return Ok(Some(Line::TooLong));
+        }
+        if buf.is_empty() {
+            return Ok(None);
+        }
+        let line = buf.split();
+        Ok(Some(Self::line(&line)))
+    }
+}
 
 /// A parsed command.
 #[derive(Debug)]
@@ -215,41 +318,81 @@ fn reply_event(
     Event::new(&session, conv.as_deref(), kind).with_request(request_id)
 }
 
-/// Read commands from `input` until it closes or `stop` fires; each runs in its own task.
+/// The session a command acts on, when it names one: commands with the same key are applied in
+/// the order they were read.
+fn order_key(cmd: &Command) -> Option<String> {
+    match cmd {
+        Command::Attach(chat) => Some(chat.conversation_id.clone()),
+        Command::Send { session, .. }
+        | Command::Typing { session }
+        | Command::Leave { session }
+        | Command::Get { session } => Some(session.clone()),
+        Command::Start(_) | Command::List => None,
+    }
+}
+
+/// Read commands from `input` until it closes or `stop` fires. See the module doc for the
+/// order, the bound and what happens to a bad line.
 pub async fn stdin_loop<R: AsyncRead + Unpin>(
     sup: Supervisor,
     input: R,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let mut lines = FramedRead::new(input, LinesCodec::new_with_max_length(MAX_LINE));
+    let mut lines = FramedRead::new(input, CommandLines::new(MAX_LINE));
+    let slots = Arc::new(Semaphore::new(MAX_STDIN_IN_FLIGHT));
+    // Per key, the completion of the last command read for it.
+    let mut tails: HashMap<String, oneshot::Receiver<()>> = HashMap::new();
     loop {
         let next = tokio::select! {
             _ = stop.cancelled() => break,
             l = lines.next() => l,
         };
-        let line = match next {
+        let (request_id, name, parsed) = match next {
             None => break,
-            Some(Ok(l)) => l,
-            Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
-                let ev = reply_event(
-                    None,
-                    "unknown".into(),
-                    Err(format!("command line longer than {MAX_LINE} bytes")),
-                );
-                sup.emitter().emit(ev).await;
-                continue;
-            }
+            Some(Ok(Line::Text(l))) if l.trim().is_empty() => continue,
+            Some(Ok(Line::Text(l))) => parse_line(&l),
+            Some(Ok(Line::TooLong)) => (
+                None,
+                "unknown".into(),
+                Err(format!("command line longer than {MAX_LINE} bytes")),
+            ),
+            Some(Ok(Line::NotUtf8)) => (
+                None,
+                "unknown".into(),
+                Err("command line is not UTF-8".into()),
+            ),
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "stdin read failed; no more stdin commands");
                 break;
             }
         };
-        if line.trim().is_empty() {
-            continue;
-        }
-        let (request_id, name, parsed) = parse_line(&line);
+        // Back-pressure: wait for a free slot before reading on.
+        let permit = tokio::select! {
+            _ = stop.cancelled() => break,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (after, done) = match parsed.as_ref().ok().and_then(order_key) {
+            Some(key) => {
+                if tails.len() > 4 * MAX_STDIN_IN_FLIGHT {
+                    // Forget keys whose last command has finished.
+                    tails.retain(|_, rx| {
+                        matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty))
+                    });
+                }
+                let (tx, rx) = oneshot::channel();
+                (tails.insert(key, rx), Some(tx))
+            }
+            None => (None, None),
+        };
         let sup = sup.clone();
         tokio::spawn(async move {
+            if let Some(prev) = after {
+                // Finished or dropped: either way it is no longer ahead of this one.
+                let _ = prev.await;
+            }
             let result = match parsed {
                 Err(e) => Err(e),
                 Ok(cmd) => execute(&sup, cmd).await.map_err(|e| e.to_string()),
@@ -263,6 +406,8 @@ pub async fn stdin_loop<R: AsyncRead + Unpin>(
             sup.emitter()
                 .emit(reply_event(request_id, name, result))
                 .await;
+            drop(done);
+            drop(permit);
         });
     }
     tracing::debug!("stdin closed; commands still accepted over HTTP");
@@ -316,7 +461,18 @@ async fn run_http(
     let cmd =
         parse_command(name, args).map_err(|e| HttpError(StatusCode::BAD_REQUEST, e, "invalid"))?;
     let created = matches!(cmd, Command::Start(_) | Command::Attach(_));
-    let v = execute(&st.sup, cmd).await?;
+    // In its own task: hyper drops this handler's future when the client hangs up, which must
+    // not abandon a command halfway.
+    let sup = st.sup.clone();
+    let v = tokio::spawn(async move { execute(&sup, cmd).await })
+        .await
+        .map_err(|e| {
+            HttpError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("command failed: {e}"),
+                "internal",
+            )
+        })??;
     metrics::counter!("guestd_commands_total", "channel" => "http", "result" => "ok").increment(1);
     let status = if created {
         StatusCode::CREATED
@@ -405,6 +561,68 @@ async fn http_send(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn split(input: &[u8], max: usize, chunk: usize) -> Vec<Line> {
+        let mut codec = CommandLines::new(max);
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for part in input.chunks(chunk.max(1)) {
+            buf.extend_from_slice(part);
+            while let Some(l) = codec.decode(&mut buf).unwrap() {
+                out.push(l);
+            }
+        }
+        while let Some(l) = codec.decode_eof(&mut buf).unwrap() {
+            out.push(l);
+        }
+        out
+    }
+
+    #[test]
+    fn bad_lines_are_items_not_the_end_of_stdin() {
+        let input = b"{\"cmd\":\"list\"}\r\nRen\xe9e\n0123456789ABCDEF\nok\ntail";
+        for chunk in [1, 3, 7, 100] {
+            assert_eq!(
+                split(input, 10, chunk),
+                vec![
+                    Line::TooLong,
+                    Line::NotUtf8,
+                    Line::TooLong,
+                    Line::Text("ok".into()),
+                    Line::Text("tail".into()),
+                ],
+                "chunk {chunk}"
+            );
+        }
+        let input = b"{\"cmd\":\"list\"}\r\nRen\xe9e\n";
+        assert_eq!(
+            split(input, 64, 5),
+            vec![Line::Text("{\"cmd\":\"list\"}".into()), Line::NotUtf8]
+        );
+        // A line too long at EOF, with no newline, is reported too.
+        assert_eq!(split(&[b'x'; 50], 10, 4), vec![Line::TooLong]);
+        assert_eq!(split(b"", 10, 4), vec![]);
+    }
+
+    #[test]
+    fn commands_on_one_session_share_an_order_key() {
+        let key = |l: &str| parse_line(l).2.ok().and_then(|c| order_key(&c));
+        assert_eq!(
+            key(
+                r#"{"cmd":"attach","conversation_id":"c1","member_id":"m","jwt":"j","event_stream_uri":"ws://127.0.0.1:1/x"}"#
+            ),
+            key(r#"{"cmd":"send","session":"c1","body":"hi"}"#)
+        );
+        assert_eq!(
+            key(r#"{"cmd":"leave","session":"c1"}"#).as_deref(),
+            Some("c1")
+        );
+        assert_eq!(
+            key(r#"{"cmd":"start","queue":"q","display_name":"d"}"#),
+            None
+        );
+        assert_eq!(key(r#"{"cmd":"list"}"#), None);
+    }
 
     #[test]
     fn parses_commands_and_names_errors() {

@@ -115,6 +115,28 @@ impl Default for StreamConfig {
     }
 }
 
+/// Counts one handshake in flight for as long as it lives: a connect future dropped at any
+/// `.await` (an aborted attempt when a session ends) still gives its count back.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(count: &'a AtomicUsize, peak: &AtomicUsize) -> Self {
+        let now = count.fetch_add(1, Ordering::Relaxed) + 1;
+        if peak.fetch_max(now, Ordering::Relaxed) < now {
+            metrics::gauge!("guestd_connects_in_flight_peak").set(now as f64);
+        }
+        metrics::gauge!("guestd_connects_in_flight").set(now as f64);
+        InFlight(count)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let now = self.0.fetch_sub(1, Ordering::Relaxed) - 1;
+        metrics::gauge!("guestd_connects_in_flight").set(now as f64);
+    }
+}
+
 /// Opens streams, at most `limit` handshakes at a time across the process.
 #[derive(Clone)]
 pub struct Connector {
@@ -178,15 +200,8 @@ impl Connector {
             .acquire()
             .await
             .map_err(|_| Failure::Other("connector closed".into()))?;
-        let now = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-        if self.peak.fetch_max(now, Ordering::Relaxed) < now {
-            metrics::gauge!("guestd_connects_in_flight_peak").set(now as f64);
-        }
-        metrics::gauge!("guestd_connects_in_flight").set(now as f64);
-        let result = self.handshake(chat).await;
-        let now = self.in_flight.fetch_sub(1, Ordering::Relaxed) - 1;
-        metrics::gauge!("guestd_connects_in_flight").set(now as f64);
-        result
+        let _counted = InFlight::enter(&self.in_flight, &self.peak);
+        self.handshake(chat).await
     }
 
     async fn handshake(&self, chat: &ChatRef) -> Result<Ws, Failure> {
@@ -337,5 +352,35 @@ mod tests {
             "{}",
             std::mem::size_of::<super::Ws>()
         );
+    }
+
+    /// A connect dropped mid-handshake (what `AbortConnect` does when a session ends) gives its
+    /// in-flight count back; it used to stay counted for good.
+    #[tokio::test]
+    async fn a_dropped_connect_is_no_longer_in_flight() {
+        use super::*;
+        // A server that accepts and never answers the upgrade.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _server = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((sock, _)) = listener.accept().await {
+                held.push(sock);
+            }
+        });
+        let c = Connector::new(StreamConfig::default(), 4);
+        let chat = ChatRef {
+            conversation_id: "c".into(),
+            member_id: "m".into(),
+            jwt: crate::secret::Secret::new("j"),
+            event_stream_uri: format!("ws://{addr}/v2/stream/c"),
+        };
+        for _ in 0..3 {
+            let attempt = c.connect(&chat);
+            let r = tokio::time::timeout(Duration::from_millis(50), attempt).await;
+            assert!(r.is_err(), "the handshake hangs and is dropped");
+        }
+        assert_eq!(c.in_flight(), 0);
+        assert_eq!(c.peak_in_flight(), 1);
     }
 }

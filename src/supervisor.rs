@@ -9,7 +9,7 @@ use crate::backend::{ApiError, ChatApi, ChatRef, StartSpec};
 use crate::events::{Emitter, Event, EventKind};
 use crate::journal::{Recovered, SessionRecord};
 use crate::session::{Machine, SessionCmd, SessionCtx, SessionHandle, SessionView, actor};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -59,17 +59,54 @@ impl SupervisorError {
 }
 
 enum Cmd {
-    Reserve(oneshot::Sender<Result<(), SupervisorError>>),
-    Release,
-    Register(SessionHandle, oneshot::Sender<Result<(), SupervisorError>>),
+    /// Hold a slot, and the conversation when it is known (attach, resume): one atomic step, so
+    /// two attaches of one conversation cannot both pass.
+    Reserve(
+        Option<Arc<str>>,
+        oneshot::Sender<Result<(), SupervisorError>>,
+    ),
+    /// The reservation travels with its session: the registry disarms it on receipt, so a
+    /// caller dropped at any `.await` can neither leak the slot nor release it twice.
+    Register(
+        SessionHandle,
+        Reservation,
+        oneshot::Sender<Result<(), SupervisorError>>,
+    ),
     Lookup(String, oneshot::Sender<Option<SessionHandle>>),
     List(oneshot::Sender<Vec<SessionHandle>>),
+}
+
+/// A slot held in the registry for a session being set up. Dropped anywhere before the registry
+/// takes it (a failed create, a caller whose future was dropped at an `.await`), it gives the
+/// slot and its conversation back.
+struct Reservation {
+    release: mpsc::UnboundedSender<Option<Arc<str>>>,
+    conversation: Option<Arc<str>>,
+    armed: bool,
+}
+
+impl Reservation {
+    /// The registry has taken over the slot.
+    fn disarm(mut self) -> Option<Arc<str>> {
+        self.armed = false;
+        self.conversation.take()
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.armed {
+            // Unbounded, so a drop never waits and is never lost.
+            let _ = self.release.send(self.conversation.take());
+        }
+    }
 }
 
 /// A cheap handle to the registry.
 #[derive(Clone)]
 pub struct Supervisor {
     tx: mpsc::Sender<Cmd>,
+    release: mpsc::UnboundedSender<Option<Arc<str>>>,
     ctx: Arc<SessionCtx>,
     live: watch::Receiver<usize>,
     accepting: watch::Receiver<bool>,
@@ -95,11 +132,13 @@ impl Supervisor {
         max_sessions: usize,
     ) -> Supervisor {
         let (tx, rx) = mpsc::channel(1024);
+        let (release, release_rx) = mpsc::unbounded_channel();
         let (live_tx, live) = watch::channel(0usize);
         let (stop_accepting, accepting) = watch::channel(true);
-        tokio::spawn(registry(rx, done_rx, max_sessions, live_tx));
+        tokio::spawn(registry(rx, release_rx, done_rx, max_sessions, live_tx));
         Supervisor {
             tx,
+            release,
             ctx: Arc::new(ctx),
             live,
             accepting,
@@ -157,14 +196,9 @@ impl Supervisor {
                 "start needs queue and display_name".into(),
             ));
         }
-        self.reserve().await?;
-        match self.ctx.api.create(spec).await {
-            Ok(chat) => self.launch(chat, "start").await,
-            Err(e) => {
-                let _ = self.tx.send(Cmd::Release).await;
-                Err(e.into())
-            }
-        }
+        let slot = self.reserve(None).await?;
+        let chat = self.ctx.api.create(spec).await?;
+        self.launch(chat, slot, "start").await
     }
 
     /// Supervise a chat the caller created.
@@ -188,24 +222,35 @@ impl Supervisor {
                 Err(e)
             }
         })?;
-        if let Some(h) = self.lookup(&chat.conversation_id).await {
-            return Err(SupervisorError::AlreadyAttached(
-                chat.conversation_id,
-                h.id.to_string(),
-            ));
-        }
-        self.reserve().await?;
-        self.launch(chat, "attach").await
+        let slot = self
+            .reserve(Some(chat.conversation_id.as_str().into()))
+            .await?;
+        self.launch(chat, slot, "attach").await
     }
 
-    async fn reserve(&self) -> Result<(), SupervisorError> {
+    /// Hold a slot (and the conversation, when known) until the session is registered.
+    async fn reserve(
+        &self,
+        conversation: Option<Arc<str>>,
+    ) -> Result<Reservation, SupervisorError> {
         if !self.accepting() {
             return Err(SupervisorError::ShuttingDown);
         }
-        self.ask(Cmd::Reserve).await?
+        self.ask(|tx| Cmd::Reserve(conversation.clone(), tx))
+            .await??;
+        Ok(Reservation {
+            release: self.release.clone(),
+            conversation,
+            armed: true,
+        })
     }
 
-    async fn launch(&self, chat: ChatRef, mode: &str) -> Result<SessionView, SupervisorError> {
+    async fn launch(
+        &self,
+        chat: ChatRef,
+        slot: Reservation,
+        mode: &str,
+    ) -> Result<SessionView, SupervisorError> {
         let id = new_session_id();
         let now = Instant::now();
         self.ctx.journal.session_started(SessionRecord {
@@ -215,7 +260,7 @@ impl Supervisor {
             mode: mode.to_string(),
         });
         let machine = Machine::new(self.ctx.timing.clone(), &chat.member_id, now);
-        self.run(id, chat, machine, mode).await
+        self.run(id, chat, machine, slot, mode).await
     }
 
     async fn run(
@@ -223,6 +268,7 @@ impl Supervisor {
         id: String,
         chat: ChatRef,
         machine: Machine,
+        slot: Reservation,
         mode: &str,
     ) -> Result<SessionView, SupervisorError> {
         // session_started goes out before the actor can emit anything.
@@ -247,7 +293,7 @@ impl Supervisor {
             ended: None,
         };
         let handle = actor::spawn(self.ctx.clone(), id, chat, machine);
-        self.ask(|tx| Cmd::Register(handle, tx)).await??;
+        self.ask(|tx| Cmd::Register(handle, slot, tx)).await??;
         Ok(view)
     }
 
@@ -273,7 +319,7 @@ impl Supervisor {
             }
             return Ok(());
         }
-        self.reserve().await?;
+        let slot = self.reserve(Some(conv.as_str().into())).await?;
         let now = Instant::now();
         let started = instant_at(r.record.started_ms, now);
         // The grace window counts from this restart: the crash time is not known precisely,
@@ -292,7 +338,7 @@ impl Supervisor {
         } else {
             machine
         };
-        self.run(id, r.record.chat, machine, "resume")
+        self.run(id, r.record.chat, machine, slot, "resume")
             .await
             .map(|_| ())
     }
@@ -379,29 +425,46 @@ impl SessionCtx {
 
 async fn registry(
     mut rx: mpsc::Receiver<Cmd>,
+    mut release_rx: mpsc::UnboundedReceiver<Option<Arc<str>>>,
     mut done_rx: mpsc::UnboundedReceiver<String>,
     max: usize,
     live_tx: watch::Sender<usize>,
 ) {
     let mut by_id: HashMap<Arc<str>, SessionHandle> = HashMap::new();
     let mut by_conv: HashMap<Arc<str>, Arc<str>> = HashMap::new();
+    // Slots held by sessions being set up, and the conversations among them.
     let mut reserved = 0usize;
+    let mut reserved_convs: HashSet<Arc<str>> = HashSet::new();
     loop {
         tokio::select! {
             cmd = rx.recv() => {
                 let Some(cmd) = cmd else { break };
                 match cmd {
-                    Cmd::Reserve(reply) => {
-                        if by_id.len() + reserved >= max {
+                    Cmd::Reserve(conv, reply) => {
+                        let taken = conv.as_ref().and_then(|c| {
+                            by_conv
+                                .get(c)
+                                .map(|s| s.to_string())
+                                .or_else(|| reserved_convs.contains(c).then(|| "(being set up)".to_string()))
+                                .map(|s| (c.to_string(), s))
+                        });
+                        if let Some((c, s)) = taken {
+                            let _ = reply.send(Err(SupervisorError::AlreadyAttached(c, s)));
+                        } else if by_id.len() + reserved >= max {
                             let _ = reply.send(Err(SupervisorError::Full(max)));
                         } else {
                             reserved += 1;
+                            if let Some(c) = conv {
+                                reserved_convs.insert(c);
+                            }
                             let _ = reply.send(Ok(()));
                         }
                     }
-                    Cmd::Release => reserved = reserved.saturating_sub(1),
-                    Cmd::Register(h, reply) => {
+                    Cmd::Register(h, slot, reply) => {
                         reserved = reserved.saturating_sub(1);
+                        if let Some(c) = slot.disarm() {
+                            reserved_convs.remove(&c);
+                        }
                         // A session that already finished has sent its `done`, maybe before this.
                         if h.is_closed() {
                             let _ = reply.send(Ok(()));
@@ -424,6 +487,12 @@ async fn registry(
                     }
                 }
             }
+            Some(conv) = release_rx.recv() => {
+                reserved = reserved.saturating_sub(1);
+                if let Some(c) = conv {
+                    reserved_convs.remove(&c);
+                }
+            }
             Some(id) = done_rx.recv() => {
                 if let Some(h) = by_id.remove(id.as_str()) {
                     by_conv.remove(&h.conversation_id);
@@ -431,5 +500,126 @@ async fn registry(
             }
         }
         let _ = live_tx.send(by_id.len() + reserved);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{ChatEvent, ChatMember, ChatMessage};
+    use crate::session::Timing;
+    use crate::stream::Connector;
+    use futures::future::BoxFuture;
+    use tokio_util::sync::CancellationToken;
+
+    /// A backend whose `create` never answers (a slow platform) and whose other calls fail.
+    struct Stalled;
+
+    impl ChatApi for Stalled {
+        fn create(&self, _: StartSpec) -> BoxFuture<'static, Result<ChatRef, ApiError>> {
+            Box::pin(futures::future::pending())
+        }
+        fn list_members(
+            &self,
+            _: &ChatRef,
+        ) -> BoxFuture<'static, Result<Vec<ChatMember>, ApiError>> {
+            Box::pin(futures::future::pending())
+        }
+        fn messages_after(
+            &self,
+            _: &ChatRef,
+            _: Option<String>,
+        ) -> BoxFuture<'static, Result<Vec<ChatMessage>, ApiError>> {
+            Box::pin(futures::future::pending())
+        }
+        fn leave(&self, _: &ChatRef) -> BoxFuture<'static, Result<(), ApiError>> {
+            Box::pin(futures::future::pending())
+        }
+        fn send_message(
+            &self,
+            _: &ChatRef,
+            _: String,
+        ) -> BoxFuture<'static, Result<ChatMessage, ApiError>> {
+            Box::pin(futures::future::pending())
+        }
+        fn send_typing(&self, _: &ChatRef) -> BoxFuture<'static, Result<(), ApiError>> {
+            Box::pin(futures::future::pending())
+        }
+        fn decode(&self, _: &str) -> Result<ChatEvent, String> {
+            Err("no frames here".into())
+        }
+        fn ping_frame(&self) -> &'static str {
+            "{}"
+        }
+    }
+
+    fn supervisor(max: usize) -> (Supervisor, CancellationToken) {
+        let (emitter, _writer) =
+            crate::events::spawn_writer(crate::events::WriterSink(tokio::io::sink()), 64);
+        let (done, done_rx) = mpsc::unbounded_channel();
+        let cancel = CancellationToken::new();
+        let ctx = SessionCtx {
+            api: Arc::new(Stalled),
+            connector: Connector::new(Default::default(), 4),
+            emitter,
+            journal: Arc::new(crate::journal::NullJournal),
+            timing: Arc::new(Timing::default()),
+            done,
+            cancel: cancel.clone(),
+            leave_on_shutdown: false,
+        };
+        (Supervisor::spawn(ctx, done_rx, max), cancel)
+    }
+
+    fn chat(conv: &str) -> ChatRef {
+        ChatRef {
+            conversation_id: conv.into(),
+            member_id: "m".into(),
+            jwt: crate::secret::Secret::new("j"),
+            event_stream_uri: "ws://127.0.0.1:9/x".into(),
+        }
+    }
+
+    fn spec() -> StartSpec {
+        StartSpec {
+            queue: "Support".into(),
+            display_name: "Ann".into(),
+            ..Default::default()
+        }
+    }
+
+    /// A `start` whose caller goes away mid-create (an HTTP client that hangs up) gives its slot
+    /// back; it used to keep it for good, until the limit refused every new chat.
+    #[tokio::test]
+    async fn a_start_dropped_mid_create_gives_its_slot_back() {
+        let (sup, cancel) = supervisor(1);
+        let r = tokio::time::timeout(Duration::from_millis(20), sup.start(spec())).await;
+        assert!(r.is_err(), "create never answers; the caller gives up");
+        let mut live = sup.live.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(5), live.wait_for(|n| *n == 0)).await;
+        assert_eq!(sup.live(), 0);
+        sup.attach(chat("c1")).await.expect("the one slot is free");
+        assert!(matches!(
+            sup.attach(chat("c2")).await,
+            Err(SupervisorError::Full(1))
+        ));
+        cancel.cancel();
+    }
+
+    /// Twenty concurrent attaches of one conversation: one session, nineteen conflicts.
+    #[tokio::test]
+    async fn concurrent_attaches_of_one_conversation_admit_one() {
+        let (sup, cancel) = supervisor(100);
+        let results = futures::future::join_all((0..20).map(|_| sup.attach(chat("same")))).await;
+        let ok = results.iter().filter(|r| r.is_ok()).count();
+        let conflicts = results
+            .iter()
+            .filter(|r| matches!(r, Err(SupervisorError::AlreadyAttached(..))))
+            .count();
+        assert_eq!((ok, conflicts), (1, 19), "{results:?}");
+        // A different conversation is still welcome, and a failed attach held nothing.
+        sup.attach(chat("other")).await.unwrap();
+        assert_eq!(sup.list().await.len(), 2);
+        cancel.cancel();
     }
 }

@@ -472,6 +472,83 @@ async fn bad_commands_get_clear_errors_and_harm_nothing() {
     finish(d).await;
 }
 
+/// A line that is not UTF-8, and one over 1 MiB, each get a `command_error`, and stdin keeps
+/// being read (each used to end stdin for good).
+#[tokio::test]
+async fn bad_stdin_bytes_get_an_error_and_reading_goes_on() {
+    let (_emu, mut d) = setup().await;
+    d.send_bytes(b"{\"cmd\":\"start\",\"queue\":\"Support\",\"display_name\":\"Ren\xe9e\"}\n")
+        .await;
+    let e = d.wait(|v| v["type"] == "command_error").await;
+    assert!(e["error"].as_str().unwrap().contains("not UTF-8"), "{e}");
+    let mut long = vec![b'x'; (1 << 20) + 10];
+    long.push(b'\n');
+    d.send_bytes(&long).await;
+    let e = d
+        .wait(|v| v["type"] == "command_error" && v["error"].as_str().unwrap().contains("longer"))
+        .await;
+    assert_eq!(e["command"], "unknown");
+    d.send(json!({"cmd": "list", "request_id": "after"})).await;
+    let l = d.wait(|v| v["request_id"] == "after").await;
+    assert_eq!(l["type"], "command_result", "{l}");
+    finish(d).await;
+}
+
+/// `attach` then `send` on the same conversation, written back to back for 100 chats: every
+/// send finds its session (commands on one session are applied in order; 75 of 91 used to fail
+/// with "no live session"). Two attaches of one conversation: one wins, one conflict.
+#[tokio::test]
+async fn commands_on_one_session_apply_in_order() {
+    let emu = emulator(emu_cfg()).await;
+    let mut d = Daemon::spawn(fast_env(&emu), &[]);
+    const N: usize = 100;
+    let mut guests = Vec::new();
+    for _ in 0..N {
+        guests.push(Guest::create(&emu).await);
+    }
+    let mut burst = String::new();
+    for (i, g) in guests.iter().enumerate() {
+        let attach = json!({"cmd": "attach", "request_id": format!("a{i}"), "conversation_id": g.id, "member_id": g.member, "jwt": g.jwt, "event_stream_uri": g.uri});
+        let dup = json!({"cmd": "attach", "request_id": format!("d{i}"), "conversation_id": g.id, "member_id": g.member, "jwt": g.jwt, "event_stream_uri": g.uri});
+        let send = json!({"cmd": "send", "request_id": format!("s{i}"), "session": g.id, "body": format!("hello {i}")});
+        burst.push_str(&format!("{attach}\n{dup}\n{send}\n"));
+    }
+    d.send_raw(&burst).await;
+    let mut replies = std::collections::HashMap::new();
+    while replies.len() < 3 * N {
+        let v = d.next().await.unwrap();
+        if let Some(r) = v["request_id"].as_str() {
+            replies.insert(r.to_string(), v.clone());
+        }
+    }
+    for i in 0..N {
+        assert_eq!(replies[&format!("a{i}")]["type"], "command_result", "a{i}");
+        let dup = &replies[&format!("d{i}")];
+        assert_eq!(dup["type"], "command_error", "d{i}: {dup}");
+        assert!(
+            dup["error"]
+                .as_str()
+                .unwrap()
+                .contains("already supervised"),
+            "{dup}"
+        );
+        let send = &replies[&format!("s{i}")];
+        assert_eq!(send["type"], "command_result", "s{i}: {send}");
+    }
+    // One session per conversation, each message once on the platform.
+    assert_eq!(
+        d.seen
+            .iter()
+            .filter(|v| v["type"] == "session_started")
+            .count(),
+        N
+    );
+    for g in &guests {
+        assert_eq!(emu.conversation(&g.id).unwrap().messages.len(), 1);
+    }
+    finish(d).await;
+}
+
 #[tokio::test]
 async fn attach_a_chat_created_elsewhere_and_keep_the_jwt_secret() {
     let emu = emulator(emu_cfg()).await;
