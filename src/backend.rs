@@ -3,13 +3,158 @@
 //! A session needs a handful of REST calls and a way to read stream frames; it does not need to
 //! know they are Genesys's. [`ChatApi`] is that seam: `genesys::client::GenesysApi` implements it
 //! today, and a Web Messaging backend would be a second implementation in its own module.
+//!
+//! The seam owns the neutral vocabulary every backend maps its wire types onto: member roles
+//! and states, message kinds, how a call failed as a session needs to know it ([`Failure`]),
+//! and the URL policy (plaintext only to loopback). Nothing outside a backend's own module
+//! names a wire type: the house reads transport -> backend decode -> session -> events.
 
 use crate::secret::Secret;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
-pub use crate::genesys::protocol::{MemberState, Role};
+/// A member's role in a chat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// The guest guestd acts for.
+    Customer,
+    /// A human agent.
+    Agent,
+    /// An automated flow (a Genesys Architect flow, a bot).
+    Workflow,
+    /// The queue itself.
+    Acd,
+    /// A role this build does not know.
+    Unknown,
+}
+
+impl Role {
+    /// The name in guestd's event schema.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Customer => "customer",
+            Role::Agent => "agent",
+            Role::Workflow => "workflow",
+            Role::Acd => "acd",
+            Role::Unknown => "unknown",
+        }
+    }
+}
+
+/// A member's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MemberState {
+    /// Being offered the chat (agents).
+    Alerting,
+    /// In the chat.
+    Connected,
+    /// Gone; final.
+    Disconnected,
+    /// A state this build does not know (or, inside guestd, not known yet).
+    Unknown,
+}
+
+impl MemberState {
+    /// The name in guestd's event schema.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberState::Alerting => "alerting",
+            MemberState::Connected => "connected",
+            MemberState::Disconnected => "disconnected",
+            MemberState::Unknown => "unknown",
+        }
+    }
+}
+
+/// What a chat message is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageKind {
+    /// Text someone wrote.
+    Standard,
+    /// A system notice.
+    Notice,
+    /// A member joined.
+    MemberJoin,
+    /// A member left.
+    MemberLeave,
+    /// A kind this build does not know.
+    Unknown,
+}
+
+impl MessageKind {
+    /// The name in guestd's event schema (`body_type`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageKind::Standard => "standard",
+            MessageKind::Notice => "notice",
+            MessageKind::MemberJoin => "member-join",
+            MessageKind::MemberLeave => "member-leave",
+            MessageKind::Unknown => "unknown",
+        }
+    }
+
+    /// Written by a member (counts as the guest's activity when the guest wrote it).
+    pub fn is_written(self) -> bool {
+        matches!(self, MessageKind::Standard | MessageKind::Notice)
+    }
+}
+
+/// How a call failed, as a session needs to know it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Failure {
+    /// The credential was refused (401): the chat cannot be acted on any more.
+    #[error("unauthorized (401): {0}")]
+    Unauthorized(String),
+    /// The chat or member is gone (404).
+    #[error("not found (404): {0}")]
+    NotFound(String),
+    /// Anything else (already retried by the backend's client).
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<&ApiError> for Failure {
+    fn from(e: &ApiError) -> Self {
+        match e {
+            ApiError::Unauthorized(m) => Failure::Unauthorized(m.clone()),
+            ApiError::NotFound(m) => Failure::NotFound(m.clone()),
+            other => Failure::Other(other.to_string()),
+        }
+    }
+}
+
+/// A URL the configuration forbids.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct PolicyError(pub String);
+
+/// The one URL policy, for REST and streams alike: https/wss anywhere; http/ws only to a
+/// loopback host unless `allow_insecure`.
+pub fn check_url(url: &str, allow_insecure: bool) -> Result<(), PolicyError> {
+    let u = url::Url::parse(url).map_err(|e| PolicyError(format!("bad URL {url}: {e}")))?;
+    match u.scheme() {
+        "https" | "wss" => Ok(()),
+        "http" | "ws" => {
+            let loopback = match u.host() {
+                Some(url::Host::Ipv4(a)) => a.is_loopback(),
+                Some(url::Host::Ipv6(a)) => a.is_loopback(),
+                Some(url::Host::Domain(d)) => d == "localhost",
+                None => false,
+            };
+            if loopback || allow_insecure {
+                Ok(())
+            } else {
+                Err(PolicyError(format!(
+                    "plaintext {} to non-loopback host {}; set allow_insecure to permit",
+                    u.scheme(),
+                    u.host_str().unwrap_or("?")
+                )))
+            }
+        }
+        other => Err(PolicyError(format!("unsupported scheme {other}"))),
+    }
+}
 
 /// Everything needed to act for the guest in one chat. Cheap to clone.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,8 +225,8 @@ pub struct ChatMessage {
     pub sender_id: String,
     /// Text.
     pub body: String,
-    /// "standard", "notice", "member-join", "member-leave".
-    pub body_type: String,
+    /// What it is.
+    pub kind: MessageKind,
     /// ISO-8601.
     pub timestamp: String,
 }
@@ -152,6 +297,12 @@ pub enum ApiError {
     Policy(String),
 }
 
+impl From<PolicyError> for ApiError {
+    fn from(e: PolicyError) -> Self {
+        ApiError::Policy(e.0)
+    }
+}
+
 /// The REST side of a chat backend, plus its frame decoder. Futures are boxed and `'static` so a
 /// session can hold several in flight without borrowing.
 pub trait ChatApi: Send + Sync + 'static {
@@ -180,4 +331,69 @@ pub trait ChatApi: Send + Sync + 'static {
     fn decode(&self, text: &str) -> Result<ChatEvent, String>;
     /// The text frame that asks the server for a pong.
     fn ping_frame(&self) -> &'static str;
+}
+
+/// Backends for tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// A backend whose `create` never answers (a slow platform) and whose other calls fail.
+    pub(crate) struct Stalled;
+
+    impl ChatApi for Stalled {
+        fn create(&self, _: StartSpec) -> BoxFuture<'static, Result<ChatRef, ApiError>> {
+            Box::pin(futures::future::pending())
+        }
+        fn list_members(
+            &self,
+            _: &ChatRef,
+        ) -> BoxFuture<'static, Result<Vec<ChatMember>, ApiError>> {
+            Box::pin(futures::future::pending())
+        }
+        fn messages_after(
+            &self,
+            _: &ChatRef,
+            _: Option<String>,
+        ) -> BoxFuture<'static, Result<Vec<ChatMessage>, ApiError>> {
+            Box::pin(futures::future::pending())
+        }
+        fn leave(&self, _: &ChatRef) -> BoxFuture<'static, Result<(), ApiError>> {
+            Box::pin(futures::future::pending())
+        }
+        fn send_message(
+            &self,
+            _: &ChatRef,
+            _: String,
+        ) -> BoxFuture<'static, Result<ChatMessage, ApiError>> {
+            Box::pin(futures::future::pending())
+        }
+        fn send_typing(&self, _: &ChatRef) -> BoxFuture<'static, Result<(), ApiError>> {
+            Box::pin(futures::future::pending())
+        }
+        fn decode(&self, _: &str) -> Result<ChatEvent, String> {
+            Err("no frames here".into())
+        }
+        fn ping_frame(&self) -> &'static str {
+            "{}"
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_url;
+
+    #[test]
+    fn plaintext_only_to_loopback_unless_allowed() {
+        assert!(check_url("http://127.0.0.1:8080", false).is_ok());
+        assert!(check_url("ws://localhost:1/x", false).is_ok());
+        assert!(check_url("ws://[::1]:1/x", false).is_ok());
+        assert!(check_url("https://api.mypurecloud.com", false).is_ok());
+        assert!(check_url("http://api.example.com", false).is_err());
+        assert!(check_url("ws://10.0.0.1/x", false).is_err());
+        assert!(check_url("ws://10.0.0.1/x", true).is_ok());
+        assert!(check_url("ftp://x", true).is_err());
+        assert!(check_url("not a url", true).is_err());
+    }
 }

@@ -461,10 +461,9 @@ impl Config {
         if self.supervisor.max_sessions == 0 {
             return bad("supervisor.max_sessions", "must be >= 1");
         }
-        if let Err(e) = crate::genesys::client::check_transport(
-            &self.genesys.api_base,
-            self.genesys.allow_insecure,
-        ) {
+        if let Err(e) =
+            crate::backend::check_url(&self.genesys.api_base, self.genesys.allow_insecure)
+        {
             return bad("genesys.api_base", &e.to_string());
         }
         if let Some(p) = &self.genesys.extra_ca_file {

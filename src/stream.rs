@@ -7,9 +7,7 @@
 //! and caps message and frame size so a hostile or broken server cannot make one session allocate
 //! without bound. Measured in `docs/benchmarks.md`: 4 KiB -> 1 KiB took 3 KiB off every session.
 
-use crate::backend::ChatRef;
-use crate::genesys::client::check_transport;
-use crate::session::Failure;
+use crate::backend::{ChatRef, PolicyError, check_url};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -176,11 +174,6 @@ impl Connector {
         }
     }
 
-    /// Whether plaintext ws to non-loopback hosts is allowed.
-    pub fn allows_insecure(&self) -> bool {
-        self.cfg.allow_insecure
-    }
-
     /// Handshakes in flight now.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
@@ -191,23 +184,27 @@ impl Connector {
         self.peak.load(Ordering::Relaxed)
     }
 
+    /// Whether the URL policy allows `url` (the same policy every stream is opened under).
+    pub fn check_url(&self, url: &str) -> Result<(), PolicyError> {
+        check_url(url, self.cfg.allow_insecure)
+    }
+
     /// Open the event stream of `chat`.
-    pub async fn connect(&self, chat: &ChatRef) -> Result<Ws, Failure> {
-        check_transport(&chat.event_stream_uri, self.cfg.allow_insecure)
-            .map_err(|e| Failure::Other(e.to_string()))?;
+    pub async fn connect(&self, chat: &ChatRef) -> Result<Ws, ConnectError> {
+        self.check_url(&chat.event_stream_uri)?;
         let _permit = self
             .permits
             .acquire()
             .await
-            .map_err(|_| Failure::Other("connector closed".into()))?;
+            .map_err(|_| ConnectError::Failed("connector closed".into()))?;
         let _counted = InFlight::enter(&self.in_flight, &self.peak);
         self.handshake(chat).await
     }
 
-    async fn handshake(&self, chat: &ChatRef) -> Result<Ws, Failure> {
+    async fn handshake(&self, chat: &ChatRef) -> Result<Ws, ConnectError> {
         let fut = self.open(chat);
         match tokio::time::timeout(self.cfg.connect_timeout, fut).await {
-            Err(_) => Err(Failure::Other("handshake timed out".into())),
+            Err(_) => Err(ConnectError::Timeout),
             Ok(r) => r,
         }
     }
@@ -217,119 +214,63 @@ impl Connector {
     /// the socket's read buffer for life, whatever `read_buffer_size` says. Reading the reply
     /// ourselves and handing over only the bytes past the header lets `stream.read_buffer` set
     /// the real per-socket size.
-    async fn open(&self, chat: &ChatRef) -> Result<Ws, Failure> {
-        let other = |m: String| Failure::Other(m);
+    async fn open(&self, chat: &ChatRef) -> Result<Ws, ConnectError> {
+        let failed = |m: String| ConnectError::Failed(m);
         let url = url::Url::parse(&chat.event_stream_uri)
-            .map_err(|e| other(format!("bad eventStreamUri: {e}")))?;
+            .map_err(|e| failed(format!("bad eventStreamUri: {e}")))?;
         let host = url
             .host_str()
-            .ok_or_else(|| other("eventStreamUri has no host".into()))?
+            .ok_or_else(|| failed("eventStreamUri has no host".into()))?
             .to_string();
+        let bare_host = host.trim_start_matches('[').trim_end_matches(']');
         let port = url
             .port_or_known_default()
-            .ok_or_else(|| other("eventStreamUri has no port".into()))?;
-        let tcp = TcpStream::connect((host.trim_start_matches('[').trim_end_matches(']'), port))
+            .ok_or_else(|| failed("eventStreamUri has no port".into()))?;
+        let tcp = TcpStream::connect((bare_host, port))
             .await
-            .map_err(|e| other(format!("connect {host}:{port}: {e}")))?;
+            .map_err(|e| failed(format!("connect {host}:{port}: {e}")))?;
         let _ = tcp.set_nodelay(true);
         let mut stream = match url.scheme() {
             "ws" => MaybeTls::Plain(tcp),
             "wss" => {
-                let name = rustls::pki_types::ServerName::try_from(
-                    host.trim_start_matches('[')
-                        .trim_end_matches(']')
-                        .to_string(),
-                )
-                .map_err(|e| other(format!("bad TLS server name {host}: {e}")))?;
+                let name = rustls::pki_types::ServerName::try_from(bare_host.to_string())
+                    .map_err(|e| failed(format!("bad TLS server name {host}: {e}")))?;
                 let config = self
                     .tls
                     .clone()
-                    .map_err(|e| other(format!("TLS unavailable: {e}")))?;
+                    .map_err(|e| failed(format!("TLS unavailable: {e}")))?;
                 let tls = tokio_rustls::TlsConnector::from(config)
                     .connect(name, tcp)
                     .await
-                    .map_err(|e| other(format!("TLS with {host}: {e}")))?;
+                    .map_err(|e| failed(format!("TLS with {host}: {e}")))?;
                 MaybeTls::Tls(Box::new(tls))
             }
-            s => return Err(other(format!("unsupported scheme {s}"))),
+            s => return Err(failed(format!("unsupported scheme {s}"))),
         };
         let key = tokio_tungstenite::tungstenite::handshake::client::generate_key();
-        let mut path = url.path().to_string();
-        if let Some(q) = url.query() {
-            path.push('?');
-            path.push_str(q);
-        }
-        let host_header = match url.port() {
-            Some(p) => format!("{host}:{p}"),
-            None => host.clone(),
-        };
-        let mut req = format!(
-            "GET {path} HTTP/1.1\r\nHost: {host_header}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\nUser-Agent: guestd/{}\r\n",
-            env!("CARGO_PKG_VERSION")
-        );
-        if self.cfg.send_jwt {
-            req.push_str("Authorization: Bearer ");
-            req.push_str(chat.jwt.expose());
-            req.push_str("\r\n");
-        }
-        req.push_str("\r\n");
+        let bearer = self.cfg.send_jwt.then(|| chat.jwt.expose());
+        let req = upgrade_request(&url, &key, bearer);
         stream
             .write_all(req.as_bytes())
             .await
-            .map_err(|e| other(format!("handshake write: {e}")))?;
+            .map_err(|e| failed(format!("handshake write: {e}")))?;
         drop(req);
         // Read the reply head (bounded), keep whatever follows it.
-        let mut buf: Vec<u8> = Vec::with_capacity(1024);
-        let mut chunk = [0u8; 512];
+        let mut buf: Vec<u8> = Vec::with_capacity(REPLY_BUFFER);
+        let mut chunk = [0u8; READ_CHUNK];
         let head_len = loop {
             let n = stream
                 .read(&mut chunk)
                 .await
-                .map_err(|e| other(format!("handshake read: {e}")))?;
+                .map_err(|e| failed(format!("handshake read: {e}")))?;
             if n == 0 {
-                return Err(other("connection closed during the handshake".into()));
+                return Err(failed("connection closed during the handshake".into()));
             }
             buf.extend_from_slice(&chunk[..n]);
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            if buf.len() > 16 * 1024 {
-                return Err(other("handshake reply header too large".into()));
+            if let Some(head_len) = parse_upgrade_reply(&buf, &key)? {
+                break head_len;
             }
         };
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut resp = httparse::Response::new(&mut headers);
-        resp.parse(&buf[..head_len])
-            .map_err(|e| other(format!("bad handshake reply: {e}")))?;
-        let status = resp.code.unwrap_or(0);
-        if status != 101 {
-            let body = String::from_utf8_lossy(&buf[head_len..])
-                .chars()
-                .take(200)
-                .collect::<String>();
-            return Err(match status {
-                401 => Failure::Unauthorized(body),
-                404 => Failure::NotFound(body),
-                s => Failure::Other(format!("handshake answered {s}: {body}")),
-            });
-        }
-        let header = |name: &str| {
-            resp.headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case(name))
-                .map(|h| String::from_utf8_lossy(h.value).to_string())
-        };
-        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-        if header("sec-websocket-accept").as_deref() != Some(accept.as_str()) {
-            return Err(other(
-                "handshake reply has a wrong Sec-WebSocket-Accept".into(),
-            ));
-        }
-        if !header("upgrade").is_some_and(|u| u.eq_ignore_ascii_case("websocket")) {
-            return Err(other(
-                "handshake reply does not upgrade to websocket".into(),
-            ));
-        }
         let rest = buf[head_len..].to_vec();
         drop(buf);
         let ws_cfg = WebSocketConfig::default()
@@ -342,6 +283,110 @@ impl Connector {
     }
 }
 
+/// The most bytes an upgrade reply's head may take before it is refused.
+const MAX_REPLY_HEAD: usize = 16 * 1024;
+/// Initial capacity of the buffer the reply is read into (a reply head is a few hundred bytes).
+const REPLY_BUFFER: usize = 1024;
+/// Bytes read from the socket at a time during the handshake.
+const READ_CHUNK: usize = 512;
+/// Headers parsed from an upgrade reply.
+const MAX_REPLY_HEADERS: usize = 32;
+/// Characters of a refusal's body kept in the error.
+const REFUSAL_EXCERPT: usize = 200;
+
+/// Why a stream could not be opened.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConnectError {
+    /// The URL policy forbids the URI.
+    #[error("refused by policy: {0}")]
+    Policy(#[from] PolicyError),
+    /// The server answered the upgrade with another status.
+    #[error("handshake answered {status}: {body}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// The start of the reply body.
+        body: String,
+    },
+    /// No reply within `stream.connect_timeout`.
+    #[error("handshake timed out")]
+    Timeout,
+    /// A network, TLS or protocol failure.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// The HTTP upgrade request for `url`, with `key` and, when given, the bearer token.
+pub fn upgrade_request(url: &url::Url, key: &str, bearer: Option<&str>) -> String {
+    let mut path = url.path().to_string();
+    if let Some(q) = url.query() {
+        path.push('?');
+        path.push_str(q);
+    }
+    let host = url.host_str().unwrap_or_default();
+    let host = match url.port() {
+        Some(p) => format!("{host}:{p}"),
+        None => host.to_string(),
+    };
+    let mut req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\nUser-Agent: guestd/{}\r\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    if let Some(token) = bearer {
+        req.push_str("Authorization: Bearer ");
+        req.push_str(token);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    req
+}
+
+/// Read an upgrade reply from the bytes received so far: `Ok(None)` while its head is
+/// incomplete, `Ok(Some(head_len))` once it is a valid `101` for `key` (bytes after `head_len`
+/// are already websocket frames), an error for anything else.
+pub fn parse_upgrade_reply(buf: &[u8], key: &str) -> Result<Option<usize>, ConnectError> {
+    let failed = |m: String| ConnectError::Failed(m);
+    let Some(head_len) = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4) else {
+        if buf.len() > MAX_REPLY_HEAD {
+            return Err(failed("handshake reply header too large".into()));
+        }
+        return Ok(None);
+    };
+    if head_len > MAX_REPLY_HEAD {
+        return Err(failed("handshake reply header too large".into()));
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_REPLY_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    resp.parse(&buf[..head_len])
+        .map_err(|e| failed(format!("bad handshake reply: {e}")))?;
+    let status = resp.code.unwrap_or(0);
+    if status != 101 {
+        let body = String::from_utf8_lossy(&buf[head_len..])
+            .chars()
+            .take(REFUSAL_EXCERPT)
+            .collect::<String>();
+        return Err(ConnectError::Refused { status, body });
+    }
+    let header = |name: &str| {
+        resp.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| String::from_utf8_lossy(h.value).to_string())
+    };
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    if header("sec-websocket-accept").as_deref() != Some(accept.as_str()) {
+        return Err(failed(
+            "handshake reply has a wrong Sec-WebSocket-Accept".into(),
+        ));
+    }
+    if !header("upgrade").is_some_and(|u| u.eq_ignore_ascii_case("websocket")) {
+        return Err(failed(
+            "handshake reply does not upgrade to websocket".into(),
+        ));
+    }
+    Ok(Some(head_len))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -352,6 +397,58 @@ mod tests {
             "{}",
             std::mem::size_of::<super::Ws>()
         );
+    }
+
+    #[test]
+    fn the_upgrade_request_names_path_query_host_and_only_a_given_token() {
+        use super::*;
+        let url = url::Url::parse("wss://streaming.example.com/v2/stream/c1?x=1").unwrap();
+        let req = upgrade_request(&url, "dGhlIHNhbXBsZSBub25jZQ==", None);
+        assert!(
+            req.starts_with("GET /v2/stream/c1?x=1 HTTP/1.1\r\nHost: streaming.example.com\r\n"),
+            "{req}"
+        );
+        assert!(req.contains("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"));
+        assert!(req.ends_with("\r\n\r\n") && !req.contains("Authorization"));
+        let url = url::Url::parse("ws://127.0.0.1:8780/v2/stream/c1").unwrap();
+        let req = upgrade_request(&url, "k", Some("tok"));
+        assert!(
+            req.contains("Host: 127.0.0.1:8780\r\n")
+                && req.contains("Authorization: Bearer tok\r\n")
+        );
+    }
+
+    #[test]
+    fn upgrade_replies_are_read_from_bytes() {
+        use super::*;
+        // RFC 6455's example key and accept value.
+        let key = "dGhlIHNhbXBsZSBub25jZQ==";
+        let ok = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n\x81\x02hi";
+        let head = ok.len() - 4;
+        for cut in [0, 10, head - 1] {
+            assert_eq!(parse_upgrade_reply(&ok[..cut], key), Ok(None), "cut {cut}");
+        }
+        assert_eq!(parse_upgrade_reply(ok, key), Ok(Some(head)));
+        assert!(matches!(
+            parse_upgrade_reply(ok, "another key"),
+            Err(ConnectError::Failed(m)) if m.contains("Accept")
+        ));
+        let gone = b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\n\r\nno chat c";
+        assert_eq!(
+            parse_upgrade_reply(gone, key),
+            Err(ConnectError::Refused {
+                status: 404,
+                body: "no chat c".into()
+            })
+        );
+        let no_upgrade = b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+        assert!(parse_upgrade_reply(no_upgrade, key).is_err());
+        assert!(matches!(
+            parse_upgrade_reply(b"garbage\r\n\r\n", key),
+            Err(ConnectError::Failed(_))
+        ));
+        let endless = vec![b'x'; MAX_REPLY_HEAD + 1];
+        assert!(parse_upgrade_reply(&endless, key).is_err());
     }
 
     /// A connect dropped mid-handshake (what `AbortConnect` does when a session ends) gives its

@@ -215,13 +215,10 @@ impl Supervisor {
         if chat.jwt.expose().trim().is_empty() {
             return Err(SupervisorError::Invalid("attach needs jwt".into()));
         }
-        crate::genesys::client::check_transport(&chat.event_stream_uri, false).or_else(|e| {
-            if self.ctx.connector_allows_insecure() {
-                Ok(())
-            } else {
-                Err(e)
-            }
-        })?;
+        self.ctx
+            .connector
+            .check_url(&chat.event_stream_uri)
+            .map_err(|e| SupervisorError::Invalid(format!("event_stream_uri {e}")))?;
         let slot = self
             .reserve(Some(chat.conversation_id.as_str().into()))
             .await?;
@@ -417,12 +414,6 @@ impl Supervisor {
     }
 }
 
-impl SessionCtx {
-    fn connector_allows_insecure(&self) -> bool {
-        self.connector.allows_insecure()
-    }
-}
-
 async fn registry(
     mut rx: mpsc::Receiver<Cmd>,
     mut release_rx: mpsc::UnboundedReceiver<Option<Arc<str>>>,
@@ -506,52 +497,10 @@ async fn registry(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{ChatEvent, ChatMember, ChatMessage};
+    use crate::backend::testing::Stalled;
     use crate::session::Timing;
     use crate::stream::Connector;
-    use futures::future::BoxFuture;
     use tokio_util::sync::CancellationToken;
-
-    /// A backend whose `create` never answers (a slow platform) and whose other calls fail.
-    struct Stalled;
-
-    impl ChatApi for Stalled {
-        fn create(&self, _: StartSpec) -> BoxFuture<'static, Result<ChatRef, ApiError>> {
-            Box::pin(futures::future::pending())
-        }
-        fn list_members(
-            &self,
-            _: &ChatRef,
-        ) -> BoxFuture<'static, Result<Vec<ChatMember>, ApiError>> {
-            Box::pin(futures::future::pending())
-        }
-        fn messages_after(
-            &self,
-            _: &ChatRef,
-            _: Option<String>,
-        ) -> BoxFuture<'static, Result<Vec<ChatMessage>, ApiError>> {
-            Box::pin(futures::future::pending())
-        }
-        fn leave(&self, _: &ChatRef) -> BoxFuture<'static, Result<(), ApiError>> {
-            Box::pin(futures::future::pending())
-        }
-        fn send_message(
-            &self,
-            _: &ChatRef,
-            _: String,
-        ) -> BoxFuture<'static, Result<ChatMessage, ApiError>> {
-            Box::pin(futures::future::pending())
-        }
-        fn send_typing(&self, _: &ChatRef) -> BoxFuture<'static, Result<(), ApiError>> {
-            Box::pin(futures::future::pending())
-        }
-        fn decode(&self, _: &str) -> Result<ChatEvent, String> {
-            Err("no frames here".into())
-        }
-        fn ping_frame(&self) -> &'static str {
-            "{}"
-        }
-    }
 
     fn supervisor(max: usize) -> (Supervisor, CancellationToken) {
         let (emitter, _writer) =

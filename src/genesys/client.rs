@@ -9,7 +9,10 @@ use super::protocol::{
     self as p, CreateChatRequest, CreateChatResponse, ErrorBody, MemberInfo, Page, RoutingTarget,
     SendMessageRequest,
 };
-use crate::backend::{ApiError, ChatApi, ChatEvent, ChatMember, ChatMessage, ChatRef, StartSpec};
+use crate::backend::{
+    ApiError, ChatApi, ChatEvent, ChatMember, ChatMessage, ChatRef, MemberState, MessageKind, Role,
+    StartSpec, check_url,
+};
 use crate::backoff_policy::{Backoff, BackoffConfig};
 use crate::secret::Secret;
 use futures::FutureExt;
@@ -57,36 +60,10 @@ struct Inner {
     cfg: ClientConfig,
 }
 
-/// Whether `url` may be used: https/wss anywhere, http/ws only to loopback unless allowed.
-pub fn check_transport(url: &str, allow_insecure: bool) -> Result<(), ApiError> {
-    let u = url::Url::parse(url).map_err(|e| ApiError::Policy(format!("bad URL {url}: {e}")))?;
-    match u.scheme() {
-        "https" | "wss" => Ok(()),
-        "http" | "ws" => {
-            let loopback = match u.host() {
-                Some(url::Host::Ipv4(a)) => a.is_loopback(),
-                Some(url::Host::Ipv6(a)) => a.is_loopback(),
-                Some(url::Host::Domain(d)) => d == "localhost",
-                None => false,
-            };
-            if loopback || allow_insecure {
-                Ok(())
-            } else {
-                Err(ApiError::Policy(format!(
-                    "plaintext {} to non-loopback host {}; set allow_insecure to permit",
-                    u.scheme(),
-                    u.host_str().unwrap_or("?")
-                )))
-            }
-        }
-        other => Err(ApiError::Policy(format!("unsupported scheme {other}"))),
-    }
-}
-
 impl GenesysApi {
     /// Build a client. TLS uses rustls with the webpki roots; certificates are always verified.
     pub fn new(cfg: ClientConfig) -> Result<Self, ApiError> {
-        check_transport(&cfg.api_base, cfg.allow_insecure)?;
+        check_url(&cfg.api_base, cfg.allow_insecure)?;
         let mut builder = reqwest::Client::builder();
         for der in &cfg.extra_roots {
             let cert = reqwest::Certificate::from_der(der)
@@ -221,23 +198,47 @@ fn transport_text(e: &reqwest::Error) -> String {
 fn member(m: p::Member) -> ChatMember {
     ChatMember {
         id: m.id,
-        role: m.role,
-        state: m.state,
+        role: role(m.role),
+        state: state(m.state),
         leave_date: m.leave_date,
+    }
+}
+
+/// The neutral role of a wire role.
+fn role(r: p::Role) -> Role {
+    match r {
+        p::Role::Customer => Role::Customer,
+        p::Role::Agent => Role::Agent,
+        p::Role::Workflow => Role::Workflow,
+        p::Role::Acd => Role::Acd,
+        p::Role::Unknown => Role::Unknown,
+    }
+}
+
+/// The neutral state of a wire state.
+fn state(s: p::MemberState) -> MemberState {
+    match s {
+        p::MemberState::Alerting => MemberState::Alerting,
+        p::MemberState::Connected => MemberState::Connected,
+        p::MemberState::Disconnected => MemberState::Disconnected,
+        p::MemberState::Unknown => MemberState::Unknown,
     }
 }
 
 /// Map a wire message to the neutral one.
 pub fn message(m: p::Message) -> ChatMessage {
-    let body_type = serde_json::to_value(m.body_type)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_else(|| "unknown".into());
+    let kind = match m.body_type {
+        p::BodyType::Standard => MessageKind::Standard,
+        p::BodyType::Notice => MessageKind::Notice,
+        p::BodyType::MemberJoin => MessageKind::MemberJoin,
+        p::BodyType::MemberLeave => MessageKind::MemberLeave,
+        p::BodyType::Unknown => MessageKind::Unknown,
+    };
     ChatMessage {
         id: m.id,
         sender_id: m.sender.id,
         body: m.body,
-        body_type,
+        kind,
         timestamp: m.timestamp,
     }
 }
@@ -272,7 +273,7 @@ impl ChatApi for GenesysApi {
                 .call("create", Method::POST, url, None, Some(body))
                 .await?
                 .ok_or_else(|| ApiError::Decode("create: empty reply".into()))?;
-            check_transport(&r.event_stream_uri, inner.cfg.allow_insecure)?;
+            check_url(&r.event_stream_uri, inner.cfg.allow_insecure)?;
             Ok(ChatRef {
                 conversation_id: r.id,
                 member_id: r.member.id,
@@ -415,7 +416,7 @@ impl ChatApi for GenesysApi {
             }),
             p::StreamEvent::MemberChange(c) => Ok(ChatEvent::MemberChange {
                 member_id: c.member.id,
-                state: c.member.state,
+                state: state(c.member.state),
             }),
             p::StreamEvent::SocketClosing => Ok(ChatEvent::SocketClosing),
             p::StreamEvent::Unknown { topic } => Ok(ChatEvent::Other(topic)),
@@ -431,22 +432,5 @@ fn truncate(s: &str) -> &str {
     match s.char_indices().nth(64) {
         Some((i, _)) => &s[..i],
         None => s,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::check_transport;
-
-    #[test]
-    fn plaintext_only_to_loopback_unless_allowed() {
-        assert!(check_transport("http://127.0.0.1:8080", false).is_ok());
-        assert!(check_transport("ws://localhost:1/x", false).is_ok());
-        assert!(check_transport("ws://[::1]:1/x", false).is_ok());
-        assert!(check_transport("https://api.mypurecloud.com", false).is_ok());
-        assert!(check_transport("http://api.example.com", false).is_err());
-        assert!(check_transport("ws://10.0.0.1/x", false).is_err());
-        assert!(check_transport("ws://10.0.0.1/x", true).is_ok());
-        assert!(check_transport("ftp://x", true).is_err());
     }
 }

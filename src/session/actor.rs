@@ -5,10 +5,12 @@
 //! result, the machine's next deadline, or shutdown; feeds it to the machine; and performs the
 //! actions in order. Nothing here decides anything the machine could decide.
 
-use super::machine::{Action, Failure, Input, Machine, Timing};
+use super::machine::{Action, Input, Machine, Timing};
+use crate::backend::Failure;
 use crate::backend::{ChatApi, ChatRef};
 use crate::events::{Emitter, EndReason, Event, EventKind};
 use crate::journal::{EndingRecord, Journal};
+use crate::stream::ConnectError;
 use crate::stream::{Connector, Ws};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -217,7 +219,7 @@ struct Actor {
     chat: ChatRef,
     m: Machine,
     ws: Option<Ws>,
-    connecting: Option<BoxFuture<'static, Result<Ws, Failure>>>,
+    connecting: Option<BoxFuture<'static, Result<Ws, ConnectError>>>,
     /// REST calls in flight; allocated only while there are some (an idle session has none).
     rest: Option<Box<Rest>>,
     queued: VecDeque<Input>,
@@ -362,7 +364,7 @@ impl Actor {
         self.rest.get_or_insert_with(Default::default).push(f);
     }
 
-    fn connected(&mut self, r: Result<Ws, Failure>) -> Input {
+    fn connected(&mut self, r: Result<Ws, ConnectError>) -> Input {
         self.connecting = None;
         match r {
             Ok(ws) => {
@@ -370,10 +372,14 @@ impl Actor {
                 self.ws = Some(ws);
                 Input::Opened
             }
-            Err(f) => {
+            Err(e) => {
                 metrics::counter!("guestd_connect_failures_total").increment(1);
-                tracing::debug!(error = ?f, "connect failed");
-                Input::ConnectFailed(f)
+                tracing::debug!(error = %e, "connect failed");
+                Input::ConnectFailed(match e {
+                    ConnectError::Refused { status: 401, body } => Failure::Unauthorized(body),
+                    ConnectError::Refused { status: 404, body } => Failure::NotFound(body),
+                    other => Failure::Other(other.to_string()),
+                })
             }
         }
     }
@@ -596,22 +602,9 @@ mod size_tests {
     /// small (see docs/design.md). These bounds fail if a change inlines something large again.
     async fn an_idle_session_stays_small() {
         let (em, _t) = crate::events::spawn_writer(crate::events::WriterSink(tokio::io::sink()), 4);
-        let api = crate::genesys::client::GenesysApi::new(crate::genesys::client::ClientConfig {
-            api_base: "http://127.0.0.1:1".into(),
-            organization_id: String::new(),
-            deployment_id: String::new(),
-            timeout: Duration::from_secs(1),
-            max_retries: 0,
-            backoff: Default::default(),
-            max_retry_after: Duration::from_secs(1),
-            allow_insecure: false,
-            max_concurrent: 1,
-            extra_roots: Vec::new(),
-        })
-        .unwrap();
         let (done, _rx) = mpsc::unbounded_channel();
         let ctx = SessionCtx {
-            api: Arc::new(api),
+            api: Arc::new(crate::backend::testing::Stalled),
             connector: Connector::new(Default::default(), 1),
             emitter: em,
             journal: Arc::new(crate::journal::NullJournal),

@@ -25,7 +25,7 @@
 
 mod ending;
 
-use crate::backend::{ApiError, ChatEvent, ChatMember, ChatMessage, MemberState, Role};
+use crate::backend::{ChatEvent, ChatMember, ChatMessage, Failure, MemberState, Role};
 use crate::backoff_policy::{Backoff, BackoffConfig};
 use crate::events::{EndReason, EventKind};
 use ending::{ByDates, ByFrames, Evidence, Stream};
@@ -67,30 +67,6 @@ impl Default for Timing {
             agent_end_window: Duration::from_secs(10),
             include_bodies: true,
             backoff: BackoffConfig::default(),
-        }
-    }
-}
-
-/// A REST failure as the machine needs to know it.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum Failure {
-    /// 401.
-    #[error("unauthorized (401): {0}")]
-    Unauthorized(String),
-    /// 404.
-    #[error("not found (404): {0}")]
-    NotFound(String),
-    /// Anything else (already retried by the client).
-    #[error("{0}")]
-    Other(String),
-}
-
-impl From<&ApiError> for Failure {
-    fn from(e: &ApiError) -> Self {
-        match e {
-            ApiError::Unauthorized(m) => Failure::Unauthorized(m.clone()),
-            ApiError::NotFound(m) => Failure::NotFound(m.clone()),
-            other => Failure::Other(other.to_string()),
         }
     }
 }
@@ -710,7 +686,7 @@ impl Machine {
             .member(id)
             .and_then(|k| k.role)
             .unwrap_or(Role::Unknown);
-        role_str(role).to_string()
+        role.as_str().to_string()
     }
 
     /// Emit a message unless already seen; true when emitted.
@@ -729,7 +705,7 @@ impl Machine {
         }
         self.seen.push_back(m.id.clone());
         self.last_msg_id = Some(m.id.clone());
-        if m.sender_id == self.guest_id && matches!(m.body_type.as_str(), "standard" | "notice") {
+        if m.sender_id == self.guest_id && m.kind.is_written() {
             // guestd's own messages were counted when sent; counting a late echo (a backfill
             // after an outage) would put guestd's deadline after the platform's. Another
             // client's message counts when seen: a backfilled one is then late, which can
@@ -743,7 +719,7 @@ impl Machine {
             message_id: m.id,
             sender_id: m.sender_id,
             sender_role,
-            body_type: m.body_type,
+            body_type: m.kind.as_str().to_string(),
             body: self.t.include_bodies.then_some(m.body),
             timestamp: m.timestamp,
             backfilled,
@@ -813,8 +789,8 @@ impl Machine {
         let role = known.role.unwrap_or(Role::Unknown);
         out.push(Action::Emit(EventKind::MemberChanged {
             member_id: id.to_string(),
-            role: role_str(role).into(),
-            state: state_str(state).into(),
+            role: role.as_str().into(),
+            state: state.as_str().into(),
         }));
         match (role, state) {
             (Role::Agent, MemberState::Connected) if self.agent.is_none() => {
@@ -1136,27 +1112,6 @@ impl Machine {
 /// (half an interval of slack for a heartbeat on its way).
 fn last_rx_miss_due(t: &Timing, last_rx: Instant, missed: u32) -> Instant {
     last_rx + t.heartbeat_interval * (missed + 1) + t.heartbeat_interval / 2
-}
-
-/// snake_case role.
-pub fn role_str(r: Role) -> &'static str {
-    match r {
-        Role::Customer => "customer",
-        Role::Agent => "agent",
-        Role::Workflow => "workflow",
-        Role::Acd => "acd",
-        Role::Unknown => "unknown",
-    }
-}
-
-/// snake_case state.
-pub fn state_str(s: MemberState) -> &'static str {
-    match s {
-        MemberState::Alerting => "alerting",
-        MemberState::Connected => "connected",
-        MemberState::Disconnected => "disconnected",
-        MemberState::Unknown => "unknown",
-    }
 }
 
 #[cfg(test)]

@@ -5,4 +5,4 @@ pub mod actor;
 pub mod machine;
 
 pub use actor::{SessionCmd, SessionCtx, SessionHandle, SessionView};
-pub use machine::{Action, Failure, Input, Machine, Timing};
+pub use machine::{Action, Input, Machine, Timing};

@@ -782,7 +782,7 @@ fn message(id: &str, sender: &str) -> ChatMessage {
         id: id.into(),
         sender_id: sender.into(),
         body: String::new(),
-        body_type: "standard".into(),
+        kind: crate::backend::MessageKind::Standard,
         timestamp: String::new(),
     }
 }

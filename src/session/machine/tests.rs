@@ -146,7 +146,7 @@ fn msg(id: &str, sender: &str) -> ChatMessage {
         id: id.into(),
         sender_id: sender.into(),
         body: format!("body {id}"),
-        body_type: "standard".into(),
+        kind: crate::backend::MessageKind::Standard,
         timestamp: "2026-01-01T00:00:00.000Z".into(),
     }
 }
