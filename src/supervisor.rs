@@ -257,10 +257,10 @@ impl Supervisor {
             mode: mode.to_string(),
         });
         let machine = Machine::new(self.ctx.timing.clone(), &chat.member_id, now);
-        self.run(id, chat, machine, slot, mode).await
+        self.spawn_session(id, chat, machine, slot, mode).await
     }
 
-    async fn run(
+    async fn spawn_session(
         &self,
         id: String,
         chat: ChatRef,
@@ -335,7 +335,7 @@ impl Supervisor {
         } else {
             machine
         };
-        self.run(id, r.record.chat, machine, slot, "resume")
+        self.spawn_session(id, r.record.chat, machine, slot, "resume")
             .await
             .map(|_| ())
     }

@@ -211,17 +211,17 @@ enum Wake {
     Shutdown,
 }
 
-type Rest = FuturesUnordered<BoxFuture<'static, Option<Input>>>;
+type RestCalls = FuturesUnordered<BoxFuture<'static, Option<Input>>>;
 
 struct Actor {
     ctx: Arc<SessionCtx>,
     id: String,
     chat: ChatRef,
-    m: Machine,
+    machine: Machine,
     ws: Option<Ws>,
     connecting: Option<BoxFuture<'static, Result<Ws, ConnectError>>>,
     /// REST calls in flight; allocated only while there are some (an idle session has none).
-    rest: Option<Box<Rest>>,
+    rest: Option<Box<RestCalls>>,
     queued: VecDeque<Input>,
     stopping: bool,
     journaled_msg: Option<String>,
@@ -235,7 +235,7 @@ async fn opt<F: std::future::Future + Unpin>(f: Option<&mut F>) -> F::Output {
 }
 
 /// The next REST result; frees the set once it is empty. Pending while there is none.
-async fn next_rest(rest: &mut Option<Box<Rest>>) -> Option<Input> {
+async fn next_rest(rest: &mut Option<Box<RestCalls>>) -> Option<Input> {
     loop {
         match rest {
             Some(r) => match r.next().await {
@@ -262,13 +262,13 @@ async fn next_frame(
 }
 
 impl Actor {
-    fn new(ctx: Arc<SessionCtx>, id: String, chat: ChatRef, m: Machine) -> Self {
-        let journaled_msg = m.last_message_id().map(str::to_string);
+    fn new(ctx: Arc<SessionCtx>, id: String, chat: ChatRef, machine: Machine) -> Self {
+        let journaled_msg = machine.last_message_id().map(str::to_string);
         Actor {
             ctx,
             id,
             chat,
-            m,
+            machine,
             ws: None,
             connecting: None,
             rest: None,
@@ -282,10 +282,10 @@ impl Actor {
     /// thousands per process): everything awaited that is large or rare is boxed, and no select
     /// branch awaits, so the task's future holds little beyond the actor itself.
     async fn run(&mut self, rx: &Mailbox) {
-        metrics::gauge!("guestd_sessions", "state" => self.m.phase().as_str()).increment(1.0);
+        metrics::gauge!("guestd_sessions", "state" => self.machine.phase().as_str()).increment(1.0);
         let far = Instant::now() + Duration::from_secs(86_400 * 365);
         let mut sleep = Box::pin(tokio::time::sleep_until(
-            self.m.next_deadline().unwrap_or(far),
+            self.machine.next_deadline().unwrap_or(far),
         ));
         let cancel = self.ctx.cancel.clone();
         let mut shutting_down = false;
@@ -293,7 +293,9 @@ impl Actor {
             let input = match self.queued.pop_front() {
                 Some(i) => Wake::Input(i),
                 None => {
-                    sleep.as_mut().reset(self.m.next_deadline().unwrap_or(far));
+                    sleep
+                        .as_mut()
+                        .reset(self.machine.next_deadline().unwrap_or(far));
                     // Biased, frames before the timer: after a stall (a slow stdout reader holds
                     // the session in `emit`), frames already received are proof of life and must
                     // be seen before a deadline can declare the socket silent.
@@ -321,10 +323,10 @@ impl Actor {
                     }
                 }
             };
-            let before = self.m.phase();
-            let actions = self.m.step(input, Instant::now());
+            let before = self.machine.phase();
+            let actions = self.machine.step(input, Instant::now());
             // Gauges first: a reader who sees an event sees the state it announces.
-            let after = self.m.phase();
+            let after = self.machine.phase();
             if before != after {
                 metrics::gauge!("guestd_sessions", "state" => before.as_str()).decrement(1.0);
                 metrics::gauge!("guestd_sessions", "state" => after.as_str()).increment(1.0);
@@ -332,14 +334,14 @@ impl Actor {
             for a in actions {
                 Box::pin(self.perform(a)).await;
             }
-            if let Some(id) = self.m.last_message_id() {
+            if let Some(id) = self.machine.last_message_id() {
                 if self.journaled_msg.as_deref() != Some(id) {
                     self.ctx.journal.progress(&self.id, id);
                     self.journaled_msg = Some(id.to_string());
                 }
             }
         }
-        metrics::gauge!("guestd_sessions", "state" => self.m.phase().as_str()).decrement(1.0);
+        metrics::gauge!("guestd_sessions", "state" => self.machine.phase().as_str()).decrement(1.0);
         Box::pin(self.finish()).await;
     }
 
@@ -385,16 +387,16 @@ impl Actor {
     }
 
     fn command(&mut self, cmd: SessionCmd) -> Option<Input> {
-        let ended = self.m.ended();
+        let ended = self.machine.ended();
         match cmd {
             SessionCmd::Get { reply } => {
                 let _ = reply.send(SessionView {
                     session: self.id.clone(),
                     conversation_id: self.chat.conversation_id.clone(),
                     member_id: self.chat.member_id.clone(),
-                    state: self.m.phase().as_str(),
-                    agent_connected: self.m.agent_connected(),
-                    last_message_id: self.m.last_message_id().map(str::to_string),
+                    state: self.machine.phase().as_str(),
+                    agent_connected: self.machine.agent_connected(),
+                    last_message_id: self.machine.last_message_id().map(str::to_string),
                     ended,
                 });
                 None

@@ -1,6 +1,7 @@
 //! Every rule of the machine, driven in tokio's paused virtual time: `advance(15 min)` takes
 //! microseconds, and nothing here touches a socket.
 
+use super::roster::MAX_LOOKUP_RETRIES;
 use super::*;
 use crate::backend::{ChatEvent, ChatMember, ChatMessage, MemberState, Role};
 use tokio::time::advance;

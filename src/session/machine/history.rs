@@ -1,0 +1,121 @@
+//! Message history: every message once and in order, live or backfilled after a reconnect;
+//! live frames that arrive during a backfill are held and replayed after it.
+
+use super::*;
+
+/// Message ids remembered to drop duplicates (a backfill overlapping live frames).
+pub(super) const SEEN_CAP: usize = 128;
+/// Ids of messages guestd sent for the guest, remembered until their echo is seen.
+pub(super) const OWN_SENT_CAP: usize = 8;
+
+impl Machine {
+    /// guestd sent message `id` for the guest: its echo (live or backfilled) must not move the
+    /// no-activity clock again, later.
+    pub(super) fn note_own_sent(&mut self, id: String) {
+        if self.own_sent.len() >= OWN_SENT_CAP {
+            self.own_sent.pop_front();
+        }
+        self.own_sent.push_back(id);
+    }
+
+    /// Emit a message unless already seen; true when emitted.
+    pub(super) fn on_message(
+        &mut self,
+        m: ChatMessage,
+        backfilled: bool,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        if self.seen.iter().any(|s| *s == m.id) {
+            return false;
+        }
+        if self.seen.len() >= SEEN_CAP {
+            self.seen.pop_front();
+        }
+        self.seen.push_back(m.id.clone());
+        self.last_msg_id = Some(m.id.clone());
+        if m.sender_id == self.guest_id && m.kind.is_written() {
+            // guestd's own messages were counted when sent; counting a late echo (a backfill
+            // after an outage) would put guestd's deadline after the platform's. Another
+            // client's message counts when seen: a backfilled one is then late, which can
+            // only delay guestd's own deadline, never bring it early.
+            if !self.own_sent.contains(&m.id) {
+                self.guest_activity(now);
+            }
+        }
+        let sender_role = self.role_name(&m.sender_id);
+        out.push(Action::Emit(EventKind::Message {
+            message_id: m.id,
+            sender_id: m.sender_id,
+            sender_role,
+            body_type: m.kind.as_str().to_string(),
+            body: self.timing.include_bodies.then_some(m.body),
+            timestamp: m.timestamp,
+            backfilled,
+        }));
+        true
+    }
+
+    pub(super) fn on_backfill(
+        &mut self,
+        r: Result<Vec<ChatMessage>, Failure>,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(lost_at) = self.backfilling.take() else {
+            return;
+        };
+        let mut n = 0u32;
+        match r {
+            Ok(msgs) => {
+                for m in msgs {
+                    if self.on_message(m, true, now, out) {
+                        n += 1;
+                    }
+                }
+            }
+            Err(Failure::Unauthorized(m)) => {
+                return self.end(
+                    EndReason::TokenExpired,
+                    format!("backfill refused the jwt (401): {m}"),
+                    now,
+                    out,
+                );
+            }
+            Err(Failure::NotFound(m)) => {
+                return self.end(
+                    EndReason::ServerEnded,
+                    format!("the conversation is gone (404): {m}"),
+                    now,
+                    out,
+                );
+            }
+            Err(Failure::Other(e)) => out.push(Action::Emit(EventKind::StreamError {
+                detail: format!("backfill failed, messages may be missing: {e}"),
+            })),
+        }
+        out.push(Action::Emit(EventKind::Reconnected {
+            downtime_ms: now.saturating_duration_since(lost_at).as_millis() as u64,
+            backfilled: n,
+        }));
+        for (ev, at) in std::mem::take(&mut self.held) {
+            if self.ended.is_some() {
+                return;
+            }
+            self.on_frame(ev, at, out);
+        }
+        self.read_deferred_list(now, out);
+    }
+
+    /// Read a members list that waited for a backfill's held frames.
+    pub(super) fn read_deferred_list(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let Some((why, list)) = self.deferred_list.take() else {
+            return;
+        };
+        // A lookup started meanwhile answers later, with a newer list: that one is read instead.
+        if self.ended.is_none() && self.fetching.is_none() {
+            self.fetching = Some(why);
+            self.on_members(Ok(list), now, out);
+        }
+    }
+}
