@@ -268,7 +268,7 @@ pub enum ApiError {
     #[error("not found (404): {0}")]
     NotFound(String),
     /// 429 after retries ran out.
-    #[error("rate limited (429), retry after {0:?}")]
+    #[error("rate limited (429){}", .0.map(|d| format!(", retry after {} s", d.as_secs())).unwrap_or_default())]
     RateLimited(Option<Duration>),
     /// Another 4xx: the request was wrong; not retried.
     #[error("rejected ({status}): {message}")]

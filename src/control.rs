@@ -13,9 +13,10 @@
 //! HTTP: each command runs in its own task, so a client that hangs up cannot abandon a `start`
 //! halfway (a chat created on the platform but never supervised).
 
-use crate::backend::{ChatRef, StartSpec};
+use crate::backend::{ApiError, ChatRef, StartSpec};
 use crate::events::{Event, EventKind};
 use crate::secret::Secret;
+use crate::session::{Done, SessionView};
 use crate::supervisor::{Supervisor, SupervisorError};
 use axum::Json;
 use axum::Router;
@@ -25,7 +26,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::io::AsyncRead;
@@ -185,6 +186,17 @@ struct AttachArgs {
     event_stream_uri: String,
 }
 
+impl From<AttachArgs> for ChatRef {
+    fn from(a: AttachArgs) -> Self {
+        ChatRef {
+            conversation_id: a.conversation_id,
+            member_id: a.member_id,
+            jwt: a.jwt,
+            event_stream_uri: a.event_stream_uri,
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SendArgs {
@@ -243,15 +255,7 @@ pub fn parse_command(name: &str, args: serde_json::Value) -> Result<Command, Str
     }
     Ok(match name {
         "start" => Command::Start(de(name, args)?),
-        "attach" => {
-            let a: AttachArgs = de(name, args)?;
-            Command::Attach(ChatRef {
-                conversation_id: a.conversation_id,
-                member_id: a.member_id,
-                jwt: a.jwt,
-                event_stream_uri: a.event_stream_uri,
-            })
-        }
+        "attach" => Command::Attach(de::<AttachArgs>(name, args)?.into()),
         "send" => {
             let a: SendArgs = de(name, args)?;
             Command::Send {
@@ -280,39 +284,51 @@ pub fn parse_command(name: &str, args: serde_json::Value) -> Result<Command, Str
     })
 }
 
-/// Run a command.
-pub async fn execute(sup: &Supervisor, cmd: Command) -> Result<serde_json::Value, SupervisorError> {
-    let to_json = |v: crate::session::SessionView| serde_json::to_value(v).unwrap_or_default();
-    match cmd {
-        Command::Start(spec) => sup.start(spec).await.map(to_json),
-        Command::Attach(chat) => sup.attach(chat).await.map(to_json),
-        Command::Send { session, body } => sup.send_message(&session, body).await,
-        Command::Typing { session } => sup.send_typing(&session).await,
-        Command::Leave { session } => sup.leave(&session).await,
-        Command::List => Ok(serde_json::json!({ "sessions": sup.list().await })),
-        Command::Get { session } => sup.get(&session).await.map(to_json),
-    }
+/// What a command returns: the `result` of its `command_result` event and its HTTP body.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum Reply {
+    /// `start`, `attach`, `get`: the session's view.
+    Session(SessionView),
+    /// `list`: every live session's view.
+    Sessions {
+        /// Sorted by session id.
+        sessions: Vec<SessionView>,
+    },
+    /// `send`, `typing`, `leave`: what the session did.
+    Done(Done),
 }
 
+/// Run a command.
+pub async fn execute(sup: &Supervisor, cmd: Command) -> Result<Reply, SupervisorError> {
+    Ok(match cmd {
+        Command::Start(spec) => Reply::Session(sup.start(spec).await?),
+        Command::Attach(chat) => Reply::Session(sup.attach(chat).await?),
+        Command::Send { session, body } => Reply::Done(sup.send_message(&session, body).await?),
+        Command::Typing { session } => Reply::Done(sup.send_typing(&session).await?),
+        Command::Leave { session } => Reply::Done(sup.leave(&session).await?),
+        Command::List => Reply::Sessions {
+            sessions: sup.list().await,
+        },
+        Command::Get { session } => Reply::Session(sup.get(&session).await?),
+    })
+}
+
+/// The event that answers a stdin command; serialized here, at the edge.
 fn reply_event(
     request_id: Option<String>,
     command: String,
-    result: Result<serde_json::Value, String>,
+    result: Result<Reply, String>,
 ) -> Event {
     let (session, conv) = match &result {
-        Ok(v) => (
-            v.get("session")
-                .and_then(|s| s.as_str())
-                .unwrap_or("-")
-                .to_string(),
-            v.get("conversation_id")
-                .and_then(|s| s.as_str())
-                .map(str::to_string),
-        ),
-        Err(_) => ("-".to_string(), None),
+        Ok(Reply::Session(v)) => (v.session.clone(), Some(v.conversation_id.clone())),
+        _ => ("-".to_string(), None),
     };
     let kind = match result {
-        Ok(result) => EventKind::CommandResult { command, result },
+        Ok(reply) => EventKind::CommandResult {
+            command,
+            result: serde_json::to_value(&reply).unwrap_or_default(),
+        },
         Err(error) => EventKind::CommandError { command, error },
     };
     Event::new(&session, conv.as_deref(), kind).with_request(request_id)
@@ -422,52 +438,95 @@ pub struct HttpState {
     pub ready: tokio::sync::watch::Receiver<bool>,
 }
 
-struct HttpError(StatusCode, String, &'static str);
+/// An HTTP error reply: `{"error": ..., "code": ...}` with its status.
+struct HttpError {
+    status: StatusCode,
+    message: String,
+    code: &'static str,
+    /// Seconds, for a `Retry-After` header.
+    retry_after: Option<u64>,
+}
+
+impl HttpError {
+    fn new(status: StatusCode, message: impl Into<String>, code: &'static str) -> Self {
+        HttpError {
+            status,
+            message: message.into(),
+            code,
+            retry_after: None,
+        }
+    }
+}
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
         metrics::counter!("guestd_commands_total", "channel" => "http", "result" => "error")
             .increment(1);
-        (
-            self.0,
-            Json(serde_json::json!({ "error": self.1, "code": self.2 })),
-        )
-            .into_response()
+        let body = Json(serde_json::json!({ "error": self.message, "code": self.code }));
+        match self.retry_after {
+            Some(secs) => (
+                self.status,
+                [(axum::http::header::RETRY_AFTER, secs.to_string())],
+                body,
+            )
+                .into_response(),
+            None => (self.status, body).into_response(),
+        }
     }
 }
 
+/// The one mapping from a command's failure to an HTTP status.
 impl From<SupervisorError> for HttpError {
     fn from(e: SupervisorError) -> Self {
+        let mut retry_after = None;
         let status = match &e {
             SupervisorError::NotFound(_) => StatusCode::NOT_FOUND,
             SupervisorError::Full(_) | SupervisorError::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            SupervisorError::Busy(_) => {
+                retry_after = Some(1);
                 StatusCode::SERVICE_UNAVAILABLE
             }
             SupervisorError::AlreadyAttached(..) | SupervisorError::Ended(_) => {
                 StatusCode::CONFLICT
             }
             SupervisorError::Invalid(_) => StatusCode::BAD_REQUEST,
-            SupervisorError::Api(_) => StatusCode::BAD_GATEWAY,
+            SupervisorError::Api(api) => match api {
+                ApiError::RateLimited(after) => {
+                    retry_after = Some(after.map_or(1, |d| d.as_secs().max(1)));
+                    StatusCode::TOO_MANY_REQUESTS
+                }
+                // The platform refused what was asked (a body it does not take, say).
+                ApiError::Rejected { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+                ApiError::Policy(_) => StatusCode::BAD_REQUEST,
+                ApiError::Transport(_) => StatusCode::GATEWAY_TIMEOUT,
+                // The platform refused guestd (401), lost the chat (404), or failed (5xx).
+                ApiError::Unauthorized(_)
+                | ApiError::NotFound(_)
+                | ApiError::Server { .. }
+                | ApiError::Decode(_) => StatusCode::BAD_GATEWAY,
+            },
         };
-        HttpError(status, e.to_string(), e.code())
+        HttpError {
+            status,
+            message: e.to_string(),
+            code: e.code(),
+            retry_after,
+        }
     }
 }
 
-async fn run_http(
-    st: &HttpState,
-    name: &str,
-    args: serde_json::Value,
-) -> Result<Response, HttpError> {
-    let cmd =
-        parse_command(name, args).map_err(|e| HttpError(StatusCode::BAD_REQUEST, e, "invalid"))?;
+/// Run a command in its own task and answer with its reply.
+async fn run_http(st: &HttpState, cmd: Command) -> Result<Response, HttpError> {
     let created = matches!(cmd, Command::Start(_) | Command::Attach(_));
     // In its own task: hyper drops this handler's future when the client hangs up, which must
     // not abandon a command halfway.
     let sup = st.sup.clone();
-    let v = tokio::spawn(async move { execute(&sup, cmd).await })
+    let reply = tokio::spawn(async move { execute(&sup, cmd).await })
         .await
         .map_err(|e| {
-            HttpError(
+            HttpError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("command failed: {e}"),
                 "internal",
@@ -479,15 +538,19 @@ async fn run_http(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(v)).into_response())
+    Ok((status, Json(reply)).into_response())
 }
 
-fn body_json(body: &Bytes) -> Result<serde_json::Value, HttpError> {
-    if body.is_empty() {
-        return Ok(serde_json::json!({}));
-    }
-    serde_json::from_slice(body)
-        .map_err(|e| HttpError(StatusCode::BAD_REQUEST, format!("not JSON: {e}"), "invalid"))
+/// A request body as `T` (an empty body is `{}`); errors name the command.
+fn parse_body<T: serde::de::DeserializeOwned>(name: &str, body: &Bytes) -> Result<T, HttpError> {
+    let body: &[u8] = if body.is_empty() { b"{}" } else { body };
+    serde_json::from_slice(body).map_err(|e| {
+        let message = match e.classify() {
+            serde_json::error::Category::Data => format!("{name}: {e}"),
+            _ => format!("not JSON: {e}"),
+        };
+        HttpError::new(StatusCode::BAD_REQUEST, message, "invalid")
+    })
 }
 
 /// The HTTP API and ops endpoints.
@@ -501,7 +564,7 @@ pub fn router(st: HttpState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(|| async { crate::metrics::render() }))
-        .fallback(|| async { HttpError(StatusCode::NOT_FOUND, "no such path".into(), "not_found") })
+        .fallback(|| async { HttpError::new(StatusCode::NOT_FOUND, "no such path", "not_found") })
         .with_state(st)
 }
 
@@ -514,53 +577,115 @@ async fn readyz(State(st): State<HttpState>) -> Response {
 }
 
 async fn http_start(State(st): State<HttpState>, body: Bytes) -> Result<Response, HttpError> {
-    run_http(&st, "start", body_json(&body)?).await
+    run_http(&st, Command::Start(parse_body("start", &body)?)).await
 }
 
 async fn http_attach(State(st): State<HttpState>, body: Bytes) -> Result<Response, HttpError> {
-    run_http(&st, "attach", body_json(&body)?).await
+    let a: AttachArgs = parse_body("attach", &body)?;
+    run_http(&st, Command::Attach(a.into())).await
 }
 
 async fn http_list(State(st): State<HttpState>) -> Result<Response, HttpError> {
-    run_http(&st, "list", serde_json::json!({})).await
+    run_http(&st, Command::List).await
 }
 
 async fn http_get(
     State(st): State<HttpState>,
-    Path(id): Path<String>,
+    Path(session): Path<String>,
 ) -> Result<Response, HttpError> {
-    run_http(&st, "get", serde_json::json!({ "session": id })).await
+    run_http(&st, Command::Get { session }).await
 }
 
 async fn http_leave(
     State(st): State<HttpState>,
-    Path(id): Path<String>,
+    Path(session): Path<String>,
 ) -> Result<Response, HttpError> {
-    run_http(&st, "leave", serde_json::json!({ "session": id })).await
+    run_http(&st, Command::Leave { session }).await
 }
 
 async fn http_typing(
     State(st): State<HttpState>,
-    Path(id): Path<String>,
+    Path(session): Path<String>,
 ) -> Result<Response, HttpError> {
-    run_http(&st, "typing", serde_json::json!({ "session": id })).await
+    run_http(&st, Command::Typing { session }).await
+}
+
+/// The body of `POST /v1/sessions/{id}/messages`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendBody {
+    body: String,
 }
 
 async fn http_send(
     State(st): State<HttpState>,
-    Path(id): Path<String>,
+    Path(session): Path<String>,
     body: Bytes,
 ) -> Result<Response, HttpError> {
-    let mut args = body_json(&body)?;
-    if let Some(m) = args.as_object_mut() {
-        m.insert("session".into(), serde_json::Value::String(id));
-    }
-    run_http(&st, "send", args).await
+    let SendBody { body } = parse_body("send", &body)?;
+    run_http(&st, Command::Send { session, body }).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every failure kind has its status: a platform 401, 429 or 5xx is not the caller's 400.
+    #[test]
+    fn failures_map_to_statuses_in_one_place() {
+        use std::time::Duration;
+        let rows: Vec<(SupervisorError, u16, Option<u64>)> = vec![
+            (SupervisorError::NotFound("s".into()), 404, None),
+            (SupervisorError::Full(3), 503, None),
+            (SupervisorError::ShuttingDown, 503, None),
+            (SupervisorError::Busy("s".into()), 503, Some(1)),
+            (SupervisorError::Ended("s".into()), 409, None),
+            (
+                SupervisorError::AlreadyAttached("c".into(), "s".into()),
+                409,
+                None,
+            ),
+            (SupervisorError::Invalid("x".into()), 400, None),
+            (
+                SupervisorError::Api(ApiError::Unauthorized("x".into())),
+                502,
+                None,
+            ),
+            (
+                SupervisorError::Api(ApiError::RateLimited(Some(Duration::from_secs(7)))),
+                429,
+                Some(7),
+            ),
+            (
+                SupervisorError::Api(ApiError::Server {
+                    status: 503,
+                    message: "x".into(),
+                }),
+                502,
+                None,
+            ),
+            (
+                SupervisorError::Api(ApiError::Rejected {
+                    status: 400,
+                    message: "x".into(),
+                }),
+                422,
+                None,
+            ),
+            (
+                SupervisorError::Api(ApiError::Transport("x".into())),
+                504,
+                None,
+            ),
+        ];
+        for (e, status, retry) in rows {
+            let text = e.to_string();
+            let h = HttpError::from(e);
+            assert_eq!(h.status.as_u16(), status, "{text}");
+            assert_eq!(h.retry_after, retry, "{text}");
+            assert!(!h.message.contains("Some("), "no Debug text: {}", h.message);
+        }
+    }
 
     fn split(input: &[u8], max: usize, chunk: usize) -> Vec<Line> {
         let mut codec = CommandLines::new(max);

@@ -8,7 +8,9 @@
 use crate::backend::{ApiError, ChatApi, ChatRef, StartSpec};
 use crate::events::{Emitter, Event, EventKind};
 use crate::journal::{Recovered, SessionRecord};
-use crate::session::{Machine, SessionCmd, SessionCtx, SessionHandle, SessionView, actor};
+use crate::session::{
+    CommandError, Done, Machine, SessionCmd, SessionCtx, SessionHandle, SessionView, actor,
+};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +35,9 @@ pub enum SupervisorError {
     /// The session ended while the command was on its way.
     #[error("{0}")]
     Ended(String),
+    /// The session has a full backlog of commands.
+    #[error("{0}")]
+    Busy(String),
     /// The command's arguments were wrong.
     #[error("{0}")]
     Invalid(String),
@@ -52,6 +57,7 @@ impl SupervisorError {
             SupervisorError::Api(ApiError::RateLimited(_)) => "rate_limited",
             SupervisorError::Api(_) => "backend_error",
             SupervisorError::Ended(_) => "ended",
+            SupervisorError::Busy(_) => "busy",
             SupervisorError::Invalid(_) => "invalid",
             SupervisorError::ShuttingDown => "shutting_down",
         }
@@ -348,6 +354,15 @@ impl Supervisor {
             .flatten()
     }
 
+    /// The one place a session's refusal becomes a supervisor error.
+    fn refused(e: CommandError) -> SupervisorError {
+        match e {
+            CommandError::Ended(_) => SupervisorError::Ended(e.to_string()),
+            CommandError::Busy(_) => SupervisorError::Busy(e.to_string()),
+            CommandError::Api(a) => SupervisorError::Api(a),
+        }
+    }
+
     async fn handle(&self, key: &str) -> Result<SessionHandle, SupervisorError> {
         self.lookup(key)
             .await
@@ -356,11 +371,7 @@ impl Supervisor {
 
     /// One session's view.
     pub async fn get(&self, key: &str) -> Result<SessionView, SupervisorError> {
-        self.handle(key)
-            .await?
-            .view()
-            .await
-            .map_err(|e| SupervisorError::Ended(e.to_string()))
+        self.handle(key).await?.view().await.map_err(Self::refused)
     }
 
     /// Every live session's view.
@@ -375,24 +386,18 @@ impl Supervisor {
     async fn command(
         &self,
         key: &str,
-        make: impl FnOnce(oneshot::Sender<Result<serde_json::Value, String>>) -> SessionCmd,
-    ) -> Result<serde_json::Value, SupervisorError> {
+        make: impl FnOnce(crate::session::actor::DoneReply) -> SessionCmd,
+    ) -> Result<Done, SupervisorError> {
         let h = self.handle(key).await?;
         let (tx, rx) = oneshot::channel();
-        h.send(make(tx))
-            .await
-            .map_err(|e| SupervisorError::Ended(e.to_string()))?;
+        h.send(make(tx)).await.map_err(Self::refused)?;
         rx.await
             .map_err(|_| SupervisorError::Ended(format!("session {key} has ended")))?
-            .map_err(SupervisorError::Invalid)
+            .map_err(Self::refused)
     }
 
     /// Send a message as the guest.
-    pub async fn send_message(
-        &self,
-        key: &str,
-        body: String,
-    ) -> Result<serde_json::Value, SupervisorError> {
+    pub async fn send_message(&self, key: &str, body: String) -> Result<Done, SupervisorError> {
         if body.is_empty() {
             return Err(SupervisorError::Invalid(
                 "send needs a non-empty body".into(),
@@ -403,13 +408,13 @@ impl Supervisor {
     }
 
     /// Send a typing indicator as the guest.
-    pub async fn send_typing(&self, key: &str) -> Result<serde_json::Value, SupervisorError> {
+    pub async fn send_typing(&self, key: &str) -> Result<Done, SupervisorError> {
         self.command(key, |reply| SessionCmd::Typing { reply })
             .await
     }
 
     /// Make the guest leave; the `ended` event follows.
-    pub async fn leave(&self, key: &str) -> Result<serde_json::Value, SupervisorError> {
+    pub async fn leave(&self, key: &str) -> Result<Done, SupervisorError> {
         self.command(key, |reply| SessionCmd::Leave { reply }).await
     }
 }

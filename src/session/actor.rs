@@ -6,12 +6,10 @@
 //! actions in order. Nothing here decides anything the machine could decide.
 
 use super::machine::{Action, Input, Machine, Timing};
-use crate::backend::Failure;
-use crate::backend::{ChatApi, ChatRef};
+use crate::backend::{ApiError, ChatApi, ChatRef, Failure};
 use crate::events::{Emitter, EndReason, Event, EventKind};
 use crate::journal::{EndingRecord, Journal};
-use crate::stream::ConnectError;
-use crate::stream::{Connector, Ws};
+use crate::stream::{ConnectError, Connector, Ws};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, SinkExt, StreamExt};
@@ -45,6 +43,43 @@ pub struct SessionCtx {
     pub leave_on_shutdown: bool,
 }
 
+/// What a session did for a command (serialized as the command's `result`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Done {
+    /// The message was sent.
+    Sent {
+        /// The platform's message id.
+        message_id: String,
+        /// The platform's timestamp (RFC 3339).
+        timestamp: String,
+    },
+    /// The typing indicator was sent.
+    Typed {},
+    /// The leave is recorded durably and under way; the `ended` event follows.
+    Leaving {
+        /// Always true.
+        leaving: bool,
+    },
+}
+
+/// Why a session refused or failed a command.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CommandError {
+    /// The session has ended (or ended while the command waited).
+    #[error("session {0} has ended")]
+    Ended(String),
+    /// [`MAILBOX_LIMIT`] commands already wait for this session.
+    #[error("session {0} is busy: {MAILBOX_LIMIT} commands are waiting; retry")]
+    Busy(String),
+    /// The platform refused or failed the call.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+}
+
+/// The reply channel of a command that acts on the chat.
+pub type DoneReply = oneshot::Sender<Result<Done, CommandError>>;
+
 /// A command to one session.
 #[derive(Debug)]
 pub enum SessionCmd {
@@ -53,17 +88,17 @@ pub enum SessionCmd {
         /// Text.
         body: String,
         /// The sent message, or why not.
-        reply: oneshot::Sender<Result<serde_json::Value, String>>,
+        reply: DoneReply,
     },
     /// Send a typing indicator.
     Typing {
         /// Done, or why not.
-        reply: oneshot::Sender<Result<serde_json::Value, String>>,
+        reply: DoneReply,
     },
     /// Leave the chat (the `ended` event follows).
     Leave {
         /// Accepted, or why not.
-        reply: oneshot::Sender<Result<serde_json::Value, String>>,
+        reply: DoneReply,
     },
     /// Describe the session.
     Get {
@@ -112,20 +147,24 @@ pub struct Mailbox {
 }
 
 /// Commands queued for one session before senders are refused.
-const MAILBOX_LIMIT: usize = 64;
+pub const MAILBOX_LIMIT: usize = 64;
 
 impl Mailbox {
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Box<SessionCmd>>> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn push(&self, cmd: SessionCmd) -> Result<(), SessionCmd> {
+    /// Queue a command; `Err(true)` when the session has ended, `Err(false)` when it is full.
+    fn push(&self, cmd: SessionCmd) -> Result<(), bool> {
         {
             // Checked under the lock: `close` sets the flag under it too, so no command can slip
             // in after the last one was dropped and wait for a reply forever.
             let mut q = self.lock();
-            if self.closed.load(std::sync::atomic::Ordering::Acquire) || q.len() >= MAILBOX_LIMIT {
-                return Err(cmd);
+            if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+                return Err(true);
+            }
+            if q.len() >= MAILBOX_LIMIT {
+                return Err(false);
             }
             q.push_back(Box::new(cmd));
         }
@@ -152,17 +191,16 @@ impl Mailbox {
     }
 }
 
-/// The session task is gone (it ended).
-#[derive(Debug, thiserror::Error)]
-#[error("session {0} has ended")]
-pub struct Gone(pub String);
-
 impl SessionHandle {
-    /// Send a command; fails if the session has ended (or has a full backlog of commands).
-    pub async fn send(&self, cmd: SessionCmd) -> Result<(), Gone> {
-        self.mailbox
-            .push(cmd)
-            .map_err(|_| Gone(self.id.to_string()))
+    /// Send a command; fails if the session has ended or has a full backlog of commands.
+    pub async fn send(&self, cmd: SessionCmd) -> Result<(), CommandError> {
+        self.mailbox.push(cmd).map_err(|ended| {
+            if ended {
+                CommandError::Ended(self.id.to_string())
+            } else {
+                CommandError::Busy(self.id.to_string())
+            }
+        })
     }
 
     /// Whether the session task has finished.
@@ -173,10 +211,11 @@ impl SessionHandle {
     }
 
     /// Ask for the session's view.
-    pub async fn view(&self) -> Result<SessionView, Gone> {
+    pub async fn view(&self) -> Result<SessionView, CommandError> {
         let (reply, rx) = oneshot::channel();
         self.send(SessionCmd::Get { reply }).await?;
-        rx.await.map_err(|_| Gone(self.id.to_string()))
+        rx.await
+            .map_err(|_| CommandError::Ended(self.id.to_string()))
     }
 }
 
@@ -406,7 +445,7 @@ impl Actor {
             | SessionCmd::Leave { reply }
                 if ended.is_some() =>
             {
-                let _ = reply.send(Err(format!("session {} has ended", self.id)));
+                let _ = reply.send(Err(CommandError::Ended(self.id.clone())));
                 None
             }
             SessionCmd::Send { body, reply } => {
@@ -415,11 +454,15 @@ impl Actor {
                     async move {
                         match fut.await {
                             Ok(m) => {
-                                let _ = reply.send(Ok(serde_json::json!({ "message_id": m.id, "timestamp": m.timestamp })));
+                                let sent = Done::Sent {
+                                    message_id: m.id.clone(),
+                                    timestamp: m.timestamp,
+                                };
+                                let _ = reply.send(Ok(sent));
                                 Some(Input::GuestSent(m.id))
                             }
                             Err(e) => {
-                                let _ = reply.send(Err(e.to_string()));
+                                let _ = reply.send(Err(e.into()));
                                 None
                             }
                         }
@@ -432,11 +475,7 @@ impl Actor {
                 let fut = self.ctx.api.send_typing(&self.chat);
                 self.rest_push(
                     async move {
-                        let _ = reply.send(
-                            fut.await
-                                .map(|_| serde_json::json!({}))
-                                .map_err(|e| e.to_string()),
-                        );
+                        let _ = reply.send(fut.await.map(|_| Done::Typed {}).map_err(Into::into));
                         None
                     }
                     .boxed(),
@@ -450,7 +489,7 @@ impl Actor {
                 self.rest_push(
                     async move {
                         durable.await;
-                        let _ = reply.send(Ok(serde_json::json!({ "leaving": true })));
+                        let _ = reply.send(Ok(Done::Leaving { leaving: true }));
                         Some(Input::LeaveRequested)
                     }
                     .boxed(),

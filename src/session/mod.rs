@@ -4,5 +4,5 @@
 pub mod actor;
 pub mod machine;
 
-pub use actor::{SessionCmd, SessionCtx, SessionHandle, SessionView};
+pub use actor::{CommandError, Done, SessionCmd, SessionCtx, SessionHandle, SessionView};
 pub use machine::{Action, Input, Machine, Timing};
