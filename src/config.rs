@@ -53,7 +53,8 @@ pub struct Config {
     /// Websocket transport.
     pub stream: StreamSection,
     /// Session rules.
-    pub session: SessionSection,
+    /// `[session]`: the rules' durations, read straight into the machine's [`Timing`].
+    pub session: Timing,
     /// Session registry.
     pub supervisor: SupervisorSection,
     /// Event output.
@@ -175,70 +176,6 @@ impl Default for StreamSection {
             connect_timeout: Duration::from_secs(10),
             max_concurrent_connects: 256,
             send_jwt: true,
-        }
-    }
-}
-
-/// `[session]`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct SessionSection {
-    /// Expected heartbeat period.
-    #[serde(with = "humantime_serde")]
-    pub heartbeat_interval: Duration,
-    /// Missed heartbeats before the socket counts as dead.
-    pub heartbeat_tolerance: u32,
-    /// How long after a loss to keep reconnecting.
-    #[serde(with = "humantime_serde")]
-    pub reconnect_grace: Duration,
-    /// No guest message this long while an agent is connected ends the chat.
-    #[serde(with = "humantime_serde")]
-    pub inactivity_timeout: Duration,
-    /// Warn this long before (0s: no warning).
-    #[serde(with = "humantime_serde")]
-    pub inactivity_warning_lead: Duration,
-    /// A server end this close to the deadline counts as inactivity.
-    #[serde(with = "humantime_serde")]
-    pub inactivity_skew: Duration,
-    /// An agent leaving this soon before the guest means agent_ended.
-    #[serde(with = "humantime_serde")]
-    pub agent_end_window: Duration,
-    /// Put message bodies in events.
-    pub include_bodies: bool,
-    /// Reconnect delays.
-    pub backoff: BackoffConfig,
-}
-
-impl Default for SessionSection {
-    fn default() -> Self {
-        let t = Timing::default();
-        SessionSection {
-            heartbeat_interval: t.heartbeat_interval,
-            heartbeat_tolerance: t.heartbeat_tolerance,
-            reconnect_grace: t.reconnect_grace,
-            inactivity_timeout: t.inactivity_timeout,
-            inactivity_warning_lead: t.inactivity_warning_lead,
-            inactivity_skew: t.inactivity_skew,
-            agent_end_window: t.agent_end_window,
-            include_bodies: t.include_bodies,
-            backoff: t.backoff,
-        }
-    }
-}
-
-impl SessionSection {
-    /// The machine's timing.
-    pub fn timing(&self) -> Timing {
-        Timing {
-            heartbeat_interval: self.heartbeat_interval,
-            heartbeat_tolerance: self.heartbeat_tolerance,
-            reconnect_grace: self.reconnect_grace,
-            inactivity_timeout: self.inactivity_timeout,
-            inactivity_warning_lead: self.inactivity_warning_lead,
-            inactivity_skew: self.inactivity_skew,
-            agent_end_window: self.agent_end_window,
-            include_bodies: self.include_bodies,
-            backoff: self.backoff.clone(),
         }
     }
 }

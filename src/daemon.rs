@@ -110,7 +110,7 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
         connector,
         emitter: emitter.clone(),
         journal: journal.clone(),
-        timing: Arc::new(cfg.session.timing()),
+        timing: Arc::new(cfg.session.clone()),
         done: done_tx,
         cancel: sessions_cancel.clone(),
         leave_on_shutdown: cfg.shutdown.leave_on_shutdown,

@@ -1,9 +1,11 @@
 //! guestd supervises contact-center guest chat sessions (Genesys Cloud Web Chat v2) and reports,
 //! as JSON lines, when and why each chat ends.
 //!
-//! Data flows one way: transport (`stream`, `genesys::client`) -> protocol decode
-//! (`genesys::protocol`) -> session actor (`session`) -> event sink (`events`). Commands flow the
-//! other way through handles (`control` -> `supervisor` -> `session`).
+//! Data flows one way: transport (`stream`, `genesys::client`) -> backend decode
+//! (`genesys::protocol`, mapped onto `backend`'s neutral types) -> session (`session`: pure rules
+//! in `machine`, I/O in `actor`) -> events (`events`). Commands flow the other way through
+//! handles (`control` -> `supervisor` -> `session`). No arrow points back up: `stream` and
+//! `backend` know nothing of sessions, sessions nothing of Genesys.
 
 /// The backend-neutral interface a session talks to (REST calls and stream decoding).
 pub mod backend;
@@ -35,3 +37,5 @@ pub mod session;
 pub mod stream;
 /// The registry of sessions and its limits.
 pub mod supervisor;
+/// The one TLS client configuration, for REST and websockets.
+pub mod tls;

@@ -148,20 +148,7 @@ pub struct Connector {
 impl Connector {
     /// A connector with a concurrency limit.
     pub fn new(cfg: StreamConfig, limit: usize) -> Self {
-        // TLS is always verified against the webpki roots; there is no way to turn that off.
-        let mut roots =
-            rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        for der in &cfg.extra_roots {
-            if let Err(e) = roots.add(der.clone()) {
-                tracing::error!(error = %e, "an extra CA certificate was refused");
-            }
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map(|b| Arc::new(b.with_root_certificates(roots).with_no_client_auth()))
-        .map_err(|e| {
+        let tls = crate::tls::client_config(&cfg.extra_roots).map_err(|e| {
             tracing::error!(error = %e, "TLS configuration failed; wss connections will fail");
             e.to_string()
         });

@@ -61,16 +61,14 @@ struct Inner {
 }
 
 impl GenesysApi {
-    /// Build a client. TLS uses rustls with the webpki roots; certificates are always verified.
+    /// Build a client. TLS is `crate::tls::client_config`, the websockets' own: certificates
+    /// are always verified.
     pub fn new(cfg: ClientConfig) -> Result<Self, ApiError> {
         check_url(&cfg.api_base, cfg.allow_insecure)?;
-        let mut builder = reqwest::Client::builder();
-        for der in &cfg.extra_roots {
-            let cert = reqwest::Certificate::from_der(der)
-                .map_err(|e| ApiError::Policy(format!("extra CA: {e}")))?;
-            builder = builder.add_root_certificate(cert);
-        }
-        let http = builder
+        let tls = crate::tls::client_config(&cfg.extra_roots)
+            .map_err(|e| ApiError::Policy(e.to_string()))?;
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls((*tls).clone())
             .timeout(cfg.timeout)
             .connect_timeout(cfg.timeout)
             .pool_max_idle_per_host(64)

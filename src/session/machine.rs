@@ -46,22 +46,30 @@ use roster::Member;
 use std::collections::VecDeque;
 use tokio::time::{Duration, Instant};
 
-/// Every duration the machine uses.
-#[derive(Debug, Clone)]
+/// Every duration the machine uses; `[session]` in the configuration (humantime strings in
+/// files, e.g. `"30s"`; every key optional).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Timing {
     /// Expected heartbeat period (platform: about 30 s).
+    #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
     /// Consecutive missed heartbeats that mean the socket is dead (at least 1).
     pub heartbeat_tolerance: u32,
     /// How long after a loss guestd keeps trying to reconnect.
+    #[serde(with = "humantime_serde")]
     pub reconnect_grace: Duration,
     /// No guest message for this long while an agent is connected ends the chat.
+    #[serde(with = "humantime_serde")]
     pub inactivity_timeout: Duration,
     /// How long before that deadline to warn (0 for no warning).
+    #[serde(with = "humantime_serde")]
     pub inactivity_warning_lead: Duration,
     /// A server-side end this close to guestd's own deadline counts as `inactivity_timeout`.
+    #[serde(with = "humantime_serde")]
     pub inactivity_skew: Duration,
     /// An agent leaving at most this long before the guest means `agent_ended`.
+    #[serde(with = "humantime_serde")]
     pub agent_end_window: Duration,
     /// Whether `message` events carry bodies.
     pub include_bodies: bool,

@@ -30,15 +30,12 @@ const INACTIVITY: u64 = 15 * 60 * SEC;
 /// A scripted chat that has not ended after this long is a failure.
 const HORIZON: u64 = 3 * 3600 * SEC;
 
+/// The defaults (30 s heartbeats, 2 misses, 2 min grace, 15 min rule, 1 min warning, 5 s skew,
+/// 10 s agent window) with a deterministic backoff: 1, 2, 4, 8, 8 ... s.
 fn timing() -> Timing {
     Timing {
-        heartbeat_interval: Duration::from_secs(30),
-        heartbeat_tolerance: 2,
         reconnect_grace: Duration::from_millis(GRACE),
         inactivity_timeout: Duration::from_millis(INACTIVITY),
-        inactivity_warning_lead: Duration::from_secs(60),
-        inactivity_skew: Duration::from_secs(5),
-        agent_end_window: Duration::from_secs(10),
         include_bodies: false,
         backoff: BackoffConfig {
             initial: Duration::from_secs(1),
@@ -46,6 +43,7 @@ fn timing() -> Timing {
             multiplier: 2.0,
             jitter: 0.0,
         },
+        ..Timing::default()
     }
 }
 

@@ -10,22 +10,17 @@ const GUEST: &str = "guest";
 const AGENT: &str = "agent";
 const FLOW: &str = "flow";
 
+/// The defaults (30 s heartbeats, 2 misses, 2 min grace, 15 min rule, 1 min warning, 5 s skew,
+/// 10 s agent window) with a deterministic backoff: 1, 2, 4, 8, 8 ... s.
 fn timing() -> Timing {
     Timing {
-        heartbeat_interval: Duration::from_secs(30),
-        heartbeat_tolerance: 2,
-        reconnect_grace: Duration::from_secs(120),
-        inactivity_timeout: Duration::from_secs(15 * 60),
-        inactivity_warning_lead: Duration::from_secs(60),
-        inactivity_skew: Duration::from_secs(5),
-        agent_end_window: Duration::from_secs(10),
-        include_bodies: true,
         backoff: BackoffConfig {
             initial: Duration::from_secs(1),
             max: Duration::from_secs(8),
             multiplier: 2.0,
             jitter: 0.0,
         },
+        ..Timing::default()
     }
 }
 
