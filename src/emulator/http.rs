@@ -78,27 +78,24 @@ impl From<AdminError> for ApiError {
 }
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
-    const C: &str = "/api/v2/webchat/guest/conversations";
+    use crate::genesys::protocol::{CONVERSATIONS, path};
     Router::new()
-        .route(C, post(create))
-        .route(&format!("{C}/{{conv}}/members"), get(list_members))
+        .route(CONVERSATIONS, post(create))
+        .route(&path::members("{conv}"), get(list_members))
         .route(
-            &format!("{C}/{{conv}}/members/{{member}}"),
+            &path::member("{conv}", "{member}"),
             get(get_member).delete(leave),
         )
         .route(
-            &format!("{C}/{{conv}}/members/{{member}}/messages"),
+            &path::member_messages("{conv}", "{member}"),
             post(send_message),
         )
         .route(
-            &format!("{C}/{{conv}}/members/{{member}}/typing"),
+            &path::member_typing("{conv}", "{member}"),
             post(send_typing),
         )
-        .route(&format!("{C}/{{conv}}/messages"), get(list_messages))
-        .route(
-            &format!("{C}/{{conv}}/messages/{{message}}"),
-            get(get_message),
-        )
+        .route(&path::messages("{conv}"), get(list_messages))
+        .route(&path::message("{conv}", "{message}"), get(get_message))
         .route("/v2/stream/{conv}", get(stream))
         .route("/emulator/conversations", get(admin_list))
         .route("/emulator/conversations/{conv}", get(admin_get))

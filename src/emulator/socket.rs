@@ -2,9 +2,7 @@
 
 use super::Shared;
 use super::world::SocketCmd;
-use crate::genesys::protocol::{
-    self as p, HEARTBEAT_MESSAGE, PING_FRAME, TOPIC_METADATA, TOPIC_SOCKET_CLOSING,
-};
+use crate::genesys::protocol::{self as p, TOPIC_SOCKET_CLOSING};
 use futures::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
 use std::sync::Arc;
@@ -54,18 +52,8 @@ async fn serve(
 ) -> &'static str {
     let every = sh.cfg.heartbeat_interval;
     let mut hb = tokio::time::interval_at(Instant::now() + every, every);
-    let heartbeat: Utf8Bytes = p::encode_envelope(
-        TOPIC_METADATA,
-        serde_json::json!({ "message": HEARTBEAT_MESSAGE }),
-        None,
-    )
-    .into();
-    let pong: Utf8Bytes = p::encode_envelope(
-        TOPIC_METADATA,
-        serde_json::json!({ "message": "pong" }),
-        None,
-    )
-    .into();
+    let heartbeat: Utf8Bytes = p::heartbeat_frame().into();
+    let pong: Utf8Bytes = p::pong_frame().into();
     let far = Instant::now() + Duration::from_secs(86_400 * 365);
     let mut close_at = far;
     let mut half_open = false;
@@ -126,7 +114,7 @@ async fn serve(
             }
             msg = ws.next(), if !half_open => match msg {
                 Some(Ok(Message::Text(t))) => {
-                    if is_ping(&t) {
+                    if p::is_ping(&t) {
                         sh.world().record(Some(conv), "ping", None, String::new());
                         if ws.send(Message::Text(pong.clone())).await.is_err() {
                             return "write failed";
@@ -139,18 +127,6 @@ async fn serve(
             },
         }
     }
-}
-
-fn is_ping(t: &str) -> bool {
-    t == PING_FRAME
-        || serde_json::from_str::<serde_json::Value>(t)
-            .ok()
-            .and_then(|v| {
-                v.get("message")
-                    .and_then(|m| m.as_str())
-                    .map(|m| m == "ping")
-            })
-            .unwrap_or(false)
 }
 
 #[allow(deprecated)]

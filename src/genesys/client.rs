@@ -84,11 +84,9 @@ impl GenesysApi {
         })
     }
 
+    /// The full URL of a path from `protocol::path`.
     fn url(&self, path: &str) -> String {
-        format!(
-            "{}/api/v2/webchat/guest/conversations{path}",
-            self.inner.cfg.api_base.trim_end_matches('/')
-        )
+        format!("{}{path}", self.inner.cfg.api_base.trim_end_matches('/'))
     }
 }
 
@@ -244,7 +242,7 @@ pub fn message(m: p::Message) -> ChatMessage {
 impl ChatApi for GenesysApi {
     fn create(&self, spec: StartSpec) -> BoxFuture<'static, Result<ChatRef, ApiError>> {
         let inner = self.inner.clone();
-        let url = self.url("");
+        let url = self.url(p::CONVERSATIONS);
         async move {
             let req = CreateChatRequest {
                 organization_id: inner.cfg.organization_id.clone(),
@@ -287,7 +285,7 @@ impl ChatApi for GenesysApi {
         chat: &ChatRef,
     ) -> BoxFuture<'static, Result<Vec<ChatMember>, ApiError>> {
         let inner = self.inner.clone();
-        let base = self.url(&format!("/{}/members", chat.conversation_id));
+        let base = self.url(&p::path::members(&chat.conversation_id));
         let jwt = chat.jwt.clone();
         async move {
             let mut out = Vec::new();
@@ -315,7 +313,7 @@ impl ChatApi for GenesysApi {
         after: Option<String>,
     ) -> BoxFuture<'static, Result<Vec<ChatMessage>, ApiError>> {
         let inner = self.inner.clone();
-        let base = self.url(&format!("/{}/messages", chat.conversation_id));
+        let base = self.url(&p::path::messages(&chat.conversation_id));
         let jwt = chat.jwt.clone();
         async move {
             let mut out: Vec<ChatMessage> = Vec::new();
@@ -344,10 +342,7 @@ impl ChatApi for GenesysApi {
 
     fn leave(&self, chat: &ChatRef) -> BoxFuture<'static, Result<(), ApiError>> {
         let inner = self.inner.clone();
-        let url = self.url(&format!(
-            "/{}/members/{}",
-            chat.conversation_id, chat.member_id
-        ));
+        let url = self.url(&p::path::member(&chat.conversation_id, &chat.member_id));
         let jwt = chat.jwt.clone();
         async move {
             inner
@@ -364,9 +359,9 @@ impl ChatApi for GenesysApi {
         body: String,
     ) -> BoxFuture<'static, Result<ChatMessage, ApiError>> {
         let inner = self.inner.clone();
-        let url = self.url(&format!(
-            "/{}/members/{}/messages",
-            chat.conversation_id, chat.member_id
+        let url = self.url(&p::path::member_messages(
+            &chat.conversation_id,
+            &chat.member_id,
         ));
         let jwt = chat.jwt.clone();
         async move {
@@ -386,9 +381,9 @@ impl ChatApi for GenesysApi {
 
     fn send_typing(&self, chat: &ChatRef) -> BoxFuture<'static, Result<(), ApiError>> {
         let inner = self.inner.clone();
-        let url = self.url(&format!(
-            "/{}/members/{}/typing",
-            chat.conversation_id, chat.member_id
+        let url = self.url(&p::path::member_typing(
+            &chat.conversation_id,
+            &chat.member_id,
         ));
         let jwt = chat.jwt.clone();
         async move {

@@ -310,6 +310,71 @@ pub const TOPIC_SOCKET_CLOSING: &str = "v2.system.socket_closing";
 pub const HEARTBEAT_MESSAGE: &str = "WebSocket Heartbeat";
 /// The client's ping frame.
 pub const PING_FRAME: &str = r#"{"message":"ping"}"#;
+/// The `message` of a ping.
+pub const PING_MESSAGE: &str = "ping";
+/// The `message` of the server's reply to a ping.
+pub const PONG_MESSAGE: &str = "pong";
+
+/// Root of every guest chat REST path (create is a POST to it itself).
+pub const CONVERSATIONS: &str = "/api/v2/webchat/guest/conversations";
+
+/// The guest chat REST paths, for the client (with ids) and the emulator's router (with
+/// `{conv}`-style placeholders): written once, so the two cannot disagree.
+pub mod path {
+    use super::CONVERSATIONS;
+
+    /// List members.
+    pub fn members(conv: &str) -> String {
+        format!("{CONVERSATIONS}/{conv}/members")
+    }
+    /// Get a member; DELETE to leave.
+    pub fn member(conv: &str, member: &str) -> String {
+        format!("{CONVERSATIONS}/{conv}/members/{member}")
+    }
+    /// Send a message as a member.
+    pub fn member_messages(conv: &str, member: &str) -> String {
+        format!("{CONVERSATIONS}/{conv}/members/{member}/messages")
+    }
+    /// Send a typing indicator as a member.
+    pub fn member_typing(conv: &str, member: &str) -> String {
+        format!("{CONVERSATIONS}/{conv}/members/{member}/typing")
+    }
+    /// List messages.
+    pub fn messages(conv: &str) -> String {
+        format!("{CONVERSATIONS}/{conv}/messages")
+    }
+    /// Get a message.
+    pub fn message(conv: &str, message: &str) -> String {
+        format!("{CONVERSATIONS}/{conv}/messages/{message}")
+    }
+}
+
+/// A heartbeat frame, as the server sends it.
+pub fn heartbeat_frame() -> String {
+    encode_envelope(
+        TOPIC_METADATA,
+        serde_json::json!({ "message": HEARTBEAT_MESSAGE }),
+        None,
+    )
+}
+
+/// The server's reply to a ping.
+pub fn pong_frame() -> String {
+    encode_envelope(
+        TOPIC_METADATA,
+        serde_json::json!({ "message": PONG_MESSAGE }),
+        None,
+    )
+}
+
+/// Whether a client frame is a ping: [`PING_FRAME`] or any JSON object whose `message` is
+/// `"ping"`.
+pub fn is_ping(text: &str) -> bool {
+    text == PING_FRAME
+        || serde_json::from_str::<serde_json::Value>(text)
+            .ok()
+            .is_some_and(|v| v.get("message").and_then(|m| m.as_str()) == Some(PING_MESSAGE))
+}
 
 /// Topic of chat messages and typing for a conversation.
 pub fn messages_topic(conversation_id: &str) -> String {
@@ -377,7 +442,7 @@ pub fn decode_frame(text: &str) -> Result<StreamEvent, DecodeError> {
             .unwrap_or_default();
         return Ok(match msg {
             HEARTBEAT_MESSAGE => StreamEvent::Heartbeat,
-            "pong" => StreamEvent::Pong,
+            PONG_MESSAGE => StreamEvent::Pong,
             other => StreamEvent::Metadata(other.to_string()),
         });
     }
