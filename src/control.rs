@@ -569,7 +569,13 @@ pub fn router(st: HttpState) -> Router {
 }
 
 async fn readyz(State(st): State<HttpState>) -> Response {
-    if *st.ready.borrow() && st.sup.accepting() {
+    if !st.sup.emitter().sink_ok() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: event output is failing (no reader?); events wait\n",
+        )
+            .into_response()
+    } else if *st.ready.borrow() && st.sup.accepting() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()

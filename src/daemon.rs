@@ -58,6 +58,9 @@ pub struct ShutdownReport {
     pub sessions: usize,
     /// Whether all of them finished inside the drain timeout.
     pub drained: bool,
+    /// Whether every queued event was written and flushed (false: the sink was stalled or
+    /// failing; the journal keeps every undelivered `ended`).
+    pub delivered: bool,
 }
 
 /// Start guestd with `sink` for events and optionally `stdin` for commands.
@@ -195,7 +198,11 @@ impl Running {
             "shutting down"
         );
         self.sessions_cancel.cancel();
-        let drained = tokio::time::timeout(self.cfg.shutdown.drain_timeout, self.sup.wait_empty())
+        // The whole shutdown fits in drain_timeout: sessions get nine tenths of it, the final
+        // journal sync and event flush what is left. A stalled stdout cannot hold it up.
+        let start = tokio::time::Instant::now();
+        let limit = self.cfg.shutdown.drain_timeout;
+        let drained = tokio::time::timeout_at(start + limit * 9 / 10, self.sup.wait_empty())
             .await
             .is_ok();
         if !drained {
@@ -205,9 +212,23 @@ impl Running {
             );
         }
         self.control_cancel.cancel();
-        self.journal.sync().await;
-        self.emitter.flush().await;
+        let delivered = tokio::time::timeout_at(start + limit, async {
+            self.journal.sync().await;
+            self.emitter.flush().await;
+        })
+        .await
+        .is_ok();
+        if !delivered {
+            tracing::error!(
+                "events could not be delivered before the drain timeout; every undelivered ended \
+                 stays in the journal and the next start writes it"
+            );
+        }
         drop(self.writer);
-        ShutdownReport { sessions, drained }
+        ShutdownReport {
+            sessions,
+            drained,
+            delivered,
+        }
     }
 }

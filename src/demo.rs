@@ -5,7 +5,7 @@
 
 use crate::config::Config;
 use crate::emulator::{Emulator, EmulatorConfig};
-use crate::events::{EndReason, TapSink, WriterSink};
+use crate::events::{EndReason, StdSink, TapSink};
 use crate::supervisor::Supervisor;
 use std::time::Duration;
 use tokio::sync::broadcast;
@@ -227,7 +227,7 @@ async fn scenario(
 /// Run the demo; true when every chat ended for the reason it was scripted to.
 pub async fn run(print_events: bool) -> anyhow::Result<bool> {
     let emu = Emulator::start(fast_emulator(), "127.0.0.1:0".parse()?).await?;
-    let stdout = print_events.then(|| WriterSink(tokio::io::stdout()));
+    let stdout = print_events.then(|| StdSink::new(std::io::stdout()));
     let tap = TapSink::new(stdout, 65_536);
     let tap_tx = tap.sender();
     let cfg = fast_config(&emu.base_url());

@@ -8,6 +8,7 @@
 
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
@@ -289,6 +290,80 @@ impl<W: AsyncWrite + Unpin + Send + 'static> EventSink for WriterSink<W> {
     }
 }
 
+/// A blocking writer (stdout) as a sink, with exact accounting. Lines gather in memory; a
+/// flush writes them on a blocking thread and counts every byte the OS took, so after a failure
+/// (EPIPE, ENOSPC) nothing is lost or repeated: the next flush resumes at the first byte not
+/// written. Not `WriterSink(tokio::io::stdout())`: tokio's stdout writes from a background
+/// thread and reports a failed write on a later call, having dropped the data, so a retry
+/// would "succeed" with the line gone.
+pub struct StdSink<W: std::io::Write + Send + 'static> {
+    /// None only while a flush runs on the blocking thread.
+    writer: Option<W>,
+    pending: Vec<u8>,
+    /// Bytes of `pending` already written.
+    written: usize,
+}
+
+impl<W: std::io::Write + Send + 'static> StdSink<W> {
+    /// Wrap a blocking writer.
+    pub fn new(writer: W) -> Self {
+        StdSink {
+            writer: Some(writer),
+            pending: Vec::new(),
+            written: 0,
+        }
+    }
+}
+
+/// Write `buf[*written..]` and flush, counting progress in `written`.
+fn write_counted(
+    w: &mut impl std::io::Write,
+    buf: &[u8],
+    written: &mut usize,
+) -> std::io::Result<()> {
+    while *written < buf.len() {
+        match w.write(&buf[*written..]) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => *written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    w.flush()
+}
+
+impl<W: std::io::Write + Send + 'static> EventSink for StdSink<W> {
+    fn write_line<'a>(&'a mut self, line: &'a [u8]) -> BoxFuture<'a, std::io::Result<()>> {
+        self.pending.extend_from_slice(line);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn flush(&mut self) -> BoxFuture<'_, std::io::Result<()>> {
+        Box::pin(async move {
+            let Some(mut w) = self.writer.take() else {
+                return Err(std::io::Error::other("the sink's writer was lost"));
+            };
+            let buf = std::mem::take(&mut self.pending);
+            let mut written = self.written;
+            let joined = tokio::task::spawn_blocking(move || {
+                let r = write_counted(&mut w, &buf, &mut written);
+                (w, buf, written, r)
+            })
+            .await;
+            let (w, mut buf, written, r) = joined.map_err(std::io::Error::other)?;
+            self.writer = Some(w);
+            if r.is_ok() {
+                buf.clear();
+                self.written = 0;
+            } else {
+                self.written = written;
+            }
+            self.pending = buf;
+            r
+        })
+    }
+}
+
 enum Msg {
     Event(Box<Event>),
     Flush(oneshot::Sender<()>),
@@ -337,10 +412,41 @@ impl<S: EventSink> EventSink for TapSink<S> {
     }
 }
 
+/// Whether the sink takes lines: false from a failed write until a retry succeeds. Shared by
+/// the writer, `/readyz` and the `guestd_event_sink_up` gauge.
+#[derive(Clone, Debug)]
+pub struct SinkHealth(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl SinkHealth {
+    fn new() -> Self {
+        metrics::gauge!("guestd_event_sink_up").set(1.0);
+        SinkHealth(Arc::new(tokio::sync::watch::Sender::new(true)))
+    }
+
+    /// Whether the last write succeeded.
+    pub fn ok(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Follow changes (awaitable, for tests and probes).
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.0.subscribe()
+    }
+
+    fn set(&self, ok: bool) {
+        self.0.send_replace(ok);
+        metrics::gauge!("guestd_event_sink_up").set(if ok { 1.0 } else { 0.0 });
+    }
+}
+
+/// How long the writer waits between retries of a line its sink refused, at most.
+const SINK_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The producers' end: cheap to clone.
 #[derive(Clone)]
 pub struct Emitter {
     tx: mpsc::Sender<Msg>,
+    health: SinkHealth,
 }
 
 impl Emitter {
@@ -364,12 +470,64 @@ impl Emitter {
         }
     }
 
-    /// Queue an event and wait until its line is flushed.
+    /// Whether the sink takes lines (false while its writes fail: a reader that went away, a
+    /// full disk under a file).
+    pub fn sink_ok(&self) -> bool {
+        self.health.ok()
+    }
+
+    /// The sink's health, to await its changes.
+    pub fn sink_health(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.health.watch()
+    }
+
+    /// Queue an event and wait until its line is written and flushed; false if the writer
+    /// stopped first (the line was then not delivered).
     pub async fn emit_flushed(&self, mut ev: Event) -> bool {
         let (tx, rx) = oneshot::channel();
         ev.ack = Some(tx);
         self.emit(ev).await;
         rx.await.is_ok()
+    }
+}
+
+/// Write `line` (or flush, for None) until it succeeds. While it fails (the reader went away: EPIPE; a full disk under a
+/// file), nothing more is taken from the queue, so producers wait (back-pressure, as for a slow
+/// reader) and no line is acknowledged as written: an `ended` stays pending in the journal and
+/// the next process delivers it. The failure shows at once in the sink's health (`/readyz`,
+/// `guestd_event_sink_up`) and in one log line; retries back off to [`SINK_RETRY_MAX`]. A line
+/// that failed halfway is written whole again, so a reader that comes back may see its
+/// beginning twice, the second time complete.
+async fn retry<S: EventSink>(sink: &mut S, health: &SinkHealth, line: Option<&[u8]>) {
+    let mut wait = std::time::Duration::from_millis(50);
+    let what = if line.is_some() {
+        "writing an event"
+    } else {
+        "flushing events"
+    };
+    loop {
+        let done = match line {
+            Some(l) => sink.write_line(l).await,
+            None => sink.flush().await,
+        };
+        match done {
+            Ok(()) => {
+                if !health.ok() {
+                    tracing::warn!("event output works again");
+                    health.set(true);
+                }
+                return;
+            }
+            Err(e) => {
+                if health.ok() {
+                    tracing::error!(error = %e, "{what} failed; events wait until output works again");
+                    health.set(false);
+                }
+                metrics::counter!("guestd_event_write_failures_total").increment(1);
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(SINK_RETRY_MAX);
+            }
+        }
     }
 }
 
@@ -380,7 +538,10 @@ pub fn spawn_writer<S: EventSink>(
     capacity: usize,
 ) -> (Emitter, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<Msg>(capacity.max(1));
+    let health = SinkHealth::new();
+    let writer_health = health.clone();
     let task = tokio::spawn(async move {
+        let health = writer_health;
         let mut seq: u64 = 0;
         let mut acks = Vec::new();
         while let Some(first) = rx.recv().await {
@@ -391,9 +552,7 @@ pub fn spawn_writer<S: EventSink>(
                     Msg::Event(mut ev) => {
                         seq += 1;
                         let line = to_line(&ev, seq);
-                        if let Err(e) = sink.write_line(&line).await {
-                            tracing::error!(error = %e, "writing an event failed");
-                        }
+                        retry(&mut sink, &health, Some(&line)).await;
                         if let Some(a) = ev.ack.take() {
                             acks.push(a);
                         }
@@ -406,21 +565,94 @@ pub fn spawn_writer<S: EventSink>(
                     None
                 };
             }
-            if let Err(e) = sink.flush().await {
-                tracing::error!(error = %e, "flushing events failed");
-            }
+            retry(&mut sink, &health, None).await;
+            // Acknowledged only now: written and flushed.
             for a in acks.drain(..) {
                 let _ = a.send(());
             }
         }
         let _ = sink.flush().await;
     });
-    (Emitter { tx }, task)
+    (Emitter { tx, health }, task)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A blocking writer that takes `cut` bytes, then fails (EPIPE) until `heal` is set.
+    #[derive(Clone)]
+    struct Flaky {
+        out: Arc<Mutex<Vec<u8>>>,
+        cut: Arc<Mutex<usize>>,
+        heal: Arc<AtomicBool>,
+    }
+
+    impl std::io::Write for Flaky {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let mut cut = self.cut.lock().unwrap();
+            if !self.heal.load(Ordering::SeqCst) && *cut == 0 {
+                return Err(std::io::ErrorKind::BrokenPipe.into());
+            }
+            let n = if self.heal.load(Ordering::SeqCst) {
+                buf.len()
+            } else {
+                buf.len().min(*cut)
+            };
+            *cut -= n.min(*cut);
+            self.out.lock().unwrap().extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The reader goes away mid-line: nothing is acknowledged, the sink reports unhealthy, and
+    /// once writes work again every line comes out once, whole, in order; only then the ack.
+    #[tokio::test]
+    async fn a_failing_output_acknowledges_nothing_and_loses_nothing() {
+        let w = Flaky {
+            out: Arc::default(),
+            cut: Arc::new(Mutex::new(30)),
+            heal: Arc::default(),
+        };
+        let (em, task) = spawn_writer(StdSink::new(w.clone()), 4);
+        em.emit(Event::new("s1", Some("c1"), EventKind::Connected))
+            .await;
+        let mut ended = Event::new(
+            "s1",
+            Some("c1"),
+            EventKind::Ended {
+                reason: EndReason::FlowEnded,
+                duration_ms: 5,
+                detail: "x".into(),
+            },
+        );
+        ended.event_id = Some("s1:ended".into());
+        let em2 = em.clone();
+        let acked = tokio::spawn(async move { em2.emit_flushed(ended).await });
+        // The failure shows in the sink's health.
+        let mut health = em.sink_health();
+        tokio::time::timeout(std::time::Duration::from_secs(5), health.wait_for(|ok| !ok))
+            .await
+            .expect("the sink reports the failure")
+            .unwrap();
+        assert!(!acked.is_finished(), "not acknowledged while undelivered");
+        w.heal.store(true, Ordering::SeqCst);
+        assert!(acked.await.unwrap(), "acknowledged once written");
+        assert!(em.sink_ok());
+        drop(em);
+        task.await.ok();
+        let out = String::from_utf8(w.out.lock().unwrap().clone()).unwrap();
+        let types: Vec<String> = out
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["type"].to_string())
+            .collect();
+        assert_eq!(types, ["\"connected\"", "\"ended\""], "{out}");
+    }
 
     #[tokio::test]
     async fn lines_carry_envelope_fields_in_sequence() {

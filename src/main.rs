@@ -8,6 +8,10 @@ use guestd::emulator::{Emulator, EmulatorConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+/// Exit status when guestd stopped with events it could not deliver (EX_TEMPFAIL): the journal
+/// keeps every undelivered `ended`, and the next start writes it.
+const EXIT_UNDELIVERED: i32 = 75;
+
 #[derive(Parser)]
 #[command(
     name = "guestd",
@@ -133,7 +137,7 @@ async fn main() -> anyhow::Result<()> {
             cfg.shutdown.leave_on_shutdown |= leave_on_shutdown;
             let stdin = cfg.control.stdin.then(tokio::io::stdin);
             let running =
-                guestd::daemon::start(cfg, guestd::events::WriterSink(tokio::io::stdout()), stdin)
+                guestd::daemon::start(cfg, guestd::events::StdSink::new(std::io::stdout()), stdin)
                     .await
                     .context("starting guestd")?;
             let sig = signals.wait().await;
@@ -142,11 +146,17 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!(
                 sessions = report.sessions,
                 drained = report.drained,
+                delivered = report.delivered,
                 "stopped"
             );
-            // Events are flushed and the journal synced. Exit now: the runtime would otherwise
-            // wait for the blocking thread that reads stdin, which may never see EOF.
-            std::process::exit(0)
+            // Exit now: the runtime would otherwise wait for the blocking thread that reads
+            // stdin, which may never see EOF. 75 (EX_TEMPFAIL) when events could not be
+            // delivered: the journal holds them for the next start.
+            std::process::exit(if report.delivered {
+                0
+            } else {
+                EXIT_UNDELIVERED
+            })
         }
         Cmd::Emulator { listen, config } => {
             let mut signals = Signals::install()?;

@@ -266,6 +266,55 @@ async fn chats_ended_by_agents_while_guestd_was_down_with_tied_dates_are_agent_e
     finish_ok(d2).await;
 }
 
+/// stdout's reader goes away before a chat ends: the `ended` is never acknowledged as written,
+/// SIGTERM still exits within the drain timeout (status 75: undelivered), and the next start
+/// writes that `ended`, with the same event_id. (It used to be acknowledged and lost.)
+#[tokio::test]
+async fn an_ended_nobody_read_is_written_by_the_next_start() {
+    let emu = emulator(emu_cfg()).await;
+    let journal = temp_journal();
+    let mut env = journal_env(&emu, &journal);
+    env.push(("GUESTD_SHUTDOWN__DRAIN_TIMEOUT".into(), "2s".into()));
+    let mut d1 = Daemon::spawn(env.clone(), &[]);
+    let chats = start_n(&mut d1, 2).await;
+    d1.close_stdout();
+    emu.flow_disconnect(&chats[0].1).unwrap();
+    wait_log(&emu, &chats[0].1, "socket_closed", 1).await;
+    let begun = std::time::Instant::now();
+    signal(d1.pid(), "TERM");
+    let st = tokio::time::timeout(WAIT, d1.child.wait())
+        .await
+        .expect("exits despite the stalled output")
+        .unwrap();
+    assert!(
+        begun.elapsed() < Duration::from_secs(5),
+        "within the drain timeout (2 s) and a margin: {:?}",
+        begun.elapsed()
+    );
+    assert_eq!(
+        st.code(),
+        Some(75),
+        "undelivered events; stderr:\n{}",
+        d1.stderr()
+    );
+    assert!(d1.stderr().contains("events wait until output works again"));
+
+    let mut d2 = Daemon::spawn(env, &[]);
+    let ended = d2
+        .wait(|v| v["type"] == "ended" && v["session"] == chats[0].0.as_str())
+        .await;
+    assert_eq!(ended["reason"], "flow_ended");
+    assert_eq!(ended["event_id"], format!("{}:ended", chats[0].0));
+    // The other chat is picked up as usual.
+    let resumed = d2
+        .wait(|v| v["type"] == "session_started" && v["session"] == chats[1].0.as_str())
+        .await;
+    assert_eq!(resumed["mode"], "resume");
+    emu.flow_disconnect(&chats[1].1).unwrap();
+    d2.wait_type(&chats[1].0, "ended").await;
+    finish_ok(d2).await;
+}
+
 async fn finish_ok(mut d: Daemon) -> Daemon {
     signal(d.pid(), "TERM");
     d.drain().await;

@@ -214,7 +214,7 @@ pub async fn wait_log(emu: &Emulator, conv: &str, action: &str, count: usize) {
 pub struct Daemon {
     pub child: tokio::process::Child,
     stdin: Option<tokio::process::ChildStdin>,
-    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    lines: Option<tokio::io::Lines<BufReader<tokio::process::ChildStdout>>>,
     pub seen: Vec<Value>,
     /// Whether `wait` already returned the event at the same index of `seen`.
     taken: Vec<bool>,
@@ -268,7 +268,7 @@ impl Daemon {
         Daemon {
             child,
             stdin,
-            lines,
+            lines: Some(lines),
             seen: Vec::new(),
             taken: Vec::new(),
             stderr_path,
@@ -294,9 +294,15 @@ impl Daemon {
         stdin.flush().await.unwrap();
     }
 
-    /// Next event line; None at EOF.
+    /// Close guestd's stdout: its reader goes away (writes then fail with EPIPE).
+    pub fn close_stdout(&mut self) {
+        self.lines = None;
+    }
+
+    /// Next event line; None at EOF (or once `close_stdout` was called).
     pub async fn next(&mut self) -> Option<Value> {
-        let line = tokio::time::timeout(WAIT, self.lines.next_line())
+        let lines = self.lines.as_mut()?;
+        let line = tokio::time::timeout(WAIT, lines.next_line())
             .await
             .unwrap_or_else(|_| panic!("no event within {WAIT:?}; seen: {:#?}", self.seen))
             .unwrap()?;
