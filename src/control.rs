@@ -492,6 +492,7 @@ impl From<SupervisorError> for HttpError {
                 StatusCode::CONFLICT
             }
             SupervisorError::Invalid(_) => StatusCode::BAD_REQUEST,
+            SupervisorError::Journal(_) => StatusCode::SERVICE_UNAVAILABLE,
             SupervisorError::Api(api) => match api {
                 ApiError::RateLimited(after) => {
                     retry_after = Some(after.map_or(1, |d| d.as_secs().max(1)));
@@ -569,7 +570,13 @@ pub fn router(st: HttpState) -> Router {
 }
 
 async fn readyz(State(st): State<HttpState>) -> Response {
-    if !st.sup.emitter().sink_ok() {
+    if !st.sup.journal_ok() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the journal cannot make records durable (disk full?)\n",
+        )
+            .into_response()
+    } else if !st.sup.emitter().sink_ok() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: event output is failing (no reader?); events wait\n",

@@ -213,7 +213,9 @@ impl Running {
         }
         self.control_cancel.cancel();
         let delivered = tokio::time::timeout_at(start + limit, async {
-            self.journal.sync().await;
+            if let Err(e) = self.journal.sync().await {
+                tracing::error!(error = %e, "the journal's last sync failed");
+            }
             self.emitter.flush().await;
         })
         .await

@@ -6,6 +6,14 @@
 //! Chosen over redb/SQLite because the access pattern is exactly that: appends while running,
 //! one sequential read at start. It holds jwts, so it is created with mode 0600.
 //!
+//! Failures are reported, never swallowed: a write, flush or fsync that fails makes the records
+//! waiting on it fail (`start`/`attach`/`leave` then fail with a clear error; an `ended` is
+//! still written, and says in the log that it may be reported again after a restart), and the
+//! journal reports itself unhealthy (`/readyz`, `guestd_journal_up`) until a later sync works.
+//! A torn line left by a failed write is closed before the next record. If the file is removed
+//! or replaced while guestd runs, the next batch notices and rewrites it from guestd's own open
+//! file (compaction always reads the open file, never the path).
+//!
 //! Guarantee for `ended`: the decision (`ending`, with a stable `event_id`) is fsynced *before*
 //! the event is written to stdout, and `ended` is recorded after the line is flushed. A crash
 //! between the two re-emits the same event with the same `event_id` on restart: delivery is
@@ -17,9 +25,9 @@ use crate::events::EndReason;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::io::{BufRead, Write};
+use std::io::{BufRead, Read, Seek, Write};
 use std::path::{Path, PathBuf};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// A session as first recorded.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -86,38 +94,56 @@ pub struct Recovered {
     pub leaving: bool,
 }
 
+/// A record could not be made durable.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("journal: {0}")]
+pub struct NotDurable(pub String);
+
+/// Resolves once what was recorded is durable, or says why it is not.
+pub type Durable = BoxFuture<'static, Result<(), NotDurable>>;
+
 /// What sessions need from a journal. The file journal implements it; a replicated one (NATS
 /// JetStream KV, say) would be another implementation.
 pub trait Journal: Send + Sync + 'static {
-    /// A session began.
-    fn session_started(&self, rec: SessionRecord);
+    /// A session began; resolves once durable (the command answers only then).
+    fn session_started(&self, rec: SessionRecord) -> Durable;
     /// A newer message id was seen.
     fn progress(&self, session: &str, last_message_id: &str);
     /// The end is decided; resolves once durable.
-    fn ending(&self, session: &str, ending: EndingRecord) -> BoxFuture<'static, ()>;
+    fn ending(&self, session: &str, ending: EndingRecord) -> Durable;
     /// The guest is to leave; resolves once durable (the `leave` reply waits for it).
-    fn leaving(&self, session: &str) -> BoxFuture<'static, ()>;
+    fn leaving(&self, session: &str) -> Durable;
     /// The `ended` line is flushed; the session is gone for good.
     fn ended(&self, session: &str);
     /// Everything recorded so far is durable.
-    fn sync(&self) -> BoxFuture<'static, ()>;
+    fn sync(&self) -> Durable;
+    /// Whether the last sync worked (false while the disk refuses writes).
+    fn healthy(&self) -> bool {
+        true
+    }
+}
+
+fn durable() -> Durable {
+    Box::pin(async { Ok(()) })
 }
 
 /// A journal that keeps nothing (`journal.enabled = false`).
 pub struct NullJournal;
 
 impl Journal for NullJournal {
-    fn session_started(&self, _: SessionRecord) {}
-    fn progress(&self, _: &str, _: &str) {}
-    fn ending(&self, _: &str, _: EndingRecord) -> BoxFuture<'static, ()> {
-        Box::pin(async {})
+    fn session_started(&self, _: SessionRecord) -> Durable {
+        durable()
     }
-    fn leaving(&self, _: &str) -> BoxFuture<'static, ()> {
-        Box::pin(async {})
+    fn progress(&self, _: &str, _: &str) {}
+    fn ending(&self, _: &str, _: EndingRecord) -> Durable {
+        durable()
+    }
+    fn leaving(&self, _: &str) -> Durable {
+        durable()
     }
     fn ended(&self, _: &str) {}
-    fn sync(&self) -> BoxFuture<'static, ()> {
-        Box::pin(async {})
+    fn sync(&self) -> Durable {
+        durable()
     }
 }
 
@@ -137,12 +163,13 @@ pub enum JournalError {
 
 enum Msg {
     Rec(Rec),
-    Sync(oneshot::Sender<()>),
+    Sync(oneshot::Sender<Result<(), NotDurable>>),
 }
 
 /// The append-only file journal.
 pub struct FileJournal {
     tx: mpsc::UnboundedSender<Msg>,
+    healthy: watch::Receiver<bool>,
 }
 
 fn now_ms() -> i64 {
@@ -155,7 +182,8 @@ fn open_0600(path: &Path, truncate: bool) -> std::io::Result<std::fs::File> {
     if truncate {
         o.write(true).truncate(true);
     } else {
-        o.append(true);
+        // Readable too: compaction reads back its own open file, never the path.
+        o.append(true).read(true);
     }
     #[cfg(unix)]
     {
@@ -171,68 +199,85 @@ fn open_0600(path: &Path, truncate: bool) -> std::io::Result<std::fs::File> {
     Ok(f)
 }
 
-/// Read a journal file into the sessions it still holds. Unreadable lines (a torn last write)
-/// are skipped with a warning.
+/// Read a journal file into the sessions it still holds. Unreadable lines (a torn last write,
+/// bytes that are not UTF-8) are skipped with a warning.
 pub fn load(path: &Path) -> Result<Vec<Recovered>, JournalError> {
     let io = |source| JournalError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io(e)),
-    };
+    match std::fs::File::open(path) {
+        Ok(f) => load_from(std::io::BufReader::new(f)).map_err(io),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(io(e)),
+    }
+}
+
+/// [`load`] from any reader.
+pub fn load_from(mut input: impl BufRead) -> std::io::Result<Vec<Recovered>> {
     let mut live: HashMap<String, Recovered> = HashMap::new();
     let mut order: Vec<String> = Vec::new();
-    for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(io)?;
+    let mut raw = Vec::new();
+    let mut n = 0usize;
+    loop {
+        raw.clear();
+        if input.read_until(b'\n', &mut raw)? == 0 {
+            break;
+        }
+        n += 1;
+        let Ok(line) = std::str::from_utf8(&raw) else {
+            tracing::warn!(line = n, "skipping a journal line that is not UTF-8");
+            continue;
+        };
         if line.trim().is_empty() {
             continue;
         }
-        match serde_json::from_str::<Rec>(&line) {
-            Ok(Rec::Session(r)) => {
-                order.push(r.session.clone());
-                live.insert(
-                    r.session.clone(),
-                    Recovered {
-                        last_alive_ms: r.started_ms,
-                        record: r,
-                        last_message_id: None,
-                        ending: None,
-                        leaving: false,
-                    },
-                );
-            }
-            Ok(Rec::Progress {
-                session,
-                last_message_id,
-                at_ms,
-            }) => {
-                if let Some(s) = live.get_mut(&session) {
-                    s.last_message_id = Some(last_message_id);
-                    s.last_alive_ms = s.last_alive_ms.max(at_ms);
-                }
-            }
-            Ok(Rec::Ending { session, ending }) => {
-                if let Some(s) = live.get_mut(&session) {
-                    s.ending = Some(ending);
-                }
-            }
-            Ok(Rec::Leaving { session }) => {
-                if let Some(s) = live.get_mut(&session) {
-                    s.leaving = true;
-                }
-            }
-            Ok(Rec::Ended { session }) => {
-                live.remove(&session);
-            }
-            Err(e) => {
-                tracing::warn!(line = n + 1, error = %e, "skipping an unreadable journal line")
-            }
-        }
+        apply(&mut live, &mut order, n, line);
     }
     Ok(order.into_iter().filter_map(|s| live.remove(&s)).collect())
+}
+
+/// Apply one journal line to the sessions read so far.
+fn apply(live: &mut HashMap<String, Recovered>, order: &mut Vec<String>, n: usize, line: &str) {
+    match serde_json::from_str::<Rec>(line) {
+        Ok(Rec::Session(r)) => {
+            order.push(r.session.clone());
+            live.insert(
+                r.session.clone(),
+                Recovered {
+                    last_alive_ms: r.started_ms,
+                    record: r,
+                    last_message_id: None,
+                    ending: None,
+                    leaving: false,
+                },
+            );
+        }
+        Ok(Rec::Progress {
+            session,
+            last_message_id,
+            at_ms,
+        }) => {
+            if let Some(s) = live.get_mut(&session) {
+                s.last_message_id = Some(last_message_id);
+                s.last_alive_ms = s.last_alive_ms.max(at_ms);
+            }
+        }
+        Ok(Rec::Ending { session, ending }) => {
+            if let Some(s) = live.get_mut(&session) {
+                s.ending = Some(ending);
+            }
+        }
+        Ok(Rec::Leaving { session }) => {
+            if let Some(s) = live.get_mut(&session) {
+                s.leaving = true;
+            }
+        }
+        Ok(Rec::Ended { session }) => {
+            live.remove(&session);
+        }
+        Err(e) => tracing::warn!(line = n, error = %e, "skipping an unreadable journal line"),
+    }
 }
 
 impl FileJournal {
@@ -247,16 +292,29 @@ impl FileJournal {
             source,
         };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io)?;
+            create_private_dir(dir).map_err(io)?;
         }
-        let (file, recovered) = compact(path)?;
+        let recovered = load(path)?;
+        let file = rewrite(path, &recovered)?;
         let (tx, rx) = mpsc::unbounded_channel();
+        let (healthy_tx, healthy) = watch::channel(true);
+        metrics::gauge!("guestd_journal_up").set(1.0);
         let path = path.to_path_buf();
         std::thread::Builder::new()
             .name("guestd-journal".into())
-            .spawn(move || writer(file, path, rx, compact_after.max(1024)))
+            .spawn(move || {
+                Writer {
+                    out: std::io::BufWriter::new(file),
+                    path,
+                    appended: 0,
+                    compact_after: compact_after.max(1024),
+                    torn: false,
+                    healthy: healthy_tx,
+                }
+                .run(rx)
+            })
             .map_err(io)?;
-        Ok((FileJournal { tx }, recovered))
+        Ok((FileJournal { tx, healthy }, recovered))
     }
 
     fn send(&self, m: Msg) {
@@ -264,20 +322,39 @@ impl FileJournal {
             tracing::error!("journal writer is gone");
         }
     }
+
+    fn durable(&self) -> Durable {
+        let (tx, rx) = oneshot::channel();
+        self.send(Msg::Sync(tx));
+        Box::pin(async move {
+            rx.await
+                .unwrap_or_else(|_| Err(NotDurable("the journal writer is gone".into())))
+        })
+    }
 }
 
-/// Rewrite the journal with its live sessions only (temp file, fsync, rename over the old one),
-/// and reopen it for appending.
-fn compact(path: &Path) -> Result<(std::fs::File, Vec<Recovered>), JournalError> {
+/// The journal's directory holds jwts: created 0700 (an existing one is left as it is).
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o700);
+    }
+    b.create(dir)
+}
+
+/// Write `live` to a temp file (fsynced), rename it over `path`, and reopen it for appending.
+fn rewrite(path: &Path, live: &[Recovered]) -> Result<std::fs::File, JournalError> {
     let io = |source| JournalError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let recovered = load(path)?;
     let tmp = path.with_extension("compact");
     {
         let mut f = std::io::BufWriter::new(open_0600(&tmp, true).map_err(io)?);
-        for r in &recovered {
+        for r in live {
             let mut recs = vec![Rec::Session(r.record.clone())];
             if let Some(id) = &r.last_message_id {
                 recs.push(Rec::Progress {
@@ -313,76 +390,151 @@ fn compact(path: &Path) -> Result<(std::fs::File, Vec<Recovered>), JournalError>
             let _ = d.sync_all();
         }
     }
-    let file = open_0600(path, false).map_err(io)?;
-    Ok((file, recovered))
+    open_0600(path, false).map_err(io)
 }
 
-/// A plain thread: file I/O and fsync block, and batching is easiest with a blocking receive.
-fn writer(
-    file: std::fs::File,
+/// The journal's writer: a plain thread, since file I/O and fsync block and batching is easiest
+/// with a blocking receive.
+struct Writer {
+    out: std::io::BufWriter<std::fs::File>,
     path: PathBuf,
-    mut rx: mpsc::UnboundedReceiver<Msg>,
+    appended: u64,
     compact_after: u64,
-) {
-    let mut out = std::io::BufWriter::new(file);
-    let mut appended: u64 = 0;
-    while let Some(first) = rx.blocking_recv() {
-        let mut waiters = Vec::new();
-        let mut next = Some(first);
-        while let Some(m) = next {
-            match m {
-                Msg::Rec(rec) => {
-                    let mut line = serde_json::to_vec(&rec).unwrap_or_default();
-                    line.push(b'\n');
-                    if let Err(e) = out.write_all(&line) {
-                        tracing::error!(path = %path.display(), error = %e, "journal write failed");
+    /// A failed write may have left part of a line: close it before the next record.
+    torn: bool,
+    healthy: watch::Sender<bool>,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut waiters = Vec::new();
+            let mut failed: Option<String> = None;
+            let mut next = Some(first);
+            while let Some(m) = next {
+                match m {
+                    Msg::Rec(rec) => {
+                        if let Err(e) = self.append(&rec) {
+                            failed.get_or_insert(e.to_string());
+                        }
                     }
-                    appended += line.len() as u64;
+                    Msg::Sync(w) => waiters.push(w),
                 }
-                Msg::Sync(w) => waiters.push(w),
+                next = rx.try_recv().ok();
             }
-            next = rx.try_recv().ok();
-        }
-        let flushed = out.flush().and_then(|_| {
-            if waiters.is_empty() {
-                Ok(())
-            } else {
-                out.get_ref().sync_data()
+            if let Err(e) = self.replace_if_gone() {
+                failed.get_or_insert(e.to_string());
             }
-        });
-        if let Err(e) = flushed {
-            tracing::error!(path = %path.display(), error = %e, "journal flush failed");
-        }
-        if appended >= compact_after {
-            // Only this thread appends, so what it reads back is everything written so far.
-            let synced = out.flush().and_then(|_| out.get_ref().sync_data());
-            match synced
-                .map_err(|e| JournalError::Io {
-                    path: path.clone(),
-                    source: e,
-                })
-                .and_then(|_| compact(&path))
-            {
-                Ok((file, live)) => {
-                    tracing::debug!(live = live.len(), appended, "journal compacted");
-                    out = std::io::BufWriter::new(file);
-                    appended = 0;
+            let flushed = self.out.flush().and_then(|_| {
+                if waiters.is_empty() {
+                    Ok(())
+                } else {
+                    self.out.get_ref().sync_data()
                 }
-                Err(e) => {
+            });
+            if let Err(e) = flushed {
+                self.torn = true;
+                failed.get_or_insert(e.to_string());
+            }
+            if failed.is_none() && self.appended >= self.compact_after {
+                if let Err(e) = self.compact() {
                     tracing::error!(error = %e, "journal compaction failed; appending to the old file");
-                    appended = 0;
                 }
+                self.appended = 0;
+            }
+            self.set_health(failed.as_deref(), !waiters.is_empty());
+            for w in waiters {
+                let _ = w.send(match &failed {
+                    None => Ok(()),
+                    Some(e) => Err(NotDurable(e.clone())),
+                });
             }
         }
-        for w in waiters {
-            let _ = w.send(());
+    }
+
+    fn append(&mut self, rec: &Rec) -> std::io::Result<()> {
+        let mut line = Vec::with_capacity(256);
+        if self.torn {
+            // Whatever a failed write left is closed off as a line of its own (skipped on load).
+            line.push(b'\n');
         }
+        serde_json::to_writer(&mut line, rec).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        self.out
+            .write_all(&line)
+            .inspect_err(|_| self.torn = true)?;
+        self.torn = false;
+        self.appended += line.len() as u64;
+        Ok(())
+    }
+
+    /// Healthy again only after a batch whose records were synced without an error.
+    fn set_health(&self, failed: Option<&str>, synced: bool) {
+        let was = *self.healthy.borrow();
+        match failed {
+            Some(e) if was => {
+                tracing::error!(path = %self.path.display(), error = %e, "journal write failed; records are not durable");
+                metrics::gauge!("guestd_journal_up").set(0.0);
+                self.healthy.send_replace(false);
+            }
+            None if !was && synced => {
+                tracing::warn!(path = %self.path.display(), "journal writes work again");
+                metrics::gauge!("guestd_journal_up").set(1.0);
+                self.healthy.send_replace(true);
+            }
+            _ => {}
+        }
+    }
+
+    /// The file at the path is no longer ours (removed, or replaced by another): write ours back.
+    fn replace_if_gone(&mut self) -> Result<(), JournalError> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let ours = self.out.get_ref().metadata().map(|m| (m.dev(), m.ino()));
+            let there = std::fs::metadata(&self.path).map(|m| (m.dev(), m.ino()));
+            if let (Ok(ours), Ok(there)) = (&ours, &there) {
+                if ours == there {
+                    return Ok(());
+                }
+            }
+            tracing::warn!(path = %self.path.display(), "the journal file was removed or replaced; rewriting it from guestd's own copy");
+            metrics::counter!("guestd_journal_rewrites_total").increment(1);
+            self.compact()
+        }
+        #[cfg(not(unix))]
+        Ok(())
+    }
+
+    /// Rewrite the journal with its live sessions only, read from the open file (never the path,
+    /// which may have been removed or replaced), and continue appending to the new file.
+    fn compact(&mut self) -> Result<(), JournalError> {
+        let io = |source| JournalError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        self.out.flush().map_err(io)?;
+        let mut reader = self.out.get_ref().try_clone().map_err(io)?;
+        reader.seek(std::io::SeekFrom::Start(0)).map_err(io)?;
+        let mut bytes = Vec::new();
+        reader.read_to_end(&mut bytes).map_err(io)?;
+        let live = load_from(&bytes[..]).map_err(io)?;
+        let file = rewrite(&self.path, &live)?;
+        tracing::debug!(
+            live = live.len(),
+            appended = self.appended,
+            "journal compacted"
+        );
+        self.out = std::io::BufWriter::new(file);
+        self.torn = false;
+        Ok(())
     }
 }
 
 impl Journal for FileJournal {
-    fn session_started(&self, rec: SessionRecord) {
+    fn session_started(&self, rec: SessionRecord) -> Durable {
         self.send(Msg::Rec(Rec::Session(rec)));
+        self.durable()
     }
     fn progress(&self, session: &str, last_message_id: &str) {
         self.send(Msg::Rec(Rec::Progress {
@@ -391,30 +543,29 @@ impl Journal for FileJournal {
             at_ms: now_ms(),
         }));
     }
-    fn ending(&self, session: &str, ending: EndingRecord) -> BoxFuture<'static, ()> {
+    fn ending(&self, session: &str, ending: EndingRecord) -> Durable {
         self.send(Msg::Rec(Rec::Ending {
             session: session.to_string(),
             ending,
         }));
-        self.sync()
+        self.durable()
     }
-    fn leaving(&self, session: &str) -> BoxFuture<'static, ()> {
+    fn leaving(&self, session: &str) -> Durable {
         self.send(Msg::Rec(Rec::Leaving {
             session: session.to_string(),
         }));
-        self.sync()
+        self.durable()
     }
     fn ended(&self, session: &str) {
         self.send(Msg::Rec(Rec::Ended {
             session: session.to_string(),
         }));
     }
-    fn sync(&self) -> BoxFuture<'static, ()> {
-        let (tx, rx) = oneshot::channel();
-        self.send(Msg::Sync(tx));
-        Box::pin(async move {
-            let _ = rx.await;
-        })
+    fn sync(&self) -> Durable {
+        self.durable()
+    }
+    fn healthy(&self) -> bool {
+        *self.healthy.borrow()
     }
 }
 
@@ -444,9 +595,9 @@ mod tests {
         {
             let (j, rec0) = FileJournal::open(&path, 1 << 20).unwrap();
             assert!(rec0.is_empty());
-            j.session_started(rec("a"));
-            j.session_started(rec("b"));
-            j.session_started(rec("c"));
+            j.session_started(rec("a")).await.unwrap();
+            j.session_started(rec("b")).await.unwrap();
+            j.session_started(rec("c")).await.unwrap();
             j.progress("a", "m1");
             j.progress("a", "m2");
             let ending = EndingRecord {
@@ -456,7 +607,7 @@ mod tests {
                 event_id: "b:ended".into(),
                 ts: "t".into(),
             };
-            j.ending("b", ending).await;
+            j.ending("b", ending).await.unwrap();
             j.ending(
                 "c",
                 EndingRecord {
@@ -467,9 +618,10 @@ mod tests {
                     ts: "t".into(),
                 },
             )
-            .await;
+            .await
+            .unwrap();
             j.ended("c");
-            j.sync().await;
+            j.sync().await.unwrap();
         }
         // A torn write at the end is skipped.
         std::fs::OpenOptions::new()
@@ -495,6 +647,85 @@ mod tests {
         std::fs::remove_dir_all(&dir).ok();
     }
 
+    /// A full disk (`/dev/full` answers every write with ENOSPC): the records waiting on the
+    /// sync fail with a clear error, and the journal reports itself unhealthy.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_full_disk_fails_the_records_and_says_so() {
+        let path = PathBuf::from("/dev/full");
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (healthy_tx, healthy) = watch::channel(true);
+        std::thread::spawn(move || {
+            Writer {
+                out: std::io::BufWriter::new(file),
+                path,
+                appended: 0,
+                compact_after: u64::MAX,
+                torn: false,
+                healthy: healthy_tx,
+            }
+            .run(rx)
+        });
+        let j = FileJournal { tx, healthy };
+        let e = j.session_started(rec("a")).await.unwrap_err();
+        assert!(e.to_string().contains("No space left"), "{e}");
+        assert!(!j.healthy());
+        assert!(j.leaving("a").await.is_err());
+    }
+
+    /// The file is deleted while guestd runs: the next batch writes it back from guestd's own
+    /// open file, with every live session (it used to be wiped at the next compaction).
+    #[tokio::test]
+    async fn a_removed_journal_is_written_back() {
+        let dir = std::env::temp_dir().join(format!("guestd-journal-r-{}", uuid::Uuid::new_v4()));
+        let path = dir.join("journal.jsonl");
+        let (j, _) = FileJournal::open(&path, 1 << 20).unwrap();
+        j.session_started(rec("a")).await.unwrap();
+        j.session_started(rec("b")).await.unwrap();
+        j.progress("a", "m7");
+        j.sync().await.unwrap();
+        std::fs::remove_file(&path).unwrap();
+        j.session_started(rec("c")).await.unwrap();
+        let got = load(&path).unwrap();
+        let ids: Vec<_> = got.iter().map(|r| r.record.session.as_str()).collect();
+        assert_eq!(ids, vec!["a", "b", "c"]);
+        assert_eq!(got[0].last_message_id.as_deref(), Some("m7"));
+        // Replaced by another file (renamed over it): the same.
+        let other = dir.join("other.jsonl");
+        std::fs::write(&other, b"{}\n").unwrap();
+        std::fs::rename(&other, &path).unwrap();
+        j.ended("b");
+        j.sync().await.unwrap();
+        let ids: Vec<_> = load(&path)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.record.session)
+            .collect();
+        assert_eq!(ids, vec!["a", "c"]);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "the directory holds jwts");
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// A line that is not UTF-8 is skipped like any other garbage; startup goes on.
+    #[test]
+    fn a_line_that_is_not_utf8_is_skipped() {
+        let mut bytes = serde_json::to_vec(&Rec::Session(rec("a"))).unwrap();
+        bytes.extend_from_slice(b"\n{\"op\":\"progress\",\"session\":\"Ren\xe9e\"}\n");
+        bytes.extend_from_slice(&serde_json::to_vec(&Rec::Session(rec("b"))).unwrap());
+        bytes.push(b'\n');
+        let got = load_from(&bytes[..]).unwrap();
+        assert_eq!(got.len(), 2);
+    }
+
     /// A leave accepted before a crash survives the restart and its compaction.
     #[tokio::test]
     async fn a_leave_request_survives_restarts() {
@@ -502,9 +733,9 @@ mod tests {
         let path = dir.join("journal.jsonl");
         {
             let (j, _) = FileJournal::open(&path, 1 << 20).unwrap();
-            j.session_started(rec("a"));
-            j.session_started(rec("b"));
-            j.leaving("a").await;
+            j.session_started(rec("a")).await.unwrap();
+            j.session_started(rec("b")).await.unwrap();
+            j.leaving("a").await.unwrap();
         }
         for _ in 0..2 {
             // Each open compacts: the record must be carried over, not only read.
@@ -539,11 +770,13 @@ mod compaction_tests {
             },
             started_ms: 1,
             mode: "start".into(),
-        });
+        })
+        .await
+        .unwrap();
         for i in 0..2000 {
             j.progress("a", &format!("message-{i:05}"));
         }
-        j.sync().await;
+        j.sync().await.unwrap();
         // 2000 progress lines are ~200 KB; compaction keeps the file near the threshold.
         let size = std::fs::metadata(&path).unwrap().len();
         assert!(size < 8192, "{size}");

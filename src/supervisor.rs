@@ -44,6 +44,9 @@ pub enum SupervisorError {
     /// guestd is shutting down.
     #[error("guestd is shutting down")]
     ShuttingDown,
+    /// The session's record could not be made durable (a full or failing disk).
+    #[error("the session journal refused the record: {0}")]
+    Journal(String),
 }
 
 impl SupervisorError {
@@ -60,6 +63,7 @@ impl SupervisorError {
             SupervisorError::Busy(_) => "busy",
             SupervisorError::Invalid(_) => "invalid",
             SupervisorError::ShuttingDown => "shutting_down",
+            SupervisorError::Journal(_) => "journal",
         }
     }
 }
@@ -179,6 +183,11 @@ impl Supervisor {
         *self.live.borrow()
     }
 
+    /// Whether the journal's last sync worked.
+    pub fn journal_ok(&self) -> bool {
+        self.ctx.journal.healthy()
+    }
+
     /// Whether new sessions are accepted.
     pub fn accepting(&self) -> bool {
         *self.accepting.borrow()
@@ -256,12 +265,29 @@ impl Supervisor {
     ) -> Result<SessionView, SupervisorError> {
         let id = new_session_id();
         let now = Instant::now();
-        self.ctx.journal.session_started(SessionRecord {
-            session: id.clone(),
-            chat: chat.clone(),
-            started_ms: chrono::Utc::now().timestamp_millis(),
-            mode: mode.to_string(),
-        });
+        let recorded = self
+            .ctx
+            .journal
+            .session_started(SessionRecord {
+                session: id.clone(),
+                chat: chat.clone(),
+                started_ms: chrono::Utc::now().timestamp_millis(),
+                mode: mode.to_string(),
+            })
+            .await;
+        if let Err(e) = recorded {
+            // Unsupervised after a restart is not a chat guestd may take on. A chat it created
+            // itself is left, so nothing is orphaned on the platform.
+            if mode == "start" {
+                let leave = self.ctx.api.leave(&chat);
+                tokio::spawn(async move {
+                    if let Err(e) = leave.await {
+                        tracing::warn!(error = %e, "could not leave a chat whose record failed");
+                    }
+                });
+            }
+            return Err(SupervisorError::Journal(e.0));
+        }
         let machine = Machine::new(self.ctx.timing.clone(), &chat.member_id, now);
         self.spawn_session(id, chat, machine, slot, mode).await
     }
@@ -360,6 +386,7 @@ impl Supervisor {
             CommandError::Ended(_) => SupervisorError::Ended(e.to_string()),
             CommandError::Busy(_) => SupervisorError::Busy(e.to_string()),
             CommandError::Api(a) => SupervisorError::Api(a),
+            CommandError::Journal(j) => SupervisorError::Journal(j),
         }
     }
 
@@ -433,6 +460,14 @@ async fn registry(
     let mut reserved_convs: HashSet<Arc<str>> = HashSet::new();
     loop {
         tokio::select! {
+            // Releases first: a slot given back before a new request is free for it.
+            biased;
+            Some(conv) = release_rx.recv() => {
+                reserved = reserved.saturating_sub(1);
+                if let Some(c) = conv {
+                    reserved_convs.remove(&c);
+                }
+            }
             cmd = rx.recv() => {
                 let Some(cmd) = cmd else { break };
                 match cmd {
@@ -481,12 +516,6 @@ async fn registry(
                     Cmd::List(reply) => {
                         let _ = reply.send(by_id.values().cloned().collect());
                     }
-                }
-            }
-            Some(conv) = release_rx.recv() => {
-                reserved = reserved.saturating_sub(1);
-                if let Some(c) = conv {
-                    reserved_convs.remove(&c);
                 }
             }
             Some(id) = done_rx.recv() => {
@@ -557,6 +586,60 @@ mod tests {
             sup.attach(chat("c2")).await,
             Err(SupervisorError::Full(1))
         ));
+        cancel.cancel();
+    }
+
+    /// A journal whose disk is full.
+    struct FullDisk;
+
+    impl crate::journal::Journal for FullDisk {
+        fn session_started(&self, _: SessionRecord) -> crate::journal::Durable {
+            Box::pin(async { Err(crate::journal::NotDurable("No space left on device".into())) })
+        }
+        fn progress(&self, _: &str, _: &str) {}
+        fn ending(&self, _: &str, _: crate::journal::EndingRecord) -> crate::journal::Durable {
+            Box::pin(async { Err(crate::journal::NotDurable("full".into())) })
+        }
+        fn leaving(&self, _: &str) -> crate::journal::Durable {
+            Box::pin(async { Err(crate::journal::NotDurable("full".into())) })
+        }
+        fn ended(&self, _: &str) {}
+        fn sync(&self) -> crate::journal::Durable {
+            Box::pin(async { Err(crate::journal::NotDurable("full".into())) })
+        }
+        fn healthy(&self) -> bool {
+            false
+        }
+    }
+
+    /// A session whose record cannot be made durable is not started: the command fails with the
+    /// journal's reason and holds no slot.
+    #[tokio::test]
+    async fn a_record_that_cannot_be_made_durable_fails_the_command() {
+        let (emitter, _writer) =
+            crate::events::spawn_writer(crate::events::WriterSink(tokio::io::sink()), 64);
+        let (done, done_rx) = mpsc::unbounded_channel();
+        let cancel = CancellationToken::new();
+        let ctx = SessionCtx {
+            api: Arc::new(Stalled),
+            connector: Connector::new(Default::default(), 4),
+            emitter,
+            journal: Arc::new(FullDisk),
+            timing: Arc::new(Timing::default()),
+            done,
+            cancel: cancel.clone(),
+            leave_on_shutdown: false,
+        };
+        let sup = Supervisor::spawn(ctx, done_rx, 1);
+        for conv in ["c1", "c2"] {
+            let e = sup.attach(chat(conv)).await.unwrap_err();
+            assert!(
+                matches!(e, SupervisorError::Journal(ref m) if m.contains("No space")),
+                "{e}"
+            );
+        }
+        assert!(sup.list().await.is_empty());
+        assert!(!sup.journal_ok());
         cancel.cancel();
     }
 

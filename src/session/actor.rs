@@ -75,6 +75,9 @@ pub enum CommandError {
     /// The platform refused or failed the call.
     #[error(transparent)]
     Api(#[from] ApiError),
+    /// What the command needs recorded could not be made durable.
+    #[error("the session journal refused the record: {0}")]
+    Journal(String),
 }
 
 /// The reply channel of a command that acts on the chat.
@@ -488,9 +491,16 @@ impl Actor {
                 let durable = self.ctx.journal.leaving(&self.id);
                 self.rest_push(
                     async move {
-                        durable.await;
-                        let _ = reply.send(Ok(Done::Leaving { leaving: true }));
-                        Some(Input::LeaveRequested)
+                        match durable.await {
+                            Ok(()) => {
+                                let _ = reply.send(Ok(Done::Leaving { leaving: true }));
+                                Some(Input::LeaveRequested)
+                            }
+                            Err(e) => {
+                                let _ = reply.send(Err(CommandError::Journal(e.0)));
+                                None
+                            }
+                        }
                     }
                     .boxed(),
                 );
@@ -625,7 +635,11 @@ impl Actor {
                 event_id,
                 ts: ev.ts.clone(),
             };
-            self.ctx.journal.ending(&self.id, rec).await;
+            if let Err(e) = self.ctx.journal.ending(&self.id, rec).await {
+                // Written anyway: the user learns of the end now. After a restart the chat may
+                // be picked up and its end reported again, with the same event_id.
+                tracing::error!(error = %e, "the end could not be made durable; writing it anyway");
+            }
             if self.ctx.emitter.emit_flushed(ev).await {
                 self.ctx.journal.ended(&self.id);
             }
