@@ -222,6 +222,34 @@ pub struct ControlSection {
     pub http_listen: String,
     /// Allow `http_listen` on a non-loopback address.
     pub allow_non_loopback: bool,
+    /// More `Host` values the API answers to (`name:port`), e.g. a proxy's; the listener's own
+    /// address, `localhost` and `[::1]` with its port are always allowed.
+    pub allowed_hosts: Vec<String>,
+    /// Web origins allowed to call the API (`https://console.example.com`); none by default:
+    /// a request carrying another `Origin` is refused.
+    pub allowed_origins: Vec<String>,
+    /// A file holding the API's bearer token (first line). Unset: no token.
+    pub token_file: Option<PathBuf>,
+    /// The token itself, for `GUESTD_CONTROL__TOKEN`; never logged. `token_file` wins.
+    pub token: Option<crate::secret::Secret>,
+}
+
+impl ControlSection {
+    /// The API's bearer token, if one is configured.
+    pub fn bearer_token(&self) -> Result<Option<crate::secret::Secret>, String> {
+        match &self.token_file {
+            Some(p) => {
+                let text =
+                    std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+                let token = text.lines().next().unwrap_or_default().trim().to_string();
+                if token.is_empty() {
+                    return Err(format!("{} holds no token", p.display()));
+                }
+                Ok(Some(crate::secret::Secret::new(token)))
+            }
+            None => Ok(self.token.clone().filter(|t| !t.expose().trim().is_empty())),
+        }
+    }
 }
 
 impl Default for ControlSection {
@@ -230,6 +258,10 @@ impl Default for ControlSection {
             stdin: true,
             http_listen: "127.0.0.1:8787".into(),
             allow_non_loopback: false,
+            allowed_hosts: Vec::new(),
+            allowed_origins: Vec::new(),
+            token_file: None,
+            token: None,
         }
     }
 }
@@ -418,6 +450,9 @@ impl Config {
                     "control.http_listen",
                     "must be a loopback address unless allow_non_loopback = true",
                 );
+            }
+            if let Err(e) = self.control.bearer_token() {
+                return bad("control.token_file", &e);
             }
         }
         Ok(())

@@ -554,8 +554,57 @@ fn parse_body<T: serde::de::DeserializeOwned>(name: &str, body: &Bytes) -> Resul
     })
 }
 
-/// The HTTP API and ops endpoints.
-pub fn router(st: HttpState) -> Router {
+/// HTTP connections open at once; beyond this, new ones are closed at once (counted in
+/// `guestd_http_refused_total{code="too_many_connections"}`), so idle clients cannot exhaust
+/// the open-file limit that sessions need.
+pub const MAX_HTTP_CONNECTIONS: usize = 512;
+/// A client must send a request's headers within this (an idle or slow-loris connection is
+/// closed).
+pub const HTTP_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// The longest one connection may live, whatever it does.
+pub const HTTP_CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Serve `app` on `listener` until `stop`: HTTP/1 with a header timeout, a lifetime and a cap
+/// on connections (axum::serve has none of the three).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_HTTP_CONNECTIONS));
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = stop.cancelled() => break,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors, typically: back off instead of spinning.
+                    tracing::warn!(error = %e, "HTTP accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics::counter!("guestd_http_refused_total", "code" => "too_many_connections")
+                .increment(1);
+            drop(tcp);
+            continue;
+        };
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HTTP_HEADER_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
+            let _ = tokio::time::timeout(HTTP_CONNECTION_LIFETIME, conn).await;
+            drop(slot);
+        });
+    }
+}
+
+/// The HTTP API and ops endpoints, behind the access checks of [`crate::access`].
+pub fn router(st: HttpState, access: crate::access::Access) -> Router {
     Router::new()
         .route("/v1/sessions", post(http_start).get(http_list))
         .route("/v1/sessions/attach", post(http_attach))
@@ -567,6 +616,10 @@ pub fn router(st: HttpState) -> Router {
         .route("/metrics", get(|| async { crate::metrics::render() }))
         .fallback(|| async { HttpError::new(StatusCode::NOT_FOUND, "no such path", "not_found") })
         .with_state(st)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(access),
+            crate::access::guard,
+        ))
 }
 
 async fn readyz(State(st): State<HttpState>) -> Response {

@@ -132,20 +132,29 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
             })?;
         let local = listener
             .local_addr()
-            .map_err(|source| DaemonError::Listen { addr, source })?;
-        let app = control::router(HttpState {
-            sup: sup.clone(),
-            ready: ready_rx,
-        });
-        let stop = control_cancel.clone();
-        tokio::spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "HTTP API stopped");
-            }
-        });
+            .map_err(|source| DaemonError::Listen {
+                addr: addr.clone(),
+                source,
+            })?;
+        let access = crate::access::Access::new(
+            local,
+            &cfg.control.allowed_hosts,
+            &cfg.control.allowed_origins,
+            cfg.control
+                .bearer_token()
+                .map_err(|e| DaemonError::Listen {
+                    addr: addr.clone(),
+                    source: std::io::Error::other(e),
+                })?,
+        );
+        let app = control::router(
+            HttpState {
+                sup: sup.clone(),
+                ready: ready_rx,
+            },
+            access,
+        );
+        tokio::spawn(control::serve(listener, app, control_cancel.clone()));
         tracing::info!(addr = %local, "HTTP API listening");
         Some(local)
     };

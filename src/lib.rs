@@ -7,6 +7,8 @@
 //! handles (`control` -> `supervisor` -> `session`). No arrow points back up: `stream` and
 //! `backend` know nothing of sessions, sessions nothing of Genesys.
 
+/// Who may drive the HTTP API: Host, Origin, Content-Type and an optional bearer token.
+pub mod access;
 /// The backend-neutral interface a session talks to (REST calls and stream decoding).
 pub mod backend;
 /// Retry and reconnect delays (the `backoff` crate behind one small module).

@@ -315,6 +315,87 @@ async fn an_ended_nobody_read_is_written_by_the_next_start() {
     finish_ok(d2).await;
 }
 
+/// The HTTP API refuses what a web page could send it: a foreign `Host` (DNS rebinding), any
+/// `Origin`, a body that is not JSON; with a token, a request without it. Probes stay open.
+#[tokio::test]
+async fn the_http_api_refuses_web_pages_and_strangers() {
+    let emu = emulator(emu_cfg()).await;
+    let port = free_port();
+    let token_file = temp_journal().with_file_name("token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let mut env = fast_env(&emu);
+    env.retain(|(k, _)| k != "GUESTD_CONTROL__HTTP_LISTEN");
+    env.push((
+        "GUESTD_CONTROL__HTTP_LISTEN".into(),
+        format!("127.0.0.1:{port}"),
+    ));
+    env.push((
+        "GUESTD_CONTROL__TOKEN_FILE".into(),
+        token_file.display().to_string(),
+    ));
+    let mut d = Daemon::spawn(env, &[]);
+    let (s, _) = d.start("r1").await;
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let start = json!({"queue": "Support", "display_name": "Ann"});
+    let auth = "Bearer s3cret-token";
+    // A cross-site text/plain POST (no preflight needed): refused, no chat created.
+    let created_before = emu.conversation_ids().len();
+    let r = http
+        .post(format!("{base}/v1/sessions"))
+        .header("authorization", auth)
+        .header("content-type", "text/plain")
+        .body(start.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 415);
+    let r = http
+        .post(format!("{base}/v1/sessions/{s}/messages"))
+        .header("authorization", auth)
+        .header("origin", "https://evil.example")
+        .json(&json!({"body": "sent by a web page"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // DNS rebinding: the page's own host name for 127.0.0.1.
+    let r = http
+        .get(format!("{base}/v1/sessions"))
+        .header("authorization", auth)
+        .header("host", format!("rebind.evil.example:{port}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // No token, a wrong token.
+    assert_eq!(status(http.get(format!("{base}/v1/sessions"))).await, 401);
+    assert_eq!(
+        status(
+            http.get(format!("{base}/metrics"))
+                .header("authorization", "Bearer nope")
+        )
+        .await,
+        401
+    );
+    assert_eq!(emu.conversation_ids().len(), created_before);
+    // Probes are open; the right token works.
+    assert_eq!(status(http.get(format!("{base}/readyz"))).await, 200);
+    let r = http
+        .post(format!("{base}/v1/sessions"))
+        .header("authorization", auth)
+        .json(&start)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert!(
+        !d.stderr().contains("s3cret-token"),
+        "the token is never logged"
+    );
+    finish_ok(d).await;
+}
+
 async fn finish_ok(mut d: Daemon) -> Daemon {
     signal(d.pid(), "TERM");
     d.drain().await;
@@ -485,6 +566,7 @@ async fn http_api_ops_endpoints_and_metrics_match_what_happened() {
     // Bad requests are clear and harmless.
     let r = http
         .post(format!("{base}/v1/sessions"))
+        .header("content-type", "application/json")
         .body("{oops")
         .send()
         .await
