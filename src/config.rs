@@ -156,7 +156,8 @@ pub struct StreamSection {
     pub read_buffer: usize,
     /// Write buffer target per socket, bytes (0 writes every frame through).
     pub write_buffer: usize,
-    /// Largest message accepted from the server, bytes.
+    /// Largest message accepted from the server, bytes; also the most a socket's read buffer
+    /// can grow to (tungstenite never shrinks it).
     pub max_message: usize,
     /// Websocket handshake timeout.
     #[serde(with = "humantime_serde")]
@@ -172,7 +173,10 @@ impl Default for StreamSection {
         StreamSection {
             read_buffer: 1024,
             write_buffer: 0,
-            max_message: 256 * 1024,
+            // The platform's largest frame is a 4,000-character message, about 17 KiB even
+            // JSON-escaped; tungstenite keeps a socket's read buffer at the largest frame it
+            // read, so this bound is also the most an idle session can be made to hold.
+            max_message: 64 * 1024,
             connect_timeout: Duration::from_secs(10),
             max_concurrent_connects: 256,
             send_jwt: true,

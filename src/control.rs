@@ -334,6 +334,45 @@ fn reply_event(
     Event::new(&session, conv.as_deref(), kind).with_request(request_id)
 }
 
+/// Split `input` into [`Line`]s as stdin would, fed to the decoder `chunk` bytes at a time
+/// (for tests and the fuzz target).
+pub fn split_lines(input: &[u8], max: usize, chunk: usize) -> Vec<Line> {
+    let mut codec = CommandLines::new(max);
+    let mut buf = BytesMut::new();
+    let mut out = Vec::new();
+    for part in input.chunks(chunk.max(1)) {
+        buf.extend_from_slice(part);
+        while let Ok(Some(l)) = codec.decode(&mut buf) {
+            out.push(l);
+        }
+    }
+    while let Ok(Some(l)) = codec.decode_eof(&mut buf) {
+        out.push(l);
+    }
+    out
+}
+
+/// The command an HTTP API body makes: `start` and `attach` take the whole body, `send` a
+/// `{"body": ...}` for `session`. The HTTP handlers and the fuzz target share it.
+pub fn command_from_body(name: &str, session: &str, body: &[u8]) -> Result<Command, String> {
+    fn parse<T: serde::de::DeserializeOwned>(name: &str, body: &[u8]) -> Result<T, String> {
+        let body: &[u8] = if body.is_empty() { b"{}" } else { body };
+        serde_json::from_slice(body).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => format!("{name}: {e}"),
+            _ => format!("not JSON: {e}"),
+        })
+    }
+    Ok(match name {
+        "start" => Command::Start(parse(name, body)?),
+        "attach" => Command::Attach(parse::<AttachArgs>(name, body)?.into()),
+        "send" => Command::Send {
+            session: session.to_string(),
+            body: parse::<SendBody>(name, body)?.body,
+        },
+        other => return Err(format!("{other} takes no body")),
+    })
+}
+
 /// The session a command acts on, when it names one: commands with the same key are applied in
 /// the order they were read.
 fn order_key(cmd: &Command) -> Option<String> {
@@ -542,16 +581,10 @@ async fn run_http(st: &HttpState, cmd: Command) -> Result<Response, HttpError> {
     Ok((status, Json(reply)).into_response())
 }
 
-/// A request body as `T` (an empty body is `{}`); errors name the command.
-fn parse_body<T: serde::de::DeserializeOwned>(name: &str, body: &Bytes) -> Result<T, HttpError> {
-    let body: &[u8] = if body.is_empty() { b"{}" } else { body };
-    serde_json::from_slice(body).map_err(|e| {
-        let message = match e.classify() {
-            serde_json::error::Category::Data => format!("{name}: {e}"),
-            _ => format!("not JSON: {e}"),
-        };
-        HttpError::new(StatusCode::BAD_REQUEST, message, "invalid")
-    })
+/// The command an HTTP body makes, or a 400 naming the problem.
+fn body_command(name: &str, session: &str, body: &Bytes) -> Result<Command, HttpError> {
+    command_from_body(name, session, body)
+        .map_err(|e| HttpError::new(StatusCode::BAD_REQUEST, e, "invalid"))
 }
 
 /// HTTP connections open at once; beyond this, new ones are closed at once (counted in
@@ -643,12 +676,11 @@ async fn readyz(State(st): State<HttpState>) -> Response {
 }
 
 async fn http_start(State(st): State<HttpState>, body: Bytes) -> Result<Response, HttpError> {
-    run_http(&st, Command::Start(parse_body("start", &body)?)).await
+    run_http(&st, body_command("start", "", &body)?).await
 }
 
 async fn http_attach(State(st): State<HttpState>, body: Bytes) -> Result<Response, HttpError> {
-    let a: AttachArgs = parse_body("attach", &body)?;
-    run_http(&st, Command::Attach(a.into())).await
+    run_http(&st, body_command("attach", "", &body)?).await
 }
 
 async fn http_list(State(st): State<HttpState>) -> Result<Response, HttpError> {
@@ -688,8 +720,7 @@ async fn http_send(
     Path(session): Path<String>,
     body: Bytes,
 ) -> Result<Response, HttpError> {
-    let SendBody { body } = parse_body("send", &body)?;
-    run_http(&st, Command::Send { session, body }).await
+    run_http(&st, body_command("send", &session, &body)?).await
 }
 
 #[cfg(test)]
@@ -753,28 +784,13 @@ mod tests {
         }
     }
 
-    fn split(input: &[u8], max: usize, chunk: usize) -> Vec<Line> {
-        let mut codec = CommandLines::new(max);
-        let mut buf = BytesMut::new();
-        let mut out = Vec::new();
-        for part in input.chunks(chunk.max(1)) {
-            buf.extend_from_slice(part);
-            while let Some(l) = codec.decode(&mut buf).unwrap() {
-                out.push(l);
-            }
-        }
-        while let Some(l) = codec.decode_eof(&mut buf).unwrap() {
-            out.push(l);
-        }
-        out
-    }
 
     #[test]
     fn bad_lines_are_items_not_the_end_of_stdin() {
         let input = b"{\"cmd\":\"list\"}\r\nRen\xe9e\n0123456789ABCDEF\nok\ntail";
         for chunk in [1, 3, 7, 100] {
             assert_eq!(
-                split(input, 10, chunk),
+                split_lines(input, 10, chunk),
                 vec![
                     Line::TooLong,
                     Line::NotUtf8,
@@ -787,12 +803,12 @@ mod tests {
         }
         let input = b"{\"cmd\":\"list\"}\r\nRen\xe9e\n";
         assert_eq!(
-            split(input, 64, 5),
+            split_lines(input, 64, 5),
             vec![Line::Text("{\"cmd\":\"list\"}".into()), Line::NotUtf8]
         );
         // A line too long at EOF, with no newline, is reported too.
-        assert_eq!(split(&[b'x'; 50], 10, 4), vec![Line::TooLong]);
-        assert_eq!(split(b"", 10, 4), vec![]);
+        assert_eq!(split_lines(&[b'x'; 50], 10, 4), vec![Line::TooLong]);
+        assert_eq!(split_lines(b"", 10, 4), vec![]);
     }
 
     #[test]

@@ -87,6 +87,9 @@ pub enum EventKind {
         delay_ms: u64,
         /// What remains of the grace window.
         grace_left_ms: u64,
+        /// What the attempt follows: the loss (`heartbeat timeout`, `closed by server ...`),
+        /// or the previous attempt's failure (`connect failed: ...`).
+        cause: String,
     },
     /// The stream is open again and missed messages were fetched.
     Reconnected {

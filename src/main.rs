@@ -168,6 +168,14 @@ async fn main() -> anyhow::Result<()> {
                 }
                 None => EmulatorConfig::default(),
             };
+            for addr in listen.iter().filter(|a| !a.ip().is_loopback()) {
+                // Anyone who can reach it can end chats and inject faults: say so.
+                tracing::warn!(
+                    %addr,
+                    "the emulator listens off loopback; its admin API (/emulator/...) has no \
+                     authentication: anyone who can reach this address can end chats and inject faults"
+                );
+            }
             let emu = Emulator::start_multi(cfg, &listen)
                 .await
                 .with_context(|| format!("listening on {listen:?}"))?;

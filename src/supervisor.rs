@@ -68,11 +68,22 @@ impl SupervisorError {
     }
 }
 
+/// Whether a reservation counts against `max_sessions`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Limit {
+    /// A new chat: refused when the limit is reached.
+    Enforced,
+    /// A chat from the journal: guestd already answers for it, so it is picked up even past the
+    /// limit (new chats are refused until the count is back under it).
+    Exceeded,
+}
+
 enum Cmd {
     /// Hold a slot, and the conversation when it is known (attach, resume): one atomic step, so
     /// two attaches of one conversation cannot both pass.
     Reserve(
         Option<Arc<str>>,
+        Limit,
         oneshot::Sender<Result<(), SupervisorError>>,
     ),
     /// The reservation travels with its session: the registry disarms it on receipt, so a
@@ -211,7 +222,7 @@ impl Supervisor {
                 "start needs queue and display_name".into(),
             ));
         }
-        let slot = self.reserve(None).await?;
+        let slot = self.reserve(None, Limit::Enforced).await?;
         let chat = self.ctx.api.create(spec).await?;
         self.launch(chat, slot, "start").await
     }
@@ -235,7 +246,7 @@ impl Supervisor {
             .check_url(&chat.event_stream_uri)
             .map_err(|e| SupervisorError::Invalid(format!("event_stream_uri {e}")))?;
         let slot = self
-            .reserve(Some(chat.conversation_id.as_str().into()))
+            .reserve(Some(chat.conversation_id.as_str().into()), Limit::Enforced)
             .await?;
         self.launch(chat, slot, "attach").await
     }
@@ -244,11 +255,12 @@ impl Supervisor {
     async fn reserve(
         &self,
         conversation: Option<Arc<str>>,
+        limit: Limit,
     ) -> Result<Reservation, SupervisorError> {
         if !self.accepting() {
             return Err(SupervisorError::ShuttingDown);
         }
-        self.ask(|tx| Cmd::Reserve(conversation.clone(), tx))
+        self.ask(|tx| Cmd::Reserve(conversation.clone(), limit, tx))
             .await??;
         Ok(Reservation {
             release: self.release.clone(),
@@ -348,7 +360,9 @@ impl Supervisor {
             }
             return Ok(());
         }
-        let slot = self.reserve(Some(conv.as_str().into())).await?;
+        let slot = self
+            .reserve(Some(conv.as_str().into()), Limit::Exceeded)
+            .await?;
         let now = Instant::now();
         let started = instant_at(r.record.started_ms, now);
         // The grace window counts from this restart: the crash time is not known precisely,
@@ -471,7 +485,7 @@ async fn registry(
             cmd = rx.recv() => {
                 let Some(cmd) = cmd else { break };
                 match cmd {
-                    Cmd::Reserve(conv, reply) => {
+                    Cmd::Reserve(conv, limit, reply) => {
                         let taken = conv.as_ref().and_then(|c| {
                             by_conv
                                 .get(c)
@@ -481,7 +495,7 @@ async fn registry(
                         });
                         if let Some((c, s)) = taken {
                             let _ = reply.send(Err(SupervisorError::AlreadyAttached(c, s)));
-                        } else if by_id.len() + reserved >= max {
+                        } else if by_id.len() + reserved >= max && limit == Limit::Enforced {
                             let _ = reply.send(Err(SupervisorError::Full(max)));
                         } else {
                             reserved += 1;
@@ -640,6 +654,34 @@ mod tests {
         }
         assert!(sup.list().await.is_empty());
         assert!(!sup.journal_ok());
+        cancel.cancel();
+    }
+
+    /// A journal holding more chats than `max_sessions`: every one is picked up (guestd already
+    /// answers for them); new chats are refused while over the limit.
+    #[tokio::test]
+    async fn journaled_chats_are_resumed_past_the_limit() {
+        let (sup, cancel) = supervisor(1);
+        for conv in ["j1", "j2", "j3"] {
+            let r = Recovered {
+                record: SessionRecord {
+                    session: format!("s-{conv}"),
+                    chat: chat(conv),
+                    started_ms: chrono::Utc::now().timestamp_millis(),
+                    mode: "start".into(),
+                },
+                last_message_id: None,
+                last_alive_ms: 0,
+                ending: None,
+                leaving: false,
+            };
+            sup.resume(r).await.unwrap();
+        }
+        assert_eq!(sup.list().await.len(), 3);
+        assert!(matches!(
+            sup.attach(chat("new")).await,
+            Err(SupervisorError::Full(1))
+        ));
         cancel.cancel();
     }
 

@@ -181,11 +181,16 @@ impl Phase {
     }
 }
 
+/// `stream_error` events a session emits per minute at most.
+const STREAM_ERRORS_PER_MINUTE: u8 = 5;
+
 /// The state of one session.
 #[derive(Debug)]
 pub struct Machine {
     /// Every duration and switch the rules use.
     timing: std::sync::Arc<Timing>,
+    /// `stream_error` events in the current minute, since when, and how many were left out.
+    errors: (Option<Instant>, u8, u32),
     backoff: Backoff,
     guest_id: String,
     started: Instant,
@@ -245,6 +250,7 @@ impl Machine {
         )];
         Machine {
             timing,
+            errors: (None, 0, 0),
             backoff,
             guest_id: guest_id.to_string(),
             started: now,
@@ -407,7 +413,7 @@ impl Machine {
             }
             Input::BadFrame(detail) => {
                 self.alive(now);
-                out.push(Action::Emit(EventKind::StreamError { detail }));
+                self.stream_error(detail, now, &mut out);
             }
             Input::Lost(why) => {
                 if matches!(self.link, Link::Up { .. }) {
@@ -545,6 +551,26 @@ impl Machine {
     fn decide(&mut self, now: Instant, out: &mut Vec<Action>) {
         let pre = self.snapshot(now);
         self.decide_with(pre, now, out);
+    }
+
+    /// Emit a `stream_error`, at most [`STREAM_ERRORS_PER_MINUTE`] a minute: a server that sends
+    /// garbage cannot flood the output. The next one after a pause says how many were left out.
+    fn stream_error(&mut self, detail: String, now: Instant, out: &mut Vec<Action>) {
+        let (since, count, dropped) = &mut self.errors;
+        if since.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(60)) {
+            *since = Some(now);
+            *count = 0;
+        }
+        if *count >= STREAM_ERRORS_PER_MINUTE {
+            *dropped += 1;
+            return;
+        }
+        *count += 1;
+        let detail = match std::mem::take(dropped) {
+            0 => detail,
+            n => format!("{detail} ({n} more left out in the last minute)"),
+        };
+        out.push(Action::Emit(EventKind::StreamError { detail }));
     }
 
     fn end(&mut self, reason: EndReason, detail: String, now: Instant, out: &mut Vec<Action>) {

@@ -90,9 +90,11 @@ impl Machine {
                     out,
                 );
             }
-            Err(Failure::Other(e)) => out.push(Action::Emit(EventKind::StreamError {
-                detail: format!("backfill failed, messages may be missing: {e}"),
-            })),
+            Err(Failure::Other(e)) => self.stream_error(
+                format!("backfill failed, messages may be missing: {e}"),
+                now,
+                out,
+            ),
         }
         out.push(Action::Emit(EventKind::Reconnected {
             downtime_ms: now.saturating_duration_since(lost_at).as_millis() as u64,

@@ -56,11 +56,19 @@ impl Machine {
         out.push(Action::Emit(EventKind::Disconnected {
             reason: why.to_string(),
         }));
-        self.schedule(immediate, now, out);
+        self.schedule(immediate, why, now, out);
         self.read_deferred_list(now, out);
     }
 
-    pub(super) fn schedule(&mut self, immediate: bool, now: Instant, out: &mut Vec<Action>) {
+    /// Schedule the next attempt; `cause` is what it follows (the loss, or the last attempt's
+    /// failure), carried on the `reconnecting` event.
+    pub(super) fn schedule(
+        &mut self,
+        immediate: bool,
+        cause: &str,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
         let grace = self.timing.reconnect_grace;
         let delay = if immediate {
             Duration::ZERO
@@ -82,6 +90,7 @@ impl Machine {
                 attempt: *attempt,
                 delay_ms: delay.as_millis() as u64,
                 grace_left_ms: left.as_millis() as u64,
+                cause: cause.to_string(),
             }));
         }
     }
@@ -133,7 +142,7 @@ impl Machine {
                 out,
             ),
             Failure::NotFound(_) => self.fetch(Fetch::Gone, out),
-            Failure::Other(_) => self.schedule(false, now, out),
+            Failure::Other(m) => self.schedule(false, &format!("connect failed: {m}"), now, out),
         }
     }
 

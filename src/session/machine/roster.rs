@@ -245,7 +245,12 @@ impl Machine {
                 out,
             ),
             // 404 on the stream but the guest is still in: try the stream again.
-            Fetch::Gone if matches!(self.link, Link::Down { .. }) => self.schedule(false, now, out),
+            Fetch::Gone if matches!(self.link, Link::Down { .. }) => self.schedule(
+                false,
+                "the stream answered 404 but the guest is still in the chat",
+                now,
+                out,
+            ),
             _ => {}
         }
     }
@@ -262,9 +267,7 @@ impl Machine {
         // answered 404): ask again rather than guess.
         let waiting = !held.is_empty() || self.guest_gone || why != Fetch::Refresh;
         if let Failure::Other(e) = &f {
-            out.push(Action::Emit(EventKind::StreamError {
-                detail: format!("list members failed: {e}"),
-            }));
+            self.stream_error(format!("list members failed: {e}"), now, out);
             if waiting && self.lookup_retries < MAX_LOOKUP_RETRIES {
                 self.lookup_retries += 1;
                 self.held_members = held;
@@ -300,9 +303,13 @@ impl Machine {
                 now,
                 out,
             ),
-            (Fetch::Gone, Failure::Other(_)) if matches!(self.link, Link::Down { .. }) => {
-                self.schedule(false, now, out)
-            }
+            (Fetch::Gone, Failure::Other(m)) if matches!(self.link, Link::Down { .. }) => self
+                .schedule(
+                    false,
+                    &format!("the stream answered 404 and list members failed: {m}"),
+                    now,
+                    out,
+                ),
             (_, Failure::Other(_)) => {}
         }
     }

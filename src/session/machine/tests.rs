@@ -181,8 +181,9 @@ async fn missed_heartbeats_ping_then_reconnect() {
         Some(EventKind::Reconnecting {
             attempt: 1,
             delay_ms: 1000,
-            grace_left_ms: 120_000
-        })
+            grace_left_ms: 120_000,
+            cause,
+        }) if cause == "heartbeat timeout"
     ));
     let t = s.types();
     assert_eq!(
@@ -777,4 +778,30 @@ async fn leave_dates_compare_as_instants() {
         ),
     ])));
     assert_eq!(s.only_end(), EndReason::ReconnectGraceExpired);
+}
+
+/// A server that sends garbage cannot flood the output: 5 `stream_error`s a minute, then the
+/// next one after the pause says how many were left out. Every frame still counts as life.
+#[tokio::test(start_paused = true)]
+async fn stream_errors_are_rate_limited() {
+    let mut s = Sim::new();
+    s.connect();
+    for _ in 0..100 {
+        s.step(Input::BadFrame("not JSON".into()));
+    }
+    let errors = |s: &Sim| {
+        s.events()
+            .into_iter()
+            .filter_map(|e| match e {
+                EventKind::StreamError { detail } => Some(detail),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(errors(&s).len(), 5);
+    advance(Duration::from_secs(61)).await;
+    s.step(Input::BadFrame("not JSON".into()));
+    let e = errors(&s);
+    assert_eq!(e.len(), 6);
+    assert!(e[5].contains("95 more left out"), "{}", e[5]);
 }
