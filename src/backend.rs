@@ -331,6 +331,8 @@ pub trait ChatApi: Send + Sync + 'static {
     fn decode(&self, text: &str) -> Result<ChatEvent, String>;
     /// The text frame that asks the server for a pong.
     fn ping_frame(&self) -> &'static str;
+    /// The most characters a message body may have (longer sends are refused locally).
+    fn max_message_chars(&self) -> usize;
 }
 
 /// Backends for tests.
@@ -376,6 +378,9 @@ pub(crate) mod testing {
         }
         fn ping_frame(&self) -> &'static str {
             "{}"
+        }
+        fn max_message_chars(&self) -> usize {
+            4000
         }
     }
 }

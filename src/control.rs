@@ -784,7 +784,6 @@ mod tests {
         }
     }
 
-
     #[test]
     fn bad_lines_are_items_not_the_end_of_stdin() {
         let input = b"{\"cmd\":\"list\"}\r\nRen\xe9e\n0123456789ABCDEF\nok\ntail";

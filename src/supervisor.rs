@@ -444,6 +444,13 @@ impl Supervisor {
                 "send needs a non-empty body".into(),
             ));
         }
+        let (chars, max) = (body.chars().count(), self.ctx.api.max_message_chars());
+        if chars > max {
+            // Refused here: the platform would refuse it, after a round trip.
+            return Err(SupervisorError::Invalid(format!(
+                "send: the body has {chars} characters; the platform takes at most {max}"
+            )));
+        }
         self.command(key, |reply| SessionCmd::Send { body, reply })
             .await
     }

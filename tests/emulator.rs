@@ -71,14 +71,29 @@ async fn create_and_every_rest_endpoint() {
     assert_eq!(bodies(&desc), ["m2", "m1", "m0"]);
     let (_, page) = g.get("/messages?sortOrder=ascending&maxResults=2").await;
     assert_eq!(bodies(&page), ["m0", "m1"]);
+    let next = page["next"].as_str().unwrap();
     assert!(
-        page["next"]
-            .as_str()
-            .unwrap()
-            .contains(&format!("after={}", ids[1]))
+        next.starts_with("/api/v2/webchat/guest/conversations/"),
+        "{next}"
     );
+    assert!(next.contains(&format!("after={}", ids[1])), "{next}");
+    assert_eq!(page["nextUri"], page["next"]);
     let (_, default_order) = g.get("/messages").await;
-    assert_eq!(bodies(&default_order)[0], "m4", "descending by default");
+    assert_eq!(
+        bodies(&default_order)[0],
+        "m0",
+        "ascending by default (the SDK's documented default)"
+    );
+    // Every optional parameter sent empty, as Genesys's SDK sends them: "not given".
+    let (s, empty) = g
+        .get("/messages?after=&before=&sortOrder=&maxResults=")
+        .await;
+    assert_eq!((s, bodies(&empty).len()), (200, 5));
+    let (s, members) = g
+        .get("/members?pageSize=&pageNumber=&excludeDisconnectedMembers=")
+        .await;
+    assert_eq!(s, 200, "{members}");
+    assert!(members["selfUri"].as_str().unwrap().starts_with("/api/v2/"));
     let (s, m) = g.get(&format!("/messages/{}", ids[2])).await;
     assert_eq!((s, m["body"].as_str()), (200, Some("m2")));
 

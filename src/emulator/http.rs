@@ -4,8 +4,8 @@
 use super::world::{EndCause, SocketCmd};
 use super::{AdminError, Emulator, Shared};
 use crate::genesys::protocol::{
-    BodyType, CreateChatRequest, CreateChatResponse, ErrorBody, IdRef, MemberState, Page,
-    SendMessageRequest,
+    BodyType, CreateChatRequest, CreateChatResponse, ErrorBody, MAX_BODY_CHARS, MemberState,
+    MembersQuery, MessagesQuery, Page, SendMessageRequest, path, query_string,
 };
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, Request, State};
@@ -54,6 +54,9 @@ impl IntoResponse for ApiError {
             message: self.message,
             code: self.code.to_string(),
             status: self.status.as_u16(),
+            context_id: Some(uuid::Uuid::new_v4().to_string()),
+            details: Vec::new(),
+            errors: Vec::new(),
         };
         let mut resp = (self.status, Json(body)).into_response();
         if let Some(secs) = self.retry_after {
@@ -78,7 +81,7 @@ impl From<AdminError> for ApiError {
 }
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
-    use crate::genesys::protocol::{CONVERSATIONS, path};
+    use crate::genesys::protocol::CONVERSATIONS;
     Router::new()
         .route(CONVERSATIONS, post(create))
         .route(&path::members("{conv}"), get(list_members))
@@ -114,7 +117,40 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/emulator/bulk/end", post(admin_bulk_end))
         .route("/emulator/stats", get(admin_stats))
         .fallback(|| async { ApiError::not_found("no such path") })
+        .layer(axum::middleware::from_fn(json_errors))
         .with_state(shared)
+}
+
+/// Every error answers as the platform's `ErrorBody` JSON, including those axum makes itself
+/// (413 for a body over 2 MB, 405, a path it cannot parse): the SDK parses every error body.
+async fn json_errors(req: Request, next: axum::middleware::Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if json || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let text = axum::body::to_bytes(resp.into_body(), 16 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    // The codes of these are not in the public record [unsure].
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "request.entity.too.large",
+        StatusCode::METHOD_NOT_ALLOWED => "method.not.allowed",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported.media.type",
+        s if s.is_server_error() => "internal.server.error",
+        _ => "bad.request",
+    };
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    ApiError::new(status, code, message).into_response()
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -127,7 +163,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 
 /// The next fault queued by `/emulator/faults`, as the error reply it becomes (429 carries
 /// `Retry-After`). Create and every other guest call take faults from the same queue.
-fn injected_fault(w: &mut super::world::World) -> Option<ApiError> {
+pub(crate) fn injected_fault(w: &mut super::world::World) -> Option<ApiError> {
     let (status, retry) = w.rest_faults.pop_front()?;
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
     let mut e = ApiError::new(code, "emulator.fault", format!("injected {status}"));
@@ -204,37 +240,12 @@ async fn create(State(sh): S, body: Bytes) -> Result<Json<CreateChatResponse>, A
     if req.routing_target.target_type != "QUEUE" {
         return Err(ApiError::bad("routingTarget.targetType must be QUEUE"));
     }
-    let (id, jwt, guest, notify) = {
-        let mut w = sh.world();
-        if let Some(e) = injected_fault(&mut w) {
-            w.record(None, "create", Some(e.status.as_u16()), "injected".into());
-            return Err(e);
-        }
-        let out = w.create(&req.member_info.display_name, Instant::now());
-        w.record(
-            Some(&out.0),
-            "create",
-            Some(200),
-            req.routing_target.target_address.clone(),
-        );
-        out
-    };
-    sh.spawn_rules(id.clone(), notify);
-    Ok(Json(CreateChatResponse {
-        event_stream_uri: format!("{}/v2/stream/{id}", sh.next_stream_base()),
-        id,
-        jwt,
-        member: IdRef { id: guest },
-    }))
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct MembersQuery {
-    page_size: Option<usize>,
-    page_number: Option<usize>,
-    #[serde(default)]
-    exclude_disconnected_members: bool,
+    let created = sh.create_chat(
+        &req.member_info,
+        req.routing_target.target_address.clone(),
+        true,
+    )?;
+    Ok(Json(created))
 }
 
 async fn list_members(
@@ -245,8 +256,9 @@ async fn list_members(
 ) -> Result<Response, ApiError> {
     guard(&sh, &headers, &conv, "list_members")?;
     let Query(q) = q.map_err(|e| ApiError::bad(e.body_text()))?;
-    let size = q.page_size.unwrap_or(25);
-    let number = q.page_number.unwrap_or(1);
+    let size = q.page_size.unwrap_or(25) as usize;
+    let number = q.page_number.unwrap_or(1) as usize;
+    let exclude = q.exclude_disconnected_members.unwrap_or(false);
     if size == 0 || size > 100 || number == 0 {
         return Err(ApiError::bad(
             "pageSize must be 1..=100 and pageNumber >= 1",
@@ -260,7 +272,7 @@ async fn list_members(
     let all: Vec<_> = c
         .members
         .iter()
-        .filter(|m| !(q.exclude_disconnected_members && m.state == MemberState::Disconnected))
+        .filter(|m| !(exclude && m.state == MemberState::Disconnected))
         .cloned()
         .collect();
     let total = all.len();
@@ -269,11 +281,26 @@ async fn list_members(
         .skip((number - 1) * size)
         .take(size)
         .collect();
+    let pages = total.div_ceil(size).max(1);
+    let uri = |n: usize| {
+        let q = MembersQuery {
+            page_size: Some(size as u32),
+            page_number: Some(n as u32),
+            exclude_disconnected_members: exclude.then_some(true),
+        };
+        format!("{}{}", path::members(&conv), query_string(&q))
+    };
     Ok(Json(Page {
         entities,
         page_size: Some(size as u32),
         page_number: Some(number as u32),
         total: Some(total as u32),
+        page_count: Some(pages as u32),
+        self_uri: Some(uri(number)),
+        first_uri: Some(uri(1)),
+        last_uri: Some(uri(pages)),
+        next_uri: (number < pages).then(|| uri(number + 1)),
+        previous_uri: (number > 1).then(|| uri((number - 1).min(pages))),
         next: None,
         previous: None,
     })
@@ -324,6 +351,11 @@ fn own_member(sh: &Shared, conv: &str, member: &str) -> Result<(), ApiError> {
 }
 
 impl ApiError {
+    /// Its HTTP status, as a number.
+    pub(crate) fn status_code(&self) -> u16 {
+        self.status.as_u16()
+    }
+
     fn with_code(mut self, code: &'static str) -> Self {
         self.code = code;
         self
@@ -349,6 +381,13 @@ async fn send_message(
 ) -> Result<Response, ApiError> {
     guard(&sh, &headers, &conv, "send_message")?;
     let req: SendMessageRequest = parse(&body)?;
+    let chars = req.body.chars().count();
+    if chars > MAX_BODY_CHARS {
+        return Err(ApiError::bad(format!(
+            "body has {chars} characters; at most {MAX_BODY_CHARS} are allowed"
+        ))
+        .with_code("chat.error.message.length"));
+    }
     if !matches!(req.body_type, BodyType::Standard | BodyType::Notice) {
         return Err(ApiError::bad("bodyType must be standard or notice"));
     }
@@ -384,15 +423,6 @@ async fn send_typing(
     Ok(Json(c.post_typing(&member)).into_response())
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct MessagesQuery {
-    after: Option<String>,
-    before: Option<String>,
-    sort_order: Option<String>,
-    max_results: Option<usize>,
-}
-
 async fn list_messages(
     State(sh): S,
     headers: HeaderMap,
@@ -401,14 +431,14 @@ async fn list_messages(
 ) -> Result<Response, ApiError> {
     guard(&sh, &headers, &conv, "list_messages")?;
     let Query(q) = q.map_err(|e| ApiError::bad(e.body_text()))?;
-    let max = q.max_results.unwrap_or(100);
+    let max = q.max_results.unwrap_or(100) as usize;
     if max == 0 || max > 100 {
         return Err(ApiError::bad("maxResults must be 1..=100"));
     }
-    // The platform's default order is a guess [unsure]; guestd always asks explicitly.
+    // Ascending unless asked otherwise (the SDK's documented default).
     let ascending = match q.sort_order.as_deref() {
-        None | Some("descending") => false,
-        Some("ascending") => true,
+        None | Some("ascending") => true,
+        Some("descending") => false,
         Some(other) => {
             return Err(ApiError::bad(format!(
                 "sortOrder {other} is not ascending/descending"
@@ -439,31 +469,44 @@ async fn list_messages(
     } else {
         &[][..]
     };
-    let (entities, next) = if ascending {
-        let e: Vec<_> = window.iter().take(max).cloned().collect();
-        let next = (window.len() > max)
-            .then(|| {
-                e.last()
-                    .map(|m| format!("?after={}&sortOrder=ascending&maxResults={max}", m.id))
-            })
-            .flatten();
-        (e, next)
+    let order = if ascending { "ascending" } else { "descending" };
+    let entities: Vec<_> = if ascending {
+        window.iter().take(max).cloned().collect()
     } else {
-        let e: Vec<_> = window.iter().rev().take(max).cloned().collect();
-        let next = (window.len() > max)
-            .then(|| {
-                e.last()
-                    .map(|m| format!("?before={}&sortOrder=descending&maxResults={max}", m.id))
-            })
-            .flatten();
-        (e, next)
+        window.iter().rev().take(max).cloned().collect()
     };
+    // The next page continues after the last entity in the order asked for.
+    let link = |after: Option<&str>, before: Option<&str>| {
+        let q = MessagesQuery {
+            after: after.map(str::to_string),
+            before: before.map(str::to_string),
+            sort_order: Some(order.to_string()),
+            max_results: Some(max as u32),
+        };
+        format!("{}{}", path::messages(&conv), query_string(&q))
+    };
+    let next = (window.len() > max)
+        .then(|| entities.last())
+        .flatten()
+        .map(|m| {
+            if ascending {
+                link(Some(&m.id), q.before.as_deref())
+            } else {
+                link(q.after.as_deref(), Some(&m.id))
+            }
+        });
     Ok(Json(Page {
+        self_uri: Some(link(q.after.as_deref(), q.before.as_deref())),
+        first_uri: Some(link(None, None)),
+        next_uri: next.clone(),
+        next,
         entities,
         page_size: Some(max as u32),
         page_number: None,
         total: None,
-        next,
+        page_count: None,
+        previous_uri: None,
+        last_uri: None,
         previous: None,
     })
     .into_response())

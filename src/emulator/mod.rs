@@ -197,6 +197,36 @@ impl Shared {
         &self.stream_bases[i % self.stream_bases.len()]
     }
 
+    /// Create a chat as the platform's create call does: the conversation, its rules task, its
+    /// `eventStreamUri`. The one path for the REST call and the bulk admin call. `Err` carries
+    /// an injected fault for the create call.
+    pub(crate) fn create_chat(
+        self: &Arc<Self>,
+        info: &crate::genesys::protocol::MemberInfo,
+        log_detail: String,
+        take_faults: bool,
+    ) -> Result<crate::genesys::protocol::CreateChatResponse, http::ApiError> {
+        let (id, jwt, guest, notify) = {
+            let mut w = self.world();
+            if take_faults {
+                if let Some(e) = http::injected_fault(&mut w) {
+                    w.record(None, "create", Some(e.status_code()), "injected".into());
+                    return Err(e);
+                }
+            }
+            let out = w.create(info, Instant::now());
+            w.record(Some(&out.0), "create", Some(200), log_detail);
+            out
+        };
+        self.spawn_rules(id.clone(), notify);
+        Ok(crate::genesys::protocol::CreateChatResponse {
+            event_stream_uri: format!("{}/v2/stream/{id}", self.next_stream_base()),
+            id,
+            jwt,
+            member: crate::genesys::protocol::IdRef { id: guest },
+        })
+    }
+
     pub fn spawn_rules(self: &Arc<Self>, conv_id: String, notify: Arc<tokio::sync::Notify>) {
         let shared = self.clone();
         tokio::spawn(async move {
@@ -554,20 +584,14 @@ impl Emulator {
     /// Create `count` chats at once, as the platform's create call would (benchmarks). Returns
     /// (conversation id, guest member id, jwt, eventStreamUri) for each.
     pub fn bulk_create(&self, count: usize) -> Vec<(String, String, String, String)> {
-        let now = Instant::now();
-        let mut out = Vec::with_capacity(count);
-        for _ in 0..count {
-            let (id, jwt, member, notify) = {
-                let mut w = self.shared.world();
-                let r = w.create("Bench guest", now);
-                w.record(Some(&r.0), "create", Some(200), "bulk".into());
-                r
-            };
-            self.shared.spawn_rules(id.clone(), notify);
-            let uri = format!("{}/v2/stream/{id}", self.shared.next_stream_base());
-            out.push((id, member, jwt, uri));
-        }
-        out
+        let info = crate::genesys::protocol::MemberInfo {
+            display_name: "Bench guest".into(),
+            ..Default::default()
+        };
+        (0..count)
+            .filter_map(|_| self.shared.create_chat(&info, "bulk".into(), false).ok())
+            .map(|r| (r.id, r.member.id, r.jwt, r.event_stream_uri))
+            .collect()
     }
 
     /// End these chats as the platform would for an unknown reason (guest DISCONNECTED first);

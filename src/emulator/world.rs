@@ -240,6 +240,10 @@ impl Conv {
             role,
             join_date: Some(now_iso()),
             leave_date: None,
+            first_name: None,
+            last_name: None,
+            email: None,
+            phone_number: None,
             authenticated_guest: false,
             custom_fields: Default::default(),
             state,
@@ -376,7 +380,7 @@ impl World {
     /// Create a conversation as the platform does on `POST .../conversations`.
     pub fn create(
         &mut self,
-        display_name: &str,
+        info: &p::MemberInfo,
         now: Instant,
     ) -> (String, String, String, Arc<Notify>) {
         let id = uuid::Uuid::new_v4().to_string();
@@ -412,9 +416,18 @@ impl World {
         conv.add_member(
             &guest_id,
             Role::Customer,
-            display_name,
+            &info.display_name,
             MemberState::Connected,
         );
+        if let Some(g) = conv.member_mut(&guest_id) {
+            // WebChatMemberInfo gives back what the guest gave at create.
+            g.avatar_image_url = info.avatar_image_url.clone();
+            g.first_name = info.first_name.clone();
+            g.last_name = info.last_name.clone();
+            g.email = info.email.clone();
+            g.phone_number = info.phone_number.clone();
+            g.custom_fields = info.custom_fields.clone();
+        }
         conv.add_member(
             &workflow_id,
             Role::Workflow,

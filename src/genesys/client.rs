@@ -90,7 +90,30 @@ impl GenesysApi {
     }
 }
 
+/// Entities asked for per page (the platform's maximum).
+const PAGE: u32 = 100;
+/// Pages followed at most in one listing: far more than any chat holds.
+const MAX_PAGES: usize = 100;
+
 impl Inner {
+    /// The URL of a paging link: an `/api/v2/...` path on the configured base, or a full URL on
+    /// that same base; anything else is refused rather than followed off the platform.
+    fn follow(&self, link: Option<&str>) -> Result<Option<String>, ApiError> {
+        let Some(link) = link else {
+            return Ok(None);
+        };
+        let base = self.cfg.api_base.trim_end_matches('/');
+        if link.starts_with("/api/v2/") {
+            return Ok(Some(format!("{base}{link}")));
+        }
+        if link.starts_with(&format!("{base}/api/v2/")) {
+            return Ok(Some(link.to_string()));
+        }
+        Err(ApiError::Decode(format!(
+            "a paging link leaves the platform: {link}"
+        )))
+    }
+
     /// One REST call with the retry policy. `T = ()` for replies without a body.
     async fn call<T: DeserializeOwned>(
         &self,
@@ -285,21 +308,29 @@ impl ChatApi for GenesysApi {
         chat: &ChatRef,
     ) -> BoxFuture<'static, Result<Vec<ChatMember>, ApiError>> {
         let inner = self.inner.clone();
-        let base = self.url(&p::path::members(&chat.conversation_id));
+        let first = self.url(&format!(
+            "{}{}",
+            p::path::members(&chat.conversation_id),
+            p::query_string(&p::MembersQuery {
+                page_size: Some(PAGE),
+                page_number: Some(1),
+                exclude_disconnected_members: None,
+            })
+        ));
         let jwt = chat.jwt.clone();
         async move {
             let mut out = Vec::new();
-            for page in 1..=50u32 {
-                let url = format!("{base}?pageSize=100&pageNumber={page}");
-                let p: Page<p::Member> = inner
+            let mut url = first;
+            for _ in 0..MAX_PAGES {
+                let page: Page<p::Member> = inner
                     .call("list_members", Method::GET, url, Some(jwt.clone()), None)
                     .await?
                     .ok_or_else(|| ApiError::Decode("list members: empty reply".into()))?;
-                let n = p.entities.len();
-                out.extend(p.entities.into_iter().map(member));
-                let total = p.total.map(|t| t as usize).unwrap_or(out.len());
-                if n < 100 || out.len() >= total {
-                    break;
+                let next = inner.follow(page.next_path())?;
+                out.extend(page.entities.into_iter().map(member));
+                match next {
+                    Some(n) => url = n,
+                    None => break,
                 }
             }
             Ok(out)
@@ -315,25 +346,33 @@ impl ChatApi for GenesysApi {
         let inner = self.inner.clone();
         let base = self.url(&p::path::messages(&chat.conversation_id));
         let jwt = chat.jwt.clone();
+        // Oldest first, asked explicitly (whatever a server's default order).
+        let page_after = move |after: Option<String>| {
+            let q = p::MessagesQuery {
+                after,
+                before: None,
+                sort_order: Some("ascending".into()),
+                max_results: Some(PAGE),
+            };
+            format!("{base}{}", p::query_string(&q))
+        };
         async move {
             let mut out: Vec<ChatMessage> = Vec::new();
-            let mut cursor = after;
-            // Bounded: 100 pages of 100 is far more than any chat holds.
-            for _ in 0..100 {
-                let mut url = format!("{base}?sortOrder=ascending&maxResults=100");
-                if let Some(c) = &cursor {
-                    url.push_str(&format!("&after={c}"));
-                }
-                let p: Page<p::Message> = inner
+            let mut url = page_after(after);
+            for _ in 0..MAX_PAGES {
+                let page: Page<p::Message> = inner
                     .call("list_messages", Method::GET, url, Some(jwt.clone()), None)
                     .await?
                     .ok_or_else(|| ApiError::Decode("list messages: empty reply".into()))?;
-                let n = p.entities.len();
-                out.extend(p.entities.into_iter().map(message));
-                if n < 100 || p.next.is_none() {
-                    break;
-                }
-                cursor = out.last().map(|m| m.id.clone());
+                let n = page.entities.len();
+                let next = inner.follow(page.next_path())?;
+                out.extend(page.entities.into_iter().map(message));
+                url = match next {
+                    Some(next) => next,
+                    // A server without paging links: a full page means there may be more.
+                    None if n >= PAGE as usize => page_after(out.last().map(|m| m.id.clone())),
+                    None => break,
+                };
             }
             Ok(out)
         }
@@ -418,6 +457,10 @@ impl ChatApi for GenesysApi {
 
     fn ping_frame(&self) -> &'static str {
         p::PING_FRAME
+    }
+
+    fn max_message_chars(&self) -> usize {
+        p::MAX_BODY_CHARS
     }
 }
 

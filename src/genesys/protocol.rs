@@ -151,6 +151,18 @@ pub struct Member {
     /// When the member left (ISO-8601).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leave_date: Option<String>,
+    /// First name given at create (`WebChatMemberInfo`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_name: Option<String>,
+    /// Last name given at create.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_name: Option<String>,
+    /// Email given at create.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    /// Phone number given at create.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phone_number: Option<String>,
     /// Whether the guest authenticated.
     #[serde(default)]
     pub authenticated_guest: bool,
@@ -176,12 +188,148 @@ pub struct Page<T> {
     /// Total entities.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total: Option<u32>,
-    /// Link to the next page (messages).
+    /// Link to the next page (messages): an `/api/v2/...` path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next: Option<String>,
     /// Link to the previous page (messages).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<String>,
+    /// Number of pages, where the call pages by number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_count: Option<u32>,
+    /// This page, as an `/api/v2/...` path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_uri: Option<String>,
+    /// The first page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_uri: Option<String>,
+    /// The next page; absent on the last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_uri: Option<String>,
+    /// The previous page; absent on the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_uri: Option<String>,
+    /// The last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_uri: Option<String>,
+}
+
+impl<T> Page<T> {
+    /// The path of the next page, from `nextUri` or, failing that, `next`.
+    pub fn next_path(&self) -> Option<&str> {
+        self.next_uri
+            .as_deref()
+            .or(self.next.as_deref())
+            .filter(|p| !p.is_empty())
+    }
+}
+
+/// Query of list members. Genesys's own SDK sends every parameter, **empty when unset**
+/// (`pageSize=&pageNumber=&excludeDisconnectedMembers=`; `false` and `0` go out empty too), so
+/// an empty value means "not given".
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MembersQuery {
+    /// 1..=100.
+    #[serde(
+        default,
+        deserialize_with = "empty::number",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub page_size: Option<u32>,
+    /// From 1.
+    #[serde(
+        default,
+        deserialize_with = "empty::number",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub page_number: Option<u32>,
+    /// Leave out members who left.
+    #[serde(
+        default,
+        deserialize_with = "empty::boolean",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub exclude_disconnected_members: Option<bool>,
+}
+
+/// Query of list messages; an empty value means "not given", as for [`MembersQuery`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MessagesQuery {
+    /// Messages after this id.
+    #[serde(
+        default,
+        deserialize_with = "empty::text",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub after: Option<String>,
+    /// Messages before this id.
+    #[serde(
+        default,
+        deserialize_with = "empty::text",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub before: Option<String>,
+    /// `ascending` (the default) or `descending`.
+    #[serde(
+        default,
+        deserialize_with = "empty::text",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub sort_order: Option<String>,
+    /// 1..=100.
+    #[serde(
+        default,
+        deserialize_with = "empty::number",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_results: Option<u32>,
+}
+
+/// `?a=1&b=x` for a query struct (an empty string when nothing is set).
+pub fn query_string<Q: Serialize>(q: &Q) -> String {
+    let mut out = url::form_urlencoded::Serializer::new(String::new());
+    if let Ok(serde_json::Value::Object(m)) = serde_json::to_value(q) {
+        for (k, v) in m {
+            let v = match v {
+                serde_json::Value::String(s) => s,
+                other => other.to_string(),
+            };
+            out.append_pair(&k, &v);
+        }
+    }
+    let s = out.finish();
+    if s.is_empty() { s } else { format!("?{s}") }
+}
+
+/// Query values where an empty string means "not given".
+mod empty {
+    use serde::{Deserialize, Deserializer, de::Error};
+
+    pub fn text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        Ok(Option::<String>::deserialize(d)?.filter(|s| !s.is_empty()))
+    }
+
+    pub fn number<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+        match text(d)? {
+            None => Ok(None),
+            Some(s) => s
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|_| D::Error::custom(format!("{s:?} is not a number"))),
+        }
+    }
+
+    pub fn boolean<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+        match text(d)?.as_deref() {
+            None => Ok(None),
+            Some("true") => Ok(Some(true)),
+            Some("false") => Ok(Some(false)),
+            Some(s) => Err(D::Error::custom(format!("{s:?} is not true or false"))),
+        }
+    }
 }
 
 /// Body type of a chat message.
@@ -274,8 +422,9 @@ pub struct MemberRef {
     pub state: MemberState,
 }
 
-/// Error body of every 4xx/5xx.
+/// Error body of every 4xx/5xx (the SDK's `ErrorBody`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
 pub struct ErrorBody {
     /// Human text.
     pub message: String,
@@ -283,7 +432,19 @@ pub struct ErrorBody {
     pub code: String,
     /// HTTP status.
     pub status: u16,
+    /// Id of the failed request, for support.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_id: Option<String>,
+    /// More detail, where given.
+    #[serde(default)]
+    pub details: Vec<serde_json::Value>,
+    /// Nested errors, where given.
+    #[serde(default)]
+    pub errors: Vec<serde_json::Value>,
 }
+
+/// The most characters a chat message body may have (`CreateWebChatMessageRequest.body`).
+pub const MAX_BODY_CHARS: usize = 4000;
 
 /// One websocket text frame, as sent by the server.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -487,7 +648,13 @@ pub fn encode_envelope(topic: &str, body: serde_json::Value, kind: Option<&str>)
         topic_name: topic.to_string(),
         version: Some("2".to_string()),
         event_body: body,
-        metadata: kind.map(|k| serde_json::json!({ "type": k })),
+        // Public captures show a CorrelationId on every frame.
+        metadata: Some(match kind {
+            Some(k) => {
+                serde_json::json!({ "CorrelationId": uuid::Uuid::new_v4().to_string(), "type": k })
+            }
+            None => serde_json::json!({ "CorrelationId": uuid::Uuid::new_v4().to_string() }),
+        }),
     };
     serde_json::to_string(&env).unwrap_or_default()
 }
