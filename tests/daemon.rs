@@ -454,6 +454,10 @@ async fn bad_commands_get_clear_errors_and_harm_nothing() {
             json!({"cmd": "list", "request_id": "b8", "bogus": 1}),
             "unknown field",
         ),
+        (
+            json!({"cmd": "send", "request_id": "b9", "session": s, "body": "x".repeat(4001)}),
+            "the platform takes at most 4000",
+        ),
     ];
     for (cmd, want) in cases {
         let rid = cmd["request_id"].as_str().unwrap_or("b2").to_string();
@@ -462,6 +466,13 @@ async fn bad_commands_get_clear_errors_and_harm_nothing() {
         assert_eq!(r["type"], "command_error", "{r}");
         assert!(r["error"].as_str().unwrap().contains(want), "{rid}: {r}");
     }
+    // The over-long send was refused locally: it never reached the platform.
+    assert!(
+        !emu.log()
+            .iter()
+            .any(|e| e.conversation_id.as_deref() == Some(c.as_str()) && e.action == "send_message"),
+        "no round trip for a body the platform would refuse"
+    );
     d.send(json!({"cmd": "list", "request_id": "l1"})).await;
     let l = d.wait(|v| v["request_id"] == "l1").await;
     assert_eq!(l["result"]["sessions"].as_array().unwrap().len(), 1);
