@@ -64,7 +64,22 @@ enum Cmd {
         /// Configuration file.
         #[arg(long, short, env = "GUESTD_CONFIG")]
         config: Option<PathBuf>,
+        /// The file is an emulator configuration (`guestd emulator --config`).
+        #[arg(long)]
+        emulator: bool,
     },
+}
+
+/// An emulator configuration file, or the defaults.
+fn load_emulator_config(path: Option<PathBuf>) -> anyhow::Result<EmulatorConfig> {
+    Ok(match path {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+            toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
+        }
+        None => EmulatorConfig::default(),
+    })
 }
 
 fn init_logs(format: LogFormat) {
@@ -160,14 +175,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Emulator { listen, config } => {
             let mut signals = Signals::install()?;
-            let cfg: EmulatorConfig = match config {
-                Some(p) => {
-                    let text = std::fs::read_to_string(&p)
-                        .with_context(|| format!("reading {}", p.display()))?;
-                    toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
-                }
-                None => EmulatorConfig::default(),
-            };
+            let cfg = load_emulator_config(config)?;
             for addr in listen.iter().filter(|a| !a.ip().is_loopback()) {
                 // Anyone who can reach it can end chats and inject faults: say so.
                 tracing::warn!(
@@ -195,7 +203,18 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::CheckConfig { config } => {
+        Cmd::CheckConfig {
+            config,
+            emulator: true,
+        } => {
+            let cfg = load_emulator_config(config)?;
+            println!(
+                "{}",
+                toml::to_string_pretty(&cfg).context("printing configuration")?
+            );
+            Ok(())
+        }
+        Cmd::CheckConfig { config, .. } => {
             let cfg = Config::load(config.as_deref()).context("loading configuration")?;
             println!(
                 "{}",
