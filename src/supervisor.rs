@@ -558,6 +558,13 @@ mod tests {
     use tokio_util::sync::CancellationToken;
 
     fn supervisor(max: usize) -> (Supervisor, CancellationToken) {
+        supervisor_with(max, Arc::new(crate::journal::NullJournal))
+    }
+
+    fn supervisor_with(
+        max: usize,
+        journal: Arc<dyn crate::journal::Journal>,
+    ) -> (Supervisor, CancellationToken) {
         let (emitter, _writer) =
             crate::events::spawn_writer(crate::events::WriterSink(tokio::io::sink()), 64);
         let (done, done_rx) = mpsc::unbounded_channel();
@@ -566,7 +573,7 @@ mod tests {
             api: Arc::new(Stalled),
             connector: Connector::new(Default::default(), 4),
             emitter,
-            journal: Arc::new(crate::journal::NullJournal),
+            journal,
             timing: Arc::new(Timing::default()),
             done,
             cancel: cancel.clone(),
@@ -637,21 +644,7 @@ mod tests {
     /// journal's reason and holds no slot.
     #[tokio::test]
     async fn a_record_that_cannot_be_made_durable_fails_the_command() {
-        let (emitter, _writer) =
-            crate::events::spawn_writer(crate::events::WriterSink(tokio::io::sink()), 64);
-        let (done, done_rx) = mpsc::unbounded_channel();
-        let cancel = CancellationToken::new();
-        let ctx = SessionCtx {
-            api: Arc::new(Stalled),
-            connector: Connector::new(Default::default(), 4),
-            emitter,
-            journal: Arc::new(FullDisk),
-            timing: Arc::new(Timing::default()),
-            done,
-            cancel: cancel.clone(),
-            leave_on_shutdown: false,
-        };
-        let sup = Supervisor::spawn(ctx, done_rx, 1);
+        let (sup, cancel) = supervisor_with(1, Arc::new(FullDisk));
         for conv in ["c1", "c2"] {
             let e = sup.attach(chat(conv)).await.unwrap_err();
             assert!(

@@ -611,6 +611,28 @@ async fn started_pair(d: &mut Daemon) -> (String, String) {
     (s, c)
 }
 
+/// Start `n` chats at once over stdin; (session, conversation) of each, once all are connected.
+async fn start_connected(d: &mut Daemon, n: usize) -> Vec<(String, String)> {
+    for i in 0..n {
+        d.send(json!({"cmd": "start", "request_id": format!("r{i}"), "queue": "Support", "display_name": format!("g{i}")})).await;
+    }
+    let mut sessions = Vec::new();
+    let mut connected = 0;
+    while sessions.len() < n || connected < n {
+        let v = d.next().await.unwrap();
+        match v["type"].as_str().unwrap() {
+            "command_result" => sessions.push((
+                v["result"]["session"].as_str().unwrap().to_string(),
+                v["result"]["conversation_id"].as_str().unwrap().to_string(),
+            )),
+            "connected" => connected += 1,
+            "command_error" => panic!("{v}"),
+            _ => {}
+        }
+    }
+    sessions
+}
+
 /// 1,000 concurrent sessions in one daemon: each gets exactly one correct `ended`.
 #[tokio::test]
 async fn a_thousand_concurrent_sessions_each_end_once() {
@@ -625,25 +647,8 @@ async fn a_thousand_concurrent_sessions_each_end_once() {
     env.push(("RUST_LOG".into(), "guestd=warn".into()));
     let mut d = Daemon::spawn(env, &[]);
     const N: usize = 1000;
-    for i in 0..N {
-        d.send(json!({"cmd": "start", "request_id": format!("r{i}"), "queue": "Support", "display_name": format!("g{i}")})).await;
-    }
-    let mut sessions = std::collections::HashMap::new();
-    let mut connected = 0;
-    while sessions.len() < N || connected < N {
-        let v = d.next().await.unwrap();
-        match v["type"].as_str().unwrap() {
-            "command_result" => {
-                sessions.insert(
-                    v["result"]["session"].as_str().unwrap().to_string(),
-                    v["result"]["conversation_id"].as_str().unwrap().to_string(),
-                );
-            }
-            "connected" => connected += 1,
-            "command_error" => panic!("{v}"),
-            _ => {}
-        }
-    }
+    let sessions: std::collections::HashMap<String, String> =
+        start_connected(&mut d, N).await.into_iter().collect();
     // Half end by the agent, half by the guest leaving.
     let mut expect = std::collections::HashMap::new();
     for (i, (s, c)) in sessions.iter().enumerate() {
@@ -699,23 +704,7 @@ async fn a_thousand_chats_with_flash_agents_and_flows_each_end_once_for_the_righ
     env.push(("RUST_LOG".into(), "guestd=warn".into()));
     let mut d = Daemon::spawn(env, &[]);
     const N: usize = 1000;
-    for i in 0..N {
-        d.send(json!({"cmd": "start", "request_id": format!("r{i}"), "queue": "Support", "display_name": format!("g{i}")})).await;
-    }
-    let mut sessions = Vec::new();
-    let mut connected = 0;
-    while sessions.len() < N || connected < N {
-        let v = d.next().await.unwrap();
-        match v["type"].as_str().unwrap() {
-            "command_result" => sessions.push((
-                v["result"]["session"].as_str().unwrap().to_string(),
-                v["result"]["conversation_id"].as_str().unwrap().to_string(),
-            )),
-            "connected" => connected += 1,
-            "command_error" => panic!("{v}"),
-            _ => {}
-        }
-    }
+    let sessions = start_connected(&mut d, N).await;
     let mut expect = std::collections::HashMap::new();
     for (i, (s, c)) in sessions.iter().enumerate() {
         if i % 2 == 0 {

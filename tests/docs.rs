@@ -10,6 +10,9 @@
 //! An unmarked block fails the test, so a new example cannot drift unnoticed. Every shipped
 //! configuration file is checked with `guestd check-config` too.
 
+mod common;
+
+use common::free_port;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -55,14 +58,6 @@ fn blocks() -> Vec<(String, usize, Option<String>, String)> {
         }
     }
     out
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// README's walk-through: a chat started, an agent joining, writing and ending it, one ended.

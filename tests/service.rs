@@ -42,14 +42,6 @@ async fn status(req: reqwest::RequestBuilder) -> u16 {
     req.send().await.unwrap().status().as_u16()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn start_n(d: &mut Daemon, n: usize) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for i in 0..n {

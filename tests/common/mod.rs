@@ -13,6 +13,15 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub const WAIT: Duration = Duration::from_secs(15);
 
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub async fn emulator(cfg: EmulatorConfig) -> Emulator {
     Emulator::start(cfg, "127.0.0.1:0".parse().unwrap())
         .await

@@ -30,20 +30,13 @@ const INACTIVITY: u64 = 15 * 60 * SEC;
 /// A scripted chat that has not ended after this long is a failure.
 const HORIZON: u64 = 3 * 3600 * SEC;
 
-/// The defaults (30 s heartbeats, 2 misses, 2 min grace, 15 min rule, 1 min warning, 5 s skew,
-/// 10 s agent window) with a deterministic backoff: 1, 2, 4, 8, 8 ... s.
+/// The machine tests' timing, with this module's grace and no-activity rule, and no bodies.
 fn timing() -> Timing {
     Timing {
         reconnect_grace: Duration::from_millis(GRACE),
         inactivity_timeout: Duration::from_millis(INACTIVITY),
         include_bodies: false,
-        backoff: BackoffConfig {
-            initial: Duration::from_secs(1),
-            max: Duration::from_secs(8),
-            multiplier: 2.0,
-            jitter: 0.0,
-        },
-        ..Timing::default()
+        ..super::tests::timing()
     }
 }
 

@@ -12,7 +12,7 @@ const FLOW: &str = "flow";
 
 /// The defaults (30 s heartbeats, 2 misses, 2 min grace, 15 min rule, 1 min warning, 5 s skew,
 /// 10 s agent window) with a deterministic backoff: 1, 2, 4, 8, 8 ... s.
-fn timing() -> Timing {
+pub(super) fn timing() -> Timing {
     Timing {
         backoff: BackoffConfig {
             initial: Duration::from_secs(1),
