@@ -159,7 +159,7 @@ pub fn check_url(url: &str, allow_insecure: bool) -> Result<(), PolicyError> {
 /// Everything needed to act for the guest in one chat. Cheap to clone.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatRef {
-    /// Conversation id.
+    /// The platform's conversation id (stable for the chat's life).
     pub conversation_id: String,
     /// The guest's member id.
     pub member_id: String,
@@ -206,11 +206,11 @@ pub struct StartSpec {
 /// A member as the backend reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatMember {
-    /// Member id.
+    /// The member's id in this conversation.
     pub id: String,
-    /// Role.
+    /// Its role, as the members list says (a stream frame carries none).
     pub role: Role,
-    /// State.
+    /// Its state when the list was taken.
     pub state: MemberState,
     /// When it left (ISO-8601), where the backend says.
     pub leave_date: Option<String>,
@@ -219,11 +219,11 @@ pub struct ChatMember {
 /// A chat message as the backend reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatMessage {
-    /// Message id.
+    /// The platform's message id: what a backfill resumes after.
     pub id: String,
     /// Sender member id.
     pub sender_id: String,
-    /// Text.
+    /// The text as written (at most the backend's `max_message_chars`).
     pub body: String,
     /// What it is.
     pub kind: MessageKind,
@@ -242,14 +242,14 @@ pub enum ChatEvent {
     Message(ChatMessage),
     /// Someone is typing.
     Typing {
-        /// Who.
+        /// The typing member's id.
         sender_id: String,
     },
     /// A member changed state.
     MemberChange {
-        /// Who.
+        /// The member whose state changed (its role may be unknown yet).
         member_id: String,
-        /// New state.
+        /// The state it is in now.
         state: MemberState,
     },
     /// The server will close this socket soon.

@@ -140,7 +140,7 @@ pub enum Command {
     Send {
         /// Session id or conversation id.
         session: String,
-        /// Text.
+        /// The message text (at most the backend's `max_message_chars`).
         body: String,
     },
     /// Send typing.

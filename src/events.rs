@@ -76,14 +76,14 @@ pub enum EventKind {
     Connected,
     /// The event stream was lost.
     Disconnected {
-        /// Why.
+        /// What ended the stream: `closed by server (code reason)`, `heartbeat timeout`, ...
         reason: String,
     },
     /// A reconnect attempt is scheduled.
     Reconnecting {
         /// 1 for the first attempt after a loss.
         attempt: u32,
-        /// Delay before it.
+        /// Milliseconds until the attempt (capped by what remains of the grace window).
         delay_ms: u64,
         /// What remains of the grace window.
         grace_left_ms: u64,
@@ -93,7 +93,7 @@ pub enum EventKind {
     },
     /// The stream is open again and missed messages were fetched.
     Reconnected {
-        /// Time since the loss.
+        /// Milliseconds from the loss to the reopened stream.
         downtime_ms: u64,
         /// Messages emitted from the backfill.
         backfilled: u32,
@@ -102,12 +102,12 @@ pub enum EventKind {
     HeartbeatMissed {
         /// Consecutive misses.
         missed: u32,
-        /// Time since the last frame.
+        /// Milliseconds since the last frame.
         silent_ms: u64,
     },
     /// A member changed state.
     MemberChanged {
-        /// Member id.
+        /// The member's id in the conversation.
         member_id: String,
         /// "customer", "agent", "workflow", "acd" or "unknown".
         role: String,
@@ -126,7 +126,7 @@ pub enum EventKind {
     },
     /// A chat message (live or backfilled).
     Message {
-        /// Message id.
+        /// The platform's message id; each is emitted once per process.
         message_id: String,
         /// Sender member id.
         sender_id: String,
@@ -156,9 +156,9 @@ pub enum EventKind {
     },
     /// The chat ended. Exactly one per session.
     Ended {
-        /// Why.
+        /// Why, inferred in the order docs/events.md gives.
         reason: EndReason,
-        /// Since the session started.
+        /// Milliseconds since the session started.
         duration_ms: u64,
         /// How guestd knows.
         detail: String,

@@ -45,7 +45,7 @@ pub struct SessionRecord {
 /// The end, decided but maybe not yet written.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct EndingRecord {
-    /// Why.
+    /// The reason the `ended` event carries.
     pub reason: EndReason,
     /// How guestd knows.
     pub detail: String,
@@ -153,9 +153,9 @@ pub enum JournalError {
     /// I/O on the file.
     #[error("journal {path}: {source}")]
     Io {
-        /// The file.
+        /// The journal file.
         path: PathBuf,
-        /// The cause.
+        /// The I/O error the OS gave.
         #[source]
         source: std::io::Error,
     },

@@ -88,7 +88,7 @@ pub type DoneReply = oneshot::Sender<Result<Done, CommandError>>;
 pub enum SessionCmd {
     /// Send a message as the guest.
     Send {
-        /// Text.
+        /// The message text (already checked against the backend's limit).
         body: String,
         /// The sent message, or why not.
         reply: DoneReply,
@@ -105,7 +105,7 @@ pub enum SessionCmd {
     },
     /// Describe the session.
     Get {
-        /// The view.
+        /// Where the view goes (dropped unanswered once the session has ended).
         reply: oneshot::Sender<SessionView>,
     },
 }
