@@ -825,3 +825,112 @@ async fn races_on_purpose_a_flash_agent_and_tied_leave_dates() {
     // A second flash on an ended chat is refused.
     assert!(emu.agent_flash(&g.id, Duration::ZERO).is_err());
 }
+
+/// The Platform API side: the client-credentials grant, and each chat's participants with the
+/// `disconnectType` of how it really ended; an `endTime` once it is over, never before.
+#[tokio::test]
+async fn platform_api_shows_how_each_chat_ended() {
+    let emu = emulator(quick()).await;
+    let http = reqwest::Client::new();
+    let base = emu.base_url();
+    let token = |id: &str, secret: &str| {
+        http.post(format!("{base}/oauth/token"))
+            .basic_auth(id, Some(secret))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body("grant_type=client_credentials")
+            .send()
+    };
+    assert_eq!(
+        token("emulator-client", "wrong").await.unwrap().status(),
+        401
+    );
+    let t: Value = token("emulator-client", "emulator-secret")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(t["token_type"], "bearer");
+    assert!(t["expires_in"].as_u64().unwrap() > 0);
+    let access = t["access_token"].as_str().unwrap().to_string();
+    let view = |id: String, access: String| {
+        let http = http.clone();
+        let base = base.clone();
+        async move {
+            let r = http
+                .get(format!("{base}/api/v2/conversations/{id}"))
+                .bearer_auth(access)
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let leg = |v: &Value, purpose: &str| -> Value {
+        v["participants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["purpose"] == purpose)
+            .map(|p| p["chats"][0]["disconnectType"].clone())
+            .unwrap_or(Value::Null)
+    };
+    // A live chat: no endTime.
+    let g = Guest::create(&emu).await;
+    let (s, live) = view(g.id.clone(), access.clone()).await;
+    assert_eq!(s, 200);
+    assert!(
+        live["endTime"].is_null() && live["startTime"].is_string(),
+        "{live}"
+    );
+    assert_eq!(live["participants"][0]["chats"][0]["state"], "connected");
+    // The guest leaves: customer client, workflow peer (the forum thread's example).
+    assert_eq!(g.leave().await, 204);
+    let (_, v) = view(g.id.clone(), access.clone()).await;
+    assert!(v["endTime"].is_string(), "{v}");
+    assert_eq!(leg(&v, "customer"), "client");
+    assert_eq!(leg(&v, "workflow"), "peer");
+    // The agent ends it: agent client, customer peer; the flow handed the chat over.
+    let g = Guest::create(&emu).await;
+    emu.agent_flash(&g.id, std::time::Duration::ZERO).unwrap();
+    let (_, v) = view(g.id.clone(), access.clone()).await;
+    assert_eq!(leg(&v, "agent"), "client");
+    assert_eq!(leg(&v, "customer"), "peer");
+    // A flow ends it; the platform drops the guest; the grace rule (knob values).
+    let g = Guest::create(&emu).await;
+    emu.flow_disconnect(&g.id).unwrap();
+    let (_, v) = view(g.id.clone(), access.clone()).await;
+    assert_eq!(
+        (leg(&v, "workflow"), leg(&v, "customer")),
+        ("client".into(), "peer".into())
+    );
+    let g = Guest::create(&emu).await;
+    emu.server_end(&g.id).unwrap();
+    assert_eq!(
+        leg(&view(g.id.clone(), access.clone()).await.1, "customer"),
+        "system"
+    );
+    let g = Guest::create(&emu).await;
+    wait_log(&emu, &g.id, "ended", 1).await;
+    assert_eq!(
+        leg(&view(g.id.clone(), access.clone()).await.1, "customer"),
+        "transport.failure"
+    );
+    // The same under /conversations/chats/{id}; an unknown id is 404; an expired token 401.
+    let r = http
+        .get(format!("{base}/api/v2/conversations/chats/{}", g.id))
+        .bearer_auth(&access)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(view("nope".into(), access.clone()).await.0, 404);
+    http.post(format!("{base}/emulator/platform/expire-tokens"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(view(g.id.clone(), access).await.0, 401);
+}

@@ -100,6 +100,16 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route(&path::messages("{conv}"), get(list_messages))
         .route(&path::message("{conv}", "{message}"), get(get_message))
         .route("/v2/stream/{conv}", get(stream))
+        .route("/oauth/token", post(platform_token))
+        .route("/api/v2/conversations/{conv}", get(platform_conversation))
+        .route(
+            "/api/v2/conversations/chats/{conv}",
+            get(platform_conversation),
+        )
+        .route(
+            "/emulator/platform/expire-tokens",
+            post(admin_expire_platform_tokens),
+        )
         .route("/emulator/conversations", get(admin_list))
         .route("/emulator/conversations/{conv}", get(admin_get))
         .route(
@@ -771,4 +781,101 @@ async fn admin_bulk_end(State(sh): S, body: Bytes) -> Result<Response, ApiError>
         .map(|(id, us)| (id, serde_json::Value::from(us)))
         .collect();
     Ok(Json(serde_json::json!({ "sent_at_us": sent })).into_response())
+}
+
+/// `POST /oauth/token`: the client-credentials grant (HTTP Basic with the client id and secret,
+/// `grant_type=client_credentials` in a form body).
+async fn platform_token(
+    State(sh): S,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    use base64::Engine;
+    let form = String::from_utf8_lossy(&body);
+    if !form
+        .split('&')
+        .any(|kv| kv == "grant_type=client_credentials")
+    {
+        return Err(ApiError::bad("grant_type must be client_credentials"));
+    }
+    let basic = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .and_then(|b| String::from_utf8(b).ok());
+    let expected = format!(
+        "{}:{}",
+        sh.cfg.platform_client_id, sh.cfg.platform_client_secret
+    );
+    if basic.as_deref() != Some(expected.as_str()) {
+        sh.world()
+            .record(None, "platform_token", Some(401), String::new());
+        return Err(ApiError::unauthorized("client credentials refused"));
+    }
+    let token = uuid::Uuid::new_v4().simple().to_string();
+    let lifetime = sh.cfg.platform_token_lifetime;
+    {
+        let mut w = sh.world();
+        w.platform_tokens
+            .insert(token.clone(), Instant::now() + lifetime);
+        w.record(None, "platform_token", Some(200), String::new());
+    }
+    Ok(Json(serde_json::json!({
+        "access_token": token,
+        "token_type": "bearer",
+        "expires_in": lifetime.as_secs(),
+    }))
+    .into_response())
+}
+
+/// `GET /api/v2/conversations/{id}` (and `/conversations/chats/{id}`): the conversation as the
+/// Platform API shows it, for a valid access token.
+async fn platform_conversation(
+    State(sh): S,
+    headers: HeaderMap,
+    Path(conv): Path<String>,
+) -> Result<Response, ApiError> {
+    let mut w = sh.world();
+    let valid = bearer(&headers)
+        .and_then(|t| w.platform_tokens.get(t))
+        .is_some_and(|exp| *exp > Instant::now());
+    if !valid {
+        w.record(
+            Some(&conv),
+            "platform_conversation",
+            Some(401),
+            String::new(),
+        );
+        return Err(ApiError::unauthorized(
+            "access token missing, invalid or expired",
+        ));
+    }
+    let Some(c) = w.convs.get(&conv) else {
+        w.record(
+            Some(&conv),
+            "platform_conversation",
+            Some(404),
+            String::new(),
+        );
+        return Err(ApiError::not_found(format!(
+            "conversation {conv} not found"
+        )));
+    };
+    let view = super::platform::conversation_view(c, &w.cfg);
+    w.record(
+        Some(&conv),
+        "platform_conversation",
+        Some(200),
+        String::new(),
+    );
+    Ok(Json(view).into_response())
+}
+
+/// Every Platform API token expires now (tests of renewal).
+async fn admin_expire_platform_tokens(State(sh): S) -> Response {
+    let mut w = sh.world();
+    let n = w.platform_tokens.len();
+    w.platform_tokens.clear();
+    Json(serde_json::json!({ "ok": true, "affected": n })).into_response()
 }

@@ -10,6 +10,7 @@
 //! websocket, and a rules task per conversation fires the server-side timers.
 
 mod http;
+mod platform;
 mod socket;
 pub mod world;
 
@@ -70,6 +71,19 @@ pub struct EmulatorConfig {
     /// platform closes the guest's leg in the same operation (**[unsure]**: reported as the
     /// normal case; `false` keeps every leave date strictly after the previous one).
     pub tie_leave_dates: bool,
+    /// Platform API: the OAuth client id the token endpoint accepts.
+    pub platform_client_id: String,
+    /// Platform API: its secret.
+    pub platform_client_secret: String,
+    /// Platform API: `expires_in` of an access token.
+    #[serde(with = "humantime_serde")]
+    pub platform_token_lifetime: Duration,
+    /// Platform API: the customer's `disconnectType` when the grace rule ended the chat
+    /// (**[unsure]**: not in the public record).
+    pub platform_lost_connection_type: String,
+    /// Platform API: the customer's `disconnectType` when the no-activity rule ended the chat
+    /// (**[unsure]**).
+    pub platform_inactivity_type: String,
     /// Largest message a socket accepts from a client, bytes.
     pub max_client_frame: usize,
     /// Entries kept in the guest-side log.
@@ -94,6 +108,11 @@ impl Default for EmulatorConfig {
             tls_cert_file: None,
             tls_key_file: None,
             tie_leave_dates: true,
+            platform_client_id: "emulator-client".into(),
+            platform_client_secret: "emulator-secret".into(),
+            platform_token_lifetime: Duration::from_secs(86_400),
+            platform_lost_connection_type: "transport.failure".into(),
+            platform_inactivity_type: "timeout".into(),
             max_client_frame: 64 * 1024,
             log_limit: 100_000,
         }

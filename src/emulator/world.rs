@@ -118,6 +118,8 @@ pub(crate) struct World {
     pub next_socket: u64,
     /// Sockets counted as connected right now, across all conversations.
     pub live_sockets: usize,
+    /// Platform API access tokens and when each expires.
+    pub platform_tokens: HashMap<String, Instant>,
 }
 
 pub(crate) fn now_iso() -> String {
@@ -351,6 +353,7 @@ impl World {
             log_tx,
             next_socket: 1,
             live_sockets: 0,
+            platform_tokens: HashMap::new(),
         }
     }
 
