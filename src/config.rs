@@ -65,6 +65,89 @@ pub struct Config {
     pub journal: JournalSection,
     /// Shutdown behaviour.
     pub shutdown: ShutdownSection,
+    /// The Platform API (optional): confirms every end with the platform's own account.
+    pub platform: PlatformSection,
+}
+
+/// `[platform]`: OAuth client credentials for the Platform API. Off while `api_base` is empty.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlatformSection {
+    /// `https://api.<region>` (or the emulator); empty: no Platform API.
+    pub api_base: String,
+    /// Where the token endpoint is; empty: `api_base` with `api.` replaced by `login.` (the
+    /// same base when it has no `api.`, as for the emulator).
+    pub login_base: String,
+    /// OAuth client id (or `GUESTD_PLATFORM__CLIENT_ID`).
+    pub client_id: Option<crate::secret::Secret>,
+    /// OAuth client secret (or `GUESTD_PLATFORM__CLIENT_SECRET`); never logged.
+    pub client_secret: Option<crate::secret::Secret>,
+    /// A file whose first line is the client secret; wins over `client_secret`.
+    pub client_secret_file: Option<PathBuf>,
+    /// Wait this long after an `ended` before asking the platform.
+    #[serde(with = "humantime_serde")]
+    pub confirm_delay: Duration,
+    /// Ask at most this many times for the conversation to show its `endTime`.
+    pub confirm_attempts: u32,
+    /// Allow a plaintext `http://` base off loopback.
+    pub allow_insecure: bool,
+}
+
+impl Default for PlatformSection {
+    fn default() -> Self {
+        PlatformSection {
+            api_base: String::new(),
+            login_base: String::new(),
+            client_id: None,
+            client_secret: None,
+            client_secret_file: None,
+            confirm_delay: Duration::from_secs(2),
+            confirm_attempts: 5,
+            allow_insecure: false,
+        }
+    }
+}
+
+impl PlatformSection {
+    /// Whether the Platform API is configured.
+    pub fn enabled(&self) -> bool {
+        !self.api_base.trim().is_empty()
+    }
+
+    /// The token endpoint's base.
+    pub fn login_base(&self) -> String {
+        if !self.login_base.is_empty() {
+            return self.login_base.clone();
+        }
+        self.api_base.replacen("://api.", "://login.", 1)
+    }
+
+    /// (client id, client secret), from the file or the configuration/environment.
+    pub fn credentials(&self) -> Result<(crate::secret::Secret, crate::secret::Secret), String> {
+        let id = self
+            .client_id
+            .clone()
+            .filter(|s| !s.expose().trim().is_empty())
+            .ok_or("client_id is required (or GUESTD_PLATFORM__CLIENT_ID)")?;
+        let secret = match &self.client_secret_file {
+            Some(p) => {
+                let text =
+                    std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+                crate::secret::Secret::new(text.lines().next().unwrap_or_default().trim())
+            }
+            None => self
+                .client_secret
+                .clone()
+                .unwrap_or_else(|| crate::secret::Secret::new("")),
+        };
+        if secret.expose().is_empty() {
+            return Err(
+                "client_secret is required (client_secret_file or GUESTD_PLATFORM__CLIENT_SECRET)"
+                    .into(),
+            );
+        }
+        Ok((id, secret))
+    }
 }
 
 /// `[genesys]`.
@@ -442,6 +525,16 @@ impl Config {
         if let Some(p) = &self.genesys.extra_ca_file {
             if let Err(e) = self.genesys.extra_roots() {
                 return bad("genesys.extra_ca_file", &format!("{}: {e}", p.display()));
+            }
+        }
+        if self.platform.enabled() {
+            if let Err(e) =
+                crate::backend::check_url(&self.platform.api_base, self.platform.allow_insecure)
+            {
+                return bad("platform.api_base", &e.to_string());
+            }
+            if let Err(e) = self.platform.credentials() {
+                return bad("platform", &e);
             }
         }
         if !self.control.http_listen.is_empty() {

@@ -93,6 +93,36 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
         max_concurrent: cfg.rest.max_concurrent,
         extra_roots: extra_roots.clone(),
     })?);
+    let platform = if cfg.platform.enabled() {
+        let (client_id, client_secret) = cfg
+            .platform
+            .credentials()
+            .map_err(crate::backend::ApiError::Policy)?;
+        let api =
+            crate::genesys::platform::PlatformApi::new(crate::genesys::platform::PlatformConfig {
+                rest: ClientConfig {
+                    api_base: cfg.platform.api_base.clone(),
+                    organization_id: String::new(),
+                    deployment_id: String::new(),
+                    timeout: cfg.rest.timeout,
+                    max_retries: cfg.rest.max_retries,
+                    backoff: cfg.rest.backoff.clone(),
+                    max_retry_after: cfg.rest.max_retry_after,
+                    allow_insecure: cfg.platform.allow_insecure,
+                    // Confirmations are background work: a small cap keeps them off the chats' way.
+                    max_concurrent: 8,
+                    extra_roots: extra_roots.clone(),
+                },
+                login_base: cfg.platform.login_base(),
+                client_id,
+                client_secret,
+                confirm_delay: cfg.platform.confirm_delay,
+                confirm_attempts: cfg.platform.confirm_attempts,
+            })?;
+        Some(Arc::new(api))
+    } else {
+        None
+    };
     let connector = Connector::new(
         StreamConfig {
             read_buffer: cfg.stream.read_buffer,
@@ -117,6 +147,7 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
         done: done_tx,
         cancel: sessions_cancel.clone(),
         leave_on_shutdown: cfg.shutdown.leave_on_shutdown,
+        platform,
     };
     let sup = Supervisor::spawn(ctx, done_rx, cfg.supervisor.max_sessions);
     let (ready, ready_rx) = watch::channel(false);

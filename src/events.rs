@@ -182,6 +182,31 @@ pub enum EventKind {
         /// What was wrong.
         error: String,
     },
+    /// The Platform API's account of an end (only with `[platform]` configured), after the
+    /// session's `ended`.
+    EndConfirmed {
+        /// The reason the `ended` event gave.
+        reason: EndReason,
+        /// The reason the platform's disconnect types map to; null where they name none.
+        platform_reason: Option<EndReason>,
+        /// Whether the two agree; null where the platform's answer names no cause.
+        agrees: Option<bool>,
+        /// The conversation's `endTime` (RFC 3339); null if the platform does not show it over.
+        platform_end_time: Option<String>,
+        /// Each participant's purpose and `disconnectType`, as the platform gives them.
+        participants: Vec<Participant>,
+        /// How the verdict was reached, or why there is none.
+        detail: String,
+    },
+}
+
+/// One participant in an `end_confirmed` event.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Participant {
+    /// `customer`, `workflow`, `acd`, `agent`, ...
+    pub purpose: String,
+    /// `client`, `peer`, `system`, `timeout`, `transport.failure`, ... or null.
+    pub disconnect_type: Option<String>,
 }
 
 impl EventKind {

@@ -358,6 +358,8 @@ impl Supervisor {
             if self.ctx.emitter.emit_flushed(ev).await {
                 self.ctx.journal.ended(&id);
             }
+            // Ended while guestd was down: confirmed the same way.
+            self.ctx.confirm_end(&id, &conv, ending.reason);
             return Ok(());
         }
         let slot = self
@@ -578,6 +580,7 @@ mod tests {
             done,
             cancel: cancel.clone(),
             leave_on_shutdown: false,
+            platform: None,
         };
         (Supervisor::spawn(ctx, done_rx, max), cancel)
     }

@@ -811,3 +811,110 @@ async fn event_lines_match_the_shipped_schema() {
     }
     assert!(seen_types.len() >= 14, "a varied run: {seen_types:?}");
 }
+
+/// With `[platform]` configured, every `ended` is followed by the platform's account of it:
+/// agreement for an agent's end and a guest's leave; a disagreement reported as one (the
+/// emulator made to say the no-activity end was the guest's own); the access token renewed after
+/// it expired; the client secret in no log or event.
+#[tokio::test]
+async fn every_end_is_confirmed_by_the_platform() {
+    let emu = emulator(EmulatorConfig {
+        // The platform's account of a no-activity end, made to disagree with guestd's.
+        platform_inactivity_type: "client".into(),
+        ..emu_cfg()
+    })
+    .await;
+    let mut env = fast_env(&emu);
+    for (k, v) in [
+        ("GUESTD_PLATFORM__API_BASE", emu.base_url()),
+        ("GUESTD_PLATFORM__CLIENT_ID", "emulator-client".into()),
+        ("GUESTD_PLATFORM__CLIENT_SECRET", "emulator-secret".into()),
+        ("GUESTD_PLATFORM__CONFIRM_DELAY", "20ms".into()),
+    ] {
+        env.push((k.into(), v));
+    }
+    let mut d = Daemon::spawn(env, &[]);
+    let schema: Value = serde_json::from_str(include_str!("../docs/events.schema.json")).unwrap();
+    let rule = schema["allOf"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["if"]["properties"]["type"]["const"] == "end_confirmed")
+        .unwrap()
+        .clone();
+    let confirmed = |d: &Daemon, s: &str| -> Value {
+        d.seen
+            .iter()
+            .find(|v| v["session"] == s && v["type"] == "end_confirmed")
+            .cloned()
+            .unwrap()
+    };
+    let check_shape = |v: &Value| {
+        for k in rule["then"]["required"].as_array().unwrap() {
+            assert!(v.get(k.as_str().unwrap()).is_some(), "{k} missing: {v}");
+        }
+    };
+
+    // The agent ends it.
+    let (s, c) = started(&mut d, "a").await;
+    with_agent(&emu, &mut d, &s, &c).await;
+    emu.agent_end(&c).unwrap();
+    d.wait_type(&s, "end_confirmed").await;
+    let v = confirmed(&d, &s);
+    check_shape(&v);
+    assert_eq!(v["reason"], "agent_ended");
+    assert_eq!(v["platform_reason"], "agent_ended");
+    assert_eq!(v["agrees"], true, "{v}");
+    assert!(v["platform_end_time"].is_string());
+    assert!(
+        v["participants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["purpose"] == "agent" && p["disconnect_type"] == "client"),
+        "{v}"
+    );
+
+    // The token expires; the next confirmation gets a new one. The guest leaves.
+    http_post(&format!(
+        "{}/emulator/platform/expire-tokens",
+        emu.base_url()
+    ))
+    .await;
+    let (s, _) = started(&mut d, "b").await;
+    d.send(json!({"cmd": "leave", "session": s})).await;
+    d.wait_type(&s, "end_confirmed").await;
+    let v = confirmed(&d, &s);
+    assert_eq!(
+        (v["platform_reason"].clone(), v["agrees"].clone()),
+        (json!("guest_left"), json!(true)),
+        "{v}"
+    );
+    let tokens = emu
+        .log()
+        .iter()
+        .filter(|e| e.action == "platform_token")
+        .count();
+    assert!(tokens >= 2, "the expired token was renewed: {tokens}");
+
+    // No guest message for the no-activity timeout: guestd says inactivity_timeout, the
+    // (knobbed) platform says the guest left. Reported as a disagreement, not hidden.
+    let (s, c) = started(&mut d, "c").await;
+    with_agent(&emu, &mut d, &s, &c).await;
+    d.wait_type(&s, "end_confirmed").await;
+    let v = confirmed(&d, &s);
+    assert_eq!(v["reason"], "inactivity_timeout");
+    assert_eq!(v["platform_reason"], "guest_left");
+    assert_eq!(v["agrees"], false, "{v}");
+
+    let d = finish(d).await;
+    let out: String = d.seen.iter().map(|v| v.to_string()).collect();
+    let secret = "emulator-secret";
+    assert!(!out.contains(secret), "secret in events");
+    assert!(!d.stderr().contains(secret), "secret in logs");
+}
+
+async fn http_post(url: &str) {
+    let r = reqwest::Client::new().post(url).send().await.unwrap();
+    assert!(r.status().is_success(), "{url}: {}", r.status());
+}

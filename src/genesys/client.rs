@@ -54,16 +54,32 @@ pub struct GenesysApi {
     inner: Arc<Inner>,
 }
 
-struct Inner {
-    http: reqwest::Client,
+/// The REST machinery both Genesys clients share (the guest API's and the Platform API's):
+/// one HTTP client with guestd's TLS, a cap on requests in flight, the retry policy.
+pub(super) struct Inner {
+    pub(super) http: reqwest::Client,
     permits: tokio::sync::Semaphore,
-    cfg: ClientConfig,
+    pub(super) cfg: ClientConfig,
 }
 
 impl GenesysApi {
     /// Build a client. TLS is `crate::tls::client_config`, the websockets' own: certificates
     /// are always verified.
     pub fn new(cfg: ClientConfig) -> Result<Self, ApiError> {
+        Ok(GenesysApi {
+            inner: Arc::new(Inner::new(cfg)?),
+        })
+    }
+
+    /// The full URL of a path from `protocol::path`.
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.inner.cfg.api_base.trim_end_matches('/'))
+    }
+}
+
+impl Inner {
+    /// Check the base URL against the policy and build the HTTP client.
+    pub(super) fn new(cfg: ClientConfig) -> Result<Self, ApiError> {
         check_url(&cfg.api_base, cfg.allow_insecure)?;
         let tls = crate::tls::client_config(&cfg.extra_roots)
             .map_err(|e| ApiError::Policy(e.to_string()))?;
@@ -75,18 +91,11 @@ impl GenesysApi {
             .user_agent(concat!("guestd/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| ApiError::Transport(e.to_string()))?;
-        Ok(GenesysApi {
-            inner: Arc::new(Inner {
-                http,
-                permits: tokio::sync::Semaphore::new(cfg.max_concurrent.max(1)),
-                cfg,
-            }),
+        Ok(Inner {
+            http,
+            permits: tokio::sync::Semaphore::new(cfg.max_concurrent.max(1)),
+            cfg,
         })
-    }
-
-    /// The full URL of a path from `protocol::path`.
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.inner.cfg.api_base.trim_end_matches('/'))
     }
 }
 
@@ -115,7 +124,7 @@ impl Inner {
     }
 
     /// One REST call with the retry policy. `T = ()` for replies without a body.
-    async fn call<T: DeserializeOwned>(
+    pub(super) async fn call<T: DeserializeOwned>(
         &self,
         name: &'static str,
         method: Method,

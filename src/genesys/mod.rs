@@ -4,4 +4,5 @@
 //! is an added module implementing [`crate::backend::ChatApi`], not a rewrite.
 
 pub mod client;
+pub mod platform;
 pub mod protocol;

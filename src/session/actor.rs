@@ -41,6 +41,26 @@ pub struct SessionCtx {
     pub cancel: CancellationToken,
     /// On shutdown, leave the chats instead of only closing the sockets.
     pub leave_on_shutdown: bool,
+    /// The Platform API, when configured: every `ended` is followed by `end_confirmed`.
+    pub platform: Option<crate::genesys::platform::Platform>,
+}
+
+impl SessionCtx {
+    /// Ask the platform about an end, in the background, and write its `end_confirmed`.
+    pub fn confirm_end(&self, session: &str, conversation: &str, reason: EndReason) {
+        let Some(platform) = self.platform.clone() else {
+            return;
+        };
+        let (emitter, session, conversation) = (
+            self.emitter.clone(),
+            session.to_string(),
+            conversation.to_string(),
+        );
+        tokio::spawn(async move {
+            let ev = platform.confirm(&session, &conversation, reason).await;
+            emitter.emit(ev).await;
+        });
+    }
 }
 
 /// What a session did for a command (serialized as the command's `result`).
@@ -640,9 +660,12 @@ impl Actor {
                 // be picked up and its end reported again, with the same event_id.
                 tracing::error!(error = %e, "the end could not be made durable; writing it anyway");
             }
+            let reason = *reason;
             if self.ctx.emitter.emit_flushed(ev).await {
                 self.ctx.journal.ended(&self.id);
             }
+            self.ctx
+                .confirm_end(&self.id, &self.chat.conversation_id, reason);
             return;
         }
         self.ctx.emitter.emit(ev).await;
@@ -667,6 +690,7 @@ mod size_tests {
             done,
             cancel: CancellationToken::new(),
             leave_on_shutdown: false,
+            platform: None,
         };
         let chat = ChatRef {
             conversation_id: "c".into(),
