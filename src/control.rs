@@ -160,6 +160,13 @@ pub enum Command {
         /// Session id or conversation id.
         session: String,
     },
+    /// Whether any conversation is alive, held or not (see `crate::status`).
+    Status {
+        /// The conversation id.
+        conversation_id: String,
+        /// The chat's jwt, for the guest API to answer when nothing else can.
+        jwt: Option<Secret>,
+    },
 }
 
 impl Command {
@@ -173,6 +180,7 @@ impl Command {
             Command::Leave { .. } => "leave",
             Command::List => "list",
             Command::Get { .. } => "get",
+            Command::Status { .. } => "status",
         }
     }
 }
@@ -214,6 +222,14 @@ struct SessionArg {
 #[serde(deny_unknown_fields)]
 struct NoArgs {}
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatusArgs {
+    conversation_id: String,
+    #[serde(default)]
+    jwt: Option<Secret>,
+}
+
 /// Parse one stdin line into (request_id, command name, command). The name and request id are
 /// returned even when the rest is wrong, so the error reply can carry them.
 pub fn parse_line(line: &str) -> (Option<String>, String, Result<Command, String>) {
@@ -239,7 +255,10 @@ pub fn parse_line(line: &str) -> (Option<String>, String, Result<Command, String
             return (
                 request_id,
                 "unknown".into(),
-                Err("missing \"cmd\" (start, attach, send, typing, leave, list, get)".into()),
+                Err(
+                    "missing \"cmd\" (start, attach, send, typing, leave, list, get, status)"
+                        .into(),
+                ),
             );
         }
     };
@@ -272,13 +291,20 @@ pub fn parse_command(name: &str, args: serde_json::Value) -> Result<Command, Str
         "get" => Command::Get {
             session: de::<SessionArg>(name, args)?.session,
         },
+        "status" => {
+            let a: StatusArgs = de(name, args)?;
+            Command::Status {
+                conversation_id: a.conversation_id,
+                jwt: a.jwt,
+            }
+        }
         "list" => {
             de::<NoArgs>(name, args)?;
             Command::List
         }
         other => {
             return Err(format!(
-                "unknown command {other:?} (start, attach, send, typing, leave, list, get)"
+                "unknown command {other:?} (start, attach, send, typing, leave, list, get, status)"
             ));
         }
     })
@@ -297,6 +323,8 @@ pub enum Reply {
     },
     /// `send`, `typing`, `leave`: what the session did.
     Done(Done),
+    /// `status`: whether the conversation is alive, and who says so.
+    Status(crate::status::ConversationStatus),
 }
 
 /// Run a command.
@@ -311,6 +339,10 @@ pub async fn execute(sup: &Supervisor, cmd: Command) -> Result<Reply, Supervisor
             sessions: sup.list().await,
         },
         Command::Get { session } => Reply::Session(sup.get(&session).await?),
+        Command::Status {
+            conversation_id,
+            jwt,
+        } => Reply::Status(crate::status::status(sup, &conversation_id, jwt).await?),
     })
 }
 
@@ -382,7 +414,7 @@ fn order_key(cmd: &Command) -> Option<String> {
         | Command::Typing { session }
         | Command::Leave { session }
         | Command::Get { session } => Some(session.clone()),
-        Command::Start(_) | Command::List => None,
+        Command::Start(_) | Command::List | Command::Status { .. } => None,
     }
 }
 
@@ -644,6 +676,7 @@ pub fn router(st: HttpState, access: crate::access::Access) -> Router {
         .route("/v1/sessions/{id}", get(http_get).delete(http_leave))
         .route("/v1/sessions/{id}/messages", post(http_send))
         .route("/v1/sessions/{id}/typing", post(http_typing))
+        .route("/v1/conversations/{id}/status", get(http_status))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(|| async { crate::metrics::render() }))
@@ -706,6 +739,27 @@ async fn http_typing(
     Path(session): Path<String>,
 ) -> Result<Response, HttpError> {
     run_http(&st, Command::Typing { session }).await
+}
+
+/// `GET /v1/conversations/{id}/status`; the chat's jwt may come in `X-Guest-Chat-Jwt` (a header,
+/// never the query string, which proxies log).
+async fn http_status(
+    State(st): State<HttpState>,
+    Path(conversation_id): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, HttpError> {
+    let jwt = headers
+        .get("x-guest-chat-jwt")
+        .and_then(|v| v.to_str().ok())
+        .map(Secret::new);
+    run_http(
+        &st,
+        Command::Status {
+            conversation_id,
+            jwt,
+        },
+    )
+    .await
 }
 
 /// The body of `POST /v1/sessions/{id}/messages`.

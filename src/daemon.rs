@@ -63,6 +63,71 @@ pub struct ShutdownReport {
     pub delivered: bool,
 }
 
+/// The guest chat API client a configuration describes.
+pub fn guest_api(
+    cfg: &Config,
+    extra_roots: &[rustls::pki_types::CertificateDer<'static>],
+) -> Result<GenesysApi, DaemonError> {
+    Ok(GenesysApi::new(rest_config(
+        cfg,
+        &cfg.genesys.api_base,
+        cfg.genesys.allow_insecure,
+        extra_roots,
+    ))?)
+}
+
+/// The Platform API client, when `[platform]` is configured.
+pub fn platform_api(
+    cfg: &Config,
+    extra_roots: &[rustls::pki_types::CertificateDer<'static>],
+) -> Result<Option<crate::genesys::platform::PlatformApi>, DaemonError> {
+    if !cfg.platform.enabled() {
+        return Ok(None);
+    }
+    let (client_id, client_secret) = cfg
+        .platform
+        .credentials()
+        .map_err(crate::backend::ApiError::Policy)?;
+    let mut rest = rest_config(
+        cfg,
+        &cfg.platform.api_base,
+        cfg.platform.allow_insecure,
+        extra_roots,
+    );
+    // Confirmations are background work: a small cap keeps them out of the chats' way.
+    rest.max_concurrent = 8;
+    Ok(Some(crate::genesys::platform::PlatformApi::new(
+        crate::genesys::platform::PlatformConfig {
+            rest,
+            login_base: cfg.platform.login_base(),
+            client_id,
+            client_secret,
+            confirm_delay: cfg.platform.confirm_delay,
+            confirm_attempts: cfg.platform.confirm_attempts,
+        },
+    )?))
+}
+
+fn rest_config(
+    cfg: &Config,
+    api_base: &str,
+    allow_insecure: bool,
+    extra_roots: &[rustls::pki_types::CertificateDer<'static>],
+) -> ClientConfig {
+    ClientConfig {
+        api_base: api_base.to_string(),
+        organization_id: cfg.genesys.organization_id.clone(),
+        deployment_id: cfg.genesys.deployment_id.clone(),
+        timeout: cfg.rest.timeout,
+        max_retries: cfg.rest.max_retries,
+        backoff: cfg.rest.backoff.clone(),
+        max_retry_after: cfg.rest.max_retry_after,
+        allow_insecure,
+        max_concurrent: cfg.rest.max_concurrent,
+        extra_roots: extra_roots.to_vec(),
+    }
+}
+
 /// Start guestd with `sink` for events and optionally `stdin` for commands.
 pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
     cfg: Config,
@@ -81,48 +146,8 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
         .genesys
         .extra_roots()
         .map_err(crate::backend::ApiError::Policy)?;
-    let api: Arc<dyn ChatApi> = Arc::new(GenesysApi::new(ClientConfig {
-        api_base: cfg.genesys.api_base.clone(),
-        organization_id: cfg.genesys.organization_id.clone(),
-        deployment_id: cfg.genesys.deployment_id.clone(),
-        timeout: cfg.rest.timeout,
-        max_retries: cfg.rest.max_retries,
-        backoff: cfg.rest.backoff.clone(),
-        max_retry_after: cfg.rest.max_retry_after,
-        allow_insecure: cfg.genesys.allow_insecure,
-        max_concurrent: cfg.rest.max_concurrent,
-        extra_roots: extra_roots.clone(),
-    })?);
-    let platform = if cfg.platform.enabled() {
-        let (client_id, client_secret) = cfg
-            .platform
-            .credentials()
-            .map_err(crate::backend::ApiError::Policy)?;
-        let api =
-            crate::genesys::platform::PlatformApi::new(crate::genesys::platform::PlatformConfig {
-                rest: ClientConfig {
-                    api_base: cfg.platform.api_base.clone(),
-                    organization_id: String::new(),
-                    deployment_id: String::new(),
-                    timeout: cfg.rest.timeout,
-                    max_retries: cfg.rest.max_retries,
-                    backoff: cfg.rest.backoff.clone(),
-                    max_retry_after: cfg.rest.max_retry_after,
-                    allow_insecure: cfg.platform.allow_insecure,
-                    // Confirmations are background work: a small cap keeps them off the chats' way.
-                    max_concurrent: 8,
-                    extra_roots: extra_roots.clone(),
-                },
-                login_base: cfg.platform.login_base(),
-                client_id,
-                client_secret,
-                confirm_delay: cfg.platform.confirm_delay,
-                confirm_attempts: cfg.platform.confirm_attempts,
-            })?;
-        Some(Arc::new(api))
-    } else {
-        None
-    };
+    let api: Arc<dyn ChatApi> = Arc::new(guest_api(&cfg, &extra_roots)?);
+    let platform = platform_api(&cfg, &extra_roots)?.map(Arc::new);
     let connector = Connector::new(
         StreamConfig {
             read_buffer: cfg.stream.read_buffer,

@@ -35,6 +35,8 @@ pub mod metrics;
 pub mod secret;
 /// One session: the pure state machine and the actor that drives it.
 pub mod session;
+/// The status of any conversation: guestd's view, the Platform API, or the guest API.
+pub mod status;
 /// The websocket transport.
 pub mod stream;
 /// The registry of sessions and its limits.

@@ -59,6 +59,20 @@ enum Cmd {
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         events: bool,
     },
+    /// Is a conversation still alive? Asks the running guestd's HTTP API (which answers from its
+    /// own view, the Platform API or the guest API), else the Platform API or guest API directly.
+    /// Prints the status as JSON; exits 0 when it was answered.
+    Status {
+        /// The conversation id.
+        conversation_id: String,
+        /// Configuration file (for the HTTP API's address and token, and `[platform]`).
+        #[arg(long, short, env = "GUESTD_CONFIG")]
+        config: Option<PathBuf>,
+        /// Name of an environment variable holding the chat's jwt (never a flag: flags show in
+        /// process lists).
+        #[arg(long)]
+        jwt_env: Option<String>,
+    },
     /// Check a configuration file and print the effective configuration.
     CheckConfig {
         /// Configuration file.
@@ -68,6 +82,36 @@ enum Cmd {
         #[arg(long)]
         emulator: bool,
     },
+}
+
+/// Ask a running guestd over its HTTP API; None when none answers at `control.http_listen`.
+async fn status_via_daemon(
+    cfg: &Config,
+    conversation_id: &str,
+    jwt: Option<&str>,
+) -> anyhow::Result<Option<(bool, String)>> {
+    if cfg.control.http_listen.is_empty() {
+        return Ok(None);
+    }
+    let url = format!(
+        "http://{}/v1/conversations/{conversation_id}/status",
+        cfg.control.http_listen
+    );
+    let mut req = reqwest::Client::new().get(url);
+    if let Some(token) = cfg.control.bearer_token().map_err(anyhow::Error::msg)? {
+        req = req.bearer_auth(token.expose());
+    }
+    if let Some(jwt) = jwt {
+        req = req.header("x-guest-chat-jwt", jwt);
+    }
+    match req.send().await {
+        Ok(r) => {
+            let ok = r.status().is_success();
+            Ok(Some((ok, r.text().await.unwrap_or_default())))
+        }
+        Err(e) if e.is_connect() => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// An emulator configuration file, or the defaults.
@@ -202,6 +246,44 @@ async fn main() -> anyhow::Result<()> {
                 anyhow::bail!("the demo did not see the expected end reasons");
             }
             Ok(())
+        }
+        Cmd::Status {
+            conversation_id,
+            config,
+            jwt_env,
+        } => {
+            let cfg = Config::load(config.as_deref()).context("loading configuration")?;
+            let jwt = jwt_env
+                .map(|name| std::env::var(&name).with_context(|| format!("reading ${name}")))
+                .transpose()?;
+            let answer = status_via_daemon(&cfg, &conversation_id, jwt.as_deref()).await?;
+            let (ok, body) = match answer {
+                Some(a) => a,
+                None => {
+                    // No guestd running: ask the platform (or the guest API) directly.
+                    let roots = cfg.genesys.extra_roots().map_err(anyhow::Error::msg)?;
+                    let api = guestd::daemon::guest_api(&cfg, &roots)?;
+                    let platform = guestd::daemon::platform_api(&cfg, &roots)?;
+                    match guestd::status::status_from(
+                        None,
+                        platform.as_ref(),
+                        &api,
+                        &conversation_id,
+                        jwt.map(guestd::secret::Secret::new),
+                    )
+                    .await
+                    {
+                        Ok(s) => (true, serde_json::to_string(&s)?),
+                        Err(e) => (
+                            false,
+                            serde_json::json!({"error": e.to_string(), "code": e.code()})
+                                .to_string(),
+                        ),
+                    }
+                }
+            };
+            println!("{body}");
+            if ok { Ok(()) } else { std::process::exit(1) }
         }
         Cmd::CheckConfig {
             config,

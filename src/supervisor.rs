@@ -172,6 +172,11 @@ impl Supervisor {
         &self.ctx.api
     }
 
+    /// The Platform API, when configured.
+    pub fn platform(&self) -> Option<&crate::genesys::platform::PlatformApi> {
+        self.ctx.platform.as_deref()
+    }
+
     /// The event emitter.
     pub fn emitter(&self) -> &Emitter {
         &self.ctx.emitter

@@ -830,6 +830,10 @@ async fn every_end_is_confirmed_by_the_platform() {
         ("GUESTD_PLATFORM__CLIENT_ID", "emulator-client".into()),
         ("GUESTD_PLATFORM__CLIENT_SECRET", "emulator-secret".into()),
         ("GUESTD_PLATFORM__CONFIRM_DELAY", "20ms".into()),
+        // Longer than the emulator's (3 s), so the platform has ended a partitioned chat when
+        // guestd gives up; with a shorter one guestd asks before the platform shows the end
+        // (end_confirmed then says the platform does not show it over).
+        ("GUESTD_SESSION__RECONNECT_GRACE", "4s".into()),
     ] {
         env.push((k.into(), v));
     }
@@ -907,6 +911,40 @@ async fn every_end_is_confirmed_by_the_platform() {
     assert_eq!(v["platform_reason"], "guest_left");
     assert_eq!(v["agrees"], false, "{v}");
 
+    // A flow's end, the platform dropping the guest, and a partition past the grace window:
+    // each confirmed with the disconnect types of how it really ended.
+    for (rid, want, customer) in [
+        ("f", "flow_ended", "peer"),
+        ("v", "server_ended", "system"),
+        ("g", "reconnect_grace_expired", "transport.failure"),
+    ] {
+        let (s, c) = started(&mut d, rid).await;
+        match want {
+            "flow_ended" => emu.flow_disconnect(&c).unwrap(),
+            "server_ended" => emu.server_end(&c).unwrap(),
+            _ => {
+                emu.block_stream(&c, true).unwrap();
+                emu.drop_sockets(&c, true).unwrap();
+            }
+        }
+        d.wait_type(&s, "end_confirmed").await;
+        let v = confirmed(&d, &s);
+        assert_eq!(v["reason"], want, "{v}");
+        assert_eq!(
+            (v["platform_reason"].clone(), v["agrees"].clone()),
+            (json!(want), json!(true)),
+            "{v}"
+        );
+        let leg = v["participants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["purpose"] == "customer")
+            .unwrap()["disconnect_type"]
+            .clone();
+        assert_eq!(leg, customer, "{v}");
+    }
+
     let d = finish(d).await;
     let out: String = d.seen.iter().map(|v| v.to_string()).collect();
     let secret = "emulator-secret";
@@ -917,4 +955,95 @@ async fn every_end_is_confirmed_by_the_platform() {
 async fn http_post(url: &str) {
     let r = reqwest::Client::new().post(url).send().await.unwrap();
     assert!(r.status().is_success(), "{url}: {}", r.status());
+}
+
+/// "Is conversation X still alive?": from guestd's own view for a chat it holds, from the
+/// Platform API for one it does not (live, then ended), from the guest API when only the jwt is
+/// at hand, and from the command line without a running guestd.
+#[tokio::test]
+async fn status_of_held_and_foreign_conversations() {
+    let emu = emulator(emu_cfg()).await;
+    let platform_env = |mut env: Vec<(String, String)>| {
+        for (k, v) in [
+            ("GUESTD_PLATFORM__API_BASE", emu.base_url()),
+            ("GUESTD_PLATFORM__CLIENT_ID", "emulator-client".into()),
+            ("GUESTD_PLATFORM__CLIENT_SECRET", "emulator-secret".into()),
+        ] {
+            env.push((k.into(), v));
+        }
+        env
+    };
+    let mut d = Daemon::spawn(platform_env(fast_env(&emu)), &[]);
+    let ask = |conv: &str, rid: &str, jwt: Option<&str>| {
+        let mut cmd = json!({"cmd": "status", "request_id": rid, "conversation_id": conv});
+        if let Some(j) = jwt {
+            cmd["jwt"] = json!(j);
+        }
+        cmd
+    };
+    // Held by guestd.
+    let (s, c) = started(&mut d, "h").await;
+    d.send(ask(&c, "q1", None)).await;
+    let r = d.wait(|v| v["request_id"] == "q1").await;
+    assert_eq!(r["result"]["source"], "guestd", "{r}");
+    assert_eq!(
+        (r["result"]["alive"].clone(), r["result"]["session"].clone()),
+        (json!(true), json!(s))
+    );
+    // Not held: the Platform API answers, live then ended.
+    let g = Guest::create(&emu).await;
+    d.send(ask(&g.id, "q2", None)).await;
+    let r = d.wait(|v| v["request_id"] == "q2").await;
+    assert_eq!(
+        (r["result"]["source"].clone(), r["result"]["alive"].clone()),
+        (json!("platform"), json!(true)),
+        "{r}"
+    );
+    assert_eq!(g.leave().await, 204);
+    d.send(ask(&g.id, "q3", None)).await;
+    let r = d.wait(|v| v["request_id"] == "q3").await;
+    assert_eq!(r["result"]["alive"], false, "{r}");
+    assert_eq!(r["result"]["reason"], "guest_left");
+    assert!(r["result"]["end_time"].is_string());
+    finish(d).await;
+
+    // Without [platform]: the guest API, with the chat's jwt; without it, a clear refusal.
+    let mut d = Daemon::spawn(fast_env(&emu), &[]);
+    let g = Guest::create(&emu).await;
+    d.send(ask(&g.id, "q4", Some(&g.jwt))).await;
+    let r = d.wait(|v| v["request_id"] == "q4").await;
+    assert_eq!(
+        (r["result"]["source"].clone(), r["result"]["alive"].clone()),
+        (json!("guest_api"), json!(true)),
+        "{r}"
+    );
+    emu.flow_disconnect(&g.id).unwrap();
+    d.send(ask(&g.id, "q5", Some(&g.jwt))).await;
+    let r = d.wait(|v| v["request_id"] == "q5").await;
+    assert_eq!(r["result"]["alive"], false, "{r}");
+    d.send(ask(&g.id, "q6", None)).await;
+    let r = d.wait(|v| v["request_id"] == "q6").await;
+    assert_eq!(r["type"], "command_error");
+    assert!(r["error"].as_str().unwrap().contains("jwt"), "{r}");
+    let d = finish(d).await;
+    assert!(!d.stderr().contains(&g.jwt), "the jwt is never logged");
+
+    // The command line, with no guestd running: straight to the Platform API.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_guestd"))
+        .args(["status", &g.id])
+        .envs(platform_env(fast_env(&emu)))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["alive"].clone(), v["reason"].clone()),
+        (json!(false), json!("flow_ended")),
+        "{v}"
+    );
 }
