@@ -388,6 +388,41 @@ async fn the_http_api_refuses_web_pages_and_strangers() {
     finish_ok(d).await;
 }
 
+/// With `[platform]`, a chat its agent ended while guestd was down is reported after the restart
+/// and confirmed by the platform like any other.
+#[tokio::test]
+async fn an_end_while_guestd_was_down_is_confirmed_after_the_restart() {
+    let emu = emulator(emu_cfg()).await;
+    let journal = temp_journal();
+    let mut env = journal_env(&emu, &journal);
+    for (k, v) in [
+        ("GUESTD_PLATFORM__API_BASE", emu.base_url()),
+        ("GUESTD_PLATFORM__CLIENT_ID", "emulator-client".into()),
+        ("GUESTD_PLATFORM__CLIENT_SECRET", "emulator-secret".into()),
+        ("GUESTD_PLATFORM__CONFIRM_DELAY", "20ms".into()),
+    ] {
+        env.push((k.into(), v));
+    }
+    let mut d1 = Daemon::spawn(env.clone(), &[]);
+    let chats = start_n(&mut d1, 1).await;
+    let (s, c) = &chats[0];
+    emu.agent_join(c).unwrap();
+    d1.wait_type(s, "agent_connected").await;
+    signal(d1.pid(), "KILL");
+    let _ = d1.child.wait().await;
+    emu.agent_end(c).unwrap();
+    let mut d2 = Daemon::spawn(env, &[]);
+    let ended = d2.wait_type(s, "ended").await;
+    assert_eq!(ended["reason"], "agent_ended");
+    let v = d2.wait_type(s, "end_confirmed").await;
+    assert_eq!(
+        (v["platform_reason"].clone(), v["agrees"].clone()),
+        (json!("agent_ended"), json!(true)),
+        "{v}"
+    );
+    finish_ok(d2).await;
+}
+
 async fn finish_ok(mut d: Daemon) -> Daemon {
     signal(d.pid(), "TERM");
     d.drain().await;
