@@ -633,9 +633,8 @@ async fn start_connected(d: &mut Daemon, n: usize) -> Vec<(String, String)> {
     sessions
 }
 
-/// 1,000 concurrent sessions in one daemon: each gets exactly one correct `ended`.
-#[tokio::test]
-async fn a_thousand_concurrent_sessions_each_end_once() {
+/// An emulator and a daemon for a thousand chats: 1 s heartbeats, quiet logs.
+async fn many_chats_setup() -> (Emulator, Daemon) {
     let emu = emulator(EmulatorConfig {
         heartbeat_interval: Duration::from_secs(1),
         ..emu_cfg()
@@ -645,7 +644,14 @@ async fn a_thousand_concurrent_sessions_each_end_once() {
     env.push(("GUESTD_SESSION__HEARTBEAT_INTERVAL".into(), "1s".into()));
     env.push(("GUESTD_SESSION__INACTIVITY_TIMEOUT".into(), "5m".into()));
     env.push(("RUST_LOG".into(), "guestd=warn".into()));
-    let mut d = Daemon::spawn(env, &[]);
+    let d = Daemon::spawn(env, &[]);
+    (emu, d)
+}
+
+/// 1,000 concurrent sessions in one daemon: each gets exactly one correct `ended`.
+#[tokio::test]
+async fn a_thousand_concurrent_sessions_each_end_once() {
+    let (emu, mut d) = many_chats_setup().await;
     const N: usize = 1000;
     let sessions: std::collections::HashMap<String, String> =
         start_connected(&mut d, N).await.into_iter().collect();
@@ -693,16 +699,7 @@ async fn a_thousand_concurrent_sessions_each_end_once() {
 /// right one.
 #[tokio::test]
 async fn a_thousand_chats_with_flash_agents_and_flows_each_end_once_for_the_right_reason() {
-    let emu = emulator(EmulatorConfig {
-        heartbeat_interval: Duration::from_secs(1),
-        ..emu_cfg()
-    })
-    .await;
-    let mut env = fast_env(&emu);
-    env.push(("GUESTD_SESSION__HEARTBEAT_INTERVAL".into(), "1s".into()));
-    env.push(("GUESTD_SESSION__INACTIVITY_TIMEOUT".into(), "5m".into()));
-    env.push(("RUST_LOG".into(), "guestd=warn".into()));
-    let mut d = Daemon::spawn(env, &[]);
+    let (emu, mut d) = many_chats_setup().await;
     const N: usize = 1000;
     let sessions = start_connected(&mut d, N).await;
     let mut expect = std::collections::HashMap::new();

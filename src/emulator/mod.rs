@@ -396,17 +396,23 @@ impl Emulator {
     pub fn agent_join(&self, id: &str) -> Result<(), AdminError> {
         let alert = self.shared.cfg.agent_alert_duration;
         self.with_live(id, |w| {
-            let c = w
-                .convs
-                .get_mut(id)
-                .ok_or_else(|| AdminError::NoConversation(id.into()))?;
-            if c.agent_id.is_some() {
-                return Err(AdminError::Nothing(format!("{id} already has an agent")));
-            }
+            let c = Self::agentless(w, id)?;
             c.agent_alert(Instant::now(), alert);
             c.notify.notify_one();
             Ok(())
         })
+    }
+
+    /// The conversation, if no agent was offered it yet.
+    fn agentless<'w>(w: &'w mut World, id: &str) -> Result<&'w mut world::Conv, AdminError> {
+        let c = w
+            .convs
+            .get_mut(id)
+            .ok_or_else(|| AdminError::NoConversation(id.into()))?;
+        if c.agent_id.is_some() {
+            return Err(AdminError::Nothing(format!("{id} already has an agent")));
+        }
+        Ok(c)
     }
 
     fn agent_id(w: &World, id: &str) -> Result<String, AdminError> {
@@ -458,13 +464,7 @@ impl Emulator {
     /// lock, so the three member-change frames go out back to back.
     pub fn agent_flash(&self, id: &str, hold: Duration) -> Result<(), AdminError> {
         self.with_live(id, |w| {
-            let c = w
-                .convs
-                .get_mut(id)
-                .ok_or_else(|| AdminError::NoConversation(id.into()))?;
-            if c.agent_id.is_some() {
-                return Err(AdminError::Nothing(format!("{id} already has an agent")));
-            }
+            let c = Self::agentless(w, id)?;
             c.agent_flash(Instant::now(), hold);
             c.notify.notify_one();
             if hold.is_zero() {
