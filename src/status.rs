@@ -82,14 +82,7 @@ pub async fn status_from(
         out.alive = c.end_time.is_none();
         out.reason = platform_reason(&c).ok();
         out.end_time = c.end_time.clone();
-        out.participants = c
-            .participants
-            .iter()
-            .map(|p| Participant {
-                purpose: p.purpose.clone(),
-                disconnect_type: p.chats.iter().find_map(|l| l.disconnect_type.clone()),
-            })
-            .collect();
+        out.participants = c.summary();
         return Ok(out);
     }
     let Some(jwt) = jwt else {

@@ -821,11 +821,8 @@ async fn every_end_is_confirmed_by_the_platform() {
         ..emu_cfg()
     })
     .await;
-    let mut env = fast_env(&emu);
+    let mut env = with_platform(&emu, fast_env(&emu));
     for (k, v) in [
-        ("GUESTD_PLATFORM__API_BASE", emu.base_url()),
-        ("GUESTD_PLATFORM__CLIENT_ID", "emulator-client".into()),
-        ("GUESTD_PLATFORM__CLIENT_SECRET", "emulator-secret".into()),
         ("GUESTD_PLATFORM__CONFIRM_DELAY", "20ms".into()),
         // Longer than the emulator's (3 s), so the platform has ended a partitioned chat when
         // guestd gives up; with a shorter one guestd asks before the platform shows the end
@@ -960,17 +957,7 @@ async fn http_post(url: &str) {
 #[tokio::test]
 async fn status_of_held_and_foreign_conversations() {
     let emu = emulator(emu_cfg()).await;
-    let platform_env = |mut env: Vec<(String, String)>| {
-        for (k, v) in [
-            ("GUESTD_PLATFORM__API_BASE", emu.base_url()),
-            ("GUESTD_PLATFORM__CLIENT_ID", "emulator-client".into()),
-            ("GUESTD_PLATFORM__CLIENT_SECRET", "emulator-secret".into()),
-        ] {
-            env.push((k.into(), v));
-        }
-        env
-    };
-    let mut d = Daemon::spawn(platform_env(fast_env(&emu)), &[]);
+    let mut d = Daemon::spawn(with_platform(&emu, fast_env(&emu)), &[]);
     let ask = |conv: &str, rid: &str, jwt: Option<&str>| {
         let mut cmd = json!({"cmd": "status", "request_id": rid, "conversation_id": conv});
         if let Some(j) = jwt {
@@ -1028,7 +1015,7 @@ async fn status_of_held_and_foreign_conversations() {
     // The command line, with no guestd running: straight to the Platform API.
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_guestd"))
         .args(["status", &g.id])
-        .envs(platform_env(fast_env(&emu)))
+        .envs(with_platform(&emu, fast_env(&emu)))
         .output()
         .await
         .unwrap();

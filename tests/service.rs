@@ -394,15 +394,8 @@ async fn the_http_api_refuses_web_pages_and_strangers() {
 async fn an_end_while_guestd_was_down_is_confirmed_after_the_restart() {
     let emu = emulator(emu_cfg()).await;
     let journal = temp_journal();
-    let mut env = journal_env(&emu, &journal);
-    for (k, v) in [
-        ("GUESTD_PLATFORM__API_BASE", emu.base_url()),
-        ("GUESTD_PLATFORM__CLIENT_ID", "emulator-client".into()),
-        ("GUESTD_PLATFORM__CLIENT_SECRET", "emulator-secret".into()),
-        ("GUESTD_PLATFORM__CONFIRM_DELAY", "20ms".into()),
-    ] {
-        env.push((k.into(), v));
-    }
+    let mut env = with_platform(&emu, journal_env(&emu, &journal));
+    env.push(("GUESTD_PLATFORM__CONFIRM_DELAY".into(), "20ms".into()));
     let mut d1 = Daemon::spawn(env.clone(), &[]);
     let chats = start_n(&mut d1, 1).await;
     let (s, c) = &chats[0];

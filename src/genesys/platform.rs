@@ -78,13 +78,30 @@ pub struct ChatLeg {
     pub disconnected_time: Option<String>,
 }
 
+impl ConversationParticipant {
+    /// How its (first ended) chat leg ended.
+    pub fn disconnect_type(&self) -> Option<&str> {
+        self.chats.iter().find_map(|c| c.disconnect_type.as_deref())
+    }
+}
+
 impl Conversation {
+    /// Each participant's purpose and `disconnectType`, as events and status report them.
+    pub fn summary(&self) -> Vec<Participant> {
+        self.participants
+            .iter()
+            .map(|p| Participant {
+                purpose: p.purpose.clone(),
+                disconnect_type: p.disconnect_type().map(str::to_string),
+            })
+            .collect()
+    }
+
     fn disconnect_of(&self, purpose: &str) -> Option<&str> {
         self.participants
             .iter()
             .filter(|p| p.purpose == purpose)
-            .flat_map(|p| p.chats.iter())
-            .find_map(|c| c.disconnect_type.as_deref())
+            .find_map(ConversationParticipant::disconnect_type)
     }
 
     fn any_client(&self, purpose: &str) -> bool {
@@ -245,14 +262,7 @@ impl PlatformApi {
                     platform_reason: verdict.as_ref().ok().copied(),
                     agrees,
                     platform_end_time: c.end_time.clone(),
-                    participants: c
-                        .participants
-                        .iter()
-                        .map(|p| Participant {
-                            purpose: p.purpose.clone(),
-                            disconnect_type: p.chats.iter().find_map(|l| l.disconnect_type.clone()),
-                        })
-                        .collect(),
+                    participants: c.summary(),
                     detail: match verdict {
                         Ok(_) => "the platform's disconnect types name the cause".into(),
                         Err(why) => why,

@@ -367,7 +367,9 @@ impl Machine {
         let mut next: Option<Instant> = None;
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
         match &self.link {
-            Link::Up { last_rx, missed } => consider(self.miss_due(*last_rx, *missed)),
+            Link::Up { last_rx, missed } => {
+                consider(link::last_rx_miss_due(&self.timing, *last_rx, *missed))
+            }
             Link::Down {
                 lost_at,
                 next_at,

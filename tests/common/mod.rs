@@ -256,6 +256,18 @@ pub fn fast_env(emu: &Emulator) -> Vec<(String, String)> {
     .collect()
 }
 
+/// `env` plus `[platform]` pointed at the emulator's Platform API (its default client).
+pub fn with_platform(emu: &Emulator, mut env: Vec<(String, String)>) -> Vec<(String, String)> {
+    for (k, v) in [
+        ("GUESTD_PLATFORM__API_BASE", emu.base_url()),
+        ("GUESTD_PLATFORM__CLIENT_ID", "emulator-client".into()),
+        ("GUESTD_PLATFORM__CLIENT_SECRET", "emulator-secret".into()),
+    ] {
+        env.push((k.into(), v));
+    }
+    env
+}
+
 impl Daemon {
     pub fn spawn(env: Vec<(String, String)>, args: &[&str]) -> Daemon {
         let dir = std::env::temp_dir().join(format!("guestd-test-{}", uuid::Uuid::new_v4()));

@@ -26,10 +26,6 @@ pub(super) fn last_rx_miss_due(t: &Timing, last_rx: Instant, missed: u32) -> Ins
 }
 
 impl Machine {
-    pub(super) fn miss_due(&self, last_rx: Instant, missed: u32) -> Instant {
-        last_rx_miss_due(&self.timing, last_rx, missed)
-    }
-
     pub(super) fn alive(&mut self, now: Instant) {
         if let Link::Up { last_rx, missed } = &mut self.link {
             *last_rx = now;
