@@ -63,26 +63,11 @@ impl Machine {
 
     /// Record a member's role (from a members list) without touching its state.
     pub(super) fn learn_role(&mut self, id: &str, role: Role) {
-        match self.members.iter_mut().find(|(m, _)| m == id) {
-            Some((_, k)) => k.role = Some(role),
-            None => self.members.push((
-                id.to_string(),
-                Member {
-                    role: Some(role),
-                    state: MemberState::Unknown,
-                },
-            )),
-        }
+        self.entry(id).role = Some(role);
     }
 
-    pub(super) fn apply_member(
-        &mut self,
-        id: &str,
-        role: Option<Role>,
-        state: MemberState,
-        now: Instant,
-        out: &mut Vec<Action>,
-    ) {
+    /// The member `id`, added with an unknown role and state when first met.
+    fn entry(&mut self, id: &str) -> &mut Member {
         let at = match self.members.iter().position(|(m, _)| m == id) {
             Some(i) => i,
             None => {
@@ -96,7 +81,18 @@ impl Machine {
                 self.members.len() - 1
             }
         };
-        let known = &mut self.members[at].1;
+        &mut self.members[at].1
+    }
+
+    pub(super) fn apply_member(
+        &mut self,
+        id: &str,
+        role: Option<Role>,
+        state: MemberState,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let known = self.entry(id);
         if role.is_some() {
             known.role = role;
         }
