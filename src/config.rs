@@ -67,6 +67,163 @@ pub struct Config {
     pub shutdown: ShutdownSection,
     /// The Platform API (optional): confirms every end with the platform's own account.
     pub platform: PlatformSection,
+    /// Several nodes on NATS JetStream (optional; absent = one node with the file journal).
+    pub cluster: ClusterSection,
+}
+
+/// `[cluster]`: several guestd nodes sharing chats through NATS JetStream. Off while `servers`
+/// is empty. See docs/design.md ("Cluster mode") and docs/operations.md.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSection {
+    /// NATS server URLs (`nats://host:4222`, `tls://host:4222`); empty = single node.
+    pub servers: Vec<String>,
+    /// This node's name (letters, digits, `-`, `_`); empty = the host name.
+    pub node_id: String,
+    /// Prefix of every bucket, stream and subject guestd makes (letters, digits, `_`).
+    pub prefix: String,
+    /// How long a node's lease lasts without a renewal; others take its chats after that.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// How often a node renews its lease.
+    #[serde(with = "humantime_serde")]
+    pub renew: Duration,
+    /// A node stops acting this long before its lease could run out (clock and network slack).
+    #[serde(with = "humantime_serde")]
+    pub fence_margin: Duration,
+    /// Replicas of the buckets and the event stream (3 on a 3-server cluster).
+    pub replicas: usize,
+    /// The event stream's duplicate window: a re-emitted event inside it is dropped.
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    /// How long the event stream keeps events.
+    #[serde(with = "humantime_serde")]
+    pub events_max_age: Duration,
+    /// The 32-byte key (64 hex digits) that seals jwts stored in NATS, from this file; or set
+    /// `GUESTD_CLUSTER_SEAL_KEY` (the environment wins). Required in cluster mode.
+    pub seal_key_file: Option<PathBuf>,
+    /// NATS credentials file (`.creds`), if the servers require one.
+    pub credentials_file: Option<PathBuf>,
+    /// NATS token, from this file, if the servers require one.
+    pub token_file: Option<PathBuf>,
+    /// Extra CA (PEM) to verify the NATS servers with.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Require TLS to the NATS servers.
+    pub tls_required: bool,
+    /// Allow plaintext `nats://` to hosts other than loopback.
+    pub allow_insecure: bool,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            servers: Vec::new(),
+            node_id: String::new(),
+            prefix: "GUESTD".into(),
+            lease: Duration::from_secs(15),
+            renew: Duration::from_secs(3),
+            fence_margin: Duration::from_secs(5),
+            replicas: 1,
+            duplicate_window: Duration::from_secs(600),
+            events_max_age: Duration::from_secs(7 * 86_400),
+            seal_key_file: None,
+            credentials_file: None,
+            token_file: None,
+            tls_ca_file: None,
+            tls_required: false,
+            allow_insecure: false,
+        }
+    }
+}
+
+impl ClusterSection {
+    /// Whether cluster mode is on.
+    pub fn enabled(&self) -> bool {
+        !self.servers.is_empty()
+    }
+
+    /// This node's id: `node_id`, else the host name.
+    pub fn node(&self) -> String {
+        if !self.node_id.is_empty() {
+            return self.node_id.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|h| {
+                h.trim()
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || c == '-' {
+                            c
+                        } else {
+                            '_'
+                        }
+                    })
+                    .collect()
+            })
+            .filter(|h: &String| !h.is_empty())
+            .unwrap_or_else(|| "guestd".into())
+    }
+
+    /// The seal key: `GUESTD_CLUSTER_SEAL_KEY`, else `seal_key_file`.
+    pub fn seal_key(&self) -> Result<[u8; 32], String> {
+        let text = match std::env::var("GUESTD_CLUSTER_SEAL_KEY") {
+            Ok(v) if !v.trim().is_empty() => v,
+            _ => match &self.seal_key_file {
+                Some(p) => std::fs::read_to_string(p)
+                    .map_err(|e| format!("cannot read {}: {e}", p.display()))?,
+                None => {
+                    return Err("cluster mode needs a seal key: seal_key_file or \
+                                GUESTD_CLUSTER_SEAL_KEY (64 hex digits)"
+                        .into());
+                }
+            },
+        };
+        crate::cluster::seal::parse_key(text.trim())
+    }
+
+    fn check(&self) -> Result<(), (&'static str, String)> {
+        let bad = |k, m: &str| Err((k, m.to_string()));
+        if !crate::cluster::valid_token(&self.node()) {
+            return bad("cluster.node_id", "letters, digits, '-' and '_' only");
+        }
+        if self.prefix.is_empty()
+            || !self
+                .prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return bad("cluster.prefix", "letters, digits and '_' only");
+        }
+        if self.renew.is_zero() || self.fence_margin.is_zero() {
+            return bad("cluster.renew", "renew and fence_margin must be > 0");
+        }
+        if self.renew * 2 + self.fence_margin > self.lease {
+            return bad(
+                "cluster.lease",
+                "must be at least 2 x renew + fence_margin (a node must get two tries before it fences)",
+            );
+        }
+        if self.replicas == 0 || self.replicas > 5 {
+            return bad("cluster.replicas", "must be 1 to 5");
+        }
+        if self.duplicate_window.is_zero() || self.duplicate_window > self.events_max_age {
+            return bad(
+                "cluster.duplicate_window",
+                "must be > 0 and no longer than events_max_age",
+            );
+        }
+        for s in &self.servers {
+            if let Err(e) = crate::cluster::check_server(s, self.allow_insecure) {
+                return bad("cluster.servers", &e);
+            }
+        }
+        if let Err(e) = self.seal_key() {
+            return bad("cluster.seal_key_file", &e);
+        }
+        Ok(())
+    }
 }
 
 /// `[platform]`: OAuth client credentials for the Platform API. Off while `api_base` is empty.
@@ -537,6 +694,11 @@ impl Config {
                 return bad("platform", &e);
             }
         }
+        if self.cluster.enabled() {
+            if let Err((key, msg)) = self.cluster.check() {
+                return bad(key, &msg);
+            }
+        }
         if !self.control.http_listen.is_empty() {
             let addr: SocketAddr = match self.control.http_listen.parse() {
                 Ok(a) => a,
@@ -631,5 +793,60 @@ mod tests {
             )
             .is_ok()
         );
+    }
+
+    #[test]
+    fn cluster_config_is_checked_key_by_key() {
+        let dir = std::env::temp_dir().join(format!("guestd-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("seal.key");
+        std::fs::write(&key, "ab".repeat(32)).unwrap();
+        let base = format!(
+            "[cluster]\nservers = [\"nats://127.0.0.1:4222\"]\nnode_id = \"n1\"\nseal_key_file = \"{}\"\n",
+            key.display()
+        );
+        let cfg = Config::from_toml(&base, none()).unwrap();
+        assert!(cfg.cluster.enabled());
+        assert_eq!(cfg.cluster.node(), "n1");
+        for (extra, key) in [
+            ("node_id = \"n 1\"\n", "cluster.node_id"),
+            ("prefix = \"a.b\"\n", "cluster.prefix"),
+            ("lease = \"5s\"\n", "cluster.lease"),
+            ("replicas = 0\n", "cluster.replicas"),
+            (
+                "duplicate_window = \"30days\"\n",
+                "cluster.duplicate_window",
+            ),
+        ] {
+            let text = base.replace("node_id = \"n1\"\n", "") + extra;
+            let text = if key == "cluster.node_id" {
+                text
+            } else {
+                text + "node_id = \"n1\"\n"
+            };
+            let e = Config::from_toml(&text, none()).unwrap_err().to_string();
+            assert!(e.contains(key), "{extra}: {e}");
+        }
+        let e = Config::from_toml(
+            "[cluster]\nservers = [\"nats://nats.example.com:4222\"]\nnode_id = \"n1\"\n",
+            none(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("cluster.servers") && e.contains("allow_insecure"),
+            "{e}"
+        );
+        // No seal key: refused (unless the environment gives one, which this test does not).
+        if std::env::var("GUESTD_CLUSTER_SEAL_KEY").is_err() {
+            let e = Config::from_toml(
+                "[cluster]\nservers = [\"nats://127.0.0.1:4222\"]\nnode_id = \"n1\"\n",
+                none(),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("seal"), "{e}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

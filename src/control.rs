@@ -325,10 +325,66 @@ pub enum Reply {
     Done(Done),
     /// `status`: whether the conversation is alive, and who says so.
     Status(crate::status::ConversationStatus),
+    /// Cluster mode: the reply of the node that ran the command, as it sent it.
+    Remote(serde_json::Value),
 }
 
-/// Run a command.
+/// Cluster mode: where commands run. `place` answers from what this node knows (the chat's
+/// owner; for a new chat, the least-loaded live node); `forward` runs the command there.
+pub trait Route: Send + Sync + 'static {
+    /// The node that should run `cmd`, or None for this one.
+    fn place(&self, cmd: &Command) -> Option<String>;
+    /// Run `cmd` on `node`; its reply as that node serialized it.
+    fn forward(
+        &self,
+        node: String,
+        cmd: &Command,
+    ) -> futures::future::BoxFuture<'static, Result<serde_json::Value, SupervisorError>>;
+}
+
+/// A command as JSON, the form [`parse_line`] reads (for forwarding it to another node; the
+/// caller seals it, since `attach` and `status` carry a jwt).
+pub fn to_wire(cmd: &Command) -> serde_json::Value {
+    use serde_json::json;
+    let mut v = match cmd {
+        Command::Start(spec) => serde_json::to_value(spec).unwrap_or_else(|_| json!({})),
+        Command::Attach(c) => json!({
+            "conversation_id": c.conversation_id,
+            "member_id": c.member_id,
+            "jwt": c.jwt.expose(),
+            "event_stream_uri": c.event_stream_uri,
+        }),
+        Command::Send { session, body } => json!({ "session": session, "body": body }),
+        Command::Typing { session } | Command::Leave { session } | Command::Get { session } => {
+            json!({ "session": session })
+        }
+        Command::List => json!({}),
+        Command::Status {
+            conversation_id,
+            jwt,
+        } => match jwt {
+            Some(j) => json!({ "conversation_id": conversation_id, "jwt": j.expose() }),
+            None => json!({ "conversation_id": conversation_id }),
+        },
+    };
+    if let Some(m) = v.as_object_mut() {
+        m.insert("cmd".into(), json!(cmd.name()));
+    }
+    v
+}
+
+/// Run a command: here, or (cluster mode) on the node it belongs to.
 pub async fn execute(sup: &Supervisor, cmd: Command) -> Result<Reply, SupervisorError> {
+    if let Some(router) = sup.router() {
+        if let Some(node) = router.place(&cmd) {
+            return router.forward(node, &cmd).await.map(Reply::Remote);
+        }
+    }
+    execute_here(sup, cmd).await
+}
+
+/// Run a command on this node.
+pub async fn execute_here(sup: &Supervisor, cmd: Command) -> Result<Reply, SupervisorError> {
     Ok(match cmd {
         Command::Start(spec) => Reply::Session(sup.start(spec).await?),
         Command::Attach(chat) => Reply::Session(sup.attach(chat).await?),
@@ -354,6 +410,12 @@ fn reply_event(
 ) -> Event {
     let (session, conv) = match &result {
         Ok(Reply::Session(v)) => (v.session.clone(), Some(v.conversation_id.clone())),
+        Ok(Reply::Remote(v)) if v.get("session").is_some_and(|s| s.is_string()) => (
+            v["session"].as_str().unwrap_or("-").to_string(),
+            v.get("conversation_id")
+                .and_then(|c| c.as_str())
+                .map(str::to_string),
+        ),
         _ => ("-".to_string(), None),
     };
     let kind = match result {
@@ -563,7 +625,18 @@ impl From<SupervisorError> for HttpError {
                 StatusCode::CONFLICT
             }
             SupervisorError::Invalid(_) => StatusCode::BAD_REQUEST,
-            SupervisorError::Journal(_) => StatusCode::SERVICE_UNAVAILABLE,
+            SupervisorError::Journal(_) | SupervisorError::Moved(_) => {
+                retry_after = Some(1);
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            SupervisorError::Remote(code, _) => match *code {
+                "not_found" => StatusCode::NOT_FOUND,
+                "conflict" | "ended" => StatusCode::CONFLICT,
+                "invalid" => StatusCode::BAD_REQUEST,
+                "rate_limited" => StatusCode::TOO_MANY_REQUESTS,
+                "unauthorized" | "backend_error" => StatusCode::BAD_GATEWAY,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            },
             SupervisorError::Api(api) => match api {
                 ApiError::RateLimited(after) => {
                     retry_after = Some(after.map_or(1, |d| d.as_secs().max(1)));

@@ -25,6 +25,9 @@ pub enum DaemonError {
     /// The backend client.
     #[error("backend: {0}")]
     Backend(#[from] crate::backend::ApiError),
+    /// Cluster mode: NATS or JetStream.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
     /// The HTTP listener.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -49,6 +52,7 @@ pub struct Running {
     control_cancel: CancellationToken,
     ready: watch::Sender<bool>,
     cfg: Config,
+    node: Option<crate::cluster::node::Node>,
 }
 
 /// What a shutdown did.
@@ -135,12 +139,35 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
     stdin: Option<R>,
 ) -> Result<Running, DaemonError> {
     crate::metrics::install();
-    let (journal, recovered): (Arc<dyn Journal>, _) = if cfg.journal.enabled {
+    // Cluster mode: the journal is the sessions bucket, events also go to the stream, and the
+    // chats to resume are found by the node's claimer instead of a file.
+    let node = if cfg.cluster.enabled() {
+        let key = cfg
+            .cluster
+            .seal_key()
+            .map_err(crate::cluster::ClusterError::Config)?;
+        let sealer = crate::cluster::seal::Sealer::new(&key);
+        let nats = crate::cluster::connect(&cfg.cluster).await?;
+        Some(crate::cluster::node::Node::join(nats, &cfg.cluster, sealer).await?)
+    } else {
+        None
+    };
+    let (journal, recovered): (Arc<dyn Journal>, _) = if let Some(n) = &node {
+        (Arc::new(n.journal.clone()), Vec::new())
+    } else if cfg.journal.enabled {
         let (j, r) = FileJournal::open(&cfg.journal.path, cfg.journal.compact_after_bytes)?;
         (Arc::new(j), r)
     } else {
         (Arc::new(NullJournal), Vec::new())
     };
+    let publisher = node.as_ref().map(|n| {
+        crate::cluster::publish::Publisher::new(
+            n.nats.js.clone(),
+            n.nats.names.events.clone(),
+            &n.id,
+        )
+    });
+    let sink = crate::cluster::publish::StreamSink::new(sink, publisher);
     let (emitter, writer) = events::spawn_writer(sink, cfg.events.queue_capacity);
     let extra_roots = cfg
         .genesys
@@ -173,8 +200,37 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
         cancel: sessions_cancel.clone(),
         leave_on_shutdown: cfg.shutdown.leave_on_shutdown,
         platform,
+        fence: node.as_ref().map(|n| n.fence.clone()),
     };
     let sup = Supervisor::spawn(ctx, done_rx, cfg.supervisor.max_sessions);
+    if let Some(n) = &node {
+        let key = cfg
+            .cluster
+            .seal_key()
+            .map_err(crate::cluster::ClusterError::Config)?;
+        let sealer = crate::cluster::seal::Sealer::new(&key);
+        sup.set_router(Arc::new(crate::cluster::route::Router::new(
+            n.id.clone(),
+            n.nats.client.clone(),
+            n.nats.names.cmd.clone(),
+            sealer.clone(),
+            n.view.clone(),
+        )));
+        let serve = crate::cluster::route::serve(
+            n.nats.client.clone(),
+            n.nats.names.cmd.clone(),
+            n.id.clone(),
+            sealer,
+            sup.clone(),
+            control_cancel.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "cannot serve commands over NATS");
+            }
+        });
+        n.run(sup.clone());
+    }
     let (ready, ready_rx) = watch::channel(false);
     let http_addr = if cfg.control.http_listen.is_empty() {
         None
@@ -242,6 +298,7 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
         control_cancel,
         ready,
         cfg,
+        node,
     })
 }
 
@@ -290,6 +347,10 @@ impl Running {
                 "events could not be delivered before the drain timeout; every undelivered ended \
                  stays in the journal and the next start writes it"
             );
+        }
+        if let Some(node) = &self.node {
+            // The sessions have stopped: the others may take the chats now.
+            node.leave().await;
         }
         drop(self.writer);
         ShutdownReport {

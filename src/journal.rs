@@ -121,6 +121,14 @@ pub trait Journal: Send + Sync + 'static {
     fn healthy(&self) -> bool {
         true
     }
+    /// Whether an end that could not be made durable must not be written (cluster mode: the
+    /// chat's next owner decides and writes it). The file journal writes it anyway.
+    fn strict(&self) -> bool {
+        false
+    }
+    /// This process stops acting for the session without ending it (another node takes it):
+    /// drop what is held for it, keep the record.
+    fn forget(&self, _session: &str) {}
 }
 
 fn durable() -> Durable {

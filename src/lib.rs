@@ -13,6 +13,8 @@ pub mod access;
 pub mod backend;
 /// Retry and reconnect delays (the `backoff` crate behind one small module).
 pub mod backoff_policy;
+/// Several nodes on NATS JetStream.
+pub mod cluster;
 /// Configuration file, defaults and environment overrides.
 pub mod config;
 /// Control channels: stdin JSON lines and the loopback HTTP API.

@@ -47,6 +47,39 @@ pub enum SupervisorError {
     /// The session's record could not be made durable (a full or failing disk).
     #[error("the session journal refused the record: {0}")]
     Journal(String),
+    /// Cluster mode: the chat is moving to another node; retry.
+    #[error("{0}")]
+    Moved(String),
+    /// Cluster mode: the node that ran the command refused it (its code and message), or could
+    /// not be reached (`unreachable`).
+    #[error("{1}")]
+    Remote(&'static str, String),
+}
+
+/// The codes [`SupervisorError::code`] gives, for errors that travel between nodes.
+pub const CODES: &[&str] = &[
+    "not_found",
+    "full",
+    "conflict",
+    "unauthorized",
+    "rate_limited",
+    "backend_error",
+    "ended",
+    "busy",
+    "invalid",
+    "shutting_down",
+    "journal",
+    "moved",
+    "unreachable",
+];
+
+/// A code received from another node, as one of [`CODES`] (`backend_error` if unknown).
+pub fn static_code(code: &str) -> &'static str {
+    CODES
+        .iter()
+        .find(|c| **c == code)
+        .copied()
+        .unwrap_or("backend_error")
 }
 
 impl SupervisorError {
@@ -64,6 +97,8 @@ impl SupervisorError {
             SupervisorError::Invalid(_) => "invalid",
             SupervisorError::ShuttingDown => "shutting_down",
             SupervisorError::Journal(_) => "journal",
+            SupervisorError::Moved(_) => "moved",
+            SupervisorError::Remote(code, _) => code,
         }
     }
 }
@@ -132,6 +167,7 @@ pub struct Supervisor {
     live: watch::Receiver<usize>,
     accepting: watch::Receiver<bool>,
     stop_accepting: Arc<watch::Sender<bool>>,
+    router: Arc<std::sync::OnceLock<Arc<dyn crate::control::Route>>>,
 }
 
 fn new_session_id() -> String {
@@ -164,7 +200,38 @@ impl Supervisor {
             live,
             accepting,
             stop_accepting: Arc::new(stop_accepting),
+            router: Default::default(),
         }
+    }
+
+    /// Cluster mode: where commands go when this node is not the one to run them.
+    pub fn set_router(&self, router: Arc<dyn crate::control::Route>) {
+        let _ = self.router.set(router);
+    }
+
+    /// The router, in cluster mode.
+    pub fn router(&self) -> Option<&Arc<dyn crate::control::Route>> {
+        self.router.get()
+    }
+
+    /// Stop acting for a session without ending it (cluster mode: another node takes it).
+    pub async fn relinquish(&self, key: &str) {
+        if let Some(h) = self.lookup(key).await {
+            let _ = h.send(SessionCmd::Relinquish).await;
+        }
+    }
+
+    /// Stop acting for every session (cluster mode: this node is fenced).
+    pub async fn relinquish_all(&self) {
+        let handles = self.ask(Cmd::List).await.unwrap_or_default();
+        for h in handles {
+            let _ = h.send(SessionCmd::Relinquish).await;
+        }
+    }
+
+    /// Whether a session (by session id) runs here.
+    pub async fn runs(&self, session: &str) -> bool {
+        self.lookup(session).await.is_some()
     }
 
     /// The backend.
@@ -408,6 +475,7 @@ impl Supervisor {
             CommandError::Busy(_) => SupervisorError::Busy(e.to_string()),
             CommandError::Api(a) => SupervisorError::Api(a),
             CommandError::Journal(j) => SupervisorError::Journal(j),
+            CommandError::Moved(_) => SupervisorError::Moved(e.to_string()),
         }
     }
 
@@ -586,6 +654,7 @@ mod tests {
             cancel: cancel.clone(),
             leave_on_shutdown: false,
             platform: None,
+            fence: None,
         };
         (Supervisor::spawn(ctx, done_rx, max), cancel)
     }

@@ -43,6 +43,9 @@ pub struct SessionCtx {
     pub leave_on_shutdown: bool,
     /// The Platform API, when configured: every `ended` is followed by `end_confirmed`.
     pub platform: Option<crate::genesys::platform::Platform>,
+    /// Cluster mode: whether this node may still act for the chats it took (see
+    /// `crate::cluster::Fence`). None on a single node.
+    pub fence: Option<crate::cluster::Fence>,
 }
 
 impl SessionCtx {
@@ -98,6 +101,10 @@ pub enum CommandError {
     /// What the command needs recorded could not be made durable.
     #[error("the session journal refused the record: {0}")]
     Journal(String),
+    /// This node no longer acts for the chat (cluster mode); retry: the command reaches the
+    /// node that took it.
+    #[error("session {0} is moving to another node; retry")]
+    Moved(String),
 }
 
 /// The reply channel of a command that acts on the chat.
@@ -128,6 +135,9 @@ pub enum SessionCmd {
         /// Where the view goes (dropped unanswered once the session has ended).
         reply: oneshot::Sender<SessionView>,
     },
+    /// Stop acting for the chat without ending or leaving it: another node takes it (cluster
+    /// mode: this node is fenced, or lost the chat's entry).
+    Relinquish,
 }
 
 /// A snapshot of one session.
@@ -287,6 +297,9 @@ struct Actor {
     queued: VecDeque<Input>,
     stopping: bool,
     journaled_msg: Option<String>,
+    /// Cluster mode: the epoch this node held the chat in (0 on a single node).
+    epoch: u64,
+    relinquished: bool,
 }
 
 async fn opt<F: std::future::Future + Unpin>(f: Option<&mut F>) -> F::Output {
@@ -327,7 +340,6 @@ impl Actor {
     fn new(ctx: Arc<SessionCtx>, id: String, chat: ChatRef, machine: Machine) -> Self {
         let journaled_msg = machine.last_message_id().map(str::to_string);
         Actor {
-            ctx,
             id,
             chat,
             machine,
@@ -337,7 +349,29 @@ impl Actor {
             queued: VecDeque::new(),
             stopping: false,
             journaled_msg,
+            epoch: ctx.fence.as_ref().map_or(0, |f| f.epoch()),
+            relinquished: false,
+            ctx,
         }
+    }
+
+    /// Whether this process may act for the chat (always, on a single node).
+    fn may_act(&self) -> bool {
+        self.ctx.fence.as_ref().is_none_or(|f| f.acting(self.epoch))
+    }
+
+    /// Stop at once without an effect: no REST call, no `leave`, no `ended`. The socket is
+    /// dropped (a close frame is not an effect the platform acts on, but nothing is sent).
+    fn relinquish(&mut self, why: &str) {
+        tracing::info!(why, "no longer acting for this chat: another node takes it");
+        metrics::counter!("guestd_sessions_relinquished_total").increment(1);
+        self.ws = None;
+        self.connecting = None;
+        self.rest = None;
+        self.queued.clear();
+        self.stopping = true;
+        self.relinquished = true;
+        self.ctx.journal.forget(&self.id);
     }
 
     /// The session's whole life. Memory matters here (one of these per chat, tens of
@@ -385,6 +419,10 @@ impl Actor {
                     }
                 }
             };
+            if !self.may_act() {
+                self.relinquish("fenced");
+                break;
+            }
             let before = self.machine.phase();
             let actions = self.machine.step(input, Instant::now());
             // Gauges first: a reader who sees an event sees the state it announces.
@@ -394,6 +432,9 @@ impl Actor {
                 metrics::gauge!("guestd_sessions", "state" => after.as_str()).increment(1.0);
             }
             for a in actions {
+                if self.relinquished {
+                    break;
+                }
                 Box::pin(self.perform(a)).await;
             }
             if let Some(id) = self.machine.last_message_id() {
@@ -451,6 +492,18 @@ impl Actor {
     fn command(&mut self, cmd: SessionCmd) -> Option<Input> {
         let ended = self.machine.ended();
         match cmd {
+            SessionCmd::Relinquish => {
+                self.relinquish("asked");
+                None
+            }
+            SessionCmd::Send { reply, .. }
+            | SessionCmd::Typing { reply }
+            | SessionCmd::Leave { reply }
+                if !self.may_act() =>
+            {
+                let _ = reply.send(Err(CommandError::Moved(self.id.clone())));
+                None
+            }
             SessionCmd::Get { reply } => {
                 let _ = reply.send(SessionView {
                     session: self.id.clone(),
@@ -656,6 +709,12 @@ impl Actor {
                 ts: ev.ts.clone(),
             };
             if let Err(e) = self.ctx.journal.ending(&self.id, rec).await {
+                if self.ctx.journal.strict() {
+                    // Cluster mode: the chat's next owner finds it and decides.
+                    tracing::warn!(error = %e, "the end could not be recorded; leaving the chat to its next owner");
+                    self.relinquish("end not recorded");
+                    return;
+                }
                 // Written anyway: the user learns of the end now. After a restart the chat may
                 // be picked up and its end reported again, with the same event_id.
                 tracing::error!(error = %e, "the end could not be made durable; writing it anyway");
@@ -691,6 +750,7 @@ mod size_tests {
             cancel: CancellationToken::new(),
             leave_on_shutdown: false,
             platform: None,
+            fence: None,
         };
         let chat = ChatRef {
             conversation_id: "c".into(),

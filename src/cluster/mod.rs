@@ -1,0 +1,340 @@
+//! Cluster mode: several guestd nodes share chats through NATS JetStream (see docs/design.md,
+//! "Cluster mode"). Nothing here is consensus of guestd's own: JetStream's replicated KV with
+//! compare-and-set is the one arbiter of who owns a chat.
+//!
+//! - [`lease`]: the ownership rules, pure and property-tested.
+//! - [`node`]: a node's life: join, renew, fence, watch the others, take orphaned chats.
+//! - [`store`]: the session journal in a KV bucket (one entry per chat, its jwt sealed).
+//! - [`publish`]: events into a JetStream stream, de-duplicated by `Nats-Msg-Id`.
+//! - [`route`]: commands reach the chat's owner, new chats the least-loaded node.
+//! - [`seal`]: XChaCha20-Poly1305 for what must not rest in NATS in plaintext.
+
+pub mod lease;
+pub mod node;
+pub mod publish;
+pub mod route;
+pub mod seal;
+pub mod store;
+
+use crate::config::ClusterSection;
+use async_nats::jetstream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// What went wrong talking to NATS.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// Connecting.
+    #[error("cannot connect to NATS: {0}")]
+    Connect(String),
+    /// Creating or opening a bucket or the stream.
+    #[error("JetStream setup ({what}): {msg}")]
+    Setup {
+        /// Which bucket or stream.
+        what: String,
+        /// Why.
+        msg: String,
+    },
+    /// A configuration value.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Whether `s` is a safe NATS subject token and KV key part: letters, digits, `-`, `_`.
+pub fn valid_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// The URL policy for NATS servers: `tls://` anywhere; `nats://` only to loopback unless
+/// `allow_insecure` (the same rule as for the platform's URLs).
+pub fn check_server(url: &str, allow_insecure: bool) -> Result<(), String> {
+    let u = url::Url::parse(url).map_err(|e| format!("bad URL {url}: {e}"))?;
+    match u.scheme() {
+        "tls" => Ok(()),
+        "nats" => {
+            let as_http = format!("http://{}", u.host_str().unwrap_or(""));
+            crate::backend::check_url(&as_http, allow_insecure)
+                .map_err(|e| e.0.replace("plaintext http", "plaintext nats"))
+        }
+        other => Err(format!(
+            "unsupported scheme {other} in {url} (nats:// or tls://)"
+        )),
+    }
+}
+
+/// The names of everything guestd makes in NATS, from the prefix.
+#[derive(Debug, Clone)]
+pub struct Names {
+    /// Nodes bucket (one entry per node: its epoch, renewed).
+    pub nodes: String,
+    /// Sessions bucket (one entry per chat).
+    pub sessions: String,
+    /// Event stream.
+    pub stream: String,
+    /// Event subjects: `<prefix>.events.<conversation>`.
+    pub events: String,
+    /// Command subjects: `<prefix>.cmd` (any node) and `<prefix>.cmd.<node>`.
+    pub cmd: String,
+}
+
+impl Names {
+    /// Names for `prefix`.
+    pub fn new(prefix: &str) -> Self {
+        Names {
+            nodes: format!("{prefix}_nodes"),
+            sessions: format!("{prefix}_sessions"),
+            stream: format!("{prefix}_EVENTS"),
+            events: format!("{prefix}.events"),
+            cmd: format!("{prefix}.cmd"),
+        }
+    }
+}
+
+/// Whether this node may act for chats it took in `epoch`: set by the node task after each
+/// acknowledged renewal, read by every session before anything with an effect (REST calls,
+/// `leave`, `ended`). Time-based, so it holds even if the node task is late.
+#[derive(Clone, Debug)]
+pub struct Fence(Arc<FenceState>);
+
+#[derive(Debug)]
+struct FenceState {
+    base: Instant,
+    epoch: AtomicU64,
+    /// ms after `base`.
+    until: AtomicU64,
+}
+
+impl Default for Fence {
+    fn default() -> Self {
+        Fence(Arc::new(FenceState {
+            base: Instant::now(),
+            epoch: AtomicU64::new(0),
+            until: AtomicU64::new(0),
+        }))
+    }
+}
+
+impl Fence {
+    /// The current epoch (0 before the first join).
+    pub fn epoch(&self) -> u64 {
+        self.0.epoch.load(Ordering::Acquire)
+    }
+
+    /// Whether a chat taken in `epoch` may be acted for now.
+    pub fn acting(&self, epoch: u64) -> bool {
+        let until = self.0.until.load(Ordering::Acquire);
+        let now = Instant::now()
+            .saturating_duration_since(self.0.base)
+            .as_millis() as u64;
+        self.epoch() == epoch && epoch != 0 && now < until
+    }
+
+    /// When acting stops, if it has not.
+    pub fn until(&self) -> Option<Instant> {
+        let until = self.0.until.load(Ordering::Acquire);
+        let at = self.0.base + Duration::from_millis(until);
+        (at > Instant::now()).then_some(at)
+    }
+
+    /// A renewal sent at some point was acknowledged: act until `until`, unless acting has
+    /// already stopped (an acknowledgement that comes back after the fence cannot revive the
+    /// epoch: other nodes may have counted this one dead and taken its chats). False then.
+    pub(crate) fn renewed(&self, epoch: u64, until: Instant) -> bool {
+        let ms = until.saturating_duration_since(self.0.base).as_millis() as u64;
+        let now = Instant::now()
+            .saturating_duration_since(self.0.base)
+            .as_millis() as u64;
+        if self.epoch() != epoch {
+            return false;
+        }
+        let mut cur = self.0.until.load(Ordering::Acquire);
+        loop {
+            if now >= cur {
+                return false;
+            }
+            if ms <= cur {
+                return true;
+            }
+            match self
+                .0
+                .until
+                .compare_exchange(cur, ms, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return true,
+                Err(c) => cur = c,
+            }
+        }
+    }
+
+    pub(crate) fn begin(&self, epoch: u64, until: Instant) {
+        let ms = until.saturating_duration_since(self.0.base).as_millis() as u64;
+        self.0.until.store(ms, Ordering::Release);
+        self.0.epoch.store(epoch, Ordering::Release);
+    }
+
+    pub(crate) fn revoke(&self) {
+        self.0.until.store(0, Ordering::Release);
+    }
+}
+
+/// A connection to NATS and JetStream with guestd's buckets and stream.
+#[derive(Clone)]
+pub struct Nats {
+    /// The client.
+    pub client: async_nats::Client,
+    /// JetStream.
+    pub js: jetstream::Context,
+    /// The nodes bucket.
+    pub nodes: jetstream::kv::Store,
+    /// The sessions bucket.
+    pub sessions: jetstream::kv::Store,
+    /// Names.
+    pub names: Arc<Names>,
+}
+
+async fn with_retry<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+    what: &str,
+    mut f: impl FnMut() -> F,
+) -> Result<T, ClusterError> {
+    // JetStream answers "no responders" or times out while a cluster elects its meta leader:
+    // retry for a while before calling the setup failed.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() + wait < deadline => {
+                tracing::warn!(what, error = %e, "JetStream setup: retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(3));
+            }
+            Err(e) => {
+                return Err(ClusterError::Setup {
+                    what: what.to_string(),
+                    msg: e.to_string(),
+                });
+            }
+        }
+    }
+}
+
+/// Connect, then create (or open) the buckets and the stream.
+pub async fn connect(cfg: &ClusterSection) -> Result<Nats, ClusterError> {
+    let node = cfg.node();
+    let mut opts = async_nats::ConnectOptions::new()
+        .name(format!("guestd-{node}"))
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(5))
+        .request_timeout(Some(Duration::from_secs(5)))
+        .max_reconnects(None::<usize>)
+        .reconnect_delay_callback(|n| Duration::from_millis((100 * (n as u64 + 1)).min(1000)))
+        .event_callback(|e| async move {
+            tracing::info!(event = %e, "NATS connection event");
+        });
+    if let Some(p) = &cfg.credentials_file {
+        opts = opts
+            .credentials_file(p)
+            .await
+            .map_err(|e| ClusterError::Config(format!("cluster.credentials_file: {e}")))?;
+    }
+    if let Some(p) = &cfg.token_file {
+        let t = std::fs::read_to_string(p)
+            .map_err(|e| ClusterError::Config(format!("cluster.token_file: {e}")))?;
+        opts = opts.token(t.trim().to_string());
+    }
+    if let Some(p) = &cfg.tls_ca_file {
+        opts = opts.add_root_certificates(p.clone());
+    }
+    if cfg.tls_required {
+        opts = opts.require_tls(true);
+    }
+    let client = opts
+        .connect(cfg.servers.clone())
+        .await
+        .map_err(|e| ClusterError::Connect(e.to_string()))?;
+    let mut js = jetstream::new(client.clone());
+    js.set_timeout(Duration::from_secs(5));
+    let names = Names::new(&cfg.prefix);
+    let replicas = cfg.replicas;
+    let nodes = with_retry(&names.nodes, || {
+        js.create_key_value(jetstream::kv::Config {
+            bucket: names.nodes.clone(),
+            description: "guestd nodes: epoch and renewals".into(),
+            history: 1,
+            // A node that left stays readable for a day, then goes.
+            max_age: Duration::from_secs(86_400),
+            num_replicas: replicas,
+            ..Default::default()
+        })
+    })
+    .await?;
+    let sessions = with_retry(&names.sessions, || {
+        js.create_key_value(jetstream::kv::Config {
+            bucket: names.sessions.clone(),
+            description: "guestd sessions: owner, progress, decided end; jwt sealed".into(),
+            history: 1,
+            num_replicas: replicas,
+            ..Default::default()
+        })
+    })
+    .await?;
+    with_retry(&names.stream, || {
+        js.get_or_create_stream(jetstream::stream::Config {
+            name: names.stream.clone(),
+            description: Some("guestd events, one subject per conversation".into()),
+            subjects: vec![format!("{}.>", names.events)],
+            max_age: cfg.events_max_age,
+            duplicate_window: cfg.duplicate_window,
+            num_replicas: replicas,
+            ..Default::default()
+        })
+    })
+    .await?;
+    Ok(Nats {
+        client,
+        js,
+        nodes,
+        sessions,
+        names: Arc::new(names),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plaintext_nats_only_to_loopback() {
+        assert!(check_server("nats://127.0.0.1:4222", false).is_ok());
+        assert!(check_server("nats://localhost:4222", false).is_ok());
+        assert!(check_server("tls://nats.example.com:4222", false).is_ok());
+        let e = check_server("nats://nats.example.com:4222", false).unwrap_err();
+        assert!(e.contains("allow_insecure"), "{e}");
+        assert!(check_server("nats://nats.example.com:4222", true).is_ok());
+        assert!(check_server("http://127.0.0.1:4222", false).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fence_stops_at_its_time_and_at_a_new_epoch() {
+        let f = Fence::default();
+        assert!(!f.acting(0));
+        f.begin(7, Instant::now() + Duration::from_secs(10));
+        assert!(f.acting(7));
+        assert!(!f.acting(6));
+        assert!(f.renewed(7, Instant::now() + Duration::from_secs(12)));
+        tokio::time::advance(Duration::from_secs(12)).await;
+        assert!(!f.acting(7));
+        // An acknowledgement after the fence does not revive the epoch.
+        assert!(!f.renewed(7, Instant::now() + Duration::from_secs(5)));
+        assert!(!f.acting(7));
+        f.begin(8, Instant::now() + Duration::from_secs(5));
+        assert!(f.acting(8));
+        f.revoke();
+        assert!(!f.acting(7));
+    }
+}
