@@ -112,6 +112,9 @@ pub struct ClusterSection {
     pub tls_required: bool,
     /// Allow plaintext `nats://` to hosts other than loopback.
     pub allow_insecure: bool,
+    /// Connect only to `servers`, never to the cluster members the servers advertise (a node
+    /// that reaches NATS through a proxy or NAT).
+    pub ignore_discovered_servers: bool,
 }
 
 impl Default for ClusterSection {
@@ -132,6 +135,7 @@ impl Default for ClusterSection {
             tls_ca_file: None,
             tls_required: false,
             allow_insecure: false,
+            ignore_discovered_servers: false,
         }
     }
 }

@@ -130,7 +130,7 @@ impl Decoder for CommandLines {
 }
 
 /// A parsed command.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Command {
     /// Create a chat and supervise it.
     Start(StartSpec),
@@ -334,7 +334,12 @@ pub enum Reply {
 pub trait Route: Send + Sync + 'static {
     /// The node that should run `cmd`, or None for this one.
     fn place(&self, cmd: &Command) -> Option<String>;
-    /// Run `cmd` on `node`; its reply as that node serialized it.
+    /// `node` did not get a command (no responders): a new chat goes elsewhere for a while.
+    fn unreachable(&self, node: &str);
+    /// Whether the chat `cmd` names exists in the cluster (so "not found" means "moving").
+    fn moving(&self, cmd: &Command) -> bool;
+    /// Run `cmd` on `node`; its reply as that node serialized it. The error code
+    /// `no_responders` means nobody received it (safe to send again).
     fn forward(
         &self,
         node: String,
@@ -375,12 +380,44 @@ pub fn to_wire(cmd: &Command) -> serde_json::Value {
 
 /// Run a command: here, or (cluster mode) on the node it belongs to.
 pub async fn execute(sup: &Supervisor, cmd: Command) -> Result<Reply, SupervisorError> {
-    if let Some(router) = sup.router() {
-        if let Some(node) = router.place(&cmd) {
-            return router.forward(node, &cmd).await.map(Reply::Remote);
+    let Some(router) = sup.router() else {
+        return execute_here(sup, cmd).await;
+    };
+    // A node reconnecting to NATS has no subscription for a moment (no responders: nobody got
+    // the command), and a chat that is moving between nodes is found nowhere for a moment: both
+    // are tried again, placed anew each time, for up to about ten seconds.
+    let mut tries = 0;
+    loop {
+        let (node, result) = match router.place(&cmd) {
+            Some(node) => {
+                let r = router.forward(node.clone(), &cmd).await;
+                (Some(node), r.map(Reply::Remote))
+            }
+            None => (None, execute_here(sup, cmd.clone()).await),
+        };
+        let again = match &result {
+            Err(SupervisorError::Remote("no_responders", _)) => {
+                if let Some(n) = &node {
+                    router.unreachable(n);
+                }
+                true
+            }
+            Err(SupervisorError::NotFound(_))
+            | Err(SupervisorError::Moved(_))
+            | Err(SupervisorError::Remote("not_found" | "moved", _)) => router.moving(&cmd),
+            _ => false,
+        };
+        if !again || tries >= 40 {
+            return match result {
+                Err(SupervisorError::Remote("no_responders", msg)) => {
+                    Err(SupervisorError::Remote("unreachable", msg))
+                }
+                r => r,
+            };
         }
+        tries += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
-    execute_here(sup, cmd).await
 }
 
 /// Run a command on this node.

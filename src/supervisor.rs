@@ -71,6 +71,7 @@ pub const CODES: &[&str] = &[
     "journal",
     "moved",
     "unreachable",
+    "no_responders",
 ];
 
 /// A code received from another node, as one of [`CODES`] (`backend_error` if unknown).

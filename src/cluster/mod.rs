@@ -253,6 +253,9 @@ pub async fn connect(cfg: &ClusterSection) -> Result<Nats, ClusterError> {
     if cfg.tls_required {
         opts = opts.require_tls(true);
     }
+    if cfg.ignore_discovered_servers {
+        opts = opts.ignore_discovered_servers();
+    }
     let client = opts
         .connect(cfg.servers.clone())
         .await

@@ -2,8 +2,10 @@
 //! (and `attach` of a chat nobody holds) on the least-loaded live node. Nodes forward to
 //! `<prefix>.cmd.<node>` with the command sealed (an `attach` carries a jwt); anyone may send
 //! plain command lines (the stdin form) to `<prefix>.cmd`, served by a queue group of every node.
-//! A forward is sent once: a `start` retried blindly could create two chats. On no answer the
-//! caller gets `unreachable` and decides.
+//! A forward carries an id, and the node that runs it keeps each id's reply for a few minutes:
+//! a forward that got no answer in time (the node was reconnecting to NATS, say) is sent again
+//! with the same id and gets the first run's reply, never a second run (a `start` run twice
+//! would create two chats). After [`FORWARD_TRIES`] the caller gets `unreachable`.
 
 use super::node::View;
 use super::seal::Sealer;
@@ -11,14 +13,19 @@ use crate::control::{self, Command, Route};
 use crate::supervisor::{Supervisor, SupervisorError, static_code};
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// How long a forwarded command may take (a `start` waits for the platform's create).
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one try of a forward waits for its reply.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Tries of one forward (same id), so up to about 40 s in all: a `start` waits for the
+/// platform's create, which has its own retries.
+const FORWARD_TRIES: usize = 8;
+/// How long a node keeps a forward's reply for a repeated try.
+const REPLIES_KEPT: Duration = Duration::from_secs(300);
 /// How long a placement counts toward a node's load before the sessions bucket shows it.
 const PLACED_FOR: Duration = Duration::from_secs(3);
 
@@ -30,6 +37,8 @@ pub struct Router {
     sealer: Sealer,
     view: Arc<Mutex<View>>,
     placed: Mutex<VecDeque<(Instant, String)>>,
+    /// Nodes that answered no responders lately (reconnecting to NATS), with when.
+    avoid: Mutex<Vec<(Instant, String)>>,
 }
 
 impl Router {
@@ -48,6 +57,7 @@ impl Router {
             sealer,
             view,
             placed: Mutex::new(VecDeque::new()),
+            avoid: Mutex::new(Vec::new()),
         }
     }
 
@@ -69,6 +79,15 @@ impl Router {
         for (_, n) in placed.iter() {
             if let Some(l) = load.get_mut(n) {
                 *l += 1;
+            }
+        }
+        {
+            let mut avoid = self.avoid.lock().unwrap_or_else(|e| e.into_inner());
+            avoid.retain(|(t, _)| now.duration_since(*t) < PLACED_FOR);
+            if avoid.len() < load.len() {
+                for (_, n) in avoid.iter() {
+                    load.remove(n);
+                }
             }
         }
         let best = load
@@ -103,30 +122,105 @@ impl Route for Router {
         (node != self.node).then_some(node)
     }
 
+    fn moving(&self, cmd: &Command) -> bool {
+        match cmd {
+            Command::Send { session, .. }
+            | Command::Typing { session }
+            | Command::Leave { session }
+            | Command::Get { session } => self
+                .view
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .session_of(session)
+                .is_some(),
+            _ => false,
+        }
+    }
+
+    fn unreachable(&self, node: &str) {
+        self.avoid
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((Instant::now(), node.to_string()));
+    }
+
     fn forward(
         &self,
         node: String,
         cmd: &Command,
     ) -> BoxFuture<'static, Result<serde_json::Value, SupervisorError>> {
-        let wire = serde_json::to_vec(&control::to_wire(cmd)).unwrap_or_default();
-        let sealed = self.sealer.seal("cmd", &wire);
+        let wire = serde_json::json!({
+            "id": uuid::Uuid::new_v4().simple().to_string(),
+            "cmd": control::to_wire(cmd),
+        });
+        let sealed = self
+            .sealer
+            .seal("cmd", &serde_json::to_vec(&wire).unwrap_or_default());
         let subject = format!("{}.{node}", self.cmd);
         let client = self.client.clone();
         Box::pin(async move {
-            let reply = tokio::time::timeout(
-                FORWARD_TIMEOUT,
-                client.request(subject, sealed.into_bytes().into()),
-            )
-            .await
-            .map_err(|_| {
-                SupervisorError::Remote(
-                    "unreachable",
-                    format!("node {node} did not answer in time"),
+            let mut last = String::new();
+            for _ in 0..FORWARD_TRIES {
+                let r = tokio::time::timeout(
+                    FORWARD_TIMEOUT,
+                    client.request(subject.clone(), sealed.clone().into_bytes().into()),
                 )
-            })?
-            .map_err(|e| SupervisorError::Remote("unreachable", format!("node {node}: {e}")))?;
-            from_wire(&reply.payload)
+                .await;
+                match r {
+                    Ok(Ok(reply)) => return from_wire(&reply.payload),
+                    Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                        // Nobody got it: the caller may place it elsewhere.
+                        return Err(SupervisorError::Remote(
+                            "no_responders",
+                            format!("node {node}: {e}"),
+                        ));
+                    }
+                    Ok(Err(e)) => last = e.to_string(),
+                    Err(_) => last = "no reply in time".into(),
+                }
+                metrics::counter!("guestd_cluster_forward_retries_total").increment(1);
+            }
+            Err(SupervisorError::Remote(
+                "unreachable",
+                format!("node {node} did not answer: {last}"),
+            ))
         })
+    }
+}
+
+/// Replies to forwarded commands, by forward id, for repeated tries.
+#[derive(Default)]
+struct Replies {
+    by_id: HashMap<String, tokio::sync::watch::Receiver<Option<Vec<u8>>>>,
+    order: VecDeque<(Instant, String)>,
+}
+
+impl Replies {
+    /// The reply channel for `id`, and whether this call should run the command.
+    fn slot(
+        &mut self,
+        id: &str,
+    ) -> (
+        tokio::sync::watch::Receiver<Option<Vec<u8>>>,
+        Option<tokio::sync::watch::Sender<Option<Vec<u8>>>>,
+    ) {
+        let now = Instant::now();
+        while self
+            .order
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > REPLIES_KEPT)
+        {
+            if let Some((_, old)) = self.order.pop_front() {
+                self.by_id.remove(&old);
+            }
+        }
+        if let Some(rx) = self.by_id.get(id) {
+            return (rx.clone(), None);
+        }
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        self.by_id.insert(id.to_string(), rx.clone());
+        self.order.push_back((now, id.to_string()));
+        (rx, Some(tx))
     }
 }
 
@@ -179,6 +273,7 @@ pub async fn serve(
         .queue_subscribe(cmd.clone(), "guestd".to_string())
         .await?;
     let mut both = futures::stream::select(direct.map(|m| (true, m)), public.map(|m| (false, m)));
+    let replies = Arc::new(Mutex::new(Replies::default()));
     loop {
         let (forwarded, msg) = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
@@ -187,41 +282,69 @@ pub async fn serve(
         let Some(reply_to) = msg.reply.clone() else {
             continue;
         };
-        let (client, sealer, sup) = (client.clone(), sealer.clone(), sup.clone());
+        let (client, sealer, sup, replies) =
+            (client.clone(), sealer.clone(), sup.clone(), replies.clone());
         tokio::spawn(async move {
-            let result = run(&sup, &sealer, forwarded, &msg.payload).await;
-            if let Err(e) = client.publish(reply_to, to_wire(result).into()).await {
+            let bytes = if forwarded {
+                run_forwarded(&sup, &sealer, &replies, &msg.payload).await
+            } else {
+                to_wire(run_line(&sup, &msg.payload).await)
+            };
+            if let Err(e) = client.publish(reply_to, bytes.into()).await {
                 tracing::warn!(error = %e, "could not answer a command over NATS");
             }
         });
     }
 }
 
-async fn run(
+async fn run_forwarded(
     sup: &Supervisor,
     sealer: &Sealer,
-    forwarded: bool,
+    replies: &Mutex<Replies>,
     payload: &[u8],
-) -> Result<control::Reply, SupervisorError> {
-    let text = if forwarded {
-        let plain = sealer
-            .open("cmd", &String::from_utf8_lossy(payload))
-            .map_err(|e| SupervisorError::Invalid(format!("forwarded command: {e}")))?;
-        String::from_utf8(plain)
-            .map_err(|_| SupervisorError::Invalid("forwarded command is not UTF-8".into()))?
-    } else {
-        String::from_utf8(payload.to_vec())
-            .map_err(|_| SupervisorError::Invalid("a command is UTF-8 JSON".into()))?
+) -> Vec<u8> {
+    let opened = sealer
+        .open("cmd", &String::from_utf8_lossy(payload))
+        .map_err(|e| SupervisorError::Invalid(format!("forwarded command: {e}")))
+        .and_then(|plain| {
+            serde_json::from_slice::<serde_json::Value>(&plain)
+                .map_err(|e| SupervisorError::Invalid(format!("forwarded command: {e}")))
+        });
+    let mut v = match opened {
+        Ok(v) => v,
+        Err(e) => return to_wire(Err(e)),
     };
+    let id = v["id"].as_str().unwrap_or_default().to_string();
+    let (mut rx, tx) = replies.lock().unwrap_or_else(|e| e.into_inner()).slot(&id);
+    if let Some(tx) = tx {
+        let line = v["cmd"].take().to_string();
+        let (_, _, cmd) = control::parse_line(&line);
+        let result = match cmd {
+            Ok(cmd) => control::execute_here(sup, cmd).await,
+            Err(e) => Err(SupervisorError::Invalid(e)),
+        };
+        let bytes = to_wire(result);
+        let _ = tx.send(Some(bytes.clone()));
+        return bytes;
+    }
+    // A repeated try: the first run's reply, once it has one.
+    match rx.wait_for(|r| r.is_some()).await {
+        Ok(r) => r.clone().unwrap_or_default(),
+        Err(_) => to_wire(Err(SupervisorError::Remote(
+            "unreachable",
+            "the first try of this command was abandoned".into(),
+        ))),
+    }
+}
+
+async fn run_line(sup: &Supervisor, payload: &[u8]) -> Result<control::Reply, SupervisorError> {
+    let text = String::from_utf8(payload.to_vec())
+        .map_err(|_| SupervisorError::Invalid("a command is UTF-8 JSON".into()))?;
     let (_, _, cmd) = control::parse_line(&text);
     let cmd = cmd.map_err(SupervisorError::Invalid)?;
     metrics::counter!("guestd_commands_total", "channel" => "nats", "result" => "received")
         .increment(1);
-    if forwarded {
-        control::execute_here(sup, cmd).await
-    } else {
-        control::execute(sup, cmd).await
-    }
+    control::execute(sup, cmd).await
 }
 
 #[cfg(test)]

@@ -364,8 +364,41 @@ impl Journal for KvJournal {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(session.clone(), held.clone());
-            match me.0.kv.create(&session, entry.to_bytes()).await {
+            // Retried while this node may act: a server that dies mid-write (its peers take
+            // over in a second or two) must not fail a `start` whose chat exists already.
+            let mut wait = Duration::from_millis(100);
+            let result = loop {
+                match me.0.kv.create(&session, entry.to_bytes()).await {
+                    Ok(rev) => break Ok(rev),
+                    Err(e) => {
+                        // Did an earlier try land (its ack lost)?
+                        if let Ok(Some(cur)) = me.0.kv.entry(&session).await {
+                            if cur.operation == Operation::Put {
+                                break match Entry::parse(&cur.value) {
+                                    Some(theirs)
+                                        if theirs.owner == me.0.node && theirs.epoch == epoch =>
+                                    {
+                                        Ok(cur.revision)
+                                    }
+                                    _ => Err(format!("session entry: {e}")),
+                                };
+                            }
+                        }
+                        if !me.0.fence.acting(epoch) {
+                            break Err(format!(
+                                "session entry: {e}; and this node may no longer act"
+                            ));
+                        }
+                        me.0.healthy.store(false, Ordering::Relaxed);
+                        tracing::warn!(session, error = %e, "session entry not written yet; retrying");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(1));
+                    }
+                }
+            };
+            match result {
                 Ok(rev) => {
+                    me.0.healthy.store(true, Ordering::Relaxed);
                     *slot = Some(Slot { rev, entry });
                     Ok(())
                 }
@@ -375,8 +408,7 @@ impl Journal for KvJournal {
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .remove(&session);
-                    me.0.healthy.store(false, Ordering::Relaxed);
-                    Err(NotDurable(format!("session entry: {e}")))
+                    Err(NotDurable(e))
                 }
             }
         })

@@ -11,6 +11,8 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+pub mod nats;
+
 pub const WAIT: Duration = Duration::from_secs(15);
 
 /// A loopback port nobody listens on right now.

@@ -1,0 +1,799 @@
+//! Cluster mode over real sockets and real NATS servers: a 3-server JetStream cluster (R3
+//! buckets and stream), three `guestd run` processes, the emulator. Every test ends by reading
+//! the event stream with a durable consumer and checking exactly one `ended` per chat.
+//!
+//! The tests share two cores, so they run one at a time (a static lock), and durations are
+//! scaled: lease 3 s, renewal 1 s, fence margin 1 s, grace 20 s.
+
+mod common;
+
+use async_nats::jetstream;
+use common::nats::{NatsCluster, Proxy};
+use common::*;
+use futures::StreamExt;
+use guestd::emulator::{Emulator, EmulatorConfig};
+use serde_json::{Value, json};
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::time::Instant;
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Longest wait for anything in these tests.
+const LONG: Duration = Duration::from_secs(90);
+const KEY: &str = "5f0e6c0b3a2d4e1f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f";
+
+fn emu_cfg() -> EmulatorConfig {
+    EmulatorConfig {
+        heartbeat_interval: Duration::from_millis(500),
+        reconnect_grace: Duration::from_secs(20),
+        inactivity_timeout: Duration::from_secs(600),
+        agent_join_delay: None,
+        agent_alert_duration: Duration::from_millis(20),
+        ..EmulatorConfig::default()
+    }
+}
+
+struct Node {
+    id: String,
+    alive: bool,
+    child: tokio::process::Child,
+    dir: PathBuf,
+    http: u16,
+}
+
+impl Node {
+    fn spawn(id: &str, emu: &Emulator, servers: &[String], extra: &[(&str, &str)]) -> Node {
+        let dir =
+            std::env::temp_dir().join(format!("guestd-cluster-{id}-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let http = free_port();
+        let mut env = fast_env(emu);
+        env.retain(|(k, _)| {
+            !k.starts_with("GUESTD_SESSION__") && k != "GUESTD_CONTROL__HTTP_LISTEN"
+        });
+        let servers = format!(
+            "[{}]",
+            servers
+                .iter()
+                .map(|s| format!("\"{s}\""))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        for (k, v) in [
+            ("GUESTD_SESSION__HEARTBEAT_INTERVAL", "500ms"),
+            ("GUESTD_SESSION__HEARTBEAT_TOLERANCE", "3"),
+            ("GUESTD_SESSION__RECONNECT_GRACE", "20s"),
+            ("GUESTD_SESSION__INACTIVITY_TIMEOUT", "10m"),
+            ("GUESTD_SESSION__BACKOFF__INITIAL", "100ms"),
+            ("GUESTD_SESSION__BACKOFF__MAX", "1s"),
+            ("GUESTD_CONTROL__HTTP_LISTEN", &format!("127.0.0.1:{http}")),
+            ("GUESTD_CONTROL__STDIN", "false"),
+            ("GUESTD_CLUSTER__SERVERS", &servers),
+            ("GUESTD_CLUSTER__NODE_ID", id),
+            ("GUESTD_CLUSTER__LEASE", "3s"),
+            ("GUESTD_CLUSTER__RENEW", "1s"),
+            ("GUESTD_CLUSTER__FENCE_MARGIN", "1s"),
+            ("GUESTD_CLUSTER__REPLICAS", "3"),
+            ("GUESTD_CLUSTER_SEAL_KEY", KEY),
+            ("GUESTD_SHUTDOWN__DRAIN_TIMEOUT", "10s"),
+            ("RUST_LOG", "guestd=info"),
+        ]
+        .into_iter()
+        .chain(extra.iter().copied())
+        {
+            env.retain(|(e, _)| e != k);
+            env.push((k.to_string(), v.to_string()));
+        }
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_guestd"))
+            .arg("run")
+            .current_dir(&dir)
+            .envs(env)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(dir.join("stdout.jsonl")).unwrap())
+            .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        Node {
+            id: id.to_string(),
+            alive: true,
+            child,
+            dir,
+            http,
+        }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id().unwrap() as i32
+    }
+
+    async fn kill9(&mut self) {
+        self.alive = false;
+        signal(self.pid(), "KILL");
+        let _ = self.child.wait().await;
+    }
+
+    /// SIGTERM and wait for the exit; its status.
+    async fn stop(&mut self) -> Option<i32> {
+        self.alive = false;
+        signal(self.pid(), "TERM");
+        tokio::time::timeout(LONG, self.child.wait())
+            .await
+            .expect("a node did not stop after SIGTERM")
+            .unwrap()
+            .code()
+    }
+}
+
+/// Events read from the stream with a durable consumer, each once (by stream sequence).
+struct Events {
+    js: jetstream::Context,
+    durable: String,
+    msgs: Option<jetstream::consumer::pull::Stream>,
+    seqs: HashSet<u64>,
+    seen: Vec<Value>,
+}
+
+impl Events {
+    fn new(js: &jetstream::Context, durable: &str) -> Events {
+        Events {
+            js: js.clone(),
+            durable: durable.to_string(),
+            msgs: None,
+            seqs: HashSet::new(),
+            seen: Vec::new(),
+        }
+    }
+
+    async fn open(&mut self) -> Result<(), String> {
+        let stream = self
+            .js
+            .get_stream("GUESTD_EVENTS")
+            .await
+            .map_err(|e| e.to_string())?;
+        let consumer = stream
+            .get_or_create_consumer(
+                &self.durable,
+                jetstream::consumer::pull::Config {
+                    durable_name: Some(self.durable.clone()),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        self.msgs = Some(consumer.messages().await.map_err(|e| e.to_string())?);
+        Ok(())
+    }
+
+    /// Read until `done(seen)` holds.
+    async fn until(&mut self, what: &str, mut done: impl FnMut(&[Value]) -> bool) {
+        let deadline = Instant::now() + LONG;
+        while !done(&self.seen) {
+            assert!(
+                Instant::now() < deadline,
+                "stream: no {what} within {LONG:?}; {} events read",
+                self.seen.len()
+            );
+            if self.msgs.is_none() {
+                if self.open().await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                continue;
+            }
+            let next = tokio::time::timeout_at(deadline, self.msgs.as_mut().unwrap().next()).await;
+            match next {
+                Ok(Some(Ok(m))) => {
+                    let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+                    let _ = m.ack().await;
+                    if self.seqs.insert(seq) {
+                        self.seen.push(serde_json::from_slice(&m.payload).unwrap());
+                    }
+                }
+                // The servers went away or the consumer stalled: open it again.
+                Ok(Some(Err(_))) | Ok(None) => self.msgs = None,
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// Everything in the stream, read with a new durable consumer up to the last sequence.
+async fn read_all(js: &jetstream::Context, durable: &str) -> Vec<Value> {
+    let mut stream = js.get_stream("GUESTD_EVENTS").await.unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    let mut ev = Events::new(js, durable);
+    // Nothing is ever removed from the stream in a test: one message per sequence.
+    ev.until("every event", |seen| seen.len() as u64 >= last)
+        .await;
+    ev.seen
+}
+
+/// Exactly one `ended` per session, with the reason `want` gives (None: any).
+fn check_one_ended_each(
+    all: &[Value],
+    sessions: &[String],
+    want: impl Fn(&str) -> Option<&'static str>,
+) {
+    let mut ended: HashMap<&str, Vec<&str>> = HashMap::new();
+    for v in all.iter().filter(|v| v["type"] == "ended") {
+        ended
+            .entry(v["session"].as_str().unwrap())
+            .or_default()
+            .push(v["reason"].as_str().unwrap());
+    }
+    for s in sessions {
+        let got = ended.get(s.as_str()).cloned().unwrap_or_default();
+        assert_eq!(got.len(), 1, "session {s}: ended {got:?}");
+        if let Some(reason) = want(s) {
+            assert_eq!(got[0], reason, "session {s}");
+        }
+    }
+    assert_eq!(
+        ended.len(),
+        sessions.len(),
+        "ended for sessions nobody started"
+    );
+}
+
+struct Cluster {
+    nats: NatsCluster,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    emu: Emulator,
+    nodes: Vec<Node>,
+}
+
+impl Cluster {
+    async fn three() -> Cluster {
+        let nats = NatsCluster::start();
+        let client = nats.client().await;
+        let js = jetstream::new(client.clone());
+        let emu = emulator(emu_cfg()).await;
+        let urls = nats.urls();
+        let nodes = ["n1", "n2", "n3"]
+            .iter()
+            .map(|id| Node::spawn(id, &emu, &urls, &[]))
+            .collect();
+        let c = Cluster {
+            nats,
+            client,
+            js,
+            emu,
+            nodes,
+        };
+        c.wait_nodes(3).await;
+        c
+    }
+
+    /// Wait until `n` nodes announce themselves (live, not left).
+    async fn wait_nodes(&self, n: usize) {
+        let deadline = Instant::now() + LONG;
+        loop {
+            if let Ok(kv) = self.js.get_key_value("GUESTD_nodes").await {
+                if let Ok(mut w) = kv.watch_with_history(">").await {
+                    let mut live = HashSet::new();
+                    while let Ok(Some(Ok(e))) = tokio::time::timeout_at(deadline, w.next()).await {
+                        let v: Value = serde_json::from_slice(&e.value).unwrap_or(Value::Null);
+                        if v["left"] == true || e.value.is_empty() {
+                            live.remove(&e.key);
+                        } else {
+                            live.insert(e.key.clone());
+                        }
+                        if live.len() >= n {
+                            return;
+                        }
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "{n} nodes did not join");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// A command over NATS (`GUESTD.cmd`, served by any node); the reply's `ok`.
+    async fn nats_cmd(&self, cmd: Value) -> Value {
+        let r = tokio::time::timeout(
+            LONG,
+            self.client.request("GUESTD.cmd", cmd.to_string().into()),
+        )
+        .await
+        .expect("no reply")
+        .unwrap();
+        let v: Value = serde_json::from_slice(&r.payload).unwrap();
+        assert!(v.get("ok").is_some(), "{cmd} -> {v}");
+        v["ok"].clone()
+    }
+
+    /// A command through the HTTP API of the `i`-th live node (round robin); its JSON reply.
+    async fn http(
+        &self,
+        i: usize,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Value {
+        let live: Vec<&Node> = self.nodes.iter().filter(|n| n.alive).collect();
+        let node = live[i % live.len()];
+        let mut req = reqwest::Client::new()
+            .request(method, format!("http://127.0.0.1:{}{path}", node.http))
+            .timeout(LONG);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status();
+        let v: Value = r.json().await.unwrap();
+        assert!(status.is_success(), "{path} on {}: {status} {v}", node.id);
+        v
+    }
+
+    /// Start `n` chats through the nodes' HTTP APIs; (session, conversation) each.
+    async fn start(&self, n: usize) -> Vec<(String, String)> {
+        futures::stream::iter(0..n)
+            .map(|i| async move {
+                let v = self
+                    .http(
+                        i,
+                        reqwest::Method::POST,
+                        "/v1/sessions",
+                        Some(json!({"queue": "Support", "display_name": format!("Guest {i}")})),
+                    )
+                    .await;
+                (
+                    v["session"].as_str().unwrap().to_string(),
+                    v["conversation_id"].as_str().unwrap().to_string(),
+                )
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await
+    }
+
+    /// Owner of every session, from the sessions bucket.
+    async fn owners(&self) -> HashMap<String, String> {
+        let kv = self.js.get_key_value("GUESTD_sessions").await.unwrap();
+        let keys: Vec<String> = kv
+            .keys()
+            .await
+            .unwrap()
+            .filter_map(|k| async { k.ok() })
+            .collect()
+            .await;
+        let mut out = HashMap::new();
+        for k in keys {
+            if let Ok(Some(v)) = kv.get(&k).await {
+                let e: Value = serde_json::from_slice(&v).unwrap();
+                out.insert(k, e["owner"].as_str().unwrap().to_string());
+            }
+        }
+        out
+    }
+
+    /// Leave every chat through the nodes' HTTP APIs.
+    async fn leave_all(&self, chats: &[(String, String)]) {
+        futures::stream::iter(chats.iter().enumerate())
+            .map(|(i, (s, _))| async move {
+                let path = format!("/v1/sessions/{s}");
+                self.http(i, reqwest::Method::DELETE, &path, None).await
+            })
+            .buffer_unordered(16)
+            .collect::<Vec<_>>()
+            .await;
+    }
+
+    /// SIGTERM every node.
+    async fn stop_all(&mut self) {
+        for n in &mut self.nodes {
+            if n.alive {
+                let code = n.stop().await;
+                assert!(
+                    matches!(code, Some(0) | Some(75)),
+                    "{} exited {code:?}",
+                    n.id
+                );
+            }
+        }
+    }
+
+    fn dump(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| {
+                let e = n.stderr();
+                let tail: Vec<&str> = e.lines().rev().take(15).collect();
+                format!(
+                    "--- {} ({}):\n{}",
+                    n.id,
+                    n.dir.display(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// Sessions whose `session_started` (mode `resume`) and then `connected` or `reconnected` are
+/// in `seen`.
+fn resumed(seen: &[Value]) -> HashSet<String> {
+    let mut started = HashSet::new();
+    let mut out = HashSet::new();
+    for v in seen {
+        let s = v["session"].as_str().unwrap_or_default().to_string();
+        match v["type"].as_str() {
+            Some("session_started") if v["mode"] == "resume" => {
+                started.insert(s);
+            }
+            Some("connected") | Some("reconnected") if started.contains(&s) => {
+                out.insert(s);
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn connected(seen: &[Value]) -> HashSet<String> {
+    seen.iter()
+        .filter(|v| v["type"] == "connected")
+        .map(|v| v["session"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn pct(v: &mut [u128], p: f64) -> u128 {
+    v.sort();
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_s_chats_fail_over_inside_the_grace_window() {
+    let _serial = SERIAL.lock().await;
+    let n: usize = std::env::var("GUESTD_CLUSTER_CHATS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(150);
+    let mut c = Cluster::three().await;
+    let chats = c.start(n).await;
+    let mut ev = Events::new(&c.js, "watch");
+    ev.until("every chat connected", |seen| connected(seen).len() >= n)
+        .await;
+    let owners = c.owners().await;
+    let held = |node: &str| -> Vec<(String, String)> {
+        chats
+            .iter()
+            .filter(|(s, _)| owners.get(s).map(String::as_str) == Some(node))
+            .cloned()
+            .collect()
+    };
+    let victim = held("n3");
+    assert!(
+        victim.len() >= n / 6,
+        "n3 holds {} of {n}: placement is not spreading chats",
+        victim.len()
+    );
+    // Commands reach the owner wherever they arrive: n1's HTTP API, a chat of n2.
+    let of_n2 = held("n2")[0].clone();
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!(
+            "http://127.0.0.1:{}/v1/sessions/{}/messages",
+            c.nodes[0].http, of_n2.0
+        ))
+        .json(&json!({"body": "routed through n1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let view: Value = http
+        .get(format!(
+            "http://127.0.0.1:{}/v1/sessions/{}",
+            c.nodes[0].http, of_n2.1
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["session"], of_n2.0, "{view}");
+    // And over NATS: any node takes the command and hands it to the owner.
+    let got = c.nats_cmd(json!({"cmd": "get", "session": of_n2.0})).await;
+    assert_eq!(got["conversation_id"], of_n2.1, "{got}");
+
+    // Two of n3's chats get an agent: one will talk while nobody holds it, one will end.
+    let (talk, end) = (victim[0].clone(), victim[1].clone());
+    for (_, conv) in [&talk, &end] {
+        c.emu.agent_join(conv).unwrap();
+    }
+    ev.until("agents connected", |seen| {
+        seen.iter()
+            .filter(|v| {
+                v["type"] == "agent_connected" && (v["session"] == talk.0 || v["session"] == end.0)
+            })
+            .count()
+            >= 2
+    })
+    .await;
+
+    let killed = Instant::now();
+    c.nodes[2].kill9().await;
+    c.emu.agent_send(&talk.1, "while nobody held it").unwrap();
+    c.emu.agent_end(&end.1).unwrap();
+
+    let mut back: HashMap<String, u128> = HashMap::new();
+    let want: HashSet<String> = victim
+        .iter()
+        .filter(|(s, _)| *s != end.0)
+        .map(|(s, _)| s.clone())
+        .collect();
+    ev.until("every chat of n3 resumed", |seen| {
+        for s in resumed(seen) {
+            back.entry(s)
+                .or_insert_with(|| killed.elapsed().as_millis());
+        }
+        want.iter().all(|s| back.contains_key(s))
+            && seen
+                .iter()
+                .any(|v| v["type"] == "ended" && v["session"] == end.0)
+            && seen.iter().any(|v| v["body"] == "while nobody held it")
+    })
+    .await;
+    let mut times: Vec<u128> = want.iter().map(|s| back[s]).collect();
+    let (p50, p99, last) = (
+        pct(&mut times, 0.5),
+        pct(&mut times, 0.99),
+        *times.last().unwrap(),
+    );
+    println!(
+        "failover: {} chats of {n} moved; kill to reconnected p50 {p50} ms, p99 {p99} ms, last {last} ms",
+        want.len()
+    );
+    assert!(
+        last < 20_000,
+        "the last chat came back after the grace window: {last} ms"
+    );
+    let msg = ev
+        .seen
+        .iter()
+        .find(|v| v["body"] == "while nobody held it")
+        .unwrap();
+    assert_eq!(msg["backfilled"], true, "{msg}");
+
+    // The rest end by the guest leaving; then read the stream from the start.
+    let rest: Vec<(String, String)> = chats.iter().filter(|(s, _)| *s != end.0).cloned().collect();
+    c.leave_all(&rest).await;
+    ev.until("every chat ended", |seen| {
+        seen.iter().filter(|v| v["type"] == "ended").count() >= n
+    })
+    .await;
+    c.stop_all().await;
+    let all = read_all(&c.js, "audit").await;
+    let sessions: Vec<String> = chats.iter().map(|(s, _)| s.clone()).collect();
+    check_one_ended_each(&all, &sessions, |s| {
+        Some(if s == end.0 {
+            "agent_ended"
+        } else {
+            "guest_left"
+        })
+    });
+    let copies = all
+        .iter()
+        .filter(|v| v["body"] == "while nobody held it")
+        .count();
+    assert_eq!(
+        copies, 1,
+        "the message sent while nobody held the chat, once"
+    );
+    // No chat of n1 or n2 moved.
+    let moved: HashSet<String> = resumed(&all);
+    assert!(moved.iter().all(|s| owners[s] == "n3"), "{}", c.dump());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_nats_stops_before_its_chats_are_taken() {
+    let _serial = SERIAL.lock().await;
+    let nats = NatsCluster::start();
+    let client = nats.client().await;
+    let js = jetstream::new(client.clone());
+    let emu = emulator(emu_cfg()).await;
+    let proxy = Proxy::start(nats.ports[2]).await;
+    let urls = nats.urls();
+    let nodes = vec![
+        Node::spawn("n1", &emu, &urls, &[]),
+        Node::spawn("n2", &emu, &urls, &[]),
+        Node::spawn(
+            "n3",
+            &emu,
+            &[proxy.url()],
+            &[("GUESTD_CLUSTER__IGNORE_DISCOVERED_SERVERS", "true")],
+        ),
+    ];
+    let mut c = Cluster {
+        nats,
+        client,
+        js,
+        emu,
+        nodes,
+    };
+    c.wait_nodes(3).await;
+    let n = 60;
+    let chats = c.start(n).await;
+    let mut ev = Events::new(&c.js, "watch");
+    ev.until("every chat connected", |seen| connected(seen).len() >= n)
+        .await;
+    let owners = c.owners().await;
+    let victim: Vec<(String, String)> = chats
+        .iter()
+        .filter(|(s, _)| owners[s] == "n3")
+        .cloned()
+        .collect();
+    assert!(!victim.is_empty(), "n3 holds none of {n} chats");
+
+    proxy.cut().await;
+    let want: HashSet<String> = victim.iter().map(|(s, _)| s.clone()).collect();
+    ev.until("n3's chats taken by n1 and n2", |seen| {
+        want.is_subset(&resumed(seen))
+    })
+    .await;
+    let stderr = c.nodes[2].stderr();
+    assert!(
+        stderr.contains("fenced"),
+        "n3 did not fence itself:\n{stderr}"
+    );
+    // No leave it did not ask for.
+    for (_, conv) in &victim {
+        assert!(
+            !c.emu
+                .log()
+                .iter()
+                .any(|e| e.conversation_id.as_deref() == Some(conv) && e.action == "leave"),
+            "a leave nobody asked for in {conv}"
+        );
+    }
+    // n3 comes back and joins again in a new epoch; it takes nothing it should not.
+    proxy.restore();
+    c.leave_all(&chats).await;
+    ev.until("every chat ended", |seen| {
+        seen.iter().filter(|v| v["type"] == "ended").count() >= n
+    })
+    .await;
+    c.stop_all().await;
+    let all = read_all(&c.js, "audit").await;
+    let sessions: Vec<String> = chats.iter().map(|(s, _)| s.clone()).collect();
+    check_one_ended_each(&all, &sessions, |_| Some("guest_left"));
+    for (_, conv) in &chats {
+        let leaves = c
+            .emu
+            .log()
+            .iter()
+            .filter(|e| e.conversation_id.as_deref() == Some(conv) && e.action == "leave")
+            .count();
+        assert_eq!(leaves, 1, "{conv}: one leave, the one asked for");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nats_server_loses_no_chat_and_no_event() {
+    let _serial = SERIAL.lock().await;
+    let mut c = Cluster::three().await;
+    let n = 60;
+    let first = c.start(n / 2).await;
+    for (_, conv) in &first {
+        c.emu.agent_join(conv).unwrap();
+    }
+    // Mid-load: a server dies while chats start and agents talk.
+    c.nats.kill(0);
+    let second = c.start(n / 2).await;
+    for (i, (_, conv)) in first.iter().enumerate() {
+        c.emu.agent_send(conv, &format!("message {i}")).unwrap();
+    }
+    let chats: Vec<(String, String)> = first.iter().chain(second.iter()).cloned().collect();
+    let mut ev = Events::new(&c.js, "watch");
+    ev.until("every chat connected and every message", |seen| {
+        connected(seen).len() >= n
+            && seen
+                .iter()
+                .filter(|v| v["type"] == "message" && v["sender_role"] == "agent")
+                .count()
+                >= n / 2
+    })
+    .await;
+    c.nats.restart(0);
+    c.leave_all(&chats).await;
+    ev.until("every chat ended", |seen| {
+        seen.iter().filter(|v| v["type"] == "ended").count() >= n
+    })
+    .await;
+    c.stop_all().await;
+    let all = read_all(&c.js, "audit").await;
+    let sessions: Vec<String> = chats.iter().map(|(s, _)| s.clone()).collect();
+    check_one_ended_each(&all, &sessions, |_| Some("guest_left"));
+    for i in 0..n / 2 {
+        let body = format!("message {i}");
+        let k = all
+            .iter()
+            .filter(|v| v["type"] == "message" && v["body"] == body.as_str())
+            .count();
+        assert_eq!(k, 1, "{body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_nats_servers_down_shorter_than_the_grace_window_loses_no_chat() {
+    let _serial = SERIAL.lock().await;
+    let mut c = Cluster::three().await;
+    let n = 45;
+    let chats = c.start(n).await;
+    let mut ev = Events::new(&c.js, "watch");
+    ev.until("every chat connected", |seen| connected(seen).len() >= n)
+        .await;
+    // Longer than the lease (every node fences), shorter than the 20 s grace window.
+    for i in 0..3 {
+        c.nats.kill(i);
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    for i in 0..3 {
+        c.nats.restart(i);
+    }
+    let want: HashSet<String> = chats.iter().map(|(s, _)| s.clone()).collect();
+    ev.until("every chat resumed after the outage", |seen| {
+        want.is_subset(&resumed(seen))
+    })
+    .await;
+    c.leave_all(&chats).await;
+    ev.until("every chat ended", |seen| {
+        seen.iter().filter(|v| v["type"] == "ended").count() >= n
+    })
+    .await;
+    c.stop_all().await;
+    let all = read_all(&c.js, "audit").await;
+    check_one_ended_each(&all, &want.into_iter().collect::<Vec<_>>(), |_| {
+        Some("guest_left")
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_every_node_loses_no_chat() {
+    let _serial = SERIAL.lock().await;
+    let mut c = Cluster::three().await;
+    let n = 60;
+    let chats = c.start(n).await;
+    let mut ev = Events::new(&c.js, "watch");
+    ev.until("every chat connected", |seen| connected(seen).len() >= n)
+        .await;
+    let urls = c.nats.urls();
+    for i in 0..3 {
+        let owners = c.owners().await;
+        let id = c.nodes[i].id.clone();
+        let held: HashSet<String> = owners
+            .iter()
+            .filter(|(_, o)| **o == id)
+            .map(|(s, _)| s.clone())
+            .collect();
+        let before = ev.seen.len();
+        let code = c.nodes[i].stop().await;
+        assert_eq!(code, Some(0), "{id} did not drain cleanly\n{}", c.dump());
+        ev.until(&format!("{id}'s chats taken"), |seen| {
+            held.is_subset(&resumed(&seen[before..]))
+        })
+        .await;
+        c.nodes[i] = Node::spawn(&id, &c.emu, &urls, &[]);
+        c.wait_nodes(3).await;
+    }
+    c.leave_all(&chats).await;
+    ev.until("every chat ended", |seen| {
+        seen.iter().filter(|v| v["type"] == "ended").count() >= n
+    })
+    .await;
+    c.stop_all().await;
+    let all = read_all(&c.js, "audit").await;
+    let sessions: Vec<String> = chats.iter().map(|(s, _)| s.clone()).collect();
+    check_one_ended_each(&all, &sessions, |_| Some("guest_left"));
+}

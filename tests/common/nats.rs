@@ -1,0 +1,186 @@
+//! A 3-server NATS JetStream cluster on loopback ports, started from the `nats-server` binary
+//! (Debian's package; `.ci/run` installs it where missing), with servers that can be killed and
+//! started again on the same store, and a TCP proxy that can cut one client off.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Mutex;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Three JetStream servers in one cluster.
+pub struct NatsCluster {
+    pub ports: Vec<u16>,
+    dir: PathBuf,
+    procs: Vec<Option<Child>>,
+}
+
+impl NatsCluster {
+    pub fn start() -> NatsCluster {
+        let dir = std::env::temp_dir().join(format!("guestd-nats-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        for i in 0..3 {
+            let others: Vec<String> = (0..3)
+                .filter(|j| *j != i)
+                .map(|j| format!("nats-route://127.0.0.1:{}", routes[j]))
+                .collect();
+            let conf = format!(
+                "server_name: s{i}\nlisten: 127.0.0.1:{}\njetstream {{\n  store_dir: \"{}\"\n}}\n\
+                 cluster {{\n  name: guestd-test\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                ports[i],
+                dir.join(format!("s{i}")).display(),
+                routes[i],
+                others.join(", ")
+            );
+            std::fs::write(dir.join(format!("s{i}.conf")), conf).unwrap();
+        }
+        let mut c = NatsCluster {
+            ports,
+            dir,
+            procs: vec![None, None, None],
+        };
+        for i in 0..3 {
+            c.restart(i);
+        }
+        c
+    }
+
+    pub fn url(&self, i: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.ports[i])
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        (0..3).map(|i| self.url(i)).collect()
+    }
+
+    /// SIGKILL server `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut p) = self.procs[i].take() {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    }
+
+    /// Start server `i` (again), on its store.
+    pub fn restart(&mut self, i: usize) {
+        let log = std::fs::File::create(self.dir.join(format!("s{i}.log"))).unwrap();
+        let child = Command::new("nats-server")
+            .arg("-c")
+            .arg(self.dir.join(format!("s{i}.conf")))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("nats-server must be installed (Debian package nats-server)");
+        self.procs[i] = Some(child);
+    }
+
+    /// Wait until JetStream answers through a client of the whole cluster.
+    pub async fn client(&self) -> async_nats::Client {
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(self.urls())
+            .await
+            .unwrap();
+        let js = async_nats::jetstream::new(client.clone());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            // JetStream is ready once the meta leader is elected: a stream can be created.
+            match js
+                .get_or_create_stream(async_nats::jetstream::stream::Config {
+                    name: "READY".into(),
+                    subjects: vec!["ready.probe".into()],
+                    num_replicas: 3,
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(_) => return client,
+                Err(e) => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "JetStream did not become ready: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..3 {
+            self.kill(i);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TCP proxy to one server that can cut every connection and refuse new ones.
+#[derive(Clone)]
+pub struct Proxy {
+    pub port: u16,
+    cut: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let p = Proxy {
+            port,
+            cut: Arc::new(AtomicBool::new(false)),
+            conns: Arc::new(Mutex::new(Vec::new())),
+        };
+        let me = p.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if me.cut.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let task = tokio::spawn(async move {
+                    if let Ok(mut out) = TcpStream::connect(("127.0.0.1", upstream)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+                me.conns.lock().await.push(task.abort_handle());
+            }
+        });
+        p
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Drop every connection and refuse new ones.
+    pub async fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for c in self.conns.lock().await.drain(..) {
+            c.abort();
+        }
+    }
+
+    /// Let connections through again.
+    pub fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
