@@ -182,7 +182,8 @@ impl Events {
                 self.seen.len()
             );
             if self.msgs.is_none() {
-                if self.open().await.is_err() {
+                let opened = tokio::time::timeout(Duration::from_secs(10), self.open()).await;
+                if !matches!(opened, Ok(Ok(()))) {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 continue;

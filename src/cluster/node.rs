@@ -115,6 +115,9 @@ pub struct Node {
     cfg: ClusterSection,
     lost: Arc<Mutex<Option<mpsc::UnboundedReceiver<Lost>>>>,
     changed: Arc<Notify>,
+    /// The nodes watch went silent (it sees this node's own renewals, so silence means stuck):
+    /// both watches start over.
+    stale: Arc<Notify>,
     cancel: CancellationToken,
 }
 
@@ -153,6 +156,7 @@ impl Node {
             cfg: cfg.clone(),
             lost: Arc::new(Mutex::new(Some(lost_rx))),
             changed: Arc::new(Notify::new()),
+            stale: Arc::new(Notify::new()),
             cancel: CancellationToken::new(),
         };
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -187,7 +191,10 @@ impl Node {
     }
 
     async fn announce_new_epoch(&self) -> Result<u64, String> {
-        let prev = match self.nats.nodes.entry(&self.id).await {
+        let read = tokio::time::timeout(Duration::from_secs(5), self.nats.nodes.entry(&self.id))
+            .await
+            .map_err(|_| "no answer reading this node's entry".to_string())?;
+        let prev = match read {
             Ok(Some(e)) => serde_json::from_slice::<NodeEntry>(&e.value)
                 .map(|n| n.epoch)
                 .unwrap_or(0),
@@ -289,9 +296,17 @@ impl Node {
             let watch = self.nats.nodes.watch_with_history(">").await;
             match watch {
                 Ok(mut w) => loop {
+                    let silence = self.cfg.renew * 3;
                     let next = tokio::select! {
                         _ = self.cancel.cancelled() => return,
-                        n = w.next() => n,
+                        n = tokio::time::timeout(silence, w.next()) => match n {
+                            Ok(n) => n,
+                            Err(_) => {
+                                tracing::warn!("no renewal seen for a while, not even this node's; watching both buckets again");
+                                self.stale.notify_waiters();
+                                break;
+                            }
+                        },
                     };
                     match next {
                         Some(Ok(e)) => {
@@ -348,6 +363,7 @@ impl Node {
                     loop {
                         let next = tokio::select! {
                             _ = self.cancel.cancelled() => return,
+                            _ = self.stale.notified() => break,
                             n = w.next() => n,
                         };
                         match next {
@@ -402,7 +418,8 @@ impl Node {
     /// Read `owner`'s announcement from the bucket itself: a watch can deliver late, and a node
     /// must not be counted dead on a stale view. A newer revision counts as seen now.
     async fn refresh(&self, owner: &str) {
-        if let Ok(Some(e)) = self.nats.nodes.entry(owner).await {
+        let read = tokio::time::timeout(Duration::from_secs(5), self.nats.nodes.entry(owner)).await;
+        if let Ok(Ok(Some(e))) = read {
             let now = Instant::now();
             let mut v = lock(&self.view);
             match e.operation {
@@ -463,8 +480,10 @@ impl Node {
 
     /// Take one chat and resume it; false if it was not taken.
     async fn claim(&self, sup: &Supervisor, session: &str) -> bool {
-        let cur = match self.nats.sessions.entry(session).await {
-            Ok(Some(e)) if e.operation == Operation::Put => e,
+        let read =
+            tokio::time::timeout(Duration::from_secs(5), self.nats.sessions.entry(session)).await;
+        let cur = match read {
+            Ok(Ok(Some(e))) if e.operation == Operation::Put => e,
             _ => return false,
         };
         let Some(entry) = Entry::parse(&cur.value) else {

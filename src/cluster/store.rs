@@ -24,6 +24,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+/// Longest a single KV call may take: a call into a cluster that is electing leaders can hang.
+const CALL: Duration = Duration::from_secs(5);
+
+/// `f`, bounded by [`CALL`]; its error as text.
+async fn bounded<T, E: std::fmt::Display>(
+    f: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(CALL, f).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("no answer from JetStream in time".into()),
+    }
+}
+
 /// One chat's entry in the sessions bucket.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Entry {
@@ -179,7 +192,7 @@ impl KvJournal {
         }
         entry.owner = self.0.node.clone();
         entry.epoch = epoch;
-        let rev = match self.0.kv.update(session, entry.to_bytes(), rev).await {
+        let rev = match bounded(self.0.kv.update(session, entry.to_bytes(), rev)).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(session, error = %e, "another node took the chat first");
@@ -220,7 +233,7 @@ impl KvJournal {
             let mut slot = held.slot.lock().await;
             if let Some(s) = slot.as_mut() {
                 s.entry.owner.clear();
-                let _ = self.0.kv.update(&session, s.entry.to_bytes(), s.rev).await;
+                let _ = bounded(self.0.kv.update(&session, s.entry.to_bytes(), s.rev)).await;
             }
         });
         futures::future::join_all(writes).await;
@@ -256,7 +269,7 @@ impl KvJournal {
                 }
                 Err(e) => {
                     // Wrong revision, or no answer: read what is there.
-                    match self.0.kv.entry(session).await {
+                    match bounded(self.0.kv.entry(session)).await {
                         Ok(Some(cur)) if cur.operation == Operation::Put => {
                             match Entry::parse(&cur.value) {
                                 Some(theirs)
@@ -300,10 +313,10 @@ impl KvJournal {
         };
         let mut wait = Duration::from_millis(100);
         for _ in 0..30 {
-            match self.0.kv.purge_expect_revision(session, Some(rev)).await {
+            match bounded(self.0.kv.purge_expect_revision(session, Some(rev))).await {
                 Ok(()) => return,
                 Err(e) => {
-                    if matches!(self.0.kv.entry(session).await, Ok(Some(cur)) if cur.revision != rev)
+                    if matches!(bounded(self.0.kv.entry(session)).await, Ok(Some(cur)) if cur.revision != rev)
                     {
                         return;
                     }
@@ -368,11 +381,11 @@ impl Journal for KvJournal {
             // over in a second or two) must not fail a `start` whose chat exists already.
             let mut wait = Duration::from_millis(100);
             let result = loop {
-                match me.0.kv.create(&session, entry.to_bytes()).await {
+                match bounded(me.0.kv.create(&session, entry.to_bytes())).await {
                     Ok(rev) => break Ok(rev),
                     Err(e) => {
                         // Did an earlier try land (its ack lost)?
-                        if let Ok(Some(cur)) = me.0.kv.entry(&session).await {
+                        if let Ok(Some(cur)) = bounded(me.0.kv.entry(&session)).await {
                             if cur.operation == Operation::Put {
                                 break match Entry::parse(&cur.value) {
                                     Some(theirs)
