@@ -56,6 +56,8 @@ pub struct View {
     pub sessions: HashMap<String, Info>,
     /// Conversation id -> session id.
     pub by_conv: HashMap<String, String>,
+    /// The sessions watch has caught up since it (re)started.
+    pub synced: bool,
 }
 
 impl View {
@@ -64,6 +66,7 @@ impl View {
             observer: Observer::new(lease),
             sessions: HashMap::new(),
             by_conv: HashMap::new(),
+            synced: false,
         }
     }
 
@@ -354,21 +357,47 @@ impl Node {
             let watch = self.nats.sessions.watch_with_history(">").await;
             match watch {
                 Ok(mut w) => {
-                    // A fresh watch replays every entry: start from a clean slate.
-                    {
-                        let mut v = lock(&self.view);
-                        v.sessions.clear();
-                        v.by_conv.clear();
-                    }
+                    // A fresh watch replays every entry. The old view stays in use meanwhile
+                    // (commands keep finding their chats); once the replay has caught up
+                    // (`delta` 0), entries it did not replay are gone and are dropped.
+                    lock(&self.view).synced = false;
+                    let mut replayed: Option<HashSet<String>> = Some(HashSet::new());
                     loop {
                         let next = tokio::select! {
                             _ = self.cancel.cancelled() => return,
                             _ = self.stale.notified() => break,
-                            n = w.next() => n,
+                            n = tokio::time::timeout(Duration::from_secs(2), w.next()) => match n {
+                                Ok(n) => n,
+                                Err(_) => {
+                                    // Nothing to replay (or nothing new): in step.
+                                    lock(&self.view).synced = true;
+                                    continue;
+                                }
+                            },
                         };
                         match next {
                             Some(Ok(e)) => {
                                 let mut v = lock(&self.view);
+                                if let Some(seen) = replayed.as_mut() {
+                                    seen.insert(e.key.clone());
+                                    if e.delta == 0 {
+                                        let seen = replayed.take().unwrap_or_default();
+                                        let gone: Vec<String> = v
+                                            .sessions
+                                            .keys()
+                                            .filter(|k| !seen.contains(*k))
+                                            .cloned()
+                                            .collect();
+                                        for k in gone {
+                                            if let Some(i) = v.sessions.remove(&k) {
+                                                if v.by_conv.get(&i.conversation) == Some(&k) {
+                                                    v.by_conv.remove(&i.conversation);
+                                                }
+                                            }
+                                        }
+                                        v.synced = true;
+                                    }
+                                }
                                 match e.operation {
                                     Operation::Put => match Entry::parse(&e.value) {
                                         Some(entry) => {

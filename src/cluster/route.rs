@@ -127,12 +127,11 @@ impl Route for Router {
             Command::Send { session, .. }
             | Command::Typing { session }
             | Command::Leave { session }
-            | Command::Get { session } => self
-                .view
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .session_of(session)
-                .is_some(),
+            | Command::Get { session } => {
+                let v = self.view.lock().unwrap_or_else(|e| e.into_inner());
+                // Not in step with the bucket yet (just reconnected): it may well exist.
+                v.session_of(session).is_some() || !v.synced
+            }
             _ => false,
         }
     }
