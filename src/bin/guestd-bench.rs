@@ -21,6 +21,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 
+#[path = "bench/cluster.rs"]
+mod cluster;
+
 #[derive(Parser, Clone)]
 #[command(about = "Benchmark guestd against a hand-written peer on the emulator")]
 struct Args {
@@ -60,6 +63,11 @@ struct Args {
     /// Run over TLS (HTTPS/WSS with a throwaway certificate made by the `openssl` command).
     #[arg(long)]
     tls: bool,
+    /// Cluster mode instead: this many chats on three nodes and a 3-server NATS cluster
+    /// (needs nats-server on the PATH): memory per session next to one node, failover after
+    /// kill -9, events per second into JetStream.
+    #[arg(long)]
+    cluster: Option<usize>,
 }
 
 /// A throwaway certificate for 127.0.0.1-4, made with the openssl command line.
@@ -635,6 +643,14 @@ async fn main() -> anyhow::Result<()> {
             "{} not found: build it first (cargo build --release)",
             exe.display()
         );
+    }
+    if let Some(n) = args.cluster {
+        let r = cluster::run(n, &exe, &args).await?;
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        if let Some(path) = &args.json {
+            std::fs::write(path, serde_json::to_string_pretty(&r)?)?;
+        }
+        return Ok(());
     }
     let mut programs = vec!["guestd"];
     match args.peer.as_str() {

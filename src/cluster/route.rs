@@ -187,22 +187,19 @@ impl Route for Router {
     }
 }
 
+type ReplyRx = tokio::sync::watch::Receiver<Option<Vec<u8>>>;
+type ReplyTx = tokio::sync::watch::Sender<Option<Vec<u8>>>;
+
 /// Replies to forwarded commands, by forward id, for repeated tries.
 #[derive(Default)]
 struct Replies {
-    by_id: HashMap<String, tokio::sync::watch::Receiver<Option<Vec<u8>>>>,
+    by_id: HashMap<String, ReplyRx>,
     order: VecDeque<(Instant, String)>,
 }
 
 impl Replies {
     /// The reply channel for `id`, and whether this call should run the command.
-    fn slot(
-        &mut self,
-        id: &str,
-    ) -> (
-        tokio::sync::watch::Receiver<Option<Vec<u8>>>,
-        Option<tokio::sync::watch::Sender<Option<Vec<u8>>>>,
-    ) {
+    fn slot(&mut self, id: &str) -> (ReplyRx, Option<ReplyTx>) {
         let now = Instant::now();
         while self
             .order
@@ -349,6 +346,19 @@ async fn run_line(sup: &Supervisor, payload: &[u8]) -> Result<control::Reply, Su
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_repeated_forward_gets_the_first_run_s_reply_and_never_runs_twice() {
+        let mut r = Replies::default();
+        let (_, first) = r.slot("f-1");
+        let (mut again, second) = r.slot("f-1");
+        assert!(second.is_none(), "a repeated id must not run again");
+        let (_, other) = r.slot("f-2");
+        assert!(other.is_some());
+        first.unwrap().send(Some(b"reply".to_vec())).unwrap();
+        let got = again.wait_for(|v| v.is_some()).await.unwrap().clone();
+        assert_eq!(got.as_deref(), Some(&b"reply"[..]));
+    }
 
     #[test]
     fn replies_cross_as_json_and_keep_their_codes() {

@@ -1,0 +1,297 @@
+//! `guestd-bench --cluster N`: cluster mode measured (docs/benchmarks.md, "Cluster mode").
+//! A 3-server NATS JetStream cluster on loopback (R3), three guestd nodes, the emulator in its
+//! own process. N chats are attached through the nodes' stdin; then:
+//! - memory: RSS per idle session on each node, next to one single-node guestd holding as many
+//!   chats as one node does;
+//! - failover: kill -9 the node holding the most chats; time from the kill to each of its chats
+//!   reconnected on another node (p50, p99, last);
+//! - event throughput into JetStream: every chat ended at once; time until the stream has
+//!   acknowledged an `ended` for each (events per second into the stream).
+
+use super::{Emu, Proc, rss_kib, wall_us};
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+use tokio::time::Instant;
+
+#[path = "../../../tests/common/nats.rs"]
+mod nats;
+
+const KEY: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
+
+fn node(exe: &PathBuf, id: &str, emu: &Emu, servers: &str, hb_ms: u128, cluster: bool) -> Command {
+    let mut c = Command::new(exe);
+    c.arg("run")
+        .env_remove("GUESTD_CONFIG")
+        .env("GUESTD_GENESYS__API_BASE", &emu.base)
+        .env("GUESTD_SESSION__HEARTBEAT_INTERVAL", format!("{hb_ms}ms"))
+        .env("GUESTD_SESSION__RECONNECT_GRACE", "2m")
+        .env("GUESTD_SESSION__INACTIVITY_TIMEOUT", "1h")
+        .env("GUESTD_STREAM__MAX_CONCURRENT_CONNECTS", "256")
+        .env("GUESTD_JOURNAL__ENABLED", "false")
+        .env("GUESTD_CONTROL__HTTP_LISTEN", "")
+        .env("GUESTD_SUPERVISOR__MAX_SESSIONS", "200000")
+        .env("RUST_LOG", "error");
+    if cluster {
+        c.env("GUESTD_CLUSTER__SERVERS", servers)
+            .env("GUESTD_CLUSTER__NODE_ID", id)
+            .env("GUESTD_CLUSTER__REPLICAS", "3")
+            .env("GUESTD_CLUSTER__LEASE", "6s")
+            .env("GUESTD_CLUSTER__RENEW", "2s")
+            .env("GUESTD_CLUSTER__FENCE_MARGIN", "2s")
+            .env("GUESTD_CLUSTER_SEAL_KEY", KEY);
+    }
+    c
+}
+
+async fn ready(p: &mut Proc) -> anyhow::Result<()> {
+    if let Some(stdin) = p.stdin.as_mut() {
+        stdin
+            .write_all(b"{\"cmd\":\"list\",\"request_id\":\"ready\"}\n")
+            .await?;
+    }
+    loop {
+        let (_, v) = p.next(Duration::from_secs(90)).await?;
+        if v["request_id"] == "ready" {
+            return Ok(());
+        }
+    }
+}
+
+async fn attach(p: &mut Proc, chats: &[Value]) -> anyhow::Result<()> {
+    let mut buf = Vec::new();
+    for c in chats {
+        let mut cmd = c.clone();
+        cmd["cmd"] = json!("attach");
+        buf.extend_from_slice(cmd.to_string().as_bytes());
+        buf.push(b'\n');
+    }
+    let mut stdin = p.stdin.take().context("stdin")?;
+    let h = tokio::spawn(async move {
+        let r = stdin.write_all(&buf).await;
+        (stdin, r)
+    });
+    let (stdin, r) = h.await?;
+    r?;
+    p.stdin = Some(stdin);
+    Ok(())
+}
+
+fn pct(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Every event line of every node, as (node index, time us, value), in one channel.
+fn merge(procs: &mut [Proc]) -> tokio::sync::mpsc::UnboundedReceiver<(usize, u64, Value)> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    for (i, p) in procs.iter_mut().enumerate() {
+        let (_, mut lines) = {
+            let (t, r) = tokio::sync::mpsc::unbounded_channel();
+            (t, std::mem::replace(&mut p.lines, r))
+        };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Some((at, v)) = lines.recv().await {
+                if tx.send((i, at, v)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    rx
+}
+
+pub async fn run(n: usize, exe: &PathBuf, args: &super::Args) -> anyhow::Result<Value> {
+    let cluster = nats::NatsCluster::start();
+    let client = cluster.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let emu = Emu::start(exe, args, None).await?;
+    let hb_ms = args.heartbeat.as_millis();
+    let servers = format!(
+        "[{}]",
+        cluster
+            .urls()
+            .iter()
+            .map(|u| format!("\"{u}\""))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let mut procs = Vec::new();
+    for id in ["n1", "n2", "n3"] {
+        procs.push(Proc::spawn(node(exe, id, &emu, &servers, hb_ms, true))?);
+    }
+    for p in procs.iter_mut() {
+        ready(p).await?;
+    }
+    let base: Vec<u64> = procs.iter().map(|p| rss_kib(p.pid)).collect();
+    let mut chats = Vec::with_capacity(n);
+    while chats.len() < n {
+        let count = (n - chats.len()).min(5000);
+        let v = emu.post("bulk/create", json!({ "count": count })).await?;
+        chats.extend(v.as_array().cloned().unwrap_or_default());
+    }
+    let t0 = Instant::now();
+    for (i, part) in chats.chunks(n.div_ceil(3)).enumerate() {
+        attach(&mut procs[i], part).await?;
+    }
+    let mut rx = merge(&mut procs);
+    // Which node runs which conversation: its `connected` line.
+    let mut owner: HashMap<String, usize> = HashMap::new();
+    while owner.len() < n {
+        let (i, _, v) = tokio::time::timeout(Duration::from_secs(180), rx.recv())
+            .await
+            .with_context(|| format!("{} of {n} connected", owner.len()))?
+            .context("stdout closed")?;
+        match v["type"].as_str() {
+            Some("connected") => {
+                owner.insert(v["conversation_id"].as_str().unwrap_or_default().into(), i);
+            }
+            Some("command_error") => bail!("attach failed: {v}"),
+            _ => {}
+        }
+    }
+    let connect_secs = t0.elapsed().as_secs_f64();
+    // Settle, then memory.
+    let quiet = args.heartbeat.max(Duration::from_secs(1)) * 2;
+    while let Ok(Some(_)) = tokio::time::timeout(quiet, rx.recv()).await {}
+    let held: Vec<usize> = (0..3)
+        .map(|i| owner.values().filter(|o| **o == i).count())
+        .collect();
+    let per_session: Vec<f64> = (0..3)
+        .map(|i| {
+            (rss_kib(procs[i].pid).saturating_sub(base[i])) as f64 * 1024.0 / held[i].max(1) as f64
+        })
+        .collect();
+    eprintln!(
+        "cluster: {n} chats connected in {connect_secs:.1} s, held {held:?}, bytes/session {per_session:?}"
+    );
+
+    // Failover: kill -9 the busiest node.
+    let victim = (0..3).max_by_key(|i| held[*i]).unwrap_or(2);
+    let moving: HashSet<String> = owner
+        .iter()
+        .filter(|(_, o)| **o == victim)
+        .map(|(c, _)| c.clone())
+        .collect();
+    let killed = wall_us();
+    let _ = procs[victim].child.start_kill();
+    let mut resumed: HashSet<String> = HashSet::new();
+    let mut back: HashMap<String, u64> = HashMap::new();
+    while back.len() < moving.len() {
+        let (i, at, v) = tokio::time::timeout(Duration::from_secs(120), rx.recv())
+            .await
+            .with_context(|| format!("{} of {} moved", back.len(), moving.len()))?
+            .context("stdout closed")?;
+        if i == victim {
+            continue;
+        }
+        let conv = v["conversation_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        match v["type"].as_str() {
+            Some("session_started") if v["mode"] == "resume" => {
+                resumed.insert(conv);
+            }
+            Some("connected") | Some("reconnected") if resumed.contains(&conv) => {
+                back.entry(conv.clone())
+                    .or_insert(at.saturating_sub(killed));
+                owner.insert(conv, i);
+            }
+            _ => {}
+        }
+    }
+    let mut times: Vec<u64> = back.values().map(|us| us / 1000).collect();
+    times.sort();
+    eprintln!(
+        "failover: {} chats moved; p50 {} ms, p99 {} ms, last {} ms",
+        times.len(),
+        pct(&times, 0.5),
+        pct(&times, 0.99),
+        times.last().copied().unwrap_or(0)
+    );
+
+    // Throughput into the stream: end every chat at once.
+    let mut stream = js.get_stream("GUESTD_EVENTS").await?;
+    let before = stream.info().await?.state.messages;
+    let ids: Vec<String> = owner.keys().cloned().collect();
+    let t_end = Instant::now();
+    for batch in ids.chunks(5000) {
+        emu.post("bulk/end", json!({ "ids": batch })).await?;
+    }
+    let mut ended = 0;
+    let mut lines_out = 0u64;
+    while ended < ids.len() {
+        let (_, _, v) = tokio::time::timeout(Duration::from_secs(120), rx.recv())
+            .await
+            .with_context(|| format!("{ended} of {} ended", ids.len()))?
+            .context("stdout closed")?;
+        lines_out += 1;
+        if v["type"] == "ended" {
+            ended += 1;
+        }
+    }
+    // An `ended` line is written after the stream acknowledged it: the stream holds them all now.
+    let secs = t_end.elapsed().as_secs_f64();
+    let after = stream.info().await?.state.messages;
+    let into_stream = after.saturating_sub(before);
+    eprintln!(
+        "stream: {into_stream} events acknowledged in {secs:.2} s ({:.0}/s) while ending {} chats",
+        into_stream as f64 / secs,
+        ids.len()
+    );
+    drop(procs);
+
+    // Single node next to it: one guestd without [cluster], as many chats as one cluster node held.
+    let m = held[victim].max(1);
+    let mut single = Proc::spawn(node(exe, "single", &emu, "", hb_ms, false))?;
+    ready(&mut single).await?;
+    let base1 = rss_kib(single.pid);
+    let mut chats1 = Vec::new();
+    while chats1.len() < m {
+        let count = (m - chats1.len()).min(5000);
+        let v = emu.post("bulk/create", json!({ "count": count })).await?;
+        chats1.extend(v.as_array().cloned().unwrap_or_default());
+    }
+    attach(&mut single, &chats1).await?;
+    let mut up = 0;
+    while up < m {
+        let (_, v) = single.next(Duration::from_secs(120)).await?;
+        if v["type"] == "connected" {
+            up += 1;
+        }
+    }
+    while let Ok(Ok(_)) = tokio::time::timeout(quiet, single.next(quiet * 2)).await {}
+    let single_per = (rss_kib(single.pid).saturating_sub(base1)) as f64 * 1024.0 / m as f64;
+    eprintln!("single node: {m} chats, {single_per:.0} bytes/session");
+
+    let avg = per_session.iter().sum::<f64>() / 3.0;
+    Ok(json!({
+        "chats": n,
+        "nodes": 3,
+        "nats_servers": 3,
+        "replicas": 3,
+        "lease": "6s", "renew": "2s", "fence_margin": "2s",
+        "connect_secs": connect_secs,
+        "held": held,
+        "cluster_bytes_per_session": per_session,
+        "cluster_kib_per_session_avg": avg / 1024.0,
+        "single_node_chats": m,
+        "single_node_kib_per_session": single_per / 1024.0,
+        "failover_moved": times.len(),
+        "failover_p50_ms": pct(&times, 0.5),
+        "failover_p99_ms": pct(&times, 0.99),
+        "failover_last_ms": times.last().copied().unwrap_or(0),
+        "stream_events": into_stream,
+        "stream_secs": secs,
+        "stream_events_per_sec": into_stream as f64 / secs,
+        "stdout_lines_during_end": lines_out,
+    }))
+}
