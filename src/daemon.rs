@@ -139,6 +139,18 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
     stdin: Option<R>,
 ) -> Result<Running, DaemonError> {
     crate::metrics::install();
+    // Bound first: a client that connects while the node joins its cluster (or replays its
+    // journal) waits in the backlog instead of being refused.
+    let early_listener = if cfg.control.http_listen.is_empty() {
+        None
+    } else {
+        let addr = cfg.control.http_listen.clone();
+        Some(
+            tokio::net::TcpListener::bind(&addr)
+                .await
+                .map_err(|source| DaemonError::Listen { addr, source })?,
+        )
+    };
     // Cluster mode: the journal is the sessions bucket, events also go to the stream, and the
     // chats to resume are found by the node's claimer instead of a file.
     let node = if cfg.cluster.enabled() {
@@ -236,12 +248,15 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
         None
     } else {
         let addr = cfg.control.http_listen.clone();
-        let listener = tokio::net::TcpListener::bind(&addr)
-            .await
-            .map_err(|source| DaemonError::Listen {
-                addr: addr.clone(),
-                source,
-            })?;
+        let listener = match early_listener {
+            Some(l) => l,
+            None => {
+                return Err(DaemonError::Listen {
+                    addr,
+                    source: std::io::Error::other("not bound"),
+                });
+            }
+        };
         let local = listener
             .local_addr()
             .map_err(|source| DaemonError::Listen {

@@ -3,7 +3,7 @@
 //! the event stream with a durable consumer and checking exactly one `ended` per chat.
 //!
 //! The tests share two cores, so they run one at a time (a static lock), and durations are
-//! scaled: lease 3 s, renewal 1 s, fence margin 1 s, grace 20 s.
+//! scaled: lease 6 s, renewal 1 s, fence margin 2 s, grace 20 s.
 
 mod common;
 
@@ -72,9 +72,11 @@ impl Node {
             ("GUESTD_CONTROL__STDIN", "false"),
             ("GUESTD_CLUSTER__SERVERS", &servers),
             ("GUESTD_CLUSTER__NODE_ID", id),
-            ("GUESTD_CLUSTER__LEASE", "3s"),
+            // Longer than a JetStream leader election after a server dies (a few seconds), or
+            // every such death would fence the nodes.
+            ("GUESTD_CLUSTER__LEASE", "6s"),
             ("GUESTD_CLUSTER__RENEW", "1s"),
-            ("GUESTD_CLUSTER__FENCE_MARGIN", "1s"),
+            ("GUESTD_CLUSTER__FENCE_MARGIN", "2s"),
             ("GUESTD_CLUSTER__REPLICAS", "3"),
             ("GUESTD_CLUSTER_SEAL_KEY", KEY),
             ("GUESTD_SHUTDOWN__DRAIN_TIMEOUT", "10s"),
@@ -739,7 +741,7 @@ async fn all_nats_servers_down_shorter_than_the_grace_window_loses_no_chat() {
     for i in 0..3 {
         c.nats.kill(i);
     }
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
     for i in 0..3 {
         c.nats.restart(i);
     }
@@ -797,4 +799,67 @@ async fn a_rolling_restart_of_every_node_loses_no_chat() {
     let all = read_all(&c.js, "audit").await;
     let sessions: Vec<String> = chats.iter().map(|(s, _)| s.clone()).collect();
     check_one_ended_each(&all, &sessions, |_| Some("guest_left"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_nats_servers_down_longer_than_the_grace_window_ends_each_chat_once() {
+    let _serial = SERIAL.lock().await;
+    let nats = NatsCluster::start();
+    let client = nats.client().await;
+    let js = jetstream::new(client.clone());
+    // The platform's grace window is 4 s here: the outage (past the 6 s lease) outlasts it.
+    let emu = emulator(EmulatorConfig {
+        reconnect_grace: Duration::from_secs(4),
+        ..emu_cfg()
+    })
+    .await;
+    let urls = nats.urls();
+    let grace = [("GUESTD_SESSION__RECONNECT_GRACE", "4s")];
+    let nodes = ["n1", "n2", "n3"]
+        .iter()
+        .map(|id| Node::spawn(id, &emu, &urls, &grace))
+        .collect();
+    let mut c = Cluster {
+        nats,
+        client,
+        js,
+        emu,
+        nodes,
+    };
+    c.wait_nodes(3).await;
+    let n = 30;
+    let chats = c.start(n).await;
+    let mut ev = Events::new(&c.js, "watch");
+    ev.until("every chat connected", |seen| connected(seen).len() >= n)
+        .await;
+    let mut log = c.emu.subscribe_log();
+    for i in 0..3 {
+        c.nats.kill(i);
+    }
+    // Every node fences and drops its sockets; the platform ends each chat 4 s later.
+    let ended = |emu: &Emulator| emu.log().iter().filter(|e| e.action == "ended").count();
+    let deadline = Instant::now() + LONG;
+    while ended(&c.emu) < n {
+        let got = tokio::time::timeout_at(deadline, log.recv()).await;
+        assert!(got.is_ok(), "the platform did not end the chats");
+    }
+    for i in 0..3 {
+        c.nats.restart(i);
+    }
+    // Back: each chat is taken, cannot reconnect, and ends once.
+    ev.until("every chat ended", |seen| {
+        seen.iter().filter(|v| v["type"] == "ended").count() >= n
+    })
+    .await;
+    c.stop_all().await;
+    let all = read_all(&c.js, "audit").await;
+    let sessions: Vec<String> = chats.iter().map(|(s, _)| s.clone()).collect();
+    check_one_ended_each(&all, &sessions, |_| None);
+    for v in all.iter().filter(|v| v["type"] == "ended") {
+        let reason = v["reason"].as_str().unwrap();
+        assert!(
+            ["reconnect_grace_expired", "server_ended"].contains(&reason),
+            "an end the outage cannot explain: {v}"
+        );
+    }
 }
