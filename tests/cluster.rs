@@ -255,14 +255,24 @@ struct Cluster {
 
 impl Cluster {
     async fn three() -> Cluster {
+        Cluster::with(emu_cfg(), |id, emu, nats| {
+            Node::spawn(id, emu, &nats.urls(), &[])
+        })
+        .await
+    }
+
+    /// NATS, the emulator (`cfg`), and nodes n1, n2, n3 as `node` makes them; once all joined.
+    async fn with(
+        cfg: EmulatorConfig,
+        node: impl Fn(&str, &Emulator, &NatsCluster) -> Node,
+    ) -> Cluster {
         let nats = NatsCluster::start();
         let client = nats.client().await;
         let js = jetstream::new(client.clone());
-        let emu = emulator(emu_cfg()).await;
-        let urls = nats.urls();
+        let emu = emulator(cfg).await;
         let nodes = ["n1", "n2", "n3"]
             .iter()
-            .map(|id| Node::spawn(id, &emu, &urls, &[]))
+            .map(|id| node(id, &emu, &nats))
             .collect();
         let c = Cluster {
             nats,
@@ -273,6 +283,32 @@ impl Cluster {
         };
         c.wait_nodes(3).await;
         c
+    }
+
+    /// Start `n` chats and wait until each is connected; the chats and the stream reader.
+    async fn connected_chats(&self, n: usize) -> (Vec<(String, String)>, Events) {
+        let chats = self.start(n).await;
+        let mut ev = Events::new(&self.js, "watch");
+        ev.until("every chat connected", |seen| connected(seen).len() >= n)
+            .await;
+        (chats, ev)
+    }
+
+    /// End: every chat in `leave` leaves, then wait for `n` ended in the stream, stop every
+    /// node, and read the whole stream with a new durable consumer.
+    async fn finish(
+        &mut self,
+        leave: &[(String, String)],
+        n: usize,
+        ev: &mut Events,
+    ) -> Vec<Value> {
+        self.leave_all(leave).await;
+        ev.until("every chat ended", |seen| {
+            seen.iter().filter(|v| v["type"] == "ended").count() >= n
+        })
+        .await;
+        self.stop_all().await;
+        read_all(&self.js, "audit").await
     }
 
     /// Wait until `n` nodes announce themselves (live, not left).
@@ -463,10 +499,7 @@ async fn a_killed_node_s_chats_fail_over_inside_the_grace_window() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(150);
     let mut c = Cluster::three().await;
-    let chats = c.start(n).await;
-    let mut ev = Events::new(&c.js, "watch");
-    ev.until("every chat connected", |seen| connected(seen).len() >= n)
-        .await;
+    let (chats, mut ev) = c.connected_chats(n).await;
     let owners = c.owners().await;
     let held = |node: &str| -> Vec<(String, String)> {
         chats
@@ -571,13 +604,7 @@ async fn a_killed_node_s_chats_fail_over_inside_the_grace_window() {
 
     // The rest end by the guest leaving; then read the stream from the start.
     let rest: Vec<(String, String)> = chats.iter().filter(|(s, _)| *s != end.0).cloned().collect();
-    c.leave_all(&rest).await;
-    ev.until("every chat ended", |seen| {
-        seen.iter().filter(|v| v["type"] == "ended").count() >= n
-    })
-    .await;
-    c.stop_all().await;
-    let all = read_all(&c.js, "audit").await;
+    let all = c.finish(&rest, n, &mut ev).await;
     let sessions: Vec<String> = chats.iter().map(|(s, _)| s.clone()).collect();
     check_one_ended_each(&all, &sessions, |s| {
         Some(if s == end.0 {
@@ -602,35 +629,24 @@ async fn a_killed_node_s_chats_fail_over_inside_the_grace_window() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_off_from_nats_stops_before_its_chats_are_taken() {
     let _serial = SERIAL.lock().await;
-    let nats = NatsCluster::start();
-    let client = nats.client().await;
-    let js = jetstream::new(client.clone());
-    let emu = emulator(emu_cfg()).await;
-    let proxy = Proxy::start(nats.ports[2]).await;
-    let urls = nats.urls();
-    let nodes = vec![
-        Node::spawn("n1", &emu, &urls, &[]),
-        Node::spawn("n2", &emu, &urls, &[]),
+    // n3 reaches NATS only through a proxy the test can cut.
+    let proxy = std::sync::OnceLock::new();
+    let mut c = Cluster::with(emu_cfg(), |id, emu, nats| {
+        if id != "n3" {
+            return Node::spawn(id, emu, &nats.urls(), &[]);
+        }
+        let p = proxy.get_or_init(|| Proxy::start(nats.ports[2]));
         Node::spawn(
-            "n3",
-            &emu,
-            &[proxy.url()],
+            id,
+            emu,
+            &[p.url()],
             &[("GUESTD_CLUSTER__IGNORE_DISCOVERED_SERVERS", "true")],
-        ),
-    ];
-    let mut c = Cluster {
-        nats,
-        client,
-        js,
-        emu,
-        nodes,
-    };
-    c.wait_nodes(3).await;
+        )
+    })
+    .await;
+    let proxy = proxy.get().unwrap().clone();
     let n = 60;
-    let chats = c.start(n).await;
-    let mut ev = Events::new(&c.js, "watch");
-    ev.until("every chat connected", |seen| connected(seen).len() >= n)
-        .await;
+    let (chats, mut ev) = c.connected_chats(n).await;
     let owners = c.owners().await;
     let victim: Vec<(String, String)> = chats
         .iter()
@@ -662,13 +678,7 @@ async fn a_node_cut_off_from_nats_stops_before_its_chats_are_taken() {
     }
     // n3 comes back and joins again in a new epoch; it takes nothing it should not.
     proxy.restore();
-    c.leave_all(&chats).await;
-    ev.until("every chat ended", |seen| {
-        seen.iter().filter(|v| v["type"] == "ended").count() >= n
-    })
-    .await;
-    c.stop_all().await;
-    let all = read_all(&c.js, "audit").await;
+    let all = c.finish(&chats, n, &mut ev).await;
     let sessions: Vec<String> = chats.iter().map(|(s, _)| s.clone()).collect();
     check_one_ended_each(&all, &sessions, |_| Some("guest_left"));
     for (_, conv) in &chats {
@@ -709,13 +719,7 @@ async fn a_killed_nats_server_loses_no_chat_and_no_event() {
     })
     .await;
     c.nats.restart(0);
-    c.leave_all(&chats).await;
-    ev.until("every chat ended", |seen| {
-        seen.iter().filter(|v| v["type"] == "ended").count() >= n
-    })
-    .await;
-    c.stop_all().await;
-    let all = read_all(&c.js, "audit").await;
+    let all = c.finish(&chats, n, &mut ev).await;
     let sessions: Vec<String> = chats.iter().map(|(s, _)| s.clone()).collect();
     check_one_ended_each(&all, &sessions, |_| Some("guest_left"));
     for i in 0..n / 2 {
@@ -733,10 +737,7 @@ async fn all_nats_servers_down_shorter_than_the_grace_window_loses_no_chat() {
     let _serial = SERIAL.lock().await;
     let mut c = Cluster::three().await;
     let n = 45;
-    let chats = c.start(n).await;
-    let mut ev = Events::new(&c.js, "watch");
-    ev.until("every chat connected", |seen| connected(seen).len() >= n)
-        .await;
+    let (chats, mut ev) = c.connected_chats(n).await;
     // Longer than the lease (every node fences), shorter than the 20 s grace window.
     for i in 0..3 {
         c.nats.kill(i);
@@ -750,13 +751,7 @@ async fn all_nats_servers_down_shorter_than_the_grace_window_loses_no_chat() {
         want.is_subset(&resumed(seen))
     })
     .await;
-    c.leave_all(&chats).await;
-    ev.until("every chat ended", |seen| {
-        seen.iter().filter(|v| v["type"] == "ended").count() >= n
-    })
-    .await;
-    c.stop_all().await;
-    let all = read_all(&c.js, "audit").await;
+    let all = c.finish(&chats, n, &mut ev).await;
     check_one_ended_each(&all, &want.into_iter().collect::<Vec<_>>(), |_| {
         Some("guest_left")
     });
@@ -767,10 +762,7 @@ async fn a_rolling_restart_of_every_node_loses_no_chat() {
     let _serial = SERIAL.lock().await;
     let mut c = Cluster::three().await;
     let n = 60;
-    let chats = c.start(n).await;
-    let mut ev = Events::new(&c.js, "watch");
-    ev.until("every chat connected", |seen| connected(seen).len() >= n)
-        .await;
+    let (chats, mut ev) = c.connected_chats(n).await;
     let urls = c.nats.urls();
     for i in 0..3 {
         let owners = c.owners().await;
@@ -790,13 +782,7 @@ async fn a_rolling_restart_of_every_node_loses_no_chat() {
         c.nodes[i] = Node::spawn(&id, &c.emu, &urls, &[]);
         c.wait_nodes(3).await;
     }
-    c.leave_all(&chats).await;
-    ev.until("every chat ended", |seen| {
-        seen.iter().filter(|v| v["type"] == "ended").count() >= n
-    })
-    .await;
-    c.stop_all().await;
-    let all = read_all(&c.js, "audit").await;
+    let all = c.finish(&chats, n, &mut ev).await;
     let sessions: Vec<String> = chats.iter().map(|(s, _)| s.clone()).collect();
     check_one_ended_each(&all, &sessions, |_| Some("guest_left"));
 }
@@ -804,34 +790,22 @@ async fn a_rolling_restart_of_every_node_loses_no_chat() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_nats_servers_down_longer_than_the_grace_window_ends_each_chat_once() {
     let _serial = SERIAL.lock().await;
-    let nats = NatsCluster::start();
-    let client = nats.client().await;
-    let js = jetstream::new(client.clone());
     // The platform's grace window is 4 s here: the outage (past the 6 s lease) outlasts it.
-    let emu = emulator(EmulatorConfig {
+    let cfg = EmulatorConfig {
         reconnect_grace: Duration::from_secs(4),
         ..emu_cfg()
+    };
+    let mut c = Cluster::with(cfg, |id, emu, nats| {
+        Node::spawn(
+            id,
+            emu,
+            &nats.urls(),
+            &[("GUESTD_SESSION__RECONNECT_GRACE", "4s")],
+        )
     })
     .await;
-    let urls = nats.urls();
-    let grace = [("GUESTD_SESSION__RECONNECT_GRACE", "4s")];
-    let nodes = ["n1", "n2", "n3"]
-        .iter()
-        .map(|id| Node::spawn(id, &emu, &urls, &grace))
-        .collect();
-    let mut c = Cluster {
-        nats,
-        client,
-        js,
-        emu,
-        nodes,
-    };
-    c.wait_nodes(3).await;
     let n = 30;
-    let chats = c.start(n).await;
-    let mut ev = Events::new(&c.js, "watch");
-    ev.until("every chat connected", |seen| connected(seen).len() >= n)
-        .await;
+    let (chats, mut ev) = c.connected_chats(n).await;
     let mut log = c.emu.subscribe_log();
     for i in 0..3 {
         c.nats.kill(i);
@@ -847,12 +821,7 @@ async fn all_nats_servers_down_longer_than_the_grace_window_ends_each_chat_once(
         c.nats.restart(i);
     }
     // Back: each chat is taken, cannot reconnect, and ends once.
-    ev.until("every chat ended", |seen| {
-        seen.iter().filter(|v| v["type"] == "ended").count() >= n
-    })
-    .await;
-    c.stop_all().await;
-    let all = read_all(&c.js, "audit").await;
+    let all = c.finish(&[], n, &mut ev).await;
     let sessions: Vec<String> = chats.iter().map(|(s, _)| s.clone()).collect();
     check_one_ended_each(&all, &sessions, |_| None);
     for v in all.iter().filter(|v| v["type"] == "ended") {

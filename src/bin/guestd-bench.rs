@@ -313,6 +313,17 @@ struct Report {
     storm_peak_connects: Option<u64>,
 }
 
+/// `n` chats created straight on the emulator, each as the fields `attach` takes.
+async fn create_chats(emu: &Emu, n: usize) -> anyhow::Result<Vec<Value>> {
+    let mut chats = Vec::with_capacity(n);
+    while chats.len() < n {
+        let count = (n - chats.len()).min(5000);
+        let v = emu.post("bulk/create", json!({ "count": count })).await?;
+        chats.extend(v.as_array().cloned().unwrap_or_default());
+    }
+    Ok(chats)
+}
+
 async fn run(kind: &str, n: usize, exe: &PathBuf, args: &Args) -> anyhow::Result<Report> {
     let tls = if args.tls {
         let dir = std::env::temp_dir().join(format!("guestd-bench-tls-{}", std::process::id()));
@@ -384,12 +395,7 @@ async fn run(kind: &str, n: usize, exe: &PathBuf, args: &Args) -> anyhow::Result
     }
     let rss_base = rss_kib(p.pid);
     // Chats, created straight on the emulator, attached through stdin.
-    let mut chats = Vec::with_capacity(n);
-    while chats.len() < n {
-        let count = (n - chats.len()).min(5000);
-        let v = emu.post("bulk/create", json!({ "count": count })).await?;
-        chats.extend(v.as_array().cloned().unwrap_or_default());
-    }
+    let chats = create_chats(&emu, n).await?;
     let t0 = Instant::now();
     let mut buf = Vec::new();
     for c in &chats {

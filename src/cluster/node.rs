@@ -213,6 +213,14 @@ impl Node {
         Ok(epoch)
     }
 
+    /// Wait a moment before watching again; false once the node is leaving.
+    async fn pause(&self) -> bool {
+        tokio::select! {
+            _ = self.cancel.cancelled() => false,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => true,
+        }
+    }
+
     /// Run the node's tasks for `sup` until [`Node::leave`].
     pub fn run(&self, sup: Supervisor) {
         tokio::spawn(self.clone().renewals(sup.clone()));
@@ -313,27 +321,7 @@ impl Node {
                     };
                     match next {
                         Some(Ok(e)) => {
-                            let now = Instant::now();
-                            let mut v = lock(&self.view);
-                            match e.operation {
-                                Operation::Put => {
-                                    if let Ok(n) = serde_json::from_slice::<NodeEntry>(&e.value) {
-                                        v.observer.saw(
-                                            &e.key,
-                                            Announce {
-                                                epoch: n.epoch,
-                                                left: n.left,
-                                            },
-                                            e.revision,
-                                            now,
-                                        );
-                                    }
-                                }
-                                Operation::Delete | Operation::Purge => {
-                                    v.observer.removed(&e.key, now)
-                                }
-                            }
-                            drop(v);
+                            self.apply_node(&e);
                             self.changed.notify_one();
                         }
                         Some(Err(e)) => {
@@ -345,9 +333,8 @@ impl Node {
                 },
                 Err(e) => tracing::warn!(error = %e, "cannot watch the nodes bucket yet"),
             }
-            tokio::select! {
-                _ = self.cancel.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            if !self.pause().await {
+                return;
             }
         }
     }
@@ -437,9 +424,8 @@ impl Node {
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot watch the sessions bucket yet"),
             }
-            tokio::select! {
-                _ = self.cancel.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            if !self.pause().await {
+                return;
             }
         }
     }
@@ -449,24 +435,25 @@ impl Node {
     async fn refresh(&self, owner: &str) {
         let read = tokio::time::timeout(Duration::from_secs(5), self.nats.nodes.entry(owner)).await;
         if let Ok(Ok(Some(e))) = read {
-            let now = Instant::now();
-            let mut v = lock(&self.view);
-            match e.operation {
-                Operation::Put => {
-                    if let Ok(n) = serde_json::from_slice::<NodeEntry>(&e.value) {
-                        v.observer.saw(
-                            owner,
-                            Announce {
-                                epoch: n.epoch,
-                                left: n.left,
-                            },
-                            e.revision,
-                            now,
-                        );
-                    }
+            self.apply_node(&e);
+        }
+    }
+
+    /// A node's announcement (from the watch or a direct read), seen now.
+    fn apply_node(&self, e: &async_nats::jetstream::kv::Entry) {
+        let now = Instant::now();
+        let mut v = lock(&self.view);
+        match e.operation {
+            Operation::Put => {
+                if let Ok(n) = serde_json::from_slice::<NodeEntry>(&e.value) {
+                    let a = Announce {
+                        epoch: n.epoch,
+                        left: n.left,
+                    };
+                    v.observer.saw(&e.key, a, e.revision, now);
                 }
-                Operation::Delete | Operation::Purge => v.observer.removed(owner, now),
             }
+            Operation::Delete | Operation::Purge => v.observer.removed(&e.key, now),
         }
     }
 

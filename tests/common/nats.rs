@@ -138,9 +138,12 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub async fn start(upstream: u16) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
+    /// Listening at once (inside a tokio runtime).
+    pub fn start(upstream: u16) -> Proxy {
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        std_listener.set_nonblocking(true).unwrap();
+        let port = std_listener.local_addr().unwrap().port();
+        let listener = TcpListener::from_std(std_listener).unwrap();
         let p = Proxy {
             port,
             cut: Arc::new(AtomicBool::new(false)),

@@ -131,12 +131,7 @@ pub async fn run(n: usize, exe: &PathBuf, args: &super::Args) -> anyhow::Result<
         ready(p).await?;
     }
     let base: Vec<u64> = procs.iter().map(|p| rss_kib(p.pid)).collect();
-    let mut chats = Vec::with_capacity(n);
-    while chats.len() < n {
-        let count = (n - chats.len()).min(5000);
-        let v = emu.post("bulk/create", json!({ "count": count })).await?;
-        chats.extend(v.as_array().cloned().unwrap_or_default());
-    }
+    let chats = super::create_chats(&emu, n).await?;
     let t0 = Instant::now();
     for (i, part) in chats.chunks(n.div_ceil(3)).enumerate() {
         attach(&mut procs[i], part).await?;
@@ -254,12 +249,7 @@ pub async fn run(n: usize, exe: &PathBuf, args: &super::Args) -> anyhow::Result<
     let mut single = Proc::spawn(node(exe, "single", &emu, "", hb_ms, false))?;
     ready(&mut single).await?;
     let base1 = rss_kib(single.pid);
-    let mut chats1 = Vec::new();
-    while chats1.len() < m {
-        let count = (m - chats1.len()).min(5000);
-        let v = emu.post("bulk/create", json!({ "count": count })).await?;
-        chats1.extend(v.as_array().cloned().unwrap_or_default());
-    }
+    let chats1 = super::create_chats(&emu, m).await?;
     attach(&mut single, &chats1).await?;
     let mut up = 0;
     while up < m {
