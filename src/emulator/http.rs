@@ -100,6 +100,14 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route(&path::messages("{conv}"), get(list_messages))
         .route(&path::message("{conv}", "{message}"), get(get_message))
         .route("/v2/stream/{conv}", get(stream))
+        .route("/v1", get(wm_socket))
+        .route("/api/v2/webmessaging/messages", get(wm_history))
+        .route(
+            "/webdeployments/v1/deployments/{deployment}/config.json",
+            get(wm_config),
+        )
+        .route("/emulator/messaging/sessions", get(wm_admin_list))
+        .route("/emulator/messaging/sessions/{token}", post(wm_admin))
         .route("/oauth/token", post(platform_token))
         .route("/api/v2/conversations/{conv}", get(platform_conversation))
         .route(
@@ -606,6 +614,113 @@ async fn stream(
         .header("sec-websocket-accept", accept)
         .body(Body::empty())
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+}
+
+/// `GET /v1?deploymentId=`: a Web Messaging guest socket.
+async fn wm_socket(
+    State(sh): S,
+    Query(q): Query<HashMap<String, String>>,
+    mut req: Request,
+) -> Result<Response, ApiError> {
+    if q.get("deploymentId").is_none_or(|d| d.trim().is_empty()) {
+        return Err(ApiError::bad("deploymentId is required"));
+    }
+    let key = req
+        .headers()
+        .get("sec-websocket-key")
+        .cloned()
+        .ok_or_else(|| ApiError::bad("not a websocket upgrade"))?;
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let shared = sh.clone();
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let Ok(parts) = upgraded.downcast::<hyper_util::rt::TokioIo<super::socket::EmuStream>>()
+        else {
+            return;
+        };
+        if !parts.read_buf.is_empty() {
+            return;
+        }
+        let cfg = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .max_message_size(Some(shared.cfg.max_client_frame))
+            .max_frame_size(Some(shared.cfg.max_client_frame));
+        let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            parts.io.into_inner(),
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            Some(cfg),
+        )
+        .await;
+        super::messaging::serve(shared, ws).await;
+    });
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header("sec-websocket-accept", accept)
+        .body(Body::empty())
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+}
+
+/// `GET /api/v2/webmessaging/messages`: the session's history, bearer = a `getJwt` token.
+async fn wm_history(
+    State(sh): S,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let jwt = bearer(&headers).ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
+    let num = |k: &str, d: usize| {
+        q.get(k)
+            .filter(|v| !v.is_empty())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    match super::messaging::history(&sh, jwt, num("pageNumber", 1), num("pageSize", 25)) {
+        Ok(page) => Ok(Json(page).into_response()),
+        Err(super::messaging::HistoryRefusal::Unauthorized) => {
+            Err(ApiError::unauthorized("invalid or expired token"))
+        }
+        Err(super::messaging::HistoryRefusal::TooMany) => {
+            let mut r = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too.many.requests",
+                "history: 10 calls per minute per session",
+            )
+            .into_response();
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("6"));
+            Ok(r)
+        }
+    }
+}
+
+/// `GET .../deployments/{id}/config.json`: the deployment's settings, from the knobs.
+async fn wm_config(State(sh): S, Path(deployment): Path<String>) -> Json<serde_json::Value> {
+    let base = sh.next_stream_base().replace("/v2/stream", "");
+    Json(super::messaging::deployment_config(&sh, &deployment, &base))
+}
+
+async fn wm_admin_list(State(sh): S) -> Json<Vec<super::messaging::WmSessionView>> {
+    Json(super::messaging::sessions(&sh))
+}
+
+/// `POST /emulator/messaging/sessions/{token}` with `{"action": ...}` (see `WmAdmin`).
+async fn wm_admin(
+    State(sh): S,
+    Path(token): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let a: super::messaging::WmAdmin = parse(&body)?;
+    if super::messaging::admin(&sh, &token, a) {
+        Ok(Json(serde_json::json!({"ok": true})).into_response())
+    } else {
+        Err(ApiError::not_found(
+            "no web messaging session with that token",
+        ))
+    }
 }
 
 fn emu(sh: &Arc<Shared>) -> Emulator {

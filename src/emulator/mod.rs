@@ -10,6 +10,8 @@
 //! websocket, and a rules task per conversation fires the server-side timers.
 
 mod http;
+/// The Web Messaging server side.
+pub mod messaging;
 mod platform;
 mod socket;
 pub mod world;
@@ -88,6 +90,8 @@ pub struct EmulatorConfig {
     pub max_client_frame: usize,
     /// Entries kept in the guest-side log.
     pub log_limit: usize,
+    /// The Web Messaging side (`/v1?deploymentId=`): deployment settings and limits.
+    pub web_messaging: messaging::WebMessagingConfig,
 }
 
 impl Default for EmulatorConfig {
@@ -115,6 +119,7 @@ impl Default for EmulatorConfig {
             platform_inactivity_type: "timeout".into(),
             max_client_frame: 64 * 1024,
             log_limit: 100_000,
+            web_messaging: messaging::WebMessagingConfig::default(),
         }
     }
 }
@@ -200,6 +205,8 @@ pub(crate) struct Shared {
     pub next_base: AtomicUsize,
     /// Heartbeat frames written, across all sockets.
     pub heartbeats: AtomicU64,
+    /// Web Messaging sessions.
+    pub wm: Mutex<messaging::WmWorld>,
     pub cancel: CancellationToken,
 }
 
@@ -306,6 +313,7 @@ impl Emulator {
             stream_bases,
             next_base: AtomicUsize::new(0),
             heartbeats: AtomicU64::new(0),
+            wm: Mutex::new(messaging::WmWorld::default()),
             cancel: CancellationToken::new(),
         });
         let app = http::router(shared.clone());
