@@ -333,11 +333,11 @@ pub enum Reply {
 /// owner; for a new chat, the least-loaded live node); `forward` runs the command there.
 pub trait Route: Send + Sync + 'static {
     /// The node that should run `cmd`, or None for this one.
-    fn place(&self, cmd: &Command) -> Option<String>;
+    fn place<'a>(&'a self, cmd: &'a Command) -> futures::future::BoxFuture<'a, Option<String>>;
     /// `node` did not get a command (no responders): a new chat goes elsewhere for a while.
     fn unreachable(&self, node: &str);
     /// Whether the chat `cmd` names exists in the cluster (so "not found" means "moving").
-    fn moving(&self, cmd: &Command) -> bool;
+    fn moving<'a>(&'a self, cmd: &'a Command) -> futures::future::BoxFuture<'a, bool>;
     /// Run `cmd` on `node`; its reply as that node serialized it. The error code
     /// `no_responders` means nobody received it (safe to send again).
     fn forward(
@@ -388,7 +388,7 @@ pub async fn execute(sup: &Supervisor, cmd: Command) -> Result<Reply, Supervisor
     // are tried again, placed anew each time, for up to about ten seconds.
     let mut tries = 0;
     loop {
-        let (node, result) = match router.place(&cmd) {
+        let (node, result) = match router.place(&cmd).await {
             Some(node) => {
                 let r = router.forward(node.clone(), &cmd).await;
                 (Some(node), r.map(Reply::Remote))
@@ -404,7 +404,7 @@ pub async fn execute(sup: &Supervisor, cmd: Command) -> Result<Reply, Supervisor
             }
             Err(SupervisorError::NotFound(_))
             | Err(SupervisorError::Moved(_))
-            | Err(SupervisorError::Remote("not_found" | "moved", _)) => router.moving(&cmd),
+            | Err(SupervisorError::Remote("not_found" | "moved", _)) => router.moving(&cmd).await,
             _ => false,
         };
         if !again || tries >= 40 {

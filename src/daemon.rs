@@ -227,6 +227,7 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
             n.nats.names.cmd.clone(),
             sealer.clone(),
             n.view.clone(),
+            n.nats.sessions.clone(),
         )));
         let serve = crate::cluster::route::serve(
             n.nats.client.clone(),

@@ -3,7 +3,7 @@
 //! the event stream with a durable consumer and checking exactly one `ended` per chat.
 //!
 //! The tests share two cores, so they run one at a time (a static lock), and durations are
-//! scaled: lease 6 s, renewal 1 s, fence margin 2 s, grace 20 s.
+//! scaled: lease 10 s, renewal 1 s, fence margin 2 s, grace 30 s.
 
 mod common;
 
@@ -27,7 +27,7 @@ const KEY: &str = "5f0e6c0b3a2d4e1f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a0b9c8d7
 fn emu_cfg() -> EmulatorConfig {
     EmulatorConfig {
         heartbeat_interval: Duration::from_millis(500),
-        reconnect_grace: Duration::from_secs(20),
+        reconnect_grace: Duration::from_secs(30),
         inactivity_timeout: Duration::from_secs(600),
         agent_join_delay: None,
         agent_alert_duration: Duration::from_millis(20),
@@ -64,7 +64,7 @@ impl Node {
         for (k, v) in [
             ("GUESTD_SESSION__HEARTBEAT_INTERVAL", "500ms"),
             ("GUESTD_SESSION__HEARTBEAT_TOLERANCE", "3"),
-            ("GUESTD_SESSION__RECONNECT_GRACE", "20s"),
+            ("GUESTD_SESSION__RECONNECT_GRACE", "30s"),
             ("GUESTD_SESSION__INACTIVITY_TIMEOUT", "10m"),
             ("GUESTD_SESSION__BACKOFF__INITIAL", "100ms"),
             ("GUESTD_SESSION__BACKOFF__MAX", "1s"),
@@ -72,9 +72,9 @@ impl Node {
             ("GUESTD_CONTROL__STDIN", "false"),
             ("GUESTD_CLUSTER__SERVERS", &servers),
             ("GUESTD_CLUSTER__NODE_ID", id),
-            // Longer than a JetStream leader election after a server dies (a few seconds), or
-            // every such death would fence the nodes.
-            ("GUESTD_CLUSTER__LEASE", "6s"),
+            // Longer than a JetStream leader election after a server dies (seen to take over
+            // 4 s on this 2-core machine), or every such death would fence the nodes.
+            ("GUESTD_CLUSTER__LEASE", "10s"),
             ("GUESTD_CLUSTER__RENEW", "1s"),
             ("GUESTD_CLUSTER__FENCE_MARGIN", "2s"),
             ("GUESTD_CLUSTER__REPLICAS", "3"),
@@ -592,7 +592,7 @@ async fn a_killed_node_s_chats_fail_over_inside_the_grace_window() {
         want.len()
     );
     assert!(
-        last < 20_000,
+        last < 30_000,
         "the last chat came back after the grace window: {last} ms"
     );
     let msg = ev
@@ -738,11 +738,11 @@ async fn all_nats_servers_down_shorter_than_the_grace_window_loses_no_chat() {
     let mut c = Cluster::three().await;
     let n = 45;
     let (chats, mut ev) = c.connected_chats(n).await;
-    // Longer than the lease (every node fences), shorter than the 20 s grace window.
+    // Longer than lease - fence_margin (every node fences), shorter than the 30 s grace window.
     for i in 0..3 {
         c.nats.kill(i);
     }
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
     for i in 0..3 {
         c.nats.restart(i);
     }
@@ -790,7 +790,7 @@ async fn a_rolling_restart_of_every_node_loses_no_chat() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_nats_servers_down_longer_than_the_grace_window_ends_each_chat_once() {
     let _serial = SERIAL.lock().await;
-    // The platform's grace window is 4 s here: the outage (past the 6 s lease) outlasts it.
+    // The platform's grace window is 4 s here: the outage (past the lease) outlasts it.
     let cfg = EmulatorConfig {
         reconnect_grace: Duration::from_secs(4),
         ..emu_cfg()

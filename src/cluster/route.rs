@@ -36,6 +36,7 @@ pub struct Router {
     cmd: String,
     sealer: Sealer,
     view: Arc<Mutex<View>>,
+    sessions: async_nats::jetstream::kv::Store,
     placed: Mutex<VecDeque<(Instant, String)>>,
     /// Nodes that answered no responders lately (reconnecting to NATS), with when.
     avoid: Mutex<Vec<(Instant, String)>>,
@@ -49,6 +50,7 @@ impl Router {
         cmd: String,
         sealer: Sealer,
         view: Arc<Mutex<View>>,
+        sessions: async_nats::jetstream::kv::Store,
     ) -> Self {
         Router {
             node,
@@ -56,6 +58,7 @@ impl Router {
             cmd,
             sealer,
             view,
+            sessions,
             placed: Mutex::new(VecDeque::new()),
             avoid: Mutex::new(Vec::new()),
         }
@@ -104,36 +107,79 @@ impl Router {
             .unwrap_or_else(|e| e.into_inner())
             .owner_of(key, Instant::now())
     }
+
+    /// The sessions bucket's own entry for a session id the view does not know (yet): a watch
+    /// that restarted after a NATS server died can lag well behind the bucket.
+    async fn entry(&self, key: &str) -> Option<super::store::Entry> {
+        if !key.starts_with("s-") || !super::valid_token(key) {
+            return None;
+        }
+        let read = tokio::time::timeout(Duration::from_secs(5), self.sessions.entry(key)).await;
+        match read {
+            Ok(Ok(Some(e))) if e.operation == async_nats::jetstream::kv::Operation::Put => {
+                super::store::Entry::parse(&e.value)
+            }
+            _ => None,
+        }
+    }
+
+    async fn owner_or_read(&self, key: &str) -> Option<String> {
+        if let Some(o) = self.owner(key) {
+            return Some(o);
+        }
+        let known = self
+            .view
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .session_of(key)
+            .is_some();
+        if known {
+            return None;
+        }
+        let e = self.entry(key).await?;
+        let mut v = self.view.lock().unwrap_or_else(|e| e.into_inner());
+        (v.observer.holding(&e.owner, e.epoch, Instant::now()) == super::lease::Holding::Held)
+            .then_some(e.owner)
+    }
 }
 
 impl Route for Router {
-    fn place(&self, cmd: &Command) -> Option<String> {
-        let node = match cmd {
-            Command::Start(_) => self.least_loaded(),
-            Command::Attach(chat) => self
-                .owner(&chat.conversation_id)
-                .or_else(|| self.least_loaded()),
-            Command::Send { session, .. }
-            | Command::Typing { session }
-            | Command::Leave { session }
-            | Command::Get { session } => self.owner(session),
-            Command::List | Command::Status { .. } => None,
-        }?;
-        (node != self.node).then_some(node)
+    fn place<'a>(&'a self, cmd: &'a Command) -> BoxFuture<'a, Option<String>> {
+        Box::pin(async move {
+            let node = match cmd {
+                Command::Start(_) => self.least_loaded(),
+                Command::Attach(chat) => self
+                    .owner(&chat.conversation_id)
+                    .or_else(|| self.least_loaded()),
+                Command::Send { session, .. }
+                | Command::Typing { session }
+                | Command::Leave { session }
+                | Command::Get { session } => self.owner_or_read(session).await,
+                Command::List | Command::Status { .. } => None,
+            }?;
+            (node != self.node).then_some(node)
+        })
     }
 
-    fn moving(&self, cmd: &Command) -> bool {
-        match cmd {
-            Command::Send { session, .. }
-            | Command::Typing { session }
-            | Command::Leave { session }
-            | Command::Get { session } => {
-                let v = self.view.lock().unwrap_or_else(|e| e.into_inner());
-                // Not in step with the bucket yet (just reconnected): it may well exist.
-                v.session_of(session).is_some() || !v.synced
+    fn moving<'a>(&'a self, cmd: &'a Command) -> BoxFuture<'a, bool> {
+        Box::pin(async move {
+            match cmd {
+                Command::Send { session, .. }
+                | Command::Typing { session }
+                | Command::Leave { session }
+                | Command::Get { session } => {
+                    {
+                        let v = self.view.lock().unwrap_or_else(|e| e.into_inner());
+                        // Not in step with the bucket yet (just reconnected): it may exist.
+                        if v.session_of(session).is_some() || !v.synced {
+                            return true;
+                        }
+                    }
+                    self.entry(session).await.is_some()
+                }
+                _ => false,
             }
-            _ => false,
-        }
+        })
     }
 
     fn unreachable(&self, node: &str) {
