@@ -42,9 +42,11 @@ struct Args {
     /// Chats ended one batch at a time to measure `ended` latency.
     #[arg(long, default_value_t = 1000)]
     latency_samples: usize,
-    /// Peer: "python" (benches/peers/peer.py, needs the websockets package) or "none".
-    #[arg(long, default_value = "python")]
-    peer: String,
+    /// Peers, comma-separated: "python" (benches/peers/peer.py, needs the websockets package),
+    /// "node" (benches/peers/node/peer.mjs: Genesys's guest chat SDK and ws; run `npm ci` in
+    /// that folder first), or "none".
+    #[arg(long, value_delimiter = ',', default_value = "python")]
+    peer: Vec<String>,
     /// Loopback addresses the emulator listens on (127.0.0.1 ..).
     #[arg(long, default_value_t = 4)]
     addrs: u8,
@@ -362,6 +364,20 @@ async fn run(kind: &str, n: usize, exe: &PathBuf, args: &Args) -> anyhow::Result
             )
             .env("RUST_LOG", "error");
         c
+    } else if kind == "node-peer" {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/peers/node/peer.mjs");
+        let mut c = Command::new("node");
+        c.arg(script)
+            .env(
+                "PEER_HEARTBEAT",
+                format!("{}", args.heartbeat.as_secs_f64()),
+            )
+            .env("PEER_GRACE", "120")
+            .envs(
+                tls.as_ref()
+                    .map(|(cert, _)| ("NODE_EXTRA_CA_CERTS", cert.display().to_string())),
+            );
+        c
     } else {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/peers/peer.py");
         let mut c = Command::new("python3");
@@ -572,6 +588,19 @@ async fn drain_until(p: &mut Proc, until: Instant) {
     while let Ok(Some(_)) = tokio::time::timeout_at(until.into(), p.lines.recv()).await {}
 }
 
+fn node_peer_available() -> bool {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/peers/node");
+    std::path::Path::new(dir)
+        .join("node_modules/purecloud-guest-chat-client")
+        .exists()
+        && std::process::Command::new("node")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+}
+
 fn peer_available() -> bool {
     std::process::Command::new("python3")
         .args(["-c", "import websockets"])
@@ -614,14 +643,21 @@ fn print(reports: &[Report]) {
     ns.sort_unstable();
     for n in ns {
         let rs = &by_n[&n];
-        if let (Some(g), Some(p)) = (
-            rs.iter().find(|r| r.program == "guestd"),
-            rs.iter().find(|r| r.program != "guestd"),
-        ) {
+        let Some(g) = rs.iter().find(|r| r.program == "guestd") else {
+            continue;
+        };
+        for p in rs.iter().filter(|r| r.program != "guestd") {
+            let ratio = |a: f64, b: f64| a / b.max(1e-9);
             println!(
-                "ratio at {n} sessions, peer/guestd: memory per session {:.1}x, CPU per heartbeat {:.1}x",
-                p.bytes_per_session / g.bytes_per_session.max(1.0),
-                p.cpu_secs_per_1000_heartbeats / g.cpu_secs_per_1000_heartbeats.max(1e-9)
+                "ratio at {n} sessions, {}/guestd: memory per session {:.1}x, CPU per heartbeat {:.1}x, ended p99 {:.1}x, storm recovery {:.1}x",
+                p.program,
+                ratio(p.bytes_per_session, g.bytes_per_session),
+                ratio(
+                    p.cpu_secs_per_1000_heartbeats,
+                    g.cpu_secs_per_1000_heartbeats
+                ),
+                ratio(p.ended_p99_ms, g.ended_p99_ms),
+                ratio(p.storm_recovered_secs, g.storm_recovered_secs),
             );
         }
     }
@@ -659,12 +695,19 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let mut programs = vec!["guestd"];
-    match args.peer.as_str() {
-        "python" if peer_available() => programs.push("python-peer"),
-        "python" => eprintln!(
-            "peer skipped: python3 with the websockets package is not installed (pip install websockets)"
-        ),
-        _ => {}
+    for peer in &args.peer {
+        match peer.as_str() {
+            "python" if peer_available() => programs.push("python-peer"),
+            "python" => eprintln!(
+                "python peer skipped: python3 with the websockets package is not installed (pip install websockets)"
+            ),
+            "node" if node_peer_available() => programs.push("node-peer"),
+            "node" => eprintln!(
+                "node peer skipped: run `npm ci` in benches/peers/node (Node 20 and npm needed)"
+            ),
+            "none" => {}
+            other => bail!("unknown peer {other:?} (python, node, none)"),
+        }
     }
     eprintln!(
         "machine: {} cores; heartbeat {:?}; steady window {:?}",
