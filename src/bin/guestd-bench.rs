@@ -315,6 +315,26 @@ struct Report {
     storm_peak_connects: Option<u64>,
 }
 
+/// A peer: `program script`, with the heartbeat and grace it should use and, over TLS, the
+/// emulator's certificate in the variable the peer reads (`ca_var`).
+fn peer_command(
+    program: &str,
+    script: &str,
+    ca_var: &str,
+    args: &Args,
+    tls: Option<&(PathBuf, PathBuf)>,
+) -> Command {
+    let mut c = Command::new(program);
+    c.arg(script)
+        .env(
+            "PEER_HEARTBEAT",
+            format!("{}", args.heartbeat.as_secs_f64()),
+        )
+        .env("PEER_GRACE", "120")
+        .envs(tls.map(|(cert, _)| (ca_var.to_string(), cert.display().to_string())));
+    c
+}
+
 /// `n` chats created straight on the emulator, each as the fields `attach` takes.
 async fn create_chats(emu: &Emu, n: usize) -> anyhow::Result<Vec<Value>> {
     let mut chats = Vec::with_capacity(n);
@@ -365,33 +385,21 @@ async fn run(kind: &str, n: usize, exe: &PathBuf, args: &Args) -> anyhow::Result
             .env("RUST_LOG", "error");
         c
     } else if kind == "node-peer" {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/peers/node/peer.mjs");
-        let mut c = Command::new("node");
-        c.arg(script)
-            .env(
-                "PEER_HEARTBEAT",
-                format!("{}", args.heartbeat.as_secs_f64()),
-            )
-            .env("PEER_GRACE", "120")
-            .envs(
-                tls.as_ref()
-                    .map(|(cert, _)| ("NODE_EXTRA_CA_CERTS", cert.display().to_string())),
-            );
-        c
+        peer_command(
+            "node",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/benches/peers/node/peer.mjs"),
+            "NODE_EXTRA_CA_CERTS",
+            args,
+            tls.as_ref(),
+        )
     } else {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/peers/peer.py");
-        let mut c = Command::new("python3");
-        c.arg(script)
-            .env(
-                "PEER_HEARTBEAT",
-                format!("{}", args.heartbeat.as_secs_f64()),
-            )
-            .env("PEER_GRACE", "120")
-            .envs(
-                tls.as_ref()
-                    .map(|(cert, _)| ("PEER_CA_FILE", cert.display().to_string())),
-            );
-        c
+        peer_command(
+            "python3",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/benches/peers/peer.py"),
+            "PEER_CA_FILE",
+            args,
+            tls.as_ref(),
+        )
     };
     cmd.env_remove("GUESTD_CONFIG");
     let mut p = Proc::spawn(cmd)?;

@@ -606,6 +606,11 @@ async fn stream(
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(super::socket::run(sh.clone(), conv, sock, on_upgrade, rx));
+    switching_protocols(&key)
+}
+
+/// The 101 reply that completes a websocket upgrade for `key` (`Sec-WebSocket-Key`).
+fn switching_protocols(key: &HeaderValue) -> Result<Response, ApiError> {
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
@@ -655,14 +660,7 @@ async fn wm_socket(
         .await;
         super::messaging::serve(shared, ws).await;
     });
-    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-    Response::builder()
-        .status(StatusCode::SWITCHING_PROTOCOLS)
-        .header(header::CONNECTION, "upgrade")
-        .header(header::UPGRADE, "websocket")
-        .header("sec-websocket-accept", accept)
-        .body(Body::empty())
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+    switching_protocols(&key)
 }
 
 /// `GET /api/v2/webmessaging/messages`: the session's history, bearer = a `getJwt` token.
