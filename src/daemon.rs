@@ -141,7 +141,7 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
     crate::metrics::install();
     // Bound first: a client that connects while the node joins its cluster (or replays its
     // journal) waits in the backlog instead of being refused.
-    let early_listener = if cfg.control.http_listen.is_empty() {
+    let listener = if cfg.control.http_listen.is_empty() {
         None
     } else {
         let addr = cfg.control.http_listen.clone();
@@ -216,48 +216,18 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
     };
     let sup = Supervisor::spawn(ctx, done_rx, cfg.supervisor.max_sessions);
     if let Some(n) = &node {
-        let key = cfg
-            .cluster
-            .seal_key()
-            .map_err(crate::cluster::ClusterError::Config)?;
-        let sealer = crate::cluster::seal::Sealer::new(&key);
-        sup.set_router(Arc::new(crate::cluster::route::Router::new(
-            n.id.clone(),
-            n.nats.client.clone(),
-            n.nats.names.cmd.clone(),
-            sealer.clone(),
-            n.view.clone(),
-            n.nats.sessions.clone(),
-        )));
-        let serve = crate::cluster::route::serve(
-            n.nats.client.clone(),
-            n.nats.names.cmd.clone(),
-            n.id.clone(),
-            sealer,
-            sup.clone(),
-            control_cancel.clone(),
-        );
+        sup.set_router(Arc::new(crate::cluster::route::Router::new(n)));
+        let (n2, sup2, cancel) = (n.clone(), sup.clone(), control_cancel.clone());
         tokio::spawn(async move {
-            if let Err(e) = serve.await {
+            if let Err(e) = crate::cluster::route::serve(&n2, sup2, cancel).await {
                 tracing::error!(error = %e, "cannot serve commands over NATS");
             }
         });
         n.run(sup.clone());
     }
     let (ready, ready_rx) = watch::channel(false);
-    let http_addr = if cfg.control.http_listen.is_empty() {
-        None
-    } else {
+    let http_addr = if let Some(listener) = listener {
         let addr = cfg.control.http_listen.clone();
-        let listener = match early_listener {
-            Some(l) => l,
-            None => {
-                return Err(DaemonError::Listen {
-                    addr,
-                    source: std::io::Error::other("not bound"),
-                });
-            }
-        };
         let local = listener
             .local_addr()
             .map_err(|source| DaemonError::Listen {
@@ -285,6 +255,8 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
         tokio::spawn(control::serve(listener, app, control_cancel.clone()));
         tracing::info!(addr = %local, "HTTP API listening");
         Some(local)
+    } else {
+        None
     };
     let resumed = recovered.len();
     for r in recovered {

@@ -82,11 +82,6 @@ impl Observer {
         );
     }
 
-    /// The newest revision seen of `node`'s announcement.
-    pub fn revision(&self, node: &str) -> Option<u64> {
-        self.nodes.get(node).map(|s| s.revision)
-    }
-
     /// `node`'s entry was deleted (an operator, or the bucket's max_age): treat as left.
     pub fn removed(&mut self, node: &str, now: Instant) {
         if let Some(s) = self.nodes.get_mut(node) {
@@ -140,14 +135,6 @@ impl Observer {
             .collect();
         v.sort();
         v
-    }
-
-    /// The epoch `node` was last seen in, if live.
-    pub fn epoch(&self, node: &str, now: Instant) -> Option<u64> {
-        self.nodes
-            .get(node)
-            .filter(|s| self.alive(s, now))
-            .map(|s| s.epoch)
     }
 }
 

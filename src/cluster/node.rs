@@ -115,6 +115,8 @@ pub struct Node {
     pub fence: Fence,
     /// The session journal (KV).
     pub journal: KvJournal,
+    /// Seals jwts and forwarded commands (the key every node shares).
+    pub sealer: super::seal::Sealer,
     cfg: ClusterSection,
     lost: Arc<Mutex<Option<mpsc::UnboundedReceiver<Lost>>>>,
     changed: Arc<Notify>,
@@ -124,7 +126,8 @@ pub struct Node {
     cancel: CancellationToken,
 }
 
-fn lock(v: &Mutex<View>) -> std::sync::MutexGuard<'_, View> {
+/// The view, recovered from a poisoned lock (a panic elsewhere leaves it usable).
+pub(crate) fn lock(v: &Mutex<View>) -> std::sync::MutexGuard<'_, View> {
     v.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -145,7 +148,7 @@ impl Node {
         let (lost_tx, lost_rx) = mpsc::unbounded_channel();
         let journal = KvJournal::new(
             nats.sessions.clone(),
-            sealer,
+            sealer.clone(),
             id.clone(),
             fence.clone(),
             lost_tx,
@@ -156,6 +159,7 @@ impl Node {
             view: Arc::new(Mutex::new(View::new(cfg.lease))),
             fence,
             journal,
+            sealer,
             cfg: cfg.clone(),
             lost: Arc::new(Mutex::new(Some(lost_rx))),
             changed: Arc::new(Notify::new()),

@@ -7,7 +7,7 @@
 //! with the same id and gets the first run's reply, never a second run (a `start` run twice
 //! would create two chats). After [`FORWARD_TRIES`] the caller gets `unreachable`.
 
-use super::node::View;
+use super::node::{Node, View, lock};
 use super::seal::Sealer;
 use crate::control::{self, Command, Route};
 use crate::supervisor::{Supervisor, SupervisorError, static_code};
@@ -44,21 +44,14 @@ pub struct Router {
 
 impl Router {
     /// For `node`, forwarding on `<cmd>.<node>`.
-    pub fn new(
-        node: String,
-        client: async_nats::Client,
-        cmd: String,
-        sealer: Sealer,
-        view: Arc<Mutex<View>>,
-        sessions: async_nats::jetstream::kv::Store,
-    ) -> Self {
+    pub fn new(node: &Node) -> Self {
         Router {
-            node,
-            client,
-            cmd,
-            sealer,
-            view,
-            sessions,
+            node: node.id.clone(),
+            client: node.nats.client.clone(),
+            cmd: node.nats.names.cmd.clone(),
+            sealer: node.sealer.clone(),
+            view: node.view.clone(),
+            sessions: node.nats.sessions.clone(),
             placed: Mutex::new(VecDeque::new()),
             avoid: Mutex::new(Vec::new()),
         }
@@ -67,11 +60,7 @@ impl Router {
     /// The least-loaded live node (counting placements the bucket does not show yet).
     fn least_loaded(&self) -> Option<String> {
         let now = Instant::now();
-        let mut load = self
-            .view
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .load(now);
+        let mut load = lock(&self.view).load(now);
         let mut placed = self.placed.lock().unwrap_or_else(|e| e.into_inner());
         while placed
             .front()
@@ -102,10 +91,7 @@ impl Router {
     }
 
     fn owner(&self, key: &str) -> Option<String> {
-        self.view
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .owner_of(key, Instant::now())
+        lock(&self.view).owner_of(key, Instant::now())
     }
 
     /// The sessions bucket's own entry for a session id the view does not know (yet): a watch
@@ -127,17 +113,12 @@ impl Router {
         if let Some(o) = self.owner(key) {
             return Some(o);
         }
-        let known = self
-            .view
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .session_of(key)
-            .is_some();
+        let known = lock(&self.view).session_of(key).is_some();
         if known {
             return None;
         }
         let e = self.entry(key).await?;
-        let mut v = self.view.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v = lock(&self.view);
         (v.observer.holding(&e.owner, e.epoch, Instant::now()) == super::lease::Holding::Held)
             .then_some(e.owner)
     }
@@ -169,7 +150,7 @@ impl Route for Router {
                 | Command::Leave { session }
                 | Command::Get { session } => {
                     {
-                        let v = self.view.lock().unwrap_or_else(|e| e.into_inner());
+                        let v = lock(&self.view);
                         // Not in step with the bucket yet (just reconnected): it may exist.
                         if v.session_of(session).is_some() || !v.synced {
                             return true;
@@ -303,14 +284,16 @@ pub fn from_wire(bytes: &[u8]) -> Result<serde_json::Value, SupervisorError> {
 /// Serve commands: forwarded ones on `<cmd>.<node>` (sealed, run here) and anyone's on `<cmd>`
 /// (plain command lines, placed like stdin's).
 pub async fn serve(
-    client: async_nats::Client,
-    cmd: String,
-    node: String,
-    sealer: Sealer,
+    node: &Node,
     sup: Supervisor,
     cancel: CancellationToken,
 ) -> Result<(), async_nats::SubscribeError> {
-    let direct = client.subscribe(format!("{cmd}.{node}")).await?;
+    let (client, cmd, sealer) = (
+        node.nats.client.clone(),
+        node.nats.names.cmd.clone(),
+        node.sealer.clone(),
+    );
+    let direct = client.subscribe(format!("{cmd}.{}", node.id)).await?;
     let public = client
         .queue_subscribe(cmd.clone(), "guestd".to_string())
         .await?;

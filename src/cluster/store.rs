@@ -122,6 +122,15 @@ struct Held {
     pending: Mutex<Pending>,
 }
 
+impl Held {
+    fn new(slot: Option<Slot>) -> Arc<Held> {
+        Arc::new(Held {
+            slot: tokio::sync::Mutex::new(slot),
+            pending: Mutex::new(Pending::default()),
+        })
+    }
+}
+
 /// The KV journal. Cheap to share.
 #[derive(Clone)]
 pub struct KvJournal(Arc<Inner>);
@@ -164,23 +173,17 @@ impl KvJournal {
         }))
     }
 
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Held>>> {
+        self.0.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn held(&self, session: &str) -> Option<Arc<Held>> {
-        self.0
-            .held
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(session)
-            .cloned()
+        self.map().get(session).cloned()
     }
 
     /// Whether this node holds (runs or is starting) `session`.
     pub fn holds(&self, session: &str) -> bool {
         self.held(session).is_some()
-    }
-
-    /// Sessions this node holds.
-    pub fn held_count(&self) -> usize {
-        self.0.held.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// Take an orphaned chat: compare-and-set its entry at `rev` to this node's ownership.
@@ -206,38 +209,9 @@ impl KvJournal {
                 return None;
             }
         };
-        let held = Arc::new(Held {
-            slot: tokio::sync::Mutex::new(Some(Slot { rev, entry })),
-            pending: Mutex::new(Pending::default()),
-        });
-        self.0
-            .held
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(session.to_string(), held);
+        self.map()
+            .insert(session.to_string(), Held::new(Some(Slot { rev, entry })));
         Some(recovered)
-    }
-
-    /// Give every held chat back (SIGTERM handover): entries get no owner, so the other nodes
-    /// take them at once. Called once the sessions have stopped.
-    pub async fn release_all(&self) -> usize {
-        let all: Vec<(String, Arc<Held>)> = self
-            .0
-            .held
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain()
-            .collect();
-        let n = all.len();
-        let writes = all.into_iter().map(|(session, held)| async move {
-            let mut slot = held.slot.lock().await;
-            if let Some(s) = slot.as_mut() {
-                s.entry.owner.clear();
-                let _ = bounded(self.0.kv.update(&session, s.entry.to_bytes(), s.rev)).await;
-            }
-        });
-        futures::future::join_all(writes).await;
-        n
     }
 
     /// Write `change` to `session`'s entry, compare-and-set, retried while this node may act.
@@ -329,11 +303,7 @@ impl KvJournal {
     }
 
     fn lose(&self, session: &str) {
-        self.0
-            .held
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(session);
+        self.forget(session);
         let _ = self.0.lost.send(Lost(session.to_string()));
     }
 
@@ -368,15 +338,9 @@ impl Journal for KvJournal {
             }
             let session = rec.session.clone();
             let entry = Entry::new(rec, &me.0.node, epoch, &me.0.sealer);
-            let held = Arc::new(Held {
-                slot: tokio::sync::Mutex::new(None),
-                pending: Mutex::new(Pending::default()),
-            });
+            let held = Held::new(None);
             let mut slot = held.slot.lock().await;
-            me.0.held
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(session.clone(), held.clone());
+            me.map().insert(session.clone(), held.clone());
             // Retried while this node may act: a server that dies mid-write (its peers take
             // over in a second or two) must not fail a `start` whose chat exists already.
             let mut wait = Duration::from_millis(100);
@@ -417,10 +381,7 @@ impl Journal for KvJournal {
                 }
                 Err(e) => {
                     drop(slot);
-                    me.0.held
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&session);
+                    me.forget(&session);
                     Err(NotDurable(e))
                 }
             }
@@ -509,11 +470,7 @@ impl Journal for KvJournal {
     }
 
     fn forget(&self, session: &str) {
-        self.0
-            .held
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(session);
+        self.map().remove(session);
     }
 }
 
