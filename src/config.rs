@@ -69,6 +69,8 @@ pub struct Config {
     pub platform: PlatformSection,
     /// Several nodes on NATS JetStream (optional; absent = one node with the file journal).
     pub cluster: ClusterSection,
+    /// The Web Messaging backend (chats that name `"backend": "web_messaging"`).
+    pub web_messaging: crate::webmessaging::Settings,
 }
 
 /// `[cluster]`: several guestd nodes sharing chats through NATS JetStream. Off while `servers`
@@ -639,6 +641,9 @@ impl Config {
         if s.inactivity_timeout.is_zero() {
             return bad("session.inactivity_timeout", "must be > 0");
         }
+        self.web_messaging
+            .validate()
+            .map_err(|(key, msg)| ConfigError::Invalid { key, msg })?;
         if s.inactivity_warning_lead >= s.inactivity_timeout {
             return bad(
                 "session.inactivity_warning_lead",

@@ -136,6 +136,17 @@ pub enum Command {
     Start(StartSpec),
     /// Supervise an existing chat.
     Attach(ChatRef),
+    /// Open a Web Messaging session and supervise it (`start` with `"backend":
+    /// "web_messaging"`).
+    StartMessaging(crate::webmessaging::Spec),
+    /// Supervise an existing Web Messaging session (`attach` with `"backend":
+    /// "web_messaging"`).
+    AttachMessaging(crate::webmessaging::Spec),
+    /// Web Messaging: close the session and begin a new one on the same token.
+    StartNew {
+        /// Session id or conversation id.
+        session: String,
+    },
     /// Send a message as the guest.
     Send {
         /// Session id or conversation id.
@@ -173,8 +184,9 @@ impl Command {
     /// The command's name.
     pub fn name(&self) -> &'static str {
         match self {
-            Command::Start(_) => "start",
-            Command::Attach(_) => "attach",
+            Command::Start(_) | Command::StartMessaging(_) => "start",
+            Command::Attach(_) | Command::AttachMessaging(_) => "attach",
+            Command::StartNew { .. } => "start_new",
             Command::Send { .. } => "send",
             Command::Typing { .. } => "typing",
             Command::Leave { .. } => "leave",
@@ -256,7 +268,7 @@ pub fn parse_line(line: &str) -> (Option<String>, String, Result<Command, String
                 request_id,
                 "unknown".into(),
                 Err(
-                    "missing \"cmd\" (start, attach, send, typing, leave, list, get, status)"
+                    "missing \"cmd\" (start, attach, send, typing, leave, start_new, list, get, status)"
                         .into(),
                 ),
             );
@@ -272,9 +284,37 @@ pub fn parse_command(name: &str, args: serde_json::Value) -> Result<Command, Str
     fn de<T: serde::de::DeserializeOwned>(name: &str, v: serde_json::Value) -> Result<T, String> {
         serde_json::from_value(v).map_err(|e| format!("{name}: {e}"))
     }
+    let mut args = args;
+    let backend = match args.as_object_mut().and_then(|m| m.remove("backend")) {
+        None => None,
+        Some(serde_json::Value::String(b)) if name == "start" || name == "attach" => Some(b),
+        Some(_) if name == "start" || name == "attach" => {
+            return Err(format!("{name}: backend is guest_chat or web_messaging"));
+        }
+        Some(_) => return Err(format!("{name}: unknown field `backend`")),
+    };
+    match backend.as_deref() {
+        None | Some("guest_chat") => {}
+        Some("web_messaging") => {
+            let spec: crate::webmessaging::Spec = de(name, args)?;
+            return Ok(if name == "start" {
+                Command::StartMessaging(spec)
+            } else {
+                Command::AttachMessaging(spec)
+            });
+        }
+        Some(other) => {
+            return Err(format!(
+                "{name}: unknown backend {other:?} (guest_chat or web_messaging)"
+            ));
+        }
+    }
     Ok(match name {
         "start" => Command::Start(de(name, args)?),
         "attach" => Command::Attach(de::<AttachArgs>(name, args)?.into()),
+        "start_new" => Command::StartNew {
+            session: de::<SessionArg>(name, args)?.session,
+        },
         "send" => {
             let a: SendArgs = de(name, args)?;
             Command::Send {
@@ -304,7 +344,7 @@ pub fn parse_command(name: &str, args: serde_json::Value) -> Result<Command, Str
         }
         other => {
             return Err(format!(
-                "unknown command {other:?} (start, attach, send, typing, leave, list, get, status)"
+                "unknown command {other:?} (start, attach, send, typing, leave, start_new, list, get, status)"
             ));
         }
     })
@@ -359,8 +399,17 @@ pub fn to_wire(cmd: &Command) -> serde_json::Value {
             "jwt": c.jwt.expose(),
             "event_stream_uri": c.event_stream_uri,
         }),
+        Command::StartMessaging(spec) | Command::AttachMessaging(spec) => json!({
+            "backend": "web_messaging",
+            "deployment_id": spec.deployment_id,
+            "token": spec.token.as_ref().map(|t| t.expose()),
+            "start_new": spec.start_new,
+        }),
         Command::Send { session, body } => json!({ "session": session, "body": body }),
-        Command::Typing { session } | Command::Leave { session } | Command::Get { session } => {
+        Command::Typing { session }
+        | Command::Leave { session }
+        | Command::Get { session }
+        | Command::StartNew { session } => {
             json!({ "session": session })
         }
         Command::List => json!({}),
@@ -380,6 +429,19 @@ pub fn to_wire(cmd: &Command) -> serde_json::Value {
 
 /// Run a command: here, or (cluster mode) on the node it belongs to.
 pub async fn execute(sup: &Supervisor, cmd: Command) -> Result<Reply, SupervisorError> {
+    // A Web Messaging chat's key comes from its deployment and token: fill them in here, so
+    // the node that runs the command is the one every node would pick.
+    let cmd = match cmd {
+        Command::StartMessaging(mut spec) => {
+            sup.resolve_messaging(&mut spec, false)?;
+            Command::StartMessaging(spec)
+        }
+        Command::AttachMessaging(mut spec) => {
+            sup.resolve_messaging(&mut spec, true)?;
+            Command::AttachMessaging(spec)
+        }
+        other => other,
+    };
     let Some(router) = sup.router() else {
         return execute_here(sup, cmd).await;
     };
@@ -425,6 +487,9 @@ pub async fn execute_here(sup: &Supervisor, cmd: Command) -> Result<Reply, Super
     Ok(match cmd {
         Command::Start(spec) => Reply::Session(sup.start(spec).await?),
         Command::Attach(chat) => Reply::Session(sup.attach(chat).await?),
+        Command::StartMessaging(spec) => Reply::Session(sup.start_messaging(spec, false).await?),
+        Command::AttachMessaging(spec) => Reply::Session(sup.start_messaging(spec, true).await?),
+        Command::StartNew { session } => Reply::Session(sup.start_new(&session).await?),
         Command::Send { session, body } => Reply::Done(sup.send_message(&session, body).await?),
         Command::Typing { session } => Reply::Done(sup.send_typing(&session).await?),
         Command::Leave { session } => Reply::Done(sup.leave(&session).await?),
@@ -493,9 +558,15 @@ pub fn command_from_body(name: &str, session: &str, body: &[u8]) -> Result<Comma
             _ => format!("not JSON: {e}"),
         })
     }
+    if name == "start" || name == "attach" {
+        // The same arguments as on stdin, `backend` included.
+        let v: serde_json::Value = parse(name, body)?;
+        if !v.is_object() {
+            return Err(format!("{name}: the body is a JSON object"));
+        }
+        return parse_command(name, v);
+    }
     Ok(match name {
-        "start" => Command::Start(parse(name, body)?),
-        "attach" => Command::Attach(parse::<AttachArgs>(name, body)?.into()),
         "send" => Command::Send {
             session: session.to_string(),
             body: parse::<SendBody>(name, body)?.body,
@@ -509,11 +580,15 @@ pub fn command_from_body(name: &str, session: &str, body: &[u8]) -> Result<Comma
 fn order_key(cmd: &Command) -> Option<String> {
     match cmd {
         Command::Attach(chat) => Some(chat.conversation_id.clone()),
+        Command::AttachMessaging(spec) => Some(spec.key()),
         Command::Send { session, .. }
         | Command::Typing { session }
         | Command::Leave { session }
-        | Command::Get { session } => Some(session.clone()),
-        Command::Start(_) | Command::List | Command::Status { .. } => None,
+        | Command::Get { session }
+        | Command::StartNew { session } => Some(session.clone()),
+        Command::Start(_) | Command::StartMessaging(_) | Command::List | Command::Status { .. } => {
+            None
+        }
     }
 }
 
@@ -662,13 +737,18 @@ impl From<SupervisorError> for HttpError {
                 StatusCode::CONFLICT
             }
             SupervisorError::Invalid(_) => StatusCode::BAD_REQUEST,
-            SupervisorError::Journal(_) | SupervisorError::Moved(_) => {
+            SupervisorError::ReadOnly(_) => StatusCode::CONFLICT,
+            SupervisorError::Refused(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            SupervisorError::Journal(_)
+            | SupervisorError::Moved(_)
+            | SupervisorError::NotConnected(_) => {
                 retry_after = Some(1);
                 StatusCode::SERVICE_UNAVAILABLE
             }
             SupervisorError::Remote(code, _) => match *code {
                 "not_found" => StatusCode::NOT_FOUND,
-                "conflict" | "ended" => StatusCode::CONFLICT,
+                "conflict" | "ended" | "read_only" => StatusCode::CONFLICT,
+                "refused" => StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid" => StatusCode::BAD_REQUEST,
                 "rate_limited" => StatusCode::TOO_MANY_REQUESTS,
                 "unauthorized" | "backend_error" => StatusCode::BAD_GATEWAY,
@@ -701,7 +781,14 @@ impl From<SupervisorError> for HttpError {
 
 /// Run a command in its own task and answer with its reply.
 async fn run_http(st: &HttpState, cmd: Command) -> Result<Response, HttpError> {
-    let created = matches!(cmd, Command::Start(_) | Command::Attach(_));
+    let created = matches!(
+        cmd,
+        Command::Start(_)
+            | Command::Attach(_)
+            | Command::StartMessaging(_)
+            | Command::AttachMessaging(_)
+            | Command::StartNew { .. }
+    );
     // In its own task: hyper drops this handler's future when the client hangs up, which must
     // not abandon a command halfway.
     let sup = st.sup.clone();
@@ -786,6 +873,7 @@ pub fn router(st: HttpState, access: crate::access::Access) -> Router {
         .route("/v1/sessions/{id}", get(http_get).delete(http_leave))
         .route("/v1/sessions/{id}/messages", post(http_send))
         .route("/v1/sessions/{id}/typing", post(http_typing))
+        .route("/v1/sessions/{id}/start_new", post(http_start_new))
         .route("/v1/conversations/{id}/status", get(http_status))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -842,6 +930,13 @@ async fn http_leave(
     Path(session): Path<String>,
 ) -> Result<Response, HttpError> {
     run_http(&st, Command::Leave { session }).await
+}
+
+async fn http_start_new(
+    State(st): State<HttpState>,
+    Path(session): Path<String>,
+) -> Result<Response, HttpError> {
+    run_http(&st, Command::StartNew { session }).await
 }
 
 async fn http_typing(

@@ -185,8 +185,9 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
         .genesys
         .extra_roots()
         .map_err(crate::backend::ApiError::Policy)?;
-    let api: Arc<dyn ChatApi> = Arc::new(guest_api(&cfg, &extra_roots)?);
-    let platform = platform_api(&cfg, &extra_roots)?.map(Arc::new);
+    let connector_roots = extra_roots;
+    let api: Arc<dyn ChatApi> = Arc::new(guest_api(&cfg, &connector_roots)?);
+    let platform = platform_api(&cfg, &connector_roots)?.map(Arc::new);
     let connector = Connector::new(
         StreamConfig {
             read_buffer: cfg.stream.read_buffer,
@@ -195,10 +196,14 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
             connect_timeout: cfg.stream.connect_timeout,
             allow_insecure: cfg.genesys.allow_insecure,
             send_jwt: cfg.stream.send_jwt,
-            extra_roots,
+            extra_roots: connector_roots.clone(),
         },
         cfg.stream.max_concurrent_connects,
     );
+    let messaging = Some(Arc::new(crate::webmessaging::client::Messaging::new(
+        cfg.web_messaging.clone(),
+        rest_config(&cfg, "", cfg.genesys.allow_insecure, &connector_roots),
+    )?));
     let sessions_cancel = CancellationToken::new();
     let control_cancel = CancellationToken::new();
     let (done_tx, done_rx) = mpsc::unbounded_channel();
@@ -213,6 +218,7 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
         leave_on_shutdown: cfg.shutdown.leave_on_shutdown,
         platform,
         fence: node.as_ref().map(|n| n.fence.clone()),
+        messaging,
     };
     let sup = Supervisor::spawn(ctx, done_rx, cfg.supervisor.max_sessions);
     if let Some(n) = &node {

@@ -40,6 +40,11 @@ pub fn fast_config(api_base: &str) -> Config {
     c.session.backoff.max = Duration::from_millis(800);
     c.rest.backoff.initial = Duration::from_millis(50);
     c.rest.backoff.max = Duration::from_millis(200);
+    c.web_messaging.base_url = api_base.to_string();
+    c.web_messaging.deployment_id = "demo-deployment".into();
+    c.web_messaging.ping_interval = Duration::from_millis(500);
+    c.web_messaging.backoff.initial = Duration::from_millis(200);
+    c.web_messaging.backoff.max = Duration::from_millis(800);
     c.control.http_listen = String::new();
     c.control.stdin = false;
     c.journal.enabled = false;
@@ -201,6 +206,13 @@ async fn scenario(
                 f.wait("reconnected", WAIT).await?;
                 admin(emu.server_end(&conv));
             }
+            // Web Messaging ends: scripted by `wm_scenario`, never planned here.
+            EndReason::ConversationDisconnected
+            | EndReason::SessionExpired
+            | EndReason::SessionNotFound
+            | EndReason::SessionCleared
+            | EndReason::ConnectionClosed
+            | EndReason::StartedNew => {}
         }
         f.wait("ended", WAIT).await
     };
@@ -224,6 +236,98 @@ async fn scenario(
     }
 }
 
+/// A Web Messaging session scripted to end for `expected` (the emulator's default deployment:
+/// Conversation Disconnect in ReadOnly mode, clear allowed).
+async fn wm_scenario(
+    name: &'static str,
+    expected: EndReason,
+    sup: Supervisor,
+    emu: Emulator,
+    tap: broadcast::Sender<serde_json::Value>,
+) -> Outcome {
+    use crate::emulator::messaging::WmAdmin;
+    let rx = tap.subscribe();
+    let token = uuid::Uuid::new_v4().to_string();
+    let spec = crate::webmessaging::Spec {
+        token: Some(crate::secret::Secret::new(token.clone())),
+        ..Default::default()
+    };
+    let failed = |session: String, detail: String| Outcome {
+        name,
+        session,
+        expected,
+        got: None,
+        duration_ms: 0,
+        detail,
+    };
+    let view = match sup.start_messaging(spec, false).await {
+        Ok(v) => v,
+        Err(e) => return failed("-".into(), format!("start failed: {e}")),
+    };
+    let mut f = Follower::new(rx, &view.session);
+    let admin = |a: WmAdmin| {
+        if !emu.messaging(&token, a) {
+            tracing::warn!("demo: no such Web Messaging session in the emulator");
+        }
+    };
+    let script = async {
+        f.wait("connected", WAIT).await?;
+        match expected {
+            EndReason::ConversationDisconnected => {
+                let _ = sup
+                    .send_message(&view.session, "Where is my parcel?".into())
+                    .await;
+                admin(WmAdmin::AgentTyping);
+                admin(WmAdmin::AgentText {
+                    text: "It left the depot this morning.".into(),
+                });
+                f.wait("message", WAIT).await?;
+                admin(WmAdmin::Disconnect);
+            }
+            EndReason::SessionExpired => admin(WmAdmin::Expire),
+            EndReason::GuestLeft => {
+                // Dropped without a close frame; the agent writes meanwhile: backfilled.
+                admin(WmAdmin::Drop);
+                admin(WmAdmin::AgentText {
+                    text: "Are you still there?".into(),
+                });
+                f.wait("reconnected", WAIT).await?;
+                let _ = sup.leave(&view.session).await;
+            }
+            EndReason::ConnectionClosed => admin(WmAdmin::Close {
+                reason: Some("signedIn".into()),
+            }),
+            EndReason::SessionNotFound => {
+                admin(WmAdmin::Forget);
+                let _ = sup.send_message(&view.session, "hello?".into()).await;
+            }
+            EndReason::StartedNew => {
+                let rx = tap.subscribe();
+                if let Ok(new) = sup.start_new(&view.session).await {
+                    // The new session on the same token is left: it ends too, as guest_left.
+                    let mut g = Follower::new(rx, &new.session);
+                    g.wait("connected", WAIT).await?;
+                    let _ = sup.leave(&new.session).await;
+                    g.wait("ended", WAIT).await?;
+                }
+            }
+            _ => {}
+        }
+        f.wait("ended", WAIT).await
+    };
+    match script.await {
+        Ok(ended) => Outcome {
+            name,
+            session: view.session,
+            expected,
+            got: ended["reason"].as_str().map(str::to_string),
+            duration_ms: ended["duration_ms"].as_u64().unwrap_or(0),
+            detail: ended["detail"].as_str().unwrap_or_default().to_string(),
+        },
+        Err(e) => failed(view.session, e.to_string()),
+    }
+}
+
 /// Run the demo; true when every chat ended for the reason it was scripted to.
 pub async fn run(print_events: bool) -> anyhow::Result<bool> {
     let emu = Emulator::start(fast_emulator(), "127.0.0.1:0".parse()?).await?;
@@ -234,7 +338,7 @@ pub async fn run(print_events: bool) -> anyhow::Result<bool> {
     let no_stdin: Option<tokio::io::Empty> = None;
     let running = crate::daemon::start(cfg, tap, no_stdin).await?;
     eprintln!(
-        "guestd demo: emulator on {}, 7 scripted chats (heartbeat 0.5 s, grace 2 s, no-activity rule 3 s)",
+        "guestd demo: emulator on {}, 7 scripted guest chats (heartbeat 0.5 s, grace 2 s, no-activity rule 3 s) and 6 Web Messaging sessions",
         emu.base_url()
     );
     let plan = [
@@ -255,13 +359,41 @@ pub async fn run(print_events: bool) -> anyhow::Result<bool> {
             tap_tx.clone(),
         )
     });
-    let outcomes = futures::future::join_all(runs).await;
+    let wm_plan = [
+        (
+            "messenger: agent ends, read-only",
+            EndReason::ConversationDisconnected,
+        ),
+        ("messenger: session expires", EndReason::SessionExpired),
+        ("messenger: drop + backfill, leave", EndReason::GuestLeft),
+        (
+            "messenger: signed in elsewhere",
+            EndReason::ConnectionClosed,
+        ),
+        ("messenger: platform lost it", EndReason::SessionNotFound),
+        ("messenger: start_new", EndReason::StartedNew),
+    ];
+    let wm_runs = wm_plan.iter().map(|(name, reason)| {
+        wm_scenario(
+            name,
+            *reason,
+            running.sup.clone(),
+            emu.clone(),
+            tap_tx.clone(),
+        )
+    });
+    let (mut outcomes, wm) = futures::future::join(
+        futures::future::join_all(runs),
+        futures::future::join_all(wm_runs),
+    )
+    .await;
+    outcomes.extend(wm);
     running.shutdown().await;
     emu.shutdown();
     let mut ok = true;
     println!();
     println!(
-        "{:<38} {:<16} {:<24} {:<24} {:>9}",
+        "{:<38} {:<16} {:<26} {:<26} {:>9}",
         "chat", "session", "expected", "ended", "duration"
     );
     for o in &outcomes {
@@ -273,7 +405,7 @@ pub async fn run(print_events: bool) -> anyhow::Result<bool> {
         };
         ok &= mark.is_empty();
         println!(
-            "{:<38} {:<16} {:<24} {:<24} {:>7}ms{mark}",
+            "{:<38} {:<16} {:<26} {:<26} {:>7}ms{mark}",
             o.name,
             o.session,
             o.expected.as_str(),

@@ -33,11 +33,29 @@ pub enum EndReason {
     TokenExpired,
     /// The platform ended it for a reason guestd cannot tell.
     ServerEnded,
+    /// Web Messaging: an agent or flow ended the conversation (Presence `Disconnect`; the
+    /// deployment's Conversation Disconnect is on). `read_only` says whether the session may
+    /// still send (Send mode) or not (ReadOnly mode).
+    ConversationDisconnected,
+    /// Web Messaging: the session's time to live ran out (`SessionExpiredEvent`, code 4006,
+    /// or a reconnect answered with a new session).
+    SessionExpired,
+    /// Web Messaging: the platform does not know the session token (code 4007).
+    SessionNotFound,
+    /// Web Messaging: the session was cleared by another client of the same token
+    /// (`SessionClearedEvent` guestd did not ask for).
+    SessionCleared,
+    /// Web Messaging: the platform closed guestd's connection (`ConnectionClosedEvent`:
+    /// signed in elsewhere, logged out, or evicted by a fourth connection). guestd does not
+    /// reconnect: that would evict the user's own client in turn.
+    ConnectionClosed,
+    /// Web Messaging: `start_new` discarded the session (a new one replaces it).
+    StartedNew,
 }
 
 impl EndReason {
     /// Every reason, in documentation order.
-    pub const ALL: [EndReason; 7] = [
+    pub const ALL: [EndReason; 13] = [
         EndReason::GuestLeft,
         EndReason::AgentEnded,
         EndReason::FlowEnded,
@@ -45,6 +63,12 @@ impl EndReason {
         EndReason::ReconnectGraceExpired,
         EndReason::TokenExpired,
         EndReason::ServerEnded,
+        EndReason::ConversationDisconnected,
+        EndReason::SessionExpired,
+        EndReason::SessionNotFound,
+        EndReason::SessionCleared,
+        EndReason::ConnectionClosed,
+        EndReason::StartedNew,
     ];
 
     /// The snake_case name.
@@ -57,8 +81,39 @@ impl EndReason {
             EndReason::ReconnectGraceExpired => "reconnect_grace_expired",
             EndReason::TokenExpired => "token_expired",
             EndReason::ServerEnded => "server_ended",
+            EndReason::ConversationDisconnected => "conversation_disconnected",
+            EndReason::SessionExpired => "session_expired",
+            EndReason::SessionNotFound => "session_not_found",
+            EndReason::SessionCleared => "session_cleared",
+            EndReason::ConnectionClosed => "connection_closed",
+            EndReason::StartedNew => "started_new",
         }
     }
+}
+
+/// What an `ended` event ends, where the backend tells them apart (Web Messaging; a guest chat
+/// is one thing and its `ended` carries no scope).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum EndScope {
+    /// The conversation ended; the session (its token) lives on and may start another.
+    Conversation,
+    /// The session ended: its token is no good any more (or was discarded).
+    Session,
+    /// Only guestd's connection ended: the session lives on in another client.
+    Connection,
+}
+
+/// The Web Messaging additions to an `ended` event; empty (and absent on the wire) for a guest
+/// chat.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct EndExtra {
+    /// What ended.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub scope: Option<EndScope>,
+    /// The conversation ended in ReadOnly mode: the session can no longer send.
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub read_only: bool,
 }
 
 /// The payload of an event; `type` on the wire.
@@ -162,6 +217,17 @@ pub enum EventKind {
         duration_ms: u64,
         /// How guestd knows.
         detail: String,
+        /// Web Messaging: what ended and whether the session is read-only.
+        #[serde(flatten)]
+        extra: EndExtra,
+    },
+    /// Web Messaging: the session expires soon unless someone writes (`expirationDate` from
+    /// the platform, refreshed by every message).
+    ExpiryWarning {
+        /// Milliseconds left.
+        remaining_ms: u64,
+        /// The expiry, RFC 3339.
+        expires_at: String,
     },
     /// A frame could not be decoded; it was skipped.
     StreamError {
@@ -657,6 +723,7 @@ mod tests {
                 reason: EndReason::FlowEnded,
                 duration_ms: 5,
                 detail: "x".into(),
+                extra: Default::default(),
             },
         );
         ended.event_id = Some("s1:ended".into());
@@ -695,6 +762,7 @@ mod tests {
                 reason: EndReason::AgentEnded,
                 duration_ms: 5,
                 detail: "x".into(),
+                extra: Default::default(),
             },
         );
         ended.event_id = Some("s1:ended".into());

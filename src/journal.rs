@@ -40,6 +40,17 @@ pub struct SessionRecord {
     pub started_ms: i64,
     /// "start" or "attach".
     pub mode: String,
+    /// A Web Messaging session (absent for a guest chat): `chat.jwt` then holds the session
+    /// token, `chat.event_stream_uri` the socket URL, `chat.conversation_id` guestd's key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web_messaging: Option<WmRecord>,
+}
+
+/// What a journaled Web Messaging session needs besides its [`ChatRef`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WmRecord {
+    /// The deployment.
+    pub deployment_id: String,
 }
 
 /// The end, decided but maybe not yet written.
@@ -55,6 +66,13 @@ pub struct EndingRecord {
     pub event_id: String,
     /// Timestamp of the event.
     pub ts: String,
+    /// Web Messaging: scope and read-only (absent for a guest chat).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub extra: crate::events::EndExtra,
+}
+
+fn is_default(e: &crate::events::EndExtra) -> bool {
+    *e == crate::events::EndExtra::default()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -593,6 +611,7 @@ mod tests {
             },
             started_ms: 1,
             mode: "start".into(),
+            web_messaging: None,
         }
     }
 
@@ -614,6 +633,7 @@ mod tests {
                 duration_ms: 3,
                 event_id: "b:ended".into(),
                 ts: "t".into(),
+                extra: Default::default(),
             };
             j.ending("b", ending).await.unwrap();
             j.ending(
@@ -624,6 +644,7 @@ mod tests {
                     duration_ms: 3,
                     event_id: "c:ended".into(),
                     ts: "t".into(),
+                    extra: Default::default(),
                 },
             )
             .await
@@ -778,6 +799,7 @@ mod compaction_tests {
             },
             started_ms: 1,
             mode: "start".into(),
+            web_messaging: None,
         })
         .await
         .unwrap();

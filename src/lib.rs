@@ -45,5 +45,5 @@ pub mod stream;
 pub mod supervisor;
 /// The one TLS client configuration, for REST and websockets.
 pub mod tls;
-/// The Genesys Web Messaging backend (the Messenger guest API): its wire protocol so far.
+/// The Genesys Web Messaging backend (the Messenger guest API): wire, rules, actor, REST.
 pub mod webmessaging;

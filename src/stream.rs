@@ -176,20 +176,22 @@ impl Connector {
         check_url(url, self.cfg.allow_insecure)
     }
 
-    /// Open the event stream of `chat`.
+    /// Open the event stream of `chat` (with its jwt as bearer, if `send_jwt`).
     pub async fn connect(&self, chat: &ChatRef) -> Result<Ws, ConnectError> {
-        self.check_url(&chat.event_stream_uri)?;
+        let bearer = self.cfg.send_jwt.then(|| chat.jwt.expose());
+        self.connect_to(&chat.event_stream_uri, bearer).await
+    }
+
+    /// Open a websocket to `url`, with `bearer` on the handshake when given.
+    pub async fn connect_to(&self, url: &str, bearer: Option<&str>) -> Result<Ws, ConnectError> {
+        self.check_url(url)?;
         let _permit = self
             .permits
             .acquire()
             .await
             .map_err(|_| ConnectError::Failed("connector closed".into()))?;
         let _counted = InFlight::enter(&self.in_flight, &self.peak);
-        self.handshake(chat).await
-    }
-
-    async fn handshake(&self, chat: &ChatRef) -> Result<Ws, ConnectError> {
-        let fut = self.open(chat);
+        let fut = self.open(url, bearer);
         match tokio::time::timeout(self.cfg.connect_timeout, fut).await {
             Err(_) => Err(ConnectError::Timeout),
             Ok(r) => r,
@@ -201,10 +203,9 @@ impl Connector {
     /// the socket's read buffer for life, whatever `read_buffer_size` says. Reading the reply
     /// ourselves and handing over only the bytes past the header lets `stream.read_buffer` set
     /// the real per-socket size.
-    async fn open(&self, chat: &ChatRef) -> Result<Ws, ConnectError> {
+    async fn open(&self, url: &str, bearer: Option<&str>) -> Result<Ws, ConnectError> {
         let failed = |m: String| ConnectError::Failed(m);
-        let url = url::Url::parse(&chat.event_stream_uri)
-            .map_err(|e| failed(format!("bad eventStreamUri: {e}")))?;
+        let url = url::Url::parse(url).map_err(|e| failed(format!("bad eventStreamUri: {e}")))?;
         let host = url
             .host_str()
             .ok_or_else(|| failed("eventStreamUri has no host".into()))?
@@ -235,7 +236,6 @@ impl Connector {
             s => return Err(failed(format!("unsupported scheme {s}"))),
         };
         let key = tokio_tungstenite::tungstenite::handshake::client::generate_key();
-        let bearer = self.cfg.send_jwt.then(|| chat.jwt.expose());
         let req = upgrade_request(&url, &key, bearer);
         stream
             .write_all(req.as_bytes())

@@ -50,6 +50,15 @@ pub enum SupervisorError {
     /// Cluster mode: the chat is moving to another node; retry.
     #[error("{0}")]
     Moved(String),
+    /// Web Messaging: the session is read-only.
+    #[error("{0}")]
+    ReadOnly(String),
+    /// Web Messaging: the platform refused the message or did not confirm it.
+    #[error("{0}")]
+    Refused(String),
+    /// Web Messaging: the session is reconnecting; retry.
+    #[error("{0}")]
+    NotConnected(String),
     /// Cluster mode: the node that ran the command refused it (its code and message), or could
     /// not be reached (`unreachable`).
     #[error("{1}")]
@@ -72,6 +81,9 @@ pub const CODES: &[&str] = &[
     "moved",
     "unreachable",
     "no_responders",
+    "read_only",
+    "refused",
+    "not_connected",
 ];
 
 /// A code received from another node, as one of [`CODES`] (`backend_error` if unknown).
@@ -99,6 +111,9 @@ impl SupervisorError {
             SupervisorError::ShuttingDown => "shutting_down",
             SupervisorError::Journal(_) => "journal",
             SupervisorError::Moved(_) => "moved",
+            SupervisorError::ReadOnly(_) => "read_only",
+            SupervisorError::Refused(_) => "refused",
+            SupervisorError::NotConnected(_) => "not_connected",
             SupervisorError::Remote(code, _) => code,
         }
     }
@@ -358,6 +373,7 @@ impl Supervisor {
                 chat: chat.clone(),
                 started_ms: chrono::Utc::now().timestamp_millis(),
                 mode: mode.to_string(),
+                web_messaging: None,
             })
             .await;
         if let Err(e) = recorded {
@@ -398,17 +414,144 @@ impl Supervisor {
             ))
             .await;
         let view = SessionView {
-            session: id.clone(),
-            conversation_id: chat.conversation_id.clone(),
-            member_id: chat.member_id.clone(),
-            state: machine.phase().as_str(),
-            agent_connected: false,
             last_message_id: machine.last_message_id().map(str::to_string),
-            ended: None,
+            ..SessionView::guest_chat(&id, &chat, machine.phase().as_str())
         };
         let handle = actor::spawn(self.ctx.clone(), id, chat, machine);
         self.ask(|tx| Cmd::Register(handle, slot, tx)).await??;
         Ok(view)
+    }
+
+    /// The Web Messaging backend.
+    fn messaging(&self) -> Result<&Arc<crate::webmessaging::client::Messaging>, SupervisorError> {
+        self.ctx
+            .messaging
+            .as_ref()
+            .ok_or_else(|| SupervisorError::Invalid("web_messaging is not configured".into()))
+    }
+
+    /// Fill in what a Web Messaging `start`/`attach` leaves to the configuration (the
+    /// deployment; for a start, a new token), so every node routes it the same way.
+    pub fn resolve_messaging(
+        &self,
+        spec: &mut crate::webmessaging::Spec,
+        attach: bool,
+    ) -> Result<(), SupervisorError> {
+        let wm = self.messaging()?;
+        spec.resolve(&wm.settings, attach)
+            .map_err(SupervisorError::Invalid)
+    }
+
+    /// Open (`start`) or take over (`attach`) a Web Messaging session and supervise it.
+    pub async fn start_messaging(
+        &self,
+        mut spec: crate::webmessaging::Spec,
+        attach: bool,
+    ) -> Result<SessionView, SupervisorError> {
+        use crate::webmessaging::machine::{Begin, Machine as WmMachine};
+        self.resolve_messaging(&mut spec, attach)?;
+        let wm = self.messaging()?.clone();
+        let key = spec.key();
+        let deployment_id = spec.deployment_id.clone().unwrap_or_default();
+        let Some(token) = spec.token.clone() else {
+            return Err(SupervisorError::Invalid("web_messaging needs token".into()));
+        };
+        let slot = self
+            .reserve(Some(key.as_str().into()), Limit::Enforced)
+            .await?;
+        let deployment = wm.deployment(&deployment_id).await;
+        let chat = ChatRef {
+            conversation_id: key,
+            member_id: "guest".into(),
+            jwt: token,
+            event_stream_uri: wm.endpoints.socket_url(&deployment_id),
+        };
+        let mode = if attach { "attach" } else { "start" };
+        let id = new_session_id();
+        self.ctx
+            .journal
+            .session_started(SessionRecord {
+                session: id.clone(),
+                chat: chat.clone(),
+                started_ms: chrono::Utc::now().timestamp_millis(),
+                mode: mode.to_string(),
+                web_messaging: Some(crate::journal::WmRecord {
+                    deployment_id: deployment_id.clone(),
+                }),
+            })
+            .await
+            .map_err(|e| SupervisorError::Journal(e.0))?;
+        let begin = if attach {
+            Begin::Attach
+        } else {
+            Begin::Start {
+                start_new: spec.start_new,
+            }
+        };
+        let machine = WmMachine::new(wm.settings.clone(), deployment, begin, Instant::now());
+        self.spawn_messaging(id, chat, deployment_id, machine, slot, mode)
+            .await
+    }
+
+    async fn spawn_messaging(
+        &self,
+        id: String,
+        chat: ChatRef,
+        deployment_id: String,
+        machine: crate::webmessaging::machine::Machine,
+        slot: Reservation,
+        mode: &str,
+    ) -> Result<SessionView, SupervisorError> {
+        let wm = self.messaging()?.clone();
+        self.ctx
+            .emitter
+            .emit(Event::new(
+                &id,
+                Some(&chat.conversation_id),
+                EventKind::SessionStarted {
+                    mode: mode.to_string(),
+                    member_id: chat.member_id.clone(),
+                },
+            ))
+            .await;
+        let view = SessionView {
+            backend: "web_messaging",
+            agent_end_visible: machine.deployment().disconnect_visible,
+            last_message_id: machine.last_message_id().map(str::to_string),
+            ..SessionView::guest_chat(&id, &chat, machine.phase().as_str())
+        };
+        let handle = crate::webmessaging::actor::spawn(
+            self.ctx.clone(),
+            wm,
+            id,
+            chat,
+            deployment_id,
+            machine,
+        );
+        self.ask(|tx| Cmd::Register(handle, slot, tx)).await??;
+        Ok(view)
+    }
+
+    /// Web Messaging: close the session of `key` and begin a new one on the same token
+    /// (`closeSession`, then `configureSession{startNew: true}`); the new session's view.
+    pub async fn start_new(&self, key: &str) -> Result<SessionView, SupervisorError> {
+        let h = self.handle(key).await?;
+        let (tx, rx) = oneshot::channel();
+        h.send(SessionCmd::StartNew { reply: tx })
+            .await
+            .map_err(Self::refused)?;
+        let reopen = rx
+            .await
+            .map_err(|_| SupervisorError::Ended(format!("session {key} has ended")))?
+            .map_err(Self::refused)?;
+        // The old session's slot and key are free once its task is done.
+        h.finished().await;
+        let spec = crate::webmessaging::Spec {
+            deployment_id: Some(reopen.deployment_id),
+            token: Some(reopen.token),
+            start_new: true,
+        };
+        self.start_messaging(spec, false).await
     }
 
     /// Pick up a session found in the journal after a restart.
@@ -424,6 +567,7 @@ impl Supervisor {
                     reason: ending.reason,
                     duration_ms: ending.duration_ms,
                     detail: ending.detail,
+                    extra: ending.extra,
                 },
             );
             ev.ts = ending.ts;
@@ -431,8 +575,10 @@ impl Supervisor {
             if self.ctx.emitter.emit_flushed(ev).await {
                 self.ctx.journal.ended(&id);
             }
-            // Ended while guestd was down: confirmed the same way.
-            self.ctx.confirm_end(&id, &conv, ending.reason);
+            // Ended while guestd was down: confirmed the same way (guest chats only).
+            if r.record.web_messaging.is_none() {
+                self.ctx.confirm_end(&id, &conv, ending.reason);
+            }
             return Ok(());
         }
         let slot = self
@@ -440,6 +586,29 @@ impl Supervisor {
             .await?;
         let now = Instant::now();
         let started = instant_at(r.record.started_ms, now);
+        if let Some(wmr) = r.record.web_messaging {
+            use crate::webmessaging::machine::{Begin, Machine as WmMachine};
+            let wm = self.messaging()?.clone();
+            let deployment = wm.deployment(&wmr.deployment_id).await;
+            let machine = WmMachine::new(wm.settings.clone(), deployment, Begin::Resume, now)
+                .resuming(started, r.last_message_id);
+            let machine = if r.leaving {
+                machine.leaving()
+            } else {
+                machine
+            };
+            return self
+                .spawn_messaging(
+                    id,
+                    r.record.chat,
+                    wmr.deployment_id,
+                    machine,
+                    slot,
+                    "resume",
+                )
+                .await
+                .map(|_| ());
+        }
         // The grace window counts from this restart: the crash time is not known precisely,
         // and giving up too early would lose chats the platform still holds.
         let machine = Machine::resume(
@@ -477,6 +646,10 @@ impl Supervisor {
             CommandError::Api(a) => SupervisorError::Api(a),
             CommandError::Journal(j) => SupervisorError::Journal(j),
             CommandError::Moved(_) => SupervisorError::Moved(e.to_string()),
+            CommandError::ReadOnly(_) => SupervisorError::ReadOnly(e.to_string()),
+            CommandError::Refused(_) => SupervisorError::Refused(e.to_string()),
+            CommandError::NotLive(_) => SupervisorError::NotConnected(e.to_string()),
+            CommandError::Unsupported(_) => SupervisorError::Invalid(e.to_string()),
         }
     }
 
@@ -569,6 +742,19 @@ async fn registry(
                 let Some(cmd) = cmd else { break };
                 match cmd {
                     Cmd::Reserve(conv, limit, reply) => {
+                        // A session whose task has finished does not hold its conversation, even
+                        // before its `done` is read (start_new reopens the same key at once).
+                        if let Some(c) = &conv {
+                            let closed = by_conv
+                                .get(c)
+                                .and_then(|id| by_id.get(id))
+                                .is_some_and(|h| h.is_closed());
+                            if closed {
+                                if let Some(id) = by_conv.remove(c) {
+                                    by_id.remove(&id);
+                                }
+                            }
+                        }
                         let taken = conv.as_ref().and_then(|c| {
                             by_conv
                                 .get(c)
@@ -656,6 +842,7 @@ mod tests {
             leave_on_shutdown: false,
             platform: None,
             fence: None,
+            messaging: None,
         };
         (Supervisor::spawn(ctx, done_rx, max), cancel)
     }
@@ -747,6 +934,7 @@ mod tests {
                     chat: chat(conv),
                     started_ms: chrono::Utc::now().timestamp_millis(),
                     mode: "start".into(),
+                    web_messaging: None,
                 },
                 last_message_id: None,
                 last_alive_ms: 0,

@@ -128,14 +128,18 @@ impl Route for Router {
     fn place<'a>(&'a self, cmd: &'a Command) -> BoxFuture<'a, Option<String>> {
         Box::pin(async move {
             let node = match cmd {
-                Command::Start(_) => self.least_loaded(),
+                Command::Start(_) | Command::StartMessaging(_) => self.least_loaded(),
                 Command::Attach(chat) => self
                     .owner(&chat.conversation_id)
                     .or_else(|| self.least_loaded()),
+                Command::AttachMessaging(spec) => {
+                    self.owner(&spec.key()).or_else(|| self.least_loaded())
+                }
                 Command::Send { session, .. }
                 | Command::Typing { session }
                 | Command::Leave { session }
-                | Command::Get { session } => self.owner_or_read(session).await,
+                | Command::Get { session }
+                | Command::StartNew { session } => self.owner_or_read(session).await,
                 Command::List | Command::Status { .. } => None,
             }?;
             (node != self.node).then_some(node)
@@ -148,7 +152,8 @@ impl Route for Router {
                 Command::Send { session, .. }
                 | Command::Typing { session }
                 | Command::Leave { session }
-                | Command::Get { session } => {
+                | Command::Get { session }
+                | Command::StartNew { session } => {
                     {
                         let v = lock(&self.view);
                         // Not in step with the bucket yet (just reconnected): it may exist.

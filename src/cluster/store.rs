@@ -491,6 +491,7 @@ mod tests {
             },
             started_ms: 5,
             mode: "start".into(),
+            web_messaging: None,
         };
         let e = Entry::new(rec.clone(), "n1", 9, &sealer);
         let text = String::from_utf8(e.to_bytes().to_vec()).unwrap();

@@ -469,6 +469,8 @@ pub enum WmAdmin {
     },
     /// Drop every socket without a close frame.
     Drop,
+    /// The platform loses the session: its sockets stay open, its next request gets 4007.
+    Forget,
     /// Stop answering (and reading) on every socket, or start again.
     Deaf {
         /// Stop (true) or resume (false).
@@ -538,6 +540,9 @@ pub(crate) fn admin(sh: &Shared, token: &str, a: WmAdmin) -> bool {
             for c in s.conns.drain(..) {
                 let _ = c.tx.send(WmCmd::Drop);
             }
+        }
+        WmAdmin::Forget => {
+            w.sessions.remove(token);
         }
         WmAdmin::Deaf { deaf } => {
             for c in &s.conns {

@@ -454,6 +454,12 @@ impl Emulator {
         })
     }
 
+    /// Web Messaging: script the session of `token` (an agent's text, a Disconnect, expiry...);
+    /// false if there is no such session.
+    pub fn messaging(&self, token: &str, action: messaging::WmAdmin) -> bool {
+        messaging::admin(&self.shared, token, action)
+    }
+
     /// The agent types.
     pub fn agent_typing(&self, id: &str) -> Result<(), AdminError> {
         self.with_live(id, |w| {

@@ -56,7 +56,7 @@ pub struct GenesysApi {
 
 /// The REST machinery both Genesys clients share (the guest API's and the Platform API's):
 /// one HTTP client with guestd's TLS, a cap on requests in flight, the retry policy.
-pub(super) struct Inner {
+pub(crate) struct Inner {
     pub(super) http: reqwest::Client,
     permits: tokio::sync::Semaphore,
     pub(super) cfg: ClientConfig,
@@ -79,7 +79,7 @@ impl GenesysApi {
 
 impl Inner {
     /// Check the base URL against the policy and build the HTTP client.
-    pub(super) fn new(cfg: ClientConfig) -> Result<Self, ApiError> {
+    pub(crate) fn new(cfg: ClientConfig) -> Result<Self, ApiError> {
         check_url(&cfg.api_base, cfg.allow_insecure)?;
         let tls = crate::tls::client_config(&cfg.extra_roots)
             .map_err(|e| ApiError::Policy(e.to_string()))?;
@@ -124,7 +124,7 @@ impl Inner {
     }
 
     /// One REST call with the retry policy. `T = ()` for replies without a body.
-    pub(super) async fn call<T: DeserializeOwned>(
+    pub(crate) async fn call<T: DeserializeOwned>(
         &self,
         name: &'static str,
         method: Method,

@@ -46,6 +46,8 @@ pub struct SessionCtx {
     /// Cluster mode: whether this node may still act for the chats it took (see
     /// `crate::cluster::Fence`). None on a single node.
     pub fence: Option<crate::cluster::Fence>,
+    /// The Web Messaging backend, when `[web_messaging]` can be used.
+    pub messaging: Option<Arc<crate::webmessaging::client::Messaging>>,
 }
 
 impl SessionCtx {
@@ -105,6 +107,18 @@ pub enum CommandError {
     /// node that took it.
     #[error("session {0} is moving to another node; retry")]
     Moved(String),
+    /// Web Messaging: the session is read-only (its conversation was ended in ReadOnly mode).
+    #[error("session {0} is read-only: its conversation was ended; start_new begins another")]
+    ReadOnly(String),
+    /// Web Messaging: the platform refused the message, or did not confirm it.
+    #[error("{0}")]
+    Refused(String),
+    /// Web Messaging: the session is reconnecting; retry.
+    #[error("session {0} is not connected; retry")]
+    NotLive(String),
+    /// The command does not apply to this session's backend.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// The reply channel of a command that acts on the chat.
@@ -138,6 +152,12 @@ pub enum SessionCmd {
     /// Stop acting for the chat without ending or leaving it: another node takes it (cluster
     /// mode: this node is fenced, or lost the chat's entry).
     Relinquish,
+    /// Web Messaging: close the session so a new one can begin on the same token; the reply
+    /// carries what the new one needs.
+    StartNew {
+        /// The session's deployment and token once it is closed, or why not.
+        reply: oneshot::Sender<Result<crate::webmessaging::actor::Reopen, CommandError>>,
+    },
 }
 
 /// A snapshot of one session.
@@ -157,6 +177,37 @@ pub struct SessionView {
     pub last_message_id: Option<String>,
     /// Why it ended, once it has.
     pub ended: Option<EndReason>,
+    /// `guest_chat` or `web_messaging`.
+    pub backend: &'static str,
+    /// Web Messaging: the session can no longer send.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
+    /// Web Messaging: whether an agent's end reaches the guest at all (the deployment's
+    /// Conversation Disconnect); false means guestd cannot see one and never reports one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_end_visible: Option<bool>,
+    /// Web Messaging: milliseconds until the session expires, as last seen.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_in_ms: Option<u64>,
+}
+
+impl SessionView {
+    /// The view of a guest chat.
+    pub fn guest_chat(session: &str, chat: &ChatRef, state: &'static str) -> SessionView {
+        SessionView {
+            session: session.to_string(),
+            conversation_id: chat.conversation_id.clone(),
+            member_id: chat.member_id.clone(),
+            state,
+            agent_connected: false,
+            last_message_id: None,
+            ended: None,
+            backend: "guest_chat",
+            read_only: false,
+            agent_end_visible: None,
+            expires_in_ms: None,
+        }
+    }
 }
 
 /// The way to talk to a session task.
@@ -177,6 +228,8 @@ pub struct Mailbox {
     queue: std::sync::Mutex<VecDeque<Box<SessionCmd>>>,
     notify: tokio::sync::Notify,
     closed: std::sync::atomic::AtomicBool,
+    /// Told when the session task has finished.
+    gone: tokio::sync::Notify,
 }
 
 /// Commands queued for one session before senders are refused.
@@ -206,7 +259,7 @@ impl Mailbox {
     }
 
     /// The next command. `notify_one` keeps a permit when nobody waits, so no wake-up is lost.
-    async fn recv(&self) -> Box<SessionCmd> {
+    pub(crate) async fn recv(&self) -> Box<SessionCmd> {
         loop {
             if let Some(c) = self.lock().pop_front() {
                 return c;
@@ -216,11 +269,14 @@ impl Mailbox {
     }
 
     /// Refuse new commands and drop the queued ones (their callers see the session ended).
-    fn close(&self) {
-        let mut q = self.lock();
-        self.closed
-            .store(true, std::sync::atomic::Ordering::Release);
-        q.clear();
+    pub(crate) fn close(&self) {
+        {
+            let mut q = self.lock();
+            self.closed
+                .store(true, std::sync::atomic::Ordering::Release);
+            q.clear();
+        }
+        self.gone.notify_waiters();
     }
 }
 
@@ -234,6 +290,30 @@ impl SessionHandle {
                 CommandError::Busy(self.id.to_string())
             }
         })
+    }
+
+    /// A handle for a new session task, and the inbox the task reads.
+    pub(crate) fn new(id: &str, conversation_id: &str) -> (SessionHandle, Arc<Mailbox>) {
+        let mailbox = Arc::new(Mailbox::default());
+        let handle = SessionHandle {
+            id: id.into(),
+            conversation_id: conversation_id.into(),
+            mailbox: mailbox.clone(),
+        };
+        (handle, mailbox)
+    }
+
+    /// Wait until the session task has finished.
+    pub async fn finished(&self) {
+        loop {
+            let gone = self.mailbox.gone.notified();
+            tokio::pin!(gone);
+            gone.as_mut().enable();
+            if self.is_closed() {
+                return;
+            }
+            gone.await;
+        }
     }
 
     /// Whether the session task has finished.
@@ -254,13 +334,7 @@ impl SessionHandle {
 
 /// Spawn a session task for `chat`, driven by `machine`.
 pub fn spawn(ctx: Arc<SessionCtx>, id: String, chat: ChatRef, machine: Machine) -> SessionHandle {
-    let mailbox = Arc::new(Mailbox::default());
-    let rx = mailbox.clone();
-    let handle = SessionHandle {
-        id: id.clone().into(),
-        conversation_id: chat.conversation_id.clone().into(),
-        mailbox,
-    };
+    let (handle, rx) = SessionHandle::new(&id, &chat.conversation_id);
     let span = tracing::info_span!("session", session = %id, conversation = %chat.conversation_id);
     // The actor lives in its own allocation and the task's future only points at it: an async
     // fn's by-value arguments take space twice in its state (rust-lang/rust#62958), which for a
@@ -496,6 +570,12 @@ impl Actor {
                 self.relinquish("asked");
                 None
             }
+            SessionCmd::StartNew { reply } => {
+                let _ = reply.send(Err(CommandError::Unsupported(
+                    "start_new is a Web Messaging command; a guest chat never reopens".into(),
+                )));
+                None
+            }
             SessionCmd::Send { reply, .. }
             | SessionCmd::Typing { reply }
             | SessionCmd::Leave { reply }
@@ -506,13 +586,10 @@ impl Actor {
             }
             SessionCmd::Get { reply } => {
                 let _ = reply.send(SessionView {
-                    session: self.id.clone(),
-                    conversation_id: self.chat.conversation_id.clone(),
-                    member_id: self.chat.member_id.clone(),
-                    state: self.machine.phase().as_str(),
                     agent_connected: self.machine.agent_connected(),
                     last_message_id: self.machine.last_message_id().map(str::to_string),
                     ended,
+                    ..SessionView::guest_chat(&self.id, &self.chat, self.machine.phase().as_str())
                 });
                 None
             }
@@ -675,60 +752,79 @@ impl Actor {
     }
 
     async fn emit(&mut self, kind: EventKind) {
-        match &kind {
-            EventKind::Reconnecting { .. } => {
-                metrics::counter!("guestd_reconnect_attempts_total").increment(1)
-            }
-            EventKind::Reconnected { .. } => {
-                metrics::counter!("guestd_reconnects_total").increment(1)
-            }
-            EventKind::HeartbeatMissed { .. } => {
-                metrics::counter!("guestd_heartbeat_misses_total").increment(1)
-            }
-            EventKind::StreamError { .. } => {
-                metrics::counter!("guestd_stream_errors_total").increment(1)
-            }
-            _ => {}
+        let conv = self.chat.conversation_id.clone();
+        if !emit(&self.ctx, &self.id, &conv, kind, true).await {
+            self.relinquish("end not recorded");
         }
-        let mut ev = Event::new(&self.id, Some(&self.chat.conversation_id), kind);
-        if let EventKind::Ended {
-            reason,
-            duration_ms,
-            detail,
-        } = &ev.kind
-        {
-            metrics::counter!("guestd_ended_total", "reason" => reason.as_str()).increment(1);
-            tracing::info!(reason = reason.as_str(), duration_ms, detail = %detail, "chat ended");
-            let event_id = format!("{}:ended", self.id);
-            ev.event_id = Some(event_id.clone());
-            let rec = EndingRecord {
-                reason: *reason,
-                detail: detail.clone(),
-                duration_ms: *duration_ms,
-                event_id,
-                ts: ev.ts.clone(),
-            };
-            if let Err(e) = self.ctx.journal.ending(&self.id, rec).await {
-                if self.ctx.journal.strict() {
-                    // Cluster mode: the chat's next owner finds it and decides.
-                    tracing::warn!(error = %e, "the end could not be recorded; leaving the chat to its next owner");
-                    self.relinquish("end not recorded");
-                    return;
-                }
-                // Written anyway: the user learns of the end now. After a restart the chat may
-                // be picked up and its end reported again, with the same event_id.
-                tracing::error!(error = %e, "the end could not be made durable; writing it anyway");
-            }
-            let reason = *reason;
-            if self.ctx.emitter.emit_flushed(ev).await {
-                self.ctx.journal.ended(&self.id);
-            }
-            self.ctx
-                .confirm_end(&self.id, &self.chat.conversation_id, reason);
-            return;
-        }
-        self.ctx.emitter.emit(ev).await;
     }
+}
+
+/// Emit one of a session's events, with its metrics. An `ended` is recorded in the journal
+/// first (its `event_id` is stable across restarts), written and flushed, then the session's
+/// entry is closed and, with `confirm`, the platform asked for its account. False when the end
+/// could not be recorded and the journal is strict (cluster mode): the caller relinquishes the
+/// chat to its next owner, which decides again.
+pub(crate) async fn emit(
+    ctx: &SessionCtx,
+    id: &str,
+    conversation: &str,
+    kind: EventKind,
+    confirm: bool,
+) -> bool {
+    match &kind {
+        EventKind::Reconnecting { .. } => {
+            metrics::counter!("guestd_reconnect_attempts_total").increment(1)
+        }
+        EventKind::Reconnected { .. } => metrics::counter!("guestd_reconnects_total").increment(1),
+        EventKind::HeartbeatMissed { .. } => {
+            metrics::counter!("guestd_heartbeat_misses_total").increment(1)
+        }
+        EventKind::StreamError { .. } => {
+            metrics::counter!("guestd_stream_errors_total").increment(1)
+        }
+        _ => {}
+    }
+    let mut ev = Event::new(id, Some(conversation), kind);
+    if let EventKind::Ended {
+        reason,
+        duration_ms,
+        detail,
+        extra,
+    } = &ev.kind
+    {
+        metrics::counter!("guestd_ended_total", "reason" => reason.as_str()).increment(1);
+        tracing::info!(reason = reason.as_str(), duration_ms, detail = %detail, "chat ended");
+        let event_id = format!("{id}:ended");
+        ev.event_id = Some(event_id.clone());
+        let rec = EndingRecord {
+            reason: *reason,
+            detail: detail.clone(),
+            duration_ms: *duration_ms,
+            event_id,
+            ts: ev.ts.clone(),
+            extra: extra.clone(),
+        };
+        if let Err(e) = ctx.journal.ending(id, rec).await {
+            if ctx.journal.strict() {
+                // Cluster mode: the chat's next owner finds it and decides.
+                tracing::warn!(error = %e, "the end could not be recorded; leaving the chat to its next owner");
+                return false;
+            }
+            // Written anyway: the user learns of the end now. After a restart the chat may be
+            // picked up and its end reported again, with the same event_id.
+            tracing::error!(error = %e, "the end could not be made durable; writing it anyway");
+        }
+        let reason = *reason;
+        if ctx.emitter.emit_flushed(ev).await {
+            ctx.journal.ended(id);
+        }
+        if confirm {
+            ctx.confirm_end(id, conversation, reason);
+        }
+        return true;
+    }
+    ctx.emitter.emit(ev).await;
+    true
 }
 
 #[cfg(test)]
@@ -751,6 +847,7 @@ mod size_tests {
             leave_on_shutdown: false,
             platform: None,
             fence: None,
+            messaging: None,
         };
         let chat = ChatRef {
             conversation_id: "c".into(),

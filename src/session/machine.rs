@@ -584,6 +584,7 @@ impl Machine {
             reason,
             duration_ms: now.saturating_duration_since(self.started).as_millis() as u64,
             detail,
+            extra: Default::default(),
         }));
         out.push(Action::AbortConnect);
         out.push(Action::CloseSocket);

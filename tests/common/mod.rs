@@ -413,3 +413,64 @@ pub fn signal(pid: i32, sig: &str) {
         .unwrap();
     assert!(ok.success());
 }
+
+/// Check event lines against docs/events.schema.json (required fields, types, enums); the
+/// types seen.
+pub fn check_schema(schema: &Value, lines: &[Value]) -> std::collections::BTreeSet<String> {
+    let d_seen = lines;
+    let type_enum: Vec<&str> = schema["properties"]["type"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    let mut seen_types = std::collections::BTreeSet::new();
+    for line in d_seen {
+        for k in schema["required"].as_array().unwrap() {
+            assert!(
+                line.get(k.as_str().unwrap()).is_some(),
+                "{k} missing: {line}"
+            );
+        }
+        let t = line["type"].as_str().unwrap();
+        assert!(type_enum.contains(&t), "type {t} is not in the schema");
+        seen_types.insert(t.to_string());
+        let rule = schema["allOf"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["if"]["properties"]["type"]["const"] == t)
+            .unwrap();
+        for k in rule["then"]["required"].as_array().unwrap() {
+            assert!(
+                line.get(k.as_str().unwrap()).is_some(),
+                "{t}: {k} missing: {line}"
+            );
+        }
+        for (k, spec) in rule["then"]["properties"].as_object().unwrap() {
+            let Some(v) = line.get(k) else { continue };
+            match spec.get("type").and_then(|t| t.as_str()) {
+                Some("string") => assert!(v.is_string(), "{t}.{k}: {v}"),
+                Some("integer") => assert!(v.is_u64(), "{t}.{k}: {v}"),
+                Some("boolean") => assert!(v.is_boolean(), "{t}.{k}: {v}"),
+                _ => {}
+            }
+            if let Some(allowed) = spec.get("enum").and_then(|e| e.as_array()) {
+                assert!(allowed.contains(v), "{t}.{k} = {v} not in {allowed:?}");
+            }
+        }
+    }
+    seen_types
+}
+
+/// docs/events.schema.json.
+pub fn shipped_schema() -> Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/docs/events.schema.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap()
+}
