@@ -80,6 +80,9 @@ impl Node {
             ("GUESTD_CLUSTER__REPLICAS", "3"),
             ("GUESTD_CLUSTER_SEAL_KEY", KEY),
             ("GUESTD_SHUTDOWN__DRAIN_TIMEOUT", "10s"),
+            ("GUESTD_WEB_MESSAGING__BASE_URL", &emu.base_url()),
+            ("GUESTD_WEB_MESSAGING__DEPLOYMENT_ID", "dep-1"),
+            ("GUESTD_WEB_MESSAGING__PING_INTERVAL", "1s"),
             ("RUST_LOG", "guestd=info"),
         ]
         .into_iter()
@@ -831,4 +834,86 @@ async fn all_nats_servers_down_longer_than_the_grace_window_ends_each_chat_once(
             "an end the outage cannot explain: {v}"
         );
     }
+}
+
+/// Web Messaging sessions are chats like any other to the cluster: their token sealed in the
+/// sessions bucket, taken by another node when theirs is killed (same token, no new session,
+/// what the agent wrote meanwhile backfilled once), and each ends once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_messaging_sessions_move_with_a_killed_node_and_end_once() {
+    use guestd::emulator::messaging::WmAdmin;
+    let _serial = SERIAL.lock().await;
+    let mut c = Cluster::three().await;
+    let n = 30;
+    let tokens: Vec<String> = (0..n)
+        .map(|i| format!("wm-{i}-{}", uuid::Uuid::new_v4()))
+        .collect();
+    let mut sessions = Vec::new();
+    for (i, t) in tokens.iter().enumerate() {
+        let v = c
+            .http(
+                i,
+                reqwest::Method::POST,
+                "/v1/sessions",
+                Some(json!({"backend": "web_messaging", "token": t})),
+            )
+            .await;
+        sessions.push(v["session"].as_str().unwrap().to_string());
+    }
+    let mut ev = Events::new(&c.js, "watch");
+    ev.until("every session connected", |seen| connected(seen).len() >= n)
+        .await;
+    // The token is sealed in the bucket.
+    let kv = c.js.get_key_value("GUESTD_sessions").await.unwrap();
+    let mut keys = kv.keys().await.unwrap();
+    while let Some(Ok(k)) = keys.next().await {
+        let raw = kv.get(&k).await.unwrap().unwrap_or_default();
+        let text = String::from_utf8_lossy(&raw);
+        assert!(
+            !tokens.iter().any(|t| text.contains(t.as_str())),
+            "a token in the clear"
+        );
+    }
+    let owners = c.owners().await;
+    let victim: Vec<usize> = (0..n)
+        .filter(|&i| owners.get(&sessions[i]).map(String::as_str) == Some("n3"))
+        .collect();
+    assert!(!victim.is_empty(), "n3 holds none of {n}");
+    c.nodes[2].kill9().await;
+    let talk = victim[0];
+    assert!(c.emu.messaging(
+        &tokens[talk],
+        WmAdmin::AgentText {
+            text: "while nobody held it".into()
+        }
+    ));
+    let want: HashSet<String> = victim.iter().map(|&i| sessions[i].clone()).collect();
+    ev.until("every session of n3 resumed", |seen| {
+        let back = resumed(seen);
+        want.iter().all(|s| back.contains(s))
+            && seen.iter().any(|v| v["body"] == "while nobody held it")
+    })
+    .await;
+    let msg = ev
+        .seen
+        .iter()
+        .find(|v| v["body"] == "while nobody held it")
+        .unwrap();
+    assert_eq!(msg["backfilled"], true, "{msg}");
+    // Every session ends by the agent's Disconnect (ReadOnly mode), once, wherever it runs now.
+    for t in &tokens {
+        assert!(c.emu.messaging(t, WmAdmin::Disconnect));
+    }
+    ev.until("every session ended", |seen| {
+        seen.iter().filter(|v| v["type"] == "ended").count() >= n
+    })
+    .await;
+    c.stop_all().await;
+    let all = read_all(&c.js, "audit").await;
+    check_one_ended_each(&all, &sessions, |_| Some("conversation_disconnected"));
+    let text = serde_json::to_string(&all).unwrap();
+    assert!(
+        !tokens.iter().any(|t| text.contains(t.as_str())),
+        "a token in an event"
+    );
 }

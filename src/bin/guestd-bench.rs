@@ -23,6 +23,8 @@ use tokio::sync::mpsc;
 
 #[path = "bench/cluster.rs"]
 mod cluster;
+#[path = "bench/messaging.rs"]
+mod messaging;
 
 #[derive(Parser, Clone)]
 #[command(about = "Benchmark guestd against a hand-written peer on the emulator")]
@@ -70,6 +72,10 @@ struct Args {
     /// kill -9, events per second into JetStream.
     #[arg(long)]
     cluster: Option<usize>,
+    /// Web Messaging instead: this many guest chats, then as many Web Messaging sessions, side
+    /// by side (memory per idle session, CPU per liveness cycle, `ended` latency).
+    #[arg(long)]
+    web_messaging: Option<usize>,
 }
 
 /// A throwaway certificate for 127.0.0.1-4, made with the openssl command line.
@@ -699,6 +705,21 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&r)?);
         if let Some(path) = &args.json {
             std::fs::write(path, serde_json::to_string_pretty(&r)?)?;
+        }
+        return Ok(());
+    }
+    if let Some(n) = args.web_messaging {
+        eprintln!("running guestd with {n} guest chats ...");
+        let g = run("guestd", n, &exe, &args).await?;
+        eprintln!("running guestd with {n} Web Messaging sessions ...");
+        let w = messaging::run(n, &exe, &args).await?;
+        let reports = vec![g, w];
+        print(&reports);
+        println!(
+            "(web messaging: the CPU columns are per liveness cycle, a ping every 15 s; the ended latency includes the admin call's round trip)"
+        );
+        if let Some(path) = &args.json {
+            std::fs::write(path, serde_json::to_string_pretty(&reports)?)?;
         }
         return Ok(());
     }

@@ -868,3 +868,12 @@ proptest! {
         }
     }
 }
+
+/// An idle Web Messaging session is one of tens of thousands: keep the machine small (its
+/// queues allocate nothing while empty). Fails if a change inlines something large.
+#[test]
+fn the_machine_stays_small() {
+    let size = std::mem::size_of::<Machine>();
+    eprintln!("web messaging machine {size} B");
+    assert!(size <= 512, "the machine grew to {size} bytes");
+}
