@@ -9,6 +9,7 @@
 //! - `ended` latency: the time from the admin call that sends a Presence Disconnect to the
 //!   `ended` line (it includes the admin call's HTTP round trip, which the guest chat figure,
 //!   timed from the frame's send, does not).
+//!
 //! There is no reconnect storm for Web Messaging here: the emulator's drop-all is guest chat's.
 
 use super::{Args, Emu, Proc, Report, cpu_secs, percentile, rss_kib, wall_us};
