@@ -351,6 +351,57 @@ async fn a_429_frame_paces_sends_without_dropping_the_socket_and_long_text_is_re
 }
 
 #[tokio::test]
+async fn a_409_makes_the_session_read_only_and_later_sends_are_refused_without_a_round_trip() {
+    let emu = emu_with(WebMessagingConfig::default()).await;
+    let mut d = Daemon::spawn(env(&emu), &[]);
+    let tok = token();
+    let s = start(&mut d, "r1", &tok).await;
+    let r = command(&mut d, json!({"cmd": "send", "session": s, "body": "one"})).await;
+    assert_eq!(r["type"], "command_result", "{r}");
+    // The Disconnect frame is lost: guestd learns of the read-only session from a 409.
+    admin(&emu, &tok, json!({"action": "silent_read_only"})).await;
+    let r = command(&mut d, json!({"cmd": "send", "session": s, "body": "two"})).await;
+    assert_eq!(r["type"], "command_error", "{r}");
+    assert!(r["error"].as_str().unwrap().contains("read-only"), "{r}");
+    let v = command(&mut d, json!({"cmd": "get", "session": s})).await;
+    assert_eq!(v["result"]["read_only"], true, "{v}");
+    // Refused here now: the platform never sees the third.
+    let r = command(
+        &mut d,
+        json!({"cmd": "send", "session": s, "body": "three"}),
+    )
+    .await;
+    assert!(r["error"].as_str().unwrap().contains("read-only"), "{r}");
+    let r = command(&mut d, json!({"cmd": "typing", "session": s})).await;
+    assert_eq!(r["type"], "command_error", "{r}");
+    let view = emu_sessions(&emu).await;
+    let prefix: String = tok.chars().take(8).collect();
+    let mine = view
+        .iter()
+        .find(|v| v["token_prefix"] == prefix.as_str())
+        .unwrap();
+    assert_eq!(
+        mine["messages"], 1,
+        "only the first reached the platform: {mine}"
+    );
+    // start_new begins again from a read-only session.
+    let r = command(&mut d, json!({"cmd": "start_new", "session": s})).await;
+    let s2 = r["result"]["session"].as_str().unwrap().to_string();
+    let e = one_ended(&mut d, &s, "started_new").await;
+    assert_eq!(e["read_only"], true);
+    d.wait_type(&s2, "connected").await;
+    let r = command(
+        &mut d,
+        json!({"cmd": "send", "session": s2, "body": "fresh"}),
+    )
+    .await;
+    assert_eq!(r["type"], "command_result", "{r}");
+    command(&mut d, json!({"cmd": "leave", "session": s2})).await;
+    one_ended(&mut d, &s2, "guest_left").await;
+    finish(d, &[&tok]).await;
+}
+
+#[tokio::test]
 async fn start_new_closes_the_session_and_begins_another_on_the_same_token() {
     let emu = emu_with(WebMessagingConfig::default()).await;
     let mut d = Daemon::spawn(env(&emu), &[]);

@@ -471,6 +471,9 @@ pub enum WmAdmin {
     Drop,
     /// The platform loses the session: its sockets stay open, its next request gets 4007.
     Forget,
+    /// The session turns read-only without a Disconnect frame (one lost on the way): the next
+    /// send gets 409.
+    SilentReadOnly,
     /// Stop answering (and reading) on every socket, or start again.
     Deaf {
         /// Stop (true) or resume (false).
@@ -543,6 +546,10 @@ pub(crate) fn admin(sh: &Shared, token: &str, a: WmAdmin) -> bool {
         }
         WmAdmin::Forget => {
             w.sessions.remove(token);
+        }
+        WmAdmin::SilentReadOnly => {
+            s.read_only = true;
+            s.conversation = None;
         }
         WmAdmin::Deaf { deaf } => {
             for c in &s.conns {
