@@ -116,6 +116,35 @@ struct Outcome {
     detail: String,
 }
 
+impl Outcome {
+    /// What a scripted chat came to: its `ended` line, or why there was none.
+    fn of(
+        name: &'static str,
+        session: String,
+        expected: EndReason,
+        ended: Result<serde_json::Value, String>,
+    ) -> Outcome {
+        match ended {
+            Ok(ended) => Outcome {
+                name,
+                session,
+                expected,
+                got: ended["reason"].as_str().map(str::to_string),
+                duration_ms: ended["duration_ms"].as_u64().unwrap_or(0),
+                detail: ended["detail"].as_str().unwrap_or_default().to_string(),
+            },
+            Err(detail) => Outcome {
+                name,
+                session,
+                expected,
+                got: None,
+                duration_ms: 0,
+                detail,
+            },
+        }
+    }
+}
+
 const WAIT: Duration = Duration::from_secs(15);
 
 async fn scenario(
@@ -134,14 +163,12 @@ async fn scenario(
     let view = match sup.start(spec).await {
         Ok(v) => v,
         Err(e) => {
-            return Outcome {
+            return Outcome::of(
                 name,
-                session: "-".into(),
+                "-".into(),
                 expected,
-                got: None,
-                duration_ms: 0,
-                detail: format!("start failed: {e}"),
-            };
+                Err(format!("start failed: {e}")),
+            );
         }
     };
     let conv = view.conversation_id.clone();
@@ -216,24 +243,8 @@ async fn scenario(
         }
         f.wait("ended", WAIT).await
     };
-    match script.await {
-        Ok(ended) => Outcome {
-            name,
-            session: view.session,
-            expected,
-            got: ended["reason"].as_str().map(str::to_string),
-            duration_ms: ended["duration_ms"].as_u64().unwrap_or(0),
-            detail: ended["detail"].as_str().unwrap_or_default().to_string(),
-        },
-        Err(e) => Outcome {
-            name,
-            session: view.session,
-            expected,
-            got: None,
-            duration_ms: 0,
-            detail: e.to_string(),
-        },
-    }
+    let ended = script.await.map_err(|e| e.to_string());
+    Outcome::of(name, view.session, expected, ended)
 }
 
 /// A Web Messaging session scripted to end for `expected` (the emulator's default deployment:
@@ -252,17 +263,16 @@ async fn wm_scenario(
         token: Some(crate::secret::Secret::new(token.clone())),
         ..Default::default()
     };
-    let failed = |session: String, detail: String| Outcome {
-        name,
-        session,
-        expected,
-        got: None,
-        duration_ms: 0,
-        detail,
-    };
     let view = match sup.start_messaging(spec, false).await {
         Ok(v) => v,
-        Err(e) => return failed("-".into(), format!("start failed: {e}")),
+        Err(e) => {
+            return Outcome::of(
+                name,
+                "-".into(),
+                expected,
+                Err(format!("start failed: {e}")),
+            );
+        }
     };
     let mut f = Follower::new(rx, &view.session);
     let admin = |a: WmAdmin| {
@@ -315,17 +325,8 @@ async fn wm_scenario(
         }
         f.wait("ended", WAIT).await
     };
-    match script.await {
-        Ok(ended) => Outcome {
-            name,
-            session: view.session,
-            expected,
-            got: ended["reason"].as_str().map(str::to_string),
-            duration_ms: ended["duration_ms"].as_u64().unwrap_or(0),
-            detail: ended["detail"].as_str().unwrap_or_default().to_string(),
-        },
-        Err(e) => failed(view.session, e.to_string()),
-    }
+    let ended = script.await.map_err(|e| e.to_string());
+    Outcome::of(name, view.session, expected, ended)
 }
 
 /// Run the demo; true when every chat ended for the reason it was scripted to.

@@ -401,18 +401,7 @@ impl Supervisor {
         slot: Reservation,
         mode: &str,
     ) -> Result<SessionView, SupervisorError> {
-        // session_started goes out before the actor can emit anything.
-        self.ctx
-            .emitter
-            .emit(Event::new(
-                &id,
-                Some(&chat.conversation_id),
-                EventKind::SessionStarted {
-                    mode: mode.to_string(),
-                    member_id: chat.member_id.clone(),
-                },
-            ))
-            .await;
+        self.announce(&id, &chat, mode).await;
         let view = SessionView {
             last_message_id: machine.last_message_id().map(str::to_string),
             ..SessionView::guest_chat(&id, &chat, machine.phase().as_str())
@@ -493,6 +482,21 @@ impl Supervisor {
             .await
     }
 
+    /// `session_started`: it goes out before the session's actor can emit anything.
+    async fn announce(&self, id: &str, chat: &ChatRef, mode: &str) {
+        self.ctx
+            .emitter
+            .emit(Event::new(
+                id,
+                Some(&chat.conversation_id),
+                EventKind::SessionStarted {
+                    mode: mode.to_string(),
+                    member_id: chat.member_id.clone(),
+                },
+            ))
+            .await;
+    }
+
     async fn spawn_messaging(
         &self,
         id: String,
@@ -503,17 +507,7 @@ impl Supervisor {
         mode: &str,
     ) -> Result<SessionView, SupervisorError> {
         let wm = self.messaging()?.clone();
-        self.ctx
-            .emitter
-            .emit(Event::new(
-                &id,
-                Some(&chat.conversation_id),
-                EventKind::SessionStarted {
-                    mode: mode.to_string(),
-                    member_id: chat.member_id.clone(),
-                },
-            ))
-            .await;
+        self.announce(&id, &chat, mode).await;
         let view = SessionView {
             backend: "web_messaging",
             agent_end_visible: machine.deployment().disconnect_visible,

@@ -75,17 +75,7 @@ impl Guest {
 }
 
 async fn admin(emu: &Emulator, token: &str, body: Value) -> u16 {
-    reqwest::Client::new()
-        .post(format!(
-            "{}/emulator/messaging/sessions/{token}",
-            emu.base_url()
-        ))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
+    wm_admin(emu, token, body).await
 }
 
 #[tokio::test]

@@ -34,17 +34,7 @@ fn env(emu: &Emulator) -> Vec<(String, String)> {
 }
 
 async fn admin(emu: &Emulator, token: &str, body: Value) {
-    let status = reqwest::Client::new()
-        .post(format!(
-            "{}/emulator/messaging/sessions/{token}",
-            emu.base_url()
-        ))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16();
+    let status = wm_admin(emu, token, body.clone()).await;
     assert_eq!(status, 200, "admin {body}");
 }
 
@@ -91,15 +81,8 @@ async fn one_ended(d: &mut Daemon, s: &str, reason: &str) -> Value {
     ended
 }
 
-async fn finish(mut d: Daemon, secrets: &[&str]) {
-    signal(d.pid(), "TERM");
-    d.close_stdin();
-    d.drain().await;
-    let st = tokio::time::timeout(WAIT, d.child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(st.success(), "exit status {st:?}; stderr:\n{}", d.stderr());
+async fn finish(d: Daemon, secrets: &[&str]) {
+    let d = finish_ok(d).await;
     check_schema(&shipped_schema(), &d.seen);
     let out = serde_json::to_string(&d.seen).unwrap();
     let err = d.stderr();

@@ -200,6 +200,19 @@ impl Proc {
         })
     }
 
+    /// Stop it politely (a profiler wrapping it gets to write its output), then for sure.
+    async fn stop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status();
+        if tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.start_kill();
+        }
+    }
+
     async fn next(&mut self, within: Duration) -> anyhow::Result<(u64, Value)> {
         match tokio::time::timeout(within, self.lines.recv()).await {
             Ok(Some(x)) => Ok(x),
@@ -563,16 +576,7 @@ async fn run(kind: &str, n: usize, exe: &PathBuf, args: &Args) -> anyhow::Result
     } else {
         None
     };
-    // Stop it politely (a profiler wrapping it gets to write its output), then for sure.
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &p.pid.to_string()])
-        .status();
-    if tokio::time::timeout(Duration::from_secs(30), p.child.wait())
-        .await
-        .is_err()
-    {
-        let _ = p.child.start_kill();
-    }
+    p.stop().await;
     Ok(Report {
         program: kind.to_string(),
         sessions: n,

@@ -357,8 +357,6 @@ enum Wake {
     Shutdown,
 }
 
-type RestCalls = FuturesUnordered<BoxFuture<'static, Option<Input>>>;
-
 struct Actor {
     ctx: Arc<SessionCtx>,
     id: String,
@@ -367,7 +365,7 @@ struct Actor {
     ws: Option<Ws>,
     connecting: Option<BoxFuture<'static, Result<Ws, ConnectError>>>,
     /// REST calls in flight; allocated only while there are some (an idle session has none).
-    rest: Option<Box<RestCalls>>,
+    rest: Calls<Input>,
     queued: VecDeque<Input>,
     stopping: bool,
     journaled_msg: Option<String>,
@@ -376,32 +374,37 @@ struct Actor {
     relinquished: bool,
 }
 
-async fn opt<F: std::future::Future + Unpin>(f: Option<&mut F>) -> F::Output {
+/// The output of `f`, or pending forever when there is none (a `select!` branch that is off).
+pub(crate) async fn opt<F: std::future::Future + Unpin>(f: Option<&mut F>) -> F::Output {
     match f {
         Some(f) => f.await,
         None => futures::future::pending().await,
     }
 }
 
-/// The next REST result; frees the set once it is empty. Pending while there is none.
-async fn next_rest(rest: &mut Option<Box<RestCalls>>) -> Option<Input> {
+/// Calls in flight, allocated only while there are some (an idle session has none).
+pub(crate) type Calls<T> = Option<Box<FuturesUnordered<BoxFuture<'static, Option<T>>>>>;
+
+/// The next call's result; frees the set once it is empty. Pending while there is none.
+pub(crate) async fn next_call<T>(calls: &mut Calls<T>) -> Option<T> {
     loop {
-        match rest {
+        match calls {
             Some(r) => match r.next().await {
                 Some(i) => {
                     if r.is_empty() {
-                        *rest = None;
+                        *calls = None;
                     }
                     return i;
                 }
-                None => *rest = None,
+                None => *calls = None,
             },
             None => futures::future::pending::<()>().await,
         }
     }
 }
 
-async fn next_frame(
+/// The next frame of the socket, or pending forever while there is none.
+pub(crate) async fn next_frame(
     ws: &mut Option<Ws>,
 ) -> Option<Result<WsMessage, tokio_tungstenite::tungstenite::Error>> {
     match ws {
@@ -475,7 +478,7 @@ impl Actor {
                         frame = next_frame(&mut self.ws) => self.frame(frame).map_or(Wake::Nothing, Wake::Input),
                         cmd = rx.recv() => self.command(*cmd).map_or(Wake::Nothing, Wake::Input),
                         r = opt(self.connecting.as_mut()) => Wake::Input(self.connected(r)),
-                        i = next_rest(&mut self.rest) => i.map_or(Wake::Nothing, Wake::Input),
+                        i = next_call(&mut self.rest) => i.map_or(Wake::Nothing, Wake::Input),
                         _ = sleep.as_mut() => Wake::Input(Input::Tick),
                     }
                 }

@@ -13,12 +13,13 @@ use super::protocol::{self as p, Action as Wire};
 use crate::backend::ChatRef;
 use crate::events::EventKind;
 use crate::secret::Secret;
-use crate::session::actor::{CommandError, Done, DoneReply, Mailbox, emit};
+use crate::session::actor::{
+    Calls, CommandError, Done, DoneReply, Mailbox, emit, next_call, next_frame, opt,
+};
 use crate::session::{SessionCmd, SessionCtx, SessionHandle, SessionView};
 use crate::stream::{ConnectError, Ws};
 use futures::future::BoxFuture;
-use futures::stream::FuturesUnordered;
-use futures::{FutureExt, SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use tokio::sync::oneshot;
@@ -81,8 +82,6 @@ pub fn spawn(
     handle
 }
 
-type Work = FuturesUnordered<BoxFuture<'static, Option<Input>>>;
-
 enum Wake {
     Input(Input),
     Nothing,
@@ -99,7 +98,7 @@ struct Actor {
     ws: Option<Ws>,
     connecting: Option<BoxFuture<'static, Result<Ws, ConnectError>>>,
     /// History calls and journal writes in flight; allocated only while there are some.
-    work: Option<Box<Work>>,
+    work: Calls<Input>,
     replies: Vec<(String, DoneReply)>,
     start_new: Option<(String, oneshot::Sender<Result<Reopen, CommandError>>)>,
     next_tid: u64,
@@ -110,39 +109,6 @@ struct Actor {
     journaled_msg: Option<String>,
     /// Undecodable frames this minute, and when the minute began.
     bad_frames: (u32, Option<Instant>),
-}
-
-async fn opt<F: std::future::Future + Unpin>(f: Option<&mut F>) -> F::Output {
-    match f {
-        Some(f) => f.await,
-        None => futures::future::pending().await,
-    }
-}
-
-async fn next_work(work: &mut Option<Box<Work>>) -> Option<Input> {
-    loop {
-        match work {
-            Some(w) => match w.next().await {
-                Some(i) => {
-                    if w.is_empty() {
-                        *work = None;
-                    }
-                    return i;
-                }
-                None => *work = None,
-            },
-            None => futures::future::pending::<()>().await,
-        }
-    }
-}
-
-async fn next_frame(
-    ws: &mut Option<Ws>,
-) -> Option<Result<WsMessage, tokio_tungstenite::tungstenite::Error>> {
-    match ws {
-        Some(w) => w.next().await,
-        None => futures::future::pending().await,
-    }
 }
 
 fn wall_ms() -> i64 {
@@ -197,7 +163,7 @@ impl Actor {
                         frame = next_frame(&mut self.ws) => self.frame(frame).map_or(Wake::Nothing, Wake::Input),
                         cmd = rx.recv() => self.command(*cmd).map_or(Wake::Nothing, Wake::Input),
                         r = opt(self.connecting.as_mut()) => Wake::Input(self.connected(r)),
-                        i = next_work(&mut self.work) => i.map_or(Wake::Nothing, Wake::Input),
+                        i = next_call(&mut self.work) => i.map_or(Wake::Nothing, Wake::Input),
                         _ = sleep.as_mut() => Wake::Input(Input::Tick),
                     }
                 }

@@ -474,3 +474,34 @@ pub fn shipped_schema() -> Value {
     )
     .unwrap()
 }
+
+/// SIGTERM, then every remaining event: guestd must exit 0, with sequence numbers that
+/// increase by one across the whole run.
+pub async fn finish_ok(mut d: Daemon) -> Daemon {
+    signal(d.pid(), "TERM");
+    d.close_stdin();
+    d.drain().await;
+    let st = tokio::time::timeout(WAIT, d.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(st.success(), "exit status {st:?}; stderr:\n{}", d.stderr());
+    let seqs: Vec<u64> = d.seen.iter().map(|v| v["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    d
+}
+
+/// `POST /emulator/messaging/sessions/{token}` (a Web Messaging admin action); the status.
+pub async fn wm_admin(emu: &Emulator, token: &str, body: Value) -> u16 {
+    reqwest::Client::new()
+        .post(format!(
+            "{}/emulator/messaging/sessions/{token}",
+            emu.base_url()
+        ))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}

@@ -153,15 +153,7 @@ pub async fn run(n: usize, exe: &PathBuf, args: &Args) -> anyhow::Result<Report>
         }
     }
     lat.sort_unstable();
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &p.pid.to_string()])
-        .status();
-    if tokio::time::timeout(Duration::from_secs(30), p.child.wait())
-        .await
-        .is_err()
-    {
-        let _ = p.child.start_kill();
-    }
+    p.stop().await;
     Ok(Report {
         program: "guestd-web-messaging".into(),
         sessions: n,
