@@ -666,8 +666,14 @@ fn print(reports: &[Report]) {
         };
         for p in rs.iter().filter(|r| r.program != "guestd") {
             let ratio = |a: f64, b: f64| a / b.max(1e-9);
+            let storm = ratio(p.storm_recovered_secs, g.storm_recovered_secs);
+            let storm = if storm.is_nan() {
+                "not measured".to_string()
+            } else {
+                format!("{storm:.1}x")
+            };
             println!(
-                "ratio at {n} sessions, {}/guestd: memory per session {:.1}x, CPU per heartbeat {:.1}x, ended p99 {:.1}x, storm recovery {:.1}x",
+                "ratio at {n} sessions, {}/guestd: memory per session {:.1}x, CPU per heartbeat {:.1}x, ended p99 {:.1}x, storm recovery {storm}",
                 p.program,
                 ratio(p.bytes_per_session, g.bytes_per_session),
                 ratio(
@@ -675,7 +681,6 @@ fn print(reports: &[Report]) {
                     g.cpu_secs_per_1000_heartbeats
                 ),
                 ratio(p.ended_p99_ms, g.ended_p99_ms),
-                ratio(p.storm_recovered_secs, g.storm_recovered_secs),
             );
         }
     }
