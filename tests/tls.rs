@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use guestd::emulator::EmulatorConfig;
+use guestd::emulator::messaging::WmAdmin;
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -119,4 +120,71 @@ async fn an_untrusted_certificate_is_refused_for_rest_and_stream() {
         logs.contains("certificate") || logs.contains("unknownissuer"),
         "the TLS failure is logged"
     );
+}
+
+/// Web Messaging over TLS: the session's socket (wss), the history call and config.json
+/// (https) with the private CA trusted; a drop is backfilled over TLS. Without the CA the
+/// session cannot be opened and ends with the refusal in its detail.
+#[tokio::test]
+async fn web_messaging_over_wss_and_https() {
+    let p = pki();
+    let emu = emulator(tls_emu_cfg(&p)).await;
+    let mut env = fast_env(&emu);
+    env.push(("GUESTD_WEB_MESSAGING__BASE_URL".into(), emu.base_url()));
+    env.push(("GUESTD_WEB_MESSAGING__DEPLOYMENT_ID".into(), "dep-1".into()));
+    env.push((
+        "GUESTD_WEB_MESSAGING__FIRST_CONNECT_WINDOW".into(),
+        "1s".into(),
+    ));
+    let mut trusted = env.clone();
+    trusted.push((
+        "GUESTD_GENESYS__EXTRA_CA_FILE".into(),
+        p.cert.display().to_string(),
+    ));
+    let mut d = Daemon::spawn(trusted, &[]);
+    let token = format!("tok-{}", uuid::Uuid::new_v4());
+    d.send(json!({"cmd": "start", "request_id": "w1", "backend": "web_messaging", "token": token}))
+        .await;
+    let r = d.wait(|v| v["request_id"] == "w1").await;
+    let s = r["result"]["session"].as_str().unwrap().to_string();
+    d.wait_type(&s, "connected").await;
+    assert_eq!(
+        r["result"]["agent_end_visible"], true,
+        "config.json read over https: {r}"
+    );
+    assert!(emu.messaging(&token, WmAdmin::Drop));
+    assert!(emu.messaging(
+        &token,
+        WmAdmin::AgentText {
+            text: "over TLS".into()
+        }
+    ));
+    let m = d.wait(|v| v["body"] == "over TLS").await;
+    assert_eq!(m["backfilled"], true, "history over https: {m}");
+    assert!(emu.messaging(&token, WmAdmin::Disconnect));
+    let e = d.wait_type(&s, "ended").await;
+    assert_eq!(e["reason"], "conversation_disconnected");
+    signal(d.pid(), "TERM");
+    d.drain().await;
+    assert!(d.child.wait().await.unwrap().success());
+
+    // Not trusted: no socket, no session.
+    let mut d = Daemon::spawn(env, &[]);
+    d.send(json!({"cmd": "start", "request_id": "w2", "backend": "web_messaging", "token": "t2"}))
+        .await;
+    let r = d.wait(|v| v["request_id"] == "w2").await;
+    let s = r["result"]["session"].as_str().unwrap().to_string();
+    let e = d.wait_type(&s, "ended").await;
+    assert_eq!(e["reason"], "reconnect_grace_expired", "{e}");
+    assert_eq!(d.count(&s, "connected"), 0);
+    assert!(
+        d.stderr().contains("certificate")
+            || d.seen.iter().any(|v| v["cause"]
+                .as_str()
+                .is_some_and(|c| c.contains("certificate"))),
+        "the refusal names the certificate"
+    );
+    signal(d.pid(), "TERM");
+    d.drain().await;
+    assert!(d.child.wait().await.unwrap().success());
 }
