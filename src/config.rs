@@ -412,6 +412,9 @@ pub struct StreamSection {
     pub max_concurrent_connects: usize,
     /// Send `Authorization: Bearer <jwt>` on the handshake.
     pub send_jwt: bool,
+    /// TLS through guestd's own stream, which holds no buffer while a socket is idle
+    /// (`crate::leantls`); false: tokio-rustls, which keeps about 4 KiB per socket.
+    pub lean_tls: bool,
 }
 
 impl Default for StreamSection {
@@ -426,6 +429,7 @@ impl Default for StreamSection {
             connect_timeout: Duration::from_secs(10),
             max_concurrent_connects: 256,
             send_jwt: true,
+            lean_tls: true,
         }
     }
 }

@@ -196,6 +196,7 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
             connect_timeout: cfg.stream.connect_timeout,
             allow_insecure: cfg.genesys.allow_insecure,
             send_jwt: cfg.stream.send_jwt,
+            lean_tls: cfg.stream.lean_tls,
             extra_roots: connector_roots.clone(),
         },
         cfg.stream.max_concurrent_connects,

@@ -31,6 +31,8 @@ pub mod events;
 pub mod genesys;
 /// The session journal that lets a restarted guestd pick chats back up.
 pub mod journal;
+/// A TLS client stream that holds no buffer while idle (rustls's unbuffered API).
+pub mod leantls;
 /// Prometheus metrics.
 pub mod metrics;
 /// Secret strings that never print.

@@ -21,7 +21,62 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 pub type Ws = WebSocketStream<Transport>;
 
 /// guestd's side of a websocket: TCP, or TLS over TCP.
-pub type Transport = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>>;
+pub type Transport = MaybeTls<ClientTls>;
+
+/// A client TLS stream: guestd's own ([`crate::leantls::LeanTls`], no buffer held while idle;
+/// the default) or tokio-rustls's (`stream.lean_tls = false`).
+pub enum ClientTls {
+    /// Buffers owned by guestd, freed when empty.
+    Lean(crate::leantls::LeanTls),
+    /// tokio-rustls over rustls's buffered connection.
+    Buffered(tokio_rustls::client::TlsStream<TcpStream>),
+}
+
+impl tokio::io::AsyncRead for ClientTls {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientTls::Lean(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            ClientTls::Buffered(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for ClientTls {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            ClientTls::Lean(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            ClientTls::Buffered(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientTls::Lean(s) => std::pin::Pin::new(s).poll_flush(cx),
+            ClientTls::Buffered(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientTls::Lean(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            ClientTls::Buffered(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
 
 /// TCP, or TLS over TCP, with the TLS state boxed. Not tokio-tungstenite's `MaybeTlsStream`: that
 /// enum holds the rustls connection inline, so every socket is 1,112 bytes even when plaintext;
@@ -97,6 +152,9 @@ pub struct StreamConfig {
     pub send_jwt: bool,
     /// Root certificates trusted besides the webpki roots.
     pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// TLS through guestd's own stream, which holds no buffer while idle (see
+    /// `crate::leantls`); false: tokio-rustls.
+    pub lean_tls: bool,
 }
 
 impl Default for StreamConfig {
@@ -109,6 +167,7 @@ impl Default for StreamConfig {
             allow_insecure: false,
             send_jwt: true,
             extra_roots: Vec::new(),
+            lean_tls: true,
         }
     }
 }
@@ -227,10 +286,20 @@ impl Connector {
                     .tls
                     .clone()
                     .map_err(|e| failed(format!("TLS unavailable: {e}")))?;
-                let tls = tokio_rustls::TlsConnector::from(config)
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|e| failed(format!("TLS with {host}: {e}")))?;
+                let tls = if self.cfg.lean_tls {
+                    ClientTls::Lean(
+                        crate::leantls::LeanTls::connect(tcp, config, name)
+                            .await
+                            .map_err(|e| failed(format!("TLS with {host}: {e}")))?,
+                    )
+                } else {
+                    ClientTls::Buffered(
+                        tokio_rustls::TlsConnector::from(config)
+                            .connect(name, tcp)
+                            .await
+                            .map_err(|e| failed(format!("TLS with {host}: {e}")))?,
+                    )
+                };
                 MaybeTls::Tls(Box::new(tls))
             }
             s => return Err(failed(format!("unsupported scheme {s}"))),

@@ -46,7 +46,8 @@ struct Args {
     latency_samples: usize,
     /// Peers, comma-separated: "python" (benches/peers/peer.py, needs the websockets package),
     /// "node" (benches/peers/node/peer.mjs: Genesys's guest chat SDK and ws; run `npm ci` in
-    /// that folder first), or "none".
+    /// that folder first), "tokio-rustls" (guestd with `stream.lean_tls = false`, to measure
+    /// its own TLS stream against), or "none".
     #[arg(long, value_delimiter = ',', default_value = "python")]
     peer: Vec<String>,
     /// Loopback addresses the emulator listens on (127.0.0.1 ..).
@@ -376,9 +377,11 @@ async fn run(kind: &str, n: usize, exe: &PathBuf, args: &Args) -> anyhow::Result
     let emu = Emu::start(exe, args, tls.clone()).await?;
     let metrics_port = free_port("127.0.0.1")?;
     let hb_ms = args.heartbeat.as_millis();
-    let mut cmd = if kind == "guestd" {
+    let is_guestd = kind == "guestd" || kind == "guestd-tokio-rustls";
+    let mut cmd = if is_guestd {
         let mut c = Command::new(exe);
         c.arg("run")
+            .env("GUESTD_STREAM__LEAN_TLS", (kind == "guestd").to_string())
             .env("GUESTD_GENESYS__API_BASE", &emu.base)
             .env("GUESTD_SESSION__HEARTBEAT_INTERVAL", format!("{hb_ms}ms"))
             .env("GUESTD_SESSION__RECONNECT_GRACE", "2m")
@@ -423,7 +426,7 @@ async fn run(kind: &str, n: usize, exe: &PathBuf, args: &Args) -> anyhow::Result
     cmd.env_remove("GUESTD_CONFIG");
     let mut p = Proc::spawn(cmd)?;
     // Ready: guestd answers a command; the peer says so.
-    if kind == "guestd" {
+    if is_guestd {
         if let Some(stdin) = p.stdin.as_mut() {
             stdin
                 .write_all(b"{\"cmd\":\"list\",\"request_id\":\"ready\"}\n")
@@ -564,7 +567,7 @@ async fn run(kind: &str, n: usize, exe: &PathBuf, args: &Args) -> anyhow::Result
         }
     }
     let storm_secs = t_drop.elapsed().as_secs_f64();
-    let peak = if kind == "guestd" {
+    let peak = if is_guestd {
         let m = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
             .await?
             .text()
@@ -740,11 +743,13 @@ async fn main() -> anyhow::Result<()> {
                 "python peer skipped: python3 with the websockets package is not installed (pip install websockets)"
             ),
             "node" if node_peer_available() => programs.push("node-peer"),
+            // guestd itself with tokio-rustls instead of its own TLS stream (`--tls` runs).
+            "tokio-rustls" => programs.push("guestd-tokio-rustls"),
             "node" => eprintln!(
                 "node peer skipped: run `npm ci` in benches/peers/node (Node 20 and npm needed)"
             ),
             "none" => {}
-            other => bail!("unknown peer {other:?} (python, node, none)"),
+            other => bail!("unknown peer {other:?} (python, node, tokio-rustls, none)"),
         }
     }
     eprintln!(

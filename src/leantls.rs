@@ -1,0 +1,594 @@
+//! A TLS client stream that holds no buffer while idle: rustls's unbuffered connection API with
+//! every buffer owned here, each freed as soon as it is empty.
+//!
+//! Why: `tokio_rustls` drives rustls's buffered `ClientConnection`, whose record deframer keeps a
+//! 4 KiB buffer per connection for life (rustls 0.23 `DeframerVecBuffer::prepare_read` resizes it
+//! to `used + 4096` and shrinks it no further), plus chunk queues for plaintext and outgoing
+//! records. An idle guest chat receives a ~120-byte heartbeat every 30 s: keeping 4 KiB+ per
+//! socket for that is most of what TLS costs an idle session (docs/benchmarks.md). Here:
+//! - incoming TLS bytes go into `incoming`, allocated when the socket is readable (not before:
+//!   `poll_read_ready` first) and freed when no partial record is left;
+//! - decrypted bytes the reader has not taken yet wait in `plain`, freed once taken;
+//! - outgoing records wait in `outgoing`, freed once written.
+//!
+//! So an idle session holds the rustls connection state (keys, sequence numbers) and nothing
+//! else. The handshake is done before the stream is handed to the websocket layer; a
+//! post-handshake message (a TLS 1.3 key update or session ticket) is handled on the way. The
+//! reader and the writer share the stream (one session task drives both): records decrypted
+//! while writing are kept in `plain` and the reader is woken for them.
+
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncodeTlsData, EncryptError, InsufficientSizeError, ReadTraffic,
+    UnbufferedStatus,
+};
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker, ready};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Bytes read from the socket at a time.
+const READ_CHUNK: usize = 4096;
+/// The most `incoming` may hold: a handshake message may take up to 64 KiB (rustls's own
+/// bound), a record 16 KiB and change.
+const MAX_INCOMING: usize = 0x1_0000 + 0x4000;
+
+/// What one pass of the connection's state machine came to.
+#[derive(Debug, PartialEq, Eq)]
+enum Progress {
+    /// Something was done; run it again.
+    Again,
+    /// More bytes from the peer are needed (handshake, or a partial record).
+    NeedRead,
+    /// Handshake done and nothing to read: application data may be written.
+    Idle,
+    /// The peer closed the connection (close_notify).
+    Eof,
+}
+
+/// A TLS client connection over TCP, buffers owned here.
+pub struct LeanTls {
+    tcp: TcpStream,
+    conn: UnbufferedClientConnection,
+    incoming: Vec<u8>,
+    used: usize,
+    outgoing: Vec<u8>,
+    sent: usize,
+    plain: Vec<u8>,
+    taken: usize,
+    eof: bool,
+    read_waker: Option<Waker>,
+}
+
+fn io_err(e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+/// Encode a handshake record at the end of `out`.
+fn encode(e: &mut EncodeTlsData<'_, ClientConnectionData>, out: &mut Vec<u8>) -> io::Result<()> {
+    let start = out.len();
+    let mut need = 0;
+    loop {
+        out.resize(start + need, 0);
+        match e.encode(&mut out[start..]) {
+            Ok(n) => {
+                out.truncate(start + n);
+                return Ok(());
+            }
+            Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size }))
+                if required_size > need =>
+            {
+                need = required_size
+            }
+            Err(e) => {
+                out.truncate(start);
+                return Err(io_err(format!("{e:?}")));
+            }
+        }
+    }
+}
+
+/// Move every decrypted record to `plain` and wake the reader; the bytes to discard.
+fn decrypt(
+    r: &mut ReadTraffic<'_, '_, ClientConnectionData>,
+    plain: &mut Vec<u8>,
+    reader: Option<&Waker>,
+) -> io::Result<usize> {
+    let mut discard = 0;
+    while let Some(rec) = r.next_record() {
+        let rec = rec.map_err(io_err)?;
+        discard += rec.discard;
+        plain.extend_from_slice(rec.payload);
+    }
+    if let Some(w) = reader {
+        w.wake_by_ref();
+    }
+    Ok(discard)
+}
+
+impl LeanTls {
+    /// Connect TLS over `tcp` to `name`, verified by `config`; returns once the handshake is
+    /// done.
+    pub async fn connect(
+        tcp: TcpStream,
+        config: Arc<rustls::ClientConfig>,
+        name: rustls::pki_types::ServerName<'static>,
+    ) -> io::Result<LeanTls> {
+        let conn = UnbufferedClientConnection::new(config, name).map_err(io_err)?;
+        let mut s = LeanTls {
+            tcp,
+            conn,
+            incoming: Vec::new(),
+            used: 0,
+            outgoing: Vec::new(),
+            sent: 0,
+            plain: Vec::new(),
+            taken: 0,
+            eof: false,
+            read_waker: None,
+        };
+        loop {
+            std::future::poll_fn(|cx| s.poll_send(cx)).await?;
+            match s.process()? {
+                Progress::Again => {}
+                Progress::Idle => {
+                    std::future::poll_fn(|cx| s.poll_send(cx)).await?;
+                    s.release();
+                    return Ok(s);
+                }
+                Progress::NeedRead => {
+                    let n = std::future::poll_fn(|cx| s.poll_fill(cx)).await?;
+                    if n == 0 {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "connection closed during the TLS handshake",
+                        ));
+                    }
+                }
+                Progress::Eof => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the peer closed during the TLS handshake",
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Bytes this stream holds in buffers now (for the tests and the benchmark's accounting).
+    pub fn buffered_capacity(&self) -> usize {
+        self.incoming.capacity() + self.outgoing.capacity() + self.plain.capacity()
+    }
+
+    /// Free the buffers that hold nothing.
+    fn release(&mut self) {
+        if self.used == 0 && self.incoming.capacity() > 0 {
+            self.incoming = Vec::new();
+        }
+        if self.sent >= self.outgoing.len() && self.outgoing.capacity() > 0 {
+            self.outgoing = Vec::new();
+            self.sent = 0;
+        }
+        if self.taken >= self.plain.len() && self.plain.capacity() > 0 {
+            self.plain = Vec::new();
+            self.taken = 0;
+        }
+    }
+
+    /// One pass of the state machine over the bytes received so far.
+    fn process(&mut self) -> io::Result<Progress> {
+        let UnbufferedStatus { mut discard, state } = self
+            .conn
+            .process_tls_records(&mut self.incoming[..self.used]);
+        let progress = match state.map_err(io_err)? {
+            ConnectionState::ReadTraffic(mut r) => {
+                discard += decrypt(&mut r, &mut self.plain, self.read_waker.as_ref())?;
+                Progress::Again
+            }
+            ConnectionState::EncodeTlsData(mut e) => {
+                encode(&mut e, &mut self.outgoing)?;
+                Progress::Again
+            }
+            // The records are in `outgoing`, in order; every path writes them before anything
+            // queued after them.
+            ConnectionState::TransmitTlsData(t) => {
+                t.done();
+                Progress::Again
+            }
+            ConnectionState::BlockedHandshake => Progress::NeedRead,
+            ConnectionState::WriteTraffic(_) => {
+                if self.used > discard {
+                    // A partial record: the rest is still on its way.
+                    Progress::NeedRead
+                } else {
+                    Progress::Idle
+                }
+            }
+            ConnectionState::PeerClosed | ConnectionState::Closed => Progress::Eof,
+            other => return Err(io_err(format!("unexpected TLS state {other:?}"))),
+        };
+        if discard > 0 {
+            self.incoming.copy_within(discard..self.used, 0);
+            self.used -= discard;
+        }
+        Ok(progress)
+    }
+
+    /// Read what the socket has into `incoming`, allocating only once it is readable. Ok(0) at
+    /// the socket's end.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        loop {
+            if self.used >= MAX_INCOMING {
+                return Poll::Ready(Err(io_err("a TLS message larger than 80 KiB")));
+            }
+            if self.used == 0 {
+                // Nothing partial is held: nothing to keep while waiting.
+                self.incoming = Vec::new();
+            }
+            ready!(self.tcp.poll_read_ready(cx))?;
+            if self.incoming.len() < self.used + READ_CHUNK {
+                let len = (self.used + READ_CHUNK).min(MAX_INCOMING);
+                self.incoming.resize(len, 0);
+            }
+            match self.tcp.try_read(&mut self.incoming[self.used..]) {
+                Ok(n) => {
+                    self.used += n;
+                    return Poll::Ready(Ok(n));
+                }
+                // Readiness was stale; `try_read` cleared it, so the next poll registers.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// Write `outgoing` to the socket; frees it once written.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.sent < self.outgoing.len() {
+            let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, &self.outgoing[self.sent..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += n;
+        }
+        if self.outgoing.capacity() > 0 {
+            self.outgoing = Vec::new();
+        }
+        self.sent = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Encrypt `data` (or a close_notify) into `outgoing`, handling whatever the connection
+    /// has to do first.
+    fn encrypt(&mut self, data: Option<&[u8]>) -> io::Result<()> {
+        loop {
+            let UnbufferedStatus { mut discard, state } = self
+                .conn
+                .process_tls_records(&mut self.incoming[..self.used]);
+            let done = match state.map_err(io_err)? {
+                ConnectionState::WriteTraffic(mut w) => {
+                    let start = self.outgoing.len();
+                    let mut need = data.map_or(64, |d| d.len() + d.len() / 16 + 64);
+                    loop {
+                        self.outgoing.resize(start + need, 0);
+                        let r = match data {
+                            Some(d) => w.encrypt(d, &mut self.outgoing[start..]),
+                            None => w.queue_close_notify(&mut self.outgoing[start..]),
+                        };
+                        match r {
+                            Ok(n) => {
+                                self.outgoing.truncate(start + n);
+                                break;
+                            }
+                            Err(EncryptError::InsufficientSize(InsufficientSizeError {
+                                required_size,
+                            })) if required_size > need => need = required_size,
+                            Err(e) => {
+                                self.outgoing.truncate(start);
+                                return Err(io_err(format!("{e:?}")));
+                            }
+                        }
+                    }
+                    true
+                }
+                ConnectionState::ReadTraffic(mut r) => {
+                    discard += decrypt(&mut r, &mut self.plain, self.read_waker.as_ref())?;
+                    false
+                }
+                ConnectionState::EncodeTlsData(mut e) => {
+                    encode(&mut e, &mut self.outgoing)?;
+                    false
+                }
+                ConnectionState::TransmitTlsData(t) => {
+                    t.done();
+                    false
+                }
+                ConnectionState::PeerClosed => {
+                    self.eof = true;
+                    if let Some(w) = &self.read_waker {
+                        w.wake_by_ref();
+                    }
+                    false
+                }
+                ConnectionState::Closed => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "the TLS connection is closed",
+                    ));
+                }
+                other => return Err(io_err(format!("unexpected TLS state {other:?}"))),
+            };
+            if discard > 0 {
+                self.incoming.copy_within(discard..self.used, 0);
+                self.used -= discard;
+            }
+            if done {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl AsyncRead for LeanTls {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this
+            .read_waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            this.read_waker = Some(cx.waker().clone());
+        }
+        loop {
+            if this.taken < this.plain.len() {
+                let n = buf.remaining().min(this.plain.len() - this.taken);
+                buf.put_slice(&this.plain[this.taken..this.taken + n]);
+                this.taken += n;
+                if this.taken >= this.plain.len() {
+                    this.plain = Vec::new();
+                    this.taken = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof {
+                return Poll::Ready(Ok(()));
+            }
+            // Records a post-handshake message asked for go out on the way (best effort: a
+            // full socket is retried by the next write or flush).
+            if this.sent < this.outgoing.len() {
+                if let Poll::Ready(Err(e)) = this.poll_send(cx) {
+                    return Poll::Ready(Err(e));
+                }
+            }
+            match this.process()? {
+                Progress::Again => continue,
+                Progress::Eof => this.eof = true,
+                Progress::NeedRead | Progress::Idle => match this.poll_fill(cx) {
+                    Poll::Ready(Ok(0)) => {
+                        // The socket ended without close_notify.
+                        this.eof = true;
+                        this.release();
+                        if this.used > 0 {
+                            return Poll::Ready(Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "the connection ended inside a TLS record",
+                            )));
+                        }
+                    }
+                    Poll::Ready(Ok(_)) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        this.release();
+                        return Poll::Pending;
+                    }
+                },
+            }
+        }
+    }
+}
+
+impl AsyncWrite for LeanTls {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        // What was queued before goes first (and holds back the writer while the socket is
+        // full).
+        ready!(this.poll_send(cx))?;
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        this.encrypt(Some(data))?;
+        // Written now if the socket takes it, else by the next write or flush.
+        if let Poll::Ready(Err(e)) = this.poll_send(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(data.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_send(cx))?;
+        Pin::new(&mut this.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.sent >= this.outgoing.len() && !this.eof {
+            // Queue close_notify once; `eof` marks it queued too (nothing more is read after).
+            if this.encrypt(None).is_ok() {
+                this.eof = true;
+            }
+        }
+        ready!(this.poll_send(cx))?;
+        Pin::new(&mut this.tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A TLS server on loopback (tokio-rustls) and a `LeanTls` client connected to it, with
+    /// `versions` allowed on both ends.
+    async fn pair(
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> (LeanTls, tokio_rustls::server::TlsStream<TcpStream>) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let der = CertificateDer::from(cert.der().to_vec());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![der.clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let accept = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            acceptor.accept(tcp).await.unwrap()
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let c = LeanTls::connect(tcp, Arc::new(client), name).await.unwrap();
+        (c, accept.await.unwrap())
+    }
+
+    const BOTH: [&[&rustls::SupportedProtocolVersion]; 2] =
+        [&[&rustls::version::TLS13], &[&rustls::version::TLS12]];
+
+    /// Bytes both ways, small and larger than a record, arrive whole and in order; once the
+    /// exchange is over the client holds no buffer at all.
+    #[tokio::test]
+    async fn data_both_ways_and_nothing_held_while_idle() {
+        for versions in BOTH {
+            let (mut c, mut s) = pair(versions).await;
+            assert_eq!(c.buffered_capacity(), 0, "after the handshake");
+            let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+            let b2 = big.clone();
+            let server = tokio::spawn(async move {
+                let mut got = vec![0u8; b2.len()];
+                s.read_exact(&mut got).await.unwrap();
+                assert_eq!(got, b2);
+                s.write_all(b"pong").await.unwrap();
+                s.write_all(&b2).await.unwrap();
+                s.flush().await.unwrap();
+                s
+            });
+            c.write_all(&big).await.unwrap();
+            c.flush().await.unwrap();
+            let mut pong = [0u8; 4];
+            c.read_exact(&mut pong).await.unwrap();
+            assert_eq!(&pong, b"pong");
+            let mut back = vec![0u8; big.len()];
+            c.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, big);
+            let mut s = server.await.unwrap();
+            // A small frame after a pause, as a heartbeat would come.
+            s.write_all(b"heartbeat").await.unwrap();
+            s.flush().await.unwrap();
+            let mut hb = [0u8; 9];
+            c.read_exact(&mut hb).await.unwrap();
+            assert_eq!(&hb, b"heartbeat");
+            // Idle again: a read that waits frees everything first.
+            let mut one = [0u8; 1];
+            let waiting =
+                tokio::time::timeout(std::time::Duration::from_millis(50), c.read(&mut one)).await;
+            assert!(waiting.is_err(), "nothing to read");
+            assert_eq!(c.buffered_capacity(), 0, "idle: no buffer held");
+        }
+    }
+
+    /// close_notify from the server reads as the end of the stream; the client's own shutdown
+    /// sends close_notify the server reads as the end.
+    #[tokio::test]
+    async fn close_notify_both_ways() {
+        for versions in BOTH {
+            let (mut c, mut s) = pair(versions).await;
+            s.write_all(b"bye").await.unwrap();
+            s.shutdown().await.unwrap();
+            let mut all = Vec::new();
+            c.read_to_end(&mut all).await.unwrap();
+            assert_eq!(all, b"bye");
+            let (mut c, mut s) = pair(versions).await;
+            c.write_all(b"last").await.unwrap();
+            c.shutdown().await.unwrap();
+            let mut all = Vec::new();
+            s.read_to_end(&mut all).await.unwrap();
+            assert_eq!(all, b"last");
+        }
+    }
+
+    /// A TLS 1.3 key update from the server (which asks the client to update too): reading goes
+    /// on under the new keys, and the client's writes after it are read by the server.
+    #[tokio::test]
+    async fn a_key_update_from_the_server() {
+        let (mut c, mut s) = pair(&[&rustls::version::TLS13]).await;
+        s.write_all(b"before").await.unwrap();
+        s.flush().await.unwrap();
+        s.get_mut().1.refresh_traffic_keys().unwrap();
+        s.write_all(b"after").await.unwrap();
+        s.flush().await.unwrap();
+        let mut got = [0u8; 11];
+        c.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"beforeafter");
+        c.write_all(b"reply").await.unwrap();
+        c.flush().await.unwrap();
+        let mut r = [0u8; 5];
+        s.read_exact(&mut r).await.unwrap();
+        assert_eq!(&r, b"reply");
+    }
+
+    /// A socket that ends inside a record is an error, not a short read.
+    #[tokio::test]
+    async fn a_connection_cut_inside_a_record_is_an_error() {
+        let (mut c, s) = pair(&[&rustls::version::TLS13]).await;
+        let (mut tcp, _) = s.into_inner();
+        tcp.write_all(&[23, 3, 3, 0, 200, 1, 2, 3]).await.unwrap();
+        drop(tcp);
+        let mut buf = [0u8; 16];
+        let r = c.read(&mut buf).await;
+        assert!(r.is_err(), "{r:?}");
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    /// The stream's own footprint next to tokio-rustls's (both are boxed per socket): within a
+    /// few words of it (three buffer handles and the reader's waker); what it saves is the heap
+    /// those buffers would hold while idle.
+    #[test]
+    fn the_stream_is_about_as_large_as_tokio_rustls() {
+        let lean = std::mem::size_of::<super::LeanTls>();
+        let buffered =
+            std::mem::size_of::<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>();
+        eprintln!("LeanTls {lean} B, tokio-rustls TlsStream {buffered} B");
+        assert!(lean <= buffered + 64, "{lean} > {buffered} + 64");
+    }
+}
