@@ -17,6 +17,7 @@
 //! reader and the writer share the stream (one session task drives both): records decrypted
 //! while writing are kept in `plain` and the reader is woken for them.
 
+use bytes::BufMut;
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
 use rustls::unbuffered::{
     ConnectionState, EncodeError, EncodeTlsData, EncryptError, InsufficientSizeError, ReadTraffic,
@@ -52,8 +53,8 @@ enum Progress {
 pub struct LeanTls {
     tcp: TcpStream,
     conn: UnbufferedClientConnection,
+    /// TLS bytes received and not yet processed (its length is what is held).
     incoming: Vec<u8>,
-    used: usize,
     outgoing: Vec<u8>,
     sent: usize,
     plain: Vec<u8>,
@@ -121,7 +122,6 @@ impl LeanTls {
             tcp,
             conn,
             incoming: Vec::new(),
-            used: 0,
             outgoing: Vec::new(),
             sent: 0,
             plain: Vec::new(),
@@ -164,7 +164,7 @@ impl LeanTls {
 
     /// Free the buffers that hold nothing.
     fn release(&mut self) {
-        if self.used == 0 && self.incoming.capacity() > 0 {
+        if self.incoming.is_empty() && self.incoming.capacity() > 0 {
             self.incoming = Vec::new();
         }
         if self.sent >= self.outgoing.len() && self.outgoing.capacity() > 0 {
@@ -179,9 +179,8 @@ impl LeanTls {
 
     /// One pass of the state machine over the bytes received so far.
     fn process(&mut self) -> io::Result<Progress> {
-        let UnbufferedStatus { mut discard, state } = self
-            .conn
-            .process_tls_records(&mut self.incoming[..self.used]);
+        let UnbufferedStatus { mut discard, state } =
+            self.conn.process_tls_records(&mut self.incoming);
         let progress = match state.map_err(io_err)? {
             ConnectionState::ReadTraffic(mut r) => {
                 discard += decrypt(&mut r, &mut self.plain, self.read_waker.as_ref())?;
@@ -199,7 +198,7 @@ impl LeanTls {
             }
             ConnectionState::BlockedHandshake => Progress::NeedRead,
             ConnectionState::WriteTraffic(_) => {
-                if self.used > discard {
+                if self.incoming.len() > discard {
                     // A partial record: the rest is still on its way.
                     Progress::NeedRead
                 } else {
@@ -210,8 +209,7 @@ impl LeanTls {
             other => return Err(io_err(format!("unexpected TLS state {other:?}"))),
         };
         if discard > 0 {
-            self.incoming.copy_within(discard..self.used, 0);
-            self.used -= discard;
+            self.incoming.drain(..discard);
         }
         Ok(progress)
     }
@@ -220,21 +218,20 @@ impl LeanTls {
     /// the socket's end.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         loop {
-            if self.used >= MAX_INCOMING {
+            if self.incoming.len() >= MAX_INCOMING {
                 return Poll::Ready(Err(io_err("a TLS message larger than 80 KiB")));
             }
-            if self.used == 0 {
+            if self.incoming.is_empty() {
                 // Nothing partial is held: nothing to keep while waiting.
                 self.incoming = Vec::new();
             }
             ready!(self.tcp.poll_read_ready(cx))?;
-            if self.incoming.len() < self.used + READ_CHUNK {
-                let len = (self.used + READ_CHUNK).min(MAX_INCOMING);
-                self.incoming.resize(len, 0);
-            }
-            match self.tcp.try_read(&mut self.incoming[self.used..]) {
+            // Spare capacity, not zero-filled: `try_read_buf` reads into it.
+            let room = READ_CHUNK.min(MAX_INCOMING - self.incoming.len());
+            self.incoming.reserve(room);
+            let mut limited = (&mut self.incoming).limit(room);
+            match self.tcp.try_read_buf(&mut limited) {
                 Ok(n) => {
-                    self.used += n;
                     return Poll::Ready(Ok(n));
                 }
                 // Readiness was stale; `try_read` cleared it, so the next poll registers.
@@ -264,9 +261,8 @@ impl LeanTls {
     /// has to do first.
     fn encrypt(&mut self, data: Option<&[u8]>) -> io::Result<()> {
         loop {
-            let UnbufferedStatus { mut discard, state } = self
-                .conn
-                .process_tls_records(&mut self.incoming[..self.used]);
+            let UnbufferedStatus { mut discard, state } =
+                self.conn.process_tls_records(&mut self.incoming);
             let done = match state.map_err(io_err)? {
                 ConnectionState::WriteTraffic(mut w) => {
                     let start = self.outgoing.len();
@@ -321,8 +317,7 @@ impl LeanTls {
                 other => return Err(io_err(format!("unexpected TLS state {other:?}"))),
             };
             if discard > 0 {
-                self.incoming.copy_within(discard..self.used, 0);
-                self.used -= discard;
+                self.incoming.drain(..discard);
             }
             if done {
                 return Ok(());
@@ -374,7 +369,7 @@ impl AsyncRead for LeanTls {
                         // The socket ended without close_notify.
                         this.eof = true;
                         this.release();
-                        if this.used > 0 {
+                        if !this.incoming.is_empty() {
                             return Poll::Ready(Err(io::Error::new(
                                 io::ErrorKind::UnexpectedEof,
                                 "the connection ended inside a TLS record",
