@@ -91,20 +91,33 @@ fn encode(e: &mut EncodeTlsData<'_, ClientConnectionData>, out: &mut Vec<u8>) ->
     }
 }
 
-/// Move every decrypted record to `plain` and wake the reader; the bytes to discard.
+/// Hand every decrypted record to the reader: straight into `out` (the reader's buffer, when
+/// it is the reader asking) as far as it fits, the rest into `plain`; wake the reader otherwise.
+/// The bytes to discard.
 fn decrypt(
     r: &mut ReadTraffic<'_, '_, ClientConnectionData>,
     plain: &mut Vec<u8>,
     reader: Option<&Waker>,
+    mut out: Option<&mut ReadBuf<'_>>,
 ) -> io::Result<usize> {
     let mut discard = 0;
     while let Some(rec) = r.next_record() {
         let rec = rec.map_err(io_err)?;
         discard += rec.discard;
-        plain.extend_from_slice(rec.payload);
+        let mut payload = rec.payload;
+        if let Some(out) = out.as_deref_mut() {
+            if plain.is_empty() {
+                let n = out.remaining().min(payload.len());
+                out.put_slice(&payload[..n]);
+                payload = &payload[n..];
+            }
+        }
+        plain.extend_from_slice(payload);
     }
-    if let Some(w) = reader {
-        w.wake_by_ref();
+    if out.is_none() {
+        if let Some(w) = reader {
+            w.wake_by_ref();
+        }
     }
     Ok(discard)
 }
@@ -131,7 +144,7 @@ impl LeanTls {
         };
         loop {
             std::future::poll_fn(|cx| s.poll_send(cx)).await?;
-            match s.process()? {
+            match s.process(None)? {
                 Progress::Again => {}
                 Progress::Idle => {
                     std::future::poll_fn(|cx| s.poll_send(cx)).await?;
@@ -178,12 +191,12 @@ impl LeanTls {
     }
 
     /// One pass of the state machine over the bytes received so far.
-    fn process(&mut self) -> io::Result<Progress> {
+    fn process(&mut self, out: Option<&mut ReadBuf<'_>>) -> io::Result<Progress> {
         let UnbufferedStatus { mut discard, state } =
             self.conn.process_tls_records(&mut self.incoming);
         let progress = match state.map_err(io_err)? {
             ConnectionState::ReadTraffic(mut r) => {
-                discard += decrypt(&mut r, &mut self.plain, self.read_waker.as_ref())?;
+                discard += decrypt(&mut r, &mut self.plain, self.read_waker.as_ref(), out)?;
                 Progress::Again
             }
             ConnectionState::EncodeTlsData(mut e) => {
@@ -290,7 +303,7 @@ impl LeanTls {
                     true
                 }
                 ConnectionState::ReadTraffic(mut r) => {
-                    discard += decrypt(&mut r, &mut self.plain, self.read_waker.as_ref())?;
+                    discard += decrypt(&mut r, &mut self.plain, self.read_waker.as_ref(), None)?;
                     false
                 }
                 ConnectionState::EncodeTlsData(mut e) => {
@@ -361,7 +374,12 @@ impl AsyncRead for LeanTls {
                     return Poll::Ready(Err(e));
                 }
             }
-            match this.process()? {
+            let before = buf.filled().len();
+            let progress = this.process(Some(buf))?;
+            if buf.filled().len() > before {
+                return Poll::Ready(Ok(()));
+            }
+            match progress {
                 Progress::Again => continue,
                 Progress::Eof => this.eof = true,
                 Progress::NeedRead | Progress::Idle => match this.poll_fill(cx) {
