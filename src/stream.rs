@@ -24,59 +24,9 @@ pub type Ws = WebSocketStream<Transport>;
 pub type Transport = MaybeTls<ClientTls>;
 
 /// A client TLS stream: guestd's own ([`crate::leantls::LeanTls`], no buffer held while idle;
-/// the default) or tokio-rustls's (`stream.lean_tls = false`).
-pub enum ClientTls {
-    /// Buffers owned by guestd, freed when empty.
-    Lean(crate::leantls::LeanTls),
-    /// tokio-rustls over rustls's buffered connection.
-    Buffered(tokio_rustls::client::TlsStream<TcpStream>),
-}
-
-impl tokio::io::AsyncRead for ClientTls {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            ClientTls::Lean(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-            ClientTls::Buffered(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl tokio::io::AsyncWrite for ClientTls {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            ClientTls::Lean(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-            ClientTls::Buffered(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            ClientTls::Lean(s) => std::pin::Pin::new(s).poll_flush(cx),
-            ClientTls::Buffered(s) => std::pin::Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            ClientTls::Lean(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-            ClientTls::Buffered(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
+/// the default, `Left`) or tokio-rustls's (`stream.lean_tls = false`, `Right`).
+pub type ClientTls =
+    tokio_util::either::Either<crate::leantls::LeanTls, tokio_rustls::client::TlsStream<TcpStream>>;
 
 /// TCP, or TLS over TCP, with the TLS state boxed. Not tokio-tungstenite's `MaybeTlsStream`: that
 /// enum holds the rustls connection inline, so every socket is 1,112 bytes even when plaintext;
@@ -287,13 +237,13 @@ impl Connector {
                     .clone()
                     .map_err(|e| failed(format!("TLS unavailable: {e}")))?;
                 let tls = if self.cfg.lean_tls {
-                    ClientTls::Lean(
+                    ClientTls::Left(
                         crate::leantls::LeanTls::connect(tcp, config, name)
                             .await
                             .map_err(|e| failed(format!("TLS with {host}: {e}")))?,
                     )
                 } else {
-                    ClientTls::Buffered(
+                    ClientTls::Right(
                         tokio_rustls::TlsConnector::from(config)
                             .connect(name, tcp)
                             .await
