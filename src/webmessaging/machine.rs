@@ -1184,16 +1184,21 @@ impl Machine {
         }
         if let Some(e) = self.expires {
             let lead = self.s.expiry_warning_lead;
-            if !self.warned && !lead.is_zero() && now + lead >= e && now < e {
+            if !self.warned && !lead.is_zero() && now + lead >= e {
+                // Marked even when the expiry has already passed (a clock ahead of the
+                // platform's, an expiry reported in the past), so its deadline does not stay
+                // due; warned only while it is still ahead.
                 self.warned = true;
-                let left = e.saturating_duration_since(now);
-                let at = chrono::DateTime::from_timestamp_millis(wall_ms + ms(left) as i64)
-                    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-                    .unwrap_or_default();
-                out.push(Action::Emit(EventKind::ExpiryWarning {
-                    remaining_ms: ms(left),
-                    expires_at: at,
-                }));
+                if now < e {
+                    let left = e.saturating_duration_since(now);
+                    let at = chrono::DateTime::from_timestamp_millis(wall_ms + ms(left) as i64)
+                        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+                        .unwrap_or_default();
+                    out.push(Action::Emit(EventKind::ExpiryWarning {
+                        remaining_ms: ms(left),
+                        expires_at: at,
+                    }));
+                }
             }
             if self.phase == Phase::Live && now >= self.echo_due(e) {
                 self.last_echo = Some(now);

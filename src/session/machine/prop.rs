@@ -662,13 +662,24 @@ impl World {
         [grace, idle].into_iter().flatten().min_by_key(|(t, _)| *t)
     }
 
+    /// The machine's next deadline in this world's whole milliseconds, rounded up: a deadline
+    /// with a fraction of a millisecond (a jittered backoff) rounded down was ticked just
+    /// before it was due, forever (found by this test in CI: 1 case in about a million).
     fn machine_due(&self) -> Option<u64> {
         let m = self.m.as_ref()?;
         let d = m.next_deadline()?;
-        Some(d.saturating_duration_since(self.base).as_millis() as u64)
+        Some(
+            d.saturating_duration_since(self.base)
+                .as_nanos()
+                .div_ceil(1_000_000) as u64,
+        )
     }
 
     fn run(&mut self) {
+        // Steps taken at one instant: a deadline that a tick does not move would spin the
+        // session's task forever (and this loop with it): fail the case instead.
+        let mut at_once = (u64::MAX, 0u32);
+        let mut steps = 0u32;
         while !self.stopped {
             let op_t = self.ops.first().map(|(t, _)| *t);
             let pend_t = self.pending.iter().map(|(t, _)| *t).min();
@@ -681,6 +692,22 @@ impl World {
                 .min()
                 .unwrap_or(HORIZON);
             assert!(t < HORIZON, "no end by the horizon:\n{}", self.tail());
+            steps += 1;
+            assert!(
+                steps < 1_000_000,
+                "a million steps without an end: a runaway\n{}",
+                self.tail()
+            );
+            at_once = if at_once.0 == t {
+                (t, at_once.1 + 1)
+            } else {
+                (t, 0)
+            };
+            assert!(
+                at_once.1 < 10_000,
+                "10,000 steps at {t} ms: a deadline that does not move\n{}",
+                self.tail()
+            );
             self.t = self.t.max(t);
             // At one instant: scripted steps and replies first, then the two clocks, in the
             // script's chosen order.

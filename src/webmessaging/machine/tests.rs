@@ -65,6 +65,7 @@ impl Sim {
     pub fn until(&mut self, t_ms: u64) -> Vec<Action> {
         let end = Duration::from_millis(t_ms);
         let mut all = Vec::new();
+        let mut stuck = 0;
         loop {
             let next = self
                 .m
@@ -72,6 +73,13 @@ impl Sim {
                 .map(|d| d.saturating_duration_since(self.base));
             match next {
                 Some(d) if d <= end => {
+                    // A deadline that a tick at its instant does not move would spin the
+                    // session's task forever.
+                    stuck = if d <= self.t { stuck + 1 } else { 0 };
+                    assert!(
+                        stuck < 100,
+                        "a deadline at {d:?} that a tick does not clear"
+                    );
                     self.t = self.t.max(d);
                     all.extend(self.m.step(Input::Tick, self.now(), self.wall()));
                 }
@@ -553,6 +561,28 @@ fn the_expiry_warning_comes_once_and_again_after_activity_moves_the_expiry() {
     assert_eq!(emitted(&a, "expiry_warning"), 0);
     let a = s.until(now + TTL * 1000 - lead + 1000);
     assert_eq!(emitted(&a, "expiry_warning"), 1);
+}
+
+#[test]
+fn an_expiry_reported_in_the_past_does_not_keep_a_deadline_due() {
+    // The platform's clock behind guestd's: the expiry it reports has already passed here.
+    let mut s = Sim::new(Begin::Attach, Deployment::default());
+    s.step(Input::Opened);
+    let past = json!({"type":"response","class":"SessionResponse","code":200,"body":{
+        "connected":true,"newSession":true,"durationSeconds":TTL,
+        "expirationDate":(s.wall()/1000) as u64 - 10}});
+    s.frame(past);
+    // `until` fails if a deadline is not moved by its tick.
+    let a = s.until(60_000);
+    assert_eq!(
+        emitted(&a, "expiry_warning"),
+        0,
+        "no warning for an expiry already past"
+    );
+    assert!(
+        writes(&a).iter().any(|w| matches!(w, Out::Echo { .. })),
+        "an echo asks"
+    );
 }
 
 #[test]
