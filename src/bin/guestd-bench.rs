@@ -201,6 +201,21 @@ impl Proc {
         })
     }
 
+    /// Wait until guestd answers a command on stdin: it is up.
+    async fn ready(&mut self, within: Duration) -> anyhow::Result<()> {
+        if let Some(stdin) = self.stdin.as_mut() {
+            stdin
+                .write_all(b"{\"cmd\":\"list\",\"request_id\":\"ready\"}\n")
+                .await?;
+        }
+        loop {
+            let (_, v) = self.next(within).await?;
+            if v["request_id"] == "ready" {
+                return Ok(());
+            }
+        }
+    }
+
     /// Stop it politely (a profiler wrapping it gets to write its output), then for sure.
     async fn stop(&mut self) {
         let _ = std::process::Command::new("kill")
@@ -427,17 +442,9 @@ async fn run(kind: &str, n: usize, exe: &PathBuf, args: &Args) -> anyhow::Result
     let mut p = Proc::spawn(cmd)?;
     // Ready: guestd answers a command; the peer says so.
     if is_guestd {
-        if let Some(stdin) = p.stdin.as_mut() {
-            stdin
-                .write_all(b"{\"cmd\":\"list\",\"request_id\":\"ready\"}\n")
-                .await?;
-        }
-    }
-    loop {
-        let (_, v) = p.next(Duration::from_secs(20)).await?;
-        if v["request_id"] == "ready" || v["type"] == "ready" {
-            break;
-        }
+        p.ready(Duration::from_secs(20)).await?;
+    } else {
+        while p.next(Duration::from_secs(20)).await?.1["type"] != "ready" {}
     }
     let rss_base = rss_kib(p.pid);
     // Chats, created straight on the emulator, attached through stdin.

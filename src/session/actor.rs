@@ -51,6 +51,12 @@ pub struct SessionCtx {
 }
 
 impl SessionCtx {
+    /// Whether this process may still act for a chat it took in `epoch` (always, on a single
+    /// node; see `crate::cluster::Fence`).
+    pub fn may_act(&self, epoch: u64) -> bool {
+        self.fence.as_ref().is_none_or(|f| f.acting(epoch))
+    }
+
     /// Ask the platform about an end, in the background, and write its `end_confirmed`.
     pub fn confirm_end(&self, session: &str, conversation: &str, reason: EndReason) {
         let Some(platform) = self.platform.clone() else {
@@ -403,6 +409,47 @@ pub(crate) async fn next_call<T>(calls: &mut Calls<T>) -> Option<T> {
     }
 }
 
+/// Close `ws` (if open) and wait for it at most a second.
+pub(crate) async fn close_now(ws: &mut Option<Ws>) {
+    if let Some(mut ws) = ws.take() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+    }
+}
+
+/// Close `ws` (if open) on its own task: the session does not wait for the peer.
+pub(crate) fn close_in_background(ws: &mut Option<Ws>) {
+    if let Some(mut ws) = ws.take() {
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+        });
+    }
+}
+
+/// A `leave` made durable before it is answered: a crash after "leaving" must not lose it (the
+/// next process finds it in the journal and sends it again). Once durable, the reply says so
+/// and `then` goes to the session's machine.
+pub(crate) fn leave_durably<I: Send + 'static>(
+    ctx: &SessionCtx,
+    id: &str,
+    reply: DoneReply,
+    then: I,
+) -> BoxFuture<'static, Option<I>> {
+    let durable = ctx.journal.leaving(id);
+    async move {
+        match durable.await {
+            Ok(()) => {
+                let _ = reply.send(Ok(Done::Leaving { leaving: true }));
+                Some(then)
+            }
+            Err(e) => {
+                let _ = reply.send(Err(CommandError::Journal(e.0)));
+                None
+            }
+        }
+    }
+    .boxed()
+}
+
 /// The next frame of the socket, or pending forever while there is none.
 pub(crate) async fn next_frame(
     ws: &mut Option<Ws>,
@@ -434,7 +481,7 @@ impl Actor {
 
     /// Whether this process may act for the chat (always, on a single node).
     fn may_act(&self) -> bool {
-        self.ctx.fence.as_ref().is_none_or(|f| f.acting(self.epoch))
+        self.ctx.may_act(self.epoch)
     }
 
     /// Stop at once without an effect: no REST call, no `leave`, no `ended`. The socket is
@@ -491,7 +538,7 @@ impl Actor {
                     if self.ctx.leave_on_shutdown {
                         Input::LeaveRequested
                     } else {
-                        Box::pin(self.close_socket()).await;
+                        Box::pin(close_now(&mut self.ws)).await;
                         break;
                     }
                 }
@@ -639,24 +686,8 @@ impl Actor {
                 None
             }
             SessionCmd::Leave { reply } => {
-                // Durable before the reply: a crash after "leaving" must not lose the leave
-                // (the next process finds it in the journal and sends it again).
-                let durable = self.ctx.journal.leaving(&self.id);
-                self.rest_push(
-                    async move {
-                        match durable.await {
-                            Ok(()) => {
-                                let _ = reply.send(Ok(Done::Leaving { leaving: true }));
-                                Some(Input::LeaveRequested)
-                            }
-                            Err(e) => {
-                                let _ = reply.send(Err(CommandError::Journal(e.0)));
-                                None
-                            }
-                        }
-                    }
-                    .boxed(),
-                );
+                let leave = leave_durably(&self.ctx, &self.id, reply, Input::LeaveRequested);
+                self.rest_push(leave);
                 None
             }
         }
@@ -697,12 +728,6 @@ impl Actor {
         }
     }
 
-    async fn close_socket(&mut self) {
-        if let Some(mut ws) = self.ws.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
-        }
-    }
-
     async fn perform(&mut self, a: Action) {
         match a {
             Action::Emit(kind) => self.emit(kind).await,
@@ -712,13 +737,7 @@ impl Actor {
                 self.connecting = Some(async move { connector.connect(&chat).await }.boxed());
             }
             Action::AbortConnect => self.connecting = None,
-            Action::CloseSocket => {
-                if let Some(mut ws) = self.ws.take() {
-                    tokio::spawn(async move {
-                        let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
-                    });
-                }
-            }
+            Action::CloseSocket => close_in_background(&mut self.ws),
             Action::Ping => {
                 let ping = self.ctx.api.ping_frame();
                 if let Some(ws) = self.ws.as_mut() {

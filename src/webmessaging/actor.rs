@@ -14,7 +14,8 @@ use crate::backend::ChatRef;
 use crate::events::EventKind;
 use crate::secret::Secret;
 use crate::session::actor::{
-    Calls, CommandError, Done, DoneReply, Mailbox, emit, next_call, next_frame, opt,
+    Calls, CommandError, Done, DoneReply, Mailbox, close_in_background, close_now, emit,
+    leave_durably, next_call, next_frame, opt,
 };
 use crate::session::{SessionCmd, SessionCtx, SessionHandle, SessionView};
 use crate::stream::{ConnectError, Ws};
@@ -117,7 +118,7 @@ fn wall_ms() -> i64 {
 
 impl Actor {
     fn may_act(&self) -> bool {
-        self.ctx.fence.as_ref().is_none_or(|f| f.acting(self.epoch))
+        self.ctx.may_act(self.epoch)
     }
 
     fn relinquish(&mut self, why: &str) {
@@ -176,7 +177,7 @@ impl Actor {
                     if self.ctx.leave_on_shutdown {
                         Input::Leave
                     } else {
-                        self.close_socket().await;
+                        close_now(&mut self.ws).await;
                         break;
                     }
                 }
@@ -292,23 +293,8 @@ impl Actor {
                     let _ = reply.send(Err(CommandError::Ended(self.id.clone())));
                     return None;
                 }
-                // Durable before the reply, as for a guest chat: a restart sends it again.
-                let durable = self.ctx.journal.leaving(&self.id);
-                self.work_push(
-                    async move {
-                        match durable.await {
-                            Ok(()) => {
-                                let _ = reply.send(Ok(Done::Leaving { leaving: true }));
-                                Some(Input::Leave)
-                            }
-                            Err(e) => {
-                                let _ = reply.send(Err(CommandError::Journal(e.0)));
-                                None
-                            }
-                        }
-                    }
-                    .boxed(),
-                );
+                let leave = leave_durably(&self.ctx, &self.id, reply, Input::Leave);
+                self.work_push(leave);
                 None
             }
             SessionCmd::StartNew { reply } => {
@@ -394,12 +380,6 @@ impl Actor {
         );
     }
 
-    async fn close_socket(&mut self) {
-        if let Some(mut ws) = self.ws.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
-        }
-    }
-
     async fn write(&mut self, text: String) {
         if let Some(ws) = self.ws.as_mut() {
             if let Err(e) = ws.send(WsMessage::Text(text.into())).await {
@@ -420,11 +400,7 @@ impl Actor {
             }
             Action::CloseSocket => {
                 self.connecting = None;
-                if let Some(mut ws) = self.ws.take() {
-                    tokio::spawn(async move {
-                        let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
-                    });
-                }
+                close_in_background(&mut self.ws);
             }
             Action::Write(out) => {
                 let token = self.chat.jwt.clone();

@@ -892,14 +892,7 @@ impl Machine {
                 }) {
                     self.refresh_expiry(
                         message.expiration_date(),
-                        message
-                            .metadata
-                            .as_ref()
-                            .and_then(|m| m.get("durationSeconds"))
-                            .and_then(|v| {
-                                v.as_u64()
-                                    .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
-                            }),
+                        message.duration_seconds(),
                         now,
                         wall_ms,
                     );

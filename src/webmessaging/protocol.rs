@@ -212,6 +212,11 @@ impl StructuredMessage {
         let v = self.metadata.as_ref()?.get("expirationDate")?;
         as_u64(v).map(seconds)
     }
+
+    /// The session's time to live from echo metadata, seconds (a string on the wire).
+    pub fn duration_seconds(&self) -> Option<u64> {
+        as_u64(self.metadata.as_ref()?.get("durationSeconds")?)
+    }
 }
 
 /// A decoded server frame.

@@ -48,20 +48,6 @@ fn node(exe: &PathBuf, id: &str, emu: &Emu, servers: &str, hb_ms: u128, cluster:
     c
 }
 
-async fn ready(p: &mut Proc) -> anyhow::Result<()> {
-    if let Some(stdin) = p.stdin.as_mut() {
-        stdin
-            .write_all(b"{\"cmd\":\"list\",\"request_id\":\"ready\"}\n")
-            .await?;
-    }
-    loop {
-        let (_, v) = p.next(Duration::from_secs(90)).await?;
-        if v["request_id"] == "ready" {
-            return Ok(());
-        }
-    }
-}
-
 async fn attach(p: &mut Proc, chats: &[Value]) -> anyhow::Result<()> {
     let mut buf = Vec::new();
     for c in chats {
@@ -128,7 +114,7 @@ pub async fn run(n: usize, exe: &PathBuf, args: &super::Args) -> anyhow::Result<
         procs.push(Proc::spawn(node(exe, id, &emu, &servers, hb_ms, true))?);
     }
     for p in procs.iter_mut() {
-        ready(p).await?;
+        p.ready(Duration::from_secs(90)).await?;
     }
     let base: Vec<u64> = procs.iter().map(|p| rss_kib(p.pid)).collect();
     let chats = super::create_chats(&emu, n).await?;
@@ -247,7 +233,7 @@ pub async fn run(n: usize, exe: &PathBuf, args: &super::Args) -> anyhow::Result<
     // Single node next to it: one guestd without [cluster], as many chats as one cluster node held.
     let m = held[victim].max(1);
     let mut single = Proc::spawn(node(exe, "single", &emu, "", hb_ms, false))?;
-    ready(&mut single).await?;
+    single.ready(Duration::from_secs(90)).await?;
     let base1 = rss_kib(single.pid);
     let chats1 = super::create_chats(&emu, m).await?;
     attach(&mut single, &chats1).await?;

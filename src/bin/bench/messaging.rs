@@ -40,17 +40,7 @@ pub async fn run(n: usize, exe: &PathBuf, args: &Args) -> anyhow::Result<Report>
         .env("GUESTD_SUPERVISOR__MAX_SESSIONS", "200000")
         .env("RUST_LOG", "error");
     let mut p = Proc::spawn(c)?;
-    if let Some(stdin) = p.stdin.as_mut() {
-        stdin
-            .write_all(b"{\"cmd\":\"list\",\"request_id\":\"ready\"}\n")
-            .await?;
-    }
-    loop {
-        let (_, v) = p.next(Duration::from_secs(20)).await?;
-        if v["request_id"] == "ready" {
-            break;
-        }
-    }
+    p.ready(Duration::from_secs(20)).await?;
     let rss_base = rss_kib(p.pid);
     let tokens: Vec<String> = (0..n)
         .map(|i| format!("bench-{i}-{}", uuid::Uuid::new_v4()))
