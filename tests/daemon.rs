@@ -626,6 +626,9 @@ async fn start_connected(d: &mut Daemon, n: usize) -> Vec<(String, String)> {
 async fn many_chats_setup() -> (Emulator, Daemon) {
     let emu = emulator(EmulatorConfig {
         heartbeat_interval: Duration::from_secs(1),
+        // As guestd's below: these tests end chats by agent, guest and flow only. The default
+        // 2 s would end a chat whose agent_connected the test reads late on a loaded machine.
+        inactivity_timeout: Duration::from_secs(300),
         ..emu_cfg()
     })
     .await;
