@@ -415,6 +415,10 @@ pub struct StreamSection {
     /// TLS through guestd's own stream, which holds no buffer while a socket is idle
     /// (`crate::leantls`); false: tokio-rustls, which keeps about 4 KiB per socket.
     pub lean_tls: bool,
+    /// Websocket frames through guestd's own reader and writer, which hold no buffer while a
+    /// socket is idle (`crate::leanws`); false: tokio-tungstenite, which keeps its read buffer
+    /// (`read_buffer`, growing) per socket. `read_buffer` and `write_buffer` apply to it only.
+    pub lean_ws: bool,
 }
 
 impl Default for StreamSection {
@@ -430,6 +434,7 @@ impl Default for StreamSection {
             max_concurrent_connects: 256,
             send_jwt: true,
             lean_tls: true,
+            lean_ws: true,
         }
     }
 }

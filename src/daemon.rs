@@ -197,6 +197,7 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
             allow_insecure: cfg.genesys.allow_insecure,
             send_jwt: cfg.stream.send_jwt,
             lean_tls: cfg.stream.lean_tls,
+            lean_ws: cfg.stream.lean_ws,
             extra_roots: connector_roots.clone(),
         },
         cfg.stream.max_concurrent_connects,

@@ -33,6 +33,8 @@ pub mod genesys;
 pub mod journal;
 /// A TLS client stream that holds no buffer while idle (rustls's unbuffered API).
 pub mod leantls;
+/// guestd's client websocket: no buffer held while a socket is idle.
+pub mod leanws;
 /// Prometheus metrics.
 pub mod metrics;
 /// Secret strings that never print.

@@ -17,8 +17,12 @@ use tokio::sync::Semaphore;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
-/// An open event stream.
-pub type Ws = WebSocketStream<Transport>;
+/// An open event stream: guestd's own websocket ([`crate::leanws::LeanWs`], no buffer held
+/// while idle; the default, `Left`) or tokio-tungstenite's (`stream.lean_ws = false`, `Right`,
+/// boxed so it does not size the default). Both read and write tungstenite's `Message`; close
+/// either with `futures::SinkExt::close`.
+pub type Ws =
+    futures::future::Either<crate::leanws::LeanWs<Transport>, Box<WebSocketStream<Transport>>>;
 
 /// guestd's side of a websocket: TCP, or TLS over TCP.
 pub type Transport = MaybeTls<ClientTls>;
@@ -105,6 +109,9 @@ pub struct StreamConfig {
     /// TLS through guestd's own stream, which holds no buffer while idle (see
     /// `crate::leantls`); false: tokio-rustls.
     pub lean_tls: bool,
+    /// Websocket frames through guestd's own reader and writer, which hold no buffer while
+    /// idle (see `crate::leanws`); false: tokio-tungstenite.
+    pub lean_ws: bool,
 }
 
 impl Default for StreamConfig {
@@ -118,6 +125,7 @@ impl Default for StreamConfig {
             send_jwt: true,
             extra_roots: Vec::new(),
             lean_tls: true,
+            lean_ws: true,
         }
     }
 }
@@ -279,13 +287,20 @@ impl Connector {
         };
         let rest = buf[head_len..].to_vec();
         drop(buf);
+        if self.cfg.lean_ws {
+            return Ok(futures::future::Either::Left(
+                crate::leanws::LeanWs::from_partially_read(stream, rest, self.cfg.max_message),
+            ));
+        }
         let ws_cfg = WebSocketConfig::default()
             .read_buffer_size(self.cfg.read_buffer)
             .write_buffer_size(self.cfg.write_buffer)
             .max_write_buffer_size(self.cfg.max_message.max(self.cfg.write_buffer + 1))
             .max_message_size(Some(self.cfg.max_message))
             .max_frame_size(Some(self.cfg.max_message));
-        Ok(WebSocketStream::from_partially_read(stream, rest, Role::Client, Some(ws_cfg)).await)
+        Ok(futures::future::Either::Right(Box::new(
+            WebSocketStream::from_partially_read(stream, rest, Role::Client, Some(ws_cfg)).await,
+        )))
     }
 }
 

@@ -47,7 +47,8 @@ struct Args {
     /// Peers, comma-separated: "python" (benches/peers/peer.py, needs the websockets package),
     /// "node" (benches/peers/node/peer.mjs: Genesys's guest chat SDK and ws; run `npm ci` in
     /// that folder first), "tokio-rustls" (guestd with `stream.lean_tls = false`, to measure
-    /// its own TLS stream against), or "none".
+    /// its own TLS stream against), "tungstenite" (guestd with `stream.lean_ws = false`,
+    /// tokio-tungstenite's websocket frames), or "none".
     #[arg(long, value_delimiter = ',', default_value = "python")]
     peer: Vec<String>,
     /// Loopback addresses the emulator listens on (127.0.0.1 ..).
@@ -392,11 +393,18 @@ async fn run(kind: &str, n: usize, exe: &PathBuf, args: &Args) -> anyhow::Result
     let emu = Emu::start(exe, args, tls.clone()).await?;
     let metrics_port = free_port("127.0.0.1")?;
     let hb_ms = args.heartbeat.as_millis();
-    let is_guestd = kind == "guestd" || kind == "guestd-tokio-rustls";
+    let is_guestd = kind.starts_with("guestd");
     let mut cmd = if is_guestd {
         let mut c = Command::new(exe);
         c.arg("run")
-            .env("GUESTD_STREAM__LEAN_TLS", (kind == "guestd").to_string())
+            .env(
+                "GUESTD_STREAM__LEAN_TLS",
+                (kind != "guestd-tokio-rustls").to_string(),
+            )
+            .env(
+                "GUESTD_STREAM__LEAN_WS",
+                (kind != "guestd-tungstenite").to_string(),
+            )
             .env("GUESTD_GENESYS__API_BASE", &emu.base)
             .env("GUESTD_SESSION__HEARTBEAT_INTERVAL", format!("{hb_ms}ms"))
             .env("GUESTD_SESSION__RECONNECT_GRACE", "2m")
@@ -752,11 +760,15 @@ async fn main() -> anyhow::Result<()> {
             "node" if node_peer_available() => programs.push("node-peer"),
             // guestd itself with tokio-rustls instead of its own TLS stream (`--tls` runs).
             "tokio-rustls" => programs.push("guestd-tokio-rustls"),
+            // guestd itself with tokio-tungstenite instead of its own websocket frames.
+            "tungstenite" => programs.push("guestd-tungstenite"),
             "node" => eprintln!(
                 "node peer skipped: run `npm ci` in benches/peers/node (Node 20 and npm needed)"
             ),
             "none" => {}
-            other => bail!("unknown peer {other:?} (python, node, tokio-rustls, none)"),
+            other => {
+                bail!("unknown peer {other:?} (python, node, tokio-rustls, tungstenite, none)")
+            }
         }
     }
     eprintln!(

@@ -412,7 +412,8 @@ pub(crate) async fn next_call<T>(calls: &mut Calls<T>) -> Option<T> {
 /// Close `ws` (if open) and wait for it at most a second.
 pub(crate) async fn close_now(ws: &mut Option<Ws>) {
     if let Some(mut ws) = ws.take() {
-        let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), futures::SinkExt::close(&mut ws)).await;
     }
 }
 
@@ -420,7 +421,8 @@ pub(crate) async fn close_now(ws: &mut Option<Ws>) {
 pub(crate) fn close_in_background(ws: &mut Option<Ws>) {
     if let Some(mut ws) = ws.take() {
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), futures::SinkExt::close(&mut ws))
+                .await;
         });
     }
 }

@@ -1,0 +1,46 @@
+//! The bytes of a websocket as the server sends them, read by guestd's frame reader
+//! (`leanws`) in chunks whose sizes the input also picks: never panics, never returns a
+//! message over the limit, ends (error or close) at most once and holds nothing afterwards.
+#![no_main]
+use futures::StreamExt;
+use libfuzzer_sys::fuzz_target;
+use tokio::io::AsyncWriteExt;
+
+const MAX: usize = 4096;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&chunk, wire)) = data.split_first() else {
+        return;
+    };
+    let chunk = usize::from(chunk).max(1);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let (a, mut server) = tokio::io::duplex(64 * 1024);
+        let mut ws = guestd::leanws::LeanWs::from_partially_read(a, Vec::new(), MAX);
+        let wire = wire.to_vec();
+        let writer = tokio::spawn(async move {
+            for piece in wire.chunks(chunk) {
+                if server.write_all(piece).await.is_err() {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+            // Keep the pipe open until the reader is done; then drop it (EOF).
+            let _ = server.shutdown().await;
+            server
+        });
+        let mut ended = false;
+        while let Some(m) = ws.next().await {
+            assert!(!ended, "something after the end");
+            match m {
+                Ok(m) if m.is_close() => ended = true,
+                Err(_) => ended = true,
+                Ok(m) => assert!(m.len() <= MAX),
+            }
+        }
+        assert_eq!(ws.buffered_capacity(), 0);
+        drop(writer.await);
+    });
+});
