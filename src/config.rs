@@ -398,12 +398,13 @@ impl Default for RestSection {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StreamSection {
-    /// Read buffer per socket, bytes.
+    /// Read buffer per socket, bytes (`lean_ws = false` only).
     pub read_buffer: usize,
-    /// Write buffer target per socket, bytes (0 writes every frame through).
+    /// Write buffer target per socket, bytes, 0 writes every frame through (`lean_ws = false`
+    /// only).
     pub write_buffer: usize,
-    /// Largest message accepted from the server, bytes; also the most a socket's read buffer
-    /// can grow to (tungstenite never shrinks it).
+    /// Largest message accepted from the server, bytes; also the most a frame in flight can
+    /// hold (and, with `lean_ws = false`, the most a socket's read buffer can grow to for life).
     pub max_message: usize,
     /// Websocket handshake timeout.
     #[serde(with = "humantime_serde")]

@@ -137,14 +137,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LeanWs<S> {
             .extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
     }
 
-    /// Returns `m`, writing a reply it asked for (a pong) now if the socket takes it: a write
+    /// Returns `m`, writing a reply it asked for (a pong, a close) now if the socket takes it: a write
     /// that fails is met again, and reported, on the next poll.
     fn deliver(
         &mut self,
         cx: &mut Context<'_>,
         m: Message,
     ) -> Poll<Option<Result<Message, Error>>> {
-        if !self.out.is_empty() && self.state == State::Open {
+        if !self.out.is_empty() && self.state != State::Done {
             let _ = self.poll_write_out(cx);
         }
         Poll::Ready(Some(Ok(m)))
@@ -185,6 +185,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LeanWs<S> {
                     Control::Pong => Ok(Some(Message::Pong(Bytes::copy_from_slice(payload)))),
                     Control::Close => {
                         let frame = close_frame(payload)?;
+                        // A message cut short by the close is never completed.
+                        self.fragments = None;
                         match self.state {
                             State::Open => {
                                 // Answer with the same code (RFC 6455 5.5.1); a code that may
@@ -382,6 +384,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for LeanWs<S> {
         let this = self.get_mut();
         loop {
             if this.state == State::Done {
+                this.held = Vec::new();
+                this.fragments = None;
                 return Poll::Ready(None);
             }
             // A reply owed (pong, close) goes out first; a full socket does not stop reading.
@@ -395,8 +399,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for LeanWs<S> {
                     return Poll::Pending;
                 }
                 this.state = State::Done;
-                this.held = Vec::new();
-                return Poll::Ready(None);
+                continue;
             }
             let mut want = None;
             if !this.held.is_empty() {

@@ -3,9 +3,12 @@
 //!
 //! tungstenite's defaults reserve a 128 KiB read buffer per socket and let the write buffer grow
 //! to 128 KiB before flushing; at 50k sessions that is gigabytes for frames that are a few hundred
-//! bytes. guestd sets both (default 1 KiB read, growing only for a larger frame; write-through)
-//! and caps message and frame size so a hostile or broken server cannot make one session allocate
-//! without bound. Measured in `docs/benchmarks.md`: 4 KiB -> 1 KiB took 3 KiB off every session.
+//! bytes. By default the frames go through guestd's own reader and writer
+//! ([`crate::leanws`]), which keep no buffer per idle socket at all; with `stream.lean_ws = false`
+//! tokio-tungstenite does, with both buffers set deliberately (default 1 KiB read, growing only
+//! for a larger frame; write-through). Either way message and frame size are capped so a hostile
+//! or broken server cannot make one session allocate without bound. Measured in
+//! `docs/benchmarks.md`: 4 KiB -> 1 KiB took 3 KiB off every session, no buffer 3 KiB more.
 
 use crate::backend::{ChatRef, PolicyError, check_url};
 use std::sync::Arc;

@@ -27,9 +27,8 @@ fuzz_target!(|data: &[u8]| {
                 }
                 tokio::task::yield_now().await;
             }
-            // Keep the pipe open until the reader is done; then drop it (EOF).
+            // The end of the bytes is the socket's end (EOF).
             let _ = server.shutdown().await;
-            server
         });
         let mut ended = false;
         while let Some(m) = ws.next().await {
