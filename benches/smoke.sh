@@ -9,3 +9,5 @@ if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import websockets' 2>/dev
 fi
 cargo build --release --quiet --bins
 ./target/release/guestd-bench --smoke
+# Burst throughput of the two websocket readers (a second).
+./target/release/guestd-bench --frames 2000

@@ -416,8 +416,10 @@ mod tests {
     #[test]
     fn a_plaintext_socket_does_not_carry_tls_state() {
         assert!(std::mem::size_of::<super::Transport>() <= 48);
+        // guestd's own framing: the transport, two empty Vecs and a few words (tungstenite's
+        // WebSocketStream was ~350 bytes, boxed behind the other arm).
         assert!(
-            std::mem::size_of::<super::Ws>() <= 400,
+            std::mem::size_of::<super::Ws>() <= 160,
             "{}",
             std::mem::size_of::<super::Ws>()
         );

@@ -23,6 +23,8 @@ use tokio::sync::mpsc;
 
 #[path = "bench/cluster.rs"]
 mod cluster;
+#[path = "bench/frames.rs"]
+mod frames;
 #[path = "bench/messaging.rs"]
 mod messaging;
 
@@ -78,6 +80,10 @@ struct Args {
     /// by side (memory per idle session, CPU per liveness cycle, `ended` latency).
     #[arg(long)]
     web_messaging: Option<usize>,
+    /// Burst throughput instead: this many frames per round through guestd's own websocket
+    /// reader and through tokio-tungstenite's, side by side in one process (no guestd process).
+    #[arg(long)]
+    frames: Option<usize>,
 }
 
 /// A throwaway certificate for 127.0.0.1-4, made with the openssl command line.
@@ -726,6 +732,14 @@ async fn main() -> anyhow::Result<()> {
             "{} not found: build it first (cargo build --release)",
             exe.display()
         );
+    }
+    if let Some(n) = args.frames {
+        let r = frames::run(n).await?;
+        frames::print(&r);
+        if let Some(path) = &args.json {
+            std::fs::write(path, serde_json::to_string_pretty(&r)?)?;
+        }
+        return Ok(());
     }
     if let Some(n) = args.cluster {
         let r = cluster::run(n, &exe, &args).await?;
