@@ -102,12 +102,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LeanWs<S> {
             + self.fragments.as_ref().map_or(0, |f| f.data.capacity())
     }
 
-    /// Send a close frame (if none was sent or answered yet), write what is pending and shut the
-    /// transport's write side.
-    pub async fn close(&mut self) -> Result<(), Error> {
-        futures::SinkExt::close(self).await
-    }
-
     /// Writes `out` until it is empty, then frees it.
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         while !self.out.is_empty() {
@@ -322,6 +316,24 @@ enum Read {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> LeanWs<S> {
+    /// The whole frame at the start of `buf`, handled (`Ok(Ok(message))`, `None` when it
+    /// completes none), with the bytes after it kept in `held`; or `Ok(Err(total))` while the
+    /// frame is incomplete (its total length once the header is in). `buf` is never `held`
+    /// itself: the caller takes it out first.
+    fn take_frame(&mut self, buf: &[u8]) -> Result<Result<Option<Message>, Option<usize>>, Error> {
+        match parse(buf, self.max_message)? {
+            Parsed::Partial(total) => Ok(Err(total)),
+            Parsed::Whole { header, payload } => {
+                let end = payload.end;
+                let msg = self.on_frame(header, &buf[payload])?;
+                if end < buf.len() {
+                    self.held = buf[end..].to_vec();
+                }
+                Ok(Ok(msg))
+            }
+        }
+    }
+
     /// Reads once. With nothing held, into the per-thread scratch buffer; a whole frame there is
     /// handled at once and only the bytes after it are kept. With a frame started, straight
     /// into `held`, reserved for the whole frame when its length is known.
@@ -357,16 +369,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LeanWs<S> {
                 return Poll::Ready(Ok(Read::Eof));
             }
             let got = &scratch[..n];
-            match parse(got, self.max_message)? {
-                Parsed::Whole { header, payload } => {
-                    let end = payload.end;
-                    let msg = self.on_frame(header, &got[payload])?;
-                    if end < n {
-                        self.held = got[end..].to_vec();
-                    }
-                    Poll::Ready(Ok(Read::Frame(msg)))
-                }
-                Parsed::Partial(total) => {
+            match self.take_frame(got)? {
+                Ok(msg) => Poll::Ready(Ok(Read::Frame(msg))),
+                Err(total) => {
                     let mut held = Vec::with_capacity(total.unwrap_or(n).max(n));
                     held.extend_from_slice(got);
                     self.held = held;
@@ -403,22 +408,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for LeanWs<S> {
             }
             let mut want = None;
             if !this.held.is_empty() {
-                match parse(&this.held, this.max_message) {
+                let held = std::mem::take(&mut this.held);
+                match this.take_frame(&held) {
                     Err(e) => return this.fail(e),
-                    Ok(Parsed::Whole { header, payload }) => {
-                        let end = payload.end;
-                        let held = std::mem::take(&mut this.held);
-                        let r = this.on_frame(header, &held[payload]);
-                        if end < held.len() {
-                            this.held = held[end..].to_vec();
-                        }
-                        match r {
-                            Err(e) => return this.fail(e),
-                            Ok(Some(m)) => return this.deliver(cx, m),
-                            Ok(None) => continue,
-                        }
+                    Ok(Ok(Some(m))) => return this.deliver(cx, m),
+                    Ok(Ok(None)) => continue,
+                    Ok(Err(total)) => {
+                        this.held = held;
+                        want = total;
                     }
-                    Ok(Parsed::Partial(total)) => want = total,
                 }
             }
             match this.poll_read_some(cx, want) {
