@@ -101,9 +101,17 @@ pub struct ClusterSection {
     /// How long the event stream keeps events.
     #[serde(with = "humantime_serde")]
     pub events_max_age: Duration,
-    /// The 32-byte key (64 hex digits) that seals jwts stored in NATS, from this file; or set
-    /// `GUESTD_CLUSTER_SEAL_KEY` (the environment wins). Required in cluster mode.
+    /// The cluster secret: 32 bytes (64 hex digits), the same on every node, from this file;
+    /// or set `GUESTD_CLUSTER_SEAL_KEY` (the environment wins). Required in cluster mode. Every
+    /// key guestd uses in NATS is derived from it (session entries, announcements, forwards,
+    /// replies, event ids); values it seals name it by a key id.
     pub seal_key_file: Option<PathBuf>,
+    /// Older cluster secrets still accepted for opening (never for sealing), while a new one
+    /// rolls out: docs/operations.md, "Rotating the seal key".
+    pub accept_seal_key_files: Vec<PathBuf>,
+    /// Serve plain command lines on `<prefix>.cmd` to any NATS client that sends the HTTP API's
+    /// token (`Authorization: Bearer` header). Off: only guestd nodes' sealed forwards are run.
+    pub nats_commands: bool,
     /// NATS credentials file (`.creds`), if the servers require one.
     pub credentials_file: Option<PathBuf>,
     /// NATS token, from this file, if the servers require one.
@@ -132,6 +140,8 @@ impl Default for ClusterSection {
             duplicate_window: Duration::from_secs(600),
             events_max_age: Duration::from_secs(7 * 86_400),
             seal_key_file: None,
+            accept_seal_key_files: Vec::new(),
+            nats_commands: false,
             credentials_file: None,
             token_file: None,
             tls_ca_file: None,
@@ -189,6 +199,21 @@ impl ClusterSection {
         crate::cluster::seal::parse_key(text.trim())
     }
 
+    /// The keyring: the seal key, and the older ones still accepted.
+    pub fn keyring(&self) -> Result<crate::cluster::seal::Keyring, String> {
+        let current = self.seal_key()?;
+        let mut accepted = Vec::new();
+        for p in &self.accept_seal_key_files {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+            accepted.push(
+                crate::cluster::seal::parse_key(text.trim())
+                    .map_err(|e| format!("{}: {e}", p.display()))?,
+            );
+        }
+        Ok(crate::cluster::seal::Keyring::new(&current, &accepted))
+    }
+
     fn check(&self) -> Result<(), (&'static str, String)> {
         let bad = |k, m: &str| Err((k, m.to_string()));
         if !crate::cluster::valid_token(&self.node()) {
@@ -227,6 +252,9 @@ impl ClusterSection {
         }
         if let Err(e) = self.seal_key() {
             return bad("cluster.seal_key_file", &e);
+        }
+        if let Err(e) = self.keyring() {
+            return bad("cluster.accept_seal_key_files", &e);
         }
         Ok(())
     }
@@ -714,6 +742,13 @@ impl Config {
             }
         }
         if self.cluster.enabled() {
+            if self.cluster.nats_commands && !matches!(self.control.bearer_token(), Ok(Some(_))) {
+                return bad(
+                    "cluster.nats_commands",
+                    "commands over NATS need the API token (control.token_file or \
+                     GUESTD_CONTROL__TOKEN): without it anyone who can publish could drive every chat",
+                );
+            }
             if let Err((key, msg)) = self.cluster.check() {
                 return bad(key, &msg);
             }

@@ -154,13 +154,13 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
     // Cluster mode: the journal is the sessions bucket, events also go to the stream, and the
     // chats to resume are found by the node's claimer instead of a file.
     let node = if cfg.cluster.enabled() {
-        let key = cfg
+        let keys = cfg
             .cluster
-            .seal_key()
+            .keyring()
             .map_err(crate::cluster::ClusterError::Config)?;
-        let sealer = crate::cluster::seal::Sealer::new(&key);
+        tracing::info!(key_ids = ?keys.kids(), "cluster secret loaded (seals with the first key id)");
         let nats = crate::cluster::connect(&cfg.cluster).await?;
-        Some(crate::cluster::node::Node::join(nats, &cfg.cluster, sealer).await?)
+        Some(crate::cluster::node::Node::join(nats, &cfg.cluster, keys).await?)
     } else {
         None
     };
@@ -177,6 +177,7 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
             n.nats.js.clone(),
             n.nats.names.events.clone(),
             &n.id,
+            n.keys.clone(),
         )
     });
     let sink = crate::cluster::publish::StreamSink::new(sink, publisher);
@@ -226,8 +227,13 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
     if let Some(n) = &node {
         sup.set_router(Arc::new(crate::cluster::route::Router::new(n)));
         let (n2, sup2, cancel) = (n.clone(), sup.clone(), control_cancel.clone());
+        let public = if cfg.cluster.nats_commands {
+            cfg.control.bearer_token().ok().flatten()
+        } else {
+            None
+        };
         tokio::spawn(async move {
-            if let Err(e) = crate::cluster::route::serve(&n2, sup2, cancel).await {
+            if let Err(e) = crate::cluster::route::serve(&n2, sup2, cancel, public).await {
                 tracing::error!(error = %e, "cannot serve commands over NATS");
             }
         });

@@ -22,6 +22,8 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Longest wait for anything in these tests.
 const LONG: Duration = Duration::from_secs(90);
+/// The HTTP API's token, also required of commands over NATS (`cluster.nats_commands`).
+const TOKEN: &str = "cluster-test-api-token";
 const KEY: &str = "5f0e6c0b3a2d4e1f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f";
 
 fn emu_cfg() -> EmulatorConfig {
@@ -79,6 +81,8 @@ impl Node {
             ("GUESTD_CLUSTER__FENCE_MARGIN", "2s"),
             ("GUESTD_CLUSTER__REPLICAS", "3"),
             ("GUESTD_CLUSTER_SEAL_KEY", KEY),
+            ("GUESTD_CLUSTER__NATS_COMMANDS", "true"),
+            ("GUESTD_CONTROL__TOKEN", TOKEN),
             ("GUESTD_SHUTDOWN__DRAIN_TIMEOUT", "10s"),
             ("GUESTD_WEB_MESSAGING__BASE_URL", &emu.base_url()),
             ("GUESTD_WEB_MESSAGING__DEPLOYMENT_ID", "dep-1"),
@@ -339,16 +343,27 @@ impl Cluster {
         }
     }
 
-    /// A command over NATS (`GUESTD.cmd`, served by any node); the reply's `ok`.
-    async fn nats_cmd(&self, cmd: Value) -> Value {
+    /// A command over NATS (`GUESTD.cmd`, served by any node), with `token` as its bearer
+    /// token if any; the whole reply.
+    async fn nats_cmd_as(&self, cmd: &Value, token: Option<&str>) -> Value {
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some(t) = token {
+            headers.insert("Authorization", format!("Bearer {t}").as_str());
+        }
         let r = tokio::time::timeout(
             LONG,
-            self.client.request("GUESTD.cmd", cmd.to_string().into()),
+            self.client
+                .request_with_headers("GUESTD.cmd", headers, cmd.to_string().into()),
         )
         .await
         .expect("no reply")
         .unwrap();
-        let v: Value = serde_json::from_slice(&r.payload).unwrap();
+        serde_json::from_slice(&r.payload).unwrap()
+    }
+
+    /// A command over NATS with the API token; the reply's `ok`.
+    async fn nats_cmd(&self, cmd: Value) -> Value {
+        let v = self.nats_cmd_as(&cmd, Some(TOKEN)).await;
         assert!(v.get("ok").is_some(), "{cmd} -> {v}");
         v["ok"].clone()
     }
@@ -365,6 +380,7 @@ impl Cluster {
         let node = live[i % live.len()];
         let mut req = reqwest::Client::new()
             .request(method, format!("http://127.0.0.1:{}{path}", node.http))
+            .bearer_auth(TOKEN)
             .timeout(LONG);
         if let Some(b) = body {
             req = req.json(&b);
@@ -526,6 +542,7 @@ async fn a_killed_node_s_chats_fail_over_inside_the_grace_window() {
             c.nodes[0].http, of_n2.0
         ))
         .json(&json!({"body": "routed through n1"}))
+        .bearer_auth(TOKEN)
         .send()
         .await
         .unwrap();
@@ -535,6 +552,7 @@ async fn a_killed_node_s_chats_fail_over_inside_the_grace_window() {
             "http://127.0.0.1:{}/v1/sessions/{}",
             c.nodes[0].http, of_n2.1
         ))
+        .bearer_auth(TOKEN)
         .send()
         .await
         .unwrap()
@@ -545,6 +563,12 @@ async fn a_killed_node_s_chats_fail_over_inside_the_grace_window() {
     // And over NATS: any node takes the command and hands it to the owner.
     let got = c.nats_cmd(json!({"cmd": "get", "session": of_n2.0})).await;
     assert_eq!(got["conversation_id"], of_n2.1, "{got}");
+    // Without the token, or with a wrong one, nothing runs.
+    let send = json!({"cmd": "send", "session": of_n2.0, "body": "forged over NATS"});
+    for token in [None, Some("guess")] {
+        let v = c.nats_cmd_as(&send, token).await;
+        assert_eq!(v["error"]["code"], "unauthorized", "{v}");
+    }
 
     // Two of n3's chats get an agent: one will talk while nobody holds it, one will end.
     let (talk, end) = (victim[0].clone(), victim[1].clone());

@@ -19,6 +19,9 @@ use tokio::time::Instant;
 pub struct Announce {
     /// The node's incarnation: grows on every join (after a restart or a fence).
     pub epoch: u64,
+    /// Announcements so far in this epoch: an announcement that is not newer than one seen
+    /// (a replayed older value, stored again) is not a renewal.
+    pub seq: u64,
     /// The node left on purpose (SIGTERM): its chats are free at once.
     pub left: bool,
 }
@@ -26,6 +29,7 @@ pub struct Announce {
 #[derive(Debug, Clone, Copy)]
 struct Seen {
     epoch: u64,
+    seq: u64,
     left: bool,
     /// The bucket revision of the announcement; `at` moves only when it changes (a watch that
     /// starts again replays the newest value, which is not a new renewal).
@@ -67,7 +71,9 @@ impl Observer {
         self.unknown
             .retain(|(n, e), _| !(n == node && *e <= a.epoch));
         if let Some(s) = self.nodes.get(node) {
-            if s.revision >= revision {
+            // A watch that starts again replays the newest value (same revision); a value
+            // stored again by someone who read it earlier has a new revision but is no newer.
+            if s.revision >= revision || (s.epoch, s.seq) >= (a.epoch, a.seq) {
                 return;
             }
         }
@@ -75,6 +81,7 @@ impl Observer {
             node.to_string(),
             Seen {
                 epoch: a.epoch,
+                seq: a.seq,
                 left: a.left,
                 revision,
                 at: now,
@@ -82,12 +89,9 @@ impl Observer {
         );
     }
 
-    /// `node`'s entry was deleted (an operator, or the bucket's max_age): treat as left.
-    pub fn removed(&mut self, node: &str, now: Instant) {
-        if let Some(s) = self.nodes.get_mut(node) {
-            s.left = true;
-            s.at = now;
-        }
+    /// The newest epoch seen of `node`.
+    pub fn epoch_of(&self, node: &str) -> Option<u64> {
+        self.nodes.get(node).map(|s| s.epoch)
     }
 
     fn alive(&self, s: &Seen, now: Instant) -> bool {
@@ -184,6 +188,7 @@ mod tests {
             "a",
             Announce {
                 epoch: 1,
+                seq: 1,
                 left: false,
             },
             1,
@@ -199,6 +204,7 @@ mod tests {
             "a",
             Announce {
                 epoch: 2,
+                seq: 2,
                 left: false,
             },
             2,
@@ -211,6 +217,7 @@ mod tests {
             "a",
             Announce {
                 epoch: 2,
+                seq: 3,
                 left: true,
             },
             3,
@@ -222,6 +229,7 @@ mod tests {
             "x",
             Announce {
                 epoch: 1,
+                seq: 4,
                 left: false,
             },
             4,
@@ -231,12 +239,39 @@ mod tests {
             "x",
             Announce {
                 epoch: 1,
+                seq: 4,
                 left: false,
             },
             4,
             now + lease,
         );
         assert_eq!(p.holding("x", 1, now + lease * 2), Holding::Orphan);
+        // An older announcement stored again (a new revision, an old sequence) is no renewal:
+        // replaying a dead node's last renewal does not keep its chats from being taken.
+        let mut r = Observer::new(lease);
+        let renewal = |seq| Announce {
+            epoch: 1,
+            seq,
+            left: false,
+        };
+        r.saw("y", renewal(7), 10, now);
+        r.saw("y", renewal(6), 11, now + lease);
+        r.saw("y", renewal(7), 12, now + lease);
+        assert_eq!(r.holding("y", 1, now + lease * 2), Holding::Orphan);
+        r.saw("y", renewal(8), 13, now + lease * 2);
+        assert_eq!(r.holding("y", 1, now + lease * 2), Holding::Held);
+        // An older epoch's leave, replayed, does not free a newer epoch's chats.
+        r.saw(
+            "y",
+            Announce {
+                epoch: 0,
+                seq: 99,
+                left: true,
+            },
+            14,
+            now + lease * 2,
+        );
+        assert_eq!(r.holding("y", 1, now + lease * 2), Holding::Held);
         assert_eq!(o.holding("a", 2, now + lease), Holding::Orphan);
         assert!(o.live(now + lease).is_empty());
         // Released chats have no owner.
@@ -254,6 +289,7 @@ mod tests {
             "b",
             Announce {
                 epoch: 5,
+                seq: 1,
                 left: false,
             },
             1,
@@ -338,17 +374,17 @@ mod tests {
             // The other node, every 100 ms: its watch, then the check before a take.
             let mut o = Observer::new(lease);
             watched.sort();
-            let a = Announce { epoch: 1, left: false };
+            let a = |rev: u64| Announce { epoch: 1, seq: rev, left: false };
             let mut t = start;
             let end = until + lease * 3;
             while t < end {
                 for (at, rev) in watched.iter().filter(|(at, _)| *at <= t) {
-                    o.saw("a", a, *rev, *at);
+                    o.saw("a", a(*rev), *rev, *at);
                 }
                 if o.holding("a", 1, t) == Holding::Orphan {
                     let newest = stored.iter().filter(|(at, _)| *at <= t).map(|(_, r)| *r).max();
                     if let Some(r) = newest {
-                        o.saw("a", a, r, t);
+                        o.saw("a", a(r), r, t);
                     }
                     if o.holding("a", 1, t) == Holding::Orphan {
                         prop_assert!(t >= until, "taken at {:?}, owner acts until {:?}",

@@ -7,7 +7,8 @@
 //! each bucket, the claimer, and the relay of lost chats to the supervisor.
 
 use super::lease::{self, Announce, Holding, Observer};
-use super::store::{Entry, KvJournal, Lost};
+use super::seal::{Keyring, Purpose};
+use super::store::{KvJournal, Lost};
 use super::{Fence, Nats};
 use crate::config::ClusterSection;
 use crate::journal::Journal;
@@ -26,14 +27,51 @@ use tokio_util::sync::CancellationToken;
 /// starve the chats already held.
 const MAX_CLAIMS: usize = 64;
 
-/// A node's announcement, as stored.
+/// A node's announcement, as a node reads it once opened.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 pub struct NodeEntry {
     /// Incarnation.
     pub epoch: u64,
+    /// Announcements of this epoch so far: a replayed older one is not news (lease.rs).
+    #[serde(default)]
+    pub seq: u64,
     /// Left on purpose.
     #[serde(default)]
     pub left: bool,
+}
+
+/// How an announcement rests in the nodes bucket: the fields in the clear for operators, and
+/// the same sealed with the node's id as context (a node trusts only what opens).
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeWire {
+    epoch: u64,
+    seq: u64,
+    left: bool,
+    sealed: String,
+}
+
+impl NodeEntry {
+    /// Sealed for the bucket under `node`.
+    pub fn seal(&self, node: &str, keys: &Keyring) -> Vec<u8> {
+        let plain = serde_json::to_vec(self).unwrap_or_default();
+        serde_json::to_vec(&NodeWire {
+            epoch: self.epoch,
+            seq: self.seq,
+            left: self.left,
+            sealed: keys.seal(Purpose::Node, &[node.as_bytes()], &plain),
+        })
+        .unwrap_or_default()
+    }
+
+    /// The announcement stored under `node`, if it opens.
+    pub fn open(node: &str, bytes: &[u8], keys: &Keyring) -> Option<NodeEntry> {
+        let wire: NodeWire = serde_json::from_slice(bytes).ok()?;
+        let plain = keys
+            .open(Purpose::Node, &[node.as_bytes()], &wire.sealed)
+            .ok()?;
+        serde_json::from_slice(&plain).ok()
+    }
 }
 
 /// One chat as the sessions bucket shows it.
@@ -115,8 +153,10 @@ pub struct Node {
     pub fence: Fence,
     /// The session journal (KV).
     pub journal: KvJournal,
-    /// Seals jwts and forwarded commands (the key every node shares).
-    pub sealer: super::seal::Sealer,
+    /// Seals and opens what crosses or rests in NATS (the secret every node shares).
+    pub keys: Keyring,
+    /// Announcements made in this epoch (each renewal counts one more).
+    seq: Arc<std::sync::atomic::AtomicU64>,
     cfg: ClusterSection,
     lost: Arc<Mutex<Option<mpsc::UnboundedReceiver<Lost>>>>,
     changed: Arc<Notify>,
@@ -141,25 +181,32 @@ impl Node {
     pub async fn join(
         nats: Nats,
         cfg: &ClusterSection,
-        sealer: super::seal::Sealer,
+        keys: Keyring,
     ) -> Result<Node, super::ClusterError> {
         let id = cfg.node();
         let fence = Fence::default();
         let (lost_tx, lost_rx) = mpsc::unbounded_channel();
+        let view = Arc::new(Mutex::new(View::new(cfg.lease)));
+        let seen = view.clone();
+        let live: super::store::Liveness = Arc::new(move |owner: &str, epoch: u64| {
+            lock(&seen).observer.holding(owner, epoch, Instant::now()) == Holding::Held
+        });
         let journal = KvJournal::new(
             nats.sessions.clone(),
-            sealer.clone(),
+            keys.clone(),
             id.clone(),
             fence.clone(),
+            live,
             lost_tx,
         );
         let node = Node {
             id,
             nats,
-            view: Arc::new(Mutex::new(View::new(cfg.lease))),
+            view,
             fence,
             journal,
-            sealer,
+            keys,
+            seq: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             cfg: cfg.clone(),
             lost: Arc::new(Mutex::new(Some(lost_rx))),
             changed: Arc::new(Notify::new()),
@@ -182,9 +229,11 @@ impl Node {
         }
     }
 
-    async fn announce(&self, entry: NodeEntry) -> Result<Instant, String> {
+    /// Announce `epoch` (`left` when leaving), one more in this epoch's sequence.
+    async fn announce(&self, epoch: u64, left: bool) -> Result<Instant, String> {
         let sent = Instant::now();
-        let bytes = serde_json::to_vec(&entry).unwrap_or_default();
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
+        let bytes = NodeEntry { epoch, seq, left }.seal(&self.id, &self.keys);
         match tokio::time::timeout(
             self.cfg.renew.max(Duration::from_secs(1)),
             self.nats.nodes.put(&self.id, bytes.into()),
@@ -202,14 +251,15 @@ impl Node {
             .await
             .map_err(|_| "no answer reading this node's entry".to_string())?;
         let prev = match read {
-            Ok(Some(e)) => serde_json::from_slice::<NodeEntry>(&e.value)
+            Ok(Some(e)) => NodeEntry::open(&self.id, &e.value, &self.keys)
                 .map(|n| n.epoch)
                 .unwrap_or(0),
             Ok(None) => 0,
             Err(e) => return Err(e.to_string()),
         };
         let epoch = (prev + 1).max(now_ms()).max(self.fence.epoch() + 1);
-        let sent = self.announce(NodeEntry { epoch, left: false }).await?;
+        self.seq.store(0, std::sync::atomic::Ordering::Release);
+        let sent = self.announce(epoch, false).await?;
         self.fence.begin(
             epoch,
             lease::acting_until(sent, self.cfg.lease, self.cfg.fence_margin),
@@ -290,7 +340,7 @@ impl Node {
             }
             if Instant::now() >= next {
                 next = Instant::now() + self.cfg.renew;
-                match self.announce(NodeEntry { epoch, left: false }).await {
+                match self.announce(epoch, false).await {
                     Ok(sent) => {
                         let until =
                             lease::acting_until(sent, self.cfg.lease, self.cfg.fence_margin);
@@ -389,25 +439,29 @@ impl Node {
                                         v.synced = true;
                                     }
                                 }
-                                match e.operation {
-                                    Operation::Put => match Entry::parse(&e.value) {
-                                        Some(entry) => {
-                                            let conv = entry.record.chat.conversation_id;
-                                            v.by_conv.insert(conv.clone(), e.key.clone());
-                                            v.sessions.insert(
-                                                e.key,
-                                                Info {
-                                                    owner: entry.owner,
-                                                    epoch: entry.epoch,
-                                                    conversation: conv,
-                                                },
-                                            );
-                                        }
-                                        None => {
-                                            tracing::warn!(key = %e.key, "a sessions entry that is not guestd's; ignored")
-                                        }
-                                    },
-                                    Operation::Delete | Operation::Purge => {
+                                let opened = (e.operation == Operation::Put)
+                                    .then(|| self.journal.open(&e.key, &e.value));
+                                match &opened {
+                                    Some(Ok(entry)) => {
+                                        let conv = entry.record.chat.conversation_id.clone();
+                                        v.by_conv.insert(conv.clone(), e.key.clone());
+                                        v.sessions.insert(
+                                            e.key.clone(),
+                                            Info {
+                                                owner: entry.owner.clone(),
+                                                epoch: entry.epoch,
+                                                conversation: conv,
+                                            },
+                                        );
+                                    }
+                                    Some(Err(why)) => {
+                                        // The view keeps what it knew: a forged value moves no
+                                        // chat and hides none.
+                                        metrics::counter!("guestd_cluster_forged_total", "what" => "entry")
+                                            .increment(1);
+                                        tracing::warn!(key = %e.key, error = %why, "ignored a sessions entry")
+                                    }
+                                    None => {
                                         if let Some(i) = v.sessions.remove(&e.key) {
                                             if v.by_conv.get(&i.conversation) == Some(&e.key) {
                                                 v.by_conv.remove(&i.conversation);
@@ -416,6 +470,11 @@ impl Node {
                                     }
                                 }
                                 drop(v);
+                                self.journal.watched(
+                                    &e.key,
+                                    e.revision,
+                                    opened.as_ref().map(|r| r.as_ref().map_err(|f| *f)),
+                                );
                                 self.changed.notify_one();
                             }
                             Some(Err(e)) => {
@@ -448,16 +507,28 @@ impl Node {
         let now = Instant::now();
         let mut v = lock(&self.view);
         match e.operation {
-            Operation::Put => {
-                if let Ok(n) = serde_json::from_slice::<NodeEntry>(&e.value) {
+            Operation::Put => match NodeEntry::open(&e.key, &e.value, &self.keys) {
+                Some(n) => {
                     let a = Announce {
                         epoch: n.epoch,
+                        seq: n.seq,
                         left: n.left,
                     };
                     v.observer.saw(&e.key, a, e.revision, now);
                 }
-            }
-            Operation::Delete | Operation::Purge => v.observer.removed(&e.key, now),
+                None => {
+                    metrics::counter!("guestd_cluster_forged_total", "what" => "announcement")
+                        .increment(1);
+                    tracing::error!(
+                        key = %e.key,
+                        "ALERT: an announcement in the nodes bucket that does not authenticate \
+                         (forged, or sealed with a key not configured here); ignored"
+                    );
+                }
+            },
+            // A deletion carries no proof of who made it: a node is counted gone only when its
+            // renewals stop for a lease (lease.rs), never because its entry was removed.
+            Operation::Delete | Operation::Purge => {}
         }
     }
 
@@ -506,7 +577,7 @@ impl Node {
             Ok(Ok(Some(e))) if e.operation == Operation::Put => e,
             _ => return false,
         };
-        let Some(entry) = Entry::parse(&cur.value) else {
+        let Ok(entry) = self.journal.open(session, &cur.value) else {
             return false;
         };
         let epoch = self.fence.epoch();
@@ -594,7 +665,7 @@ impl Node {
         let epoch = self.fence.epoch();
         self.fence.revoke();
         self.cancel.cancel();
-        match self.announce(NodeEntry { epoch, left: true }).await {
+        match self.announce(epoch, true).await {
             Ok(_) => {
                 tracing::info!(node = %self.id, "left the cluster; the other nodes take its chats")
             }

@@ -1,13 +1,17 @@
 //! Events into the JetStream stream, behind the same [`EventSink`] seam as stdout: each line is
 //! written to the node's own sink (stdout) once, then published on
-//! `<prefix>.events.<conversation>` with `Nats-Msg-Id` set to the event's stable id (`event_id`
-//! for `ended`, the same on every node that writes it, so a failover's re-emit is dropped by the
-//! stream's duplicate window; otherwise node, boot and sequence). A flush returns only once the
+//! `<prefix>.events.<conversation>` with `Nats-Msg-Id` derived from the event's stable id
+//! (`event_id` for `ended`, the same on every node that writes it, so a failover's re-emit is
+//! dropped by the stream's duplicate window; otherwise node, boot and sequence). The header is an
+//! HMAC of that id under a key derived from the cluster secret ([`Keyring::private_id`]): the
+//! same on every node, unpredictable to anyone else, so nobody can publish a look-alike first and
+//! make the stream drop the real `ended` as its duplicate. A flush returns only once the
 //! stream has acknowledged every line, so an `ended` counts as delivered (and its session entry
 //! is removed) only when JetStream holds it. While NATS cannot take events the flush fails and
 //! the writer retries with back-off: producers wait, nothing is dropped, and a line is never
 //! written to stdout twice.
 
+use super::seal::Keyring;
 use crate::events::EventSink;
 use async_nats::jetstream::{self, context::Publish, context::PublishAckFuture};
 use futures::future::BoxFuture;
@@ -57,17 +61,19 @@ pub struct Publisher {
     subjects: String,
     /// `<node>-<boot>`: makes the ids of events without an `event_id` unique across restarts.
     origin: String,
+    keys: Keyring,
     pending: VecDeque<Pub>,
 }
 
 impl Publisher {
     /// Publish on `<subjects>.<conversation>` as `node`.
-    pub fn new(js: jetstream::Context, subjects: String, node: &str) -> Self {
+    pub fn new(js: jetstream::Context, subjects: String, node: &str, keys: Keyring) -> Self {
         let boot = &uuid::Uuid::new_v4().simple().to_string()[..8];
         Publisher {
             js,
             subjects,
             origin: format!("{node}-{boot}"),
+            keys,
             pending: VecDeque::new(),
         }
     }
@@ -149,6 +155,7 @@ impl<S: EventSink> EventSink for StreamSink<S> {
             if let Some(out) = self.out.as_mut() {
                 if !self.staged {
                     let (conv, id) = address(line, &out.origin);
+                    let id = out.keys.private_id(&id);
                     let payload =
                         bytes::Bytes::copy_from_slice(line.strip_suffix(b"\n").unwrap_or(line));
                     out.pending.push_back(Pub {

@@ -1,15 +1,29 @@
 //! Commands in cluster mode. A command for an existing chat runs on the chat's owner; `start`
 //! (and `attach` of a chat nobody holds) on the least-loaded live node. Nodes forward to
-//! `<prefix>.cmd.<node>` with the command sealed (an `attach` carries a jwt); anyone may send
-//! plain command lines (the stdin form) to `<prefix>.cmd`, served by a queue group of every node.
-//! A forward carries an id, and the node that runs it keeps each id's reply for a few minutes:
-//! a forward that got no answer in time (the node was reconnecting to NATS, say) is sent again
-//! with the same id and gets the first run's reply, never a second run (a `start` run twice
-//! would create two chats). After [`FORWARD_TRIES`] the caller gets `unreachable`.
+//! `<prefix>.cmd.<node>`.
+//!
+//! **A forward is sealed** ([`Purpose::Forward`]) with the target node and its epoch as context
+//! and the time it was made inside: a node runs only forwards sealed for itself in its current
+//! epoch and made within [`FORWARD_FRESH`] (clocks may differ by less than that). Its reply is
+//! sealed too ([`Purpose::Reply`]), bound to the forward's id, so what crosses `_INBOX` is
+//! unreadable and unforgeable without the cluster secret.
+//!
+//! A forward carries an id, and the node that runs it keeps each id's reply for
+//! [`REPLIES_KEPT`] (longer than a forward stays fresh): a forward that got no answer in time
+//! (the node was reconnecting to NATS, say) is sent again with the same id and gets the first
+//! run's reply, never a second run (a `start` run twice would create two chats); a captured
+//! forward replayed gets the same (sealed) reply and runs nothing. After [`FORWARD_TRIES`] the
+//! caller gets `unreachable`.
+//!
+//! Plain command lines (the stdin form) on `<prefix>.cmd`, served by a queue group of every
+//! node, are off unless `cluster.nats_commands` is set; then each needs the HTTP API's token in
+//! an `Authorization: Bearer` header, and NATS permissions must keep others from subscribing to
+//! the subject (docs/operations.md, "Threat model").
 
 use super::node::{Node, View, lock};
-use super::seal::Sealer;
+use super::seal::{Keyring, Purpose};
 use crate::control::{self, Command, Route};
+use crate::secret::Secret;
 use crate::supervisor::{Supervisor, SupervisorError, static_code};
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -26,6 +40,10 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 const FORWARD_TRIES: usize = 8;
 /// How long a node keeps a forward's reply for a repeated try.
 const REPLIES_KEPT: Duration = Duration::from_secs(300);
+/// How old a forward may be when it arrives (its tries span about 40 s, plus clock skew).
+pub const FORWARD_FRESH: Duration = Duration::from_secs(90);
+/// Commands from NATS run at once on one node; more wait (a flood costs no memory).
+const MAX_NATS_IN_FLIGHT: usize = 256;
 /// How long a placement counts toward a node's load before the sessions bucket shows it.
 const PLACED_FOR: Duration = Duration::from_secs(3);
 
@@ -34,7 +52,7 @@ pub struct Router {
     node: String,
     client: async_nats::Client,
     cmd: String,
-    sealer: Sealer,
+    keys: Keyring,
     view: Arc<Mutex<View>>,
     sessions: async_nats::jetstream::kv::Store,
     placed: Mutex<VecDeque<(Instant, String)>>,
@@ -49,7 +67,7 @@ impl Router {
             node: node.id.clone(),
             client: node.nats.client.clone(),
             cmd: node.nats.names.cmd.clone(),
-            sealer: node.sealer.clone(),
+            keys: node.keys.clone(),
             view: node.view.clone(),
             sessions: node.nats.sessions.clone(),
             placed: Mutex::new(VecDeque::new()),
@@ -103,7 +121,7 @@ impl Router {
         let read = tokio::time::timeout(Duration::from_secs(5), self.sessions.entry(key)).await;
         match read {
             Ok(Ok(Some(e))) if e.operation == async_nats::jetstream::kv::Operation::Put => {
-                super::store::Entry::parse(&e.value)
+                super::store::Entry::open(key, &e.value, &self.keys).ok()
             }
             _ => None,
         }
@@ -180,15 +198,12 @@ impl Route for Router {
         node: String,
         cmd: &Command,
     ) -> BoxFuture<'static, Result<serde_json::Value, SupervisorError>> {
-        let wire = serde_json::json!({
-            "id": uuid::Uuid::new_v4().simple().to_string(),
-            "cmd": control::to_wire(cmd),
-        });
-        let sealed = self
-            .sealer
-            .seal("cmd", &serde_json::to_vec(&wire).unwrap_or_default());
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let epoch = lock(&self.view).observer.epoch_of(&node).unwrap_or(0);
+        let sealed = seal_forward(&self.keys, &node, epoch, &id, now_ms(), cmd);
         let subject = format!("{}.{node}", self.cmd);
         let client = self.client.clone();
+        let keys = self.keys.clone();
         Box::pin(async move {
             let mut last = String::new();
             for _ in 0..FORWARD_TRIES {
@@ -198,7 +213,7 @@ impl Route for Router {
                 )
                 .await;
                 match r {
-                    Ok(Ok(reply)) => return from_wire(&reply.payload),
+                    Ok(Ok(reply)) => return open_reply(&keys, &id, &reply.payload),
                     Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
                         // Nobody got it: the caller may place it elsewhere.
                         return Err(SupervisorError::Remote(
@@ -286,24 +301,141 @@ pub fn from_wire(bytes: &[u8]) -> Result<serde_json::Value, SupervisorError> {
     Err(SupervisorError::Remote(static_code(code), message))
 }
 
-/// Serve commands: forwarded ones on `<cmd>.<node>` (sealed, run here) and anyone's on `<cmd>`
-/// (plain command lines, placed like stdin's).
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// A forward as it crosses NATS: sealed for `node` in `epoch`, made at `at_ms`.
+pub fn seal_forward(
+    keys: &Keyring,
+    node: &str,
+    epoch: u64,
+    id: &str,
+    at_ms: i64,
+    cmd: &Command,
+) -> String {
+    let wire = serde_json::json!({ "id": id, "at_ms": at_ms, "cmd": control::to_wire(cmd) });
+    keys.seal(
+        Purpose::Forward,
+        &[node.as_bytes(), &epoch.to_be_bytes()],
+        &serde_json::to_vec(&wire).unwrap_or_default(),
+    )
+}
+
+/// Why a forward is not run.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Refused {
+    /// Not sealed for this node in this epoch by a key it accepts.
+    #[error("a forwarded command that does not authenticate for this node and epoch")]
+    Unauthenticated,
+    /// Made too long ago, or in the future.
+    #[error("a forwarded command made {0} ms from now: stale or replayed")]
+    Stale(i64),
+    /// Opened, but not a forward's shape.
+    #[error("a forwarded command that is not one: {0}")]
+    Shape(String),
+}
+
+/// A forward opened by `node` in `epoch` at `now_ms`: its id and command line.
+pub fn open_forward(
+    keys: &Keyring,
+    node: &str,
+    epoch: u64,
+    now_ms: i64,
+    payload: &[u8],
+) -> Result<(String, String), Refused> {
+    let plain = keys
+        .open(
+            Purpose::Forward,
+            &[node.as_bytes(), &epoch.to_be_bytes()],
+            &String::from_utf8_lossy(payload),
+        )
+        .map_err(|_| Refused::Unauthenticated)?;
+    #[derive(serde::Deserialize)]
+    struct Wire {
+        id: String,
+        at_ms: i64,
+        cmd: serde_json::Value,
+    }
+    let w: Wire = serde_json::from_slice(&plain).map_err(|e| Refused::Shape(e.to_string()))?;
+    let age = now_ms - w.at_ms;
+    if age.unsigned_abs() > FORWARD_FRESH.as_millis() as u64 {
+        return Err(Refused::Stale(-age));
+    }
+    Ok((w.id, w.cmd.to_string()))
+}
+
+/// The reply to forward `id`, sealed.
+fn seal_reply(keys: &Keyring, id: &str, reply: &[u8]) -> Vec<u8> {
+    keys.seal(Purpose::Reply, &[id.as_bytes()], reply)
+        .into_bytes()
+}
+
+/// The reply to forward `id`: opened and read back; a reply that does not open is refused.
+pub fn open_reply(
+    keys: &Keyring,
+    id: &str,
+    payload: &[u8],
+) -> Result<serde_json::Value, SupervisorError> {
+    match keys.open(
+        Purpose::Reply,
+        &[id.as_bytes()],
+        &String::from_utf8_lossy(payload),
+    ) {
+        Ok(plain) => from_wire(&plain),
+        Err(_) => {
+            metrics::counter!("guestd_cluster_forged_total", "what" => "reply").increment(1);
+            // The node's own refusal (it could not open the forward) comes unsealed.
+            let refusal = from_wire(payload)
+                .err()
+                .map(|e| format!(" (it said: {e})"))
+                .unwrap_or_default();
+            Err(SupervisorError::Remote(
+                "backend_error",
+                format!("a node's reply did not authenticate{refusal}"),
+            ))
+        }
+    }
+}
+
+/// Whether a command line on the public subject carries the expected bearer token.
+fn authorized(headers: Option<&async_nats::HeaderMap>, token: &Secret) -> bool {
+    use ring::digest::{SHA256, digest};
+    let given = headers
+        .and_then(|h| h.get("Authorization"))
+        .map(|v| v.as_str())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    // Digests compared, so the time taken says nothing about the token.
+    !given.is_empty()
+        && digest(&SHA256, given.as_bytes()).as_ref()
+            == digest(&SHA256, token.expose().as_bytes()).as_ref()
+}
+
+/// Serve commands: forwarded ones on `<cmd>.<node>` (sealed, run here) and, when `public`
+/// holds the API token (`cluster.nats_commands`), command lines on `<cmd>` that carry it.
 pub async fn serve(
     node: &Node,
     sup: Supervisor,
     cancel: CancellationToken,
+    public: Option<Secret>,
 ) -> Result<(), async_nats::SubscribeError> {
-    let (client, cmd, sealer) = (
-        node.nats.client.clone(),
-        node.nats.names.cmd.clone(),
-        node.sealer.clone(),
-    );
+    let client = node.nats.client.clone();
+    let cmd = node.nats.names.cmd.clone();
     let direct = client.subscribe(format!("{cmd}.{}", node.id)).await?;
-    let public = client
-        .queue_subscribe(cmd.clone(), "guestd".to_string())
-        .await?;
-    let mut both = futures::stream::select(direct.map(|m| (true, m)), public.map(|m| (false, m)));
+    let public_sub = match &public {
+        Some(_) => Some(
+            client
+                .queue_subscribe(cmd.clone(), "guestd".to_string())
+                .await?,
+        ),
+        None => None,
+    };
+    let public_stream = futures::stream::iter(public_sub).flatten();
+    let mut both =
+        futures::stream::select(direct.map(|m| (true, m)), public_stream.map(|m| (false, m)));
     let replies = Arc::new(Mutex::new(Replies::default()));
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_NATS_IN_FLIGHT));
     loop {
         let (forwarded, msg) = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
@@ -312,58 +444,74 @@ pub async fn serve(
         let Some(reply_to) = msg.reply.clone() else {
             continue;
         };
-        let (client, sealer, sup, replies) =
-            (client.clone(), sealer.clone(), sup.clone(), replies.clone());
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return Ok(());
+        };
+        let (client, sup, replies, node) =
+            (client.clone(), sup.clone(), replies.clone(), node.clone());
+        let public = public.clone();
         tokio::spawn(async move {
             let bytes = if forwarded {
-                run_forwarded(&sup, &sealer, &replies, &msg.payload).await
-            } else {
+                run_forwarded(&sup, &node, &replies, &msg.payload).await
+            } else if public
+                .as_ref()
+                .is_some_and(|t| authorized(msg.headers.as_ref(), t))
+            {
                 to_wire(run_line(&sup, &msg.payload).await)
+            } else {
+                metrics::counter!("guestd_commands_total", "channel" => "nats", "result" => "unauthorized")
+                    .increment(1);
+                to_wire(Err(SupervisorError::Remote(
+                    "unauthorized",
+                    "a command over NATS needs the API token (Authorization: Bearer)".into(),
+                )))
             };
             if let Err(e) = client.publish(reply_to, bytes.into()).await {
                 tracing::warn!(error = %e, "could not answer a command over NATS");
             }
+            drop(slot);
         });
     }
 }
 
 async fn run_forwarded(
     sup: &Supervisor,
-    sealer: &Sealer,
+    node: &Node,
     replies: &Mutex<Replies>,
     payload: &[u8],
 ) -> Vec<u8> {
-    let opened = sealer
-        .open("cmd", &String::from_utf8_lossy(payload))
-        .map_err(|e| SupervisorError::Invalid(format!("forwarded command: {e}")))
-        .and_then(|plain| {
-            serde_json::from_slice::<serde_json::Value>(&plain)
-                .map_err(|e| SupervisorError::Invalid(format!("forwarded command: {e}")))
-        });
-    let mut v = match opened {
+    let (id, line) = match open_forward(&node.keys, &node.id, node.fence.epoch(), now_ms(), payload)
+    {
         Ok(v) => v,
-        Err(e) => return to_wire(Err(e)),
+        Err(e) => {
+            metrics::counter!("guestd_cluster_forged_total", "what" => "forward").increment(1);
+            tracing::warn!(error = %e, "refused a forwarded command");
+            // Unsealed: it names no chat and carries nothing but the refusal.
+            return to_wire(Err(SupervisorError::Remote("backend_error", e.to_string())));
+        }
     };
-    let id = v["id"].as_str().unwrap_or_default().to_string();
     let (mut rx, tx) = replies.lock().unwrap_or_else(|e| e.into_inner()).slot(&id);
     if let Some(tx) = tx {
-        let line = v["cmd"].take().to_string();
         let (_, _, cmd) = control::parse_line(&line);
         let result = match cmd {
             Ok(cmd) => control::execute_here(sup, cmd).await,
             Err(e) => Err(SupervisorError::Invalid(e)),
         };
-        let bytes = to_wire(result);
+        let bytes = seal_reply(&node.keys, &id, &to_wire(result));
         let _ = tx.send(Some(bytes.clone()));
         return bytes;
     }
-    // A repeated try: the first run's reply, once it has one.
+    // A repeated try (or a replay): the first run's reply, once it has one.
     match rx.wait_for(|r| r.is_some()).await {
         Ok(r) => r.clone().unwrap_or_default(),
-        Err(_) => to_wire(Err(SupervisorError::Remote(
-            "unreachable",
-            "the first try of this command was abandoned".into(),
-        ))),
+        Err(_) => seal_reply(
+            &node.keys,
+            &id,
+            &to_wire(Err(SupervisorError::Remote(
+                "unreachable",
+                "the first try of this command was abandoned".into(),
+            ))),
+        ),
     }
 }
 
@@ -392,6 +540,82 @@ mod tests {
         first.unwrap().send(Some(b"reply".to_vec())).unwrap();
         let got = again.wait_for(|v| v.is_some()).await.unwrap().clone();
         assert_eq!(got.as_deref(), Some(&b"reply"[..]));
+    }
+
+    #[test]
+    fn a_forward_runs_only_on_its_node_in_its_epoch_while_fresh() {
+        let keys = Keyring::new(&[5; 32], &[]);
+        let cmd = Command::List;
+        let t = 1_000_000_000_000;
+        let f = seal_forward(&keys, "n2", 7, "f-1", t, &cmd);
+        let (id, line) = open_forward(&keys, "n2", 7, t + 1_000, f.as_bytes()).unwrap();
+        assert_eq!(id, "f-1");
+        assert!(line.contains("list"), "{line}");
+        // Replayed to another node, or to the same node after it joined again: refused.
+        assert_eq!(
+            open_forward(&keys, "n1", 7, t, f.as_bytes()),
+            Err(Refused::Unauthenticated)
+        );
+        assert_eq!(
+            open_forward(&keys, "n2", 8, t, f.as_bytes()),
+            Err(Refused::Unauthenticated)
+        );
+        // Replayed later than a forward's tries can take, or made in the future: refused.
+        let late = t + FORWARD_FRESH.as_millis() as i64 + 1;
+        assert!(matches!(
+            open_forward(&keys, "n2", 7, late, f.as_bytes()),
+            Err(Refused::Stale(_))
+        ));
+        let early = t - FORWARD_FRESH.as_millis() as i64 - 1;
+        assert!(matches!(
+            open_forward(&keys, "n2", 7, early, f.as_bytes()),
+            Err(Refused::Stale(_))
+        ));
+        // Another secret, or a plain command line: refused.
+        let other = Keyring::new(&[6; 32], &[]);
+        assert_eq!(
+            open_forward(&other, "n2", 7, t, f.as_bytes()),
+            Err(Refused::Unauthenticated)
+        );
+        assert_eq!(
+            open_forward(&keys, "n2", 7, t, br#"{"cmd":"list"}"#),
+            Err(Refused::Unauthenticated)
+        );
+    }
+
+    #[test]
+    fn a_reply_counts_only_if_it_opens_for_its_forward() {
+        let keys = Keyring::new(&[5; 32], &[]);
+        let ok = to_wire(Ok(control::Reply::Remote(
+            serde_json::json!({"session": "s-1"}),
+        )));
+        let sealed = seal_reply(&keys, "f-1", &ok);
+        assert!(!String::from_utf8_lossy(&sealed).contains("s-1"));
+        assert_eq!(open_reply(&keys, "f-1", &sealed).unwrap()["session"], "s-1");
+        // A reply to another forward, a plain (forged) reply, another secret's: refused.
+        assert_eq!(
+            open_reply(&keys, "f-2", &sealed).unwrap_err().code(),
+            "backend_error"
+        );
+        let forged = open_reply(&keys, "f-1", &ok).unwrap_err();
+        assert!(
+            forged.to_string().contains("did not authenticate"),
+            "{forged}"
+        );
+        let other = seal_reply(&Keyring::new(&[6; 32], &[]), "f-1", &ok);
+        assert!(open_reply(&keys, "f-1", &other).is_err());
+    }
+
+    #[test]
+    fn public_commands_need_the_token() {
+        let token = Secret::new("t0ken");
+        let mut h = async_nats::HeaderMap::new();
+        assert!(!authorized(None, &token));
+        assert!(!authorized(Some(&h), &token));
+        h.insert("Authorization", "Bearer wrong");
+        assert!(!authorized(Some(&h), &token));
+        h.insert("Authorization", "Bearer t0ken");
+        assert!(authorized(Some(&h), &token));
     }
 
     #[test]

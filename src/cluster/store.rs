@@ -1,21 +1,31 @@
 //! The session journal in a JetStream KV bucket: one entry per chat, written only by its owner
 //! and only with compare-and-set on the revision it last wrote, so a node that lost a chat (it
 //! was fenced, another node took the entry) cannot overwrite the new owner's record: its write
-//! fails, and the session stops acting ([`Lost`]). The jwt is sealed ([`Sealer`]), bound to the
-//! session id.
+//! fails, and the session stops acting ([`Lost`]).
+//!
+//! An entry rests **sealed whole** ([`Keyring`], [`Purpose::Entry`]): the jwt, the stream URL,
+//! the progress and the end, bound to the KV key, the owner and the epoch. Owner and epoch are
+//! also in the clear, for operators (`nats kv get`), but a node trusts only what opens. So a
+//! writer without the cluster secret can neither read a jwt nor point a node at another URL,
+//! and a value cannot be moved to another chat or owner.
+//!
+//! **Conflicts.** Only a node that may act writes its chats' entries, and no other node takes a
+//! chat while its owner may act (the lease argument, `lease.rs`). So an entry of a chat this node
+//! holds that vanished, does not open, or names an owner that is not live (an older value
+//! replayed) was not written by a guestd node in step with the cluster: the owner keeps the
+//! chat, writes its entry again, logs an error and counts it in
+//! `guestd_cluster_entry_conflicts_total{kind}`. An entry that opens and names another live
+//! owner is a real takeover: the chat is lost.
 //!
 //! Writes are per chat in order: each waits for the one before (one lock per chat), and
 //! progress (the newest message id) is coalesced so a busy chat makes one write in flight and at
 //! most one waiting. A write that fails for want of NATS (a timeout, no servers) is retried for
 //! as long as this node may act; a compare-and-set that fails because the entry moved on is
-//! re-read: still ours (an earlier write landed but its ack was lost) is retried on the new
-//! revision; someone else's is lost.
+//! re-read and judged as above.
 
 use super::Fence;
-use super::seal::Sealer;
-use crate::backend::ChatRef;
+use super::seal::{Keyring, Purpose};
 use crate::journal::{Durable, EndingRecord, Journal, NotDurable, Recovered, SessionRecord};
-use crate::secret::Secret;
 use async_nats::jetstream::kv::{Operation, Store};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -37,14 +47,14 @@ async fn bounded<T, E: std::fmt::Display>(
     }
 }
 
-/// One chat's entry in the sessions bucket.
+/// One chat's entry in the sessions bucket, as a node holds it once opened.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Entry {
     /// The node that holds it; empty once released.
     pub owner: String,
     /// The owner's epoch when it took the chat.
     pub epoch: u64,
-    /// As first recorded, the jwt sealed.
+    /// As first recorded (the jwt in it: the entry rests sealed whole).
     pub record: SessionRecord,
     /// Newest message seen.
     pub last_message_id: Option<String>,
@@ -56,48 +66,87 @@ pub struct Entry {
     pub leaving: bool,
 }
 
+/// How an entry rests in the bucket.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Wire {
+    /// Owner, in the clear for operators; bound into the seal.
+    owner: String,
+    /// Epoch, likewise.
+    epoch: u64,
+    /// The whole [`Entry`] sealed, with the KV key, owner and epoch as context.
+    sealed: String,
+}
+
+/// Why a value in the sessions bucket is not an entry this node can trust.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Foreign {
+    /// Not an entry's shape at all.
+    #[error("not a guestd session entry")]
+    Shape,
+    /// The shape, but it does not open with any key this node accepts for this key, owner and
+    /// epoch (forged, moved from another chat, or sealed with a key not configured here).
+    #[error("a session entry that does not authenticate (forged, moved, or another seal key)")]
+    Unauthenticated,
+}
+
+fn context<'a>(key: &'a str, owner: &'a str, epoch: &'a [u8; 8]) -> [&'a [u8]; 3] {
+    [key.as_bytes(), owner.as_bytes(), epoch]
+}
+
 impl Entry {
-    /// A new entry for `rec`, its jwt sealed.
-    pub fn new(rec: SessionRecord, owner: &str, epoch: u64, sealer: &Sealer) -> Entry {
-        let mut record = rec;
-        let sealed = sealer.seal(&record.session, record.chat.jwt.expose().as_bytes());
-        record.chat.jwt = Secret::new(sealed);
+    /// A new entry for `rec`.
+    pub fn new(rec: SessionRecord, owner: &str, epoch: u64) -> Entry {
         Entry {
             owner: owner.to_string(),
             epoch,
-            last_alive_ms: record.started_ms,
-            record,
+            last_alive_ms: rec.started_ms,
+            record: rec,
             last_message_id: None,
             ending: None,
             leaving: false,
         }
     }
 
-    /// What a node resuming the chat needs, the jwt opened.
-    pub fn recovered(&self, sealer: &Sealer) -> Result<Recovered, super::seal::OpenError> {
-        let jwt = sealer.open(&self.record.session, self.record.chat.jwt.expose())?;
-        let mut record = self.record.clone();
-        record.chat = ChatRef {
-            jwt: Secret::new(String::from_utf8_lossy(&jwt).into_owned()),
-            ..record.chat
-        };
-        Ok(Recovered {
-            record,
+    /// What a node resuming the chat needs.
+    pub fn recovered(&self) -> Recovered {
+        Recovered {
+            record: self.record.clone(),
             last_message_id: self.last_message_id.clone(),
             last_alive_ms: self.last_alive_ms,
             ending: self.ending.clone(),
             leaving: self.leaving,
-        })
+        }
     }
 
-    /// Serialized.
-    pub fn to_bytes(&self) -> bytes::Bytes {
-        serde_json::to_vec(self).unwrap_or_default().into()
+    /// Sealed for the bucket under `key`.
+    pub fn seal(&self, key: &str, keys: &Keyring) -> bytes::Bytes {
+        let plain = serde_json::to_vec(self).unwrap_or_default();
+        let epoch = self.epoch.to_be_bytes();
+        let wire = Wire {
+            owner: self.owner.clone(),
+            epoch: self.epoch,
+            sealed: keys.seal(Purpose::Entry, &context(key, &self.owner, &epoch), &plain),
+        };
+        serde_json::to_vec(&wire).unwrap_or_default().into()
     }
 
-    /// Parsed; None for what is not an entry (it is logged and left alone).
-    pub fn parse(bytes: &[u8]) -> Option<Entry> {
-        serde_json::from_slice(bytes).ok()
+    /// The entry stored under `key`, if it opens and agrees with its clear fields.
+    pub fn open(key: &str, bytes: &[u8], keys: &Keyring) -> Result<Entry, Foreign> {
+        let wire: Wire = serde_json::from_slice(bytes).map_err(|_| Foreign::Shape)?;
+        let epoch = wire.epoch.to_be_bytes();
+        let plain = keys
+            .open(
+                Purpose::Entry,
+                &context(key, &wire.owner, &epoch),
+                &wire.sealed,
+            )
+            .map_err(|_| Foreign::Unauthenticated)?;
+        let entry: Entry = serde_json::from_slice(&plain).map_err(|_| Foreign::Unauthenticated)?;
+        if entry.owner != wire.owner || entry.epoch != wire.epoch || entry.record.session != key {
+            return Err(Foreign::Unauthenticated);
+        }
+        Ok(entry)
     }
 }
 
@@ -105,8 +154,11 @@ impl Entry {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Lost(pub String);
 
+/// Whether `(owner, epoch)` holds its chats now, as this node sees the cluster.
+pub type Liveness = Arc<dyn Fn(&str, u64) -> bool + Send + Sync>;
+
 struct Slot {
-    /// The revision this node last wrote (or took).
+    /// The revision this node last wrote (or took); 0 for "no entry".
     rev: u64,
     entry: Entry,
 }
@@ -120,6 +172,8 @@ struct Pending {
 struct Held {
     slot: tokio::sync::Mutex<Option<Slot>>,
     pending: Mutex<Pending>,
+    /// The chat ended and its entry is being removed on purpose: a vanished entry is no conflict.
+    ended: AtomicBool,
 }
 
 impl Held {
@@ -127,6 +181,7 @@ impl Held {
         Arc::new(Held {
             slot: tokio::sync::Mutex::new(slot),
             pending: Mutex::new(Pending::default()),
+            ended: AtomicBool::new(false),
         })
     }
 }
@@ -137,9 +192,10 @@ pub struct KvJournal(Arc<Inner>);
 
 struct Inner {
     kv: Store,
-    sealer: Sealer,
+    keys: Keyring,
     node: String,
     fence: Fence,
+    live: Liveness,
     held: Mutex<HashMap<String, Arc<Held>>>,
     lost: mpsc::UnboundedSender<Lost>,
     healthy: AtomicBool,
@@ -153,20 +209,34 @@ enum WriteError {
     Fenced,
 }
 
+/// What the bucket holds for a chat this node holds, judged.
+#[derive(Debug, PartialEq)]
+enum Judged {
+    /// This node's own value at this revision (the same as the slot's when the flag is set).
+    Ours(u64, bool),
+    /// A live owner's: a real takeover.
+    Theirs,
+    /// Not written by a guestd node in step: rewrite at this revision.
+    Conflict(u64, &'static str),
+}
+
 impl KvJournal {
-    /// A journal writing as `node`; chats it loses are sent on `lost`.
+    /// A journal writing as `node`; chats it loses are sent on `lost`; `live` says whether
+    /// another owner named by an entry holds its chats.
     pub fn new(
         kv: Store,
-        sealer: Sealer,
+        keys: Keyring,
         node: String,
         fence: Fence,
+        live: Liveness,
         lost: mpsc::UnboundedSender<Lost>,
     ) -> Self {
         KvJournal(Arc::new(Inner {
             kv,
-            sealer,
+            keys,
             node,
             fence,
+            live,
             held: Mutex::new(HashMap::new()),
             lost,
             healthy: AtomicBool::new(true),
@@ -186,8 +256,13 @@ impl KvJournal {
         self.held(session).is_some()
     }
 
+    /// Open what the bucket holds under `key`.
+    pub fn open(&self, key: &str, bytes: &[u8]) -> Result<Entry, Foreign> {
+        Entry::open(key, bytes, &self.0.keys)
+    }
+
     /// Take an orphaned chat: compare-and-set its entry at `rev` to this node's ownership.
-    /// Returns what to resume, or None if another node was faster (or the entry is unreadable).
+    /// Returns what to resume, or None if another node was faster.
     pub async fn take(&self, session: &str, rev: u64, mut entry: Entry) -> Option<Recovered> {
         let epoch = self.0.fence.epoch();
         if !self.0.fence.acting(epoch) || self.holds(session) {
@@ -195,23 +270,47 @@ impl KvJournal {
         }
         entry.owner = self.0.node.clone();
         entry.epoch = epoch;
-        let rev = match bounded(self.0.kv.update(session, entry.to_bytes(), rev)).await {
+        let bytes = entry.seal(session, &self.0.keys);
+        let rev = match bounded(self.0.kv.update(session, bytes, rev)).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(session, error = %e, "another node took the chat first");
                 return None;
             }
         };
-        let recovered = match entry.recovered(&self.0.sealer) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(session, error = %e, "cannot open a taken chat's jwt; is every node's seal key the same?");
-                return None;
-            }
-        };
+        let recovered = entry.recovered();
         self.map()
             .insert(session.to_string(), Held::new(Some(Slot { rev, entry })));
         Some(recovered)
+    }
+
+    /// Judge `cur`, the bucket's value for a chat held here whose entry is `mine`.
+    fn judge(&self, mine: &Entry, cur: Option<&async_nats::jetstream::kv::Entry>) -> Judged {
+        let Some(cur) = cur else {
+            return Judged::Conflict(0, "vanished");
+        };
+        if cur.operation != Operation::Put {
+            return Judged::Conflict(cur.revision, "vanished");
+        }
+        match Entry::open(&cur.key, &cur.value, &self.0.keys) {
+            Err(_) => Judged::Conflict(cur.revision, "forged"),
+            Ok(theirs) if theirs.owner == self.0.node && theirs.epoch == mine.epoch => {
+                Judged::Ours(cur.revision, &theirs == mine)
+            }
+            Ok(theirs) if (self.0.live)(&theirs.owner, theirs.epoch) => Judged::Theirs,
+            Ok(_) => Judged::Conflict(cur.revision, "replayed"),
+        }
+    }
+
+    fn alert(&self, session: &str, kind: &'static str) {
+        metrics::counter!("guestd_cluster_entry_conflicts_total", "kind" => kind).increment(1);
+        tracing::error!(
+            session,
+            kind,
+            "ALERT: this chat's session entry was changed by something other than a guestd node \
+             in step with the cluster (a NATS user with write access to the sessions bucket?); \
+             this node keeps the chat and writes its entry again"
+        );
     }
 
     /// Write `change` to `session`'s entry, compare-and-set, retried while this node may act.
@@ -230,53 +329,84 @@ impl KvJournal {
             if !self.0.fence.acting(slot.entry.epoch) {
                 return Err(WriteError::Fenced);
             }
-            match self
-                .0
-                .kv
-                .update(session, slot.entry.to_bytes(), slot.rev)
-                .await
-            {
+            let bytes = slot.entry.seal(session, &self.0.keys);
+            let e = match bounded(self.0.kv.update(session, bytes, slot.rev)).await {
                 Ok(rev) => {
                     slot.rev = rev;
                     self.0.healthy.store(true, Ordering::Relaxed);
                     return Ok(());
                 }
-                Err(e) => {
-                    // Wrong revision, or no answer: read what is there.
-                    match bounded(self.0.kv.entry(session)).await {
-                        Ok(Some(cur)) if cur.operation == Operation::Put => {
-                            match Entry::parse(&cur.value) {
-                                Some(theirs)
-                                    if theirs.owner == self.0.node
-                                        && theirs.epoch == slot.entry.epoch =>
-                                {
-                                    // Ours: an earlier write landed. Go on from its revision.
-                                    slot.rev = cur.revision;
-                                    if theirs == slot.entry {
-                                        return Ok(());
-                                    }
-                                    continue;
-                                }
-                                _ => {
-                                    *guard = None;
-                                    return Err(WriteError::Lost);
-                                }
-                            }
-                        }
-                        Ok(_) => {
-                            *guard = None;
-                            return Err(WriteError::Lost);
-                        }
-                        Err(_) => {
-                            self.0.healthy.store(false, Ordering::Relaxed);
-                            tracing::warn!(session, error = %e, "session entry write failed; retrying");
-                            tokio::time::sleep(wait).await;
-                            wait = (wait * 2).min(Duration::from_secs(2));
+                Err(e) => e,
+            };
+            // Wrong revision, or no answer: read what is there.
+            match bounded(self.0.kv.entry(session)).await {
+                Ok(cur) => match self.judge(&slot.entry, cur.as_ref()) {
+                    Judged::Ours(rev, same) => {
+                        // An earlier write landed (its ack lost). Go on from its revision.
+                        slot.rev = rev;
+                        if same {
+                            return Ok(());
                         }
                     }
+                    Judged::Theirs => {
+                        *guard = None;
+                        return Err(WriteError::Lost);
+                    }
+                    Judged::Conflict(rev, kind) => {
+                        if held.ended.load(Ordering::Acquire) && kind == "vanished" {
+                            return Ok(());
+                        }
+                        self.alert(session, kind);
+                        slot.rev = rev;
+                        // Paced, so a writer racing this one cannot make it spin.
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(2));
+                    }
+                },
+                Err(_) => {
+                    self.0.healthy.store(false, Ordering::Relaxed);
+                    tracing::warn!(session, error = %e, "session entry write failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
                 }
             }
         }
+    }
+
+    /// The sessions watch saw `cur` (None: deleted or purged) for `session` at `revision`. For a
+    /// chat held here, a value that is not this node's own is judged: a conflict is written over
+    /// (the chat stays here), a live owner's takeover loses the chat.
+    pub fn watched(&self, session: &str, revision: u64, cur: Option<Result<&Entry, Foreign>>) {
+        let Some(held) = self.held(session) else {
+            return;
+        };
+        if let Some(Ok(e)) = &cur {
+            if e.owner == self.0.node && e.epoch == self.0.fence.epoch() {
+                return;
+            }
+        }
+        if held.ended.load(Ordering::Acquire) {
+            return;
+        }
+        let me = self.clone();
+        let session = session.to_string();
+        tokio::spawn(async move {
+            {
+                let guard = held.slot.lock().await;
+                match guard.as_ref() {
+                    // Not yet written (a start in progress), or the watch is behind this
+                    // node's own writes.
+                    None => return,
+                    Some(slot) if slot.rev >= revision => return,
+                    Some(_) => {}
+                }
+            }
+            // `write` reads the bucket's value and judges it.
+            if let Err(e) = me.write(&session, |_| {}).await {
+                tracing::warn!(session, error = ?e, "a chat's entry was taken over");
+                me.lose(&session);
+            }
+        });
     }
 
     /// Remove an ended chat's entry, at the revision this node wrote: a chat another node took
@@ -337,7 +467,8 @@ impl Journal for KvJournal {
                 ));
             }
             let session = rec.session.clone();
-            let entry = Entry::new(rec, &me.0.node, epoch, &me.0.sealer);
+            let entry = Entry::new(rec, &me.0.node, epoch);
+            let bytes = entry.seal(&session, &me.0.keys);
             let held = Held::new(None);
             let mut slot = held.slot.lock().await;
             me.map().insert(session.clone(), held.clone());
@@ -345,14 +476,14 @@ impl Journal for KvJournal {
             // over in a second or two) must not fail a `start` whose chat exists already.
             let mut wait = Duration::from_millis(100);
             let result = loop {
-                match bounded(me.0.kv.create(&session, entry.to_bytes())).await {
+                match bounded(me.0.kv.create(&session, bytes.clone())).await {
                     Ok(rev) => break Ok(rev),
                     Err(e) => {
                         // Did an earlier try land (its ack lost)?
                         if let Ok(Some(cur)) = bounded(me.0.kv.entry(&session)).await {
                             if cur.operation == Operation::Put {
-                                break match Entry::parse(&cur.value) {
-                                    Some(theirs)
+                                break match me.open(&session, &cur.value) {
+                                    Ok(theirs)
                                         if theirs.owner == me.0.node && theirs.epoch == epoch =>
                                     {
                                         Ok(cur.revision)
@@ -446,6 +577,7 @@ impl Journal for KvJournal {
         let Some(held) = self.held(session) else {
             return;
         };
+        held.ended.store(true, Ordering::Release);
         let me = self.clone();
         let session = session.to_string();
         tokio::spawn(async move {
@@ -477,12 +609,12 @@ impl Journal for KvJournal {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::ChatRef;
+    use crate::secret::Secret;
 
-    #[test]
-    fn entries_hold_the_jwt_sealed_and_give_it_back() {
-        let sealer = Sealer::new(&[3; 32]);
-        let rec = SessionRecord {
-            session: "s-1".into(),
+    fn record(session: &str) -> SessionRecord {
+        SessionRecord {
+            session: session.into(),
             chat: ChatRef {
                 conversation_id: "c".into(),
                 member_id: "m".into(),
@@ -492,15 +624,70 @@ mod tests {
             started_ms: 5,
             mode: "start".into(),
             web_messaging: None,
-        };
-        let e = Entry::new(rec.clone(), "n1", 9, &sealer);
-        let text = String::from_utf8(e.to_bytes().to_vec()).unwrap();
-        assert!(!text.contains("secret"), "{text}");
-        let back = Entry::parse(text.as_bytes()).unwrap();
-        assert_eq!(back, e);
-        let r = back.recovered(&sealer).unwrap();
-        assert_eq!(r.record, rec);
-        assert!(back.recovered(&Sealer::new(&[4; 32])).is_err());
-        assert_eq!(Entry::parse(b"{}"), None);
+        }
+    }
+
+    #[test]
+    fn entries_rest_sealed_whole_and_open_only_where_they_were_written() {
+        let keys = Keyring::new(&[3; 32], &[]);
+        let e = Entry::new(record("s-1"), "n1", 9);
+        let bytes = e.seal("s-1", &keys);
+        let text = String::from_utf8(bytes.to_vec()).unwrap();
+        for secret in ["secret", "127.0.0.1", "\"c\""] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        assert_eq!(Entry::open("s-1", &bytes, &keys).unwrap(), e);
+        assert_eq!(
+            Entry::open("s-1", &bytes, &keys)
+                .unwrap()
+                .recovered()
+                .record,
+            record("s-1")
+        );
+        // Another key, another chat's key: refused.
+        assert_eq!(
+            Entry::open("s-1", &bytes, &Keyring::new(&[4; 32], &[])),
+            Err(Foreign::Unauthenticated)
+        );
+        assert_eq!(
+            Entry::open("s-2", &bytes, &keys),
+            Err(Foreign::Unauthenticated)
+        );
+        // The clear owner or epoch changed: refused.
+        let mut wire: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        wire["owner"] = "n2".into();
+        let moved = serde_json::to_vec(&wire).unwrap();
+        assert_eq!(
+            Entry::open("s-1", &moved, &keys),
+            Err(Foreign::Unauthenticated)
+        );
+        wire["owner"] = "n1".into();
+        wire["epoch"] = 10.into();
+        let moved = serde_json::to_vec(&wire).unwrap();
+        assert_eq!(
+            Entry::open("s-1", &moved, &keys),
+            Err(Foreign::Unauthenticated)
+        );
+        // The old, partly plain form (an attacker's rewrite) and junk.
+        let plain = serde_json::json!({"owner": "n2", "epoch": 1, "record": record("s-1"),
+            "last_message_id": null, "last_alive_ms": 0, "ending": null, "leaving": false});
+        assert_eq!(
+            Entry::open("s-1", &serde_json::to_vec(&plain).unwrap(), &keys),
+            Err(Foreign::Shape)
+        );
+        assert_eq!(Entry::open("s-1", b"{}", &keys), Err(Foreign::Shape));
+    }
+
+    #[test]
+    fn a_sealed_value_of_another_purpose_is_no_entry() {
+        // A forward sealed by the same secret, put where an entry's seal goes, does not open:
+        // the keys differ by purpose (the decryption-oracle attack of issue 28).
+        let keys = Keyring::new(&[3; 32], &[]);
+        let forward = keys.seal(Purpose::Forward, &[b"n1", &9u64.to_be_bytes()], b"{}");
+        let wire = serde_json::json!({"owner": "n1", "epoch": 9, "sealed": forward});
+        assert_eq!(
+            Entry::open("s-1", &serde_json::to_vec(&wire).unwrap(), &keys),
+            Err(Foreign::Unauthenticated)
+        );
     }
 }
