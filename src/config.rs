@@ -116,6 +116,10 @@ pub struct ClusterSection {
     pub credentials_file: Option<PathBuf>,
     /// NATS token, from this file, if the servers require one.
     pub token_file: Option<PathBuf>,
+    /// NATS user name, with `password_file`, if the servers require one.
+    pub user: String,
+    /// NATS password for `user`, from this file (first line).
+    pub password_file: Option<PathBuf>,
     /// Extra CA (PEM) to verify the NATS servers with.
     pub tls_ca_file: Option<PathBuf>,
     /// Require TLS to the NATS servers.
@@ -144,6 +148,8 @@ impl Default for ClusterSection {
             nats_commands: false,
             credentials_file: None,
             token_file: None,
+            user: String::new(),
+            password_file: None,
             tls_ca_file: None,
             tls_required: false,
             allow_insecure: false,
@@ -255,6 +261,12 @@ impl ClusterSection {
         }
         if let Err(e) = self.keyring() {
             return bad("cluster.accept_seal_key_files", &e);
+        }
+        if self.user.is_empty() != self.password_file.is_none() {
+            return bad(
+                "cluster.user",
+                "user and password_file go together (NATS user/password authentication)",
+            );
         }
         Ok(())
     }

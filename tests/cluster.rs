@@ -9,22 +9,16 @@ mod common;
 
 use async_nats::jetstream;
 use common::nats::{NatsCluster, Proxy};
+use common::node::{LONG, Node, TOKEN};
 use common::*;
 use futures::StreamExt;
 use guestd::emulator::{Emulator, EmulatorConfig};
 use serde_json::{Value, json};
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
 use std::time::Duration;
 use tokio::time::Instant;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// Longest wait for anything in these tests.
-const LONG: Duration = Duration::from_secs(90);
-/// The HTTP API's token, also required of commands over NATS (`cluster.nats_commands`).
-const TOKEN: &str = "cluster-test-api-token";
-const KEY: &str = "5f0e6c0b3a2d4e1f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f";
 
 fn emu_cfg() -> EmulatorConfig {
     EmulatorConfig {
@@ -34,109 +28,6 @@ fn emu_cfg() -> EmulatorConfig {
         agent_join_delay: None,
         agent_alert_duration: Duration::from_millis(20),
         ..EmulatorConfig::default()
-    }
-}
-
-struct Node {
-    id: String,
-    alive: bool,
-    child: tokio::process::Child,
-    dir: PathBuf,
-    http: u16,
-}
-
-impl Node {
-    fn spawn(id: &str, emu: &Emulator, servers: &[String], extra: &[(&str, &str)]) -> Node {
-        let dir =
-            std::env::temp_dir().join(format!("guestd-cluster-{id}-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let http = free_port();
-        let mut env = fast_env(emu);
-        env.retain(|(k, _)| {
-            !k.starts_with("GUESTD_SESSION__") && k != "GUESTD_CONTROL__HTTP_LISTEN"
-        });
-        let servers = format!(
-            "[{}]",
-            servers
-                .iter()
-                .map(|s| format!("\"{s}\""))
-                .collect::<Vec<_>>()
-                .join(",")
-        );
-        for (k, v) in [
-            ("GUESTD_SESSION__HEARTBEAT_INTERVAL", "500ms"),
-            ("GUESTD_SESSION__HEARTBEAT_TOLERANCE", "3"),
-            ("GUESTD_SESSION__RECONNECT_GRACE", "30s"),
-            ("GUESTD_SESSION__INACTIVITY_TIMEOUT", "10m"),
-            ("GUESTD_SESSION__BACKOFF__INITIAL", "100ms"),
-            ("GUESTD_SESSION__BACKOFF__MAX", "1s"),
-            ("GUESTD_CONTROL__HTTP_LISTEN", &format!("127.0.0.1:{http}")),
-            ("GUESTD_CONTROL__STDIN", "false"),
-            ("GUESTD_CLUSTER__SERVERS", &servers),
-            ("GUESTD_CLUSTER__NODE_ID", id),
-            // Longer than a JetStream leader election after a server dies (seen to take over
-            // 4 s on this 2-core machine), or every such death would fence the nodes.
-            ("GUESTD_CLUSTER__LEASE", "10s"),
-            ("GUESTD_CLUSTER__RENEW", "1s"),
-            ("GUESTD_CLUSTER__FENCE_MARGIN", "2s"),
-            ("GUESTD_CLUSTER__REPLICAS", "3"),
-            ("GUESTD_CLUSTER_SEAL_KEY", KEY),
-            ("GUESTD_CLUSTER__NATS_COMMANDS", "true"),
-            ("GUESTD_CONTROL__TOKEN", TOKEN),
-            ("GUESTD_SHUTDOWN__DRAIN_TIMEOUT", "10s"),
-            ("GUESTD_WEB_MESSAGING__BASE_URL", &emu.base_url()),
-            ("GUESTD_WEB_MESSAGING__DEPLOYMENT_ID", "dep-1"),
-            ("GUESTD_WEB_MESSAGING__PING_INTERVAL", "1s"),
-            ("RUST_LOG", "guestd=info"),
-        ]
-        .into_iter()
-        .chain(extra.iter().copied())
-        {
-            env.retain(|(e, _)| e != k);
-            env.push((k.to_string(), v.to_string()));
-        }
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_guestd"))
-            .arg("run")
-            .current_dir(&dir)
-            .envs(env)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::fs::File::create(dir.join("stdout.jsonl")).unwrap())
-            .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        Node {
-            id: id.to_string(),
-            alive: true,
-            child,
-            dir,
-            http,
-        }
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id().unwrap() as i32
-    }
-
-    async fn kill9(&mut self) {
-        self.alive = false;
-        signal(self.pid(), "KILL");
-        let _ = self.child.wait().await;
-    }
-
-    /// SIGTERM and wait for the exit; its status.
-    async fn stop(&mut self) -> Option<i32> {
-        self.alive = false;
-        signal(self.pid(), "TERM");
-        tokio::time::timeout(LONG, self.child.wait())
-            .await
-            .expect("a node did not stop after SIGTERM")
-            .unwrap()
-            .code()
     }
 }
 
@@ -568,6 +459,14 @@ async fn a_killed_node_s_chats_fail_over_inside_the_grace_window() {
     for token in [None, Some("guess")] {
         let v = c.nats_cmd_as(&send, token).await;
         assert_eq!(v["error"]["code"], "unauthorized", "{v}");
+    }
+    // These nodes join in plaintext and without credentials, and say so at start.
+    let log = c.nodes[0].stderr();
+    for warning in [
+        "joining the cluster in plaintext",
+        "without NATS credentials",
+    ] {
+        assert!(log.contains(warning), "no warning: {warning}");
     }
 
     // Two of n3's chats get an agent: one will talk while nobody holds it, one will end.

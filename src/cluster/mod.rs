@@ -67,6 +67,34 @@ pub fn check_server(url: &str, allow_insecure: bool) -> Result<(), String> {
     }
 }
 
+/// What an operator should hear at start about how this node reaches NATS: plaintext, or no
+/// credentials (anyone who reaches the servers is then as trusted as guestd's nodes, save for
+/// the cluster secret).
+pub fn exposure(cfg: &ClusterSection) -> Vec<String> {
+    let mut out = Vec::new();
+    let plaintext: Vec<&str> = cfg
+        .servers
+        .iter()
+        .filter(|s| s.starts_with("nats://"))
+        .map(String::as_str)
+        .collect();
+    if !cfg.tls_required && !plaintext.is_empty() {
+        out.push(format!(
+            "joining the cluster in plaintext ({}; servers NATS advertises are joined the same way): \
+             set cluster.tls_required and tls:// servers unless NATS is on this host only",
+            plaintext.join(", ")
+        ));
+    }
+    if cfg.credentials_file.is_none() && cfg.token_file.is_none() && cfg.password_file.is_none() {
+        out.push(
+            "joining the cluster without NATS credentials: give guestd a NATS user of its own \
+             with the permissions in docs/operations.md (\"Threat model\")"
+                .into(),
+        );
+    }
+    out
+}
+
 /// The names of everything guestd makes in NATS, from the prefix.
 #[derive(Debug, Clone)]
 pub struct Names {
@@ -247,6 +275,18 @@ pub async fn connect(cfg: &ClusterSection) -> Result<Nats, ClusterError> {
             .map_err(|e| ClusterError::Config(format!("cluster.token_file: {e}")))?;
         opts = opts.token(t.trim().to_string());
     }
+    if let Some(p) = &cfg.password_file {
+        let t = std::fs::read_to_string(p)
+            .map_err(|e| ClusterError::Config(format!("cluster.password_file: {e}")))?;
+        let password = t.lines().next().unwrap_or_default().trim().to_string();
+        opts = opts.user_and_password(cfg.user.clone(), password);
+    }
+    for w in exposure(cfg) {
+        tracing::warn!("{w}");
+    }
+    // Replies to this node's requests arrive under a prefix of guestd's own, which NATS
+    // permissions can keep every other user from subscribing to (docs/operations.md).
+    opts = opts.custom_inbox_prefix(format!("_INBOX_{}", cfg.prefix));
     if let Some(p) = &cfg.tls_ca_file {
         opts = opts.add_root_certificates(p.clone());
     }

@@ -330,7 +330,13 @@ impl KvJournal {
                 return Err(WriteError::Fenced);
             }
             let bytes = slot.entry.seal(session, &self.0.keys);
-            let e = match bounded(self.0.kv.update(session, bytes, slot.rev)).await {
+            // Revision 0: the entry vanished (`create` steps over a delete or purge marker).
+            let put = if slot.rev == 0 {
+                bounded(self.0.kv.create(session, bytes)).await
+            } else {
+                bounded(self.0.kv.update(session, bytes, slot.rev)).await
+            };
+            let e = match put {
                 Ok(rev) => {
                     slot.rev = rev;
                     self.0.healthy.store(true, Ordering::Relaxed);

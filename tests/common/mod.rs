@@ -12,6 +12,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub mod nats;
+pub mod node;
 
 pub const WAIT: Duration = Duration::from_secs(15);
 

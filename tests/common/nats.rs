@@ -187,3 +187,79 @@ impl Proxy {
         self.cut.store(false, Ordering::SeqCst);
     }
 }
+
+/// One JetStream server on a port it picks itself (`-1`, read back from its log), with `conf`
+/// added to its configuration (accounts, TLS) and files of `files` written beside it.
+pub struct NatsServer {
+    pub port: u16,
+    pub dir: PathBuf,
+    proc: tokio::process::Child,
+}
+
+impl NatsServer {
+    pub async fn start(conf: &str, files: &[(&str, &str)]) -> NatsServer {
+        use tokio::io::AsyncBufReadExt;
+        let dir = std::env::temp_dir().join(format!("guestd-nats1-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+        let main = format!(
+            "listen: 127.0.0.1:-1\njetstream {{\n  store_dir: \"{}\"\n}}\n{conf}\n",
+            dir.join("js").display()
+        );
+        std::fs::write(dir.join("server.conf"), main).unwrap();
+        let mut proc = tokio::process::Command::new("nats-server")
+            .arg("-c")
+            .arg(dir.join("server.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("nats-server must be installed (Debian package nats-server)");
+        let mut lines = tokio::io::BufReader::new(proc.stderr.take().unwrap()).lines();
+        let mut log = std::fs::File::create(dir.join("server.log")).unwrap();
+        let mut port = None;
+        let read = async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                use std::io::Write;
+                let _ = writeln!(log, "{line}");
+                if let Some(at) = line.split("Listening for client connections on ").nth(1) {
+                    port = at.trim().rsplit(':').next().and_then(|p| p.parse().ok());
+                }
+                if line.contains("Server is ready") {
+                    return;
+                }
+            }
+            panic!(
+                "nats-server stopped before it was ready; see {}",
+                dir.display()
+            );
+        };
+        tokio::time::timeout(Duration::from_secs(30), read)
+            .await
+            .expect("nats-server did not get ready");
+        // Keep draining its log, or the pipe fills and the server blocks.
+        tokio::spawn(async move {
+            use std::io::Write;
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = writeln!(log, "{line}");
+            }
+        });
+        NatsServer {
+            port: port.expect("no client port in nats-server's log"),
+            dir,
+            proc,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.proc.start_kill();
+    }
+}
