@@ -193,8 +193,7 @@ impl ClusterSection {
         let text = match std::env::var("GUESTD_CLUSTER_SEAL_KEY") {
             Ok(v) if !v.trim().is_empty() => v,
             _ => match &self.seal_key_file {
-                Some(p) => std::fs::read_to_string(p)
-                    .map_err(|e| format!("cannot read {}: {e}", p.display()))?,
+                Some(p) => crate::secret::read_file(p)?,
                 None => {
                     return Err("cluster mode needs a seal key: seal_key_file or \
                                 GUESTD_CLUSTER_SEAL_KEY (64 hex digits)"
@@ -210,8 +209,7 @@ impl ClusterSection {
         let current = self.seal_key()?;
         let mut accepted = Vec::new();
         for p in &self.accept_seal_key_files {
-            let text = std::fs::read_to_string(p)
-                .map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+            let text = crate::secret::read_file(p)?;
             accepted.push(
                 crate::cluster::seal::parse_key(text.trim())
                     .map_err(|e| format!("{}: {e}", p.display()))?,
@@ -334,8 +332,7 @@ impl PlatformSection {
             .ok_or("client_id is required (or GUESTD_PLATFORM__CLIENT_ID)")?;
         let secret = match &self.client_secret_file {
             Some(p) => {
-                let text =
-                    std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+                let text = crate::secret::read_file(p)?;
                 crate::secret::Secret::new(text.lines().next().unwrap_or_default().trim())
             }
             None => self
@@ -539,8 +536,7 @@ impl ControlSection {
     pub fn bearer_token(&self) -> Result<Option<crate::secret::Secret>, String> {
         match &self.token_file {
             Some(p) => {
-                let text =
-                    std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+                let text = crate::secret::read_file(p)?;
                 let token = text.lines().next().unwrap_or_default().trim().to_string();
                 if token.is_empty() {
                     return Err(format!("{} holds no token", p.display()));

@@ -172,6 +172,17 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
     } else {
         (Arc::new(NullJournal), Vec::new())
     };
+    // Web Messaging conversation keys (after the journal made its directory): the cluster's secret, or one kept beside the journal.
+    if let Some(n) = &node {
+        crate::webmessaging::set_key_secret(&n.keys.web_messaging_key());
+    } else if cfg.journal.enabled {
+        let path = cfg.journal.path.with_extension("key");
+        let key = crate::secret::key_file(&path).map_err(|e| crate::journal::JournalError::Io {
+            path: path.clone(),
+            source: std::io::Error::other(format!("the Web Messaging key file: {e}")),
+        })?;
+        crate::webmessaging::set_key_secret(&key);
+    }
     let publisher = node.as_ref().map(|n| {
         crate::cluster::publish::Publisher::new(
             n.nats.js.clone(),

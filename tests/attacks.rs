@@ -95,6 +95,11 @@ impl Rig {
         let nats = NatsServer::start(&conf, &[("nats-permissions.conf", &perms)]).await;
         let password = dir.join("nats-password");
         std::fs::write(&password, "guestd-pw\n").unwrap();
+        std::fs::set_permissions(
+            &password,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
         let emu = emulator(emu_cfg()).await;
         let server = format!("tls://127.0.0.1:{}", nats.port);
         let env = [

@@ -265,18 +265,20 @@ pub async fn connect(cfg: &ClusterSection) -> Result<Nats, ClusterError> {
             tracing::info!(event = %e, "NATS connection event");
         });
     if let Some(p) = &cfg.credentials_file {
+        crate::secret::read_file(p)
+            .map_err(|e| ClusterError::Config(format!("cluster.credentials_file: {e}")))?;
         opts = opts
             .credentials_file(p)
             .await
             .map_err(|e| ClusterError::Config(format!("cluster.credentials_file: {e}")))?;
     }
     if let Some(p) = &cfg.token_file {
-        let t = std::fs::read_to_string(p)
+        let t = crate::secret::read_file(p)
             .map_err(|e| ClusterError::Config(format!("cluster.token_file: {e}")))?;
         opts = opts.token(t.trim().to_string());
     }
     if let Some(p) = &cfg.password_file {
-        let t = std::fs::read_to_string(p)
+        let t = crate::secret::read_file(p)
             .map_err(|e| ClusterError::Config(format!("cluster.password_file: {e}")))?;
         let password = t.lines().next().unwrap_or_default().trim().to_string();
         opts = opts.user_and_password(cfg.user.clone(), password);

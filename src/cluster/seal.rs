@@ -96,6 +96,7 @@ struct KeySet {
     kid: String,
     aead: [XChaCha20Poly1305; 4],
     ids: ring::hmac::Key,
+    web_messaging: [u8; 32],
 }
 
 impl KeySet {
@@ -108,6 +109,7 @@ impl KeySet {
             kid,
             aead: Purpose::ALL.map(|p| XChaCha20Poly1305::new((&derive(secret, p.label())).into())),
             ids: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &derive(secret, b"event ids")),
+            web_messaging: derive(secret, b"web messaging keys"),
         }
     }
 
@@ -209,6 +211,11 @@ impl Keyring {
         (parts.next() == Some(PREFIX))
             .then(|| parts.next())
             .flatten()
+    }
+
+    /// The secret behind Web Messaging conversation keys (the same on every node).
+    pub fn web_messaging_key(&self) -> [u8; 32] {
+        self.0[0].web_messaging
     }
 
     /// An id for `raw` that every node computes alike and nobody without the secret can

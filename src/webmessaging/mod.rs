@@ -195,21 +195,40 @@ impl Spec {
     }
 }
 
+/// The secret behind conversation keys, set once at start ([`set_key_secret`]): the cluster's
+/// (every node must compute the same key), or one kept beside the journal (the same across
+/// restarts), or, with neither, one made for this process.
+static KEY_SECRET: std::sync::OnceLock<ring::hmac::Key> = std::sync::OnceLock::new();
+
+/// Use `secret` for conversation keys; the first call wins (one daemon per process).
+pub fn set_key_secret(secret: &[u8; 32]) {
+    let _ = KEY_SECRET.set(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret));
+}
+
+fn key_secret() -> &'static ring::hmac::Key {
+    KEY_SECRET.get_or_init(|| {
+        let mut k = [0u8; 32];
+        rand::Rng::fill(&mut rand::rng(), &mut k[..]);
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &k)
+    })
+}
+
 /// The conversation key guestd gives a Web Messaging session: the guest side never learns the
-/// platform's conversation id, and the token is a secret, so the key is a digest of both
-/// (FNV-1a, 64 bits): stable, one per token (a second `attach` of a token is refused, which
-/// keeps guestd at one socket per token), and it reveals nothing of the token.
+/// platform's conversation id, and the token is a secret, so the key is a keyed digest of both
+/// (HMAC-SHA256 under [`set_key_secret`]'s secret, 128 bits shown): stable, one per token (a
+/// second `attach` of a token is refused, which keeps guestd at one socket per token); without
+/// the secret nobody can check a guessed token against a key, nor make two tokens collide.
 pub fn conversation_key(deployment_id: &str, token: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in deployment_id
-        .bytes()
-        .chain(std::iter::once(0))
-        .chain(token.bytes())
-    {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("wm-{h:016x}")
+    let mut ctx = ring::hmac::Context::with_key(key_secret());
+    ctx.update(deployment_id.as_bytes());
+    ctx.update(&[0]);
+    ctx.update(token.as_bytes());
+    let tag = ctx.sign();
+    let hex: String = tag.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("wm-{hex}")
 }
 
 #[cfg(test)]
@@ -222,7 +241,7 @@ mod tests {
         assert_eq!(a, conversation_key("dep", "secret-token"));
         assert_ne!(a, conversation_key("dep2", "secret-token"));
         assert_ne!(a, conversation_key("dep", "secret-token2"));
-        assert!(a.starts_with("wm-") && a.len() == 19 && !a.contains("secret"));
+        assert!(a.starts_with("wm-") && a.len() == 35 && !a.contains("secret"));
     }
 
     #[test]
