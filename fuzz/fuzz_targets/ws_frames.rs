@@ -1,5 +1,6 @@
 //! The bytes of a websocket as the server sends them, read by guestd's frame reader
-//! (`leanws`) in chunks whose sizes the input also picks: never panics, never returns a
+//! (`leanws`) in chunks whose sizes the input also picks, after bytes left over from the upgrade
+//! reply (read with the headers; also picked by the input): never panics, never returns a
 //! message over the limit, ends (error or close) at most once and holds nothing afterwards.
 #![no_main]
 use futures::StreamExt;
@@ -9,16 +10,17 @@ use tokio::io::AsyncWriteExt;
 const MAX: usize = 4096;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&chunk, wire)) = data.split_first() else {
+    let [chunk, left, rest @ ..] = data else {
         return;
     };
-    let chunk = usize::from(chunk).max(1);
+    let chunk = usize::from(*chunk).max(1);
+    let (leftover, wire) = rest.split_at(usize::from(*left).min(rest.len()));
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("runtime");
     rt.block_on(async {
         let (a, mut server) = tokio::io::duplex(64 * 1024);
-        let mut ws = guestd::leanws::LeanWs::from_partially_read(a, Vec::new(), MAX);
+        let mut ws = guestd::leanws::LeanWs::from_partially_read(a, leftover.to_vec(), MAX);
         let wire = wire.to_vec();
         let writer = tokio::spawn(async move {
             for piece in wire.chunks(chunk) {

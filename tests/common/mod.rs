@@ -489,7 +489,25 @@ pub async fn finish_ok(mut d: Daemon) -> Daemon {
     assert!(st.success(), "exit status {st:?}; stderr:\n{}", d.stderr());
     let seqs: Vec<u64> = d.seen.iter().map(|v| v["seq"].as_u64().unwrap()).collect();
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    assert_no_second_ended(&d.seen);
     d
+}
+
+/// At most one `ended` per session in everything one process wrote, read to its end: a late
+/// duplicate (a timer that fires after the end, a second decision) fails here whatever the
+/// test checked before.
+pub fn assert_no_second_ended(lines: &[Value]) {
+    let mut ends: std::collections::HashMap<&str, Vec<&str>> = std::collections::HashMap::new();
+    for v in lines.iter().filter(|v| v["type"] == "ended") {
+        ends.entry(v["session"].as_str().unwrap_or("?"))
+            .or_default()
+            .push(v["reason"].as_str().unwrap_or("?"));
+    }
+    let twice: Vec<_> = ends.iter().filter(|(_, r)| r.len() > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "sessions that ended more than once: {twice:?}"
+    );
 }
 
 /// `POST /emulator/messaging/sessions/{token}` (a Web Messaging admin action); the status.
