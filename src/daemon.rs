@@ -242,16 +242,27 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
                 addr: addr.clone(),
                 source,
             })?;
+        let token = cfg
+            .control
+            .bearer_token()
+            .map_err(|e| DaemonError::Listen {
+                addr: addr.clone(),
+                source: std::io::Error::other(e),
+            })?;
+        if token.is_none() && !local.ip().is_loopback() {
+            // Anyone who reaches the address can drive, read and end every chat.
+            tracing::warn!(
+                addr = %local,
+                "the HTTP API has no token and listens beyond loopback: anyone who reaches it \
+                 can drive every chat; set control.token_file (or GUESTD_CONTROL__TOKEN) and \
+                 put TLS in front"
+            );
+        }
         let access = crate::access::Access::new(
             local,
             &cfg.control.allowed_hosts,
             &cfg.control.allowed_origins,
-            cfg.control
-                .bearer_token()
-                .map_err(|e| DaemonError::Listen {
-                    addr: addr.clone(),
-                    source: std::io::Error::other(e),
-                })?,
+            token,
         );
         let app = control::router(
             HttpState {
