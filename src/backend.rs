@@ -156,6 +156,45 @@ pub fn check_url(url: &str, allow_insecure: bool) -> Result<(), PolicyError> {
     }
 }
 
+/// Longest id guestd puts into a URL. Genesys ids are UUIDs (36 characters).
+pub const MAX_ID_LEN: usize = 128;
+
+/// Whether `id` may go into a URL guestd builds: 1 to [`MAX_ID_LEN`] ASCII letters, digits,
+/// `-` and `_`. Genesys ids (conversations, members, deployments) are UUIDs, and the emulator
+/// issues UUIDs; the set leaves room for readable test ids ("demo-deployment") while it cannot
+/// hold `/`, `.`, `%`, `?`, `#` or anything else that would move a request elsewhere (an id
+/// `../../users/me?expand=authorization` once made guestd call that path with the
+/// organisation's token).
+pub fn check_id(what: &str, id: &str) -> Result<(), PolicyError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(PolicyError(format!(
+            "{what} is not an id (1 to {MAX_ID_LEN} letters, digits, '-' or '_'; Genesys ids are UUIDs)"
+        )))
+    }
+}
+
+/// `s` as one URL path segment: every byte but letters, digits, `-`, `_` and `~`
+/// percent-encoded. Defence in depth behind [`check_id`], which is what keeps dot segments out
+/// (URL parsers read `%2e%2e` as `..`).
+pub fn path_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// Everything needed to act for the guest in one chat. Cheap to clone.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatRef {
@@ -297,6 +336,14 @@ pub enum ApiError {
     Policy(String),
 }
 
+impl ChatRef {
+    /// Both ids of the chat pass [`check_id`] (before any URL is built from them).
+    pub fn check_ids(&self) -> Result<(), PolicyError> {
+        check_id("conversation_id", &self.conversation_id)?;
+        check_id("member_id", &self.member_id)
+    }
+}
+
 impl From<PolicyError> for ApiError {
     fn from(e: PolicyError) -> Self {
         ApiError::Policy(e.0)
@@ -387,7 +434,39 @@ pub(crate) mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::check_url;
+    use super::{check_id, check_url, path_segment};
+
+    #[test]
+    fn ids_are_ids_and_nothing_that_moves_a_url() {
+        for good in [
+            "3f2a9c1d-7b4e-4c1a-9d2e-0123456789ab",
+            "demo-deployment",
+            "c1",
+            "a_b",
+        ] {
+            assert!(check_id("id", good).is_ok(), "{good}");
+        }
+        let long = "a".repeat(129);
+        for bad in [
+            "",
+            "..",
+            "../../users/me?expand=authorization",
+            "..%2F..%2Fusers",
+            "a/b",
+            "a.b",
+            "a b",
+            "a?b",
+            "a#b",
+            "a\u{0}",
+            "ü",
+            long.as_str(),
+        ] {
+            assert!(check_id("id", bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(path_segment("a-b_c~9"), "a-b_c~9");
+        assert_eq!(path_segment("../x?y"), "%2E%2E%2Fx%3Fy");
+        assert_eq!(path_segment("ü"), "%C3%BC");
+    }
 
     #[test]
     fn plaintext_only_to_loopback_unless_allowed() {

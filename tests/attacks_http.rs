@@ -59,3 +59,80 @@ async fn an_api_on_loopback_or_with_a_token_is_not_warned_about() {
     }
     emu.shutdown();
 }
+
+/// A plain HTTP/1.1 request on a fresh connection; (status, body).
+async fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut req =
+        reqwest::Client::new().request(method.parse().unwrap(), format!("http://{addr}{path}"));
+    if let Some(b) = body {
+        req = req
+            .header("content-type", "application/json")
+            .body(b.to_string());
+    }
+    let r = req.send().await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// The path of the attack: the conversation id climbs out of `/api/v2/conversations/` to a
+/// Platform API call of the attacker's choosing, made with the organisation's token.
+const TRAVERSAL: &str = "..%2F..%2Fusers%2Fme%3Fexpand=authorization";
+
+/// A conversation id that is not an id is refused as `invalid` (400) before guestd builds any
+/// URL from it: the platform (here the emulator, which logs every request) hears nothing.
+#[tokio::test]
+async fn an_id_that_is_not_an_id_never_reaches_a_url() {
+    let emu = emulator(quick()).await;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut d = Daemon::spawn(with_platform(&emu, with_http(fast_env(&emu), &addr)), &[]);
+    started(&mut d).await;
+    let (status, body) = http(
+        &addr,
+        "GET",
+        &format!("/v1/conversations/{TRAVERSAL}/status"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("\"code\":\"invalid\""), "{body}");
+    // The same through stdin, with a jwt (the guest API's path), and through attach.
+    d.send(json!({"cmd": "status", "request_id": "s1", "conversation_id": "../../users/me?x=1", "jwt": "j"}))
+        .await;
+    let r = d.wait(|v| v["request_id"] == "s1").await;
+    assert_eq!(r["type"], "command_error", "{r}");
+    let good = "3f2a9c1d-7b4e-4c1a-9d2e-0123456789ab";
+    for (conv, member) in [
+        ("../../users/me", good),
+        (good, "x/../../../users/me"),
+        (good, ""),
+    ] {
+        let attach = json!({"conversation_id": conv, "member_id": member, "jwt": "j",
+            "event_stream_uri": format!("{}/v2/stream/{good}", emu.base_url().replace("http", "ws"))});
+        let (status, body) = http(
+            &addr,
+            "POST",
+            "/v1/sessions/attach",
+            Some(&attach.to_string()),
+        )
+        .await;
+        assert_eq!(status, 400, "{conv} {member}: {body}");
+        assert!(body.contains("\"code\":\"invalid\""), "{body}");
+    }
+    assert_eq!(
+        emu.requests(),
+        Vec::<String>::new(),
+        "no request reached the platform"
+    );
+    // A well-formed id still gets its answer from the Platform API.
+    let g = Guest::create(&emu).await;
+    let (status, body) = http(
+        &addr,
+        "GET",
+        &format!("/v1/conversations/{}/status", g.id),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"source\":\"platform\""), "{body}");
+    finish_ok(d).await;
+    emu.shutdown();
+}

@@ -11,7 +11,7 @@ use super::protocol::{
 };
 use crate::backend::{
     ApiError, ChatApi, ChatEvent, ChatMember, ChatMessage, ChatRef, MemberState, MessageKind, Role,
-    StartSpec, check_url,
+    StartSpec, check_id, check_url, path_segment,
 };
 use crate::backoff_policy::{Backoff, BackoffConfig};
 use crate::secret::Secret;
@@ -75,6 +75,26 @@ impl GenesysApi {
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.inner.cfg.api_base.trim_end_matches('/'))
     }
+}
+
+/// The chat's conversation id as a URL path segment, once it passed [`check_id`].
+fn conv_segment(chat: &ChatRef) -> Result<String, ApiError> {
+    check_id("conversation_id", &chat.conversation_id)?;
+    Ok(path_segment(&chat.conversation_id))
+}
+
+/// Both ids of the chat as URL path segments, once they passed [`check_id`].
+fn member_segments(chat: &ChatRef) -> Result<(String, String), ApiError> {
+    chat.check_ids()?;
+    Ok((
+        path_segment(&chat.conversation_id),
+        path_segment(&chat.member_id),
+    ))
+}
+
+/// A call refused before it was made.
+fn refused<T: Send + 'static>(e: ApiError) -> BoxFuture<'static, Result<T, ApiError>> {
+    futures::future::ready(Err(e)).boxed()
 }
 
 impl Inner {
@@ -302,6 +322,9 @@ impl ChatApi for GenesysApi {
                 .await?
                 .ok_or_else(|| ApiError::Decode("create: empty reply".into()))?;
             check_url(&r.event_stream_uri, inner.cfg.allow_insecure)?;
+            // Ids the platform hands out go into later URLs: they are held to the same rule.
+            check_id("the created conversation's id", &r.id)?;
+            check_id("the created member's id", &r.member.id)?;
             Ok(ChatRef {
                 conversation_id: r.id,
                 member_id: r.member.id,
@@ -317,9 +340,13 @@ impl ChatApi for GenesysApi {
         chat: &ChatRef,
     ) -> BoxFuture<'static, Result<Vec<ChatMember>, ApiError>> {
         let inner = self.inner.clone();
+        let conv = match conv_segment(chat) {
+            Ok(c) => c,
+            Err(e) => return refused(e),
+        };
         let first = self.url(&format!(
             "{}{}",
-            p::path::members(&chat.conversation_id),
+            p::path::members(&conv),
             p::query_string(&p::MembersQuery {
                 page_size: Some(PAGE),
                 page_number: Some(1),
@@ -353,7 +380,11 @@ impl ChatApi for GenesysApi {
         after: Option<String>,
     ) -> BoxFuture<'static, Result<Vec<ChatMessage>, ApiError>> {
         let inner = self.inner.clone();
-        let base = self.url(&p::path::messages(&chat.conversation_id));
+        let conv = match conv_segment(chat) {
+            Ok(c) => c,
+            Err(e) => return refused(e),
+        };
+        let base = self.url(&p::path::messages(&conv));
         let jwt = chat.jwt.clone();
         // Oldest first, asked explicitly (whatever a server's default order).
         let page_after = move |after: Option<String>| {
@@ -390,7 +421,11 @@ impl ChatApi for GenesysApi {
 
     fn leave(&self, chat: &ChatRef) -> BoxFuture<'static, Result<(), ApiError>> {
         let inner = self.inner.clone();
-        let url = self.url(&p::path::member(&chat.conversation_id, &chat.member_id));
+        let (conv, member) = match member_segments(chat) {
+            Ok(ids) => ids,
+            Err(e) => return refused(e),
+        };
+        let url = self.url(&p::path::member(&conv, &member));
         let jwt = chat.jwt.clone();
         async move {
             inner
@@ -407,10 +442,11 @@ impl ChatApi for GenesysApi {
         body: String,
     ) -> BoxFuture<'static, Result<ChatMessage, ApiError>> {
         let inner = self.inner.clone();
-        let url = self.url(&p::path::member_messages(
-            &chat.conversation_id,
-            &chat.member_id,
-        ));
+        let (conv, member) = match member_segments(chat) {
+            Ok(ids) => ids,
+            Err(e) => return refused(e),
+        };
+        let url = self.url(&p::path::member_messages(&conv, &member));
         let jwt = chat.jwt.clone();
         async move {
             let req = SendMessageRequest {
@@ -429,10 +465,11 @@ impl ChatApi for GenesysApi {
 
     fn send_typing(&self, chat: &ChatRef) -> BoxFuture<'static, Result<(), ApiError>> {
         let inner = self.inner.clone();
-        let url = self.url(&p::path::member_typing(
-            &chat.conversation_id,
-            &chat.member_id,
-        ));
+        let (conv, member) = match member_segments(chat) {
+            Ok(ids) => ids,
+            Err(e) => return refused(e),
+        };
+        let url = self.url(&p::path::member_typing(&conv, &member));
         let jwt = chat.jwt.clone();
         async move {
             inner

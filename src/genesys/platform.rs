@@ -209,10 +209,14 @@ impl PlatformApi {
 
     /// `GET /api/v2/conversations/{id}` (429 and 5xx retried as for the guest API; a 401 renews
     /// the token once).
+    /// The id must pass [`crate::backend::check_id`]: anything else is refused before any
+    /// request (the call carries the organisation's token).
     pub async fn conversation(&self, id: &str) -> Result<Conversation, ApiError> {
+        crate::backend::check_id("conversation_id", id)?;
         let url = format!(
-            "{}/api/v2/conversations/{id}",
-            self.rest.cfg.api_base.trim_end_matches('/')
+            "{}/api/v2/conversations/{}",
+            self.rest.cfg.api_base.trim_end_matches('/'),
+            crate::backend::path_segment(id)
         );
         let mut renew = false;
         loop {
