@@ -195,6 +195,49 @@ pub fn path_segment(s: &str) -> String {
     out
 }
 
+/// Characters of a remote body an error or event may carry.
+pub const EXCERPT_CHARS: usize = 200;
+
+/// A short, safe excerpt of text a remote server sent (an error body, an upgrade refusal), for
+/// error messages and events: control characters become spaces (no terminal escapes or forged
+/// log lines), anything that looks like a bearer token (a JWT `eyJ...`, a dotted token of 32+
+/// characters, an opaque run of 64+) becomes `<redacted>`, and at most `max` characters are
+/// kept (then `...`).
+pub fn excerpt(text: &str, max: usize) -> String {
+    let is_token_char =
+        |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+' | '/' | '=');
+    let mut out = String::new();
+    let mut chars = 0;
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if chars >= max {
+            out.push_str("...");
+            break;
+        }
+        if is_token_char(c) {
+            let end = rest.find(|c: char| !is_token_char(c)).unwrap_or(rest.len());
+            let run = &rest[..end];
+            rest = &rest[end..];
+            let secret = (run.starts_with("eyJ") && run.len() >= 16)
+                || (run.matches('.').count() >= 2 && run.len() >= 32)
+                || run.len() >= 64;
+            let shown = if secret { "<redacted>" } else { run };
+            for c in shown.chars() {
+                if chars >= max {
+                    break;
+                }
+                out.push(c);
+                chars += 1;
+            }
+            continue;
+        }
+        rest = &rest[c.len_utf8()..];
+        out.push(if c.is_control() { ' ' } else { c });
+        chars += 1;
+    }
+    out
+}
+
 /// Everything needed to act for the guest in one chat. Cheap to clone.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatRef {
@@ -434,7 +477,31 @@ pub(crate) mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::{check_id, check_url, path_segment};
+    use super::{check_id, check_url, excerpt, path_segment};
+
+    #[test]
+    fn excerpts_are_short_plain_and_hold_no_token() {
+        let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJlc2lnbmF0dXJl";
+        let body =
+            format!("\u{1b}[31mdenied\r\nfake: line {jwt} id 3f2a9c1d-7b4e-4c1a-9d2e-0123456789ab");
+        let e = excerpt(&body, 200);
+        assert!(!e.contains(jwt) && !e.contains("eyJ"), "{e}");
+        assert!(e.contains("<redacted>"), "{e}");
+        assert!(!e.chars().any(char::is_control), "{e:?}");
+        assert!(
+            e.contains("3f2a9c1d-7b4e-4c1a-9d2e-0123456789ab"),
+            "ids stay: {e}"
+        );
+        let long = excerpt(&"x ".repeat(10_000), 200);
+        assert_eq!(long.chars().count(), 203, "{long}");
+        assert!(long.ends_with("..."));
+        assert_eq!(
+            excerpt(&"a".repeat(500), 200),
+            "<redacted>",
+            "an opaque run"
+        );
+        assert_eq!(excerpt("not found", 200), "not found");
+    }
 
     #[test]
     fn ids_are_ids_and_nothing_that_moves_a_url() {

@@ -136,3 +136,97 @@ async fn an_id_that_is_not_an_id_never_reaches_a_url() {
     finish_ok(d).await;
     emu.shutdown();
 }
+
+/// What a hostile server saw of one exchange: the bytes of its body it could write before
+/// guestd hung up, and whether it was cut off.
+struct Served {
+    written: usize,
+    cut_off: bool,
+}
+
+/// A tiny hostile HTTP server on loopback: answers one request with `status` and a body of
+/// `total` bytes (`head` first, then filler), in chunks, without a Content-Length (chunked
+/// framing would be kinder; this one ends the body by closing). Reports what it managed to
+/// write.
+async fn hostile_once(
+    status: u16,
+    head: &'static str,
+    total: usize,
+) -> (String, tokio::sync::oneshot::Receiver<Served>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut req = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tcp.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the client hung up before its request");
+            req.extend_from_slice(&buf[..n]);
+        }
+        let reply = format!(
+            "HTTP/1.1 {status} Whatever\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
+        );
+        tcp.write_all(reply.as_bytes()).await.unwrap();
+        let mut written = 0;
+        let mut cut_off = false;
+        let filler = vec![b'A'; 64 * 1024];
+        if tcp.write_all(head.as_bytes()).await.is_err() {
+            cut_off = true;
+        }
+        written += head.len();
+        while !cut_off && written < total {
+            match tcp.write_all(&filler).await {
+                Ok(()) => written += filler.len(),
+                Err(_) => cut_off = true,
+            }
+        }
+        let _ = tx.send(Served { written, cut_off });
+    });
+    (base, rx)
+}
+
+const HOSTILE_HEAD: &str = "\u{1b}[31mboom\r\nfake log line eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJlc2lnbmF0dXJl ";
+
+/// A server answering 500 (or 200) with 100 MB: guestd reads a bounded prefix, hangs up, and
+/// its error is a short sanitized excerpt, not the body.
+#[tokio::test]
+async fn a_huge_reply_is_cut_and_never_echoed() {
+    const TOTAL: usize = 100 << 20;
+    for (status, rid) in [(500u16, "err"), (200, "ok")] {
+        let (base, served) = hostile_once(status, HOSTILE_HEAD, TOTAL).await;
+        let mut env = fast_env(&emulator(quick()).await);
+        env.retain(|(k, _)| k != "GUESTD_GENESYS__API_BASE");
+        env.push(("GUESTD_GENESYS__API_BASE".into(), base));
+        env.push(("GUESTD_REST__MAX_RETRIES".into(), "0".into()));
+        let mut d = Daemon::spawn(env, &[]);
+        d.send(
+            json!({"cmd": "start", "request_id": rid, "queue": "Support", "display_name": "Ann"}),
+        )
+        .await;
+        let r = d.wait(|v| v["request_id"] == rid).await;
+        assert_eq!(r["type"], "command_error", "{r}");
+        let error = r["error"].as_str().unwrap();
+        assert!(
+            error.chars().count() <= 300,
+            "{status}: {} chars",
+            error.chars().count()
+        );
+        assert!(!error.contains("eyJ"), "{error}");
+        assert!(!error.chars().any(char::is_control), "{error:?}");
+        let served = served.await.unwrap();
+        assert!(
+            served.cut_off && served.written < 16 << 20,
+            "{status}: guestd read {} bytes of {TOTAL}",
+            served.written
+        );
+        let err = d.stderr();
+        assert!(
+            !err.contains("eyJhbGciOiJIUzI1NiJ9"),
+            "no token in the logs"
+        );
+        finish_ok(d).await;
+    }
+}

@@ -10,8 +10,8 @@ use super::protocol::{
     SendMessageRequest,
 };
 use crate::backend::{
-    ApiError, ChatApi, ChatEvent, ChatMember, ChatMessage, ChatRef, MemberState, MessageKind, Role,
-    StartSpec, check_id, check_url, path_segment,
+    ApiError, ChatApi, ChatEvent, ChatMember, ChatMessage, ChatRef, EXCERPT_CHARS, MemberState,
+    MessageKind, Role, StartSpec, check_id, check_url, excerpt, path_segment,
 };
 use crate::backoff_policy::{Backoff, BackoffConfig};
 use crate::secret::Secret;
@@ -179,10 +179,16 @@ impl Inner {
                         if status == StatusCode::NO_CONTENT {
                             return Ok(None);
                         }
-                        let bytes = resp
-                            .bytes()
-                            .await
-                            .map_err(|e| ApiError::Transport(transport_text(&e)))?;
+                        let bytes = match read_limited(resp, reply_limit(name)).await {
+                            Ok(Body::Whole(b)) => b,
+                            Ok(Body::Cut(_)) => {
+                                return Err(ApiError::Decode(format!(
+                                    "{name}: the reply is over {} bytes",
+                                    reply_limit(name)
+                                )));
+                            }
+                            Err(e) => return Err(ApiError::Transport(transport_text(&e))),
+                        };
                         if bytes.is_empty() {
                             return Ok(None);
                         }
@@ -196,10 +202,7 @@ impl Inner {
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.trim().parse::<u64>().ok())
                         .map(Duration::from_secs);
-                    let text = resp.text().await.unwrap_or_default();
-                    let message = serde_json::from_str::<ErrorBody>(&text)
-                        .map(|b| b.message)
-                        .unwrap_or(text);
+                    let message = error_message(resp).await;
                     match status.as_u16() {
                         401 => return Err(ApiError::Unauthorized(message)),
                         404 => return Err(ApiError::NotFound(message)),
@@ -223,6 +226,65 @@ impl Inner {
             tokio::time::sleep(delay).await;
         }
     }
+}
+
+/// Largest reply body read for a listing page (`list_messages`, Web Messaging `history`): a
+/// page of 100 messages of 4,000 four-byte characters is about 1.6 MB.
+pub const MAX_PAGE_REPLY: usize = 4 << 20;
+/// Largest reply body read for any other call (a create answer, a members page, a
+/// conversation, `config.json`: a few KiB each).
+pub const MAX_REPLY: usize = 1 << 20;
+/// Bytes of an error reply read, for its message (then the connection is dropped).
+pub const MAX_ERROR_BODY: usize = 64 << 10;
+
+/// The most bytes read for a successful reply to `call`.
+fn reply_limit(call: &str) -> usize {
+    match call {
+        "list_messages" | "history" => MAX_PAGE_REPLY,
+        _ => MAX_REPLY,
+    }
+}
+
+/// A reply body read with a limit.
+pub(crate) enum Body {
+    /// All of it.
+    Whole(Vec<u8>),
+    /// Its first `limit` bytes; the rest was never read.
+    Cut(Vec<u8>),
+}
+
+/// Read at most `limit` bytes of `resp`'s body: a larger one is cut there
+/// and the response dropped (its connection closed), so a hostile or broken server cannot make
+/// guestd hold more than `limit` bytes for it.
+pub(crate) async fn read_limited(
+    mut resp: reqwest::Response,
+    limit: usize,
+) -> Result<Body, reqwest::Error> {
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        let room = limit - out.len();
+        if chunk.len() > room {
+            out.extend_from_slice(&chunk[..room]);
+            return Ok(Body::Cut(out));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(Body::Whole(out))
+}
+
+/// The message of an error reply: the platform's `message` when the body is its error shape,
+/// else the body itself; either way a short sanitized [`excerpt`] of at most
+/// [`EXCERPT_CHARS`], read from at most [`MAX_ERROR_BODY`] bytes.
+pub(crate) async fn error_message(resp: reqwest::Response) -> String {
+    let bytes = match read_limited(resp, MAX_ERROR_BODY).await {
+        Ok(Body::Whole(b)) | Ok(Body::Cut(b)) => b,
+        Err(_) => Vec::new(),
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    let message = serde_json::from_str::<ErrorBody>(&text)
+        .map(|b| b.message)
+        .unwrap_or_else(|_| text.into_owned());
+    excerpt(&message, EXCERPT_CHARS)
 }
 
 /// reqwest's error text without the URL (which is harmless here, but keep lines short).

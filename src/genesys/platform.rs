@@ -139,6 +139,9 @@ pub fn platform_reason(c: &Conversation) -> Result<EndReason, String> {
     }
 }
 
+/// Largest token reply read (an access token and its lifetime: well under 4 KiB).
+const MAX_TOKEN_REPLY: usize = 64 << 10;
+
 /// The Platform API client.
 pub struct PlatformApi {
     rest: Inner,
@@ -196,10 +199,17 @@ impl PlatformApi {
             access_token: String,
             expires_in: u64,
         }
-        let t: Token = resp
-            .json()
-            .await
-            .map_err(|e| ApiError::Decode(format!("token: {e}")))?;
+        let bytes = match super::client::read_limited(resp, MAX_TOKEN_REPLY).await {
+            Ok(super::client::Body::Whole(b)) => b,
+            Ok(super::client::Body::Cut(_)) => {
+                return Err(ApiError::Decode(format!(
+                    "token: the reply is over {MAX_TOKEN_REPLY} bytes"
+                )));
+            }
+            Err(e) => return Err(ApiError::Transport(e.to_string())),
+        };
+        let t: Token =
+            serde_json::from_slice(&bytes).map_err(|e| ApiError::Decode(format!("token: {e}")))?;
         metrics::counter!("guestd_platform_tokens_total").increment(1);
         let token = Secret::new(t.access_token);
         let life = Duration::from_secs(t.expires_in.max(1));
