@@ -156,6 +156,68 @@ pub fn check_url(url: &str, allow_insecure: bool) -> Result<(), PolicyError> {
     }
 }
 
+/// The hosts a stream URL may name by default, given the API base: the API's own host and,
+/// for a name of three labels or more, every host under its parent domain
+/// (`https://api.mypurecloud.com` -> `api.mypurecloud.com`, `*.mypurecloud.com`; the
+/// emulator's `http://127.0.0.1:8780` -> `127.0.0.1`). A two-label name or an address gives
+/// only itself: `*.com` would allow anything.
+pub fn default_stream_hosts(api_base: &str) -> Vec<String> {
+    let Some(host) = url::Url::parse(api_base)
+        .ok()
+        .and_then(|u| u.host_str().map(|h| h.to_ascii_lowercase()))
+    else {
+        return Vec::new();
+    };
+    let mut out = vec![host.clone()];
+    let is_name = matches!(url::Host::parse(&host), Ok(url::Host::Domain(_)));
+    if let (true, Some((_, parent))) = (is_name, host.split_once('.')) {
+        if parent.contains('.') {
+            out.push(format!("*.{parent}"));
+        }
+    }
+    out
+}
+
+/// Whether `host` is one `rules` names: a rule is a host (`streaming.example.com`,
+/// `127.0.0.1`, `[::1]`) or `*.<domain>` for that domain and every name under it. Case does
+/// not matter; ports are not compared.
+pub fn host_allowed(host: &str, rules: &[String]) -> bool {
+    let host = host.to_ascii_lowercase();
+    rules.iter().any(|r| {
+        let r = r.trim().to_ascii_lowercase();
+        match r.strip_prefix("*.") {
+            Some(domain) => host == domain || host.ends_with(&format!(".{domain}")),
+            None => host == r,
+        }
+    })
+}
+
+/// The stream URL policy: [`check_url`], then, when `hosts` names any, the URL's host must be
+/// one of them (see [`host_allowed`]). An `attach` names its own `eventStreamUri`; without this
+/// rule it could point guestd at any internal service.
+pub fn check_stream_url(
+    url: &str,
+    allow_insecure: bool,
+    hosts: &[String],
+) -> Result<(), PolicyError> {
+    check_url(url, allow_insecure)?;
+    if hosts.is_empty() {
+        return Ok(());
+    }
+    let host = url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string))
+        .unwrap_or_default();
+    if host_allowed(&host, hosts) {
+        Ok(())
+    } else {
+        Err(PolicyError(format!(
+            "stream host {host} is not the platform's ({}); genesys.stream_hosts can add hosts",
+            hosts.join(", ")
+        )))
+    }
+}
+
 /// Longest id guestd puts into a URL. Genesys ids are UUIDs (36 characters).
 pub const MAX_ID_LEN: usize = 128;
 
@@ -477,7 +539,39 @@ pub(crate) mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::{check_id, check_url, excerpt, path_segment};
+    use super::{
+        check_id, check_stream_url, check_url, default_stream_hosts, excerpt, path_segment,
+    };
+
+    #[test]
+    fn streams_stay_on_the_platforms_hosts() {
+        let rules = default_stream_hosts("https://api.mypurecloud.com");
+        assert_eq!(rules, ["api.mypurecloud.com", "*.mypurecloud.com"]);
+        for ok in [
+            "wss://streaming.mypurecloud.com/v2/x",
+            "wss://api.mypurecloud.com/x",
+            "wss://A.B.MyPureCloud.com:8443/x",
+        ] {
+            assert!(check_stream_url(ok, false, &rules).is_ok(), "{ok}");
+        }
+        for bad in [
+            "wss://mypurecloud.com.evil.example/x",
+            "wss://evilmypurecloud.com/x",
+            "wss://169.254.169.254/latest",
+            "ws://127.0.0.1:8080/x",
+        ] {
+            assert!(check_stream_url(bad, false, &rules).is_err(), "{bad}");
+        }
+        let emu = default_stream_hosts("http://127.0.0.1:8780");
+        assert_eq!(emu, ["127.0.0.1"]);
+        assert!(check_stream_url("ws://127.0.0.1:9/v2/stream/c", false, &emu).is_ok());
+        assert!(check_stream_url("ws://127.0.0.2:9/v2/stream/c", false, &emu).is_err());
+        assert_eq!(default_stream_hosts("https://example.com"), ["example.com"]);
+        let extra = vec!["*.example.net".to_string(), "[::1]".to_string()];
+        assert!(check_stream_url("wss://s.example.net/x", false, &extra).is_ok());
+        assert!(check_stream_url("ws://[::1]:1/x", false, &extra).is_ok());
+        assert!(check_stream_url("wss://anything.example/x", false, &[]).is_ok());
+    }
 
     #[test]
     fn excerpts_are_short_plain_and_hold_no_token() {

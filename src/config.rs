@@ -328,6 +328,10 @@ pub struct GenesysSection {
     /// Extra trusted root certificates (PEM), added to the webpki roots: a corporate TLS proxy,
     /// or a test server. Verification itself is never turned off.
     pub extra_ca_file: Option<PathBuf>,
+    /// More hosts an event stream (an `attach`'s `eventStreamUri`, a create reply's) may name:
+    /// `host` or `*.domain`. The API host and its parent domain are always allowed
+    /// (`crate::backend::default_stream_hosts`).
+    pub stream_hosts: Vec<String>,
 }
 
 impl Default for GenesysSection {
@@ -338,6 +342,7 @@ impl Default for GenesysSection {
             deployment_id: String::new(),
             allow_insecure: false,
             extra_ca_file: None,
+            stream_hosts: Vec::new(),
         }
     }
 }
@@ -638,6 +643,15 @@ impl Config {
                 msg: msg.into(),
             })
         };
+        for h in &self.genesys.stream_hosts {
+            let name = h.strip_prefix("*.").unwrap_or(h);
+            if name.trim().is_empty() || name.contains(['/', '*', ' ']) {
+                return bad(
+                    "genesys.stream_hosts",
+                    "each entry is a host (\"streams.example.net\") or \"*.domain\"",
+                );
+            }
+        }
         let s = &self.session;
         if s.heartbeat_interval.is_zero() {
             return bad("session.heartbeat_interval", "must be > 0");

@@ -132,6 +132,22 @@ fn rest_config(
     }
 }
 
+/// The hosts streams may be opened to: the guest API's host and parent domain, the Web
+/// Messaging socket's host (from the configuration, like the API base), and
+/// `genesys.stream_hosts`.
+fn stream_hosts(cfg: &Config) -> Vec<String> {
+    let mut hosts = crate::backend::default_stream_hosts(&cfg.genesys.api_base);
+    let wm = crate::webmessaging::client::Endpoints::of(&cfg.web_messaging);
+    if let Some(h) = url::Url::parse(&wm.socket)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_ascii_lowercase))
+    {
+        hosts.push(h);
+    }
+    hosts.extend(cfg.genesys.stream_hosts.iter().cloned());
+    hosts
+}
+
 /// Start guestd with `sink` for events and optionally `stdin` for commands.
 pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
     cfg: Config,
@@ -199,6 +215,7 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
             lean_tls: cfg.stream.lean_tls,
             lean_ws: cfg.stream.lean_ws,
             extra_roots: connector_roots.clone(),
+            allowed_hosts: stream_hosts(&cfg),
         },
         cfg.stream.max_concurrent_connects,
     );

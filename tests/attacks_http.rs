@@ -230,3 +230,77 @@ async fn a_huge_reply_is_cut_and_never_echoed() {
         finish_ok(d).await;
     }
 }
+
+/// An `attach` whose stream URL names a host outside the platform's (its API host, that host's
+/// parent domain, `genesys.stream_hosts`) is refused as `invalid` before any connection: a
+/// listener on 127.0.0.2 (the emulator is on 127.0.0.1) accepts nothing. The platform's own
+/// host still works, and `genesys.stream_hosts` adds one.
+#[tokio::test]
+async fn a_stream_url_off_the_platform_is_refused_before_connecting() {
+    use futures::FutureExt;
+    // Two addresses, one world: chats alternate their eventStreamUri between them.
+    let emu = guestd::emulator::Emulator::start_multi(
+        quick(),
+        &[
+            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.3:0".parse().unwrap(),
+        ],
+    )
+    .await
+    .unwrap();
+    let foreign = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let foreign_port = foreign.local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut env = with_http(fast_env(&emu), &addr);
+    env.push((
+        "GUESTD_GENESYS__STREAM_HOSTS".into(),
+        r#"["127.0.0.3"]"#.into(),
+    ));
+    let mut d = Daemon::spawn(env, &[]);
+    started(&mut d).await;
+    let on_first = Guest::create(&emu).await;
+    let on_second = Guest::create(&emu).await;
+    assert!(on_first.uri.contains("127.0.0.1:"), "{}", on_first.uri);
+    assert!(on_second.uri.contains("127.0.0.3:"), "{}", on_second.uri);
+    let attach = |g: &Guest, uri: String| {
+        json!({"conversation_id": g.id, "member_id": g.member, "jwt": g.jwt, "event_stream_uri": uri})
+            .to_string()
+    };
+    for uri in [
+        format!("ws://127.0.0.2:{foreign_port}/v2/stream/{}", on_first.id),
+        format!("ws://localhost:{foreign_port}/v2/stream/{}", on_first.id),
+    ] {
+        let (status, body) = http(
+            &addr,
+            "POST",
+            "/v1/sessions/attach",
+            Some(&attach(&on_first, uri.clone())),
+        )
+        .await;
+        assert_eq!(status, 400, "{uri}: {body}");
+        assert!(
+            body.contains("\"code\":\"invalid\"") && body.contains("stream host"),
+            "{body}"
+        );
+    }
+    // The platform's host, and the one stream_hosts adds, work.
+    for g in [&on_first, &on_second] {
+        let (status, body) = http(
+            &addr,
+            "POST",
+            "/v1/sessions/attach",
+            Some(&attach(g, g.uri.clone())),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        let session: serde_json::Value = serde_json::from_str(&body).unwrap();
+        d.wait_type(session["session"].as_str().unwrap(), "connected")
+            .await;
+    }
+    assert!(
+        foreign.accept().now_or_never().is_none(),
+        "guestd connected to the foreign host"
+    );
+    finish_ok(d).await;
+    emu.shutdown();
+}
