@@ -497,6 +497,13 @@ pub struct ControlSection {
     pub token_file: Option<PathBuf>,
     /// The token itself, for `GUESTD_CONTROL__TOKEN`; never logged. `token_file` wins.
     pub token: Option<crate::secret::Secret>,
+    /// HTTP connections open at once (beyond them, probe slots; see `control::serve`).
+    pub max_connections: usize,
+    /// HTTP connections open at once from one peer address.
+    pub max_connections_per_peer: usize,
+    /// Time a client has to send a whole request body.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
 }
 
 impl ControlSection {
@@ -527,6 +534,9 @@ impl Default for ControlSection {
             allowed_origins: Vec::new(),
             token_file: None,
             token: None,
+            max_connections: crate::control::MAX_HTTP_CONNECTIONS,
+            max_connections_per_peer: crate::control::MAX_HTTP_CONNECTIONS_PER_PEER,
+            body_timeout: crate::control::HTTP_BODY_TIMEOUT,
         }
     }
 }
@@ -742,6 +752,15 @@ impl Config {
                     "control.http_listen",
                     "must be a loopback address unless allow_non_loopback = true",
                 );
+            }
+            if self.control.max_connections == 0 || self.control.max_connections_per_peer == 0 {
+                return bad(
+                    "control.max_connections",
+                    "max_connections and max_connections_per_peer are at least 1",
+                );
+            }
+            if self.control.body_timeout.is_zero() {
+                return bad("control.body_timeout", "must be above 0");
             }
             if let Err(e) = self.control.bearer_token() {
                 return bad("control.token_file", &e);

@@ -285,10 +285,20 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
             HttpState {
                 sup: sup.clone(),
                 ready: ready_rx,
+                body_timeout: cfg.control.body_timeout,
             },
             access,
         );
-        tokio::spawn(control::serve(listener, app, control_cancel.clone()));
+        tokio::spawn(control::serve(
+            listener,
+            app,
+            control_cancel.clone(),
+            control::HttpLimits {
+                max_connections: cfg.control.max_connections,
+                max_per_peer: cfg.control.max_connections_per_peer,
+                body_timeout: cfg.control.body_timeout,
+            },
+        ));
         tracing::info!(addr = %local, "HTTP API listening");
         Some(local)
     } else {

@@ -304,3 +304,95 @@ async fn a_stream_url_off_the_platform_is_refused_before_connecting() {
     finish_ok(d).await;
     emu.shutdown();
 }
+
+/// A raw TCP connection to `addr` from the loopback address `from` (127.0.0.x: each is its own
+/// peer to guestd).
+async fn connect_from(from: &str, addr: &str) -> tokio::net::TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    sock.connect(addr.parse().unwrap()).await.unwrap()
+}
+
+/// Send one request on `tcp` and read the whole answer until guestd closes the connection.
+async fn request_on(mut tcp: tokio::net::TcpStream, req: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, tcp.read_to_end(&mut out))
+        .await
+        .expect("an answer in time");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Many connections trickling their bodies: each is closed (408) once the body timeout passes,
+/// one peer cannot take more than its share, and while the pool is full `/healthz` still
+/// answers at once (a probe slot) where other paths get 503. Bounds lowered by configuration
+/// (`control.max_connections` 16, per peer 4, `control.body_timeout` 1 s) to keep it quick.
+#[tokio::test]
+async fn trickled_bodies_time_out_and_probes_answer_while_the_pool_is_full() {
+    use tokio::io::AsyncWriteExt;
+    const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+    let emu = emulator(quick()).await;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut env = with_http(fast_env(&emu), &addr);
+    env.push(("GUESTD_CONTROL__MAX_CONNECTIONS".into(), "16".into()));
+    env.push((
+        "GUESTD_CONTROL__MAX_CONNECTIONS_PER_PEER".into(),
+        "4".into(),
+    ));
+    env.push(("GUESTD_CONTROL__BODY_TIMEOUT".into(), "1s".into()));
+    let mut d = Daemon::spawn(env, &[]);
+    started(&mut d).await;
+    let head = format!(
+        "POST /v1/sessions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{"
+    );
+    let t0 = std::time::Instant::now();
+    // Four peers, four trickling connections each: the whole pool.
+    let mut trickling = Vec::new();
+    for peer in ["127.0.0.11", "127.0.0.12", "127.0.0.13", "127.0.0.14"] {
+        for _ in 0..4 {
+            let mut tcp = connect_from(peer, &addr).await;
+            tcp.write_all(head.as_bytes()).await.unwrap();
+            trickling.push(tokio::spawn(request_on(tcp, "\"")));
+        }
+    }
+    // A fifth connection of a peer at its share, and a new peer while the pool is full: only
+    // probes answer.
+    let full = |path: &str, body: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let start = full(
+        "/v1/sessions",
+        r#"{"queue":"Support","display_name":"Ann"}"#,
+    );
+    let r = request_on(connect_from("127.0.0.11", &addr).await, &start).await;
+    assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+    assert!(r.contains("too_many_connections"), "{r}");
+    let r = request_on(connect_from("127.0.0.20", &addr).await, &start).await;
+    assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+    let probe_at = std::time::Instant::now();
+    let r = request_on(
+        connect_from("127.0.0.20", &addr).await,
+        &format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n"),
+    )
+    .await;
+    let probe_took = probe_at.elapsed();
+    assert!(r.starts_with("HTTP/1.1 200") && r.ends_with("ok\n"), "{r}");
+    assert!(probe_took < BODY_TIMEOUT / 2, "healthz took {probe_took:?}");
+    assert!(t0.elapsed() < BODY_TIMEOUT, "the pool was full all along");
+    // Every trickling connection: 408, then closed, after the body timeout and not long after.
+    for t in trickling {
+        let r = t.await.unwrap();
+        assert!(r.starts_with("HTTP/1.1 408"), "{r}");
+    }
+    let took = t0.elapsed();
+    assert!(
+        took >= BODY_TIMEOUT && took < BODY_TIMEOUT + std::time::Duration::from_secs(3),
+        "{took:?}"
+    );
+    finish_ok(d).await;
+    emu.shutdown();
+}
