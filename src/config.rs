@@ -365,6 +365,10 @@ pub struct GenesysSection {
     /// Extra trusted root certificates (PEM), added to the webpki roots: a corporate TLS proxy,
     /// or a test server. Verification itself is never turned off.
     pub extra_ca_file: Option<PathBuf>,
+    /// More hosts an event stream (an `attach`'s `eventStreamUri`, a create reply's) may name:
+    /// `host` or `*.domain`. The API host and its parent domain are always allowed
+    /// (`crate::backend::default_stream_hosts`).
+    pub stream_hosts: Vec<String>,
 }
 
 impl Default for GenesysSection {
@@ -375,6 +379,7 @@ impl Default for GenesysSection {
             deployment_id: String::new(),
             allow_insecure: false,
             extra_ca_file: None,
+            stream_hosts: Vec::new(),
         }
     }
 }
@@ -529,6 +534,13 @@ pub struct ControlSection {
     pub token_file: Option<PathBuf>,
     /// The token itself, for `GUESTD_CONTROL__TOKEN`; never logged. `token_file` wins.
     pub token: Option<crate::secret::Secret>,
+    /// HTTP connections open at once (beyond them, probe slots; see `control::serve`).
+    pub max_connections: usize,
+    /// HTTP connections open at once from one peer address.
+    pub max_connections_per_peer: usize,
+    /// Time a client has to send a whole request body.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
 }
 
 impl ControlSection {
@@ -558,6 +570,9 @@ impl Default for ControlSection {
             allowed_origins: Vec::new(),
             token_file: None,
             token: None,
+            max_connections: crate::control::MAX_HTTP_CONNECTIONS,
+            max_connections_per_peer: crate::control::MAX_HTTP_CONNECTIONS_PER_PEER,
+            body_timeout: crate::control::HTTP_BODY_TIMEOUT,
         }
     }
 }
@@ -674,6 +689,15 @@ impl Config {
                 msg: msg.into(),
             })
         };
+        for h in &self.genesys.stream_hosts {
+            let name = h.strip_prefix("*.").unwrap_or(h);
+            if name.trim().is_empty() || name.contains(['/', '*', ' ']) {
+                return bad(
+                    "genesys.stream_hosts",
+                    "each entry is a host (\"streams.example.net\") or \"*.domain\"",
+                );
+            }
+        }
         let s = &self.session;
         if s.heartbeat_interval.is_zero() {
             return bad("session.heartbeat_interval", "must be > 0");
@@ -771,6 +795,15 @@ impl Config {
                     "control.http_listen",
                     "must be a loopback address unless allow_non_loopback = true",
                 );
+            }
+            if self.control.max_connections == 0 || self.control.max_connections_per_peer == 0 {
+                return bad(
+                    "control.max_connections",
+                    "max_connections and max_connections_per_peer are at least 1",
+                );
+            }
+            if self.control.body_timeout.is_zero() {
+                return bad("control.body_timeout", "must be above 0");
             }
             if let Err(e) = self.control.bearer_token() {
                 return bad("control.token_file", &e);

@@ -681,6 +681,8 @@ pub struct HttpState {
     pub sup: Supervisor,
     /// Ready once the journal is replayed and until shutdown.
     pub ready: tokio::sync::watch::Receiver<bool>,
+    /// Time a client has to send a whole request body (`control.body_timeout`).
+    pub body_timeout: std::time::Duration,
 }
 
 /// An HTTP error reply: `{"error": ..., "code": ...}` with its status.
@@ -816,26 +818,116 @@ fn body_command(name: &str, session: &str, body: &Bytes) -> Result<Command, Http
         .map_err(|e| HttpError::new(StatusCode::BAD_REQUEST, e, "invalid"))
 }
 
-/// HTTP connections open at once; beyond this, new ones are closed at once (counted in
+/// HTTP connections open at once (the default of `control.max_connections`); beyond this, new
+/// ones get a probe slot or are closed at once (counted in
 /// `guestd_http_refused_total{code="too_many_connections"}`), so idle clients cannot exhaust
 /// the open-file limit that sessions need.
 pub const MAX_HTTP_CONNECTIONS: usize = 512;
+/// HTTP connections open at once from one peer address (the default of
+/// `control.max_connections_per_peer`): one client cannot take the whole pool.
+pub const MAX_HTTP_CONNECTIONS_PER_PEER: usize = 64;
 /// A client must send a request's headers within this (an idle or slow-loris connection is
 /// closed).
 pub const HTTP_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// A client must send a request's whole body within this (the default of
+/// `control.body_timeout`); a body still trickling in then gets 408 and the connection is
+/// closed.
+pub const HTTP_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Largest request body, bytes (as a stdin command line); larger gets 413.
+pub const MAX_HTTP_BODY: usize = MAX_LINE;
 /// The longest one connection may live, whatever it does.
 pub const HTTP_CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(300);
+/// Connections held apart, beyond `max_connections`, for probes: while the general pool (or a
+/// peer's share of it) is full, a new connection gets one of these; it serves `/healthz`,
+/// `/readyz` and `/metrics` only (anything else: 503), one request, for at most
+/// [`PROBE_LIFETIME`].
+pub const PROBE_SLOTS: usize = 16;
+/// Probe slots one peer address may hold at once.
+pub const PROBE_SLOTS_PER_PEER: usize = 2;
+/// The longest a probe connection lives (headers included).
+pub const PROBE_LIFETIME: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Serve `app` on `listener` until `stop`: HTTP/1 with a header timeout, a lifetime and a cap
-/// on connections (axum::serve has none of the three).
+/// The bounds of the HTTP listener (see the constants for what each means).
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// General connections at once.
+    pub max_connections: usize,
+    /// General connections at once per peer address.
+    pub max_per_peer: usize,
+    /// Time to send a whole request body.
+    pub body_timeout: std::time::Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_connections: MAX_HTTP_CONNECTIONS,
+            max_per_peer: MAX_HTTP_CONNECTIONS_PER_PEER,
+            body_timeout: HTTP_BODY_TIMEOUT,
+        }
+    }
+}
+
+/// Connections counted per peer address, in one pool (general or probe). A [`PeerSlot`] gives
+/// its count back when dropped.
+#[derive(Default)]
+struct PeerCounts(std::sync::Mutex<HashMap<std::net::IpAddr, usize>>);
+
+/// One connection of a peer, counted until dropped.
+struct PeerSlot {
+    counts: Arc<PeerCounts>,
+    ip: std::net::IpAddr,
+}
+
+impl PeerCounts {
+    /// Count one more connection of `ip` unless it holds `max` already.
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<PeerSlot> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            counts: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut m = self.counts.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Whether `path` is a probe's (answered on probe slots too).
+fn is_probe(path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz" | "/metrics")
+}
+
+/// Serve `app` on `listener` until `stop`: HTTP/1 with a header timeout, a body timeout (in
+/// [`router`]), a lifetime, a cap on connections and one per peer, and probe slots held apart
+/// so `/healthz`, `/readyz` and `/metrics` answer while the pool is full (axum::serve has none
+/// of these).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     stop: tokio_util::sync::CancellationToken,
+    limits: HttpLimits,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_HTTP_CONNECTIONS));
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let probe_slots = Arc::new(Semaphore::new(PROBE_SLOTS));
+    let peers = Arc::new(PeerCounts::default());
+    let probe_peers = Arc::new(PeerCounts::default());
     loop {
-        let (tcp, _) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             _ = stop.cancelled() => break,
             a = listener.accept() => match a {
                 Ok(a) => a,
@@ -847,22 +939,109 @@ pub async fn serve(
                 }
             },
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
+        let general = peers
+            .take(peer.ip(), limits.max_per_peer.max(1))
+            .and_then(|p| Some((p, slots.clone().try_acquire_owned().ok()?)));
+        if let Some((peer_slot, slot)) = general {
+            let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+            tokio::spawn(async move {
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HTTP_HEADER_TIMEOUT)
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
+                let _ = tokio::time::timeout(HTTP_CONNECTION_LIFETIME, conn).await;
+                drop((slot, peer_slot));
+            });
+            continue;
+        }
+        let probe = probe_peers
+            .take(peer.ip(), PROBE_SLOTS_PER_PEER)
+            .and_then(|p| Some((p, probe_slots.clone().try_acquire_owned().ok()?)));
+        let Some((peer_slot, slot)) = probe else {
             metrics::counter!("guestd_http_refused_total", "code" => "too_many_connections")
                 .increment(1);
             drop(tcp);
             continue;
         };
-        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        let inner = hyper_util::service::TowerToHyperService::new(app.clone());
+        let svc = hyper::service::service_fn(
+            move |req: axum::extract::Request<hyper::body::Incoming>| {
+                let probe = is_probe(req.uri().path());
+                let answer = probe.then(|| hyper::service::Service::call(&inner, req));
+                async move {
+                    if let Some(answer) = answer {
+                        answer.await
+                    } else {
+                        metrics::counter!("guestd_http_refused_total", "code" => "too_many_connections")
+                        .increment(1);
+                        let mut r = HttpError::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "too many connections: only /healthz, /readyz and /metrics answer now",
+                            "too_many_connections",
+                        )
+                        .into_response();
+                        r.headers_mut().insert(
+                            axum::http::header::CONNECTION,
+                            axum::http::HeaderValue::from_static("close"),
+                        );
+                        Ok::<_, std::convert::Infallible>(r)
+                    }
+                }
+            },
+        );
         tokio::spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HTTP_HEADER_TIMEOUT)
+                .header_read_timeout(PROBE_LIFETIME)
+                .keep_alive(false)
                 .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
-            let _ = tokio::time::timeout(HTTP_CONNECTION_LIFETIME, conn).await;
-            drop(slot);
+            let _ = tokio::time::timeout(PROBE_LIFETIME, conn).await;
+            drop((slot, peer_slot));
         });
     }
+}
+
+/// Read the whole request body within the body timeout (and at most [`MAX_HTTP_BODY`]), so a
+/// client trickling its body cannot hold a connection: 408 (or 413) and the connection closes.
+async fn body_deadline(
+    State(timeout): State<std::time::Duration>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (parts, body) = req.into_parts();
+    let refuse = |status, message: &str, code| {
+        let mut r = HttpError::new(status, message, code).into_response();
+        r.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+        r
+    };
+    let bytes = match tokio::time::timeout(timeout, axum::body::to_bytes(body, MAX_HTTP_BODY)).await
+    {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => {
+            metrics::counter!("guestd_http_refused_total", "code" => "body_too_large").increment(1);
+            return refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body too large or broken",
+                "body_too_large",
+            );
+        }
+        Err(_) => {
+            metrics::counter!("guestd_http_refused_total", "code" => "body_timeout").increment(1);
+            return refuse(
+                StatusCode::REQUEST_TIMEOUT,
+                "request body not received in time",
+                "body_timeout",
+            );
+        }
+    };
+    next.run(axum::extract::Request::from_parts(
+        parts,
+        axum::body::Body::from(bytes),
+    ))
+    .await
 }
 
 /// The HTTP API and ops endpoints, behind the access checks of [`crate::access`].
@@ -879,7 +1058,12 @@ pub fn router(st: HttpState, access: crate::access::Access) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(|| async { crate::metrics::render() }))
         .fallback(|| async { HttpError::new(StatusCode::NOT_FOUND, "no such path", "not_found") })
-        .with_state(st)
+        .with_state(st.clone())
+        // Inside the access checks: a refused client's body is never read.
+        .layer(axum::middleware::from_fn_with_state(
+            st.body_timeout,
+            body_deadline,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             Arc::new(access),
             crate::access::guard,

@@ -132,6 +132,22 @@ fn rest_config(
     }
 }
 
+/// The hosts streams may be opened to: the guest API's host and parent domain, the Web
+/// Messaging socket's host (from the configuration, like the API base), and
+/// `genesys.stream_hosts`.
+fn stream_hosts(cfg: &Config) -> Vec<String> {
+    let mut hosts = crate::backend::default_stream_hosts(&cfg.genesys.api_base);
+    let wm = crate::webmessaging::client::Endpoints::of(&cfg.web_messaging);
+    if let Some(h) = url::Url::parse(&wm.socket)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_ascii_lowercase))
+    {
+        hosts.push(h);
+    }
+    hosts.extend(cfg.genesys.stream_hosts.iter().cloned());
+    hosts
+}
+
 /// Start guestd with `sink` for events and optionally `stdin` for commands.
 pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
     cfg: Config,
@@ -211,6 +227,7 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
             lean_tls: cfg.stream.lean_tls,
             lean_ws: cfg.stream.lean_ws,
             extra_roots: connector_roots.clone(),
+            allowed_hosts: stream_hosts(&cfg),
         },
         cfg.stream.max_concurrent_connects,
     );
@@ -259,25 +276,46 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
                 addr: addr.clone(),
                 source,
             })?;
+        let token = cfg
+            .control
+            .bearer_token()
+            .map_err(|e| DaemonError::Listen {
+                addr: addr.clone(),
+                source: std::io::Error::other(e),
+            })?;
+        if token.is_none() && !local.ip().is_loopback() {
+            // Anyone who reaches the address can drive, read and end every chat.
+            tracing::warn!(
+                addr = %local,
+                "the HTTP API has no token and listens beyond loopback: anyone who reaches it \
+                 can drive every chat; set control.token_file (or GUESTD_CONTROL__TOKEN) and \
+                 put TLS in front"
+            );
+        }
         let access = crate::access::Access::new(
             local,
             &cfg.control.allowed_hosts,
             &cfg.control.allowed_origins,
-            cfg.control
-                .bearer_token()
-                .map_err(|e| DaemonError::Listen {
-                    addr: addr.clone(),
-                    source: std::io::Error::other(e),
-                })?,
+            token,
         );
         let app = control::router(
             HttpState {
                 sup: sup.clone(),
                 ready: ready_rx,
+                body_timeout: cfg.control.body_timeout,
             },
             access,
         );
-        tokio::spawn(control::serve(listener, app, control_cancel.clone()));
+        tokio::spawn(control::serve(
+            listener,
+            app,
+            control_cancel.clone(),
+            control::HttpLimits {
+                max_connections: cfg.control.max_connections,
+                max_per_peer: cfg.control.max_connections_per_peer,
+                body_timeout: cfg.control.body_timeout,
+            },
+        ));
         tracing::info!(addr = %local, "HTTP API listening");
         Some(local)
     } else {

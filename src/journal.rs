@@ -202,15 +202,11 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-fn open_0600(path: &Path, truncate: bool) -> std::io::Result<std::fs::File> {
+/// Open (creating) the journal for appending, mode 0600.
+fn open_0600(path: &Path) -> std::io::Result<std::fs::File> {
     let mut o = std::fs::OpenOptions::new();
-    o.create(true);
-    if truncate {
-        o.write(true).truncate(true);
-    } else {
-        // Readable too: compaction reads back its own open file, never the path.
-        o.append(true).read(true);
-    }
+    // Readable too: compaction reads back its own open file, never the path.
+    o.create(true).append(true).read(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
@@ -223,6 +219,38 @@ fn open_0600(path: &Path, truncate: bool) -> std::io::Result<std::fs::File> {
         f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     }
     Ok(f)
+}
+
+/// Create a new file at `path`, mode 0600: never an existing one (O_EXCL) and never through a
+/// symlink (O_NOFOLLOW), so a name planted in the directory is refused, not written through.
+fn create_new_0600(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.mode(0o600).custom_flags(libc::O_NOFOLLOW);
+    }
+    o.open(path)
+}
+
+/// A new temporary file beside `path` (same directory, so the rename is atomic) under a random
+/// name (`.<name>.<128 random bits>.tmp`), made by [`create_new_0600`]; a clash is tried again.
+fn temp_beside(path: &Path) -> std::io::Result<(std::fs::File, PathBuf)> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "journal".into());
+    let mut last = None;
+    for _ in 0..8 {
+        let tmp = path.with_file_name(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
+        match create_new_0600(&tmp) {
+            Ok(f) => return Ok((f, tmp)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no temporary name")))
 }
 
 /// Read a journal file into the sessions it still holds. Unreadable lines (a torn last write,
@@ -377,9 +405,12 @@ fn rewrite(path: &Path, live: &[Recovered]) -> Result<std::fs::File, JournalErro
         path: path.to_path_buf(),
         source,
     };
-    let tmp = path.with_extension("compact");
-    {
-        let mut f = std::io::BufWriter::new(open_0600(&tmp, true).map_err(io)?);
+    // A random name opened with O_EXCL|O_NOFOLLOW: a fixed name (it was `<path>.compact`) lets
+    // anyone who can write the directory plant a symlink there and have the jwts written
+    // through it.
+    let (file, tmp) = temp_beside(path).map_err(io)?;
+    let written = (|| {
+        let mut f = std::io::BufWriter::new(file);
         for r in live {
             let mut recs = vec![Rec::Session(r.record.clone())];
             if let Some(id) = &r.last_message_id {
@@ -408,15 +439,20 @@ fn rewrite(path: &Path, live: &[Recovered]) -> Result<std::fs::File, JournalErro
         }
         let f = f.into_inner().map_err(|e| io(e.into_error()))?;
         f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    })();
+    if written.is_err() {
+        // Leave no half-written copy of the jwts behind.
+        let _ = std::fs::remove_file(&tmp);
     }
-    std::fs::rename(&tmp, path).map_err(io)?;
+    written?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         // The rename is durable once the directory is.
         if let Ok(d) = std::fs::File::open(dir) {
             let _ = d.sync_all();
         }
     }
-    open_0600(path, false).map_err(io)
+    open_0600(path).map_err(io)
 }
 
 /// The journal's writer: a plain thread, since file I/O and fsync block and batching is easiest
@@ -813,6 +849,76 @@ mod compaction_tests {
         let got = load(&path).unwrap();
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].last_message_id.as_deref(), Some("message-01999"));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// A local user who can write the journal's directory plants a symlink where the
+    /// compaction's temporary file used to be (`<journal>.compact`): compaction must neither
+    /// follow it nor touch its target, and leaves no temporary file behind.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn compaction_follows_no_planted_symlink() {
+        let dir = std::env::temp_dir().join(format!("guestd-journal-s-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("journal.jsonl");
+        let victim = dir.join("victim.txt");
+        std::fs::write(&victim, "precious\n").unwrap();
+        std::os::unix::fs::symlink(&victim, path.with_extension("compact")).unwrap();
+        // Open compacts at once; the running journal compacts again past 4 KiB.
+        let (j, _) = FileJournal::open(&path, 4096).unwrap();
+        j.session_started(SessionRecord {
+            session: "a".into(),
+            chat: ChatRef {
+                conversation_id: "c".into(),
+                member_id: "m".into(),
+                jwt: Secret::new("tok"),
+                event_stream_uri: "ws://127.0.0.1:1/x".into(),
+            },
+            started_ms: 1,
+            mode: "start".into(),
+            web_messaging: None,
+        })
+        .await
+        .unwrap();
+        for i in 0..200 {
+            j.progress("a", &format!("message-{i:05}"));
+        }
+        j.sync().await.unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+        let link = std::fs::symlink_metadata(path.with_extension("compact")).unwrap();
+        assert!(link.file_type().is_symlink());
+        assert_eq!(load(&path).unwrap().len(), 1);
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["journal.compact", "journal.jsonl", "victim.txt"]);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// The temporary file is opened with O_EXCL and O_NOFOLLOW: a name someone guessed and
+    /// planted (a symlink, or a file) is refused, never written through.
+    #[cfg(unix)]
+    #[test]
+    fn the_temporary_file_is_never_opened_through_a_planted_name() {
+        let dir = std::env::temp_dir().join(format!("guestd-journal-t-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let victim = dir.join("victim.txt");
+        std::fs::write(&victim, "precious\n").unwrap();
+        let planted = dir.join("planted");
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        assert!(create_new_0600(&planted).is_err());
+        assert!(create_new_0600(&victim).is_err());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+        let (f, tmp) = temp_beside(&dir.join("journal.jsonl")).unwrap();
+        drop(f);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&tmp).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let (_, tmp2) = temp_beside(&dir.join("journal.jsonl")).unwrap();
+        assert_ne!(tmp, tmp2, "names are not predictable");
+        assert_eq!(tmp.parent(), Some(dir.as_path()));
         std::fs::remove_dir_all(&dir).ok();
     }
 }

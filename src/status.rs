@@ -42,6 +42,9 @@ pub async fn status(
     conversation_id: &str,
     jwt: Option<Secret>,
 ) -> Result<ConversationStatus, SupervisorError> {
+    // Before anything else: the id goes into Platform API and guest API URLs.
+    crate::backend::check_id("conversation_id", conversation_id)
+        .map_err(|e| SupervisorError::Invalid(e.to_string()))?;
     let held = sup.get(conversation_id).await.ok();
     status_from(
         held,
@@ -61,6 +64,8 @@ pub async fn status_from(
     conversation_id: &str,
     jwt: Option<Secret>,
 ) -> Result<ConversationStatus, SupervisorError> {
+    crate::backend::check_id("conversation_id", conversation_id)
+        .map_err(|e| SupervisorError::Invalid(e.to_string()))?;
     let mut out = ConversationStatus {
         conversation_id: conversation_id.to_string(),
         alive: true,

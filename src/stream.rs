@@ -10,7 +10,7 @@
 //! or broken server cannot make one session allocate without bound. Measured in
 //! `docs/benchmarks.md`: 4 KiB -> 1 KiB took 3 KiB off every session, no buffer 3 KiB more.
 
-use crate::backend::{ChatRef, PolicyError, check_url};
+use crate::backend::{ChatRef, EXCERPT_CHARS, PolicyError, check_stream_url, excerpt};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -115,6 +115,9 @@ pub struct StreamConfig {
     /// Websocket frames through guestd's own reader and writer, which hold no buffer while
     /// idle (see `crate::leanws`); false: tokio-tungstenite.
     pub lean_ws: bool,
+    /// The hosts a stream may be opened to (`crate::backend::host_allowed` rules); empty: any
+    /// (the daemon always names the platform's, see `crate::backend::default_stream_hosts`).
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for StreamConfig {
@@ -129,6 +132,7 @@ impl Default for StreamConfig {
             extra_roots: Vec::new(),
             lean_tls: true,
             lean_ws: true,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -191,9 +195,10 @@ impl Connector {
         self.peak.load(Ordering::Relaxed)
     }
 
-    /// Whether the URL policy allows `url` (the same policy every stream is opened under).
+    /// Whether the URL policy allows `url` (the same policy every stream is opened under):
+    /// the scheme rule and the allowed hosts.
     pub fn check_url(&self, url: &str) -> Result<(), PolicyError> {
-        check_url(url, self.cfg.allow_insecure)
+        check_stream_url(url, self.cfg.allow_insecure, &self.cfg.allowed_hosts)
     }
 
     /// Open the event stream of `chat` (with its jwt as bearer, if `send_jwt`).
@@ -315,8 +320,10 @@ const REPLY_BUFFER: usize = 1024;
 const READ_CHUNK: usize = 512;
 /// Headers parsed from an upgrade reply.
 const MAX_REPLY_HEADERS: usize = 32;
-/// Characters of a refusal's body kept in the error.
-const REFUSAL_EXCERPT: usize = 200;
+/// Characters of a refusal's body kept in the error (it reaches `reconnecting.cause`): a
+/// sanitized excerpt, never the body (a stream URL pointed at an internal service must not
+/// read its answer back).
+const REFUSAL_EXCERPT: usize = EXCERPT_CHARS / 2;
 
 /// Why a stream could not be opened.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -385,10 +392,11 @@ pub fn parse_upgrade_reply(buf: &[u8], key: &str) -> Result<Option<usize>, Conne
         .map_err(|e| failed(format!("bad handshake reply: {e}")))?;
     let status = resp.code.unwrap_or(0);
     if status != 101 {
-        let body = String::from_utf8_lossy(&buf[head_len..])
-            .chars()
-            .take(REFUSAL_EXCERPT)
-            .collect::<String>();
+        let end = buf.len().min(head_len + 4 * REFUSAL_EXCERPT);
+        let body = excerpt(
+            &String::from_utf8_lossy(&buf[head_len..end]),
+            REFUSAL_EXCERPT,
+        );
         return Err(ConnectError::Refused { status, body });
     }
     let header = |name: &str| {
@@ -466,6 +474,18 @@ mod tests {
                 status: 404,
                 body: "no chat c".into()
             })
+        );
+        // An internal service's answer is not read back: a short sanitized excerpt at most.
+        let mut internal = b"HTTP/1.1 200 OK\r\n\r\n\x1b[2Jsecret-config: eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl\n".to_vec();
+        internal.extend(std::iter::repeat_n(b'k', 10_000));
+        let Err(ConnectError::Refused { status: 200, body }) = parse_upgrade_reply(&internal, key)
+        else {
+            panic!("a 200 is a refusal")
+        };
+        assert!(body.chars().count() <= REFUSAL_EXCERPT + 3, "{body}");
+        assert!(
+            !body.contains("eyJ") && !body.chars().any(char::is_control),
+            "{body:?}"
         );
         let no_upgrade = b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
         assert!(parse_upgrade_reply(no_upgrade, key).is_err());

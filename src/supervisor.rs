@@ -329,6 +329,9 @@ impl Supervisor {
         if chat.jwt.expose().trim().is_empty() {
             return Err(SupervisorError::Invalid("attach needs jwt".into()));
         }
+        // The ids go into every REST URL of the chat.
+        chat.check_ids()
+            .map_err(|e| SupervisorError::Invalid(e.to_string()))?;
         self.ctx
             .connector
             .check_url(&chat.event_stream_uri)

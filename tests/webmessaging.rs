@@ -141,7 +141,7 @@ async fn a_session_lives_by_its_token_and_echoes_every_send() {
     );
     let page: HistoryPage = http
         .get(&url)
-        .bearer_auth(&jwt)
+        .bearer_auth(jwt.expose())
         .send()
         .await
         .unwrap()

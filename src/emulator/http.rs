@@ -136,7 +136,25 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/emulator/stats", get(admin_stats))
         .fallback(|| async { ApiError::not_found("no such path") })
         .layer(axum::middleware::from_fn(json_errors))
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            log_requests,
+        ))
         .with_state(shared)
+}
+
+/// Every request into the request log, before routing (so a path no route knows is seen too).
+async fn log_requests(State(sh): S, req: Request, next: axum::middleware::Next) -> Response {
+    let line = format!(
+        "{} {}",
+        req.method(),
+        req.uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+    );
+    sh.world().record_request(line);
+    next.run(req).await
 }
 
 /// Every error answers as the platform's `ErrorBody` JSON, including those axum makes itself

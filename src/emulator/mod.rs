@@ -355,6 +355,11 @@ impl Emulator {
         self.shared.world().log.clone()
     }
 
+    /// Every HTTP request received so far, as `METHOD /path?query`, routed or not.
+    pub fn requests(&self) -> Vec<String> {
+        self.shared.world().requests.clone()
+    }
+
     /// Counters.
     pub fn stats(&self) -> EmulatorStats {
         let w = self.shared.world();

@@ -120,6 +120,9 @@ pub(crate) struct World {
     pub live_sockets: usize,
     /// Platform API access tokens and when each expires.
     pub platform_tokens: HashMap<String, Instant>,
+    /// Every HTTP request received, as `METHOD /path?query` (bounded by `log_limit`): what a
+    /// client really asked for, routed or not.
+    pub requests: Vec<String>,
 }
 
 pub(crate) fn now_iso() -> String {
@@ -354,7 +357,17 @@ impl World {
             next_socket: 1,
             live_sockets: 0,
             platform_tokens: HashMap::new(),
+            requests: Vec::new(),
         }
+    }
+
+    /// Append to the request log (bounded by `log_limit`, halved when full as the log is).
+    pub fn record_request(&mut self, line: String) {
+        if self.requests.len() >= self.cfg.log_limit {
+            let cut = self.cfg.log_limit / 2;
+            self.requests.drain(..cut.max(1));
+        }
+        self.requests.push(line);
     }
 
     /// Append to the guest-side log (bounded by `log_limit`) and tell subscribers.

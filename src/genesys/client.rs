@@ -10,8 +10,8 @@ use super::protocol::{
     SendMessageRequest,
 };
 use crate::backend::{
-    ApiError, ChatApi, ChatEvent, ChatMember, ChatMessage, ChatRef, MemberState, MessageKind, Role,
-    StartSpec, check_url,
+    ApiError, ChatApi, ChatEvent, ChatMember, ChatMessage, ChatRef, EXCERPT_CHARS, MemberState,
+    MessageKind, Role, StartSpec, check_id, check_url, excerpt, path_segment,
 };
 use crate::backoff_policy::{Backoff, BackoffConfig};
 use crate::secret::Secret;
@@ -75,6 +75,26 @@ impl GenesysApi {
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.inner.cfg.api_base.trim_end_matches('/'))
     }
+}
+
+/// The chat's conversation id as a URL path segment, once it passed [`check_id`].
+fn conv_segment(chat: &ChatRef) -> Result<String, ApiError> {
+    check_id("conversation_id", &chat.conversation_id)?;
+    Ok(path_segment(&chat.conversation_id))
+}
+
+/// Both ids of the chat as URL path segments, once they passed [`check_id`].
+fn member_segments(chat: &ChatRef) -> Result<(String, String), ApiError> {
+    chat.check_ids()?;
+    Ok((
+        path_segment(&chat.conversation_id),
+        path_segment(&chat.member_id),
+    ))
+}
+
+/// A call refused before it was made.
+fn refused<T: Send + 'static>(e: ApiError) -> BoxFuture<'static, Result<T, ApiError>> {
+    futures::future::ready(Err(e)).boxed()
 }
 
 impl Inner {
@@ -159,10 +179,16 @@ impl Inner {
                         if status == StatusCode::NO_CONTENT {
                             return Ok(None);
                         }
-                        let bytes = resp
-                            .bytes()
-                            .await
-                            .map_err(|e| ApiError::Transport(transport_text(&e)))?;
+                        let bytes = match read_limited(resp, reply_limit(name)).await {
+                            Ok(Body::Whole(b)) => b,
+                            Ok(Body::Cut(_)) => {
+                                return Err(ApiError::Decode(format!(
+                                    "{name}: the reply is over {} bytes",
+                                    reply_limit(name)
+                                )));
+                            }
+                            Err(e) => return Err(ApiError::Transport(transport_text(&e))),
+                        };
                         if bytes.is_empty() {
                             return Ok(None);
                         }
@@ -176,10 +202,7 @@ impl Inner {
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.trim().parse::<u64>().ok())
                         .map(Duration::from_secs);
-                    let text = resp.text().await.unwrap_or_default();
-                    let message = serde_json::from_str::<ErrorBody>(&text)
-                        .map(|b| b.message)
-                        .unwrap_or(text);
+                    let message = error_message(resp).await;
                     match status.as_u16() {
                         401 => return Err(ApiError::Unauthorized(message)),
                         404 => return Err(ApiError::NotFound(message)),
@@ -203,6 +226,65 @@ impl Inner {
             tokio::time::sleep(delay).await;
         }
     }
+}
+
+/// Largest reply body read for a listing page (`list_messages`, Web Messaging `history`): a
+/// page of 100 messages of 4,000 four-byte characters is about 1.6 MB.
+pub const MAX_PAGE_REPLY: usize = 4 << 20;
+/// Largest reply body read for any other call (a create answer, a members page, a
+/// conversation, `config.json`: a few KiB each).
+pub const MAX_REPLY: usize = 1 << 20;
+/// Bytes of an error reply read, for its message (then the connection is dropped).
+pub const MAX_ERROR_BODY: usize = 64 << 10;
+
+/// The most bytes read for a successful reply to `call`.
+fn reply_limit(call: &str) -> usize {
+    match call {
+        "list_messages" | "history" => MAX_PAGE_REPLY,
+        _ => MAX_REPLY,
+    }
+}
+
+/// A reply body read with a limit.
+pub(crate) enum Body {
+    /// All of it.
+    Whole(Vec<u8>),
+    /// Its first `limit` bytes; the rest was never read.
+    Cut(Vec<u8>),
+}
+
+/// Read at most `limit` bytes of `resp`'s body: a larger one is cut there
+/// and the response dropped (its connection closed), so a hostile or broken server cannot make
+/// guestd hold more than `limit` bytes for it.
+pub(crate) async fn read_limited(
+    mut resp: reqwest::Response,
+    limit: usize,
+) -> Result<Body, reqwest::Error> {
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        let room = limit - out.len();
+        if chunk.len() > room {
+            out.extend_from_slice(&chunk[..room]);
+            return Ok(Body::Cut(out));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(Body::Whole(out))
+}
+
+/// The message of an error reply: the platform's `message` when the body is its error shape,
+/// else the body itself; either way a short sanitized [`excerpt`] of at most
+/// [`EXCERPT_CHARS`], read from at most [`MAX_ERROR_BODY`] bytes.
+pub(crate) async fn error_message(resp: reqwest::Response) -> String {
+    let bytes = match read_limited(resp, MAX_ERROR_BODY).await {
+        Ok(Body::Whole(b)) | Ok(Body::Cut(b)) => b,
+        Err(_) => Vec::new(),
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    let message = serde_json::from_str::<ErrorBody>(&text)
+        .map(|b| b.message)
+        .unwrap_or_else(|_| text.into_owned());
+    excerpt(&message, EXCERPT_CHARS)
 }
 
 /// reqwest's error text without the URL (which is harmless here, but keep lines short).
@@ -302,6 +384,9 @@ impl ChatApi for GenesysApi {
                 .await?
                 .ok_or_else(|| ApiError::Decode("create: empty reply".into()))?;
             check_url(&r.event_stream_uri, inner.cfg.allow_insecure)?;
+            // Ids the platform hands out go into later URLs: they are held to the same rule.
+            check_id("the created conversation's id", &r.id)?;
+            check_id("the created member's id", &r.member.id)?;
             Ok(ChatRef {
                 conversation_id: r.id,
                 member_id: r.member.id,
@@ -317,9 +402,13 @@ impl ChatApi for GenesysApi {
         chat: &ChatRef,
     ) -> BoxFuture<'static, Result<Vec<ChatMember>, ApiError>> {
         let inner = self.inner.clone();
+        let conv = match conv_segment(chat) {
+            Ok(c) => c,
+            Err(e) => return refused(e),
+        };
         let first = self.url(&format!(
             "{}{}",
-            p::path::members(&chat.conversation_id),
+            p::path::members(&conv),
             p::query_string(&p::MembersQuery {
                 page_size: Some(PAGE),
                 page_number: Some(1),
@@ -353,7 +442,11 @@ impl ChatApi for GenesysApi {
         after: Option<String>,
     ) -> BoxFuture<'static, Result<Vec<ChatMessage>, ApiError>> {
         let inner = self.inner.clone();
-        let base = self.url(&p::path::messages(&chat.conversation_id));
+        let conv = match conv_segment(chat) {
+            Ok(c) => c,
+            Err(e) => return refused(e),
+        };
+        let base = self.url(&p::path::messages(&conv));
         let jwt = chat.jwt.clone();
         // Oldest first, asked explicitly (whatever a server's default order).
         let page_after = move |after: Option<String>| {
@@ -390,7 +483,11 @@ impl ChatApi for GenesysApi {
 
     fn leave(&self, chat: &ChatRef) -> BoxFuture<'static, Result<(), ApiError>> {
         let inner = self.inner.clone();
-        let url = self.url(&p::path::member(&chat.conversation_id, &chat.member_id));
+        let (conv, member) = match member_segments(chat) {
+            Ok(ids) => ids,
+            Err(e) => return refused(e),
+        };
+        let url = self.url(&p::path::member(&conv, &member));
         let jwt = chat.jwt.clone();
         async move {
             inner
@@ -407,10 +504,11 @@ impl ChatApi for GenesysApi {
         body: String,
     ) -> BoxFuture<'static, Result<ChatMessage, ApiError>> {
         let inner = self.inner.clone();
-        let url = self.url(&p::path::member_messages(
-            &chat.conversation_id,
-            &chat.member_id,
-        ));
+        let (conv, member) = match member_segments(chat) {
+            Ok(ids) => ids,
+            Err(e) => return refused(e),
+        };
+        let url = self.url(&p::path::member_messages(&conv, &member));
         let jwt = chat.jwt.clone();
         async move {
             let req = SendMessageRequest {
@@ -429,10 +527,11 @@ impl ChatApi for GenesysApi {
 
     fn send_typing(&self, chat: &ChatRef) -> BoxFuture<'static, Result<(), ApiError>> {
         let inner = self.inner.clone();
-        let url = self.url(&p::path::member_typing(
-            &chat.conversation_id,
-            &chat.member_id,
-        ));
+        let (conv, member) = match member_segments(chat) {
+            Ok(ids) => ids,
+            Err(e) => return refused(e),
+        };
+        let url = self.url(&p::path::member_typing(&conv, &member));
         let jwt = chat.jwt.clone();
         async move {
             inner

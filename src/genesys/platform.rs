@@ -139,6 +139,9 @@ pub fn platform_reason(c: &Conversation) -> Result<EndReason, String> {
     }
 }
 
+/// Largest token reply read (an access token and its lifetime: well under 4 KiB).
+const MAX_TOKEN_REPLY: usize = 64 << 10;
+
 /// The Platform API client.
 pub struct PlatformApi {
     rest: Inner,
@@ -196,10 +199,17 @@ impl PlatformApi {
             access_token: String,
             expires_in: u64,
         }
-        let t: Token = resp
-            .json()
-            .await
-            .map_err(|e| ApiError::Decode(format!("token: {e}")))?;
+        let bytes = match super::client::read_limited(resp, MAX_TOKEN_REPLY).await {
+            Ok(super::client::Body::Whole(b)) => b,
+            Ok(super::client::Body::Cut(_)) => {
+                return Err(ApiError::Decode(format!(
+                    "token: the reply is over {MAX_TOKEN_REPLY} bytes"
+                )));
+            }
+            Err(e) => return Err(ApiError::Transport(e.to_string())),
+        };
+        let t: Token =
+            serde_json::from_slice(&bytes).map_err(|e| ApiError::Decode(format!("token: {e}")))?;
         metrics::counter!("guestd_platform_tokens_total").increment(1);
         let token = Secret::new(t.access_token);
         let life = Duration::from_secs(t.expires_in.max(1));
@@ -209,10 +219,14 @@ impl PlatformApi {
 
     /// `GET /api/v2/conversations/{id}` (429 and 5xx retried as for the guest API; a 401 renews
     /// the token once).
+    /// The id must pass [`crate::backend::check_id`]: anything else is refused before any
+    /// request (the call carries the organisation's token).
     pub async fn conversation(&self, id: &str) -> Result<Conversation, ApiError> {
+        crate::backend::check_id("conversation_id", id)?;
         let url = format!(
-            "{}/api/v2/conversations/{id}",
-            self.rest.cfg.api_base.trim_end_matches('/')
+            "{}/api/v2/conversations/{}",
+            self.rest.cfg.api_base.trim_end_matches('/'),
+            crate::backend::path_segment(id)
         );
         let mut renew = false;
         loop {

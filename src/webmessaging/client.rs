@@ -119,7 +119,7 @@ impl Messaging {
         let url = format!(
             "{}/webdeployments/v1/deployments/{}/config.json",
             self.endpoints.cdn,
-            url::form_urlencoded::byte_serialize(deployment.as_bytes()).collect::<String>()
+            crate::backend::path_segment(deployment)
         );
         match self
             .rest

@@ -941,7 +941,7 @@ impl Machine {
                 if self.backfill == Backfill::WantJwt {
                     self.backfill = Backfill::Fetching;
                     out.push(Action::FetchHistory {
-                        jwt: Secret::new(jwt),
+                        jwt,
                         after: self.last_key.clone(),
                     });
                 }

@@ -167,6 +167,10 @@ impl Spec {
             }
             self.deployment_id = Some(settings.deployment_id.clone());
         }
+        // It goes into the config.json URL and the socket's query.
+        if let Some(d) = &self.deployment_id {
+            crate::backend::check_id("deployment_id", d).map_err(|e| format!("{name}: {e}"))?;
+        }
         match &self.token {
             None if attach => return Err("attach: web_messaging needs token".into()),
             None => self.token = Some(crate::secret::Secret::new(uuid::Uuid::new_v4().to_string())),

@@ -10,6 +10,7 @@
 //! - `expirationDate`: epoch seconds (seen live); a value too large to be seconds is read as ms.
 //! - echo metadata values are strings (`"259200"`); numbers are accepted too.
 
+use crate::secret::Secret;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -235,8 +236,8 @@ pub enum Frame {
     },
     /// Reply to `getJwt`.
     Jwt {
-        /// The bearer.
-        jwt: String,
+        /// The bearer (a [`Secret`]: `{:?}` of the frame shows `<redacted>`).
+        jwt: Secret,
         /// Expiry, epoch seconds.
         exp: u64,
     },
@@ -335,8 +336,8 @@ pub fn decode(text: &str) -> Result<Frame, DecodeError> {
             jwt: body
                 .get("jwt")
                 .and_then(Value::as_str)
-                .ok_or_else(|| DecodeError("JwtResponse without jwt".into()))?
-                .to_string(),
+                .map(Secret::new)
+                .ok_or_else(|| DecodeError("JwtResponse without jwt".into()))?,
             exp: body.get("exp").and_then(as_u64).map(seconds).unwrap_or(0),
         },
         "SessionExpiredEvent" => Frame::SessionExpired,
@@ -529,7 +530,7 @@ mod tests {
     fn session_ends_rate_limits_and_errors_decode_in_every_form() {
         assert_eq!(
             decode(r#"{"type":"response","class":"JwtResponse","code":200,"body":{"jwt":"expected-jwt-token","exp":1623675564}}"#).unwrap(),
-            Frame::Jwt { jwt: "expected-jwt-token".into(), exp: 1623675564 }
+            Frame::Jwt { jwt: Secret::new("expected-jwt-token"), exp: 1623675564 }
         );
         for t in ["response", "message"] {
             let f =
@@ -588,5 +589,15 @@ mod tests {
         let p: HistoryPage = serde_json::from_str(page).unwrap();
         assert_eq!((p.entities.len(), p.page_size, p.total), (2, 25, 3));
         assert_eq!(p.entities[0].key(), "5befde6373a23f32f20b59b4e1cba0e6");
+    }
+
+    /// A `JwtResponse` holds a bearer: no `{:?}` of the frame (a log line, a test failure) may
+    /// show it.
+    #[test]
+    fn a_jwt_frame_never_formats_its_jwt() {
+        let f = decode(r#"{"type":"response","class":"JwtResponse","code":200,"body":{"jwt":"eyJhbGciOi.hidden-bearer.sig","exp":1623675564}}"#).unwrap();
+        let dbg = format!("{f:?} {f:#?}");
+        assert!(!dbg.contains("hidden-bearer"), "{dbg}");
+        assert!(dbg.contains("Jwt"), "{dbg}");
     }
 }
