@@ -86,7 +86,7 @@ pub fn key_file(path: &std::path::Path) -> Result<[u8; 32], String> {
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .custom_flags(libc_o_nofollow())
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
     {
         Ok(mut f) => {
@@ -108,11 +108,6 @@ pub fn key_file(path: &std::path::Path) -> Result<[u8; 32], String> {
         }
         Err(e) => Err(format!("{}: {e}", path.display())),
     }
-}
-
-/// `O_NOFOLLOW` (Linux's value; the flag is the same on every architecture Linux runs here).
-fn libc_o_nofollow() -> i32 {
-    0o400000
 }
 
 #[cfg(test)]
