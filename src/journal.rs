@@ -71,6 +71,23 @@ pub struct EndingRecord {
     pub extra: crate::events::EndExtra,
 }
 
+/// What the no-activity rule needs to survive a restart: which agent is connected and since
+/// when, and when the guest last wrote (wall clock, ms since the epoch). With it, a chat the
+/// platform ended for no activity while guestd was down is reported as `inactivity_timeout`,
+/// not by whatever the members' leave dates would otherwise suggest.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
+pub struct Activity {
+    /// The agent guestd last saw connected (None: no agent now).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// When guestd saw that agent connect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_since_ms: Option<i64>,
+    /// When the guest last wrote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_guest_ms: Option<i64>,
+}
+
 fn is_default(e: &crate::events::EndExtra) -> bool {
     *e == crate::events::EndExtra::default()
 }
@@ -92,6 +109,11 @@ enum Rec {
     Leaving {
         session: String,
     },
+    /// The no-activity rule's evidence changed.
+    Activity {
+        session: String,
+        activity: Activity,
+    },
     Ended {
         session: String,
     },
@@ -110,6 +132,8 @@ pub struct Recovered {
     pub ending: Option<EndingRecord>,
     /// A `leave` was accepted; the DELETE may not have reached the platform.
     pub leaving: bool,
+    /// The no-activity rule's evidence, as last recorded.
+    pub activity: Activity,
 }
 
 /// A record could not be made durable.
@@ -127,6 +151,9 @@ pub trait Journal: Send + Sync + 'static {
     fn session_started(&self, rec: SessionRecord) -> Durable;
     /// A newer message id was seen.
     fn progress(&self, session: &str, last_message_id: &str);
+    /// The no-activity rule's evidence changed (an agent came or went, the guest wrote). Like
+    /// progress, recorded without waiting.
+    fn activity(&self, session: &str, activity: Activity);
     /// The end is decided; resolves once durable.
     fn ending(&self, session: &str, ending: EndingRecord) -> Durable;
     /// The guest is to leave; resolves once durable (the `leave` reply waits for it).
@@ -161,6 +188,7 @@ impl Journal for NullJournal {
         durable()
     }
     fn progress(&self, _: &str, _: &str) {}
+    fn activity(&self, _: &str, _: Activity) {}
     fn ending(&self, _: &str, _: EndingRecord) -> Durable {
         durable()
     }
@@ -304,8 +332,14 @@ fn apply(live: &mut HashMap<String, Recovered>, order: &mut Vec<String>, n: usiz
                     last_message_id: None,
                     ending: None,
                     leaving: false,
+                    activity: Activity::default(),
                 },
             );
+        }
+        Ok(Rec::Activity { session, activity }) => {
+            if let Some(s) = live.get_mut(&session) {
+                s.activity = activity;
+            }
         }
         Ok(Rec::Progress {
             session,
@@ -413,6 +447,12 @@ fn rewrite(path: &Path, live: &[Recovered]) -> Result<std::fs::File, JournalErro
         let mut f = std::io::BufWriter::new(file);
         for r in live {
             let mut recs = vec![Rec::Session(r.record.clone())];
+            if r.activity != Activity::default() {
+                recs.push(Rec::Activity {
+                    session: r.record.session.clone(),
+                    activity: r.activity.clone(),
+                });
+            }
             if let Some(id) = &r.last_message_id {
                 recs.push(Rec::Progress {
                     session: r.record.session.clone(),
@@ -605,6 +645,12 @@ impl Journal for FileJournal {
             at_ms: now_ms(),
         }));
     }
+    fn activity(&self, session: &str, activity: Activity) {
+        self.send(Msg::Rec(Rec::Activity {
+            session: session.to_string(),
+            activity,
+        }));
+    }
     fn ending(&self, session: &str, ending: EndingRecord) -> Durable {
         self.send(Msg::Rec(Rec::Ending {
             session: session.to_string(),
@@ -636,6 +682,14 @@ mod tests {
     use super::*;
     use crate::secret::Secret;
 
+    fn activity(last_guest_ms: Option<i64>) -> Activity {
+        Activity {
+            agent: Some("agent-1".into()),
+            agent_since_ms: Some(1_000),
+            last_guest_ms,
+        }
+    }
+
     fn rec(id: &str) -> SessionRecord {
         SessionRecord {
             session: id.into(),
@@ -663,6 +717,8 @@ mod tests {
             j.session_started(rec("c")).await.unwrap();
             j.progress("a", "m1");
             j.progress("a", "m2");
+            j.activity("a", activity(Some(5)));
+            j.activity("a", activity(Some(9)));
             let ending = EndingRecord {
                 reason: EndReason::AgentEnded,
                 detail: "d".into(),
@@ -699,10 +755,16 @@ mod tests {
         let ids: Vec<_> = got.iter().map(|r| r.record.session.as_str()).collect();
         assert_eq!(ids, vec!["a", "b"]);
         assert_eq!(got[0].last_message_id.as_deref(), Some("m2"));
+        assert_eq!(got[0].activity, activity(Some(9)), "the newest evidence");
+        assert_eq!(got[1].activity, Activity::default());
         assert_eq!(
             got[1].ending.as_ref().map(|e| e.event_id.as_str()),
             Some("b:ended")
         );
+        // Compaction (the open above) kept it.
+        drop(_j);
+        let (_j, again) = FileJournal::open(&path, 1 << 20).unwrap();
+        assert_eq!(again[0].activity, activity(Some(9)));
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

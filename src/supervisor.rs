@@ -608,7 +608,7 @@ impl Supervisor {
         }
         // The grace window counts from this restart: the crash time is not known precisely,
         // and giving up too early would lose chats the platform still holds.
-        let machine = Machine::resume(
+        let mut machine = Machine::resume(
             self.ctx.timing.clone(),
             &r.record.chat.member_id,
             started,
@@ -616,6 +616,8 @@ impl Supervisor {
             r.last_message_id,
             now,
         );
+        machine.anchor_wall(now, chrono::Utc::now().timestamp_millis());
+        let machine = machine.with_activity(&r.activity);
         // A leave accepted before the crash is sent again.
         let machine = if r.leaving {
             machine.leaving()
@@ -887,6 +889,7 @@ mod tests {
             Box::pin(async { Err(crate::journal::NotDurable("No space left on device".into())) })
         }
         fn progress(&self, _: &str, _: &str) {}
+        fn activity(&self, _: &str, _: crate::journal::Activity) {}
         fn ending(&self, _: &str, _: crate::journal::EndingRecord) -> crate::journal::Durable {
             Box::pin(async { Err(crate::journal::NotDurable("full".into())) })
         }
@@ -937,6 +940,7 @@ mod tests {
                 last_alive_ms: 0,
                 ending: None,
                 leaving: false,
+                activity: Default::default(),
             };
             sup.resume(r).await.unwrap();
         }

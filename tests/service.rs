@@ -120,6 +120,50 @@ async fn leave_on_shutdown_ends_every_chat() {
     }
 }
 
+/// Issue 29: guestd is SIGKILLed while an agent is connected and the guest is silent; the
+/// platform's no-activity rule ends the chat while guestd is down (the guest's leg and the
+/// agent's in the same millisecond); guestd comes back inside the grace window. It reported
+/// `agent_ended` (the tied leave dates) before the journal kept the agent and the guest's last
+/// message; the true reason is `inactivity_timeout`.
+#[tokio::test]
+async fn a_chat_ended_for_no_activity_while_guestd_was_down_says_so() {
+    let emu = emulator(EmulatorConfig {
+        inactivity_timeout: Duration::from_secs(3),
+        reconnect_grace: Duration::from_secs(20),
+        ..emu_cfg()
+    })
+    .await;
+    let journal = temp_journal();
+    let mut env = journal_env(&emu, &journal);
+    for (k, v) in [
+        ("GUESTD_SESSION__INACTIVITY_TIMEOUT", "3s"),
+        ("GUESTD_SESSION__INACTIVITY_WARNING_LEAD", "1s"),
+        ("GUESTD_SESSION__RECONNECT_GRACE", "20s"),
+    ] {
+        env.retain(|(e, _)| e != k);
+        env.push((k.into(), v.into()));
+    }
+    let mut d1 = Daemon::spawn(env.clone(), &[]);
+    let chats = start_n(&mut d1, 1).await;
+    let (s, c) = chats[0].clone();
+    emu.agent_join(&c).unwrap();
+    d1.wait_type(&s, "agent_connected").await;
+    signal(d1.pid(), "KILL");
+    let _ = d1.child.wait().await;
+    // The platform's rule ends the chat 3 s after the agent connected, guestd being down.
+    wait_log(&emu, &c, "ended", 1).await;
+    let ended_by = emu
+        .log()
+        .into_iter()
+        .find(|e| e.conversation_id.as_deref() == Some(c.as_str()) && e.action == "ended")
+        .unwrap();
+    assert_eq!(ended_by.detail, "Inactivity");
+    let mut d2 = Daemon::spawn(env, &[]);
+    let ended = d2.wait_type(&s, "ended").await;
+    assert_eq!(ended["reason"], "inactivity_timeout", "{:#?}", d2.seen);
+    finish_ok(d2).await;
+}
+
 #[tokio::test]
 async fn sigkill_then_restart_picks_every_chat_back_up() {
     let emu = emulator(emu_cfg()).await;

@@ -25,7 +25,9 @@
 
 use super::Fence;
 use super::seal::{Keyring, Purpose};
-use crate::journal::{Durable, EndingRecord, Journal, NotDurable, Recovered, SessionRecord};
+use crate::journal::{
+    Activity, Durable, EndingRecord, Journal, NotDurable, Recovered, SessionRecord,
+};
 use async_nats::jetstream::kv::{Operation, Store};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -64,6 +66,9 @@ pub struct Entry {
     pub ending: Option<EndingRecord>,
     /// A `leave` was accepted.
     pub leaving: bool,
+    /// The no-activity rule's evidence.
+    #[serde(default)]
+    pub activity: Activity,
 }
 
 /// How an entry rests in the bucket.
@@ -105,6 +110,7 @@ impl Entry {
             last_message_id: None,
             ending: None,
             leaving: false,
+            activity: Activity::default(),
         }
     }
 
@@ -116,6 +122,7 @@ impl Entry {
             last_alive_ms: self.last_alive_ms,
             ending: self.ending.clone(),
             leaving: self.leaving,
+            activity: self.activity.clone(),
         }
     }
 
@@ -163,9 +170,11 @@ struct Slot {
     entry: Entry,
 }
 
+/// What waits to be written for a chat, coalesced: only the newest of each counts.
 #[derive(Default)]
 struct Pending {
     progress: Option<String>,
+    activity: Option<Activity>,
     flushing: bool,
 }
 
@@ -438,6 +447,54 @@ impl KvJournal {
         }
     }
 
+    /// Note what `set` puts in `session`'s pending writes; one writer per chat writes the newest
+    /// of each until nothing is pending (a busy chat makes one write in flight, one waiting).
+    fn coalesce(&self, session: &str, set: impl FnOnce(&mut Pending)) {
+        let Some(held) = self.held(session) else {
+            return;
+        };
+        {
+            let mut p = held.pending.lock().unwrap_or_else(|e| e.into_inner());
+            set(&mut p);
+            if p.flushing {
+                return;
+            }
+            p.flushing = true;
+        }
+        let me = self.clone();
+        let session = session.to_string();
+        tokio::spawn(async move {
+            loop {
+                let (progress, activity) = {
+                    let mut p = held.pending.lock().unwrap_or_else(|e| e.into_inner());
+                    match (p.progress.take(), p.activity.take()) {
+                        (None, None) => {
+                            p.flushing = false;
+                            return;
+                        }
+                        next => next,
+                    }
+                };
+                let r = me
+                    .write(&session, |e| {
+                        if let Some(id) = &progress {
+                            e.last_message_id = Some(id.clone());
+                        }
+                        if let Some(a) = &activity {
+                            e.activity = a.clone();
+                        }
+                    })
+                    .await;
+                if r.is_err() {
+                    me.lose(&session);
+                    let mut p = held.pending.lock().unwrap_or_else(|e| e.into_inner());
+                    *p = Pending::default();
+                    return;
+                }
+            }
+        });
+    }
+
     fn lose(&self, session: &str) {
         self.forget(session);
         let _ = self.0.lost.send(Lost(session.to_string()));
@@ -526,43 +583,12 @@ impl Journal for KvJournal {
     }
 
     fn progress(&self, session: &str, last_message_id: &str) {
-        let Some(held) = self.held(session) else {
-            return;
-        };
-        {
-            let mut p = held.pending.lock().unwrap_or_else(|e| e.into_inner());
-            p.progress = Some(last_message_id.to_string());
-            if p.flushing {
-                return;
-            }
-            p.flushing = true;
-        }
-        let me = self.clone();
-        let session = session.to_string();
-        tokio::spawn(async move {
-            loop {
-                let next = {
-                    let mut p = held.pending.lock().unwrap_or_else(|e| e.into_inner());
-                    match p.progress.take() {
-                        Some(id) => id,
-                        None => {
-                            p.flushing = false;
-                            return;
-                        }
-                    }
-                };
-                let r = me
-                    .write(&session, |e| e.last_message_id = Some(next.clone()))
-                    .await;
-                if r.is_err() {
-                    me.lose(&session);
-                    let mut p = held.pending.lock().unwrap_or_else(|e| e.into_inner());
-                    p.flushing = false;
-                    p.progress = None;
-                    return;
-                }
-            }
-        });
+        let id = last_message_id.to_string();
+        self.coalesce(session, |p| p.progress = Some(id));
+    }
+
+    fn activity(&self, session: &str, activity: Activity) {
+        self.coalesce(session, |p| p.activity = Some(activity));
     }
 
     fn ending(&self, session: &str, ending: EndingRecord) -> Durable {

@@ -375,6 +375,9 @@ struct Actor {
     queued: VecDeque<Input>,
     stopping: bool,
     journaled_msg: Option<String>,
+    /// A digest of the no-activity evidence last written to the journal (8 bytes per session,
+    /// not a copy).
+    journaled_activity: u64,
     /// Cluster mode: the epoch this node held the chat in (0 on a single node).
     epoch: u64,
     relinquished: bool,
@@ -452,6 +455,14 @@ pub(crate) fn leave_durably<I: Send + 'static>(
     .boxed()
 }
 
+/// A digest of a value, to tell whether it changed without keeping a copy.
+fn digest(v: &impl std::hash::Hash) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    v.hash(&mut h);
+    h.finish()
+}
+
 /// The next frame of the socket, or pending forever while there is none.
 pub(crate) async fn next_frame(
     ws: &mut Option<Ws>,
@@ -463,8 +474,12 @@ pub(crate) async fn next_frame(
 }
 
 impl Actor {
-    fn new(ctx: Arc<SessionCtx>, id: String, chat: ChatRef, machine: Machine) -> Self {
+    fn new(ctx: Arc<SessionCtx>, id: String, chat: ChatRef, mut machine: Machine) -> Self {
         let journaled_msg = machine.last_message_id().map(str::to_string);
+        if !machine.anchored() {
+            machine.anchor_wall(Instant::now(), chrono::Utc::now().timestamp_millis());
+        }
+        let journaled_activity = digest(&machine.activity());
         Actor {
             id,
             chat,
@@ -475,6 +490,7 @@ impl Actor {
             queued: VecDeque::new(),
             stopping: false,
             journaled_msg,
+            journaled_activity,
             epoch: ctx.fence.as_ref().map_or(0, |f| f.epoch()),
             relinquished: false,
             ctx,
@@ -568,6 +584,14 @@ impl Actor {
                     self.ctx.journal.progress(&self.id, id);
                     self.journaled_msg = Some(id.to_string());
                 }
+            }
+            let activity = self.machine.activity();
+            let d = digest(&activity);
+            if d != self.journaled_activity {
+                if let Some(a) = activity {
+                    self.ctx.journal.activity(&self.id, a);
+                }
+                self.journaled_activity = d;
             }
         }
         metrics::gauge!("guestd_sessions", "state" => self.machine.phase().as_str()).decrement(1.0);

@@ -212,6 +212,19 @@ pub struct Machine {
     at_gone: Option<Evidence>,
     agent: Option<String>,
     agent_since: Option<Instant>,
+    /// The agent the journal said was connected before a restart, and since when: evidence for
+    /// the no-activity rule until the roster learns that agent's state again.
+    restored_agent: Option<(String, Instant)>,
+    /// Wall-clock milliseconds at an instant, to read leave dates against deadlines.
+    wall: Option<(Instant, i64)>,
+    /// The guest's leave date from a members list, ms since the epoch.
+    guest_left_ms: Option<i64>,
+    /// The backfill in flight is the first connection's (messages guestd sent before its stream
+    /// opened), not a reconnect's.
+    first_backfill: bool,
+    /// The agent left at guestd's no-activity deadline (the platform's rule ends the agent's
+    /// leg too, in either order with the guest's).
+    idle_ended: bool,
     agent_ever: bool,
     last_agent_left: Option<Instant>,
     workflow_left: bool,
@@ -273,6 +286,11 @@ impl Machine {
             at_gone: None,
             agent: None,
             agent_since: None,
+            restored_agent: None,
+            wall: None,
+            guest_left_ms: None,
+            idle_ended: false,
+            first_backfill: false,
             agent_ever: false,
             last_agent_left: None,
             workflow_left: false,
@@ -316,6 +334,64 @@ impl Machine {
         m
     }
 
+    /// Tie this machine's instants to the wall clock: `ms` is the wall-clock time at `at`. Leave
+    /// dates are read against guestd's no-activity deadline only with an anchor.
+    pub fn anchor_wall(&mut self, at: Instant, ms: i64) {
+        self.wall = Some((at, ms));
+    }
+
+    /// Whether [`Machine::anchor_wall`] was called.
+    pub fn anchored(&self) -> bool {
+        self.wall.is_some()
+    }
+
+    fn ms_at(&self, t: Instant) -> Option<i64> {
+        let (at, ms) = self.wall?;
+        Some(if t >= at {
+            ms + (t - at).as_millis() as i64
+        } else {
+            ms - (at - t).as_millis() as i64
+        })
+    }
+
+    fn instant_at_ms(&self, t: i64) -> Option<Instant> {
+        let (at, ms) = self.wall?;
+        Some(if t >= ms {
+            at + Duration::from_millis((t - ms) as u64)
+        } else {
+            at.checked_sub(Duration::from_millis((ms - t) as u64))
+                .unwrap_or(at)
+        })
+    }
+
+    /// A resumed session picks up the no-activity rule's evidence from the journal (the machine
+    /// must be anchored first): the guest's last message, and the agent connected before the
+    /// restart, which counts once the roster sees that same agent connected again (another
+    /// agent starts the clock afresh).
+    pub fn with_activity(mut self, a: &crate::journal::Activity) -> Self {
+        self.last_guest_msg = a.last_guest_ms.and_then(|t| self.instant_at_ms(t));
+        self.restored_agent = match (&a.agent, a.agent_since_ms) {
+            (Some(agent), Some(t)) => self.instant_at_ms(t).map(|t| (agent.clone(), t)),
+            _ => None,
+        };
+        self
+    }
+
+    /// The no-activity rule's evidence as the journal keeps it (None without an anchor).
+    pub fn activity(&self) -> Option<crate::journal::Activity> {
+        self.wall?;
+        let (agent, since) = match (&self.agent, self.agent_since, &self.restored_agent) {
+            (Some(a), Some(t), _) => (Some(a.clone()), Some(t)),
+            (None, _, Some((a, t))) => (Some(a.clone()), Some(*t)),
+            _ => (None, None),
+        };
+        Some(crate::journal::Activity {
+            agent,
+            agent_since_ms: since.and_then(|t| self.ms_at(t)),
+            last_guest_ms: self.last_guest_msg.and_then(|t| self.ms_at(t)),
+        })
+    }
+
     /// A resumed session whose guest was asked to leave before the restart (the journal holds
     /// the request): the first tick sends the leave again, and the end reads `guest_left`.
     pub fn leaving(mut self) -> Self {
@@ -357,6 +433,29 @@ impl Machine {
             _ => since,
         };
         Some(from + self.timing.inactivity_timeout)
+    }
+
+    /// The no-activity deadline as evidence: guestd's own, or, after a restart and before the
+    /// roster has seen the agent again, the one the journal's record implies.
+    fn evidence_deadline(&self) -> Option<Instant> {
+        if let Some(dl) = self.inactivity_deadline() {
+            return Some(dl);
+        }
+        let (_, since) = self.restored_agent.as_ref()?;
+        let from = match self.last_guest_msg {
+            Some(m) if m > *since => m,
+            _ => *since,
+        };
+        Some(from + self.timing.inactivity_timeout)
+    }
+
+    /// Whether the guest's leave date (from a members list) falls at or after the no-activity
+    /// deadline, within the skew; None when either is unknown.
+    fn inactivity_by_date(&self) -> Option<bool> {
+        let left = self.guest_left_ms?;
+        let dl = self.ms_at(self.evidence_deadline()?)?;
+        let skew = self.timing.inactivity_skew.as_millis() as i64;
+        Some(left + skew >= dl)
     }
 
     /// When the actor must tick next, or None once ended.
@@ -526,9 +625,10 @@ impl Machine {
         };
         Evidence {
             leave_requested: self.leave_requested,
-            inactivity_due: self
-                .inactivity_deadline()
-                .is_some_and(|dl| now + self.timing.inactivity_skew >= dl),
+            inactivity_due: self.idle_ended
+                || self
+                    .evidence_deadline()
+                    .is_some_and(|dl| now + self.timing.inactivity_skew >= dl),
             dates: self.dates,
             frames: ByFrames {
                 agent_just_before: self.last_agent_left.is_some_and(|t| {
@@ -546,6 +646,13 @@ impl Machine {
         let mut e = self.at_gone.unwrap_or(pre);
         e.dates = self.dates;
         e.leave_requested |= self.leave_requested;
+        // Learned late (guestd was down or reconnecting): when the guest left says more about
+        // the no-activity rule than when guestd found out.
+        if e.stream != Stream::Up {
+            if let Some(due) = self.inactivity_by_date() {
+                e.inactivity_due = due;
+            }
+        }
         let (reason, detail) = ending::infer(&e);
         self.end(reason, detail.into(), now, out);
     }

@@ -6,7 +6,9 @@
 //! order as `docs/events.md`), the strongest evidence first:
 //!
 //! 1. guestd asked the guest to leave -> `guest_left`;
-//! 2. guestd's own no-activity deadline had passed (within `inactivity_skew`) -> `inactivity_timeout`;
+//! 2. guestd's own no-activity deadline had passed (within `inactivity_skew`) when the chat ended
+//!    (the guest's leave date when guestd learned of the end late; the deadline survives a
+//!    restart through the journal), or the agent left at it -> `inactivity_timeout`;
 //! 3. the members list's leave dates, compared as instants: an agent that left at or before the
 //!    guest (and at most `agent_end_window` before it, with no agent leaving after the guest)
 //!    -> `agent_ended`; with no agent ever, a workflow that did -> `flow_ended`. Equal dates are

@@ -39,8 +39,21 @@ impl Machine {
             // after an outage) would put guestd's deadline after the platform's. Another
             // client's message counts when seen: a backfilled one is then late, which can
             // only delay guestd's own deadline, never bring it early.
+            //
+            // A backfilled message says when it was written (its platform timestamp): that,
+            // not its late arrival, is when the guest was active. It matters after a restart,
+            // when guestd no longer knows which messages were its own.
             if !self.own_sent.contains(&m.id) {
-                self.guest_activity(now);
+                let written = backfilled
+                    .then(|| super::ending::instant_ms(&m.timestamp))
+                    .flatten()
+                    .and_then(|ms| self.instant_at_ms(ms))
+                    .map(|t| t.min(now));
+                match written {
+                    Some(t) if self.last_guest_msg.is_some_and(|l| l >= t) => {}
+                    Some(t) => self.guest_activity(t),
+                    None => self.guest_activity(now),
+                }
             }
         }
         let sender_role = self.role_name(&m.sender_id);
@@ -96,10 +109,12 @@ impl Machine {
                 out,
             ),
         }
-        out.push(Action::Emit(EventKind::Reconnected {
-            downtime_ms: now.saturating_duration_since(lost_at).as_millis() as u64,
-            backfilled: n,
-        }));
+        if !std::mem::take(&mut self.first_backfill) {
+            out.push(Action::Emit(EventKind::Reconnected {
+                downtime_ms: now.saturating_duration_since(lost_at).as_millis() as u64,
+                backfilled: n,
+            }));
+        }
         for (ev, at) in std::mem::take(&mut self.held) {
             if self.ended.is_some() {
                 return;

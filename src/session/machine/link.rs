@@ -112,6 +112,15 @@ impl Machine {
             out.push(Action::Emit(EventKind::Connected));
             // Members that joined before the stream opened: learn their roles and states.
             self.fetch(Fetch::Refresh, out);
+            if !self.own_sent.is_empty() {
+                // guestd sent for the guest before its stream opened: those messages were
+                // never streamed to it. Fetch them (no `reconnected`: nothing was lost).
+                self.first_backfill = true;
+                self.backfilling = Some(lost_at);
+                out.push(Action::Backfill {
+                    after: self.last_msg_id.clone(),
+                });
+            }
             return;
         }
         self.ever_connected = true;

@@ -13,9 +13,20 @@
 //! the documented fallback when the platform left no evidence of it (an agent's or a flow's end
 //! that happened while guestd's stream was down, with a members list that has no leave dates:
 //! `reconnect_grace_expired`; the same when guestd was killed after the end's frames arrived and
-//! before it decided, since held frames are not journaled); nothing is emitted after `ended` and late inputs get no actions;
-//! within one process every message comes out once and in order; a message delivered on an open
-//! stream with no backfill outstanding comes out at once.
+//! before it decided, since held frames are not journaled); when guestd ended the chat itself
+//! (before the platform did), the rule it ended it for was due (the platform's no-activity
+//! deadline had passed, or a leave was asked for); nothing is emitted after `ended` and late
+//! inputs get no actions; within one process every message comes out once and in order; a
+//! message delivered on an open stream with no backfill outstanding comes out at once; nothing
+//! is lost: every message posted while guestd's stream was open, or before a backfill it took,
+//! came out.
+//!
+//! Restarts are generated in every script, the no-activity ones included: half of those land
+//! within half a minute of the no-activity deadline, down for up to a minute across it (the
+//! journal keeps the agent and the guest's last message). The one restart left out is one in
+//! the seconds before guestd has learnt a new agent's role (its CONNECTED frame waits for the
+//! members list and dies with the process): the next process can only start that agent's clock
+//! when it learns of it. At a no-activity end both orders of the two legs' frames are generated.
 
 use super::*;
 use crate::backend::{ChatEvent, ChatMember, ChatMessage, MemberState, Role};
@@ -29,6 +40,8 @@ const GRACE: u64 = 120 * SEC;
 const INACTIVITY: u64 = 15 * 60 * SEC;
 /// A scripted chat that has not ended after this long is a failure.
 const HORIZON: u64 = 3 * 3600 * SEC;
+/// The wall clock at `base` (2026-11-26T10:00:00Z): leave dates and the journal's times.
+const EPOCH_MS: i64 = 1_795_687_200_000;
 
 /// The machine tests' timing, with this module's grace and no-activity rule, and no bodies.
 fn timing() -> Timing {
@@ -86,6 +99,9 @@ struct Script {
     dates: bool,
     /// At an instant where guestd's deadline and a platform rule coincide, guestd goes first.
     machine_first: bool,
+    /// At a no-activity end the platform closes the agent's leg before the guest's (the
+    /// reference does not say which comes first: both orders are generated).
+    agent_leg_first: bool,
 }
 
 fn script() -> impl Strategy<Value = Script> {
@@ -115,6 +131,7 @@ fn script() -> impl Strategy<Value = Script> {
             any::<bool>(),
             any::<bool>(),
             any::<bool>(),
+            any::<bool>(),
         ),
     )
         .prop_map(
@@ -128,7 +145,7 @@ fn script() -> impl Strategy<Value = Script> {
                 drops,
                 restart,
                 (lookup_ms, lookup_failures),
-                (dup_frames, ties, fractions, dates, machine_first),
+                (dup_frames, ties, fractions, dates, machine_first, agent_leg_first),
             )| {
                 let mut s = Script {
                     cause,
@@ -145,6 +162,7 @@ fn script() -> impl Strategy<Value = Script> {
                     fractions,
                     dates,
                     machine_first,
+                    agent_leg_first,
                 };
                 s.fit(fast_end);
                 s
@@ -168,11 +186,34 @@ impl Script {
             Cause::Flow => self.agent_at = None,
             Cause::Inactivity => {
                 // The platform and guestd must both see the agent connect when it does: no
-                // outage around it and no restart (a restart starts guestd's clock again).
+                // outage or restart around it. A restart after it keeps guestd's clock (the
+                // journal holds the agent and the guest's last message); half of them are put
+                // around the no-activity deadline, down for up to a minute across it.
                 let at = *self.agent_at.get_or_insert(self.end_at / 2);
                 self.fast_agent = false;
-                self.restart = None;
                 self.drops.retain(|(d, _)| *d > at + 2 * SEC);
+                let connect = at + 500;
+                if let Some((k, down)) = self.restart {
+                    let last_guest = self
+                        .msgs
+                        .iter()
+                        .filter(|(t, guest)| *guest && *t > connect)
+                        .map(|(t, _)| *t)
+                        .max()
+                        .unwrap_or(0);
+                    let deadline = connect.max(last_guest) + INACTIVITY;
+                    // guestd must have learnt the agent's role before it dies: a CONNECTED
+                    // frame still waiting for the members list dies with the process, and the
+                    // next one can only start the clock when it learns of the agent itself
+                    // (documented in docs/events.md).
+                    let learned =
+                        connect + self.lookup_ms * (u64::from(self.lookup_failures) + 1) + 2 * SEC;
+                    if k % 2 == 0 {
+                        self.restart = Some((deadline - 30 * SEC + k % (60 * SEC), down));
+                    } else if k <= learned {
+                        self.restart = None;
+                    }
+                }
             }
             Cause::Grace => {
                 // The last outage never heals; a restart, if any, comes before it.
@@ -251,7 +292,8 @@ struct World {
     pending: Vec<(u64, Pending)>,
     // The platform.
     members: Vec<PMember>,
-    msgs: Vec<String>,
+    /// Every message posted: sender, when.
+    msgs: Vec<(String, u64)>,
     ended: Option<Cause>,
     p_lost_at: Option<u64>,
     agent_on_at: Option<u64>,
@@ -266,6 +308,10 @@ struct World {
     next_hb: u64,
     backfills_out: usize,
     journal_last: Option<String>,
+    /// The journal's no-activity evidence.
+    journal_activity: crate::journal::Activity,
+    /// When guestd decided, and when the platform's no-activity rule was due then (if it ran).
+    decided: Option<(u64, Option<u64>)>,
     /// The journal holds a leave request (recorded before guestd feeds `LeaveRequested`).
     journal_leaving: bool,
     stopped: bool,
@@ -273,6 +319,12 @@ struct World {
     ends: Vec<(EndReason, String)>,
     after_end: Vec<EventKind>,
     emitted: Vec<u64>,
+    /// Every message any process emitted.
+    emitted_ever: std::collections::BTreeSet<u64>,
+    /// Messages posted before a backfill the machine took: it must have emitted them all.
+    backfilled_upto: usize,
+    /// Messages posted while guestd's stream was open.
+    live_posts: Vec<usize>,
     log: Vec<String>,
 }
 
@@ -300,7 +352,8 @@ impl World {
         }
         // Stable: equal times keep the order above (an agent offer before the end at the same ms).
         ops.sort_by_key(|(t, _)| *t);
-        let m = Machine::new(timing(), GUEST, base);
+        let mut m = Machine::new(timing(), GUEST, base);
+        m.anchor_wall(base, EPOCH_MS);
         World {
             base,
             t: 0,
@@ -334,11 +387,16 @@ impl World {
             next_hb: u64::MAX,
             backfills_out: 0,
             journal_last: None,
+            journal_activity: Default::default(),
+            decided: None,
             journal_leaving: false,
             stopped: false,
             ends: Vec::new(),
             after_end: Vec::new(),
             emitted: Vec::new(),
+            emitted_ever: Default::default(),
+            backfilled_upto: 0,
+            live_posts: Vec::new(),
             log: Vec::new(),
             s,
         }
@@ -357,6 +415,9 @@ impl World {
         self.log.push(format!("{} <- {input:?}", self.t));
         let acts = m.step(input, now);
         self.journal_last = m.last_message_id().map(str::to_string);
+        if let Some(a) = m.activity() {
+            self.journal_activity = a;
+        }
         for a in &acts {
             self.log.push(format!("{} -> {a:?}", self.t));
             match a {
@@ -366,11 +427,17 @@ impl World {
                     }
                     match e {
                         EventKind::Ended { reason, detail, .. } => {
-                            self.ends.push((*reason, detail.clone()))
+                            self.ends.push((*reason, detail.clone()));
+                            let idle = self
+                                .agent_on_at
+                                .filter(|_| self.ended.is_none())
+                                .map(|a| a.max(self.last_guest) + INACTIVITY);
+                            self.decided.get_or_insert((self.t, idle));
                         }
                         EventKind::Message { message_id, .. } => {
                             let n: u64 = message_id[1..].parse().unwrap_or(u64::MAX);
                             self.emitted.push(n);
+                            self.emitted_ever.insert(n);
                         }
                         _ => {}
                     }
@@ -445,9 +512,12 @@ impl World {
 
     fn post(&mut self, sender: &str) {
         let id = format!("m{}", self.msgs.len());
-        self.msgs.push(sender.to_string());
+        if self.sock {
+            self.live_posts.push(self.msgs.len());
+        }
+        self.msgs.push((sender.to_string(), self.t));
         let backfill_out = self.backfills_out > 0;
-        let acts = self.frame(ChatEvent::Message(message(&id, sender)));
+        let acts = self.frame(ChatEvent::Message(message(&id, sender, &self.date(self.t))));
         if let Some(acts) = acts {
             if !backfill_out && !self.stopped {
                 assert!(
@@ -469,6 +539,8 @@ impl World {
         let first = match cause {
             Cause::Agent => Some(AGENT),
             Cause::Flow => Some(FLOW),
+            // Both legs close in one operation; the agent's frame may come first.
+            Cause::Inactivity if self.s.agent_leg_first => Some(AGENT),
             _ => None,
         };
         let mut ms = (self.t).max(self.last_leave_ms + 1);
@@ -502,8 +574,7 @@ impl World {
 
     fn date(&self, ms: u64) -> String {
         // 2026-11-26T10:00:00Z plus ms.
-        let t = chrono::DateTime::from_timestamp_millis(1_795_687_200_000 + ms as i64)
-            .unwrap_or_default();
+        let t = chrono::DateTime::from_timestamp_millis(EPOCH_MS + ms as i64).unwrap_or_default();
         if !self.s.fractions && ms % SEC == 0 {
             t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
         } else {
@@ -588,7 +659,7 @@ impl World {
             Pending::Restart => {
                 self.log.push(format!("{} RESTART", self.t));
                 let now = self.now();
-                let m = Machine::resume(
+                let mut m = Machine::resume(
                     timing(),
                     GUEST,
                     self.base,
@@ -596,6 +667,8 @@ impl World {
                     self.journal_last.clone(),
                     now,
                 );
+                m.anchor_wall(self.base, EPOCH_MS);
+                let m = m.with_activity(&self.journal_activity);
                 self.m = Some(if self.journal_leaving { m.leaving() } else { m });
                 self.emitted.clear();
                 self.feed(Input::Tick);
@@ -635,9 +708,14 @@ impl World {
                     .iter()
                     .enumerate()
                     .skip(from)
-                    .map(|(i, sender)| message(&format!("m{i}"), sender))
+                    .map(|(i, (sender, at))| message(&format!("m{i}"), sender, &self.date(*at)))
                     .collect();
-                self.feed(Input::Backfill(Ok(msgs)));
+                let posted = self.msgs.len();
+                // A backfill the machine no longer waits for (its socket dropped meanwhile)
+                // is ignored; it asks again on the next open.
+                if !self.feed(Input::Backfill(Ok(msgs))).is_empty() {
+                    self.backfilled_upto = self.backfilled_upto.max(posted);
+                }
             }
             Pending::Leave => {
                 if self.ended.is_none() {
@@ -758,7 +836,37 @@ impl World {
         prop_assert_eq!(self.ends.len(), 1, "exactly one ended\n{}", ctx());
         prop_assert!(self.after_end.is_empty(), "emitted after ended\n{}", ctx());
         let open = self.stream_open_at_end.unwrap_or(false);
-        let cause = self.ended.unwrap_or(self.s.cause);
+        // Who ended the chat: the platform (its cause), or guestd on its own, which it may do
+        // only for a rule that was due: its no-activity deadline (the platform's was due by
+        // then), or a leave it was asked for.
+        let cause = match self.ended {
+            Some(c) => c,
+            None => {
+                let (at, idle) = self.decided.unwrap_or((self.t, None));
+                match self.ends[0].0 {
+                    EndReason::InactivityTimeout => {
+                        prop_assert!(
+                            idle.is_some_and(|due| due <= at),
+                            "guestd ended at {} ms for no activity, the platform's rule due at {:?}\n{}",
+                            at,
+                            idle,
+                            ctx()
+                        );
+                        Cause::Inactivity
+                    }
+                    EndReason::GuestLeft => {
+                        prop_assert!(self.journal_leaving, "left without a leave\n{}", ctx());
+                        Cause::GuestLeave
+                    }
+                    other => {
+                        return Err(TestCaseError::fail(format!(
+                            "guestd ended {other:?} on its own, with the chat still live\n{}",
+                            ctx()
+                        )));
+                    }
+                }
+            }
+        };
         let want = self.s.expected(cause, open);
         prop_assert_eq!(
             self.ends[0].0,
@@ -775,6 +883,21 @@ impl World {
             self.emitted.windows(2).all(|w| w[0] < w[1]),
             "messages in order {:?}\n{}",
             self.emitted,
+            ctx()
+        );
+        // Nothing lost: every message guestd could have seen came out: posted while its stream
+        // was open, or before a backfill it took. One posted while the stream was down for
+        // good (the chat then ends by grace) is beyond any process's reach.
+        let lost: Vec<usize> = (0..self.msgs.len())
+            .filter(|i| {
+                let seeable = *i < self.backfilled_upto || self.live_posts.contains(i);
+                seeable && !self.emitted_ever.contains(&(*i as u64))
+            })
+            .collect();
+        prop_assert!(
+            lost.is_empty(),
+            "messages never emitted: {:?}\n{}",
+            lost,
             ctx()
         );
         // Late inputs after the end: nothing.
@@ -795,13 +918,13 @@ impl World {
     }
 }
 
-fn message(id: &str, sender: &str) -> ChatMessage {
+fn message(id: &str, sender: &str, timestamp: &str) -> ChatMessage {
     ChatMessage {
         id: id.into(),
         sender_id: sender.into(),
         body: String::new(),
         kind: crate::backend::MessageKind::Standard,
-        timestamp: String::new(),
+        timestamp: timestamp.into(),
     }
 }
 
@@ -846,6 +969,7 @@ mod fixed {
             fractions: false,
             dates: false,
             machine_first: false,
+            agent_leg_first: false,
         }
     }
 
@@ -869,6 +993,51 @@ mod fixed {
             lookup_failures: 2,
             ..base()
         });
+    }
+
+    /// Issue 29: guestd is SIGKILLed while an agent is connected and the guest is silent; the
+    /// platform's no-activity rule ends the chat while guestd is down (both legs in the same
+    /// millisecond, either frame first); guestd comes back inside the grace window and must say
+    /// `inactivity_timeout` (it said `agent_ended` from the tied leave dates, or `server_ended`).
+    #[test]
+    fn killed_across_the_no_activity_deadline() {
+        let connect = 10_500;
+        for (dates, ties, agent_leg_first, down) in [
+            (true, true, false, 30 * SEC),
+            (true, true, true, 30 * SEC),
+            (true, false, true, 30 * SEC),
+            (false, true, false, 30 * SEC),
+            (true, true, false, 2 * SEC),
+        ] {
+            run(Script {
+                cause: Cause::Inactivity,
+                agent_at: Some(10_000),
+                end_at: 20_000,
+                restart: Some((connect + INACTIVITY - SEC, down)),
+                dates,
+                ties,
+                agent_leg_first,
+                ..base()
+            });
+        }
+    }
+
+    /// Issue 29: a 1 s restart long before the deadline, while an agent is connected: guestd's
+    /// clock must go on from the agent's connect, not start again at the restart.
+    #[test]
+    fn a_short_restart_keeps_the_no_activity_clock() {
+        for machine_first in [false, true] {
+            run(Script {
+                cause: Cause::Inactivity,
+                agent_at: Some(10_000),
+                end_at: 20_000,
+                restart: Some((300 * SEC, SEC)),
+                msgs: vec![(100 * SEC, true)],
+                dates: true,
+                machine_first,
+                ..base()
+            });
+        }
     }
 
     /// Outages and a restart that add up past the platform's grace window: the platform ends

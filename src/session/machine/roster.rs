@@ -109,7 +109,13 @@ impl Machine {
         match (role, state) {
             (Role::Agent, MemberState::Connected) if self.agent.is_none() => {
                 self.agent = Some(id.to_string());
-                self.agent_since = Some(now);
+                // The agent connected before a restart: its clock runs from then.
+                let restored = self
+                    .restored_agent
+                    .take()
+                    .filter(|(a, _)| a == id)
+                    .map(|(_, t)| t);
+                self.agent_since = Some(restored.unwrap_or(now));
                 self.agent_ever = true;
                 self.warned = false;
                 out.push(Action::Emit(EventKind::AgentConnected {
@@ -120,6 +126,17 @@ impl Machine {
                 // Any agent leaving is evidence, even one whose CONNECTED guestd missed; after
                 // the guest left, an agent leaving is not why the chat ended.
                 self.agent_ever = true;
+                let restored = self.restored_agent.as_ref().is_some_and(|(a, _)| a == id);
+                if (restored || self.agent.as_deref() == Some(id))
+                    && self
+                        .evidence_deadline()
+                        .is_some_and(|dl| now + self.timing.inactivity_skew >= dl)
+                {
+                    self.idle_ended = true;
+                }
+                if restored && !self.guest_gone {
+                    self.restored_agent = None;
+                }
                 if !self.guest_gone {
                     self.last_agent_left = Some(now);
                 }
@@ -186,6 +203,11 @@ impl Machine {
             return self.fetch(Fetch::Refresh, out);
         }
         if guest_left_in_list {
+            self.guest_left_ms = list
+                .iter()
+                .find(|m| m.id == self.guest_id)
+                .and_then(|m| m.leave_date.as_deref())
+                .and_then(ending::instant_ms);
             self.dates = ending::by_dates(
                 &list,
                 &self.guest_id,
