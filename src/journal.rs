@@ -690,7 +690,8 @@ mod tests {
         }
     }
 
-    fn rec(id: &str) -> SessionRecord {
+    /// A session record for tests, with the jwt `tok`.
+    pub(super) fn rec(id: &str) -> SessionRecord {
         SessionRecord {
             session: id.into(),
             chat: ChatRef {
@@ -880,27 +881,13 @@ mod tests {
 #[cfg(test)]
 mod compaction_tests {
     use super::*;
-    use crate::secret::Secret;
 
     #[tokio::test]
     async fn a_running_journal_stays_small() {
         let dir = std::env::temp_dir().join(format!("guestd-journal-c-{}", uuid::Uuid::new_v4()));
         let path = dir.join("journal.jsonl");
         let (j, _) = FileJournal::open(&path, 4096).unwrap();
-        j.session_started(SessionRecord {
-            session: "a".into(),
-            chat: ChatRef {
-                conversation_id: "c".into(),
-                member_id: "m".into(),
-                jwt: Secret::new("tok"),
-                event_stream_uri: "ws://127.0.0.1:1/x".into(),
-            },
-            started_ms: 1,
-            mode: "start".into(),
-            web_messaging: None,
-        })
-        .await
-        .unwrap();
+        j.session_started(super::tests::rec("a")).await.unwrap();
         for i in 0..2000 {
             j.progress("a", &format!("message-{i:05}"));
         }
@@ -928,20 +915,7 @@ mod compaction_tests {
         std::os::unix::fs::symlink(&victim, path.with_extension("compact")).unwrap();
         // Open compacts at once; the running journal compacts again past 4 KiB.
         let (j, _) = FileJournal::open(&path, 4096).unwrap();
-        j.session_started(SessionRecord {
-            session: "a".into(),
-            chat: ChatRef {
-                conversation_id: "c".into(),
-                member_id: "m".into(),
-                jwt: Secret::new("tok"),
-                event_stream_uri: "ws://127.0.0.1:1/x".into(),
-            },
-            started_ms: 1,
-            mode: "start".into(),
-            web_messaging: None,
-        })
-        .await
-        .unwrap();
+        j.session_started(super::tests::rec("a")).await.unwrap();
         for i in 0..200 {
             j.progress("a", &format!("message-{i:05}"));
         }

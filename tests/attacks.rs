@@ -25,14 +25,7 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const LEASE: Duration = Duration::from_secs(4);
 
 fn emu_cfg() -> EmulatorConfig {
-    EmulatorConfig {
-        heartbeat_interval: Duration::from_millis(500),
-        reconnect_grace: Duration::from_secs(30),
-        inactivity_timeout: Duration::from_secs(600),
-        agent_join_delay: None,
-        agent_alert_duration: Duration::from_millis(20),
-        ..EmulatorConfig::default()
-    }
+    common::node::cluster_emu_cfg()
 }
 
 /// Everything of one attack: the server, the emulator, nodes n1 and n2, both attackers, and
@@ -295,6 +288,11 @@ fn one_ended(lines: &[Value], session: &str, reason: &str) {
 
 /// Wait for the sessions bucket to show `session` owned by `owner` again, after `after`.
 async fn restored(rig: &Rig, session: &str, owner: &str, after: u64) -> u64 {
+    restored_from(rig, session, owner, after, &[]).await
+}
+
+/// [`restored`], with a value other than `not` (an older value of the same owner replayed).
+async fn restored_from(rig: &Rig, session: &str, owner: &str, after: u64, not: &[u8]) -> u64 {
     let kv = rig.kv("GUESTD_sessions").await;
     let mut w = kv.watch(session).await.unwrap();
     let deadline = Instant::now() + LONG;
@@ -308,6 +306,7 @@ async fn restored(rig: &Rig, session: &str, owner: &str, after: u64) -> u64 {
         let v: Value = serde_json::from_slice(&e.value).unwrap_or(Value::Null);
         if e.revision > after
             && e.operation == jetstream::kv::Operation::Put
+            && e.value.as_ref() != not
             && v["owner"] == owner
             && v["sealed"].as_str().is_some_and(|s| s.starts_with("g2."))
         {
@@ -325,6 +324,14 @@ async fn an_insider_without_the_secret_can_neither_steal_a_jwt_nor_move_or_drop_
     let captured = rig.insider.subscribe("GUESTD.cmd.>").await.unwrap();
     let (s, c) = rig.chat(0).await;
     rig.connected(&s).await;
+    let first = rig
+        .kv("GUESTD_sessions")
+        .await
+        .entry(&s)
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
     rig.emu.agent_join(&c).unwrap();
     rig.until("agent", |seen| {
         seen.iter().any(|v| v["type"] == "agent_connected")
@@ -386,7 +393,13 @@ async fn an_insider_without_the_secret_can_neither_steal_a_jwt_nor_move_or_drop_
 
     // 7. The entry purged.
     kv.purge_expect_revision(&s, Some(rev)).await.unwrap();
-    restored(&rig, &s, &owner, rev).await;
+    let rev = restored(&rig, &s, &owner, rev).await;
+
+    // The owner's own first value, genuinely sealed, stored again (it rolls back what the
+    // entry says about the chat): older by its generation, written over.
+    let r3 = kv.put(&s, first.clone()).await.unwrap();
+    assert!(r3 > rev);
+    restored_from(&rig, &s, &owner, r3, &first).await;
 
     // The chat is where it was and goes on: a message through the other node reaches it.
     let r = rig
@@ -412,7 +425,7 @@ async fn an_insider_without_the_secret_can_neither_steal_a_jwt_nor_move_or_drop_
         by_owner.contains("\"ended\""),
         "the owner kept the chat to its end"
     );
-    for kind in ["kind=\"forged\"", "kind=\"vanished\""] {
+    for kind in ["kind=\"forged\"", "kind=\"vanished\"", "kind=\"replayed\""] {
         assert!(logs.contains(kind), "no alert for {kind}");
     }
     assert!(logs.contains("ALERT"), "{logs}");
@@ -484,30 +497,45 @@ async fn commands_over_nats_need_the_secret_and_a_captured_forward_runs_once() {
         "a replayed or forged forward made a chat"
     );
 
-    // A forged reply, answered first by a fake responder on n2's subject, is not believed.
+    // A forged reply, answered first by a fake responder on n2's subject (n2 paused, so the
+    // fake is first for sure), is passed over: the caller waits for n2's own, sealed reply.
     let mut fake = rig.insider.subscribe("GUESTD.cmd.n2").await.unwrap();
     let insider = rig.insider.clone();
+    let (forged_tx, forged_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         if let Some(m) = fake.next().await {
             let forged = json!({"ok": {"session": "s-forged", "conversation_id": "c-forged"}});
             let _ = insider
                 .publish(m.reply.unwrap(), forged.to_string().into())
                 .await;
+            let _ = insider.flush().await;
+            let _ = forged_tx.send(());
         }
     });
-    // n2 paused (SIGSTOP), so only the fake answers a `get` for n2's chat forwarded by n1.
     signal(rig.nodes[1].pid(), "STOP");
-    let r = rig
-        .http(0, reqwest::Method::GET, &format!("/v1/sessions/{s2}"), None)
-        .await;
+    let url = format!("http://127.0.0.1:{}/v1/sessions/{s2}", rig.nodes[0].http);
+    let asked = tokio::spawn(async move {
+        let r = reqwest::Client::new()
+            .get(url)
+            .bearer_auth(TOKEN)
+            .timeout(LONG)
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.text().await.unwrap())
+    });
+    tokio::time::timeout(LONG, forged_rx)
+        .await
+        .unwrap()
+        .unwrap();
     signal(rig.nodes[1].pid(), "CONT");
-    let status = r.status();
-    let body = r.text().await.unwrap();
+    let (status, body) = asked.await.unwrap();
     assert!(
         !body.contains("s-forged"),
         "a forged reply was believed: {body}"
     );
-    assert!(body.contains("did not authenticate"), "{status} {body}");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&s2), "n2's own reply: {body}");
     for (s, _) in [(s1.clone(), ()), (s2.clone(), ())] {
         let r = rig
             .http(
@@ -598,6 +626,14 @@ async fn forged_and_replayed_announcements_move_no_chat() {
     // n2 dies; the insider replays its last real announcement again and again. Its chat is
     // taken all the same, within a lease and a bit.
     let last = nodes.entry("n2").await.unwrap().unwrap().value;
+    let n2_era = rig
+        .kv("GUESTD_sessions")
+        .await
+        .entry(&s2)
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
     rig.nodes[1].kill9().await;
     let replayer = {
         let nodes = nodes.clone();
@@ -622,8 +658,20 @@ async fn forged_and_replayed_announcements_move_no_chat() {
         }
     }
     replayer.abort();
+    // The value that named n2, genuinely sealed, stored again once n1 holds the chat: it moves
+    // nothing, and n1 writes its own over it.
+    let r = kv.put(&s2, n2_era).await.unwrap();
+    restored(&rig, &s2, "n1", r).await;
     let (lines, logs) = rig.stop().await;
     assert!(logs.contains("announcement in the nodes bucket that does not authenticate"));
+    let resumes = lines
+        .iter()
+        .filter(|v| v["type"] == "session_started" && v["session"] == *s2 && v["mode"] == "resume")
+        .count();
+    assert_eq!(
+        resumes, 1,
+        "n2's chat was resumed once, by n1, not again after the replay"
+    );
     for s in [&s1, &s2].into_iter().chain(more.iter()) {
         assert!(
             lines
@@ -705,6 +753,30 @@ async fn a_user_with_the_documented_deny_rules_reaches_nothing_of_guestd() {
     assert!(js.get_key_value("GUESTD_sessions").await.is_err());
     assert!(js.get_key_value("GUESTD_nodes").await.is_err());
     assert!(js.get_stream("GUESTD_EVENTS").await.is_err());
+    // A stream of its own that would copy the events, or capture the command subjects: refused
+    // (NATS checks neither against the creator's permissions, so creating streams is denied).
+    let mirror = js
+        .create_stream(jetstream::stream::Config {
+            name: "COPY".into(),
+            mirror: Some(jetstream::stream::Source {
+                name: "GUESTD_EVENTS".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await;
+    assert!(mirror.is_err(), "a mirror of guestd's events was created");
+    let capture = js
+        .create_stream(jetstream::stream::Config {
+            name: "CAPTURE".into(),
+            subjects: vec!["GUESTD.cmd.>".into(), "GUESTD.cmd".into()],
+            ..Default::default()
+        })
+        .await;
+    assert!(
+        capture.is_err(),
+        "a stream capturing guestd's commands was created"
+    );
     let put = js
         .publish(format!("$KV.GUESTD_sessions.{s}"), "x".into())
         .await;
@@ -750,6 +822,8 @@ async fn a_user_with_the_documented_deny_rules_reaches_nothing_of_guestd() {
         "Subscription Violation - User \"other\", Subject \"GUESTD.events.>\"",
         "Publish Violation - User \"other\", Subject \"GUESTD.cmd.n1\"",
         "Publish Violation - User \"other\", Subject \"$JS.API.STREAM.INFO.KV_GUESTD_sessions\"",
+        "Publish Violation - User \"other\", Subject \"$JS.API.STREAM.CREATE.COPY\"",
+        "Publish Violation - User \"other\", Subject \"$JS.API.STREAM.CREATE.CAPTURE\"",
     ] {
         assert!(log.contains(what), "the server did not refuse: {what}");
     }

@@ -21,14 +21,7 @@ use tokio::time::Instant;
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn emu_cfg() -> EmulatorConfig {
-    EmulatorConfig {
-        heartbeat_interval: Duration::from_millis(500),
-        reconnect_grace: Duration::from_secs(30),
-        inactivity_timeout: Duration::from_secs(600),
-        agent_join_delay: None,
-        agent_alert_duration: Duration::from_millis(20),
-        ..EmulatorConfig::default()
-    }
+    common::node::cluster_emu_cfg()
 }
 
 /// Events read from the stream with a durable consumer, each once (by stream sequence).

@@ -68,6 +68,24 @@ struct Args {
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Budget: fail unless guestd's memory per session is at most this many times that of the
+    /// `--budget-vs` arm measured in the same run (side by side: this machine's figures move
+    /// between runs, ratios within one run do not).
+    #[arg(long)]
+    max_memory_ratio: Option<f64>,
+    /// Budget: fail unless guestd's `ended` p99 is at most this many times the `--budget-vs`
+    /// arm's, or within `--p99-slack` of it (a few ms either way is noise).
+    #[arg(long)]
+    max_p99_ratio: Option<f64>,
+    /// Milliseconds of `ended` p99 above the other arm that never fail the budget.
+    #[arg(long, default_value_t = 20.0)]
+    p99_slack: f64,
+    /// The arm the budget ratios compare against.
+    #[arg(long, default_value = "guestd-tungstenite")]
+    budget_vs: String,
+    /// Budget: fail when guestd holds more than this many KiB per idle session.
+    #[arg(long)]
+    max_kib_per_session: Option<f64>,
     /// Run over TLS (HTTPS/WSS with a throwaway certificate made by the `openssl` command).
     #[arg(long)]
     tls: bool,
@@ -718,6 +736,14 @@ async fn main() -> anyhow::Result<()> {
         args.heartbeat = Duration::from_secs(1);
         args.steady = Duration::from_secs(5);
         args.latency_samples = 200;
+        // Side by side with guestd on tokio-tungstenite's frames, with a budget: guestd's own
+        // frames must keep their memory lead, and `ended` must stay as fast.
+        if !args.peer.iter().any(|p| p == "tungstenite") {
+            args.peer.push("tungstenite".into());
+        }
+        args.max_memory_ratio.get_or_insert(1.1);
+        args.max_p99_ratio.get_or_insert(3.0);
+        args.max_kib_per_session.get_or_insert(16.0);
     }
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) => eprintln!("open-file limit: {n}"),
@@ -816,5 +842,57 @@ async fn main() -> anyhow::Result<()> {
     {
         bail!("guestd lost sessions in the reconnect storm");
     }
+    let over = over_budget(&reports, &args);
+    if !over.is_empty() {
+        bail!("over budget:\n{}", over.join("\n"));
+    }
     Ok(())
+}
+
+/// Every budget guestd missed in `reports`, one line each.
+fn over_budget(reports: &[Report], args: &Args) -> Vec<String> {
+    let mut out = Vec::new();
+    for g in reports.iter().filter(|r| r.program == "guestd") {
+        let kib = g.bytes_per_session / 1024.0;
+        if let Some(max) = args.max_kib_per_session {
+            if kib > max {
+                out.push(format!(
+                    "{} sessions: {kib:.1} KiB per session > {max}",
+                    g.sessions
+                ));
+            }
+        }
+        let Some(o) = reports
+            .iter()
+            .find(|r| r.program == args.budget_vs && r.sessions == g.sessions)
+        else {
+            if args.max_memory_ratio.is_some() || args.max_p99_ratio.is_some() {
+                out.push(format!(
+                    "{} sessions: no {} arm to compare with",
+                    g.sessions, args.budget_vs
+                ));
+            }
+            continue;
+        };
+        if let Some(max) = args.max_memory_ratio {
+            if g.bytes_per_session > o.bytes_per_session * max {
+                out.push(format!(
+                    "{} sessions: memory per session {:.1} KiB > {max} x {}'s {:.1} KiB",
+                    g.sessions,
+                    kib,
+                    o.program,
+                    o.bytes_per_session / 1024.0
+                ));
+            }
+        }
+        if let Some(max) = args.max_p99_ratio {
+            if g.ended_p99_ms > (o.ended_p99_ms * max).max(o.ended_p99_ms + args.p99_slack) {
+                out.push(format!(
+                    "{} sessions: ended p99 {:.1} ms > {max} x {}'s {:.1} ms (+{} ms slack)",
+                    g.sessions, g.ended_p99_ms, o.program, o.ended_p99_ms, args.p99_slack
+                ));
+            }
+        }
+    }
+    out
 }

@@ -83,6 +83,8 @@ pub struct Info {
     pub epoch: u64,
     /// Conversation id.
     pub conversation: String,
+    /// The entry's generation: a value with a lower one is an older value stored again.
+    pub generation: u64,
 }
 
 /// What this node knows of the cluster.
@@ -250,14 +252,28 @@ impl Node {
         let read = tokio::time::timeout(Duration::from_secs(5), self.nats.nodes.entry(&self.id))
             .await
             .map_err(|_| "no answer reading this node's entry".to_string())?;
+        let now = now_ms();
         let prev = match read {
+            // The epoch this node last announced. One that does not open (forged, or sealed with
+            // a key no longer configured) still counts as a lower bound when it is no more than a
+            // day ahead of the clock: other nodes may remember it, and an epoch that went back
+            // would have them ignore this node's renewals. Beyond a day it is someone's forgery.
             Ok(Some(e)) => NodeEntry::open(&self.id, &e.value, &self.keys)
                 .map(|n| n.epoch)
+                .or_else(|| {
+                    serde_json::from_slice::<serde_json::Value>(&e.value)
+                        .ok()
+                        .and_then(|v| v["epoch"].as_u64())
+                        .filter(|&ep| ep <= now.saturating_add(86_400_000))
+                })
                 .unwrap_or(0),
             Ok(None) => 0,
             Err(e) => return Err(e.to_string()),
         };
-        let epoch = (prev + 1).max(now_ms()).max(self.fence.epoch() + 1);
+        let epoch = prev
+            .saturating_add(1)
+            .max(now)
+            .max(self.fence.epoch().saturating_add(1));
         self.seq.store(0, std::sync::atomic::Ordering::Release);
         let sent = self.announce(epoch, false).await?;
         self.fence.begin(
@@ -441,7 +457,15 @@ impl Node {
                                 }
                                 let opened = (e.operation == Operation::Put)
                                     .then(|| self.journal.open(&e.key, &e.value));
+                                let known = v.sessions.get(&e.key).map_or(0, |i| i.generation);
                                 match &opened {
+                                    Some(Ok(entry)) if entry.generation < known => {
+                                        // An older value stored again: it moves nothing (its
+                                        // owner, if it holds the chat, writes over it).
+                                        metrics::counter!("guestd_cluster_forged_total", "what" => "replayed_entry")
+                                            .increment(1);
+                                        tracing::warn!(key = %e.key, "ignored an older session entry stored again");
+                                    }
                                     Some(Ok(entry)) => {
                                         let conv = entry.record.chat.conversation_id.clone();
                                         v.by_conv.insert(conv.clone(), e.key.clone());
@@ -451,6 +475,7 @@ impl Node {
                                                 owner: entry.owner.clone(),
                                                 epoch: entry.epoch,
                                                 conversation: conv,
+                                                generation: entry.generation,
                                             },
                                         );
                                     }
@@ -470,11 +495,7 @@ impl Node {
                                     }
                                 }
                                 drop(v);
-                                self.journal.watched(
-                                    &e.key,
-                                    e.revision,
-                                    opened.as_ref().map(|r| r.as_ref().map_err(|f| *f)),
-                                );
+                                self.journal.watched(&e.key, e.revision);
                                 self.changed.notify_one();
                             }
                             Some(Err(e)) => {
@@ -580,6 +601,14 @@ impl Node {
         let Ok(entry) = self.journal.open(session, &cur.value) else {
             return false;
         };
+        // Older than what the watch showed: an older value stored again, not an orphan.
+        let seen = lock(&self.view)
+            .sessions
+            .get(session)
+            .map_or(0, |i| i.generation);
+        if entry.generation < seen {
+            return false;
+        }
         let epoch = self.fence.epoch();
         let mine = entry.owner == self.id && entry.epoch == epoch;
         if !mine {

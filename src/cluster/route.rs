@@ -40,7 +40,8 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 const FORWARD_TRIES: usize = 8;
 /// How long a node keeps a forward's reply for a repeated try.
 const REPLIES_KEPT: Duration = Duration::from_secs(300);
-/// How old a forward may be when it arrives (its tries span about 40 s, plus clock skew).
+/// How old a forward may be when it arrives: its tries span up to `FORWARD_TRIES x
+/// FORWARD_TIMEOUT` (40 s), so the last try tolerates 50 s of clock difference between nodes.
 pub const FORWARD_FRESH: Duration = Duration::from_secs(90);
 /// Commands from NATS run at once on one node; more wait (a flood costs no memory).
 const MAX_NATS_IN_FLIGHT: usize = 256;
@@ -207,22 +208,16 @@ impl Route for Router {
         Box::pin(async move {
             let mut last = String::new();
             for _ in 0..FORWARD_TRIES {
-                let r = tokio::time::timeout(
-                    FORWARD_TIMEOUT,
-                    client.request(subject.clone(), sealed.clone().into_bytes().into()),
-                )
-                .await;
-                match r {
-                    Ok(Ok(reply)) => return open_reply(&keys, &id, &reply.payload),
-                    Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                match try_forward(&client, &subject, &sealed, &keys, &id).await {
+                    Try::Done(r) => return r,
+                    Try::NoResponders => {
                         // Nobody got it: the caller may place it elsewhere.
                         return Err(SupervisorError::Remote(
                             "no_responders",
-                            format!("node {node}: {e}"),
+                            format!("node {node}: no responders"),
                         ));
                     }
-                    Ok(Err(e)) => last = e.to_string(),
-                    Err(_) => last = "no reply in time".into(),
+                    Try::Again(why) => last = why,
                 }
                 metrics::counter!("guestd_cluster_forward_retries_total").increment(1);
             }
@@ -231,6 +226,57 @@ impl Route for Router {
                 format!("node {node} did not answer: {last}"),
             ))
         })
+    }
+}
+
+/// How one try of a forward went.
+enum Try {
+    /// A reply that opened for this forward.
+    Done(Result<serde_json::Value, SupervisorError>),
+    /// Nobody listens on the node's subject.
+    NoResponders,
+    /// No reply that opened, in time: why, for the last error.
+    Again(String),
+}
+
+/// One try of a forward: published with an inbox of its own, whose replies are read until one
+/// opens for this forward or the try times out. A reply that does not open (forged, or a
+/// refusal the node could not seal) is passed over, so whoever answers first cannot decide
+/// the outcome; a refusal's text is kept for the error if nothing better comes.
+async fn try_forward(
+    client: &async_nats::Client,
+    subject: &str,
+    sealed: &str,
+    keys: &Keyring,
+    id: &str,
+) -> Try {
+    let inbox = client.new_inbox();
+    let mut replies = match client.subscribe(inbox.clone()).await {
+        Ok(s) => s,
+        Err(e) => return Try::Again(e.to_string()),
+    };
+    let payload = bytes::Bytes::copy_from_slice(sealed.as_bytes());
+    if let Err(e) = client
+        .publish_with_reply(subject.to_string(), inbox, payload)
+        .await
+    {
+        return Try::Again(e.to_string());
+    }
+    let deadline = Instant::now() + FORWARD_TIMEOUT;
+    let mut last = "no reply in time".to_string();
+    loop {
+        let m = match tokio::time::timeout_at(deadline, replies.next()).await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Try::Again("the reply subscription closed".into()),
+            Err(_) => return Try::Again(last),
+        };
+        if m.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+            return Try::NoResponders;
+        }
+        match opened_reply(keys, id, &m.payload) {
+            Some(r) => return Try::Done(r),
+            None => last = unopened_reply(&m.payload).to_string(),
+        }
     }
 }
 
@@ -371,31 +417,42 @@ fn seal_reply(keys: &Keyring, id: &str, reply: &[u8]) -> Vec<u8> {
         .into_bytes()
 }
 
+/// The reply to forward `id`, read back; None when it does not open for this forward.
+fn opened_reply(
+    keys: &Keyring,
+    id: &str,
+    payload: &[u8],
+) -> Option<Result<serde_json::Value, SupervisorError>> {
+    let plain = keys
+        .open(
+            Purpose::Reply,
+            &[id.as_bytes()],
+            &String::from_utf8_lossy(payload),
+        )
+        .ok()?;
+    Some(from_wire(&plain))
+}
+
+/// Why a reply that does not open is refused, with a node's own (unsealed) refusal if it is one.
+fn unopened_reply(payload: &[u8]) -> SupervisorError {
+    metrics::counter!("guestd_cluster_forged_total", "what" => "reply").increment(1);
+    let refusal = from_wire(payload)
+        .err()
+        .map(|e| format!(" (it said: {e})"))
+        .unwrap_or_default();
+    SupervisorError::Remote(
+        "backend_error",
+        format!("a node's reply did not authenticate{refusal}"),
+    )
+}
+
 /// The reply to forward `id`: opened and read back; a reply that does not open is refused.
 pub fn open_reply(
     keys: &Keyring,
     id: &str,
     payload: &[u8],
 ) -> Result<serde_json::Value, SupervisorError> {
-    match keys.open(
-        Purpose::Reply,
-        &[id.as_bytes()],
-        &String::from_utf8_lossy(payload),
-    ) {
-        Ok(plain) => from_wire(&plain),
-        Err(_) => {
-            metrics::counter!("guestd_cluster_forged_total", "what" => "reply").increment(1);
-            // The node's own refusal (it could not open the forward) comes unsealed.
-            let refusal = from_wire(payload)
-                .err()
-                .map(|e| format!(" (it said: {e})"))
-                .unwrap_or_default();
-            Err(SupervisorError::Remote(
-                "backend_error",
-                format!("a node's reply did not authenticate{refusal}"),
-            ))
-        }
-    }
+    opened_reply(keys, id, payload).unwrap_or_else(|| Err(unopened_reply(payload)))
 }
 
 /// Whether a command line on the public subject carries the expected bearer token.

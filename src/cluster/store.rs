@@ -69,6 +69,10 @@ pub struct Entry {
     /// The no-activity rule's evidence.
     #[serde(default)]
     pub activity: Activity,
+    /// Grows with every write of the entry (a take included): sealed, so an older value stored
+    /// again (a replay) is told from a newer one by every node that saw the newer.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 /// How an entry rests in the bucket.
@@ -111,6 +115,7 @@ impl Entry {
             ending: None,
             leaving: false,
             activity: Activity::default(),
+            generation: 1,
         }
     }
 
@@ -181,16 +186,22 @@ struct Pending {
 struct Held {
     slot: tokio::sync::Mutex<Option<Slot>>,
     pending: Mutex<Pending>,
-    /// The chat ended and its entry is being removed on purpose: a vanished entry is no conflict.
+    /// The chat ended and its entry is being removed on purpose: a vanished entry is no conflict,
+    /// and nothing more is written.
     ended: AtomicBool,
+    /// The revision this node last wrote, readable without the slot's lock (the watch uses it
+    /// to pass over its own writes).
+    last_rev: std::sync::atomic::AtomicU64,
 }
 
 impl Held {
     fn new(slot: Option<Slot>) -> Arc<Held> {
+        let rev = slot.as_ref().map_or(0, |s| s.rev);
         Arc::new(Held {
             slot: tokio::sync::Mutex::new(slot),
             pending: Mutex::new(Pending::default()),
             ended: AtomicBool::new(false),
+            last_rev: std::sync::atomic::AtomicU64::new(rev),
         })
     }
 }
@@ -279,6 +290,7 @@ impl KvJournal {
         }
         entry.owner = self.0.node.clone();
         entry.epoch = epoch;
+        entry.generation += 1;
         let bytes = entry.seal(session, &self.0.keys);
         let rev = match bounded(self.0.kv.update(session, bytes, rev)).await {
             Ok(r) => r,
@@ -303,6 +315,10 @@ impl KvJournal {
         }
         match Entry::open(&cur.key, &cur.value, &self.0.keys) {
             Err(_) => Judged::Conflict(cur.revision, "forged"),
+            // Older than what this node wrote: stored again by someone, whoever it names.
+            Ok(theirs) if theirs.generation < mine.generation => {
+                Judged::Conflict(cur.revision, "replayed")
+            }
             Ok(theirs) if theirs.owner == self.0.node && theirs.epoch == mine.epoch => {
                 Judged::Ours(cur.revision, &theirs == mine)
             }
@@ -331,8 +347,13 @@ impl KvJournal {
         let Some(slot) = guard.as_mut() else {
             return Err(WriteError::Lost);
         };
+        if held.ended.load(Ordering::Acquire) {
+            // The entry is being removed: a late progress write must not outlive the purge.
+            return Ok(());
+        }
         change(&mut slot.entry);
         slot.entry.last_alive_ms = chrono::Utc::now().timestamp_millis();
+        slot.entry.generation += 1;
         let mut wait = Duration::from_millis(100);
         loop {
             if !self.0.fence.acting(slot.entry.epoch) {
@@ -348,6 +369,7 @@ impl KvJournal {
             let e = match put {
                 Ok(rev) => {
                     slot.rev = rev;
+                    held.last_rev.store(rev, Ordering::Release);
                     self.0.healthy.store(true, Ordering::Relaxed);
                     return Ok(());
                 }
@@ -359,6 +381,7 @@ impl KvJournal {
                     Judged::Ours(rev, same) => {
                         // An earlier write landed (its ack lost). Go on from its revision.
                         slot.rev = rev;
+                        held.last_rev.store(rev, Ordering::Release);
                         if same {
                             return Ok(());
                         }
@@ -388,19 +411,15 @@ impl KvJournal {
         }
     }
 
-    /// The sessions watch saw `cur` (None: deleted or purged) for `session` at `revision`. For a
-    /// chat held here, a value that is not this node's own is judged: a conflict is written over
-    /// (the chat stays here), a live owner's takeover loses the chat.
-    pub fn watched(&self, session: &str, revision: u64, cur: Option<Result<&Entry, Foreign>>) {
+    /// The sessions watch saw a change of `session`'s entry at `revision`. For a chat held
+    /// here, any revision after the one this node last wrote is judged (`write` reads it): a
+    /// conflict is written over (the chat stays here), a live owner's takeover loses the chat.
+    /// This node's own writes (and anything older) are passed over without a task.
+    pub fn watched(&self, session: &str, revision: u64) {
         let Some(held) = self.held(session) else {
             return;
         };
-        if let Some(Ok(e)) = &cur {
-            if e.owner == self.0.node && e.epoch == self.0.fence.epoch() {
-                return;
-            }
-        }
-        if held.ended.load(Ordering::Acquire) {
+        if held.ended.load(Ordering::Acquire) || revision <= held.last_rev.load(Ordering::Acquire) {
             return;
         }
         let me = self.clone();
@@ -409,14 +428,13 @@ impl KvJournal {
             {
                 let guard = held.slot.lock().await;
                 match guard.as_ref() {
-                    // Not yet written (a start in progress), or the watch is behind this
-                    // node's own writes.
+                    // Not yet written (a start in progress), or the write whose echo this is
+                    // finished meanwhile.
                     None => return,
                     Some(slot) if slot.rev >= revision => return,
                     Some(_) => {}
                 }
             }
-            // `write` reads the bucket's value and judges it.
             if let Err(e) = me.write(&session, |_| {}).await {
                 tracing::warn!(session, error = ?e, "a chat's entry was taken over");
                 me.lose(&session);
@@ -570,6 +588,7 @@ impl Journal for KvJournal {
             match result {
                 Ok(rev) => {
                     me.0.healthy.store(true, Ordering::Relaxed);
+                    held.last_rev.store(rev, Ordering::Release);
                     *slot = Some(Slot { rev, entry });
                     Ok(())
                 }
@@ -613,10 +632,11 @@ impl Journal for KvJournal {
         let me = self.clone();
         let session = session.to_string();
         tokio::spawn(async move {
+            // Held through the purge: no write lands between reading the revision and removing it.
             let slot = held.slot.lock().await;
             let rev = slot.as_ref().map(|s| s.rev);
-            drop(slot);
             me.purge(&session, rev).await;
+            drop(slot);
             me.forget(&session);
         });
     }

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use super::{fast_env, signal};
-use guestd::emulator::Emulator;
+use guestd::emulator::{Emulator, EmulatorConfig};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -114,5 +114,18 @@ impl Node {
             .expect("a node did not stop after SIGTERM")
             .unwrap()
             .code()
+    }
+}
+
+/// The emulator the cluster tests run against: heartbeats every 500 ms, a 30 s grace, the
+/// no-activity rule out of the way, agents that join and connect on command.
+pub fn cluster_emu_cfg() -> EmulatorConfig {
+    EmulatorConfig {
+        heartbeat_interval: Duration::from_millis(500),
+        reconnect_grace: Duration::from_secs(30),
+        inactivity_timeout: Duration::from_secs(600),
+        agent_join_delay: None,
+        agent_alert_duration: Duration::from_millis(20),
+        ..EmulatorConfig::default()
     }
 }
