@@ -104,6 +104,15 @@ struct Args {
     frames: Option<usize>,
 }
 
+/// The emulator's loopback addresses as `genesys.stream_hosts` (guestd sends streams only to
+/// the platform's hosts; the bench spreads the emulator's sockets over several addresses).
+fn loopback_hosts(addrs: u8) -> String {
+    let hosts: Vec<String> = (1..=addrs.max(1))
+        .map(|i| format!("\"127.0.0.{i}\""))
+        .collect();
+    format!("[{}]", hosts.join(","))
+}
+
 /// A throwaway certificate for 127.0.0.1-4, made with the openssl command line.
 fn make_cert(dir: &std::path::Path, addrs: u8) -> anyhow::Result<(PathBuf, PathBuf)> {
     let cert = dir.join("cert.pem");
@@ -430,6 +439,7 @@ async fn run(kind: &str, n: usize, exe: &PathBuf, args: &Args) -> anyhow::Result
                 (kind != "guestd-tungstenite").to_string(),
             )
             .env("GUESTD_GENESYS__API_BASE", &emu.base)
+            .env("GUESTD_GENESYS__STREAM_HOSTS", loopback_hosts(args.addrs))
             .env("GUESTD_SESSION__HEARTBEAT_INTERVAL", format!("{hb_ms}ms"))
             .env("GUESTD_SESSION__RECONNECT_GRACE", "2m")
             .env("GUESTD_SESSION__INACTIVITY_TIMEOUT", "1h")
@@ -741,7 +751,7 @@ async fn main() -> anyhow::Result<()> {
         if !args.peer.iter().any(|p| p == "tungstenite") {
             args.peer.push("tungstenite".into());
         }
-        args.max_memory_ratio.get_or_insert(1.1);
+        args.max_memory_ratio.get_or_insert(1.25);
         args.max_p99_ratio.get_or_insert(3.0);
         args.max_kib_per_session.get_or_insert(16.0);
     }

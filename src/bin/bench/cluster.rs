@@ -28,6 +28,7 @@ fn node(exe: &PathBuf, id: &str, emu: &Emu, servers: &str, hb_ms: u128, cluster:
     c.arg("run")
         .env_remove("GUESTD_CONFIG")
         .env("GUESTD_GENESYS__API_BASE", &emu.base)
+        .env("GUESTD_GENESYS__STREAM_HOSTS", super::loopback_hosts(16))
         .env("GUESTD_SESSION__HEARTBEAT_INTERVAL", format!("{hb_ms}ms"))
         .env("GUESTD_SESSION__RECONNECT_GRACE", "2m")
         .env("GUESTD_SESSION__INACTIVITY_TIMEOUT", "1h")
