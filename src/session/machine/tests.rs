@@ -805,3 +805,57 @@ async fn stream_errors_are_rate_limited() {
     assert_eq!(e.len(), 6);
     assert!(e[5].contains("95 more left out"), "{}", e[5]);
 }
+
+/// Issue 29: the backfill-failure path. A backfill that fails after a reconnect says so in a
+/// `stream_error` (the messages in the gap may be missing: nothing else can name them), the
+/// live frames held meanwhile come out in order, and the session goes on.
+#[tokio::test(start_paused = true)]
+async fn a_failed_backfill_says_messages_may_be_missing_and_goes_on() {
+    let mut s = Sim::new();
+    s.connect();
+    s.agent_joins();
+    s.message("m1", AGENT);
+    s.step(Input::Lost("closed".into()));
+    s.tick_next().await;
+    let a = s.step(Input::Opened);
+    assert!(a.contains(&Action::Backfill {
+        after: Some("m1".into())
+    }));
+    assert!(
+        s.message("m4", AGENT).is_empty(),
+        "held behind the backfill"
+    );
+    s.step(Input::Backfill(Err(Failure::Other(
+        "503 after retries".into(),
+    ))));
+    let events = s.events();
+    let error = events.iter().find_map(|e| match e {
+        EventKind::StreamError { detail } => Some(detail.clone()),
+        _ => None,
+    });
+    assert!(
+        error
+            .as_deref()
+            .is_some_and(|d| d.contains("messages may be missing")),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, EventKind::Reconnected { backfilled: 0, .. }))
+    );
+    let ids: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match e {
+            EventKind::Message { message_id, .. } => Some(message_id.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ids, ["m1", "m4"], "the held live message comes out");
+    assert!(s.ended().is_empty(), "a failed backfill ends nothing");
+    assert!(
+        s.message("m5", AGENT)
+            .iter()
+            .any(|a| matches!(a, Action::Emit(EventKind::Message { .. })))
+    );
+}
