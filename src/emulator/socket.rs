@@ -112,7 +112,14 @@ async fn serve(
                 let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
                 return "closed after socket_closing";
             }
-            msg = ws.next(), if !half_open => match msg {
+            // A half-open socket is still read, so the log can show what the client sent into
+            // it (`ping_unanswered`), but nothing is answered and nothing counts as alive.
+            msg = ws.next() => match msg {
+                Some(Ok(Message::Text(t))) if half_open => {
+                    if p::is_ping(&t) {
+                        sh.world().record(Some(conv), "ping_unanswered", None, String::new());
+                    }
+                }
                 Some(Ok(Message::Text(t))) => {
                     if p::is_ping(&t) {
                         sh.world().record(Some(conv), "ping", None, String::new());

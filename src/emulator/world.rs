@@ -59,7 +59,8 @@ pub struct LogEntry {
     pub at_ms: u64,
     /// Conversation, where known.
     pub conversation_id: Option<String>,
-    /// What happened: `create`, `connect`, `socket_closed`, `ping`, `list_members`, `get_member`,
+    /// What happened: `create`, `connect`, `socket_closed`, `ping`, `ping_unanswered` (into a
+    /// half-open socket), `list_members`, `get_member`,
     /// `leave`, `send_message`, `send_typing`, `list_messages`, `get_message`, `agent_connected`,
     /// `ended`, `rejected`.
     pub action: String,
