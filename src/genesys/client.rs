@@ -543,24 +543,7 @@ impl ChatApi for GenesysApi {
     }
 
     fn decode(&self, text: &str) -> Result<ChatEvent, String> {
-        match p::decode_frame(text).map_err(|e| e.to_string())? {
-            p::StreamEvent::Heartbeat => Ok(ChatEvent::Heartbeat),
-            p::StreamEvent::Pong => Ok(ChatEvent::Pong),
-            p::StreamEvent::Metadata(m) => Ok(ChatEvent::Other(format!(
-                "channel.metadata: {}",
-                truncate(&m)
-            ))),
-            p::StreamEvent::Message(m) => Ok(ChatEvent::Message(message(m))),
-            p::StreamEvent::Typing(t) => Ok(ChatEvent::Typing {
-                sender_id: t.sender.id,
-            }),
-            p::StreamEvent::MemberChange(c) => Ok(ChatEvent::MemberChange {
-                member_id: c.member.id,
-                state: state(c.member.state),
-            }),
-            p::StreamEvent::SocketClosing => Ok(ChatEvent::SocketClosing),
-            p::StreamEvent::Unknown { topic } => Ok(ChatEvent::Other(topic)),
-        }
+        chat_event(text)
     }
 
     fn ping_frame(&self) -> &'static str {
@@ -569,6 +552,28 @@ impl ChatApi for GenesysApi {
 
     fn max_message_chars(&self) -> usize {
         p::MAX_BODY_CHARS
+    }
+}
+
+/// A stream frame as the session machine takes it (the seam's `decode` for the guest chat API).
+pub fn chat_event(text: &str) -> Result<ChatEvent, String> {
+    match p::decode_frame(text).map_err(|e| e.to_string())? {
+        p::StreamEvent::Heartbeat => Ok(ChatEvent::Heartbeat),
+        p::StreamEvent::Pong => Ok(ChatEvent::Pong),
+        p::StreamEvent::Metadata(m) => Ok(ChatEvent::Other(format!(
+            "channel.metadata: {}",
+            truncate(&m)
+        ))),
+        p::StreamEvent::Message(m) => Ok(ChatEvent::Message(message(m))),
+        p::StreamEvent::Typing(t) => Ok(ChatEvent::Typing {
+            sender_id: t.sender.id,
+        }),
+        p::StreamEvent::MemberChange(c) => Ok(ChatEvent::MemberChange {
+            member_id: c.member.id,
+            state: state(c.member.state),
+        }),
+        p::StreamEvent::SocketClosing => Ok(ChatEvent::SocketClosing),
+        p::StreamEvent::Unknown { topic } => Ok(ChatEvent::Other(topic)),
     }
 }
 
