@@ -200,14 +200,19 @@ impl Route for Router {
         cmd: &Command,
     ) -> BoxFuture<'static, Result<serde_json::Value, SupervisorError>> {
         let id = uuid::Uuid::new_v4().simple().to_string();
-        let epoch = lock(&self.view).observer.epoch_of(&node).unwrap_or(0);
-        let sealed = seal_forward(&self.keys, &node, epoch, &id, now_ms(), cmd);
+        let made = now_ms();
+        let cmd = cmd.clone();
         let subject = format!("{}.{node}", self.cmd);
         let client = self.client.clone();
         let keys = self.keys.clone();
+        let view = self.view.clone();
         Box::pin(async move {
             let mut last = String::new();
             for _ in 0..FORWARD_TRIES {
+                // Sealed for the node's epoch as the view knows it at each try: a node that
+                // joined again meanwhile (after a fence) takes the retry, same id and time.
+                let epoch = lock(&view).observer.epoch_of(&node).unwrap_or(0);
+                let sealed = seal_forward(&keys, &node, epoch, &id, made, &cmd);
                 match try_forward(&client, &subject, &sealed, &keys, &id).await {
                     Try::Done(r) => return r,
                     Try::NoResponders => {
@@ -275,6 +280,11 @@ async fn try_forward(
         }
         match opened_reply(keys, id, &m.payload) {
             Some(r) => return Try::Done(r),
+            // A node's refusal (it could not open the forward: it joined again since the view
+            // last saw it, say): try again now, sealed afresh. Forged, it costs a try, no more.
+            None if from_wire(&m.payload).is_err() && m.payload.starts_with(b"{") => {
+                return Try::Again(unopened_reply(&m.payload).to_string());
+            }
             None => last = unopened_reply(&m.payload).to_string(),
         }
     }
