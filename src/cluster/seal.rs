@@ -239,7 +239,10 @@ mod tests {
     fn seals_open_only_with_the_secret_the_purpose_and_the_context() {
         let k = Keyring::new(&[7; 32], &[]);
         let sealed = k.seal(Purpose::Entry, &[b"s-1", b"n1"], b"eyJ.jwt.sig");
-        assert!(!sealed.contains("eyJ"));
+        // Not in the clear: neither the text nor its decoded bytes hold the plaintext.
+        assert!(!sealed.contains("eyJ.jwt.sig"));
+        let raw = B64.decode(sealed.rsplit('.').next().unwrap()).unwrap();
+        assert!(!raw.windows(11).any(|w| w == b"eyJ.jwt.sig"));
         assert!(sealed.starts_with(&format!("g2.{}.", k.kid())));
         assert_eq!(
             k.open(Purpose::Entry, &[b"s-1", b"n1"], &sealed).unwrap(),
