@@ -80,17 +80,22 @@ async fn https_and_wss_with_a_trusted_private_ca() {
     assert!(d.child.wait().await.unwrap().success());
 }
 
+/// A `start` that must fail (the REST call refused by TLS); its error, lowercased.
+async fn refused_start(d: &mut Daemon) -> String {
+    d.send(json!({"cmd": "start", "request_id": "r1", "queue": "Support", "display_name": "x"}))
+        .await;
+    let r = d.wait(|v| v["request_id"] == "r1").await;
+    assert_eq!(r["type"], "command_error", "{r}");
+    r["error"].as_str().unwrap().to_lowercase()
+}
+
 #[tokio::test]
 async fn an_untrusted_certificate_is_refused_for_rest_and_stream() {
     let p = pki();
     let emu = emulator(tls_emu_cfg(&p)).await;
     let mut d = Daemon::spawn(fast_env(&emu), &[]);
     // REST: create fails with a certificate error, reported to the caller.
-    d.send(json!({"cmd": "start", "request_id": "r1", "queue": "Support", "display_name": "x"}))
-        .await;
-    let r = d.wait(|v| v["request_id"] == "r1").await;
-    assert_eq!(r["type"], "command_error", "{r}");
-    let err = r["error"].as_str().unwrap().to_lowercase();
+    let err = refused_start(&mut d).await;
     assert!(
         err.contains("unknownissuer"),
         "the REST error names the issuer: {err}"
@@ -252,11 +257,7 @@ async fn a_certificate_for_another_name_or_expired_is_refused_on_both_tls_paths(
             let mut d = Daemon::spawn(env, &[]);
             let creates = || emu.log().iter().filter(|l| l.action == "create").count();
             let before = creates();
-            d.send(json!({"cmd": "start", "request_id": "r1", "queue": "Support", "display_name": "x"}))
-                .await;
-            let r = d.wait(|v| v["request_id"] == "r1").await;
-            assert_eq!(r["type"], "command_error", "{r}");
-            let err = r["error"].as_str().unwrap().to_lowercase();
+            let err = refused_start(&mut d).await;
             assert!(
                 err.contains(want),
                 "lean_tls={lean}: REST error {err:?} lacks {want:?}"

@@ -427,12 +427,17 @@ impl Machine {
 
     /// When the no-activity rule ends the chat, if it runs now.
     pub fn inactivity_deadline(&self) -> Option<Instant> {
-        let since = self.agent_since?;
+        self.agent_since.map(|since| self.deadline_from(since))
+    }
+
+    /// The no-activity deadline for an agent connected since `since`: the later of that and the
+    /// guest's last message, plus the timeout.
+    fn deadline_from(&self, since: Instant) -> Instant {
         let from = match self.last_guest_msg {
             Some(m) if m > since => m,
             _ => since,
         };
-        Some(from + self.timing.inactivity_timeout)
+        from + self.timing.inactivity_timeout
     }
 
     /// The no-activity deadline as evidence: guestd's own, or, after a restart and before the
@@ -442,11 +447,7 @@ impl Machine {
             return Some(dl);
         }
         let (_, since) = self.restored_agent.as_ref()?;
-        let from = match self.last_guest_msg {
-            Some(m) if m > *since => m,
-            _ => *since,
-        };
-        Some(from + self.timing.inactivity_timeout)
+        Some(self.deadline_from(*since))
     }
 
     /// Whether the guest's leave date (from a members list) falls at or after the no-activity

@@ -126,6 +126,23 @@ impl Sim {
     fn message(&mut self, id: &str, sender: &str) -> Vec<Action> {
         self.step(Input::Frame(ChatEvent::Message(msg(id, sender))))
     }
+
+    /// Connected with an agent and one message `m1`, then the socket drops and opens again:
+    /// the reopen asks for a backfill after `m1` (asserted).
+    async fn reopened_after_m1(&mut self) {
+        self.connect();
+        self.agent_joins();
+        self.message("m1", AGENT);
+        self.step(Input::Lost("closed".into()));
+        self.tick_next().await;
+        let a = self.step(Input::Opened);
+        assert!(
+            a.contains(&Action::Backfill {
+                after: Some("m1".into())
+            }),
+            "{a:?}"
+        );
+    }
 }
 
 fn member(id: &str, role: Role, state: MemberState, left: Option<&str>) -> ChatMember {
@@ -255,18 +272,7 @@ async fn grace_expiry_ends_even_if_reconcile_fails() {
 #[tokio::test(start_paused = true)]
 async fn reconnect_backfills_in_order_once_each() {
     let mut s = Sim::new();
-    s.connect();
-    s.agent_joins();
-    s.message("m1", AGENT);
-    s.step(Input::Lost("closed".into()));
-    s.tick_next().await;
-    let a = s.step(Input::Opened);
-    assert!(
-        a.contains(&Action::Backfill {
-            after: Some("m1".into())
-        }),
-        "{a:?}"
-    );
+    s.reopened_after_m1().await;
     // A live message arrives before the backfill answers: held, not emitted out of order.
     let a = s.message("m4", AGENT);
     assert!(a.is_empty(), "{a:?}");
@@ -812,15 +818,7 @@ async fn stream_errors_are_rate_limited() {
 #[tokio::test(start_paused = true)]
 async fn a_failed_backfill_says_messages_may_be_missing_and_goes_on() {
     let mut s = Sim::new();
-    s.connect();
-    s.agent_joins();
-    s.message("m1", AGENT);
-    s.step(Input::Lost("closed".into()));
-    s.tick_next().await;
-    let a = s.step(Input::Opened);
-    assert!(a.contains(&Action::Backfill {
-        after: Some("m1".into())
-    }));
+    s.reopened_after_m1().await;
     assert!(
         s.message("m4", AGENT).is_empty(),
         "held behind the backfill"
