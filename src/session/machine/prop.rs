@@ -512,7 +512,10 @@ impl World {
 
     fn post(&mut self, sender: &str) {
         let id = format!("m{}", self.msgs.len());
-        if self.sock {
+        // Required of the machine when it arrives on an open stream with no backfill
+        // outstanding; one held behind a backfill is required once a later backfill is taken
+        // (`backfilled_upto`): held frames die with a drop, and the next backfill fetches them.
+        if self.sock && self.backfills_out == 0 {
             self.live_posts.push(self.msgs.len());
         }
         self.msgs.push((sender.to_string(), self.t));
@@ -1038,6 +1041,22 @@ mod fixed {
                 ..base()
             });
         }
+    }
+
+    /// Found by the property: a live message held behind a backfill, then the socket drops
+    /// (the held frame is dropped; the next backfill would fetch it) and the chat ends on a
+    /// leave before any reconnect. The message is beyond reach (docs/events.md); one end, the
+    /// right reason.
+    #[test]
+    fn a_message_held_behind_a_backfill_then_a_drop_and_an_end() {
+        run(Script {
+            cause: Cause::GuestLeave,
+            end_at: 535_000,
+            msgs: vec![(593_000, true)],
+            restart: Some((534_082, 57_780)),
+            lookup_ms: 2278,
+            ..base()
+        });
     }
 
     /// Outages and a restart that add up past the platform's grace window: the platform ends
