@@ -8,29 +8,65 @@
 //!
 //! Here, bytes are read into a per-thread scratch buffer ([`SCRATCH`]); each frame is parsed out
 //! of it and copied into its message, and only what is left over (the start of a frame not yet
-//! whole, or frames after the one returned) is kept with the socket, in a `Vec` freed as soon as
-//! it is consumed. A frame larger than one read is read straight into that `Vec`, reserved once
-//! for the frame's announced length (bounded by `max_message`). Writes encode a frame into an
-//! exact-size `Vec`, written through and freed when written. So between frames a socket holds
-//! its transport and a few words ([`LeanWs::buffered_capacity`] is 0).
+//! whole, or frames after the one returned) is kept with the socket, in a `Vec` read in place
+//! (frames are taken from it by moving an offset, never by copying the rest) and freed as soon as
+//! it is consumed. A frame larger than one read is read straight into that `Vec`, which grows as
+//! the frame's bytes arrive (doubling, capped at the frame's announced length), never zero-filled.
+//! Writes encode a frame into an exact-size `Vec`, written through and freed when written. So
+//! between frames a socket holds its transport and a few words ([`LeanWs::buffered_capacity`]
+//! is 0).
 //!
-//! The protocol rules are tungstenite's (and its types: [`Message`], [`CloseFrame`], [`Error`],
-//! and its header parser), so the session actors read either stream alike and
-//! `stream.lean_ws = false` goes back to tokio-tungstenite: server frames must be unmasked, no
-//! reserved bits (no extension is negotiated), control frames whole and at most 125 bytes, a
-//! fragmented message continued before anything else starts, text valid UTF-8, no message over
-//! `max_message`. A ping is answered with a pong (and also returned, as proof of life), a close
-//! is answered with the same code and ends the stream once the reply is written; a socket that
-//! ends without a close frame is an error (`ResetWithoutClosingHandshake`), as in tungstenite.
-//! Client frames are masked with a fresh random key each.
+//! # Bounded by construction
+//! What one socket can hold, whatever the server does (`M` = `max_message`, 256 KiB by default):
+//! - read: the bytes of the frame being read, at most `M` + 14 + [`MIN_READ`] (a frame announced
+//!   longer than what its message may still take is refused as soon as its header is in, before
+//!   its bytes), and a fragmented message's parts, which with the frame being read stay under
+//!   `M` + 14 + [`MIN_READ`] in all;
+//! - write: one frame the caller sent (`Sink::poll_ready` waits until the last one is written;
+//!   a message over `M` is refused with `WriteBufferFull`), and **one** owed control reply: a
+//!   pong for the latest ping (a newer ping replaces a pong not yet started, tungstenite's rule)
+//!   or the close reply (which nothing replaces), at most 139 bytes. A ping flood from a server
+//!   that never reads costs one pong, not one per ping.
+//!
+//! So no server holds more than about 2 x `M` + 5 KiB of one socket (the transport adds its own,
+//! see `crate::leantls`); `tests/transport.rs` measures it under every hostile server it plays.
+//!
+//! # The protocol is tungstenite's
+//! The rules, types ([`Message`], [`CloseFrame`], [`Error`]) and header parser are tungstenite's,
+//! so the session actors read either stream alike and `stream.lean_ws = false` goes back to
+//! tokio-tungstenite; `tests/transport.rs` runs both over the same servers and asserts the same
+//! outcome. Server frames must be unmasked, no reserved bits (no extension is negotiated),
+//! control frames whole and at most 125 bytes, a fragmented message continued before anything
+//! else starts, text valid UTF-8, no message over `max_message`. A ping is answered with a pong
+//! (and also returned, as proof of life). A close from the server is answered with the same frame
+//! (a code that may not be sent on the wire becomes 1002 "Protocol violation", in the message
+//! returned too); after it, the stream ends at the socket's end, and any frame before that is
+//! `ReceivedAfterClosing`. After guestd's own close, frames are still read until the server's
+//! close reply; a socket that ends before it, or without any close, is
+//! `ResetWithoutClosingHandshake`.
+//!
+//! Differences from tokio-tungstenite, on purpose (also in docs/design.md):
+//! - `Sink::poll_close` sends the close frame, flushes, and then shuts the write side down (a TLS
+//!   close_notify, a TCP FIN): guestd has nothing more to write. Reading goes on until the
+//!   server's close reply and the socket's end. tokio-tungstenite leaves the socket open for
+//!   writing until it is dropped.
+//! - A continuation frame that would take a message over `max_message` is refused when its
+//!   header arrives; tungstenite reads the frame first. Same error, sooner, and nothing held.
+//! - A control reply owed when a message is returned is written at once if the socket takes it
+//!   (tungstenite writes it on the next read or write); a session that drops the socket on a
+//!   close still answers it.
+//!
+//! Reader and writer may be two tasks (`StreamExt::split`): a write the read path makes for a
+//! reply registers the reader's waker with the socket, so a writer parked in `poll_ready` is
+//! woken as well, to register its own. Client frames are masked with a fresh random key each.
 
 use bytes::Bytes;
 use futures::{Sink, Stream};
 use std::cell::RefCell;
 use std::io::Cursor;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use std::task::{Context, Poll, Waker, ready};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
@@ -41,7 +77,7 @@ use tokio_tungstenite::tungstenite::{Error, Message, Utf8Bytes};
 /// small enough to be nothing per worker thread.
 pub const SCRATCH: usize = 16 * 1024;
 /// A read into a socket's own buffer (a frame larger than one read) asks for at least this much.
-const MIN_READ: usize = 4 * 1024;
+pub const MIN_READ: usize = 4 * 1024;
 /// The largest control frame payload (RFC 6455 5.5).
 const MAX_CONTROL: usize = 125;
 
@@ -56,9 +92,10 @@ enum State {
     Open,
     /// guestd sent a close; waiting for the server's (frames before it are still read).
     CloseSent,
-    /// The server sent a close; the stream ends once the reply is written.
-    CloseReceived,
-    /// Nothing more: closed both ways, failed, or reset.
+    /// Both closes seen (the server's reply, or the server's close and guestd's reply owed or
+    /// written): reading on to the socket's end, which ends the stream.
+    Closed,
+    /// Nothing more: ended, failed, or reset.
     Done,
 }
 
@@ -71,12 +108,21 @@ struct Fragments {
 /// A client websocket over `S` (see the module doc).
 pub struct LeanWs<S> {
     io: S,
-    /// Bytes read and not yet parsed: empty (no allocation) between frames.
+    /// Bytes read and not yet parsed from `taken` on: empty (no allocation) between frames.
     held: Vec<u8>,
+    /// Bytes at the start of `held` already handled.
+    taken: usize,
     /// A fragmented message being put together (rare: boxed).
     fragments: Option<Box<Fragments>>,
-    /// Encoded bytes not yet written: empty (no allocation) once written.
+    /// Encoded bytes being written: empty (no allocation) once written.
     out: Vec<u8>,
+    /// The control reply owed, encoded, not yet started (it goes into `out` once `out` is
+    /// empty): a pong while open (a newer one replaces it), the close reply once closed (no
+    /// frame is answered after a close, so nothing replaces it).
+    reply: Option<Box<[u8]>>,
+    /// A writer parked in `poll_ready`, `poll_flush` or `poll_close` (woken when the read path
+    /// writes, see the module doc).
+    write_waker: Option<Waker>,
     max_message: usize,
     state: State,
 }
@@ -88,8 +134,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LeanWs<S> {
         LeanWs {
             io,
             held: rest,
+            taken: 0,
             fragments: None,
             out: Vec::new(),
+            reply: None,
+            write_waker: None,
             max_message,
             state: State::Open,
         }
@@ -100,23 +149,68 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LeanWs<S> {
         self.held.capacity()
             + self.out.capacity()
             + self.fragments.as_ref().map_or(0, |f| f.data.capacity())
+            + self.reply.as_ref().map_or(0, |r| r.len())
     }
 
-    /// Writes `out` until it is empty, then frees it.
+    /// The transport under the websocket.
+    pub fn get_ref(&self) -> &S {
+        &self.io
+    }
+
+    /// Writes `out`, then the owed reply, until both are empty; frees `out`.
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        while !self.out.is_empty() {
-            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.out))?;
-            if n == 0 {
-                return Poll::Ready(Err(Error::Io(std::io::ErrorKind::WriteZero.into())));
+        loop {
+            while !self.out.is_empty() {
+                let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.out))?;
+                if n == 0 {
+                    return Poll::Ready(Err(Error::Io(std::io::ErrorKind::WriteZero.into())));
+                }
+                self.out.drain(..n);
             }
-            self.out.drain(..n);
+            match self.reply.take() {
+                Some(r) => self.out = r.into_vec(),
+                None => break,
+            }
         }
         self.out = Vec::new();
         Poll::Ready(Ok(()))
     }
 
-    /// Appends one masked frame to `out`.
-    fn encode(&mut self, opcode: OpCode, payload: &[u8]) {
+    /// A writer's poll that waits on the socket: remembered, so the read path can wake it.
+    fn park_writer<T>(&mut self, cx: &Context<'_>, p: Poll<T>) -> Poll<T> {
+        match p {
+            Poll::Pending => {
+                if !self
+                    .write_waker
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(cx.waker()))
+                {
+                    self.write_waker = Some(cx.waker().clone());
+                }
+            }
+            Poll::Ready(_) => self.write_waker = None,
+        }
+        p
+    }
+
+    /// The read path's turn at writing what is owed (a full socket does not stop reading); a
+    /// parked writer is woken, as the read path's write took the socket's write wake-up.
+    fn write_owed(&mut self, cx: &mut Context<'_>) -> Result<(), Error> {
+        if self.out.is_empty() && self.reply.is_none() {
+            return Ok(());
+        }
+        let r = self.poll_write_out(cx);
+        if let Some(w) = self.write_waker.take() {
+            w.wake();
+        }
+        match r {
+            Poll::Ready(Err(e)) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// One masked frame, encoded.
+    fn encode(opcode: OpCode, payload: &[u8]) -> Vec<u8> {
         let mask: [u8; 4] = rand::random();
         let header = FrameHeader {
             opcode,
@@ -124,37 +218,57 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LeanWs<S> {
             ..FrameHeader::default()
         };
         let len = payload.len() as u64;
-        self.out.reserve_exact(header.len(len) + payload.len());
+        let mut v = Vec::with_capacity(header.len(len) + payload.len());
         // Writing into a Vec cannot fail.
-        let _ = header.format(len, &mut self.out);
-        self.out
-            .extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+        let _ = header.format(len, &mut v);
+        v.extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+        v
     }
 
-    /// Returns `m`, writing a reply it asked for (a pong, a close) now if the socket takes it: a write
-    /// that fails is met again, and reported, on the next poll.
+    /// Owe a control reply: it replaces a pong not yet started (a close is owed only once, and
+    /// nothing is answered after it).
+    fn owe(&mut self, opcode: Control, payload: &[u8]) {
+        self.reply = Some(Self::encode(OpCode::Control(opcode), payload).into_boxed_slice());
+    }
+
+    /// Returns `m`, writing a reply it asked for (a pong, a close) now if the socket takes it: a
+    /// write that fails is met again, and reported, on the next poll.
     fn deliver(
         &mut self,
         cx: &mut Context<'_>,
         m: Message,
     ) -> Poll<Option<Result<Message, Error>>> {
-        if !self.out.is_empty() && self.state != State::Done {
-            let _ = self.poll_write_out(cx);
-        }
+        let _ = self.write_owed(cx);
         Poll::Ready(Some(Ok(m)))
     }
 
     /// Ends the stream for good, freeing every buffer.
     fn fail(&mut self, e: Error) -> Poll<Option<Result<Message, Error>>> {
         self.state = State::Done;
-        self.held = Vec::new();
+        self.free_read();
         self.out = Vec::new();
-        self.fragments = None;
+        self.reply = None;
         Poll::Ready(Some(Err(e)))
+    }
+
+    fn free_read(&mut self) {
+        self.held = Vec::new();
+        self.taken = 0;
+        self.fragments = None;
+    }
+
+    /// The most a frame may announce now: the message limit, less what a fragmented message
+    /// being put together already holds.
+    fn frame_limit(&self) -> usize {
+        self.max_message
+            .saturating_sub(self.fragments.as_ref().map_or(0, |f| f.data.len()))
     }
 
     /// One whole frame: the message it completes, if any.
     fn on_frame(&mut self, header: FrameHeader, payload: &[u8]) -> Result<Option<Message>, Error> {
+        if matches!(self.state, State::Closed | State::Done) {
+            return Err(Error::Protocol(ProtocolError::ReceivedAfterClosing));
+        }
         if header.rsv1 || header.rsv2 || header.rsv3 {
             return Err(Error::Protocol(ProtocolError::NonZeroReservedBits));
         }
@@ -172,32 +286,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LeanWs<S> {
                 match c {
                     Control::Ping => {
                         if self.state == State::Open {
-                            self.encode(OpCode::Control(Control::Pong), payload);
+                            self.owe(Control::Pong, payload);
                         }
                         Ok(Some(Message::Ping(Bytes::copy_from_slice(payload))))
                     }
                     Control::Pong => Ok(Some(Message::Pong(Bytes::copy_from_slice(payload)))),
                     Control::Close => {
                         let frame = close_frame(payload)?;
-                        // A message cut short by the close is never completed.
-                        self.fragments = None;
                         match self.state {
                             State::Open => {
-                                // Answer with the same code (RFC 6455 5.5.1); a code that may
-                                // not be sent on the wire is answered as a protocol error.
-                                let reply = match &frame {
-                                    None => Vec::new(),
-                                    Some(f) if f.code.is_allowed() => {
-                                        u16::from(f.code).to_be_bytes().to_vec()
+                                // Answer with the same frame (RFC 6455 5.5.1); a code that may
+                                // not be sent on the wire is a protocol error, told as such.
+                                let frame = frame.map(|f| {
+                                    if f.code.is_allowed() {
+                                        f
+                                    } else {
+                                        CloseFrame {
+                                            code: CloseCode::Protocol,
+                                            reason: Utf8Bytes::from_static("Protocol violation"),
+                                        }
                                     }
-                                    Some(_) => 1002u16.to_be_bytes().to_vec(),
-                                };
-                                self.encode(OpCode::Control(Control::Close), &reply);
-                                self.state = State::CloseReceived;
+                                });
+                                let mut reply = Vec::new();
+                                if let Some(f) = &frame {
+                                    reply.extend_from_slice(&u16::from(f.code).to_be_bytes());
+                                    reply.extend_from_slice(f.reason.as_bytes());
+                                }
+                                self.owe(Control::Close, &reply);
+                                self.state = State::Closed;
+                                Ok(Some(Message::Close(frame)))
                             }
-                            _ => self.state = State::Done,
+                            _ => {
+                                self.state = State::Closed;
+                                Ok(Some(Message::Close(frame)))
+                            }
                         }
-                        Ok(Some(Message::Close(frame)))
                     }
                     Control::Reserved(op) => {
                         Err(Error::Protocol(ProtocolError::UnknownControlFrameType(op)))
@@ -205,12 +328,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LeanWs<S> {
                 }
             }
             OpCode::Data(Data::Continue) => {
+                let max = self.max_message;
                 let Some(f) = self.fragments.as_mut() else {
                     return Err(Error::Protocol(ProtocolError::UnexpectedContinueFrame));
                 };
                 let size = f.data.len() + payload.len();
-                if size > self.max_message {
-                    return Err(too_long(size, self.max_message));
+                if size > max {
+                    return Err(too_long(size, max));
+                }
+                if f.data.capacity() < size {
+                    // Doubling, never past the limit.
+                    let cap = (f.data.capacity() * 2).clamp(size, max);
+                    f.data.reserve_exact(cap - f.data.len());
                 }
                 f.data.extend_from_slice(payload);
                 if !header.is_final {
@@ -254,15 +383,18 @@ enum Parsed {
     Partial(Option<usize>),
 }
 
-fn parse(buf: &[u8], max_message: usize) -> Result<Parsed, Error> {
+/// The frame at the start of `buf`; one announcing more than `limit` payload bytes is refused at
+/// once (`max_message` is the size reported).
+fn parse(buf: &[u8], limit: usize, max_message: usize) -> Result<Parsed, Error> {
     let mut cursor = Cursor::new(buf);
     let Some((header, len)) = FrameHeader::parse(&mut cursor)? else {
         return Ok(Parsed::Partial(None));
     };
     let start = cursor.position() as usize;
-    if len > max_message as u64 {
+    if len > limit as u64 {
+        let len = usize::try_from(len).unwrap_or(usize::MAX);
         return Err(too_long(
-            usize::try_from(len).unwrap_or(usize::MAX),
+            len.saturating_add(max_message - limit),
             max_message,
         ));
     }
@@ -316,45 +448,31 @@ enum Read {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> LeanWs<S> {
-    /// The whole frame at the start of `buf`, handled (`Ok(Ok(message))`, `None` when it
-    /// completes none), with the bytes after it kept in `held`; or `Ok(Err(total))` while the
-    /// frame is incomplete (its total length once the header is in). `buf` is never `held`
-    /// itself: the caller takes it out first.
-    fn take_frame(&mut self, buf: &[u8]) -> Result<Result<Option<Message>, Option<usize>>, Error> {
-        match parse(buf, self.max_message)? {
-            Parsed::Partial(total) => Ok(Err(total)),
-            Parsed::Whole { header, payload } => {
-                let end = payload.end;
-                let msg = self.on_frame(header, &buf[payload])?;
-                if end < buf.len() {
-                    self.held = buf[end..].to_vec();
-                }
-                Ok(Ok(msg))
-            }
-        }
-    }
-
     /// Reads once. With nothing held, into the per-thread scratch buffer; a whole frame there is
     /// handled at once and only the bytes after it are kept. With a frame started, straight
-    /// into `held`, reserved for the whole frame when its length is known.
+    /// into `held`, which grows as bytes arrive (see the module doc), up to the frame's `total`
+    /// length once its header is in.
     fn poll_read_some(
         &mut self,
         cx: &mut Context<'_>,
-        want: Option<usize>,
+        total: Option<usize>,
     ) -> Poll<Result<Read, Error>> {
-        if !self.held.is_empty() {
+        if self.taken < self.held.len() {
+            if self.taken > 0 {
+                self.held.drain(..self.taken);
+                self.taken = 0;
+            }
             let len = self.held.len();
-            let target = want
-                .unwrap_or(0)
-                .max(len + MIN_READ)
-                .min(len + self.max_message.max(MIN_READ));
-            self.held.reserve_exact(target - len);
-            self.held.resize(target, 0);
-            let mut rb = ReadBuf::new(&mut self.held[len..]);
-            let r = Pin::new(&mut self.io).poll_read(cx, &mut rb);
-            let n = rb.filled().len();
-            self.held.truncate(len + n);
-            ready!(r)?;
+            let goal =
+                (len + len.max(MIN_READ)).min(total.map_or(usize::MAX, |t| t.max(len + MIN_READ)));
+            if self.held.capacity() < goal {
+                self.held.reserve_exact(goal - len);
+            }
+            let n = ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut self.io),
+                cx,
+                &mut self.held
+            ))?;
             return Poll::Ready(Ok(if n == 0 { Read::Eof } else { Read::More }));
         }
         SCRATCH_BUF.with(|cell| {
@@ -362,23 +480,56 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LeanWs<S> {
             if scratch.len() < SCRATCH {
                 scratch.resize(SCRATCH, 0);
             }
-            let mut rb = ReadBuf::new(&mut scratch[..]);
+            let mut rb = tokio::io::ReadBuf::new(&mut scratch[..]);
             ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb))?;
             let n = rb.filled().len();
             if n == 0 {
                 return Poll::Ready(Ok(Read::Eof));
             }
             let got = &scratch[..n];
-            match self.take_frame(got)? {
-                Ok(msg) => Poll::Ready(Ok(Read::Frame(msg))),
-                Err(total) => {
-                    let mut held = Vec::with_capacity(total.unwrap_or(n).max(n));
+            match parse(got, self.frame_limit(), self.max_message)? {
+                Parsed::Whole { header, payload } => {
+                    let end = payload.end;
+                    let msg = self.on_frame(header, &got[payload])?;
+                    if end < got.len() {
+                        self.held = got[end..].to_vec();
+                        self.taken = 0;
+                    }
+                    Poll::Ready(Ok(Read::Frame(msg)))
+                }
+                Parsed::Partial(total) => {
+                    // Room for what the frame announced, as far as one more read goes.
+                    let mut held =
+                        Vec::with_capacity(total.map_or(n, |t| t.min(n + MIN_READ)).max(n));
                     held.extend_from_slice(got);
                     self.held = held;
+                    self.taken = 0;
                     Poll::Ready(Ok(Read::More))
                 }
             }
         })
+    }
+
+    /// The whole frame at `taken` in `held`, handled: `Ok(Ok(message))` (`None` when it
+    /// completes none), or `Ok(Err(total))` while it is incomplete. Frames are taken in place.
+    fn take_held(&mut self) -> Result<Result<Option<Message>, Option<usize>>, Error> {
+        let held = std::mem::take(&mut self.held);
+        let r = match parse(&held[self.taken..], self.frame_limit(), self.max_message) {
+            Err(e) => Err(e),
+            Ok(Parsed::Partial(total)) => Ok(Err(total)),
+            Ok(Parsed::Whole { header, payload }) => {
+                let at = self.taken;
+                let r = self.on_frame(header, &held[at + payload.start..at + payload.end]);
+                self.taken = at + payload.end;
+                r.map(Ok)
+            }
+        };
+        if self.taken >= held.len() {
+            self.taken = 0;
+        } else {
+            self.held = held;
+        }
+        r
     }
 }
 
@@ -389,45 +540,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for LeanWs<S> {
         let this = self.get_mut();
         loop {
             if this.state == State::Done {
-                this.held = Vec::new();
-                this.fragments = None;
+                this.free_read();
                 return Poll::Ready(None);
             }
             // A reply owed (pong, close) goes out first; a full socket does not stop reading.
-            if !this.out.is_empty() {
-                if let Poll::Ready(Err(e)) = this.poll_write_out(cx) {
-                    return this.fail(e);
-                }
+            if let Err(e) = this.write_owed(cx) {
+                return this.fail(e);
             }
-            if this.state == State::CloseReceived {
-                if !this.out.is_empty() {
-                    return Poll::Pending;
-                }
-                this.state = State::Done;
-                continue;
-            }
-            let mut want = None;
-            if !this.held.is_empty() {
-                let held = std::mem::take(&mut this.held);
-                match this.take_frame(&held) {
+            let mut total = None;
+            if this.taken < this.held.len() {
+                match this.take_held() {
                     Err(e) => return this.fail(e),
                     Ok(Ok(Some(m))) => return this.deliver(cx, m),
                     Ok(Ok(None)) => continue,
-                    Ok(Err(total)) => {
-                        this.held = held;
-                        want = total;
-                    }
+                    Ok(Err(t)) => total = t,
                 }
             }
-            match this.poll_read_some(cx, want) {
+            match this.poll_read_some(cx, total) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return this.fail(e),
                 Poll::Ready(Ok(Read::More)) => {}
                 Poll::Ready(Ok(Read::Frame(None))) => {}
                 Poll::Ready(Ok(Read::Frame(Some(m)))) => return this.deliver(cx, m),
                 Poll::Ready(Ok(Read::Eof)) => {
-                    if this.state == State::CloseSent {
+                    if this.state == State::Closed {
                         this.state = State::Done;
+                        this.free_read();
                         return Poll::Ready(None);
                     }
                     return this.fail(Error::Protocol(ProtocolError::ResetWithoutClosingHandshake));
@@ -441,7 +579,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Message> for LeanWs<S> {
     type Error = Error;
 
     fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        self.get_mut().poll_write_out(cx)
+        let this = self.get_mut();
+        let p = this.poll_write_out(cx);
+        this.park_writer(cx, p)
     }
 
     fn start_send(self: Pin<&mut Self>, item: Message) -> Result<(), Error> {
@@ -449,7 +589,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Message> for LeanWs<S> {
         match this.state {
             State::Open => {}
             State::Done => return Err(Error::AlreadyClosed),
-            State::CloseSent | State::CloseReceived => {
+            State::CloseSent | State::Closed => {
                 return Err(Error::Protocol(ProtocolError::SendAfterClosing));
             }
         }
@@ -460,16 +600,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Message> for LeanWs<S> {
                 Ok(())
             }
         };
-        match item {
-            Message::Text(t) => this.encode(OpCode::Data(Data::Text), t.as_bytes()),
-            Message::Binary(b) => this.encode(OpCode::Data(Data::Binary), &b),
+        let (opcode, payload): (OpCode, &[u8]) = match &item {
+            Message::Text(t) => (OpCode::Data(Data::Text), t.as_bytes()),
+            Message::Binary(b) => (OpCode::Data(Data::Binary), b),
             Message::Ping(p) => {
-                control(&p)?;
-                this.encode(OpCode::Control(Control::Ping), &p);
+                control(p)?;
+                (OpCode::Control(Control::Ping), p)
             }
             Message::Pong(p) => {
-                control(&p)?;
-                this.encode(OpCode::Control(Control::Pong), &p);
+                control(p)?;
+                (OpCode::Control(Control::Pong), p)
             }
             Message::Close(frame) => {
                 let mut payload = Vec::new();
@@ -478,34 +618,66 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Message> for LeanWs<S> {
                     payload.extend_from_slice(f.reason.as_bytes());
                 }
                 control(&payload)?;
-                this.encode(OpCode::Control(Control::Close), &payload);
-                this.state = State::CloseSent;
+                this.queue_close(&payload);
+                return Ok(());
             }
             Message::Frame(_) => {
                 return Err(Error::Protocol(ProtocolError::InvalidOpcode(0)));
             }
+        };
+        if payload.len() > this.max_message {
+            // The bound on what one socket queues for writing (module doc).
+            return Err(Error::WriteBufferFull(Box::new(item)));
+        }
+        let frame = Self::encode(opcode, payload);
+        if this.out.is_empty() {
+            this.out = frame;
+        } else {
+            this.out.extend(frame);
         }
         Ok(())
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         let this = self.get_mut();
-        ready!(this.poll_write_out(cx))?;
-        ready!(Pin::new(&mut this.io).poll_flush(cx))?;
-        Poll::Ready(Ok(()))
+        let p = this.flush_all(cx);
+        this.park_writer(cx, p)
     }
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         let this = self.get_mut();
-        if this.state == State::Open {
-            this.encode(OpCode::Control(Control::Close), &[]);
-            this.state = State::CloseSent;
+        let p = this.close_all(cx);
+        this.park_writer(cx, p)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> LeanWs<S> {
+    /// guestd's close frame, after what is queued and a pong owed (nothing follows a close).
+    fn queue_close(&mut self, payload: &[u8]) {
+        if let Some(r) = self.reply.take() {
+            self.out.extend_from_slice(&r);
         }
-        if this.state == State::Done && this.out.is_empty() {
+        self.out
+            .extend(Self::encode(OpCode::Control(Control::Close), payload));
+        self.state = State::CloseSent;
+    }
+
+    fn flush_all(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        ready!(self.poll_write_out(cx))?;
+        ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+        Poll::Ready(Ok(()))
+    }
+
+    /// The close frame (once), everything owed before it, a flush, then the write side shut.
+    fn close_all(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        if self.state == State::Open {
+            self.queue_close(&[]);
+        }
+        if self.state == State::Done && self.out.is_empty() && self.reply.is_none() {
             return Poll::Ready(Ok(()));
         }
-        ready!(this.poll_write_out(cx))?;
-        ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
+        ready!(self.flush_all(cx))?;
+        ready!(Pin::new(&mut self.io).poll_shutdown(cx))?;
         Poll::Ready(Ok(()))
     }
 }

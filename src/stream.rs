@@ -416,6 +416,26 @@ pub fn parse_upgrade_reply(buf: &[u8], key: &str) -> Result<Option<usize>, Conne
             "handshake reply does not upgrade to websocket".into(),
         ));
     }
+    // RFC 6455 4.1, the client's checks 3, 5 and 6: `Connection` names `Upgrade` (as a token:
+    // tungstenite wants the whole value to be `Upgrade`, stricter than the RFC; see
+    // docs/design.md), and no extension or subprotocol guestd did not ask for (it asks for none;
+    // tungstenite does not check extensions yet, the RFC says the client MUST).
+    if !header("connection").is_some_and(|c| {
+        c.split(',')
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+    }) {
+        return Err(failed("handshake reply lacks Connection: Upgrade".into()));
+    }
+    if header("sec-websocket-extensions").is_some_and(|e| !e.trim().is_empty()) {
+        return Err(failed(
+            "handshake reply names an extension guestd did not ask for".into(),
+        ));
+    }
+    if header("sec-websocket-protocol").is_some() {
+        return Err(failed(
+            "handshake reply names a subprotocol guestd did not ask for".into(),
+        ));
+    }
     Ok(Some(head_len))
 }
 
@@ -489,6 +509,30 @@ mod tests {
         );
         let no_upgrade = b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
         assert!(parse_upgrade_reply(no_upgrade, key).is_err());
+        // RFC 6455 4.1 checks 3, 5, 6 (they were not made): Connection must name Upgrade, and
+        // no extension or subprotocol may come unasked.
+        let reply = |extra: &str| {
+            format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n{extra}\r\n"
+            )
+        };
+        for (extra, ok) in [
+            ("", false),
+            ("Connection: keep-alive\r\n", false),
+            ("Connection: upgrade\r\n", true),
+            ("Connection: keep-alive, Upgrade\r\n", true),
+            (
+                "Connection: Upgrade\r\nSec-WebSocket-Extensions: permessage-deflate\r\n",
+                false,
+            ),
+            (
+                "Connection: Upgrade\r\nSec-WebSocket-Protocol: chat\r\n",
+                false,
+            ),
+        ] {
+            let r = parse_upgrade_reply(reply(extra).as_bytes(), key);
+            assert_eq!(r.is_ok(), ok, "{extra:?}: {r:?}");
+        }
         assert!(matches!(
             parse_upgrade_reply(b"garbage\r\n\r\n", key),
             Err(ConnectError::Failed(_))

@@ -95,6 +95,8 @@ async fn talks_to_tungstenites_server_over_a_socket_and_holds_nothing_while_idle
             match m.unwrap() {
                 Message::Close(c) => {
                     got.push(format!("close {:?}", c.map(|c| u16::from(c.code))));
+                    // Reading on writes the close reply and ends at the socket's end.
+                    while ws.next().await.is_some() {}
                     break;
                 }
                 Message::Text(t) => got.push(format!("text {}", t.len())),
@@ -191,8 +193,10 @@ async fn frames_split_anywhere_and_coalesced_arrive_whole_and_in_order() {
     }
 }
 
+/// A close from the server is answered with the same frame (code and reason, as tungstenite
+/// does); the stream ends at the socket's end, not before; nothing can be sent after it.
 #[tokio::test]
-async fn a_close_is_answered_with_its_code_and_ends_the_stream() {
+async fn a_close_is_answered_with_its_frame_and_the_stream_ends_at_the_sockets_end() {
     let (mut ws, mut server) = pipe(MAX);
     let mut close = 4001u16.to_be_bytes().to_vec();
     close.extend_from_slice(b"bye");
@@ -206,30 +210,54 @@ async fn a_close_is_answered_with_its_code_and_ends_the_stream() {
         }
         other => panic!("{other:?}"),
     }
-    assert!(ws.next().await.is_none());
-    assert_eq!(
-        client_frame(&mut server).await,
-        (true, 8, 4001u16.to_be_bytes().to_vec())
-    );
+    assert_eq!(client_frame(&mut server).await, (true, 8, close));
     assert!(ws.send(Message::text("late")).await.is_err());
+    // Still open until the server ends the socket.
+    let waiting = tokio::time::timeout(std::time::Duration::from_millis(20), ws.next()).await;
+    assert!(waiting.is_err(), "the stream waits for the socket's end");
+    drop(server);
+    assert!(ws.next().await.is_none());
+    assert_eq!(ws.buffered_capacity(), 0);
+}
+
+/// A frame after the server's close is an error (tungstenite: ReceivedAfterClosing).
+#[tokio::test]
+async fn a_frame_after_the_servers_close_is_an_error() {
+    let (mut ws, mut server) = pipe(MAX);
+    let mut wire = frame(true, 8, &1000u16.to_be_bytes(), 0, None);
+    wire.extend(text("late"));
+    server.write_all(&wire).await.unwrap();
+    assert!(matches!(ws.next().await, Some(Ok(Message::Close(Some(_))))));
+    assert!(matches!(
+        ws.next().await,
+        Some(Err(Error::Protocol(ProtocolError::ReceivedAfterClosing)))
+    ));
+    assert!(ws.next().await.is_none());
 }
 
 /// Found by the fuzz target: a close in the middle of a fragmented message, with a code that
-/// may not be sent on the wire, left the message's start held after the stream ended.
+/// may not be sent on the wire, left the message's start held after the stream ended. The code
+/// is a protocol error, told as tungstenite tells it: 1002 "Protocol violation", in the message
+/// returned and in the reply (it used to pass the illegal code on).
 #[tokio::test]
 async fn a_close_inside_a_fragmented_message_frees_it_and_is_answered_1002() {
     let (mut ws, mut server) = pipe(MAX);
     let mut wire = frame(false, 1, b"ab", 0, None);
     wire.extend(frame(true, 8, &25643u16.to_be_bytes(), 0, None));
     server.write_all(&wire).await.unwrap();
-    assert!(matches!(ws.next().await, Some(Ok(Message::Close(Some(_))))));
-    assert_eq!(ws.buffered_capacity(), 0);
+    match ws.next().await {
+        Some(Ok(Message::Close(Some(c)))) => assert_eq!(
+            (u16::from(c.code), c.reason.as_str()),
+            (1002, "Protocol violation")
+        ),
+        other => panic!("{other:?}"),
+    }
+    let mut reply = 1002u16.to_be_bytes().to_vec();
+    reply.extend_from_slice(b"Protocol violation");
+    assert_eq!(client_frame(&mut server).await, (true, 8, reply));
+    drop(server);
     assert!(ws.next().await.is_none());
     assert_eq!(ws.buffered_capacity(), 0);
-    assert_eq!(
-        client_frame(&mut server).await,
-        (true, 8, 1002u16.to_be_bytes().to_vec())
-    );
 }
 
 #[tokio::test]
@@ -317,13 +345,194 @@ async fn client_frames_are_masked_and_a_close_is_sent_once() {
     let mut rest = Vec::new();
     server.read_to_end(&mut rest).await.unwrap();
     assert!(rest.is_empty());
-    // The server's answer ends the stream.
+    // The server's answer, then the socket's end, end the stream.
     server
         .write_all(&frame(true, 8, &[], 0, None))
         .await
         .unwrap();
     assert!(matches!(ws.next().await, Some(Ok(Message::Close(None)))));
+    drop(server);
     assert!(ws.next().await.is_none());
+}
+
+/// Bound 1 (issue 23: 1.7 GiB in 12 s): a server that floods pings and never reads costs one
+/// owed pong, not one per ping. The pongs that go out answer pings in order, and the latest
+/// ping is answered once the server reads.
+#[tokio::test]
+async fn a_ping_flood_from_a_server_that_never_reads_holds_one_pong() {
+    const PINGS: u32 = 20_000;
+    let (a, mut server) = tokio::io::duplex(1024);
+    let mut ws = LeanWs::from_partially_read(a, Vec::new(), MAX);
+    let flood = tokio::spawn(async move {
+        for i in 0..PINGS {
+            server
+                .write_all(&frame(true, 9, &i.to_be_bytes(), 0, None))
+                .await
+                .unwrap();
+        }
+        // Now read: pongs in order, up to the latest ping's.
+        let mut last = None;
+        loop {
+            let (fin, op, p) = client_frame(&mut server).await;
+            assert!(fin && op == 10, "only pongs: {op}");
+            let n = u32::from_be_bytes(p.try_into().unwrap());
+            assert!(
+                last.is_none_or(|l| n > l),
+                "pongs in order: {n} after {last:?}"
+            );
+            last = Some(n);
+            if n == PINGS - 1 {
+                break;
+            }
+        }
+        server
+    });
+    let mut most = 0;
+    for i in 0..PINGS {
+        match ws.next().await {
+            Some(Ok(Message::Ping(p))) => assert_eq!(&p[..], &i.to_be_bytes()),
+            other => panic!("{other:?}"),
+        }
+        most = most.max(ws.buffered_capacity());
+    }
+    // Keep reading (nothing comes) so the owed pong is written as the server reads.
+    let mut server = tokio::select! {
+        s = flood => s.unwrap(),
+        m = ws.next() => panic!("{m:?}"),
+    };
+    // At most one read's bytes not yet parsed, one pong being written and one owed (20,000
+    // pongs would be 200,000 bytes).
+    assert!(most <= SCRATCH + 2 * (14 + 125), "held {most} bytes");
+    server
+        .write_all(&frame(true, 8, &[], 0, None))
+        .await
+        .unwrap();
+    assert!(matches!(ws.next().await, Some(Ok(Message::Close(None)))));
+}
+
+/// After guestd's close, the stream ends cleanly only with the server's close reply: a socket
+/// that ends before it is `ResetWithoutClosingHandshake`, as in tungstenite (it used to read as
+/// a clean end).
+#[tokio::test]
+async fn after_guestds_close_an_end_without_the_servers_reply_is_an_error() {
+    let (mut ws, mut server) = pipe(MAX);
+    ws.close().await.unwrap();
+    assert_eq!(client_frame(&mut server).await, (true, 8, Vec::new()));
+    drop(server);
+    assert!(matches!(
+        ws.next().await,
+        Some(Err(Error::Protocol(
+            ProtocolError::ResetWithoutClosingHandshake
+        )))
+    ));
+}
+
+/// A frame's announced length is not reserved up front: what is held grows with the bytes that
+/// arrived (it reserved, and zero-filled, the whole announced length at once).
+#[tokio::test]
+async fn an_announced_frame_is_held_only_as_its_bytes_arrive() {
+    let (mut ws, mut server) = pipe(MAX);
+    let body: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+    let wire = frame(true, 2, &body, 0, None);
+    let mut at = 0;
+    for part in [100usize, 20_000, 60_000] {
+        server.write_all(&wire[at..at + part]).await.unwrap();
+        at += part;
+        let waiting = tokio::time::timeout(std::time::Duration::from_millis(10), ws.next()).await;
+        assert!(waiting.is_err(), "the frame is not whole yet");
+        let held = ws.buffered_capacity();
+        assert!(
+            held <= 2 * at + MIN_READ,
+            "{held} bytes held for {at} received"
+        );
+    }
+    let rest = wire[at..].to_vec();
+    let _server = tokio::spawn(async move {
+        server.write_all(&rest).await.unwrap();
+        server
+    });
+    match ws.next().await {
+        Some(Ok(Message::Binary(b))) => assert!(b[..] == body[..]),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(ws.buffered_capacity(), 0);
+}
+
+/// A continuation frame that would take its message over the limit is refused when its header
+/// arrives, before its bytes (it used to wait for them).
+#[tokio::test]
+async fn a_continuation_past_the_limit_is_refused_at_its_header() {
+    let (mut ws, mut server) = pipe(1000);
+    let mut wire = frame(false, 1, &[b'a'; 600], 0, None);
+    wire.extend_from_slice(&[0x80, 126]);
+    wire.extend_from_slice(&600u16.to_be_bytes());
+    server.write_all(&wire).await.unwrap();
+    let r = tokio::time::timeout(std::time::Duration::from_secs(5), ws.next()).await;
+    assert!(
+        matches!(
+            r,
+            Ok(Some(Err(Error::Capacity(CapacityError::MessageTooLong {
+                size: 1200,
+                max_size: 1000
+            }))))
+        ),
+        "{r:?}"
+    );
+    assert_eq!(ws.buffered_capacity(), 0);
+}
+
+/// What one socket queues for writing is bounded: a message over the limit is refused, not
+/// queued.
+#[tokio::test]
+async fn a_message_over_the_limit_is_refused_not_queued() {
+    let (mut ws, _server) = pipe(1000);
+    assert!(matches!(
+        ws.send(Message::binary(vec![0u8; 1001])).await,
+        Err(Error::WriteBufferFull(_))
+    ));
+    assert_eq!(ws.buffered_capacity(), 0);
+    ws.send(Message::binary(vec![0u8; 1000])).await.unwrap();
+}
+
+/// With reader and writer on two tasks, a reply the reader writes (a pong) must not leave the
+/// writer parked for good: the read path's write takes the socket's write wake-up, so it wakes
+/// the writer too (the writer was never woken again).
+#[tokio::test]
+async fn a_writer_on_its_own_task_is_not_robbed_of_its_wake_up() {
+    let (a, mut server) = tokio::io::duplex(256);
+    let ws = LeanWs::from_partially_read(a, Vec::new(), MAX);
+    let (mut tx, mut rx) = ws.split();
+    let big = "w".repeat(10_000);
+    let b2 = big.clone();
+    let writer = tokio::spawn(async move {
+        tx.send(Message::text(b2)).await.unwrap();
+        tx
+    });
+    // The writer is parked on a full pipe; now a ping makes the reader owe a pong.
+    tokio::task::yield_now().await;
+    server
+        .write_all(&frame(true, 9, b"p", 0, None))
+        .await
+        .unwrap();
+    let (pinged, got_ping) = tokio::sync::oneshot::channel();
+    let reader = tokio::spawn(async move {
+        let first = rx.next().await;
+        assert!(matches!(first, Some(Ok(Message::Ping(_)))), "{first:?}");
+        let _ = pinged.send(());
+        // Wait for more (none comes): the reader stays parked on the socket.
+        let m = rx.next().await;
+        (rx, m)
+    });
+    // Only once the reader has tried to write its pong does the server read.
+    got_ping.await.unwrap();
+    // The server reads everything: the message, then the pong.
+    assert_eq!(client_frame(&mut server).await, (true, 1, big.into_bytes()));
+    assert_eq!(client_frame(&mut server).await, (true, 10, b"p".to_vec()));
+    let tx = tokio::time::timeout(std::time::Duration::from_secs(10), writer)
+        .await
+        .expect("the writer was woken")
+        .unwrap();
+    drop((tx, reader));
 }
 
 /// A message as the server sends it, and as the client must read it.
