@@ -13,9 +13,27 @@
 //!
 //! So an idle session holds the rustls connection state (keys, sequence numbers) and nothing
 //! else. The handshake is done before the stream is handed to the websocket layer; a
-//! post-handshake message (a TLS 1.3 key update or session ticket) is handled on the way. The
-//! reader and the writer share the stream (one session task drives both): records decrypted
-//! while writing are kept in `plain` and the reader is woken for them.
+//! post-handshake message (a TLS 1.3 key update or session ticket) is handled on the way.
+//!
+//! # Bounded by construction
+//! Whatever the peer does, one stream holds at most: `incoming` [`MAX_INCOMING`] (80 KiB: a
+//! handshake message may take 64 KiB, rustls's own bound); `plain` what one pass decrypted out of
+//! `incoming`, so no more than `incoming`; `outgoing` one record of the caller's (a write takes at
+//! most [`MAX_WRITE`] bytes, and only once what was queued before is written) and what the
+//! connection queues itself (a key update answer, an alert: rustls keeps at most one key update
+//! owed). About 180 KiB in the worst case; 0 while idle.
+//!
+//! # The same outcomes as tokio-rustls
+//! tokio-rustls is the oracle (`tests/transport.rs` and the tests below run both): a socket that
+//! ends without close_notify is `UnexpectedEof` (a truncation), not an end; shutting the write
+//! side down (close_notify, queued behind whatever waits to be written, then a TCP FIN) does not
+//! stop reading, so the peer's last records and its close_notify are read; a TLS error sends the
+//! fatal alert rustls queued for it, as a last gasp that waits for nothing.
+//!
+//! Reader and writer may be two tasks (`tokio::io::split`): records decrypted while writing are
+//! kept in `plain` and the reader is woken for them; a write the read path makes (records the
+//! connection queued) takes the socket's write wake-up, so a writer parked on the socket is
+//! woken too, to take it back.
 
 use bytes::BufMut;
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
@@ -34,7 +52,7 @@ use tokio::net::TcpStream;
 const READ_CHUNK: usize = 4096;
 /// The most `incoming` may hold: a handshake message may take up to 64 KiB (rustls's own
 /// bound), a record 16 KiB and change.
-const MAX_INCOMING: usize = 0x1_0000 + 0x4000;
+pub const MAX_INCOMING: usize = 0x1_0000 + 0x4000;
 
 /// What one pass of the connection's state machine came to.
 #[derive(Debug, PartialEq, Eq)]
@@ -59,8 +77,23 @@ pub struct LeanTls {
     sent: usize,
     plain: Vec<u8>,
     taken: usize,
-    eof: bool,
+    /// How the read side ended, if it has.
+    read_end: ReadEnd,
+    /// close_notify is queued (guestd's write side is shut); reading goes on.
+    close_queued: bool,
     read_waker: Option<Waker>,
+    /// A writer parked on the socket (woken when the read path writes, see the module doc).
+    write_waker: Option<Waker>,
+}
+
+/// How the peer ended the read side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadEnd {
+    Open,
+    /// close_notify: a clean end.
+    Clean,
+    /// The socket ended without close_notify: a truncation, an error (as rustls says).
+    Truncated,
 }
 
 fn io_err(e: impl std::fmt::Display) -> io::Error {
@@ -139,12 +172,22 @@ impl LeanTls {
             sent: 0,
             plain: Vec::new(),
             taken: 0,
-            eof: false,
+            read_end: ReadEnd::Open,
+            close_queued: false,
             read_waker: None,
+            write_waker: None,
         };
         loop {
             std::future::poll_fn(|cx| s.poll_send(cx)).await?;
-            match s.process(None)? {
+            let progress = match s.process(None) {
+                Ok(p) => p,
+                Err(e) => {
+                    // The alert the failure queued (a bad certificate, say) goes out, unwaited.
+                    s.send_alert_now();
+                    return Err(e);
+                }
+            };
+            match progress {
                 Progress::Again => {}
                 Progress::Idle => {
                     std::future::poll_fn(|cx| s.poll_send(cx)).await?;
@@ -190,11 +233,46 @@ impl LeanTls {
         }
     }
 
+    /// After a TLS error: the fatal alert rustls queued for it, into `outgoing` (rustls hands it
+    /// out first thing once its state has failed). tokio-rustls sends it the same way, as a last
+    /// gasp. One call only: a second would deframe the bad bytes again and fail a second time.
+    fn queue_alert(&mut self) {
+        // The same buffer as before: the deframer keeps positions in it.
+        let UnbufferedStatus { discard, state } = self.conn.process_tls_records(&mut self.incoming);
+        if let Ok(ConnectionState::EncodeTlsData(mut e)) = state {
+            let _ = encode(&mut e, &mut self.outgoing);
+        }
+        if discard > 0 {
+            self.incoming.drain(..discard);
+        }
+    }
+
+    /// Write what is queued without waiting and without taking anyone's wake-up (the last gasp
+    /// after an error).
+    fn send_alert_now(&mut self) {
+        while self.sent < self.outgoing.len() {
+            match self.tcp.try_write(&self.outgoing[self.sent..]) {
+                Ok(n) if n > 0 => self.sent += n,
+                _ => break,
+            }
+        }
+    }
+
     /// One pass of the state machine over the bytes received so far.
     fn process(&mut self, out: Option<&mut ReadBuf<'_>>) -> io::Result<Progress> {
         let UnbufferedStatus { mut discard, state } =
             self.conn.process_tls_records(&mut self.incoming);
-        let progress = match state.map_err(io_err)? {
+        let state = match state {
+            Ok(s) => s,
+            Err(e) => {
+                if discard > 0 {
+                    self.incoming.drain(..discard);
+                }
+                self.queue_alert();
+                return Err(io_err(e));
+            }
+        };
+        let progress = match state {
             ConnectionState::ReadTraffic(mut r) => {
                 discard += decrypt(&mut r, &mut self.plain, self.read_waker.as_ref(), out)?;
                 Progress::Again
@@ -276,7 +354,17 @@ impl LeanTls {
         loop {
             let UnbufferedStatus { mut discard, state } =
                 self.conn.process_tls_records(&mut self.incoming);
-            let done = match state.map_err(io_err)? {
+            let state = match state {
+                Ok(s) => s,
+                Err(e) => {
+                    if discard > 0 {
+                        self.incoming.drain(..discard);
+                    }
+                    self.queue_alert();
+                    return Err(io_err(e));
+                }
+            };
+            let done = match state {
                 ConnectionState::WriteTraffic(mut w) => {
                     let start = self.outgoing.len();
                     let mut need = data.map_or(64, |d| d.len() + d.len() / 16 + 64);
@@ -315,7 +403,7 @@ impl LeanTls {
                     false
                 }
                 ConnectionState::PeerClosed => {
-                    self.eof = true;
+                    self.read_end = ReadEnd::Clean;
                     if let Some(w) = &self.read_waker {
                         w.wake_by_ref();
                     }
@@ -336,6 +424,25 @@ impl LeanTls {
                 return Ok(());
             }
         }
+    }
+}
+
+impl LeanTls {
+    /// A writer's poll that waits on the socket: remembered, so the read path can wake it.
+    fn park_writer<T>(&mut self, cx: &Context<'_>, p: Poll<T>) -> Poll<T> {
+        match p {
+            Poll::Pending => {
+                if !self
+                    .write_waker
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(cx.waker()))
+                {
+                    self.write_waker = Some(cx.waker().clone());
+                }
+            }
+            Poll::Ready(_) => self.write_waker = None,
+        }
+        p
     }
 }
 
@@ -364,35 +471,49 @@ impl AsyncRead for LeanTls {
                 }
                 return Poll::Ready(Ok(()));
             }
-            if this.eof {
-                return Poll::Ready(Ok(()));
+            match this.read_end {
+                ReadEnd::Open => {}
+                ReadEnd::Clean => return Poll::Ready(Ok(())),
+                ReadEnd::Truncated => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "peer closed connection without sending TLS close_notify",
+                    )));
+                }
             }
             // Records a post-handshake message asked for go out on the way (best effort: a
-            // full socket is retried by the next write or flush).
+            // full socket is retried by the next read, write or flush). This write takes the
+            // socket's write wake-up, so a writer parked on it is woken to take it back.
             if this.sent < this.outgoing.len() {
-                if let Poll::Ready(Err(e)) = this.poll_send(cx) {
+                let sent = this.poll_send(cx);
+                if let Some(w) = this.write_waker.take() {
+                    w.wake();
+                }
+                if let Poll::Ready(Err(e)) = sent {
                     return Poll::Ready(Err(e));
                 }
             }
             let before = buf.filled().len();
-            let progress = this.process(Some(buf))?;
+            let progress = match this.process(Some(buf)) {
+                Ok(p) => p,
+                Err(e) => {
+                    this.send_alert_now();
+                    return Poll::Ready(Err(e));
+                }
+            };
             if buf.filled().len() > before {
                 return Poll::Ready(Ok(()));
             }
             match progress {
                 Progress::Again => continue,
-                Progress::Eof => this.eof = true,
+                Progress::Eof => this.read_end = ReadEnd::Clean,
                 Progress::NeedRead | Progress::Idle => match this.poll_fill(cx) {
                     Poll::Ready(Ok(0)) => {
-                        // The socket ended without close_notify.
-                        this.eof = true;
+                        // The socket ended without close_notify: a truncation, not an end
+                        // (tokio-rustls: UnexpectedEof).
+                        this.read_end = ReadEnd::Truncated;
+                        this.incoming = Vec::new();
                         this.release();
-                        if !this.incoming.is_empty() {
-                            return Poll::Ready(Err(io::Error::new(
-                                io::ErrorKind::UnexpectedEof,
-                                "the connection ended inside a TLS record",
-                            )));
-                        }
                     }
                     Poll::Ready(Ok(_)) => {}
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -406,6 +527,10 @@ impl AsyncRead for LeanTls {
     }
 }
 
+/// The most plaintext one `poll_write` takes: one record's worth, so what waits to be written
+/// is one record and whatever the connection queued itself (module doc).
+pub const MAX_WRITE: usize = 16 * 1024;
+
 impl AsyncWrite for LeanTls {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -415,33 +540,48 @@ impl AsyncWrite for LeanTls {
         let this = self.get_mut();
         // What was queued before goes first (and holds back the writer while the socket is
         // full).
-        ready!(this.poll_send(cx))?;
+        let sent = this.poll_send(cx);
+        ready!(this.park_writer(cx, sent))?;
         if data.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        this.encrypt(Some(data))?;
+        if this.close_queued {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the TLS write side is shut",
+            )));
+        }
+        let n = data.len().min(MAX_WRITE);
+        if let Err(e) = this.encrypt(Some(&data[..n])) {
+            this.send_alert_now();
+            return Poll::Ready(Err(e));
+        }
         // Written now if the socket takes it, else by the next write or flush.
         if let Poll::Ready(Err(e)) = this.poll_send(cx) {
             return Poll::Ready(Err(e));
         }
-        Poll::Ready(Ok(data.len()))
+        Poll::Ready(Ok(n))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        ready!(this.poll_send(cx))?;
+        let sent = this.poll_send(cx);
+        ready!(this.park_writer(cx, sent))?;
         Pin::new(&mut this.tcp).poll_flush(cx)
     }
 
+    /// Queues close_notify once, behind whatever waits to be written (it was dropped when the
+    /// socket was full), writes it all, then shuts the TCP write side. Reading goes on: the
+    /// peer's last records and its close_notify are still read.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.sent >= this.outgoing.len() && !this.eof {
-            // Queue close_notify once; `eof` marks it queued too (nothing more is read after).
-            if this.encrypt(None).is_ok() {
-                this.eof = true;
-            }
+        if !this.close_queued {
+            // A connection that cannot send it any more (closed) is shut all the same.
+            let _ = this.encrypt(None);
+            this.close_queued = true;
         }
-        ready!(this.poll_send(cx))?;
+        let sent = this.poll_send(cx);
+        ready!(this.park_writer(cx, sent))?;
         Pin::new(&mut this.tcp).poll_shutdown(cx)
     }
 }
@@ -457,6 +597,20 @@ mod tests {
     async fn pair(
         versions: &[&'static rustls::SupportedProtocolVersion],
     ) -> (LeanTls, tokio_rustls::server::TlsStream<TcpStream>) {
+        match pair_as(versions, true).await {
+            (crate::stream::ClientTls::Left(c), s) => (c, s),
+            _ => unreachable!(),
+        }
+    }
+
+    /// Both clients, guestd's own (`lean`) and tokio-rustls's (the oracle), the same way.
+    async fn pair_as(
+        versions: &[&'static rustls::SupportedProtocolVersion],
+        lean: bool,
+    ) -> (
+        crate::stream::ClientTls,
+        tokio_rustls::server::TlsStream<TcpStream>,
+    ) {
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
             .unwrap()
@@ -480,17 +634,214 @@ mod tests {
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // Small socket buffers (fixed, not autotuned): a writer that does not get read is
+        // stuck behind a full socket after a few KiB.
+        let small = 8 * 1024;
+        let listen = tokio::net::TcpSocket::new_v4().unwrap();
+        listen.set_recv_buffer_size(small).unwrap();
+        listen.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = listen.listen(8).unwrap();
         let addr = listener.local_addr().unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
         let accept = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
             acceptor.accept(tcp).await.unwrap()
         });
-        let tcp = TcpStream::connect(addr).await.unwrap();
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_send_buffer_size(small).unwrap();
+        let tcp = sock.connect(addr).await.unwrap();
         let name = ServerName::try_from("localhost").unwrap();
-        let c = LeanTls::connect(tcp, Arc::new(client), name).await.unwrap();
+        let c = if lean {
+            crate::stream::ClientTls::Left(
+                LeanTls::connect(tcp, Arc::new(client), name).await.unwrap(),
+            )
+        } else {
+            crate::stream::ClientTls::Right(
+                tokio_rustls::TlsConnector::from(Arc::new(client))
+                    .connect(name, tcp)
+                    .await
+                    .unwrap(),
+            )
+        };
         (c, accept.await.unwrap())
+    }
+
+    /// Bug 2 of issue 23: a socket that ends between records without close_notify is a
+    /// truncation, an `UnexpectedEof` error, as tokio-rustls says (it read as a clean end).
+    #[tokio::test]
+    async fn an_end_without_close_notify_is_unexpected_eof_as_in_tokio_rustls() {
+        for versions in BOTH {
+            for lean in [true, false] {
+                let (mut c, mut s) = pair_as(versions, lean).await;
+                s.write_all(b"data").await.unwrap();
+                s.flush().await.unwrap();
+                let (tcp, _) = s.into_inner();
+                drop(tcp);
+                let mut got = Vec::new();
+                let r = c.read_to_end(&mut got).await;
+                assert_eq!(got, b"data", "lean {lean}");
+                assert_eq!(
+                    r.map_err(|e| e.kind()),
+                    Err(io::ErrorKind::UnexpectedEof),
+                    "lean {lean}"
+                );
+            }
+        }
+    }
+
+    /// Bug 3: shutting the write side down does not stop reading: the peer's last bytes and its
+    /// close_notify are read (they were lost: shutdown marked the stream at its end for reading).
+    #[tokio::test]
+    async fn reading_goes_on_after_shutdown_as_in_tokio_rustls() {
+        for versions in BOTH {
+            for lean in [true, false] {
+                let (mut c, mut s) = pair_as(versions, lean).await;
+                c.write_all(b"bye").await.unwrap();
+                c.shutdown().await.unwrap();
+                let mut got = Vec::new();
+                s.read_to_end(&mut got).await.unwrap();
+                assert_eq!(got, b"bye");
+                s.write_all(b"last words").await.unwrap();
+                s.shutdown().await.unwrap();
+                let mut back = Vec::new();
+                c.read_to_end(&mut back).await.unwrap();
+                assert_eq!(back, b"last words", "lean {lean}");
+            }
+        }
+    }
+
+    /// Writes `c` full until the socket takes no more (a noop waker: nothing is woken), so
+    /// records wait to be written; the bytes taken.
+    fn fill<W: AsyncWrite + Unpin>(c: &mut W) -> usize {
+        let chunk = vec![7u8; MAX_WRITE];
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut total = 0;
+        loop {
+            match Pin::new(&mut *c).poll_write(&mut cx, &chunk) {
+                Poll::Ready(Ok(n)) => total += n,
+                Poll::Pending => return total,
+                Poll::Ready(Err(e)) => panic!("{e}"),
+            }
+        }
+    }
+
+    /// Bug 4: close_notify is sent behind records still waiting on a full socket (it was
+    /// queued only when nothing waited, and the peer read a truncation).
+    #[tokio::test]
+    async fn close_notify_goes_out_behind_a_full_socket() {
+        for lean in [true, false] {
+            let (mut c, mut s) = pair_as(&[&rustls::version::TLS13], lean).await;
+            let total = fill(&mut c);
+            // The first shutdown poll comes while records wait.
+            let waker = futures::task::noop_waker();
+            let polled = Pin::new(&mut c).poll_shutdown(&mut Context::from_waker(&waker));
+            assert!(polled.is_pending(), "lean {lean}: the socket is full");
+            let server = tokio::spawn(async move {
+                let mut got = Vec::new();
+                let r = s.read_to_end(&mut got).await.map(|_| got.len());
+                r.map_err(|e| e.to_string())
+            });
+            c.shutdown().await.unwrap();
+            assert_eq!(server.await.unwrap(), Ok(total), "lean {lean}");
+        }
+    }
+
+    /// Bug 5: with reader and writer on two tasks, the read path writing what waits to be
+    /// written must not leave the writer parked for good (it took the socket's write wake-up).
+    #[tokio::test]
+    async fn a_writer_on_its_own_task_is_not_robbed_of_its_wake_up() {
+        let (c, mut s) = pair(&[&rustls::version::TLS13]).await;
+        let (mut cr, mut cw) = tokio::io::split(c);
+        let (parked, writer_parked) = tokio::sync::oneshot::channel();
+        let writer = tokio::spawn(async move {
+            let chunk = vec![1u8; MAX_WRITE];
+            let mut parked = Some(parked);
+            let mut total = 0;
+            // Writes until parked on a full socket (told once), then one more record.
+            while parked.is_some() || total % (4 * MAX_WRITE) != 0 {
+                total += std::future::poll_fn(|cx| {
+                    let p = Pin::new(&mut cw).poll_write(cx, &chunk);
+                    if p.is_pending() {
+                        if let Some(tx) = parked.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    p
+                })
+                .await
+                .unwrap();
+            }
+            cw.flush().await.unwrap();
+            total
+        });
+        writer_parked.await.unwrap();
+        // The server sends a record; the reader reads it while records wait to be written.
+        s.write_all(b"x").await.unwrap();
+        s.flush().await.unwrap();
+        let (read_one, got_one) = tokio::sync::oneshot::channel();
+        let reader = tokio::spawn(async move {
+            let mut one = [0u8; 1];
+            cr.read_exact(&mut one).await.unwrap();
+            let _ = read_one.send(());
+            let mut more = [0u8; 1];
+            let _ = cr.read(&mut more).await;
+            cr
+        });
+        got_one.await.unwrap();
+        let server = tokio::spawn(async move {
+            let mut sink = vec![0u8; 64 * 1024];
+            loop {
+                if s.read(&mut sink).await.unwrap_or(0) == 0 {
+                    break;
+                }
+            }
+        });
+        let w = tokio::time::timeout(std::time::Duration::from_secs(10), writer).await;
+        assert!(w.is_ok(), "the writer was never woken");
+        reader.abort();
+        server.abort();
+    }
+
+    /// The fatal alert rustls queues on a TLS error is sent, as tokio-rustls sends it (it was
+    /// never sent): the server reads the client's bad_record_mac.
+    #[tokio::test]
+    async fn a_tls_error_sends_its_alert_as_tokio_rustls_does() {
+        for lean in [true, false] {
+            let (mut c, mut s) = pair_as(&[&rustls::version::TLS13], lean).await;
+            // A record the client cannot decrypt, straight onto the socket.
+            s.get_mut()
+                .0
+                .write_all(&[
+                    23, 3, 3, 0, 20, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18,
+                    19, 20,
+                ])
+                .await
+                .unwrap();
+            let mut buf = [0u8; 16];
+            assert!(c.read(&mut buf).await.is_err(), "lean {lean}");
+            let r = s.read(&mut buf);
+            let r = tokio::time::timeout(std::time::Duration::from_secs(10), r).await;
+            let e = r
+                .expect("an alert, not silence")
+                .expect_err("the server reads an alert");
+            assert!(e.to_string().contains("BadRecordMac"), "lean {lean}: {e}");
+        }
+    }
+
+    /// One write takes at most one record's worth: what waits to be written is bounded, not the
+    /// caller's whole buffer.
+    #[tokio::test]
+    async fn one_write_queues_at_most_one_record() {
+        let (mut c, _s) = pair(&[&rustls::version::TLS13]).await;
+        let big = vec![3u8; 1 << 20];
+        let n = c.write(&big).await.unwrap();
+        assert_eq!(n, MAX_WRITE);
+        assert!(
+            c.buffered_capacity() <= MAX_WRITE + MAX_WRITE / 16 + 1024,
+            "{}",
+            c.buffered_capacity()
+        );
     }
 
     const BOTH: [&[&rustls::SupportedProtocolVersion]; 2] =
