@@ -259,6 +259,14 @@ pub fn fast_env(emu: &Emulator) -> Vec<(String, String)> {
     .collect()
 }
 
+/// `env` with the HTTP API on `ip`, port 0: guestd binds a port of its own and the test reads
+/// the address back with [`Daemon::http_base`].
+pub fn with_http_any_port(mut env: Vec<(String, String)>, ip: &str) -> Vec<(String, String)> {
+    env.retain(|(k, _)| k != "GUESTD_CONTROL__HTTP_LISTEN");
+    env.push(("GUESTD_CONTROL__HTTP_LISTEN".into(), format!("{ip}:0")));
+    env
+}
+
 /// `env` plus `[platform]` pointed at the emulator's Platform API (its default client).
 pub fn with_platform(emu: &Emulator, mut env: Vec<(String, String)>) -> Vec<(String, String)> {
     for (k, v) in [
@@ -399,6 +407,24 @@ impl Daemon {
 
     pub fn close_stdin(&mut self) {
         self.stdin.take();
+    }
+
+    /// The HTTP API's address (`http://127.0.0.1:port`), for a guestd started with
+    /// `control.http_listen` on port 0 (see [`with_http_any_port`]): guestd binds it and logs the
+    /// address before it reads stdin, so once a command sent now is answered, the log line is
+    /// on stderr. No port is picked by the test and released for guestd to take (a race).
+    pub async fn http_base(&mut self) -> String {
+        let rid = format!("addr-{}", uuid::Uuid::new_v4());
+        self.send(json!({"cmd": "list", "request_id": rid})).await;
+        self.wait(|v| v["request_id"] == rid.as_str()).await;
+        let log = self.stderr();
+        let addr = log
+            .lines()
+            .filter(|l| l.contains("HTTP API listening"))
+            .find_map(|l| l.split("addr=").nth(1))
+            .and_then(|a| a.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no \"HTTP API listening addr=...\" in stderr:\n{log}"));
+        format!("http://{addr}")
     }
 
     /// Read every remaining line until EOF.
