@@ -354,7 +354,12 @@ impl Machine {
     }
 
     /// Resume after `last_message_id` (from the journal); `started` is the session's start.
+    /// The window to reach the platform counts from the resume (the machine's creation), as
+    /// after a loss: counted from the session's start, a session resumed more than
+    /// `first_connect_window` after it began was given up at its first tick, before its socket
+    /// could open.
     pub fn resuming(mut self, started: Instant, last_message_id: Option<String>) -> Self {
+        self.lost_at = Some(self.started);
         self.started = started;
         self.last_key = last_message_id;
         self
