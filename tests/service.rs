@@ -61,14 +61,16 @@ async fn sigterm_drains_keeps_chats_and_exits_zero() {
     let t0 = std::time::Instant::now();
     signal(d.pid(), "TERM");
     d.drain().await;
-    let st = tokio::time::timeout(WAIT, d.child.wait())
+    let st = tokio::time::timeout(wait(), d.child.wait())
         .await
         .unwrap()
         .unwrap();
     assert!(st.success(), "{st:?}\n{}", d.stderr());
+    // Kept chats are only closed: well inside the drain timeout (10 s), on a loaded machine too.
     assert!(
-        t0.elapsed() < Duration::from_secs(10),
-        "inside the drain timeout"
+        t0.elapsed() < Duration::from_secs(10).min(scaled(Duration::from_secs(4))),
+        "inside the drain timeout: {:?}",
+        t0.elapsed()
     );
     assert_eq!(
         d.seen.iter().filter(|v| v["type"] == "ended").count(),
@@ -217,7 +219,7 @@ async fn sigkill_with_events_queued_and_messages_arriving_loses_nothing() {
     // stdout is not read from now on: the pipe fills, then guestd's queue. The stall shows
     // only in guestd's metrics (no line can say so: nobody reads them), so they are polled.
     let http = reqwest::Client::new();
-    let deadline = tokio::time::Instant::now() + WAIT;
+    let deadline = tokio::time::Instant::now() + wait();
     loop {
         let m = http
             .get(format!("{base}/metrics"))
@@ -459,12 +461,12 @@ async fn an_ended_nobody_read_is_written_by_the_next_start() {
     wait_log(&emu, &chats[0].1, "socket_closed", 1).await;
     let begun = std::time::Instant::now();
     signal(d1.pid(), "TERM");
-    let st = tokio::time::timeout(WAIT, d1.child.wait())
+    let st = tokio::time::timeout(wait(), d1.child.wait())
         .await
         .expect("exits despite the stalled output")
         .unwrap();
     assert!(
-        begun.elapsed() < Duration::from_secs(5),
+        begun.elapsed() < Duration::from_secs(2) + scaled(Duration::from_millis(1500)),
         "within the drain timeout (2 s) and a margin: {:?}",
         begun.elapsed()
     );
@@ -497,15 +499,9 @@ async fn an_ended_nobody_read_is_written_by_the_next_start() {
 #[tokio::test]
 async fn the_http_api_refuses_web_pages_and_strangers() {
     let emu = emulator(emu_cfg()).await;
-    let port = free_port();
     let token_file = temp_journal().with_file_name("token");
     std::fs::write(&token_file, "s3cret-token\n").unwrap();
-    let mut env = fast_env(&emu);
-    env.retain(|(k, _)| k != "GUESTD_CONTROL__HTTP_LISTEN");
-    env.push((
-        "GUESTD_CONTROL__HTTP_LISTEN".into(),
-        format!("127.0.0.1:{port}"),
-    ));
+    let mut env = with_http_any_port(fast_env(&emu), "127.0.0.1");
     env.push((
         "GUESTD_CONTROL__TOKEN_FILE".into(),
         token_file.display().to_string(),
@@ -513,7 +509,8 @@ async fn the_http_api_refuses_web_pages_and_strangers() {
     let mut d = Daemon::spawn(env, &[]);
     let (s, _) = d.start("r1").await;
     let http = reqwest::Client::new();
-    let base = format!("http://127.0.0.1:{port}");
+    let base = d.http_base().await;
+    let port = base.rsplit(':').next().unwrap_or_default().to_string();
     let start = json!({"queue": "Support", "display_name": "Ann"});
     let auth = "Bearer s3cret-token";
     // A cross-site text/plain POST (no preflight needed): refused, no chat created.
@@ -634,16 +631,11 @@ async fn an_end_decided_but_not_written_is_written_after_restart_with_the_same_e
 #[tokio::test]
 async fn a_stalled_stdout_reader_loses_no_event() {
     let emu = emulator(emu_cfg()).await;
-    let port = free_port();
-    let mut env = fast_env(&emu);
-    env.retain(|(k, _)| k != "GUESTD_CONTROL__HTTP_LISTEN");
-    env.push((
-        "GUESTD_CONTROL__HTTP_LISTEN".into(),
-        format!("127.0.0.1:{port}"),
-    ));
+    let mut env = with_http_any_port(fast_env(&emu), "127.0.0.1");
     env.push(("GUESTD_EVENTS__QUEUE_CAPACITY".into(), "4".into()));
     env.push(("GUESTD_SESSION__INACTIVITY_TIMEOUT".into(), "1m".into()));
     let mut d = Daemon::spawn(env, &[]);
+    let base = d.http_base().await;
     let chats = start_n(&mut d, 10).await;
     for (s, c) in &chats {
         emu.agent_join(c).unwrap();
@@ -660,7 +652,7 @@ async fn a_stalled_stdout_reader_loses_no_event() {
     // The daemon is back-pressured, not failing: its HTTP side still answers.
     let http = reqwest::Client::new();
     let metrics = http
-        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .get(format!("{base}/metrics"))
         .send()
         .await
         .unwrap()
@@ -683,7 +675,7 @@ async fn a_stalled_stdout_reader_loses_no_event() {
         assert_eq!(d.count(s, "ended"), 1);
     }
     let metrics = http
-        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .get(format!("{base}/metrics"))
         .send()
         .await
         .unwrap()
@@ -712,15 +704,9 @@ fn metric_with(text: &str, name: &str, label: &str) -> f64 {
 #[tokio::test]
 async fn http_api_ops_endpoints_and_metrics_match_what_happened() {
     let emu = emulator(emu_cfg()).await;
-    let port = free_port();
-    let mut env = fast_env(&emu);
-    env.retain(|(k, _)| k != "GUESTD_CONTROL__HTTP_LISTEN");
-    env.push((
-        "GUESTD_CONTROL__HTTP_LISTEN".into(),
-        format!("127.0.0.1:{port}"),
-    ));
+    let env = with_http_any_port(fast_env(&emu), "127.0.0.1");
     let mut d = Daemon::spawn(env, &[]);
-    let base = format!("http://127.0.0.1:{port}");
+    let base = d.http_base().await;
     let http = reqwest::Client::new();
     // Readiness comes once started; the first start proves the port is up.
     let (s0, c0) = d.start("r0").await;

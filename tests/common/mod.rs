@@ -14,9 +14,36 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 pub mod nats;
 pub mod node;
 
-pub const WAIT: Duration = Duration::from_secs(15);
+/// How much slower than an idle machine these tests may run: `GUESTD_TEST_TIME_SCALE`
+/// (default 2: CI's 2 cores, shared with a build). Every deadline a test waits under is
+/// scaled by it, through [`wait`] and [`scaled`]; the durations guestd and the emulator are
+/// configured with are not (they are what the tests exercise).
+pub fn time_scale() -> f64 {
+    std::env::var("GUESTD_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .unwrap_or(2.0)
+}
 
-/// A loopback port nobody listens on right now.
+/// `d` scaled by [`time_scale`].
+pub fn scaled(d: Duration) -> Duration {
+    d.mul_f64(time_scale())
+}
+
+/// The longest wait for one expected thing (an event, a frame, an exit): 15 s, scaled.
+pub fn wait() -> Duration {
+    scaled(Duration::from_secs(15))
+}
+
+/// A loopback port nobody listens on right now. Racy (another process may take it before the
+/// one it is meant for binds it), so only for a process that must be told a fixed port and
+/// cannot report one it bound itself: README's walkthrough (its text names the ports, tests/docs.rs substitutes them)
+/// and a cluster node (tests/common/node.rs: it reads no stdin, so there is no reply to await
+/// before reading its address from its log). guestd elsewhere binds port 0 and the test reads
+/// the address back ([`with_http_any_port`], [`Daemon::http_base`]); the emulator in-process
+/// binds port 0 too. (nats-server, a third-party process told its ports, has its own copy in
+/// nats.rs.)
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -162,7 +189,7 @@ impl Guest {
 /// Next text frame parsed as JSON, skipping heartbeats unless `keep_heartbeats`.
 pub async fn next_event(ws: &mut Ws, keep_heartbeats: bool) -> Value {
     loop {
-        let m = tokio::time::timeout(WAIT, ws.next())
+        let m = tokio::time::timeout(wait(), ws.next())
             .await
             .expect("a frame in time");
         match m {
@@ -210,7 +237,7 @@ pub async fn wait_log(emu: &Emulator, conv: &str, action: &str, count: usize) {
             .filter(|e| e.conversation_id.as_deref() == Some(conv) && e.action == action)
             .count()
     };
-    let deadline = tokio::time::Instant::now() + WAIT;
+    let deadline = tokio::time::Instant::now() + wait();
     while n() < count {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
             Ok(_) => {}
@@ -334,9 +361,9 @@ impl Daemon {
     /// Next event line; None at EOF (or once `close_stdout` was called).
     pub async fn next(&mut self) -> Option<Value> {
         let lines = self.lines.as_mut()?;
-        let line = tokio::time::timeout(WAIT, lines.next_line())
+        let line = tokio::time::timeout(wait(), lines.next_line())
             .await
-            .unwrap_or_else(|_| panic!("no event within {WAIT:?}; seen: {:#?}", self.seen))
+            .unwrap_or_else(|_| panic!("no event within {:?}; seen: {:#?}", wait(), self.seen))
             .unwrap()?;
         let v: Value = serde_json::from_str(&line)
             .unwrap_or_else(|e| panic!("stdout line is not JSON ({e}): {line}"));
@@ -409,11 +436,16 @@ impl Daemon {
         self.stdin.take();
     }
 
-    /// The HTTP API's address (`http://127.0.0.1:port`), for a guestd started with
+    /// The HTTP API's base URL (`http://127.0.0.1:port`), for a guestd started with
     /// `control.http_listen` on port 0 (see [`with_http_any_port`]): guestd binds it and logs the
     /// address before it reads stdin, so once a command sent now is answered, the log line is
     /// on stderr. No port is picked by the test and released for guestd to take (a race).
     pub async fn http_base(&mut self) -> String {
+        format!("http://{}", self.http_addr().await)
+    }
+
+    /// The HTTP API's `ip:port` (see [`Daemon::http_base`]).
+    pub async fn http_addr(&mut self) -> String {
         let rid = format!("addr-{}", uuid::Uuid::new_v4());
         self.send(json!({"cmd": "list", "request_id": rid})).await;
         self.wait(|v| v["request_id"] == rid.as_str()).await;
@@ -424,7 +456,7 @@ impl Daemon {
             .find_map(|l| l.split("addr=").nth(1))
             .and_then(|a| a.split_whitespace().next())
             .unwrap_or_else(|| panic!("no \"HTTP API listening addr=...\" in stderr:\n{log}"));
-        format!("http://{addr}")
+        addr.to_string()
     }
 
     /// Read every remaining line until EOF.
@@ -508,7 +540,7 @@ pub async fn finish_ok(mut d: Daemon) -> Daemon {
     signal(d.pid(), "TERM");
     d.close_stdin();
     d.drain().await;
-    let st = tokio::time::timeout(WAIT, d.child.wait())
+    let st = tokio::time::timeout(wait(), d.child.wait())
         .await
         .unwrap()
         .unwrap();

@@ -27,6 +27,8 @@ impl Node {
         let dir =
             std::env::temp_dir().join(format!("guestd-cluster-{id}-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
+        // A port picked and released (racy; see `free_port`): a node reads no stdin, so no
+        // reply says its log line with the address it bound is written.
         let http = super::free_port();
         let mut env = fast_env(emu);
         env.retain(|(k, _)| {
