@@ -184,7 +184,7 @@ impl Rig {
         let mut req = reqwest::Client::new()
             .request(
                 method,
-                format!("http://127.0.0.1:{}{path}", self.nodes[i].http),
+                format!("http://127.0.0.1:{}{path}", self.nodes[i].http().await),
             )
             .bearer_auth(TOKEN)
             .timeout(LONG);
@@ -535,7 +535,10 @@ async fn commands_over_nats_need_the_secret_and_a_captured_forward_runs_once() {
         }
     });
     signal(rig.nodes[1].pid(), "STOP");
-    let url = format!("http://127.0.0.1:{}/v1/sessions/{s2}", rig.nodes[0].http);
+    let url = format!(
+        "http://127.0.0.1:{}/v1/sessions/{s2}",
+        rig.nodes[0].http().await
+    );
     let asked = tokio::spawn(async move {
         let r = reqwest::Client::new()
             .get(url)

@@ -37,13 +37,11 @@ pub fn wait() -> Duration {
 }
 
 /// A loopback port nobody listens on right now. Racy (another process may take it before the
-/// one it is meant for binds it), so only for a process that must be told a fixed port and
-/// cannot report one it bound itself: README's walkthrough (its text names the ports, tests/docs.rs substitutes them)
-/// and a cluster node (tests/common/node.rs: it reads no stdin, so there is no reply to await
-/// before reading its address from its log). guestd elsewhere binds port 0 and the test reads
-/// the address back ([`with_http_any_port`], [`Daemon::http_base`]); the emulator in-process
-/// binds port 0 too. (nats-server, a third-party process told its ports, has its own copy in
-/// nats.rs.)
+/// one it is meant for binds it), so only where a script must be told a fixed port: README's
+/// walkthrough (its text names the ports; tests/docs.rs substitutes them). guestd binds port 0
+/// everywhere else and the test reads the address back ([`with_http_any_port`],
+/// [`Daemon::http_base`], a cluster node's `http()`); the emulator in-process binds port 0 too.
+/// (nats-server, a third-party process told its ports, has its own copy in nats.rs.)
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
