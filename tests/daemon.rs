@@ -13,7 +13,7 @@ fn emu_cfg() -> EmulatorConfig {
     EmulatorConfig {
         heartbeat_interval: Duration::from_millis(200),
         reconnect_grace: Duration::from_secs(3),
-        inactivity_timeout: Duration::from_secs(2),
+        inactivity_timeout: idle_timeout(),
         agent_join_delay: None,
         agent_alert_duration: Duration::from_millis(50),
         socket_closing_delay: Duration::from_millis(500),
@@ -172,7 +172,7 @@ async fn no_inactivity_rule_while_queued() {
         .await;
     d.wait(|v| v["request_id"] == "g1").await;
     let mut pings = 0;
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(3000);
+    let deadline = tokio::time::Instant::now() + idle_timeout() * 3 / 2;
     while tokio::time::Instant::now() < deadline {
         if let Ok(Ok(e)) = tokio::time::timeout_at(deadline, rx.recv()).await {
             pings += (e.action == "ping") as u32;

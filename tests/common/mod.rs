@@ -36,6 +36,12 @@ pub fn wait() -> Duration {
     scaled(Duration::from_secs(15))
 }
 
+/// The no-activity timeout of [`fast_env`] (and of the daemon tests' emulator): 2 s, scaled.
+/// A test with an agent must end its chat before it, so on a loaded machine it is longer.
+pub fn idle_timeout() -> Duration {
+    scaled(Duration::from_secs(2))
+}
+
 /// A loopback port nobody listens on right now. Racy (another process may take it before the
 /// one it is meant for binds it), so only where a script must be told a fixed port: README's
 /// walkthrough (its text names the ports; tests/docs.rs substitutes them). guestd binds port 0
@@ -267,7 +273,10 @@ pub fn fast_env(emu: &Emulator) -> Vec<(String, String)> {
         ("GUESTD_SESSION__HEARTBEAT_INTERVAL", "200ms".into()),
         ("GUESTD_SESSION__HEARTBEAT_TOLERANCE", "2".into()),
         ("GUESTD_SESSION__RECONNECT_GRACE", "1500ms".into()),
-        ("GUESTD_SESSION__INACTIVITY_TIMEOUT", "2s".into()),
+        (
+            "GUESTD_SESSION__INACTIVITY_TIMEOUT",
+            format!("{}ms", idle_timeout().as_millis()),
+        ),
         ("GUESTD_SESSION__INACTIVITY_WARNING_LEAD", "500ms".into()),
         ("GUESTD_SESSION__INACTIVITY_SKEW", "200ms".into()),
         ("GUESTD_SESSION__AGENT_END_WINDOW", "2s".into()),
