@@ -50,6 +50,9 @@ fn differences(path: &str, a: &Value, b: &Value, out: &mut Vec<String>) {
                 }
             }
         }
+        (Value::Array(x), Value::Array(y)) if x.len() == 2 && y.len() == 2 && x[0] == y[0] => {
+            differences(&format!("{path}[0]"), &x[1], &y[1], out)
+        }
         (a, b) if a != b => out.push(format!("{path}: fixture {a}, emulator {b}")),
         _ => {}
     }
@@ -200,5 +203,106 @@ async fn the_emulator_serves_the_published_shapes() {
     assert_same_shape("404 body", &published, &body);
     assert_eq!(body["code"], published["code"]);
     assert_eq!(body["status"], published["status"]);
+    emu.shutdown();
+}
+
+/// The forum's Platform API answer for a guest chat the guest ended: its customer participant,
+/// decoded by guestd, and read with the conversation's `endTime` from the same answer, is
+/// `guest_left` by the platform's own account (`disconnectType: "client"`).
+#[test]
+fn a_published_platform_answer_decodes_and_reads_guest_left() {
+    use guestd::genesys::platform::{Conversation, ConversationParticipant, platform_reason};
+    let text = fixture("platform_customer_participant.forum-15561.json");
+    let p: ConversationParticipant = serde_json::from_str(&text).expect("decodes");
+    assert_eq!(p.purpose, "customer");
+    assert_eq!(p.chats.len(), 1);
+    assert_eq!(p.chats[0].state, "disconnected");
+    assert_eq!(p.chats[0].disconnect_type.as_deref(), Some("client"));
+    assert_eq!(
+        p.chats[0].disconnected_time.as_deref(),
+        Some("2022-07-18T12:08:27.437Z")
+    );
+    assert_eq!(p.disconnect_type(), Some("client"));
+    let c = Conversation {
+        // The answer's own endTime, from the same post.
+        end_time: Some("2022-07-18T12:08:27.440Z".into()),
+        participants: vec![p],
+    };
+    assert_eq!(
+        platform_reason(&c),
+        Ok(guestd::events::EndReason::GuestLeft)
+    );
+}
+
+/// A participant's `attributes` is a free map of strings: its keys are the chat's, not a shape.
+fn without_free_maps(mut v: Value) -> Value {
+    if let Some(a) = v.get_mut("attributes") {
+        let all_strings = a
+            .as_object()
+            .is_some_and(|o| o.values().all(Value::is_string));
+        assert!(all_strings, "attributes is a map of strings: {a}");
+        *a = json!({});
+    }
+    v
+}
+
+/// The emulator's Platform API view of a chat the guest left: its customer participant has the
+/// published one's keys, types and nesting, and says `client` as the published one does.
+#[tokio::test]
+async fn the_emulator_serves_the_published_platform_answer_shape() {
+    let emu = emulator(quick()).await;
+    let guest = Guest::create(&emu).await;
+    let mut ws = guest.connect().await;
+    assert_eq!(guest.leave().await, 204);
+    wait_event(&mut ws, |v| {
+        is_member_change(v, &guest.member, "DISCONNECTED")
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let token: Value = http
+        .post(format!("{}/oauth/token", emu.base_url()))
+        .basic_auth("emulator-client", Some("emulator-secret"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("grant_type=client_credentials")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let view: Value = http
+        .get(format!(
+            "{}/api/v2/conversations/{}",
+            emu.base_url(),
+            guest.id
+        ))
+        .bearer_auth(token["access_token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let customer = view["participants"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["purpose"] == "customer"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no customer in {view:#}"));
+    let published: Value =
+        serde_json::from_str(&fixture("platform_customer_participant.forum-15561.json")).unwrap();
+    assert_same_shape(
+        "Platform API customer participant",
+        &without_free_maps(published.clone()),
+        &without_free_maps(customer.clone()),
+    );
+    assert_eq!(
+        customer["chats"][0]["disconnectType"],
+        published["chats"][0]["disconnectType"]
+    );
+    assert_eq!(
+        customer["chats"][0]["provider"],
+        published["chats"][0]["provider"]
+    );
+    assert!(view["endTime"].is_string(), "over: {view:#}");
     emu.shutdown();
 }
