@@ -302,6 +302,28 @@ pub struct Event {
     pub kind: EventKind,
     /// Told once the line is written and flushed.
     pub ack: Option<oneshot::Sender<()>>,
+    /// Run once the line is written and flushed (see [`AfterWrite`]).
+    pub after_write: Option<AfterWrite>,
+}
+
+/// Work that must follow an event's delivery, never its queueing: the journal's mark of the
+/// last message a session emitted. Marked when queued, a SIGKILL between the queue and the
+/// write lost the events caught in between (the restart's backfill started after them). The
+/// writer runs these in queue order, after the flush that delivered their lines and before
+/// anything is acknowledged; a line never written runs nothing.
+pub struct AfterWrite(Box<dyn FnOnce() + Send>);
+
+impl AfterWrite {
+    /// `f` runs once the event's line is written and flushed.
+    pub fn new(f: impl FnOnce() + Send + 'static) -> Self {
+        AfterWrite(Box::new(f))
+    }
+}
+
+impl std::fmt::Debug for AfterWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AfterWrite")
+    }
 }
 
 impl Event {
@@ -315,7 +337,14 @@ impl Event {
             ts: now_rfc3339(),
             kind,
             ack: None,
+            after_write: None,
         }
+    }
+
+    /// With work to run once its line is written and flushed.
+    pub fn after_write(mut self, f: AfterWrite) -> Self {
+        self.after_write = Some(f);
+        self
     }
 
     /// With a request id.
@@ -638,6 +667,7 @@ pub fn spawn_writer<S: EventSink>(
         let health = writer_health;
         let mut seq: u64 = 0;
         let mut acks = Vec::new();
+        let mut after = Vec::new();
         while let Some(first) = rx.recv().await {
             let mut next = Some(first);
             // Write what is queued, then flush once: every line is whole when it becomes visible.
@@ -650,17 +680,23 @@ pub fn spawn_writer<S: EventSink>(
                         if let Some(a) = ev.ack.take() {
                             acks.push(a);
                         }
+                        if let Some(f) = ev.after_write.take() {
+                            after.push(f);
+                        }
                     }
                     Msg::Flush(a) => acks.push(a),
                 }
-                next = if acks.len() < 256 {
+                next = if acks.len() + after.len() < 256 {
                     rx.try_recv().ok()
                 } else {
                     None
                 };
             }
             retry(&mut sink, &health, None).await;
-            // Acknowledged only now: written and flushed.
+            // Run and acknowledged only now: written and flushed.
+            for AfterWrite(f) in after.drain(..) {
+                f();
+            }
             for a in acks.drain(..) {
                 let _ = a.send(());
             }

@@ -14,6 +14,11 @@
 //! or replaced while guestd runs, the next batch notices and rewrites it from guestd's own open
 //! file (compaction always reads the open file, never the path).
 //!
+//! Messages: `progress` (the id a restart's backfill starts after) is recorded once the
+//! message's line is written and flushed (the event writer runs it, see
+//! `events::AfterWrite`), never when it is queued, so what a SIGKILL caught in the queue is
+//! fetched again by the next process: at-least-once across a SIGKILL.
+//!
 //! Guarantee for `ended`: the decision (`ending`, with a stable `event_id`) is fsynced *before*
 //! the event is written to stdout, and `ended` is recorded after the line is flushed. A crash
 //! between the two re-emits the same event with the same `event_id` on restart: delivery is

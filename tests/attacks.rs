@@ -184,7 +184,7 @@ impl Rig {
         let mut req = reqwest::Client::new()
             .request(
                 method,
-                format!("http://127.0.0.1:{}{path}", self.nodes[i].http),
+                format!("http://127.0.0.1:{}{path}", self.nodes[i].http().await),
             )
             .bearer_auth(TOKEN)
             .timeout(LONG);
@@ -315,6 +315,25 @@ async fn restored_from(rig: &Rig, session: &str, owner: &str, after: u64, not: &
     }
 }
 
+/// The attacker's write of `value` over `session`'s entry, compare-and-set on the revision it
+/// last read, read again while the owner writes in between (the owner writes its entry whenever
+/// a message is marked written or the no-activity evidence changes, at moments no test
+/// controls); the revision written.
+async fn forge(kv: &jetstream::kv::Store, session: &str, value: &Value) -> u64 {
+    for _ in 0..20 {
+        let rev = kv.entry(session).await.unwrap().map_or(0, |e| e.revision);
+        match kv
+            .update(session, serde_json::to_vec(value).unwrap().into(), rev)
+            .await
+        {
+            Ok(r) => return r,
+            Err(e) if e.kind() == jetstream::kv::UpdateErrorKind::WrongLastRevision => continue,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    panic!("the owner wrote {session} twenty times in a row")
+}
+
 /// Scenarios 1, 2 and 7: a rewritten entry (plain, pointing at the attacker's listener), an
 /// entry sealed with a captured forward (the decryption oracle), and a purged entry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -337,7 +356,7 @@ async fn an_insider_without_the_secret_can_neither_steal_a_jwt_nor_move_or_drop_
         seen.iter().any(|v| v["type"] == "agent_connected")
     })
     .await;
-    let (wire, rev) = rig.entry(&s).await;
+    let (wire, _) = rig.entry(&s).await;
     let owner = wire["owner"].as_str().unwrap().to_string();
     let (me, them) = if owner == "n1" { (0, 1) } else { (1, 0) };
     let thief = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -356,11 +375,8 @@ async fn an_insider_without_the_secret_can_neither_steal_a_jwt_nor_move_or_drop_
             "event_stream_uri": thief_url}, "started_ms": 0, "mode": "start"},
         "last_message_id": null, "last_alive_ms": 0, "ending": null, "leaving": false,
     });
-    let r1 = kv
-        .update(&s, serde_json::to_vec(&forged).unwrap().into(), rev)
-        .await
-        .unwrap();
-    let rev = restored(&rig, &s, &owner, r1).await;
+    let r1 = forge(&kv, &s, &forged).await;
+    restored(&rig, &s, &owner, r1).await;
 
     // 2. The entry sealed with a forward captured on the wire: a command through the node that
     // does not own the chat is forwarded to the owner.
@@ -385,15 +401,21 @@ async fn an_insider_without_the_secret_can_neither_steal_a_jwt_nor_move_or_drop_
     );
     assert!(!fwd.contains(&s));
     let oracle = json!({"owner": their_id, "epoch": their_epoch["epoch"], "sealed": fwd});
-    let r2 = kv
-        .update(&s, serde_json::to_vec(&oracle).unwrap().into(), rev)
-        .await
-        .unwrap();
+    let r2 = forge(&kv, &s, &oracle).await;
     let rev = restored(&rig, &s, &owner, r2).await;
 
     // 7. The entry purged.
-    kv.purge_expect_revision(&s, Some(rev)).await.unwrap();
-    let rev = restored(&rig, &s, &owner, rev).await;
+    // Compare-and-set on the revision last read, read again while the owner writes meanwhile.
+    let mut purged = None;
+    for _ in 0..20 {
+        let at = kv.entry(&s).await.unwrap().map_or(rev, |e| e.revision);
+        if kv.purge_expect_revision(&s, Some(at)).await.is_ok() {
+            purged = Some(at);
+            break;
+        }
+    }
+    let purged = purged.expect("the owner wrote its entry twenty times in a row");
+    let rev = restored(&rig, &s, &owner, purged).await;
 
     // The owner's own first value, genuinely sealed, stored again (it rolls back what the
     // entry says about the chat): older by its generation, written over.
@@ -513,7 +535,10 @@ async fn commands_over_nats_need_the_secret_and_a_captured_forward_runs_once() {
         }
     });
     signal(rig.nodes[1].pid(), "STOP");
-    let url = format!("http://127.0.0.1:{}/v1/sessions/{s2}", rig.nodes[0].http);
+    let url = format!(
+        "http://127.0.0.1:{}/v1/sessions/{s2}",
+        rig.nodes[0].http().await
+    );
     let asked = tokio::spawn(async move {
         let r = reqwest::Client::new()
             .get(url)

@@ -27,7 +27,7 @@ const NO_TOKEN_WARNING: &str = "the HTTP API has no token";
 #[tokio::test]
 async fn an_api_without_a_token_off_loopback_is_warned_about() {
     let emu = emulator(quick()).await;
-    let mut env = with_http(fast_env(&emu), &format!("0.0.0.0:{}", free_port()));
+    let mut env = with_http(fast_env(&emu), "0.0.0.0:0");
     env.push(("GUESTD_CONTROL__ALLOW_NON_LOOPBACK".into(), "true".into()));
     let mut d = Daemon::spawn(env, &[]);
     started(&mut d).await;
@@ -45,8 +45,8 @@ async fn an_api_without_a_token_off_loopback_is_warned_about() {
 #[tokio::test]
 async fn an_api_on_loopback_or_with_a_token_is_not_warned_about() {
     let emu = emulator(quick()).await;
-    let loopback = with_http(fast_env(&emu), &format!("127.0.0.1:{}", free_port()));
-    let mut with_token = with_http(fast_env(&emu), &format!("0.0.0.0:{}", free_port()));
+    let loopback = with_http(fast_env(&emu), "127.0.0.1:0");
+    let mut with_token = with_http(fast_env(&emu), "0.0.0.0:0");
     with_token.push(("GUESTD_CONTROL__ALLOW_NON_LOOPBACK".into(), "true".into()));
     with_token.push(("GUESTD_CONTROL__TOKEN".into(), "t0ken-for-the-test".into()));
     for env in [loopback, with_token] {
@@ -82,9 +82,12 @@ const TRAVERSAL: &str = "..%2F..%2Fusers%2Fme%3Fexpand=authorization";
 #[tokio::test]
 async fn an_id_that_is_not_an_id_never_reaches_a_url() {
     let emu = emulator(quick()).await;
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut d = Daemon::spawn(with_platform(&emu, with_http(fast_env(&emu), &addr)), &[]);
+    let mut d = Daemon::spawn(
+        with_platform(&emu, with_http(fast_env(&emu), "127.0.0.1:0")),
+        &[],
+    );
     started(&mut d).await;
+    let addr = d.http_addr().await;
     let (status, body) = http(
         &addr,
         "GET",
@@ -250,14 +253,14 @@ async fn a_stream_url_off_the_platform_is_refused_before_connecting() {
     .unwrap();
     let foreign = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
     let foreign_port = foreign.local_addr().unwrap().port();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut env = with_http(fast_env(&emu), &addr);
+    let mut env = with_http(fast_env(&emu), "127.0.0.1:0");
     env.push((
         "GUESTD_GENESYS__STREAM_HOSTS".into(),
         r#"["127.0.0.3"]"#.into(),
     ));
     let mut d = Daemon::spawn(env, &[]);
     started(&mut d).await;
+    let addr = d.http_addr().await;
     let on_first = Guest::create(&emu).await;
     let on_second = Guest::create(&emu).await;
     assert!(on_first.uri.contains("127.0.0.1:"), "{}", on_first.uri);
@@ -318,7 +321,7 @@ async fn request_on(mut tcp: tokio::net::TcpStream, req: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     tcp.write_all(req.as_bytes()).await.unwrap();
     let mut out = Vec::new();
-    let _ = tokio::time::timeout(WAIT, tcp.read_to_end(&mut out))
+    let _ = tokio::time::timeout(wait(), tcp.read_to_end(&mut out))
         .await
         .expect("an answer in time");
     String::from_utf8_lossy(&out).into_owned()
@@ -333,8 +336,7 @@ async fn trickled_bodies_time_out_and_probes_answer_while_the_pool_is_full() {
     use tokio::io::AsyncWriteExt;
     const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
     let emu = emulator(quick()).await;
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut env = with_http(fast_env(&emu), &addr);
+    let mut env = with_http(fast_env(&emu), "127.0.0.1:0");
     env.push(("GUESTD_CONTROL__MAX_CONNECTIONS".into(), "16".into()));
     env.push((
         "GUESTD_CONTROL__MAX_CONNECTIONS_PER_PEER".into(),
@@ -343,6 +345,7 @@ async fn trickled_bodies_time_out_and_probes_answer_while_the_pool_is_full() {
     env.push(("GUESTD_CONTROL__BODY_TIMEOUT".into(), "1s".into()));
     let mut d = Daemon::spawn(env, &[]);
     started(&mut d).await;
+    let addr = d.http_addr().await;
     let head = format!(
         "POST /v1/sessions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{"
     );
@@ -381,8 +384,12 @@ async fn trickled_bodies_time_out_and_probes_answer_while_the_pool_is_full() {
     .await;
     let probe_took = probe_at.elapsed();
     assert!(r.starts_with("HTTP/1.1 200") && r.ends_with("ok\n"), "{r}");
-    assert!(probe_took < BODY_TIMEOUT / 2, "healthz took {probe_took:?}");
-    assert!(t0.elapsed() < BODY_TIMEOUT, "the pool was full all along");
+    // Answered while the pool was still full: no trickling connection had its 408 yet (read
+    // from the connections, not from a clock a loaded machine stretches).
+    assert!(
+        trickling.iter().all(|t| !t.is_finished()),
+        "the pool was full all along (healthz took {probe_took:?})"
+    );
     // Every trickling connection: 408, then closed, after the body timeout and not long after.
     for t in trickling {
         let r = t.await.unwrap();
@@ -390,7 +397,7 @@ async fn trickled_bodies_time_out_and_probes_answer_while_the_pool_is_full() {
     }
     let took = t0.elapsed();
     assert!(
-        took >= BODY_TIMEOUT && took < BODY_TIMEOUT + std::time::Duration::from_secs(3),
+        took >= BODY_TIMEOUT && took < BODY_TIMEOUT + scaled(std::time::Duration::from_secs(3)),
         "{took:?}"
     );
     finish_ok(d).await;

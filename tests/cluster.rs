@@ -263,7 +263,10 @@ impl Cluster {
         let live: Vec<&Node> = self.nodes.iter().filter(|n| n.alive).collect();
         let node = live[i % live.len()];
         let mut req = reqwest::Client::new()
-            .request(method, format!("http://127.0.0.1:{}{path}", node.http))
+            .request(
+                method,
+                format!("http://127.0.0.1:{}{path}", node.http().await),
+            )
             .bearer_auth(TOKEN)
             .timeout(LONG);
         if let Some(b) = body {
@@ -455,11 +458,12 @@ async fn a_killed_node_s_chats_fail_over_inside_the_grace_window() {
     );
     // Commands reach the owner wherever they arrive: n1's HTTP API, a chat of n2.
     let of_n2 = held("n2")[0].clone();
+    let n1_port = c.nodes[0].http().await;
     let http = reqwest::Client::new();
     let r = http
         .post(format!(
             "http://127.0.0.1:{}/v1/sessions/{}/messages",
-            c.nodes[0].http, of_n2.0
+            n1_port, of_n2.0
         ))
         .json(&json!({"body": "routed through n1"}))
         .bearer_auth(TOKEN)
@@ -470,7 +474,7 @@ async fn a_killed_node_s_chats_fail_over_inside_the_grace_window() {
     let view: Value = http
         .get(format!(
             "http://127.0.0.1:{}/v1/sessions/{}",
-            c.nodes[0].http, of_n2.1
+            n1_port, of_n2.1
         ))
         .bearer_auth(TOKEN)
         .send()

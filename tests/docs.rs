@@ -62,6 +62,7 @@ fn blocks() -> Vec<(String, usize, Option<String>, String)> {
 
 /// README's walk-through: a chat started, an agent joining, writing and ending it, one ended.
 async fn walkthrough(script: &str) {
+    // README's script names its ports: picked here and released for it (racy; see `free_port`).
     let (emu_port, api_port) = (free_port(), free_port());
     let script = script
         .lines()

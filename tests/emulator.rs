@@ -303,7 +303,7 @@ async fn grace_window_ends_a_dropped_guest_unless_it_reconnects() {
     let mut rx = emu.subscribe_log();
     ws.close(None).await.unwrap();
     loop {
-        let e = tokio::time::timeout(WAIT, rx.recv())
+        let e = tokio::time::timeout(wait(), rx.recv())
             .await
             .unwrap()
             .unwrap();

@@ -61,14 +61,16 @@ async fn sigterm_drains_keeps_chats_and_exits_zero() {
     let t0 = std::time::Instant::now();
     signal(d.pid(), "TERM");
     d.drain().await;
-    let st = tokio::time::timeout(WAIT, d.child.wait())
+    let st = tokio::time::timeout(wait(), d.child.wait())
         .await
         .unwrap()
         .unwrap();
     assert!(st.success(), "{st:?}\n{}", d.stderr());
+    // Kept chats are only closed: well inside the drain timeout (10 s), on a loaded machine too.
     assert!(
-        t0.elapsed() < Duration::from_secs(10),
-        "inside the drain timeout"
+        t0.elapsed() < Duration::from_secs(10).min(scaled(Duration::from_secs(4))),
+        "inside the drain timeout: {:?}",
+        t0.elapsed()
     );
     assert_eq!(
         d.seen.iter().filter(|v| v["type"] == "ended").count(),
@@ -162,6 +164,147 @@ async fn a_chat_ended_for_no_activity_while_guestd_was_down_says_so() {
     let ended = d2.wait_type(&s, "ended").await;
     assert_eq!(ended["reason"], "inactivity_timeout", "{:#?}", d2.seen);
     finish_ok(d2).await;
+}
+
+/// Issue 29: guestd is SIGKILLed while its stdout is not read (events wait in its queue, lines
+/// the pipe could not take) and agents post messages all along, before, across and after the
+/// kill; a restart picks every chat up. Across both processes' stdout, read to its end: every
+/// posted message appears at least once and within one process exactly once (a restart may
+/// repeat what the first process wrote after its last journaled message: at-least-once), and
+/// every chat has exactly one `ended`. The journal used to record a message as emitted when its
+/// event was queued: the events the kill caught in the queue were never written, and the
+/// restart's backfill started after them.
+#[tokio::test]
+async fn sigkill_with_events_queued_and_messages_arriving_loses_nothing() {
+    const CHATS: usize = 16;
+    let emu = emulator(EmulatorConfig {
+        reconnect_grace: Duration::from_secs(30),
+        ..emu_cfg()
+    })
+    .await;
+    let journal = temp_journal();
+    let mut env = with_http_any_port(journal_env(&emu, &journal), "127.0.0.1");
+    env.retain(|(k, _)| k != "GUESTD_SESSION__RECONNECT_GRACE");
+    env.push(("GUESTD_SESSION__RECONNECT_GRACE".into(), "30s".into()));
+    env.push(("GUESTD_EVENTS__QUEUE_CAPACITY".into(), "64".into()));
+    let mut d1 = Daemon::spawn(env.clone(), &[]);
+    let base = d1.http_base().await;
+    let chats = start_n(&mut d1, CHATS).await;
+    for (s, c) in &chats {
+        emu.agent_join(c).unwrap();
+        d1.wait_type(s, "agent_connected").await;
+    }
+    // Agents post from here on, round robin over the chats, until told to stop.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let poster = {
+        let (emu, stop) = (emu.clone(), stop.clone());
+        let convs: Vec<String> = chats.iter().map(|(_, c)| c.clone()).collect();
+        let pad = "x".repeat(200);
+        tokio::spawn(async move {
+            let mut posted: Vec<(String, String)> = Vec::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(2));
+            for i in 0.. {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                let c = &convs[i % convs.len()];
+                let body = format!("m{i} {pad}");
+                emu.agent_send(c, &body).unwrap();
+                posted.push((c.clone(), body));
+            }
+            posted
+        })
+    };
+    // stdout is not read from now on: the pipe fills, then guestd's queue. The stall shows
+    // only in guestd's metrics (no line can say so: nobody reads them), so they are polled.
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + wait();
+    loop {
+        let m = http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metric(&m, "guestd_event_queue_full_total") >= 3.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the output never stalled:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(d1.pid(), "KILL");
+    let _ = d1.child.wait().await;
+    // What the first process wrote is still in the pipe: read it to its end.
+    d1.drain().await;
+    let mut d2 = Daemon::spawn(env, &[]);
+    for (s, _) in &chats {
+        d2.wait_type(s, "reconnected").await;
+    }
+    // Agents write on for a moment after the restart, then end every chat.
+    for (s, _) in chats.iter().take(2) {
+        d2.wait(|v| {
+            v["session"] == s.as_str() && v["type"] == "message" && v["backfilled"] == false
+        })
+        .await;
+    }
+    stop.cancel();
+    let posted = poster.await.unwrap();
+    for (s, c) in &chats {
+        emu.agent_end(c).unwrap();
+        d2.wait_type(s, "ended").await;
+    }
+    let d2 = finish_ok(d2).await;
+    let session_of: HashMap<&str, &str> = chats
+        .iter()
+        .map(|(s, c)| (c.as_str(), s.as_str()))
+        .collect();
+    let mut lost = Vec::new();
+    for (c, body) in &posted {
+        let s = session_of[c.as_str()];
+        let n = |d: &Daemon| {
+            d.seen
+                .iter()
+                .filter(|v| {
+                    v["session"] == s && v["type"] == "message" && v["body"] == body.as_str()
+                })
+                .count()
+        };
+        let (n1, n2) = (n(&d1), n(&d2));
+        assert!(n1 <= 1 && n2 <= 1, "{s}: {n1} and {n2} copies of {body:.8}");
+        if n1 + n2 == 0 {
+            lost.push(body[..body.find(' ').unwrap_or(body.len())].to_string());
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} of {} posted messages lost: {lost:?}",
+        lost.len(),
+        posted.len()
+    );
+    for (s, _) in &chats {
+        assert_eq!(d1.count(s, "ended") + d2.count(s, "ended"), 1, "{s}");
+    }
+    for d in [&d1, &d2] {
+        let mut ids = std::collections::HashSet::new();
+        for v in d.seen.iter().filter(|v| v["type"] == "message") {
+            assert!(
+                ids.insert(v["message_id"].to_string()),
+                "twice in one process: {v}"
+            );
+        }
+    }
+    let written_by_d1 = d1.seen.iter().filter(|v| v["type"] == "message").count();
+    eprintln!(
+        "{} messages posted, {written_by_d1} written before the kill, {} after",
+        posted.len(),
+        d2.seen.iter().filter(|v| v["type"] == "message").count()
+    );
 }
 
 #[tokio::test]
@@ -318,12 +461,12 @@ async fn an_ended_nobody_read_is_written_by_the_next_start() {
     wait_log(&emu, &chats[0].1, "socket_closed", 1).await;
     let begun = std::time::Instant::now();
     signal(d1.pid(), "TERM");
-    let st = tokio::time::timeout(WAIT, d1.child.wait())
+    let st = tokio::time::timeout(wait(), d1.child.wait())
         .await
         .expect("exits despite the stalled output")
         .unwrap();
     assert!(
-        begun.elapsed() < Duration::from_secs(5),
+        begun.elapsed() < Duration::from_secs(2) + scaled(Duration::from_millis(1500)),
         "within the drain timeout (2 s) and a margin: {:?}",
         begun.elapsed()
     );
@@ -356,15 +499,9 @@ async fn an_ended_nobody_read_is_written_by_the_next_start() {
 #[tokio::test]
 async fn the_http_api_refuses_web_pages_and_strangers() {
     let emu = emulator(emu_cfg()).await;
-    let port = free_port();
     let token_file = temp_journal().with_file_name("token");
     std::fs::write(&token_file, "s3cret-token\n").unwrap();
-    let mut env = fast_env(&emu);
-    env.retain(|(k, _)| k != "GUESTD_CONTROL__HTTP_LISTEN");
-    env.push((
-        "GUESTD_CONTROL__HTTP_LISTEN".into(),
-        format!("127.0.0.1:{port}"),
-    ));
+    let mut env = with_http_any_port(fast_env(&emu), "127.0.0.1");
     env.push((
         "GUESTD_CONTROL__TOKEN_FILE".into(),
         token_file.display().to_string(),
@@ -372,7 +509,8 @@ async fn the_http_api_refuses_web_pages_and_strangers() {
     let mut d = Daemon::spawn(env, &[]);
     let (s, _) = d.start("r1").await;
     let http = reqwest::Client::new();
-    let base = format!("http://127.0.0.1:{port}");
+    let base = d.http_base().await;
+    let port = base.rsplit(':').next().unwrap_or_default().to_string();
     let start = json!({"queue": "Support", "display_name": "Ann"});
     let auth = "Bearer s3cret-token";
     // A cross-site text/plain POST (no preflight needed): refused, no chat created.
@@ -493,16 +631,11 @@ async fn an_end_decided_but_not_written_is_written_after_restart_with_the_same_e
 #[tokio::test]
 async fn a_stalled_stdout_reader_loses_no_event() {
     let emu = emulator(emu_cfg()).await;
-    let port = free_port();
-    let mut env = fast_env(&emu);
-    env.retain(|(k, _)| k != "GUESTD_CONTROL__HTTP_LISTEN");
-    env.push((
-        "GUESTD_CONTROL__HTTP_LISTEN".into(),
-        format!("127.0.0.1:{port}"),
-    ));
+    let mut env = with_http_any_port(fast_env(&emu), "127.0.0.1");
     env.push(("GUESTD_EVENTS__QUEUE_CAPACITY".into(), "4".into()));
     env.push(("GUESTD_SESSION__INACTIVITY_TIMEOUT".into(), "1m".into()));
     let mut d = Daemon::spawn(env, &[]);
+    let base = d.http_base().await;
     let chats = start_n(&mut d, 10).await;
     for (s, c) in &chats {
         emu.agent_join(c).unwrap();
@@ -519,7 +652,7 @@ async fn a_stalled_stdout_reader_loses_no_event() {
     // The daemon is back-pressured, not failing: its HTTP side still answers.
     let http = reqwest::Client::new();
     let metrics = http
-        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .get(format!("{base}/metrics"))
         .send()
         .await
         .unwrap()
@@ -542,7 +675,7 @@ async fn a_stalled_stdout_reader_loses_no_event() {
         assert_eq!(d.count(s, "ended"), 1);
     }
     let metrics = http
-        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .get(format!("{base}/metrics"))
         .send()
         .await
         .unwrap()
@@ -571,15 +704,9 @@ fn metric_with(text: &str, name: &str, label: &str) -> f64 {
 #[tokio::test]
 async fn http_api_ops_endpoints_and_metrics_match_what_happened() {
     let emu = emulator(emu_cfg()).await;
-    let port = free_port();
-    let mut env = fast_env(&emu);
-    env.retain(|(k, _)| k != "GUESTD_CONTROL__HTTP_LISTEN");
-    env.push((
-        "GUESTD_CONTROL__HTTP_LISTEN".into(),
-        format!("127.0.0.1:{port}"),
-    ));
+    let env = with_http_any_port(fast_env(&emu), "127.0.0.1");
     let mut d = Daemon::spawn(env, &[]);
-    let base = format!("http://127.0.0.1:{port}");
+    let base = d.http_base().await;
     let http = reqwest::Client::new();
     // Readiness comes once started; the first start proves the port is up.
     let (s0, c0) = d.start("r0").await;

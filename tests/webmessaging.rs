@@ -44,7 +44,7 @@ impl Guest {
 
     async fn next(&mut self) -> Frame {
         loop {
-            let m = tokio::time::timeout(WAIT, self.ws.next())
+            let m = tokio::time::timeout(wait(), self.ws.next())
                 .await
                 .expect("no frame in time")
                 .expect("socket closed")

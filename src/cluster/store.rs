@@ -302,6 +302,17 @@ impl KvJournal {
         let recovered = entry.recovered();
         self.map()
             .insert(session.to_string(), Held::new(Some(Slot { rev, entry })));
+        // A change that landed between the compare-and-set and the line above went unjudged:
+        // the sessions watch passes over a chat not held here yet. Read the entry once more
+        // (an older value stored again at that moment stayed in the bucket for good).
+        let newer = match bounded(self.0.kv.entry(session)).await {
+            Ok(Some(cur)) => (cur.revision > rev).then_some(cur.revision),
+            Ok(None) => Some(rev + 1),
+            Err(_) => None,
+        };
+        if let Some(at) = newer {
+            self.watched(session, at);
+        }
         Some(recovered)
     }
 

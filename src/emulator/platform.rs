@@ -55,11 +55,17 @@ pub(crate) fn conversation_view(c: &Conv, cfg: &EmulatorConfig) -> Value {
             leg_type(m.role, &m.id).or(Some("peer"))
         };
         let mut segment = json!({"startTime": m.join_date, "type": "Interact"});
+        // The keys and nesting of a published answer (tests/fixtures/genesys,
+        // platform_customer_participant.forum-15561.json), values the emulator's own.
         let mut chat = json!({
             "state": if gone { "disconnected" } else { "connected" },
             "id": m.id,
+            "held": false,
+            "direction": "inbound",
             "connectedTime": m.join_date,
             "provider": "PureCloud Webchat v2",
+            "afterCallWork": {},
+            "afterCallWorkRequired": false,
             "initialState": "connected",
         });
         if gone {
@@ -70,13 +76,39 @@ pub(crate) fn conversation_view(c: &Conv, cfg: &EmulatorConfig) -> Value {
             chat["disconnectedTime"] = json!(m.leave_date);
         }
         chat["segments"] = json!([segment]);
+        // What the guest gave at create, as the platform's `context.` attributes.
+        let attributes: serde_json::Map<String, Value> = m
+            .first_name
+            .iter()
+            .map(|v| ("context.firstName".to_string(), json!(v)))
+            .chain(
+                m.last_name
+                    .iter()
+                    .map(|v| ("context.lastName".to_string(), json!(v))),
+            )
+            .chain(
+                m.custom_fields
+                    .iter()
+                    .map(|(k, v)| (format!("context.{k}"), json!(v))),
+            )
+            .collect();
         let mut p = json!({
             "id": m.id,
             "purpose": purpose,
             "name": m.display_name,
             "startTime": m.join_date,
             "connectedTime": m.join_date,
+            "wrapupRequired": false,
+            "attributes": attributes,
+            "calls": [],
+            "callbacks": [],
             "chats": [chat],
+            "cobrowsesessions": [],
+            "emails": [],
+            "messages": [],
+            "screenshares": [],
+            "socialExpressions": [],
+            "videos": [],
         });
         if gone {
             p["endTime"] = json!(m.leave_date);

@@ -7,7 +7,7 @@
 
 use super::machine::{Action, Input, Machine, Timing};
 use crate::backend::{ApiError, ChatApi, ChatRef, Failure};
-use crate::events::{Emitter, EndReason, Event, EventKind};
+use crate::events::{AfterWrite, Emitter, EndReason, Event, EventKind};
 use crate::journal::{EndingRecord, Journal};
 use crate::stream::{ConnectError, Connector, Ws};
 use futures::future::BoxFuture;
@@ -374,7 +374,6 @@ struct Actor {
     rest: Calls<Input>,
     queued: VecDeque<Input>,
     stopping: bool,
-    journaled_msg: Option<String>,
     /// A digest of the no-activity evidence last written to the journal (8 bytes per session,
     /// not a copy).
     journaled_activity: u64,
@@ -475,7 +474,6 @@ pub(crate) async fn next_frame(
 
 impl Actor {
     fn new(ctx: Arc<SessionCtx>, id: String, chat: ChatRef, mut machine: Machine) -> Self {
-        let journaled_msg = machine.last_message_id().map(str::to_string);
         if !machine.anchored() {
             machine.anchor_wall(Instant::now(), chrono::Utc::now().timestamp_millis());
         }
@@ -489,7 +487,6 @@ impl Actor {
             rest: None,
             queued: VecDeque::new(),
             stopping: false,
-            journaled_msg,
             journaled_activity,
             epoch: ctx.fence.as_ref().map_or(0, |f| f.epoch()),
             relinquished: false,
@@ -578,12 +575,6 @@ impl Actor {
                     break;
                 }
                 Box::pin(self.perform(a)).await;
-            }
-            if let Some(id) = self.machine.last_message_id() {
-                if self.journaled_msg.as_deref() != Some(id) {
-                    self.ctx.journal.progress(&self.id, id);
-                    self.journaled_msg = Some(id.to_string());
-                }
             }
             let activity = self.machine.activity();
             let d = digest(&activity);
@@ -807,11 +798,15 @@ impl Actor {
     }
 }
 
-/// Emit one of a session's events, with its metrics. An `ended` is recorded in the journal
-/// first (its `event_id` is stable across restarts), written and flushed, then the session's
-/// entry is closed and, with `confirm`, the platform asked for its account. False when the end
-/// could not be recorded and the journal is strict (cluster mode): the caller relinquishes the
-/// chat to its next owner, which decides again.
+/// Emit one of a session's events, with its metrics. A message is marked in the journal (the
+/// id a restart's backfill starts after) once its line is written and flushed, not when it is
+/// queued: a SIGKILL in between then repeats it after the restart instead of losing it (both
+/// machines emit messages in order, and the id of the last one emitted is their backfill's
+/// starting point). An `ended` is recorded in the journal first (its `event_id` is stable
+/// across restarts), written and flushed, then the session's entry is closed and, with
+/// `confirm`, the platform asked for its account. False when the end could not be recorded and
+/// the journal is strict (cluster mode): the caller relinquishes the chat to its next owner,
+/// which decides again.
 pub(crate) async fn emit(
     ctx: &SessionCtx,
     id: &str,
@@ -871,6 +866,12 @@ pub(crate) async fn emit(
         }
         return true;
     }
+    if let EventKind::Message { message_id, .. } = &ev.kind {
+        let (journal, session, message) = (ctx.journal.clone(), id.to_string(), message_id.clone());
+        ev = ev.after_write(AfterWrite::new(move || {
+            journal.progress(&session, &message)
+        }));
+    }
     ctx.emitter.emit(ev).await;
     true
 }
@@ -919,5 +920,94 @@ mod size_tests {
         );
         assert!(actor <= 2304, "the actor grew to {actor} bytes");
         assert!(std::mem::size_of::<SessionHandle>() <= 48);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use tokio::io::AsyncBufReadExt;
+
+    /// Records the messages marked as emitted.
+    #[derive(Default)]
+    struct Marks(Mutex<Vec<String>>);
+
+    impl Journal for Marks {
+        fn session_started(&self, _: crate::journal::SessionRecord) -> crate::journal::Durable {
+            Box::pin(async { Ok(()) })
+        }
+        fn progress(&self, session: &str, last_message_id: &str) {
+            let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            m.push(format!("{session}:{last_message_id}"));
+        }
+        fn activity(&self, _: &str, _: crate::journal::Activity) {}
+        fn ending(&self, _: &str, _: EndingRecord) -> crate::journal::Durable {
+            Box::pin(async { Ok(()) })
+        }
+        fn leaving(&self, _: &str) -> crate::journal::Durable {
+            Box::pin(async { Ok(()) })
+        }
+        fn ended(&self, _: &str) {}
+        fn sync(&self) -> crate::journal::Durable {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    fn message(id: &str) -> EventKind {
+        EventKind::Message {
+            message_id: id.into(),
+            sender_id: "a".into(),
+            sender_role: "agent".into(),
+            body_type: "standard".into(),
+            body: Some("hello".into()),
+            timestamp: "2026-11-26T10:00:00.000Z".into(),
+            backfilled: false,
+        }
+    }
+
+    /// Issue 29: the journal marks a message as emitted (the id a restart's backfill starts
+    /// after) only once its line is written and flushed. The actor marked it once the event was
+    /// queued: a SIGKILL with the reader behind lost every queued message
+    /// (tests/service.rs `sigkill_with_events_queued_and_messages_arriving_loses_nothing`).
+    #[tokio::test]
+    async fn a_message_is_marked_in_the_journal_only_once_written() {
+        // A reader that has not read yet: the writer blocks on the pipe.
+        let (client, server) = tokio::io::duplex(16);
+        let (emitter, _writer) = crate::events::spawn_writer(crate::events::WriterSink(client), 8);
+        let marks = Arc::new(Marks::default());
+        let (done, _rx) = mpsc::unbounded_channel();
+        let ctx = SessionCtx {
+            api: Arc::new(crate::backend::testing::Stalled),
+            connector: Connector::new(Default::default(), 1),
+            emitter: emitter.clone(),
+            journal: marks.clone(),
+            timing: Arc::new(Timing::default()),
+            done,
+            cancel: CancellationToken::new(),
+            leave_on_shutdown: false,
+            platform: None,
+            fence: None,
+            messaging: None,
+        };
+        for id in ["m1", "m2"] {
+            assert!(emit(&ctx, "s", "c", message(id), false).await);
+        }
+        emit(&ctx, "s", "c", EventKind::Connected, false).await;
+        let marked = || marks.0.lock().map(|m| m.clone()).unwrap_or_default();
+        assert!(marked().is_empty(), "queued, not written: {:?}", marked());
+        // The reader catches up: both lines come out, and only then are they marked, in order.
+        let mut lines = tokio::io::BufReader::new(server).lines();
+        let reader = tokio::spawn(async move {
+            let mut n = 0;
+            while let Ok(Some(_)) = lines.next_line().await {
+                n += 1;
+            }
+            n
+        });
+        emitter.flush().await;
+        assert_eq!(marked(), ["s:m1", "s:m2"]);
+        drop((ctx, emitter));
+        reader.abort();
     }
 }

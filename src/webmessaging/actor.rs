@@ -53,7 +53,6 @@ pub fn spawn(
     let span = tracing::info_span!("session", session = %id, conversation = %chat.conversation_id, backend = "web_messaging");
     let actor = Box::new(Actor {
         epoch: ctx.fence.as_ref().map_or(0, |f| f.epoch()),
-        journaled_msg: machine.last_message_id().map(str::to_string),
         ctx,
         wm,
         id,
@@ -107,7 +106,6 @@ struct Actor {
     stopping: bool,
     relinquished: bool,
     epoch: u64,
-    journaled_msg: Option<String>,
     /// Undecodable frames this minute, and when the minute began.
     bad_frames: (u32, Option<Instant>),
 }
@@ -198,12 +196,6 @@ impl Actor {
                     break;
                 }
                 Box::pin(self.perform(a)).await;
-            }
-            if let Some(id) = self.machine.last_message_id() {
-                if self.journaled_msg.as_deref() != Some(id) {
-                    self.ctx.journal.progress(&self.id, id);
-                    self.journaled_msg = Some(id.to_string());
-                }
             }
         }
         metrics::gauge!("guestd_sessions", "state" => phase(&self.machine)).decrement(1.0);

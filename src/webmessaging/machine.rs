@@ -13,7 +13,10 @@
 //!   every message either way), not a fixed grace window. A reconnect answered with
 //!   `newSession: true` means the old session expired while guestd was away.
 //! - After each reconnect, a backfill: `getJwt`, then history, each message emitted once, in
-//!   order, after the last one seen; within `history_per_minute`.
+//!   order, after the last one seen; within `history_per_minute` (a backfill over the quota
+//!   waits for it). Live messages that arrive while a backfill is outstanding are held and
+//!   emitted after it: emitted at once, they moved the last message seen past the ones the
+//!   backfill was to fetch, which were then skipped (lost).
 //! - Sends: queued, paced under `messages_per_second`, matched to their echo by `tracingId`; a
 //!   `TooManyRequestsErrorMessage` puts the send back at the head of the queue and pauses sends
 //!   for `retryAfter` seconds without touching the socket; a 409 makes the session read-only
@@ -283,6 +286,9 @@ pub struct Machine {
     warned: bool,
     last_key: Option<String>,
     seen: VecDeque<String>,
+    /// Live messages that arrived while a backfill was outstanding, with when: emitted after
+    /// it (kept across a drop; those the next backfill fetches are skipped as seen).
+    held: VecDeque<(StructuredMessage, Instant)>,
     outbox: VecDeque<(String, String, Instant)>,
     /// Written, awaiting their echo: tracing id, text (sent again after a 429), when.
     inflight: Vec<(String, String, Instant)>,
@@ -332,6 +338,7 @@ impl Machine {
             warned: false,
             last_key: None,
             seen: VecDeque::new(),
+            held: VecDeque::new(),
             outbox: VecDeque::new(),
             inflight: Vec::new(),
             sent: VecDeque::new(),
@@ -354,7 +361,12 @@ impl Machine {
     }
 
     /// Resume after `last_message_id` (from the journal); `started` is the session's start.
+    /// The window to reach the platform counts from the resume (the machine's creation), as
+    /// after a loss: counted from the session's start, a session resumed more than
+    /// `first_connect_window` after it began was given up at its first tick, before its socket
+    /// could open.
     pub fn resuming(mut self, started: Instant, last_message_id: Option<String>) -> Self {
+        self.lost_at = Some(self.started);
         self.started = started;
         self.last_key = last_message_id;
         self
@@ -832,6 +844,15 @@ impl Machine {
                 self.reconnected(0, now, out);
             }
         }
+        self.release_held(out);
+    }
+
+    /// Emit the live messages held behind a backfill, in arrival order (those a backfill
+    /// already emitted are skipped as seen).
+    fn release_held(&mut self, out: &mut Vec<Action>) {
+        while let Some((m, at)) = self.held.pop_front() {
+            self.message(m, false, at, out);
+        }
     }
 
     /// Emit a message once; whether it was new.
@@ -935,7 +956,11 @@ impl Machine {
                         }),
                     ));
                 }
-                self.message(*message, false, now, out);
+                if self.backfill == Backfill::Idle {
+                    self.message(*message, false, now, out);
+                } else {
+                    self.held.push_back((*message, now));
+                }
             }
             Frame::Jwt { jwt, .. } => {
                 if self.backfill == Backfill::WantJwt {
@@ -1216,6 +1241,8 @@ impl Machine {
             return;
         }
         self.ended = Some(reason);
+        // Messages seen live but held behind a backfill come out before the end.
+        self.release_held(out);
         self.phase = Phase::Ended;
         for (tid, _, _) in self.inflight.drain(..) {
             out.push(Action::Reply(tid, Err(Refusal::Ended)));
@@ -1249,5 +1276,7 @@ fn sender(m: &StructuredMessage) -> (&'static str, &'static str) {
     }
 }
 
+#[cfg(test)]
+mod model;
 #[cfg(test)]
 mod tests;

@@ -14,9 +14,40 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 pub mod nats;
 pub mod node;
 
-pub const WAIT: Duration = Duration::from_secs(15);
+/// How much slower than an idle machine these tests may run: `GUESTD_TEST_TIME_SCALE`
+/// (default 2: CI's 2 cores, shared with a build). Every deadline a test waits under is
+/// scaled by it, through [`wait`] and [`scaled`]; the durations guestd and the emulator are
+/// configured with are not (they are what the tests exercise).
+pub fn time_scale() -> f64 {
+    std::env::var("GUESTD_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .unwrap_or(2.0)
+}
 
-/// A loopback port nobody listens on right now.
+/// `d` scaled by [`time_scale`].
+pub fn scaled(d: Duration) -> Duration {
+    d.mul_f64(time_scale())
+}
+
+/// The longest wait for one expected thing (an event, a frame, an exit): 15 s, scaled.
+pub fn wait() -> Duration {
+    scaled(Duration::from_secs(15))
+}
+
+/// The no-activity timeout of [`fast_env`] (and of the daemon tests' emulator): 2 s, scaled.
+/// A test with an agent must end its chat before it, so on a loaded machine it is longer.
+pub fn idle_timeout() -> Duration {
+    scaled(Duration::from_secs(2))
+}
+
+/// A loopback port nobody listens on right now. Racy (another process may take it before the
+/// one it is meant for binds it), so only where a script must be told a fixed port: README's
+/// walkthrough (its text names the ports; tests/docs.rs substitutes them). guestd binds port 0
+/// everywhere else and the test reads the address back ([`with_http_any_port`],
+/// [`Daemon::http_base`], a cluster node's `http()`); the emulator in-process binds port 0 too.
+/// (nats-server, a third-party process told its ports, has its own copy in nats.rs.)
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -162,7 +193,7 @@ impl Guest {
 /// Next text frame parsed as JSON, skipping heartbeats unless `keep_heartbeats`.
 pub async fn next_event(ws: &mut Ws, keep_heartbeats: bool) -> Value {
     loop {
-        let m = tokio::time::timeout(WAIT, ws.next())
+        let m = tokio::time::timeout(wait(), ws.next())
             .await
             .expect("a frame in time");
         match m {
@@ -210,7 +241,7 @@ pub async fn wait_log(emu: &Emulator, conv: &str, action: &str, count: usize) {
             .filter(|e| e.conversation_id.as_deref() == Some(conv) && e.action == action)
             .count()
     };
-    let deadline = tokio::time::Instant::now() + WAIT;
+    let deadline = tokio::time::Instant::now() + wait();
     while n() < count {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
             Ok(_) => {}
@@ -242,7 +273,10 @@ pub fn fast_env(emu: &Emulator) -> Vec<(String, String)> {
         ("GUESTD_SESSION__HEARTBEAT_INTERVAL", "200ms".into()),
         ("GUESTD_SESSION__HEARTBEAT_TOLERANCE", "2".into()),
         ("GUESTD_SESSION__RECONNECT_GRACE", "1500ms".into()),
-        ("GUESTD_SESSION__INACTIVITY_TIMEOUT", "2s".into()),
+        (
+            "GUESTD_SESSION__INACTIVITY_TIMEOUT",
+            format!("{}ms", idle_timeout().as_millis()),
+        ),
         ("GUESTD_SESSION__INACTIVITY_WARNING_LEAD", "500ms".into()),
         ("GUESTD_SESSION__INACTIVITY_SKEW", "200ms".into()),
         ("GUESTD_SESSION__AGENT_END_WINDOW", "2s".into()),
@@ -257,6 +291,14 @@ pub fn fast_env(emu: &Emulator) -> Vec<(String, String)> {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect()
+}
+
+/// `env` with the HTTP API on `ip`, port 0: guestd binds a port of its own and the test reads
+/// the address back with [`Daemon::http_base`].
+pub fn with_http_any_port(mut env: Vec<(String, String)>, ip: &str) -> Vec<(String, String)> {
+    env.retain(|(k, _)| k != "GUESTD_CONTROL__HTTP_LISTEN");
+    env.push(("GUESTD_CONTROL__HTTP_LISTEN".into(), format!("{ip}:0")));
+    env
 }
 
 /// `env` plus `[platform]` pointed at the emulator's Platform API (its default client).
@@ -326,9 +368,9 @@ impl Daemon {
     /// Next event line; None at EOF (or once `close_stdout` was called).
     pub async fn next(&mut self) -> Option<Value> {
         let lines = self.lines.as_mut()?;
-        let line = tokio::time::timeout(WAIT, lines.next_line())
+        let line = tokio::time::timeout(wait(), lines.next_line())
             .await
-            .unwrap_or_else(|_| panic!("no event within {WAIT:?}; seen: {:#?}", self.seen))
+            .unwrap_or_else(|_| panic!("no event within {:?}; seen: {:#?}", wait(), self.seen))
             .unwrap()?;
         let v: Value = serde_json::from_str(&line)
             .unwrap_or_else(|e| panic!("stdout line is not JSON ({e}): {line}"));
@@ -399,6 +441,29 @@ impl Daemon {
 
     pub fn close_stdin(&mut self) {
         self.stdin.take();
+    }
+
+    /// The HTTP API's base URL (`http://127.0.0.1:port`), for a guestd started with
+    /// `control.http_listen` on port 0 (see [`with_http_any_port`]): guestd binds it and logs the
+    /// address before it reads stdin, so once a command sent now is answered, the log line is
+    /// on stderr. No port is picked by the test and released for guestd to take (a race).
+    pub async fn http_base(&mut self) -> String {
+        format!("http://{}", self.http_addr().await)
+    }
+
+    /// The HTTP API's `ip:port` (see [`Daemon::http_base`]).
+    pub async fn http_addr(&mut self) -> String {
+        let rid = format!("addr-{}", uuid::Uuid::new_v4());
+        self.send(json!({"cmd": "list", "request_id": rid})).await;
+        self.wait(|v| v["request_id"] == rid.as_str()).await;
+        let log = self.stderr();
+        let addr = log
+            .lines()
+            .filter(|l| l.contains("HTTP API listening"))
+            .find_map(|l| l.split("addr=").nth(1))
+            .and_then(|a| a.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no \"HTTP API listening addr=...\" in stderr:\n{log}"));
+        addr.to_string()
     }
 
     /// Read every remaining line until EOF.
@@ -482,7 +547,7 @@ pub async fn finish_ok(mut d: Daemon) -> Daemon {
     signal(d.pid(), "TERM");
     d.close_stdin();
     d.drain().await;
-    let st = tokio::time::timeout(WAIT, d.child.wait())
+    let st = tokio::time::timeout(wait(), d.child.wait())
         .await
         .unwrap()
         .unwrap();

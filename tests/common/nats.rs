@@ -11,6 +11,10 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
 
+/// A loopback port nobody listens on right now. nats-server is told its client and route
+/// ports (each server's routes name the others'), so they are picked here and released for it
+/// to bind: a race this third-party process leaves no way around. (Its own copy: guestd-bench
+/// includes this file without `tests/common`.)
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

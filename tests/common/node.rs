@@ -1,5 +1,6 @@
 //! A `guestd run` node of a cluster test: its own directory, its stdout (events) and stderr
-//! (logs) in files there, HTTP on a port of its own, and the cluster settings the tests share
+//! (logs) in files there, HTTP on a port it binds itself (port 0, read back from its log), and
+//! the cluster settings the tests share
 //! (lease 10 s, renewal 1 s, fence margin 2 s, grace 30 s), each overridable.
 #![allow(dead_code)]
 
@@ -19,7 +20,10 @@ pub struct Node {
     pub alive: bool,
     pub child: tokio::process::Child,
     pub dir: PathBuf,
-    pub http: u16,
+    /// The HTTP API's port, once the node has logged it.
+    http: tokio::sync::watch::Receiver<Option<u16>>,
+    /// Copies the node's stderr into `stderr.log`, watching for the HTTP API's address.
+    log: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Node {
@@ -27,7 +31,6 @@ impl Node {
         let dir =
             std::env::temp_dir().join(format!("guestd-cluster-{id}-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
-        let http = super::free_port();
         let mut env = fast_env(emu);
         env.retain(|(k, _)| {
             !k.starts_with("GUESTD_SESSION__") && k != "GUESTD_CONTROL__HTTP_LISTEN"
@@ -47,7 +50,7 @@ impl Node {
             ("GUESTD_SESSION__INACTIVITY_TIMEOUT", "10m"),
             ("GUESTD_SESSION__BACKOFF__INITIAL", "100ms"),
             ("GUESTD_SESSION__BACKOFF__MAX", "1s"),
-            ("GUESTD_CONTROL__HTTP_LISTEN", &format!("127.0.0.1:{http}")),
+            ("GUESTD_CONTROL__HTTP_LISTEN", "127.0.0.1:0"),
             ("GUESTD_CONTROL__STDIN", "false"),
             ("GUESTD_CLUSTER__SERVERS", &servers),
             ("GUESTD_CLUSTER__NODE_ID", id),
@@ -72,22 +75,66 @@ impl Node {
             env.retain(|(e, _)| e != k);
             env.push((k.to_string(), v.to_string()));
         }
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_guestd"))
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_guestd"))
             .arg("run")
             .current_dir(&dir)
             .envs(env)
             .stdin(std::process::Stdio::null())
             .stdout(std::fs::File::create(dir.join("stdout.jsonl")).unwrap())
-            .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
+            .stderr(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .unwrap();
+        // The node binds port 0 and logs the address ("HTTP API listening addr=..."): its
+        // stderr is copied line by line into stderr.log, and the port read off on the way. (A
+        // node reads no stdin, so there is no reply to await before reading the file.)
+        let (port, http) = tokio::sync::watch::channel(None);
+        let mut file = std::fs::File::create(dir.join("stderr.log")).unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = tokio::spawn(async move {
+            use std::io::Write;
+            use tokio::io::AsyncBufReadExt;
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = writeln!(file, "{line}");
+                if port.borrow().is_none() && line.contains("HTTP API listening") {
+                    let p = line
+                        .split("addr=")
+                        .nth(1)
+                        .and_then(|a| a.split_whitespace().next())
+                        .and_then(|a| a.rsplit(':').next())
+                        .and_then(|p| p.parse::<u16>().ok());
+                    port.send_replace(p);
+                }
+            }
+        });
         Node {
             id: id.to_string(),
             alive: true,
             child,
             dir,
             http,
+            log: Some(log),
+        }
+    }
+
+    /// The port of the node's HTTP API, once it listens.
+    pub async fn http(&self) -> u16 {
+        let mut rx = self.http.clone();
+        match tokio::time::timeout(LONG, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(p)) => p.unwrap_or_default(),
+            _ => panic!(
+                "node {} logged no HTTP address; stderr:\n{}",
+                self.id,
+                self.stderr()
+            ),
+        }
+    }
+
+    /// Wait until everything the node wrote to stderr is in stderr.log (after it exited).
+    async fn logged(&mut self) {
+        if let Some(log) = self.log.take() {
+            let _ = tokio::time::timeout(LONG, log).await;
         }
     }
 
@@ -103,17 +150,20 @@ impl Node {
         self.alive = false;
         signal(self.pid(), "KILL");
         let _ = self.child.wait().await;
+        self.logged().await;
     }
 
     /// SIGTERM and wait for the exit; its status.
     pub async fn stop(&mut self) -> Option<i32> {
         self.alive = false;
         signal(self.pid(), "TERM");
-        tokio::time::timeout(LONG, self.child.wait())
+        let code = tokio::time::timeout(LONG, self.child.wait())
             .await
             .expect("a node did not stop after SIGTERM")
             .unwrap()
-            .code()
+            .code();
+        self.logged().await;
+        code
     }
 }
 

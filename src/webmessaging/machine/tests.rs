@@ -907,3 +907,43 @@ fn the_machine_stays_small() {
     eprintln!("web messaging machine {size} B");
     assert!(size <= 512, "the machine grew to {size} bytes");
 }
+
+/// A session resumed from the journal long after it began (here 2 hours) connects: the window
+/// to reach the platform counts from the resume. It counted from the session's start, so the
+/// first tick gave it up as `reconnect_grace_expired` before its socket could open (found by
+/// the model in `machine/model.rs`).
+#[test]
+fn a_session_resumed_long_after_it_began_is_not_given_up_at_once() {
+    let base = Instant::now();
+    let two_hours = Duration::from_secs(7200);
+    let now = base + two_hours;
+    let mut m = Machine::new(
+        Arc::new(settings()),
+        Deployment::default(),
+        Begin::Resume,
+        now,
+    )
+    .resuming(base, Some("a1".into()));
+    assert!(matches!(m.start()[..], [Action::Connect]));
+    let due = m.next_deadline();
+    assert!(due.is_none_or(|d| d > now), "nothing due at once: {due:?}");
+    let a = m.step(Input::Tick, now + Duration::from_millis(40), WALL0);
+    assert!(ended(&a).is_none(), "{a:?}");
+    m.step(Input::Opened, now + Duration::from_millis(50), WALL0);
+    assert_eq!(m.phase(), Phase::Configuring);
+    // Unreachable for the whole window after the resume: then given up.
+    let mut m = Machine::new(
+        Arc::new(settings()),
+        Deployment::default(),
+        Begin::Resume,
+        now,
+    )
+    .resuming(base, None);
+    m.start();
+    let end = now + settings().first_connect_window;
+    let a = m.step(Input::Tick, end, WALL0);
+    assert_eq!(
+        ended(&a).map(|e| e.0),
+        Some(EndReason::ReconnectGraceExpired)
+    );
+}
