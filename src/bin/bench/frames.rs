@@ -1,8 +1,9 @@
 //! `guestd-bench --frames N`: burst throughput of guestd's websocket reader, its own framing
 //! (`leanws`, the default) against tokio-tungstenite's (`stream.lean_ws = false`), side by side
 //! in one process: a tungstenite server on loopback sends N text frames as fast as it can and
-//! the client reads them through `stream::Connector`, as a session does. Sizes: a heartbeat-sized
-//! frame, a 4 KiB one and the platform's largest message (~17 KiB escaped), rounds alternating
+//! the client reads them through `stream::Connector`, as a session does. Sizes: a tiny frame (16
+//! bytes: many frames per read, the case that copied the rest of the read per frame before issue
+//! 23), a heartbeat-sized frame, a 4 KiB one and the platform's largest message (~17 KiB escaped), rounds alternating
 //! between the two readers; the median round is reported.
 
 use futures::{SinkExt, StreamExt};
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 
-const SIZES: [usize; 3] = [200, 4096, 17 * 1024];
+const SIZES: [usize; 4] = [16, 200, 4096, 17 * 1024];
 const ROUNDS: usize = 5;
 
 /// One reader at one size.
