@@ -789,6 +789,7 @@ async fn admin_action(
         "block-stream" => e.block_stream(&conv, true).map(|_| 1)?,
         "unblock-stream" => e.block_stream(&conv, false).map(|_| 1)?,
         "half-open" => e.half_open(&conv)?,
+        "ping-flood" => e.ping_flood(&conv, Duration::from_millis(a.hold_ms.unwrap_or(1000)))?,
         "socket-closing" => e.socket_closing(&conv)?,
         "malformed" => e.send_malformed(&conv)?,
         "oversized" => e.send_oversized(&conv, a.bytes.unwrap_or(1 << 20))?,

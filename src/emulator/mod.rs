@@ -535,6 +535,12 @@ impl Emulator {
         self.sockets(id, SocketCmd::HalfOpen)
     }
 
+    /// Hostile: flood the guest's sockets with protocol pings for `span`, reading nothing
+    /// meanwhile (logged as `ping_flood` with the count when done).
+    pub fn ping_flood(&self, id: &str, span: Duration) -> Result<usize, AdminError> {
+        self.sockets(id, SocketCmd::PingFlood(span))
+    }
+
     /// Send `v2.system.socket_closing`; the socket closes after `socket_closing_delay`.
     pub fn socket_closing(&self, id: &str) -> Result<usize, AdminError> {
         self.sockets(id, SocketCmd::Closing)

@@ -90,6 +90,27 @@ async fn serve(
                     // The platform counts a silent socket as lost: the grace window starts now.
                     sh.world().socket_lost(conv, sock, false, "half-open");
                 }
+                Some(SocketCmd::PingFlood(span)) => {
+                    let until = Instant::now() + span;
+                    let mut sent = 0u64;
+                    while Instant::now() < until {
+                        let ping = Message::Ping(bytes::Bytes::from_static(b"flood"));
+                        if ws.feed(ping).await.is_err() {
+                            return "write failed";
+                        }
+                        sent += 1;
+                        if sent % 256 == 0 {
+                            if ws.flush().await.is_err() {
+                                return "write failed";
+                            }
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                    if ws.flush().await.is_err() {
+                        return "write failed";
+                    }
+                    sh.world().record(Some(conv), "ping_flood", None, sent.to_string());
+                }
                 Some(SocketCmd::Closing) => {
                     let t = p::encode_envelope(TOPIC_SOCKET_CLOSING, serde_json::json!({}), None);
                     if ws.send(Message::Text(t.into())).await.is_err() {

@@ -32,6 +32,9 @@ pub enum SocketCmd {
     HalfOpen,
     /// Send `v2.system.socket_closing`, then close after the configured delay.
     Closing,
+    /// Hostile, for tests of a client's bounds: send protocol pings as fast as the socket takes
+    /// them for this long, reading nothing meanwhile (the client's pongs pile up on its side).
+    PingFlood(std::time::Duration),
 }
 
 /// Why a conversation ended, as the emulator knows it (guestd has to infer it).

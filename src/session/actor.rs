@@ -382,6 +382,10 @@ struct Actor {
     relinquished: bool,
 }
 
+/// Frames handled in a row before the other sources of a session's loop get a turn (see the
+/// loop): a server that floods frames must not starve call results and deadlines.
+pub(crate) const FAIR_EVERY: u32 = 64;
+
 /// The output of `f`, or pending forever when there is none (a `select!` branch that is off).
 pub(crate) async fn opt<F: std::future::Future + Unpin>(f: Option<&mut F>) -> F::Output {
     match f {
@@ -524,6 +528,7 @@ impl Actor {
         ));
         let cancel = self.ctx.cancel.clone();
         let mut shutting_down = false;
+        let mut frames_in_a_row = 0u32;
         while !self.stopping {
             let input = match self.queued.pop_front() {
                 Some(i) => Wake::Input(i),
@@ -534,15 +539,40 @@ impl Actor {
                     // Biased, frames before the timer: after a stall (a slow stdout reader holds
                     // the session in `emit`), frames already received are proof of life and must
                     // be seen before a deadline can declare the socket silent.
-                    tokio::select! {
-                        biased;
-                        _ = cancel.cancelled(), if !shutting_down => Wake::Shutdown,
-                        frame = next_frame(&mut self.ws) => self.frame(frame).map_or(Wake::Nothing, Wake::Input),
-                        cmd = rx.recv() => self.command(*cmd).map_or(Wake::Nothing, Wake::Input),
-                        r = opt(self.connecting.as_mut()) => Wake::Input(self.connected(r)),
-                        i = next_call(&mut self.rest) => i.map_or(Wake::Nothing, Wake::Input),
-                        _ = sleep.as_mut() => Wake::Input(Input::Tick),
+                    // After a long run of frames (a server flooding pings), what else is
+                    // ready now goes first: call results and a due deadline are not starved.
+                    let mut turn = None;
+                    if frames_in_a_row >= FAIR_EVERY {
+                        frames_in_a_row = 0;
+                        turn = futures::FutureExt::now_or_never(async {
+                            tokio::select! {
+                                biased;
+                                r = opt(self.connecting.as_mut()) => Wake::Input(self.connected(r)),
+                                i = next_call(&mut self.rest) => i.map_or(Wake::Nothing, Wake::Input),
+                                _ = sleep.as_mut() => Wake::Input(Input::Tick),
+                            }
+                        });
                     }
+                    let mut framed = false;
+                    let wake = match turn {
+                        Some(w) => w,
+                        // Biased: shutdown, then commands (never starved by frames), then
+                        // frames before the timer (see above).
+                        None => tokio::select! {
+                            biased;
+                            _ = cancel.cancelled(), if !shutting_down => Wake::Shutdown,
+                            cmd = rx.recv() => self.command(*cmd).map_or(Wake::Nothing, Wake::Input),
+                            frame = next_frame(&mut self.ws) => {
+                                framed = true;
+                                self.frame(frame).map_or(Wake::Nothing, Wake::Input)
+                            }
+                            r = opt(self.connecting.as_mut()) => Wake::Input(self.connected(r)),
+                            i = next_call(&mut self.rest) => i.map_or(Wake::Nothing, Wake::Input),
+                            _ = sleep.as_mut() => Wake::Input(Input::Tick),
+                        },
+                    };
+                    frames_in_a_row = if framed { frames_in_a_row + 1 } else { 0 };
+                    wake
                 }
             };
             let input = match input {

@@ -14,8 +14,8 @@ use crate::backend::ChatRef;
 use crate::events::EventKind;
 use crate::secret::Secret;
 use crate::session::actor::{
-    Calls, CommandError, Done, DoneReply, Mailbox, close_in_background, close_now, emit,
-    leave_durably, next_call, next_frame, opt,
+    Calls, CommandError, Done, DoneReply, FAIR_EVERY, Mailbox, close_in_background, close_now,
+    emit, leave_durably, next_call, next_frame, opt,
 };
 use crate::session::{SessionCmd, SessionCtx, SessionHandle, SessionView};
 use crate::stream::{ConnectError, Ws};
@@ -146,6 +146,7 @@ impl Actor {
         let mut sleep = Box::pin(tokio::time::sleep_until(far));
         let cancel = self.ctx.cancel.clone();
         let mut shutting_down = false;
+        let mut frames_in_a_row = 0u32;
         for a in self.machine.start() {
             Box::pin(self.perform(a)).await;
         }
@@ -156,15 +157,40 @@ impl Actor {
                     sleep
                         .as_mut()
                         .reset(self.machine.next_deadline().unwrap_or(far));
-                    tokio::select! {
-                        biased;
-                        _ = cancel.cancelled(), if !shutting_down => Wake::Shutdown,
-                        frame = next_frame(&mut self.ws) => self.frame(frame).map_or(Wake::Nothing, Wake::Input),
-                        cmd = rx.recv() => self.command(*cmd).map_or(Wake::Nothing, Wake::Input),
-                        r = opt(self.connecting.as_mut()) => Wake::Input(self.connected(r)),
-                        i = next_call(&mut self.work) => i.map_or(Wake::Nothing, Wake::Input),
-                        _ = sleep.as_mut() => Wake::Input(Input::Tick),
+                    // After a long run of frames (a server flooding pings), what else is
+                    // ready now goes first: call results and a due deadline are not starved.
+                    let mut turn = None;
+                    if frames_in_a_row >= FAIR_EVERY {
+                        frames_in_a_row = 0;
+                        turn = futures::FutureExt::now_or_never(async {
+                            tokio::select! {
+                                biased;
+                                r = opt(self.connecting.as_mut()) => Wake::Input(self.connected(r)),
+                                i = next_call(&mut self.work) => i.map_or(Wake::Nothing, Wake::Input),
+                                _ = sleep.as_mut() => Wake::Input(Input::Tick),
+                            }
+                        });
                     }
+                    let mut framed = false;
+                    let wake = match turn {
+                        Some(w) => w,
+                        // Biased: shutdown, then commands (never starved by frames), then
+                        // frames before the timer (see above).
+                        None => tokio::select! {
+                            biased;
+                            _ = cancel.cancelled(), if !shutting_down => Wake::Shutdown,
+                            cmd = rx.recv() => self.command(*cmd).map_or(Wake::Nothing, Wake::Input),
+                            frame = next_frame(&mut self.ws) => {
+                                framed = true;
+                                self.frame(frame).map_or(Wake::Nothing, Wake::Input)
+                            }
+                            r = opt(self.connecting.as_mut()) => Wake::Input(self.connected(r)),
+                            i = next_call(&mut self.work) => i.map_or(Wake::Nothing, Wake::Input),
+                            _ = sleep.as_mut() => Wake::Input(Input::Tick),
+                        },
+                    };
+                    frames_in_a_row = if framed { frames_in_a_row + 1 } else { 0 };
+                    wake
                 }
             };
             let input = match input {
