@@ -622,3 +622,22 @@ proptest! {
         });
     }
 }
+
+/// Found by the `ws_differential` fuzz target: a fragmented text message is checked for UTF-8
+/// fragment by fragment, as tungstenite does (the whole message was checked only at its end, so
+/// what followed the bad fragment decided the error).
+#[tokio::test]
+async fn invalid_utf8_in_a_text_fragment_is_an_error_at_that_fragment() {
+    let (mut ws, mut server) = pipe(MAX);
+    let mut wire = frame(false, 1, b"a\xff", 0, None);
+    wire.extend_from_slice(&[0xff, 0xff]);
+    server.write_all(&wire).await.unwrap();
+    assert!(matches!(ws.next().await, Some(Err(Error::Utf8(_)))));
+    // A sequence cut at a fragment's end is not an error: it completes in the next one.
+    let (mut ws, mut server) = pipe(MAX);
+    let check = "✓".as_bytes();
+    let mut wire = frame(false, 1, &check[..1], 0, None);
+    wire.extend(frame(true, 0, &check[1..], 0, None));
+    server.write_all(&wire).await.unwrap();
+    assert!(matches!(ws.next().await, Some(Ok(Message::Text(t))) if t == "✓"));
+}
