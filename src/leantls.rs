@@ -233,6 +233,15 @@ impl LeanTls {
         }
     }
 
+    /// A TLS error from the connection: the bytes it took are dropped and its alert queued.
+    fn failed(&mut self, discard: usize, e: rustls::Error) -> io::Error {
+        if discard > 0 {
+            self.incoming.drain(..discard);
+        }
+        self.queue_alert();
+        io_err(e)
+    }
+
     /// After a TLS error: the fatal alert rustls queued for it, into `outgoing` (rustls hands it
     /// out first thing once its state has failed). tokio-rustls sends it the same way, as a last
     /// gasp. One call only: a second would deframe the bad bytes again and fail a second time.
@@ -264,13 +273,7 @@ impl LeanTls {
             self.conn.process_tls_records(&mut self.incoming);
         let state = match state {
             Ok(s) => s,
-            Err(e) => {
-                if discard > 0 {
-                    self.incoming.drain(..discard);
-                }
-                self.queue_alert();
-                return Err(io_err(e));
-            }
+            Err(e) => return Err(self.failed(discard, e)),
         };
         let progress = match state {
             ConnectionState::ReadTraffic(mut r) => {
@@ -356,13 +359,7 @@ impl LeanTls {
                 self.conn.process_tls_records(&mut self.incoming);
             let state = match state {
                 Ok(s) => s,
-                Err(e) => {
-                    if discard > 0 {
-                        self.incoming.drain(..discard);
-                    }
-                    self.queue_alert();
-                    return Err(io_err(e));
-                }
+                Err(e) => return Err(self.failed(discard, e)),
             };
             let done = match state {
                 ConnectionState::WriteTraffic(mut w) => {
@@ -430,20 +427,23 @@ impl LeanTls {
 impl LeanTls {
     /// A writer's poll that waits on the socket: remembered, so the read path can wake it.
     fn park_writer<T>(&mut self, cx: &Context<'_>, p: Poll<T>) -> Poll<T> {
-        match p {
-            Poll::Pending => {
-                if !self
-                    .write_waker
-                    .as_ref()
-                    .is_some_and(|w| w.will_wake(cx.waker()))
-                {
-                    self.write_waker = Some(cx.waker().clone());
-                }
-            }
-            Poll::Ready(_) => self.write_waker = None,
-        }
-        p
+        park(&mut self.write_waker, cx, p)
     }
+}
+
+/// Keeps the waker of a writer whose poll `p` waits (clears it once the poll is ready): with
+/// reader and writer on two tasks, the read path's writes take the socket's single write
+/// wake-up, and wake this one so the writer takes it back (here and in `crate::leanws`).
+pub(crate) fn park<T>(slot: &mut Option<Waker>, cx: &Context<'_>, p: Poll<T>) -> Poll<T> {
+    match p {
+        Poll::Pending => {
+            if !slot.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *slot = Some(cx.waker().clone());
+            }
+        }
+        Poll::Ready(_) => *slot = None,
+    }
+    p
 }
 
 impl AsyncRead for LeanTls {

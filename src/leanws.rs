@@ -200,19 +200,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LeanWs<S> {
 
     /// A writer's poll that waits on the socket: remembered, so the read path can wake it.
     fn park_writer<T>(&mut self, cx: &Context<'_>, p: Poll<T>) -> Poll<T> {
-        match p {
-            Poll::Pending => {
-                if !self
-                    .write_waker
-                    .as_ref()
-                    .is_some_and(|w| w.will_wake(cx.waker()))
-                {
-                    self.write_waker = Some(cx.waker().clone());
-                }
-            }
-            Poll::Ready(_) => self.write_waker = None,
-        }
-        p
+        crate::leantls::park(&mut self.write_waker, cx, p)
     }
 
     /// The read path's turn at writing what is owed (a full socket does not stop reading); a

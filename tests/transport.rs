@@ -259,6 +259,13 @@ impl Srv {
         }
     }
 
+    /// The end of most scripts: the client's close frame (logged), then a clean end.
+    async fn answered_then_end(mut self) -> Self {
+        self.read_until_close().await;
+        self.shutdown().await;
+        self
+    }
+
     /// Ends the connection cleanly: close_notify over TLS, then the TCP FIN.
     async fn shutdown(&mut self) {
         if let Some(mut io) = self.io.take() {
@@ -344,6 +351,14 @@ fn class(e: &WsError) -> String {
         WsError::ConnectionClosed => "error connection closed".into(),
         other => format!("error {other}"),
     }
+}
+
+/// The client script of most scenarios: read to the end.
+fn reads_to_the_end(mut c: Client) -> Pin<Box<dyn Future<Output = Client> + Send>> {
+    Box::pin(async move {
+        read_all(&mut c.ws, &mut c.log).await;
+        c
+    })
 }
 
 /// Reads to the end: every message, then "end" or the error. `on` may answer a message.
@@ -563,17 +578,10 @@ fn ordinary_messages_both_ways_and_the_servers_close() {
                     }
                 }
                 s.close(4001, "bye").await;
-                s.read_until_close().await;
-                s.shutdown().await;
-                s
+                s.answered_then_end().await
             })
         },
-        client: |mut c| {
-            Box::pin(async move {
-                read_all(&mut c.ws, &mut c.log).await;
-                c
-            })
-        },
+        client: reads_to_the_end,
     };
     for (_, o) in differential(&s, BOTH) {
         assert_eq!(
@@ -611,12 +619,7 @@ fn an_illegal_close_code_then_a_frame_after_the_close() {
                 s
             })
         },
-        client: |mut c| {
-            Box::pin(async move {
-                read_all(&mut c.ws, &mut c.log).await;
-                c
-            })
-        },
+        client: reads_to_the_end,
     };
     for (_, o) in differential(&s, BOTH) {
         assert_eq!(
@@ -669,9 +672,7 @@ fn the_client_closes_and_the_server_never_answers() {
         server: |mut s| {
             Box::pin(async move {
                 s.upgrade().await;
-                s.read_until_close().await;
-                s.shutdown().await;
-                s
+                s.answered_then_end().await
             })
         },
         client: |mut c| {
@@ -700,12 +701,7 @@ fn an_end_without_a_websocket_close() {
                 s
             })
         },
-        client: |mut c| {
-            Box::pin(async move {
-                read_all(&mut c.ws, &mut c.log).await;
-                c
-            })
-        },
+        client: reads_to_the_end,
     };
     for (_, o) in differential(&s, BOTH) {
         assert_eq!(
@@ -731,12 +727,7 @@ fn a_tls_end_without_close_notify() {
                 s
             })
         },
-        client: |mut c| {
-            Box::pin(async move {
-                read_all(&mut c.ws, &mut c.log).await;
-                c
-            })
-        },
+        client: reads_to_the_end,
     };
     for (_, o) in differential(&s, &[true]) {
         assert_eq!(o.client, ["text 2 \"hi\"", "error io UnexpectedEof"]);
@@ -759,17 +750,10 @@ fn a_tls_key_update_between_messages() {
                 s.frame(true, 9, b"answer me").await;
                 s.read_frame().await;
                 s.close(1000, "").await;
-                s.read_until_close().await;
-                s.shutdown().await;
-                s
+                s.answered_then_end().await
             })
         },
-        client: |mut c| {
-            Box::pin(async move {
-                read_all(&mut c.ws, &mut c.log).await;
-                c
-            })
-        },
+        client: reads_to_the_end,
     };
     for (_, o) in differential(&s, &[true]) {
         assert_eq!(
@@ -796,17 +780,10 @@ fn a_forty_kilobyte_certificate() {
                 s.upgrade().await;
                 s.text("hello").await;
                 s.close(1000, "").await;
-                s.read_until_close().await;
-                s.shutdown().await;
-                s
+                s.answered_then_end().await
             })
         },
-        client: |mut c| {
-            Box::pin(async move {
-                read_all(&mut c.ws, &mut c.log).await;
-                c
-            })
-        },
+        client: reads_to_the_end,
     };
     let (_, der) = tls_server(1200);
     assert!(der.len() > 40_000, "{} bytes", der.len());
@@ -934,9 +911,7 @@ fn a_ping_flood_from_a_server_that_never_reads() {
                 s.log
                     .push(format!("pongs in order: {in_order}, last {last}"));
                 s.close(1000, "").await;
-                s.read_until_close().await;
-                s.shutdown().await;
-                s
+                s.answered_then_end().await
             })
         },
         client: |mut c| {
@@ -1000,9 +975,7 @@ fn a_server_that_does_not_read_while_the_client_writes() {
                 }
                 s.log.push(format!("texts {n}"));
                 s.close(1000, "").await;
-                s.read_until_close().await;
-                s.shutdown().await;
-                s
+                s.answered_then_end().await
             })
         },
         client: |mut c| {
@@ -1065,12 +1038,7 @@ fn an_endless_fragmented_message() {
                 s
             })
         },
-        client: |mut c| {
-            Box::pin(async move {
-                read_all(&mut c.ws, &mut c.log).await;
-                c
-            })
-        },
+        client: reads_to_the_end,
     };
     for (_, o) in differential(&s, BOTH) {
         assert_eq!(o.client.len(), 1, "{:?}", o.client);
@@ -1095,12 +1063,7 @@ fn a_frame_announced_and_never_sent() {
                 s
             })
         },
-        client: |mut c| {
-            Box::pin(async move {
-                read_all(&mut c.ws, &mut c.log).await;
-                c
-            })
-        },
+        client: reads_to_the_end,
     };
     for (_, o) in differential(&s, BOTH) {
         assert_eq!(o.client, ["error protocol ResetWithoutClosingHandshake"]);
