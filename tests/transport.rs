@@ -952,10 +952,9 @@ fn a_ping_flood_from_a_server_that_never_reads() {
         },
     };
     // All four arms. With the scripted server on the client's own runtime (as this suite first
-    // ran), guestd's TLS under tokio-tungstenite stalled in about half the runs: the server read
-    // the last pong only once the client read again; also on the TLS stream before issue 23's
-    // fixes. With the server on a thread of its own it has not (0 of 6 runs): docs/design.md
-    // keeps it as an open question.
+    // ran), the flood stalled now and then (the server read the last pong only once the client
+    // read again), with guestd's TLS under tokio-tungstenite and, once in CI, with the upstream
+    // arm itself: a harness stall, gone with the server on a thread of its own (docs/design.md).
     for (_, o) in differential(&s, BOTH) {
         assert_eq!(o.client, ["pings 100000", "close 1000 \"\"", "end"]);
         assert_eq!(
