@@ -1,7 +1,8 @@
 //! The bytes of a websocket as the server sends them, read by guestd's frame reader
 //! (`leanws`) in chunks whose sizes the input also picks, after bytes left over from the upgrade
 //! reply (read with the headers; also picked by the input): never panics, never returns a
-//! message over the limit, ends (error or close) at most once and holds nothing afterwards.
+//! message over the limit, nothing but an error or the end after a close, nothing after an
+//! error, and holds nothing afterwards.
 #![no_main]
 use futures::StreamExt;
 use libfuzzer_sys::fuzz_target;
@@ -32,13 +33,22 @@ fuzz_target!(|data: &[u8]| {
             // The end of the bytes is the socket's end (EOF).
             let _ = server.shutdown().await;
         });
-        let mut ended = false;
+        // After the server's close the stream reads on to the socket's end (tungstenite's
+        // rule): only an error (a frame after the close) or the end may follow it.
+        let mut closed = false;
+        let mut failed = false;
         while let Some(m) = ws.next().await {
-            assert!(!ended, "something after the end");
+            assert!(!failed, "something after an error");
             match m {
-                Ok(m) if m.is_close() => ended = true,
-                Err(_) => ended = true,
-                Ok(m) => assert!(m.len() <= MAX),
+                Ok(m) if m.is_close() => {
+                    assert!(!closed, "a second close");
+                    closed = true;
+                }
+                Ok(m) => {
+                    assert!(!closed, "a message after the close");
+                    assert!(m.len() <= MAX);
+                }
+                Err(_) => failed = true,
             }
         }
         assert_eq!(ws.buffered_capacity(), 0);
