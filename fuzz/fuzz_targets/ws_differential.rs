@@ -99,6 +99,9 @@ fuzz_target!(|data: &[u8]| {
             a.truncate(i);
             b.truncate(i);
         }
-        assert_eq!(a, b, "guestd (left) and tungstenite (right) read these bytes differently");
+        assert_eq!(
+            a, b,
+            "guestd (left) and tungstenite (right) read these bytes differently"
+        );
     });
 });
