@@ -155,6 +155,8 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
     stdin: Option<R>,
 ) -> Result<Running, DaemonError> {
     crate::metrics::install();
+    metrics::gauge!("guestd_connects_in_flight_limit")
+        .set(cfg.stream.max_concurrent_connects as f64);
     // Bound first: a client that connects while the node joins its cluster (or replays its
     // journal) waits in the backlog instead of being refused.
     let listener = if cfg.control.http_listen.is_empty() {

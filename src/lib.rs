@@ -51,3 +51,15 @@ pub mod supervisor;
 pub mod tls;
 /// The Genesys Web Messaging backend (the Messenger guest API): wire, rules, actor, REST.
 pub mod webmessaging;
+
+/// This binary's version and git revision (`GUESTD_GIT_REVISION` at build time, else
+/// "unknown"): the start-up log line and `guestd_build_info` name both.
+pub fn build_info() -> (&'static str, &'static str) {
+    (
+        env!("CARGO_PKG_VERSION"),
+        match option_env!("GUESTD_GIT_REVISION") {
+            Some(r) => r,
+            None => "unknown",
+        },
+    )
+}

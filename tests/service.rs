@@ -708,6 +708,59 @@ async fn http_api_ops_endpoints_and_metrics_match_what_happened() {
     let mut d = Daemon::spawn(env, &[]);
     let base = d.http_base().await;
     let http = reqwest::Client::new();
+    // Before any chat: every metric is described, every counter is there at zero, and the build
+    // and process metrics are there (a counter that appears with its first event hides that
+    // event from rate() and increase()).
+    let first = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let typed: Vec<&str> = first
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    assert!(typed.len() > 30, "{first}");
+    for name in &typed {
+        assert!(
+            first.contains(&format!("# HELP {name} ")),
+            "{name} has no # HELP line"
+        );
+    }
+    for reason in guestd::events::EndReason::ALL {
+        let series = format!("guestd_ended_total{{reason=\"{}\"}} 0", reason.as_str());
+        assert!(first.contains(&series), "no {series} in {first}");
+    }
+    for series in [
+        "guestd_reconnects_total 0",
+        "guestd_heartbeat_misses_total 0",
+        "guestd_connect_failures_total 0",
+        "guestd_event_write_failures_total 0",
+        "guestd_sessions{backend=\"web_chat\",state=\"connected\"} 0",
+        "guestd_sessions{backend=\"web_messaging\",state=\"reconnecting\"} 0",
+    ] {
+        assert!(first.contains(series), "no {series} in {first}");
+    }
+    assert!(
+        first.contains(&format!(
+            "guestd_build_info{{version=\"{}\",git_revision=",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{first}"
+    );
+    assert!(
+        metric(&first, "process_resident_memory_bytes") > 1e6,
+        "{first}"
+    );
+    assert!(metric(&first, "process_open_fds") > 3.0, "{first}");
+    assert!(
+        metric(&first, "process_start_time_seconds") > 1.7e9,
+        "{first}"
+    );
     // Readiness comes once started; the first start proves the port is up.
     let (s0, c0) = d.start("r0").await;
     assert_eq!(status(http.get(format!("{base}/healthz"))).await, 200);
@@ -821,6 +874,15 @@ async fn http_api_ops_endpoints_and_metrics_match_what_happened() {
     assert_eq!(
         metric_with(&m, "guestd_sessions", "state=\"connected\""),
         0.0
+    );
+    // Every websocket connect, opened or failed, is timed once.
+    assert_eq!(
+        metric_with(
+            &m,
+            "guestd_connect_duration_seconds_count",
+            "backend=\"web_chat\""
+        ),
+        metric(&m, "guestd_connects_total") + metric(&m, "guestd_connect_failures_total")
     );
     let d = finish_ok(d).await;
     assert!(d.seen.iter().all(|v| v["type"] != "command_error"));

@@ -141,7 +141,7 @@ impl Actor {
 
     async fn run(&mut self, rx: &Mailbox) {
         let phase = |m: &Machine| m.phase().as_str();
-        metrics::gauge!("guestd_sessions", "state" => phase(&self.machine)).increment(1.0);
+        metrics::gauge!("guestd_sessions", "backend" => "web_messaging", "state" => phase(&self.machine)).increment(1.0);
         let far = Instant::now() + Duration::from_secs(86_400 * 365);
         let mut sleep = Box::pin(tokio::time::sleep_until(far));
         let cancel = self.ctx.cancel.clone();
@@ -214,8 +214,8 @@ impl Actor {
             let actions = self.machine.step(input, Instant::now(), wall_ms());
             let after = self.machine.phase();
             if before != after {
-                metrics::gauge!("guestd_sessions", "state" => before.as_str()).decrement(1.0);
-                metrics::gauge!("guestd_sessions", "state" => after.as_str()).increment(1.0);
+                metrics::gauge!("guestd_sessions", "backend" => "web_messaging", "state" => before.as_str()).decrement(1.0);
+                metrics::gauge!("guestd_sessions", "backend" => "web_messaging", "state" => after.as_str()).increment(1.0);
             }
             for a in actions {
                 if self.relinquished {
@@ -224,7 +224,7 @@ impl Actor {
                 Box::pin(self.perform(a)).await;
             }
         }
-        metrics::gauge!("guestd_sessions", "state" => phase(&self.machine)).decrement(1.0);
+        metrics::gauge!("guestd_sessions", "backend" => "web_messaging", "state" => phase(&self.machine)).decrement(1.0);
         // Commands still waiting hear that the session is gone.
         for (_, reply) in self.replies.drain(..) {
             let _ = reply.send(Err(CommandError::Ended(self.id.clone())));
@@ -413,8 +413,16 @@ impl Actor {
             Action::Connect => {
                 let connector = self.ctx.connector.clone();
                 let url = self.chat.event_stream_uri.clone();
-                self.connecting =
-                    Some(async move { connector.connect_to(&url, None).await }.boxed());
+                self.connecting = Some(
+                    async move {
+                        let started = tokio::time::Instant::now();
+                        let r = connector.connect_to(&url, None).await;
+                        metrics::histogram!("guestd_connect_duration_seconds", "backend" => "web_messaging")
+                            .record(started.elapsed());
+                        r
+                    }
+                    .boxed(),
+                );
             }
             Action::CloseSocket => {
                 self.connecting = None;
