@@ -504,12 +504,16 @@ impl Default for SupervisorSection {
 pub struct EventsSection {
     /// Events queued for stdout before producers wait.
     pub queue_capacity: usize,
+    /// Write events to this file (appended; created with mode 0600) instead of stdout: under
+    /// systemd, so that events do not share the journal with the logs. Unset: stdout.
+    pub path: Option<PathBuf>,
 }
 
 impl Default for EventsSection {
     fn default() -> Self {
         EventsSection {
             queue_capacity: 4096,
+            path: None,
         }
     }
 }

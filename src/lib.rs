@@ -37,6 +37,8 @@ pub mod leantls;
 pub mod leanws;
 /// Prometheus metrics.
 pub mod metrics;
+/// systemd readiness notifications (`Type=notify`).
+pub mod sdnotify;
 /// Secret strings that never print.
 pub mod secret;
 /// One session: the pure state machine and the actor that drives it.

@@ -182,8 +182,14 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logs(cli.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
-    // One socket per session: take the whole hard limit of open files.
-    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+    // One socket per session: take the whole hard limit of open files (no call at all when the
+    // soft limit is already the hard one, as systemd's LimitNOFILE= sets it: the unit's system
+    // call filter refuses setrlimit).
+    let below_hard = rlimit::Resource::NOFILE
+        .get()
+        .map(|(soft, hard)| soft < hard)
+        .unwrap_or(true);
+    if below_hard && let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::warn!(error = %e, "could not raise the open-file limit");
     }
     match cli.cmd {
@@ -195,12 +201,23 @@ async fn main() -> anyhow::Result<()> {
             let mut cfg = Config::load(config.as_deref()).context("loading configuration")?;
             cfg.shutdown.leave_on_shutdown |= leave_on_shutdown;
             let stdin = cfg.control.stdin.then(tokio::io::stdin);
-            let running =
-                guestd::daemon::start(cfg, guestd::events::StdSink::new(std::io::stdout()), stdin)
-                    .await
-                    .context("starting guestd")?;
+            let running = match cfg.events.path.clone() {
+                Some(path) => {
+                    let file = guestd::events::open_events_file(&path)
+                        .with_context(|| format!("opening the events file {}", path.display()))?;
+                    guestd::daemon::start(cfg, guestd::events::StdSink::new(file), stdin).await
+                }
+                None => {
+                    let sink = guestd::events::StdSink::new(std::io::stdout());
+                    guestd::daemon::start(cfg, sink, stdin).await
+                }
+            }
+            .context("starting guestd")?;
+            // Listening, journal read back, every kept chat held again: ready (Type=notify).
+            guestd::sdnotify::notify_or_log("READY=1");
             let sig = signals.wait().await;
             tracing::info!(signal = sig, "signal received");
+            guestd::sdnotify::notify_or_log("STOPPING=1");
             let report = running.shutdown().await;
             tracing::info!(
                 sessions = report.sessions,

@@ -52,11 +52,11 @@ fn nothing() -> Vec<Vec<(&'static str, &'static str)>> {
 }
 
 fn session_states() -> Vec<Vec<(&'static str, &'static str)>> {
-    let web_chat = ["connecting", "connected", "reconnecting"]
-        .map(|s| vec![("backend", "web_chat"), ("state", s)]);
+    let guest_chat = ["connecting", "connected", "reconnecting"]
+        .map(|s| vec![("backend", "guest_chat"), ("state", s)]);
     let web_messaging = ["connecting", "configuring", "connected", "reconnecting"]
         .map(|s| vec![("backend", "web_messaging"), ("state", s)]);
-    web_chat.into_iter().chain(web_messaging).collect()
+    guest_chat.into_iter().chain(web_messaging).collect()
 }
 
 fn end_reasons() -> Vec<Vec<(&'static str, &'static str)>> {
@@ -131,7 +131,7 @@ pub const CATALOGUE: &[Metric] = &[
     Metric {
         name: "guestd_sessions",
         kind: Gauge,
-        help: "Sessions this node holds, by backend (web_chat, web_messaging) and state.",
+        help: "Sessions this node holds, by backend (guest_chat, web_messaging) and state.",
         labels: session_states,
     },
     Metric {

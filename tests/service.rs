@@ -740,7 +740,7 @@ async fn http_api_ops_endpoints_and_metrics_match_what_happened() {
         "guestd_heartbeat_misses_total 0",
         "guestd_connect_failures_total 0",
         "guestd_event_write_failures_total 0",
-        "guestd_sessions{backend=\"web_chat\",state=\"connected\"} 0",
+        "guestd_sessions{backend=\"guest_chat\",state=\"connected\"} 0",
         "guestd_sessions{backend=\"web_messaging\",state=\"reconnecting\"} 0",
     ] {
         assert!(first.contains(series), "no {series} in {first}");
@@ -880,7 +880,7 @@ async fn http_api_ops_endpoints_and_metrics_match_what_happened() {
         metric_with(
             &m,
             "guestd_connect_duration_seconds_count",
-            "backend=\"web_chat\""
+            "backend=\"guest_chat\""
         ),
         metric(&m, "guestd_connects_total") + metric(&m, "guestd_connect_failures_total")
     );
@@ -910,4 +910,95 @@ async fn bad_config_is_refused_with_a_clear_error() {
         .unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("reconnect_grace = \"2m\""));
+}
+
+/// Under systemd (`Type=notify`, config/guestd.service): `READY=1` comes only once the HTTP API
+/// answers, `STOPPING=1` when the drain starts, and events go to their own file (mode 0600),
+/// nothing to stdout.
+#[cfg(unix)]
+#[tokio::test]
+async fn under_systemd_ready_means_serving_stopping_means_draining_and_events_have_their_own_file()
+{
+    use std::os::unix::fs::PermissionsExt;
+    let emu = emulator(emu_cfg()).await;
+    let dir = std::env::temp_dir().join(format!("guestd-notify-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock_path = dir.join("notify.sock");
+    let notify = tokio::net::UnixDatagram::bind(&sock_path).unwrap();
+    let events = dir.join("events.jsonl");
+    let mut env = with_http_any_port(fast_env(&emu), "127.0.0.1");
+    env.push(("NOTIFY_SOCKET".into(), sock_path.display().to_string()));
+    env.push(("GUESTD_EVENTS__PATH".into(), events.display().to_string()));
+    env.push(("GUESTD_CONTROL__STDIN".into(), "false".into()));
+    let mut d = Daemon::spawn(env, &[]);
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(wait(), notify.recv(&mut buf))
+        .await
+        .expect("READY=1 within the deadline")
+        .unwrap();
+    assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), "READY=1");
+    // Ready means serving: the address is logged and the API answers now, without a retry.
+    let log = d.stderr();
+    let addr = log
+        .lines()
+        .filter(|l| l.contains("HTTP API listening"))
+        .find_map(|l| l.split("addr=").nth(1))
+        .and_then(|a| a.split_whitespace().next())
+        .unwrap_or_else(|| panic!("READY=1 before the HTTP API listened:\n{log}"))
+        .to_string();
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("http://{addr}/v1/sessions"))
+        .json(&json!({"queue": "Support", "display_name": "Ann"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let v: Value = r.json().await.unwrap();
+    let conv = v["conversation_id"].as_str().unwrap().to_string();
+    emu.flow_disconnect(&conv).unwrap();
+    // guestd's own view says when the end is decided (there is no stdout to read it from).
+    let deadline = tokio::time::Instant::now() + wait();
+    loop {
+        let got: Value = http
+            .get(format!("http://{addr}/v1/sessions/{conv}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap_or(Value::Null);
+        if got["ended"].is_string() || got["code"] == "not_found" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no end seen: {got}");
+        tokio::task::yield_now().await;
+    }
+    signal(d.pid(), "TERM");
+    let n = tokio::time::timeout(wait(), notify.recv(&mut buf))
+        .await
+        .expect("STOPPING=1 within the deadline")
+        .unwrap();
+    assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), "STOPPING=1");
+    let st = tokio::time::timeout(wait(), d.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(st.success(), "{st:?}\n{}", d.stderr());
+    assert_eq!(d.next().await, None, "stdout carries no event");
+    let mode = std::fs::metadata(&events).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the events file is the owner's alone");
+    let lines: Vec<Value> = std::fs::read_to_string(&events)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ends: Vec<&Value> = lines
+        .iter()
+        .filter(|v| v["type"] == "ended" && v["conversation_id"] == conv.as_str())
+        .collect();
+    assert_eq!(ends.len(), 1, "{lines:#?}");
+    assert_eq!(ends[0]["reason"], "flow_ended");
+    assert_no_second_ended(&lines);
+    let _ = std::fs::remove_dir_all(&dir);
 }

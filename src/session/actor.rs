@@ -521,7 +521,7 @@ impl Actor {
     /// thousands per process): everything awaited that is large or rare is boxed, and no select
     /// branch awaits, so the task's future holds little beyond the actor itself.
     async fn run(&mut self, rx: &Mailbox) {
-        metrics::gauge!("guestd_sessions", "backend" => "web_chat", "state" => self.machine.phase().as_str()).increment(1.0);
+        metrics::gauge!("guestd_sessions", "backend" => "guest_chat", "state" => self.machine.phase().as_str()).increment(1.0);
         let far = Instant::now() + Duration::from_secs(86_400 * 365);
         let mut sleep = Box::pin(tokio::time::sleep_until(
             self.machine.next_deadline().unwrap_or(far),
@@ -597,8 +597,8 @@ impl Actor {
             // Gauges first: a reader who sees an event sees the state it announces.
             let after = self.machine.phase();
             if before != after {
-                metrics::gauge!("guestd_sessions", "backend" => "web_chat", "state" => before.as_str()).decrement(1.0);
-                metrics::gauge!("guestd_sessions", "backend" => "web_chat", "state" => after.as_str()).increment(1.0);
+                metrics::gauge!("guestd_sessions", "backend" => "guest_chat", "state" => before.as_str()).decrement(1.0);
+                metrics::gauge!("guestd_sessions", "backend" => "guest_chat", "state" => after.as_str()).increment(1.0);
             }
             for a in actions {
                 if self.relinquished {
@@ -615,7 +615,7 @@ impl Actor {
                 self.journaled_activity = d;
             }
         }
-        metrics::gauge!("guestd_sessions", "backend" => "web_chat", "state" => self.machine.phase().as_str()).decrement(1.0);
+        metrics::gauge!("guestd_sessions", "backend" => "guest_chat", "state" => self.machine.phase().as_str()).decrement(1.0);
         Box::pin(self.finish()).await;
     }
 
@@ -785,7 +785,7 @@ impl Actor {
                     async move {
                         let started = tokio::time::Instant::now();
                         let r = connector.connect(&chat).await;
-                        metrics::histogram!("guestd_connect_duration_seconds", "backend" => "web_chat")
+                        metrics::histogram!("guestd_connect_duration_seconds", "backend" => "guest_chat")
                             .record(started.elapsed());
                         r
                     }
