@@ -706,6 +706,19 @@ pub fn spawn_writer<S: EventSink>(
     (Emitter { tx, health }, task)
 }
 
+/// Open `path` for events: appended, created with mode 0600 (events carry message bodies), never
+/// through a symlink planted at that name.
+pub fn open_events_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.append(true).create(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600).custom_flags(libc::O_NOFOLLOW);
+    }
+    opts.open(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -823,17 +836,4 @@ mod tests {
         assert_eq!(lines[1]["conversation_id"], "c1");
         assert!(lines[1]["ts"].as_str().unwrap().ends_with('Z'));
     }
-}
-
-/// Open `path` for events: appended, created with mode 0600 (events carry message bodies), never
-/// through a symlink planted at that name.
-pub fn open_events_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
-    let mut opts = std::fs::OpenOptions::new();
-    opts.append(true).create(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600).custom_flags(libc::O_NOFOLLOW);
-    }
-    opts.open(path)
 }
