@@ -121,18 +121,12 @@ impl Container {
             _ = self.child.wait() => return None,
         }
         let log = self.stderr();
-        let port = log
-            .lines()
-            .filter(|l| l.contains("HTTP API listening"))
-            .find_map(|l| l.split("0.0.0.0:").nth(1))
-            .and_then(|p| {
-                p.chars()
-                    .take_while(char::is_ascii_digit)
-                    .collect::<String>()
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or_else(|| panic!("no \"HTTP API listening\" on 0.0.0.0:\n{log}"));
+        let addr = logged_http_addr(&log)
+            .unwrap_or_else(|| panic!("no \"HTTP API listening\" line:\n{log}"));
+        let port = addr
+            .strip_prefix("0.0.0.0:")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("not on every interface: {addr}"));
         Some(port)
     }
 }

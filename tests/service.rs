@@ -939,13 +939,8 @@ async fn under_systemd_ready_means_serving_stopping_means_draining_and_events_ha
     assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), "READY=1");
     // Ready means serving: the address is logged and the API answers now, without a retry.
     let log = d.stderr();
-    let addr = log
-        .lines()
-        .filter(|l| l.contains("HTTP API listening"))
-        .find_map(|l| l.split("addr=").nth(1))
-        .and_then(|a| a.split_whitespace().next())
-        .unwrap_or_else(|| panic!("READY=1 before the HTTP API listened:\n{log}"))
-        .to_string();
+    let addr = logged_http_addr(&log)
+        .unwrap_or_else(|| panic!("READY=1 before the HTTP API listened:\n{log}"));
     let http = reqwest::Client::new();
     let r = http
         .post(format!("http://{addr}/v1/sessions"))

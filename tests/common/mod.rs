@@ -457,19 +457,27 @@ impl Daemon {
         self.send(json!({"cmd": "list", "request_id": rid})).await;
         self.wait(|v| v["request_id"] == rid.as_str()).await;
         let log = self.stderr();
-        let addr = log
-            .lines()
-            .filter(|l| l.contains("HTTP API listening"))
-            .find_map(|l| l.split("addr=").nth(1))
-            .and_then(|a| a.split_whitespace().next())
-            .unwrap_or_else(|| panic!("no \"HTTP API listening addr=...\" in stderr:\n{log}"));
-        addr.to_string()
+        logged_http_addr(&log)
+            .unwrap_or_else(|| panic!("no \"HTTP API listening addr=...\" in stderr:\n{log}"))
     }
 
     /// Read every remaining line until EOF.
     pub async fn drain(&mut self) {
         while self.next().await.is_some() {}
     }
+}
+
+/// The `ip:port` of guestd's "HTTP API listening addr=..." log line (pretty or JSON logs).
+pub fn logged_http_addr(log: &str) -> Option<String> {
+    log.lines()
+        .filter(|l| l.contains("HTTP API listening"))
+        .find_map(|l| {
+            l.split("addr=")
+                .nth(1)
+                .or_else(|| l.split("\"addr\":\"").nth(1))
+        })
+        .and_then(|a| a.split(|c: char| c.is_whitespace() || c == '"').next())
+        .map(String::from)
 }
 
 pub fn signal(pid: i32, sig: &str) {

@@ -11,6 +11,24 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
 
+/// The `nats-server` binary: on `PATH`, else where Debian's package puts it (`/usr/sbin`, which
+/// is not on a user's `PATH`), else `/usr/local/sbin` and `/usr/local/bin`.
+pub fn nats_server() -> std::path::PathBuf {
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("nats-server"))
+            .find(|p| p.is_file())
+    });
+    on_path
+        .or_else(|| {
+            ["/usr/sbin", "/usr/local/sbin", "/usr/local/bin"]
+                .iter()
+                .map(|d| std::path::Path::new(d).join("nats-server"))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| "nats-server".into())
+}
+
 /// A loopback port nobody listens on right now. nats-server is told its client and route
 /// ports (each server's routes name the others'), so they are picked here and released for it
 /// to bind: a race this third-party process leaves no way around. (Its own copy: guestd-bench
@@ -81,7 +99,7 @@ impl NatsCluster {
     /// Start server `i` (again), on its store.
     pub fn restart(&mut self, i: usize) {
         let log = std::fs::File::create(self.dir.join(format!("s{i}.log"))).unwrap();
-        let child = Command::new("nats-server")
+        let child = Command::new(nats_server())
             .arg("-c")
             .arg(self.dir.join(format!("s{i}.conf")))
             .stdout(Stdio::null())
@@ -213,7 +231,7 @@ impl NatsServer {
             dir.join("js").display()
         );
         std::fs::write(dir.join("server.conf"), main).unwrap();
-        let mut proc = tokio::process::Command::new("nats-server")
+        let mut proc = tokio::process::Command::new(nats_server())
             .arg("-c")
             .arg(dir.join("server.conf"))
             .stdout(Stdio::null())
