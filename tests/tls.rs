@@ -11,28 +11,6 @@ use serde_json::json;
 use std::path::PathBuf;
 use std::time::Duration;
 
-struct Pki {
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-fn pki() -> Pki {
-    let dir = std::env::temp_dir().join(format!("guestd-tls-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let params =
-        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-            .unwrap();
-    let cert = params.self_signed(&key).unwrap();
-    let pki = Pki {
-        cert: dir.join("cert.pem"),
-        key: dir.join("key.pem"),
-    };
-    std::fs::write(&pki.cert, cert.pem()).unwrap();
-    std::fs::write(&pki.key, key.serialize_pem()).unwrap();
-    pki
-}
-
 fn tls_emu_cfg(p: &Pki) -> EmulatorConfig {
     EmulatorConfig {
         heartbeat_interval: Duration::from_millis(200),

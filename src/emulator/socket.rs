@@ -73,7 +73,7 @@ async fn serve(
                 }
                 Some(SocketCmd::Close(code)) => {
                     let frame = CloseFrame { code: code.into(), reason: "".into() };
-                    let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
+                    close_and_drain(sh, &mut ws, frame).await;
                     return "closed by server";
                 }
                 Some(SocketCmd::Reset) => {
@@ -130,7 +130,7 @@ async fn serve(
                     return "half-open socket expired";
                 }
                 let frame = CloseFrame { code: 1001u16.into(), reason: "socket closing".into() };
-                let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
+                close_and_drain(sh, &mut ws, frame).await;
                 return "closed after socket_closing";
             }
             // A half-open socket is still read, so the log can show what the client sent into
@@ -154,6 +154,31 @@ async fn serve(
                 Some(Ok(_)) => {}
             },
         }
+    }
+}
+
+/// The server's side of the closing handshake (RFC 6455, 7.1.1): send the close frame, then read
+/// on until the client's close before the TCP connection is dropped: while the client keeps
+/// sending (at most 30 s), or until it has been silent for 2 s, or the emulator stops. Dropping it with the client's data still unread makes the kernel answer
+/// with a reset, and a reset makes the client's kernel discard what it had received but not yet
+/// read: the frames sent just before the close (the members' DISCONNECTED of a chat the server
+/// ended) would be lost, which the platform, reading its sockets all along, does not do. It
+/// happened after a ping flood: the client, answering each ping of the backlog, took 3 to 10 s
+/// to reach the close.
+async fn close_and_drain(sh: &Shared, ws: &mut WebSocketStream<EmuStream>, frame: CloseFrame) {
+    let handshake = async {
+        if tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame)))
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {
+            while let Ok(Some(Ok(_))) =
+                tokio::time::timeout(Duration::from_secs(2), ws.next()).await
+            {}
+        }
+    };
+    tokio::select! {
+        _ = sh.cancel.cancelled() => {}
+        _ = tokio::time::timeout(Duration::from_secs(30), handshake) => {}
     }
 }
 

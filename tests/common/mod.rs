@@ -597,3 +597,27 @@ pub async fn wm_admin(emu: &Emulator, token: &str, body: Value) -> u16 {
         .status()
         .as_u16()
 }
+
+/// A self-signed certificate for `localhost` and `127.0.0.1`, and its key, as PEM files.
+pub struct Pki {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+/// A fresh [`Pki`] in a temporary directory.
+pub fn pki() -> Pki {
+    let dir = std::env::temp_dir().join(format!("guestd-tls-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params =
+        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let pki = Pki {
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+    };
+    std::fs::write(&pki.cert, cert.pem()).unwrap();
+    std::fs::write(&pki.key, key.serialize_pem()).unwrap();
+    pki
+}
