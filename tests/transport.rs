@@ -1178,3 +1178,219 @@ fn upgrade_replies_that_break_rfc_6455() {
 /// The extra reply header of `upgrade_replies_that_break_rfc_6455` (scripts are plain fns, and
 /// the server runs on a thread of its own).
 static EXTRA: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+
+// ---------------------------------------------------------------- an OpenSSL server
+
+/// `openssl s_server` (TLS 1.2) as the chat server, driven through its standard input: what
+/// guestd's client gets from a TLS stack other than rustls. s_server prints what the client
+/// sends and sends what is written to it; a line that is only `r` makes it ask for a
+/// renegotiation (a HelloRequest), which no rustls client accepts (it answers with a
+/// `no_renegotiation` alert). Each arm must end the same way, having read the message sent
+/// before.
+struct OpenSsl {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    out: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    seen: Vec<String>,
+}
+
+impl OpenSsl {
+    async fn start(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> (OpenSsl, std::net::SocketAddr) {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new("openssl")
+            .args([
+                "s_server",
+                "-accept",
+                "127.0.0.1:0",
+                "-tls1_2",
+                "-naccept",
+                "1",
+            ])
+            .arg("-cert")
+            .arg(cert)
+            .arg("-key")
+            .arg(key)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("openssl is needed for this test (Debian package openssl)");
+        let stdin = child.stdin.take().unwrap();
+        let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let addr = loop {
+            let line = out
+                .next_line()
+                .await
+                .unwrap()
+                .expect("s_server printed no ACCEPT line");
+            if let Some(a) = line.strip_prefix("ACCEPT ") {
+                break a.trim().parse().unwrap();
+            }
+        };
+        (
+            OpenSsl {
+                child,
+                stdin,
+                out,
+                seen: Vec::new(),
+            },
+            addr,
+        )
+    }
+
+    /// Reads s_server's output until a line for which `f` gives something.
+    async fn until<T>(&mut self, mut f: impl FnMut(&str) -> Option<T>) -> Option<T> {
+        while let Ok(Some(line)) = self.out.next_line().await {
+            self.seen.push(line.clone());
+            if let Some(t) = f(&line) {
+                return Some(t);
+            }
+        }
+        None
+    }
+
+    /// One write to s_server's standard input: one read on its side (under PIPE_BUF).
+    async fn write(&mut self, bytes: &[u8]) {
+        assert!(bytes.len() < 4096);
+        self.stdin.write_all(bytes).await.unwrap();
+        self.stdin.flush().await.unwrap();
+    }
+}
+
+/// One arm against `openssl s_server`: the upgrade, a text message, a renegotiation request,
+/// then whatever follows. Returns what the client read.
+fn run_openssl_renegotiation(arm: Arm) -> Vec<String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let dir = std::env::temp_dir().join(format!("guestd-openssl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        let (mut server, addr) = OpenSsl::start(&cert_path, &key_path).await;
+        let connector = Connector::new(
+            StreamConfig {
+                lean_tls: arm.lean_tls,
+                lean_ws: arm.lean_ws,
+                extra_roots: vec![CertificateDer::from(cert.der().to_vec())],
+                connect_timeout: Duration::from_secs(5),
+                ..StreamConfig::default()
+            },
+            4,
+        );
+        let (got_first, first) = tokio::sync::oneshot::channel();
+        let client = tokio::spawn(async move {
+            let mut log = Vec::new();
+            let mut ws = match connector.connect_to(&format!("wss://{addr}/v2/stream"), None).await {
+                Ok(ws) => ws,
+                Err(e) => return vec![format!("connect: {e}")],
+            };
+            let mut got_first = Some(got_first);
+            // As a session does: a ping every so often (guest chat's `{"message":"ping"}`), so a
+            // TLS stack that sends what it owes only with the next write (tokio-rustls holds
+            // its no_renegotiation alert until then) gets to send it.
+            let mut beat = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    m = ws.next() => match m {
+                        Some(Ok(m)) => {
+                            log.push(describe(&m));
+                            if let Some(tx) = got_first.take() {
+                                let _ = tx.send(());
+                            }
+                        }
+                        Some(Err(e)) => {
+                            eprintln!("renegotiation {arm:?}: the error: {e}");
+                            log.push(class(&e));
+                            return log;
+                        }
+                        None => {
+                            log.push("end".into());
+                            return log;
+                        }
+                    },
+                    _ = beat.tick() => {
+                        if let Err(e) = ws.send(Message::text("{\"message\":\"ping\"}")).await {
+                            log.push(format!("send: {}", class(&e)));
+                            return log;
+                        }
+                    }
+                }
+            }
+        });
+        let key = server
+            .until(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim()
+                    .eq_ignore_ascii_case("sec-websocket-key")
+                    .then(|| v.trim().to_string())
+            })
+            .await
+            .expect("the upgrade request reached s_server");
+        server.until(|l| l.trim().is_empty().then_some(())).await;
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        server
+            .write(
+                format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await;
+        server.write(&frame(true, 1, b"before")).await;
+        // Only once the client has it: the request must be a read of its own on s_server's side.
+        tokio::time::timeout(Duration::from_secs(10), first)
+            .await
+            .expect("the client read the first message")
+            .unwrap();
+        server.write(b"r\n").await;
+        let log = match tokio::time::timeout(Duration::from_secs(10), client).await {
+            Ok(log) => log.unwrap(),
+            Err(_) => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), server.until(|_| None::<()>)).await;
+                panic!("{arm:?}: the client hung after the renegotiation request; s_server: {:?}", server.seen)
+            }
+        };
+        // What s_server said of the client's answer, for the test's output.
+        let _ = tokio::time::timeout(Duration::from_secs(2), server.until(|_| None::<()>)).await;
+        let _ = server.child.kill().await;
+        eprintln!("openssl s_server ({arm:?}): {:?}", abbreviate(&server.seen));
+        let _ = std::fs::remove_dir_all(&dir);
+        log
+    })
+}
+
+/// A TLS 1.2 renegotiation request from an OpenSSL server, after a message: every arm reads the
+/// message, then ends the same way (rustls refuses to renegotiate and says so with an alert;
+/// OpenSSL then ends the connection).
+#[test]
+fn an_openssl_server_asks_to_renegotiate() {
+    let mut outcomes = Vec::new();
+    for arm in arms(true) {
+        let log = run_openssl_renegotiation(arm);
+        eprintln!("renegotiation {arm:?}: client {log:?}");
+        outcomes.push((arm, log));
+    }
+    let (_, upstream) = &outcomes[0];
+    // rustls answers the HelloRequest with a no_renegotiation alert; OpenSSL, which asked,
+    // ends the connection with a fatal handshake_failure, which the client reports.
+    assert_eq!(upstream, &["text 6 \"before\"", "error io InvalidData"]);
+    for (arm, log) in &outcomes[1..] {
+        assert_eq!(
+            log, upstream,
+            "{arm:?} differs from tokio-rustls + tokio-tungstenite"
+        );
+    }
+}
