@@ -35,6 +35,8 @@ pub mod journal;
 pub mod leantls;
 /// guestd's client websocket: no buffer held while a socket is idle.
 pub mod leanws;
+/// The log filter and its checks.
+pub mod logging;
 /// Prometheus metrics.
 pub mod metrics;
 /// systemd readiness notifications (`Type=notify`).
