@@ -1047,7 +1047,7 @@ async fn body_deadline(
 }
 
 /// The HTTP API and ops endpoints, behind the access checks of [`crate::access`].
-pub fn router(st: HttpState, access: crate::access::Access) -> Router {
+pub fn router(st: HttpState, access: impl Into<crate::access::AccessCell>) -> Router {
     Router::new()
         .route("/v1/sessions", post(http_start).get(http_list))
         .route("/v1/sessions/attach", post(http_attach))
@@ -1067,7 +1067,7 @@ pub fn router(st: HttpState, access: crate::access::Access) -> Router {
             body_deadline,
         ))
         .layer(axum::middleware::from_fn_with_state(
-            Arc::new(access),
+            access.into(),
             crate::access::guard,
         ))
 }

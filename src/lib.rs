@@ -39,6 +39,8 @@ pub mod leanws;
 pub mod logging;
 /// Prometheus metrics.
 pub mod metrics;
+/// SIGHUP: what a reload applies in place, and what needs a restart.
+pub mod reload;
 /// systemd readiness notifications (`Type=notify`).
 pub mod sdnotify;
 /// Secret strings that never print.
