@@ -646,6 +646,8 @@ pub const NON_KEY_VARS: &[&str] = &[
     "GUESTD_TEST_TIME_SCALE",
     "GUESTD_PROPTEST_CASES",
     "GUESTD_CLUSTER_CHATS",
+    // Read at build time only (the container's `--build-arg`); harmless when left set.
+    "GUESTD_GIT_REVISION",
     // nats-server's, in config/nats-permissions.conf: often set beside guestd's own.
     "GUESTD_NATS_PASSWORD",
     "GUESTD_PERMISSIONS",
