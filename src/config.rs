@@ -844,6 +844,26 @@ fn apply_env(
     Ok(())
 }
 
+/// A TOML syntax error as "line L, column C: message", without toml's quote of the line (which
+/// may hold a secret: `token = "...` with its quote left open).
+fn syntax_error(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or_default();
+            let line = before.matches('\n').count() + 1;
+            let column = before
+                .rsplit('\n')
+                .next()
+                .unwrap_or_default()
+                .chars()
+                .count()
+                + 1;
+            format!("line {line}, column {column}: {}", e.message())
+        }
+        None => e.message().to_string(),
+    }
+}
+
 impl Config {
     /// Parse TOML text, apply environment overrides, validate.
     pub fn from_toml(
@@ -851,7 +871,7 @@ impl Config {
         env: impl Iterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
         let mut doc: toml::Table =
-            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+            toml::from_str(text).map_err(|e| ConfigError::Parse(syntax_error(text, &e)))?;
         apply_env(&mut doc, env)?;
         let cfg: Config = toml::Value::Table(doc)
             .try_into()
@@ -1303,6 +1323,14 @@ mod tests {
             e.contains("GUESTD_CONTROL__STDIN") && e.contains("bool"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_syntax_error_names_the_line_not_its_text() {
+        let e = Config::from_toml("[control]\ntoken = \"s3cr3t-token\n", none())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2") && !e.contains("s3cr3t"), "{e}");
     }
 
     #[test]

@@ -36,7 +36,12 @@ pub fn parse_filter(source_name: &str, spec: &str) -> Result<EnvFilter, FilterEr
         directive: directive.to_string(),
         detail,
     };
-    for d in spec.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+    let directives: Vec<&str> = spec
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    for d in &directives {
         let ok = match d.rsplit_once('=') {
             Some((target, level)) => !target.trim().is_empty() && is_level(level),
             None => is_level(d),
@@ -47,7 +52,8 @@ pub fn parse_filter(source_name: &str, spec: &str) -> Result<EnvFilter, FilterEr
     }
     EnvFilter::builder()
         .with_default_directive(tracing::level_filters::LevelFilter::INFO.into())
-        .parse(spec)
+        // Spaces after the commas are allowed here; tracing's parser takes none.
+        .parse(directives.join(","))
         .map_err(|e| refuse(spec, format!(": {e}")))
 }
 
