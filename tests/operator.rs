@@ -444,6 +444,65 @@ async fn sighup_reloads_the_token_and_keeps_every_chat() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Issue 24, friction 4: SIGHUP applies new Platform API credentials: with a wrong client secret
+/// the first end cannot be confirmed; after the secret file is fixed and SIGHUP sent, the next
+/// end is confirmed by the platform, and no chat was dropped on the way.
+#[tokio::test]
+async fn sighup_applies_new_platform_credentials() {
+    let emu = emulator(EmulatorConfig {
+        platform_client_secret: "right-secret".into(),
+        ..emu_cfg()
+    })
+    .await;
+    let dir = temp_dir();
+    let secret_file = dir.join("platform-secret");
+    std::fs::write(&secret_file, "wrong-secret\n").unwrap();
+    chmod600(&secret_file);
+    let mut env = with_platform(&emu, fast_env(&emu));
+    env.retain(|(k, _)| k != "GUESTD_PLATFORM__CLIENT_SECRET");
+    set(
+        &mut env,
+        "GUESTD_PLATFORM__CLIENT_SECRET_FILE",
+        &secret_file.display().to_string(),
+    );
+    set(&mut env, "GUESTD_PLATFORM__CONFIRM_DELAY", "50ms");
+    set(&mut env, "GUESTD_PLATFORM__CONFIRM_ATTEMPTS", "1");
+    let mut d = Daemon::spawn(env, &[]);
+    let (s1, c1) = d.start("r1").await;
+    let (s2, c2) = d.start("r2").await;
+    for (s, c) in [(&s1, &c1), (&s2, &c2)] {
+        d.wait_type(s, "connected").await;
+        emu.agent_join(c).unwrap();
+        d.wait_type(s, "agent_connected").await;
+    }
+    emu.agent_end(&c1).unwrap();
+    let e = d.wait_type(&s1, "end_confirmed").await;
+    assert!(
+        e["detail"].as_str().unwrap().contains("could not be asked"),
+        "{e}"
+    );
+    std::fs::write(&secret_file, "right-secret\n").unwrap();
+    let from = d.stderr().len();
+    signal(d.pid(), "HUP");
+    let line = log_line(&d, from, "reloaded").await;
+    assert!(line.contains("platform credentials"), "{line}");
+    assert_eq!(
+        d.count(&s2, "ended"),
+        0,
+        "the second chat lived through the reload"
+    );
+    emu.agent_end(&c2).unwrap();
+    let e = d.wait_type(&s2, "end_confirmed").await;
+    assert!(
+        !e["detail"].as_str().unwrap().contains("could not be asked")
+            && !e["platform_end_time"].is_null(),
+        "{e}"
+    );
+    let d = finish_ok(d).await;
+    assert!(!d.stderr().contains("right-secret") && !d.stderr().contains("wrong-secret"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Issue 24, friction 10: completions and the man page come from the CLI and name every
 /// subcommand.
 #[test]
