@@ -148,8 +148,41 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
+/// The checks in force, replaced whole when the configuration is reloaded (SIGHUP): a request
+/// is checked against the set that was current when it arrived.
+#[derive(Debug, Clone)]
+pub struct AccessCell(Arc<std::sync::RwLock<Arc<Access>>>);
+
+impl AccessCell {
+    /// A cell holding `access`.
+    pub fn new(access: Access) -> Self {
+        AccessCell(Arc::new(std::sync::RwLock::new(Arc::new(access))))
+    }
+    /// The checks now.
+    pub fn get(&self) -> Arc<Access> {
+        match self.0.read() {
+            Ok(a) => a.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+    /// Replace the checks.
+    pub fn set(&self, access: Access) {
+        match self.0.write() {
+            Ok(mut a) => *a = Arc::new(access),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(access),
+        }
+    }
+}
+
+impl From<Access> for AccessCell {
+    fn from(a: Access) -> Self {
+        AccessCell::new(a)
+    }
+}
+
 /// The axum middleware running [`Access::check`].
-pub async fn guard(State(access): State<Arc<Access>>, req: Request, next: Next) -> Response {
+pub async fn guard(State(cell): State<AccessCell>, req: Request, next: Next) -> Response {
+    let access = cell.get();
     let has_body = req
         .headers()
         .get(header::CONTENT_LENGTH)

@@ -439,6 +439,10 @@ pub enum ApiError {
     /// The configuration forbids this endpoint (plaintext to a non-loopback host).
     #[error("refused by policy: {0}")]
     Policy(String),
+    /// guestd's configuration lacks what the call needs (a `start` without organization or
+    /// deployment id): refused before anything is sent.
+    #[error("{0}")]
+    NotConfigured(String),
 }
 
 impl ChatRef {

@@ -71,6 +71,17 @@ pub struct Config {
     pub cluster: ClusterSection,
     /// The Web Messaging backend (chats that name `"backend": "web_messaging"`).
     pub web_messaging: crate::webmessaging::Settings,
+    /// Logging.
+    pub log: LogSection,
+}
+
+/// `[log]`: the log filter, reloaded on SIGHUP.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSection {
+    /// Filter directives (`info`, `info,guestd=debug`); empty: `RUST_LOG`, else `info`.
+    /// `--log-level` (or `GUESTD_LOG_LEVEL`) wins over it.
+    pub level: String,
 }
 
 /// `[cluster]`: several guestd nodes sharing chats through NATS JetStream. Off while `servers`
@@ -623,38 +634,234 @@ impl Default for ShutdownSection {
     }
 }
 
-/// Turn `GUESTD_A__B_C=v` pairs into overrides of key `a.b_c` in `doc`.
+/// `GUESTD_` variables that are not configuration keys: read by the command line (`--config`,
+/// `--log-format`, `--log-level`), the cluster's secret, the test suite and nats-server. Every other
+/// `GUESTD_` name must be a key (`GUESTD_<SECTION>__<KEY>`); anything else is refused, so a
+/// misspelt override is an error, not silently ignored.
+pub const NON_KEY_VARS: &[&str] = &[
+    "GUESTD_CONFIG",
+    "GUESTD_LOG_FORMAT",
+    "GUESTD_LOG_LEVEL",
+    "GUESTD_CLUSTER_SEAL_KEY",
+    "GUESTD_TEST_TIME_SCALE",
+    "GUESTD_PROPTEST_CASES",
+    "GUESTD_CLUSTER_CHATS",
+    // Read at build time only (the container's `--build-arg`); harmless when left set.
+    "GUESTD_GIT_REVISION",
+    // nats-server's, in config/nats-permissions.conf: often set beside guestd's own.
+    "GUESTD_NATS_PASSWORD",
+    "GUESTD_PERMISSIONS",
+];
+
+/// Levenshtein distance (for "did you mean").
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// The candidate nearest to `word`, if any is reasonably near.
+fn nearest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|c| (edit_distance(word, c), c))
+        .filter(|(d, c)| *d <= (c.len().max(word.len()) / 2).max(2))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+/// The sections of the file (`genesys`, `session`, ...).
+fn section_names() -> Vec<String> {
+    match toml::Value::try_from(Config::default()) {
+        Ok(toml::Value::Table(t)) => t.keys().cloned().collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The environment variable of key `a.b_c`: `GUESTD_A__B_C`.
+pub fn env_var_of(key: &str) -> String {
+    format!("GUESTD_{}", key.replace('.', "__").to_ascii_uppercase())
+}
+
+/// Why `GUESTD_<rest>` (no `__`, or an empty part) is neither a key nor a known variable.
+fn unknown_var(var: &str, rest: &str) -> ConfigError {
+    let lower = rest.to_ascii_lowercase();
+    // The one-underscore form: GUESTD_GENESYS_ORGANIZATION_ID for GUESTD_GENESYS__ORGANIZATION_ID.
+    let sections = section_names();
+    let mut by_len: Vec<&String> = sections.iter().collect();
+    by_len.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    for s in by_len {
+        if let Some(key) = lower.strip_prefix(&format!("{s}_")) {
+            let key = key.trim_start_matches('_');
+            if !key.is_empty() && !key.contains("__") {
+                return ConfigError::Env {
+                    var: var.to_string(),
+                    msg: format!(
+                        "not a configuration key: section and key are separated by two \
+                         underscores; did you mean {}?",
+                        env_var_of(&format!("{s}.{key}"))
+                    ),
+                };
+            }
+        }
+    }
+    let hint = nearest(rest, NON_KEY_VARS.iter().map(|v| &v["GUESTD_".len()..]))
+        .map(|n| format!("; did you mean GUESTD_{n}?"))
+        .unwrap_or_default();
+    ConfigError::Env {
+        var: var.to_string(),
+        msg: format!(
+            "not a variable guestd reads: configuration keys are GUESTD_<SECTION>__<KEY> \
+             (sections: {}), other variables are {}{hint}",
+            sections.join(", "),
+            NON_KEY_VARS.join(", ")
+        ),
+    }
+}
+
+/// Nest `value` at `path` in `doc`.
+fn insert_at(doc: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let mut table = doc;
+    for seg in &path[..path.len() - 1] {
+        let entry = table
+            .entry(seg.clone())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("{seg} is not a section"))?;
+    }
+    table.insert(path[path.len() - 1].clone(), value);
+    Ok(())
+}
+
+/// Whether the defaults with only this one override deserialize.
+fn fits_alone(path: &[String], value: &toml::Value) -> Result<(), String> {
+    let mut doc = toml::Table::new();
+    insert_at(&mut doc, path, value.clone())?;
+    toml::Value::Table(doc)
+        .try_into::<Config>()
+        .map(drop)
+        .map_err(|e| e.to_string().trim().to_string())
+}
+
+/// The value of one override: TOML when it parses as a value that fits the key (numbers,
+/// booleans, arrays), else the raw string (`GUESTD_GENESYS__ORGANIZATION_ID=12345` is the string
+/// "12345"). Each variable is checked on its own, so its error names it, not the file.
+fn env_value(var: &str, path: &[String], raw: &str) -> Result<toml::Value, ConfigError> {
+    let err = |msg: String| ConfigError::Env {
+        var: var.to_string(),
+        msg,
+    };
+    let parsed = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"));
+    let string = toml::Value::String(raw.to_string());
+    let mut first = None;
+    for v in parsed.into_iter().chain([string]) {
+        match fits_alone(path, &v) {
+            Ok(()) => return Ok(v),
+            Err(e) => {
+                first.get_or_insert(e);
+            }
+        }
+    }
+    let msg = first.unwrap_or_default();
+    if let Some(field) = msg
+        .split("unknown field `")
+        .nth(1)
+        .and_then(|r| r.split('`').next())
+    {
+        let at = path
+            .iter()
+            .position(|p| p == field)
+            .unwrap_or(path.len() - 1);
+        let expected: Vec<&str> = msg
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split("expected one of ")
+            .nth(1)
+            .map(|l| {
+                l.split(',')
+                    .map(|s| s.trim().trim_matches('`'))
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let key = path[..=at].join(".");
+        let hint = match nearest(field, expected.iter().copied()) {
+            Some(n) => {
+                let mut p = path.to_vec();
+                p[at] = n.to_string();
+                format!("; did you mean {}?", env_var_of(&p.join(".")))
+            }
+            None if !expected.is_empty() => format!("; the keys there are {}", expected.join(", ")),
+            None => String::new(),
+        };
+        return Err(err(format!("{key} is not a configuration key{hint}")));
+    }
+    let key = path.join(".");
+    // serde's words ("invalid type: integer `5`, expected a boolean"); no other echo of the
+    // value, which may be a secret.
+    Err(err(format!("{key}: {}", msg.replace('\n', " "))))
+}
+
+/// Turn `GUESTD_A__B_C=v` pairs into overrides of key `a.b_c` in `doc`. Every `GUESTD_`
+/// variable must be a key or one of [`NON_KEY_VARS`].
 fn apply_env(
     doc: &mut toml::Table,
     vars: impl Iterator<Item = (String, String)>,
 ) -> Result<(), ConfigError> {
+    let mut vars: Vec<(String, String)> = vars.filter(|(v, _)| v.starts_with("GUESTD_")).collect();
+    // One order whatever the environment's: the first error reported is always the same.
+    vars.sort();
     for (var, raw) in vars {
         let Some(rest) = var.strip_prefix("GUESTD_") else {
             continue;
         };
-        let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
-        if path.len() < 2 || path.iter().any(|p| p.is_empty()) {
-            // GUESTD_CONFIG and the like are CLI variables, not keys.
+        if NON_KEY_VARS.contains(&var.as_str()) {
             continue;
         }
-        // A value is TOML if it parses as one (numbers, booleans, arrays), else a string.
-        let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
-            .ok()
-            .and_then(|mut t| t.remove("v"))
-            .unwrap_or(toml::Value::String(raw.clone()));
-        let mut table = &mut *doc;
-        for seg in &path[..path.len() - 1] {
-            let entry = table
-                .entry(seg.clone())
-                .or_insert_with(|| toml::Value::Table(Default::default()));
-            table = entry.as_table_mut().ok_or_else(|| ConfigError::Env {
-                var: var.clone(),
-                msg: format!("{seg} is not a section"),
-            })?;
+        let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+        if path.len() < 2 || path.iter().any(|p| p.is_empty()) {
+            return Err(unknown_var(&var, rest));
         }
-        table.insert(path[path.len() - 1].clone(), value);
+        let value = env_value(&var, &path, &raw)?;
+        insert_at(doc, &path, value).map_err(|msg| ConfigError::Env {
+            var: var.clone(),
+            msg,
+        })?;
     }
     Ok(())
+}
+
+/// A TOML syntax error as "line L, column C: message", without toml's quote of the line (which
+/// may hold a secret: `token = "...` with its quote left open).
+fn syntax_error(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or_default();
+            let line = before.matches('\n').count() + 1;
+            let column = before
+                .rsplit('\n')
+                .next()
+                .unwrap_or_default()
+                .chars()
+                .count()
+                + 1;
+            format!("line {line}, column {column}: {}", e.message())
+        }
+        None => e.message().to_string(),
+    }
 }
 
 impl Config {
@@ -664,7 +871,7 @@ impl Config {
         env: impl Iterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
         let mut doc: toml::Table =
-            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+            toml::from_str(text).map_err(|e| ConfigError::Parse(syntax_error(text, &e)))?;
         apply_env(&mut doc, env)?;
         let cfg: Config = toml::Value::Table(doc)
             .try_into()
@@ -789,6 +996,11 @@ impl Config {
                 return bad(key, &msg);
             }
         }
+        if !self.log.level.trim().is_empty() {
+            if let Err(e) = crate::logging::parse_filter("log.level", &self.log.level) {
+                return bad("log.level", &e.to_string());
+            }
+        }
         if !self.control.http_listen.is_empty() {
             let addr: SocketAddr = match self.control.http_listen.parse() {
                 Ok(a) => a,
@@ -814,6 +1026,117 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+/// One kind of command and whether this configuration can serve it (`check-config` prints
+/// these; `run` logs them at start).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Readiness {
+    /// The command (`start`, `attach`, ...), with its backend.
+    pub command: &'static str,
+    /// Whether it can run with this configuration.
+    pub ready: bool,
+    /// What it lacks or what it relies on.
+    pub detail: String,
+}
+
+/// The keys a guest chat `start` needs that `organization_id`/`deployment_id` leave unset, as
+/// one message naming each key and its environment variable; None when it can run. guestd
+/// refuses such a `start` itself (code `not_configured`), before anything is sent.
+pub fn start_missing(organization_id: &str, deployment_id: &str) -> Option<String> {
+    let missing: Vec<String> = [
+        ("genesys.organization_id", organization_id),
+        ("genesys.deployment_id", deployment_id),
+    ]
+    .into_iter()
+    .filter(|(_, v)| v.trim().is_empty())
+    .map(|(k, _)| format!("{k} ({})", env_var_of(k)))
+    .collect();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "guest chat start is not configured: set {} (attach needs neither)",
+            missing.join(" and ")
+        )
+    })
+}
+
+impl Config {
+    /// What this configuration can serve: for each command, ready or what it lacks.
+    pub fn readiness(&self) -> Vec<Readiness> {
+        let mut out = Vec::new();
+        let g = &self.genesys;
+        out.push(Readiness {
+            command: "start (guest chat)",
+            ready: start_missing(&g.organization_id, &g.deployment_id).is_none(),
+            detail: start_missing(&g.organization_id, &g.deployment_id)
+                .unwrap_or_else(|| format!("creates chats at {}", g.api_base)),
+        });
+        out.push(Readiness {
+            command: "attach (guest chat)",
+            ready: true,
+            detail: "needs nothing configured: the command carries the chat's ids and jwt".into(),
+        });
+        let wm = self.web_messaging.deployment_id.trim().is_empty();
+        out.push(Readiness {
+            command: "start/attach (web_messaging)",
+            ready: !wm,
+            detail: if wm {
+                "each command must name its deployment_id: web_messaging.deployment_id \
+                 (GUESTD_WEB_MESSAGING__DEPLOYMENT_ID) is unset"
+                    .into()
+            } else {
+                format!("deployment {}", self.web_messaging.deployment_id)
+            },
+        });
+        out.push(Readiness {
+            command: "status (of any chat)",
+            ready: self.platform.enabled(),
+            detail: if self.platform.enabled() {
+                format!("asks the Platform API at {}", self.platform.api_base)
+            } else {
+                "only chats guestd holds, or with the chat's jwt: platform.api_base \
+                 (GUESTD_PLATFORM__API_BASE) and its credentials are unset"
+                    .into()
+            },
+        });
+        out.push(Readiness {
+            command: "http api",
+            ready: !self.control.http_listen.is_empty(),
+            detail: if self.control.http_listen.is_empty() {
+                "off (control.http_listen is empty)".into()
+            } else {
+                format!(
+                    "on {}, {}",
+                    self.control.http_listen,
+                    if matches!(self.control.bearer_token(), Ok(Some(_))) {
+                        "token required"
+                    } else {
+                        "no token"
+                    }
+                )
+            },
+        });
+        out.push(Readiness {
+            command: "cluster",
+            // Either way is a working guestd; the line says which.
+            ready: true,
+            detail: if self.cluster.enabled() {
+                format!(
+                    "node {} on {}",
+                    self.cluster.node(),
+                    self.cluster.servers.join(", ")
+                )
+            } else {
+                "off: one node with the file journal".into()
+            },
+        });
+        out
+    }
+
+    /// The effective configuration as TOML, every secret written `<redacted>`.
+    pub fn to_redacted_toml(&self) -> Result<String, toml::ser::Error> {
+        crate::secret::redacting(|| toml::to_string_pretty(self))
     }
 }
 
@@ -861,6 +1184,214 @@ mod tests {
         assert_eq!(cfg.session.heartbeat_tolerance, 3);
         assert_eq!(cfg.session.backoff.jitter, 0.0);
         assert_eq!(cfg.genesys.api_base, "http://127.0.0.1:9");
+    }
+
+    fn env1(var: &str, val: &str) -> std::vec::IntoIter<(String, String)> {
+        vec![(var.to_string(), val.to_string())].into_iter()
+    }
+
+    #[test]
+    fn an_unknown_guestd_variable_is_an_error_naming_it_and_the_nearest() {
+        // The one-underscore form: issue 24, friction 5.
+        let e = Config::from_toml("", env1("GUESTD_GENESYS_ORGANIZATION_ID", "o"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("GUESTD_GENESYS_ORGANIZATION_ID")
+                && e.contains("did you mean GUESTD_GENESYS__ORGANIZATION_ID"),
+            "{e}"
+        );
+        let e = Config::from_toml("", env1("GUESTD_WEB_MESSAGING_DEPLOYMENT_ID", "d"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("GUESTD_WEB_MESSAGING__DEPLOYMENT_ID"), "{e}");
+        // A misspelt key is reported as the variable, not as if it were in the file.
+        let e = Config::from_toml("", env1("GUESTD_GENESYS__ORGANISATION_ID", "o"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("environment variable GUESTD_GENESYS__ORGANISATION_ID")
+                && e.contains("did you mean GUESTD_GENESYS__ORGANIZATION_ID"),
+            "{e}"
+        );
+        let e = Config::from_toml("", env1("GUESTD_SESION__RECONNECT_GRACE", "9s"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("did you mean GUESTD_SESSION__RECONNECT_GRACE"),
+            "{e}"
+        );
+        let e = Config::from_toml("", env1("GUESTD_SESSION__BACKOFF__JITER", "0.1"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("did you mean GUESTD_SESSION__BACKOFF__JITTER"),
+            "{e}"
+        );
+        // Neither a key nor a CLI variable.
+        let e = Config::from_toml("", env1("GUESTD_CONFG", "x"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("GUESTD_CONFG") && e.contains("did you mean GUESTD_CONFIG"),
+            "{e}"
+        );
+        let e = Config::from_toml("", env1("GUESTD_SESSION__", "x"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("GUESTD_SESSION__"), "{e}");
+        // The variables guestd reads itself pass.
+        for v in NON_KEY_VARS {
+            Config::from_toml("", env1(v, "1")).unwrap();
+        }
+    }
+
+    #[test]
+    fn every_guestd_variable_the_code_reads_is_allowed() {
+        // Each `GUESTD_X` name passed to env::var or clap's `env =` in the sources (not keys).
+        let mut found = Vec::new();
+        for dir in ["src", "tests"] {
+            let mut stack = vec![std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(dir)];
+            while let Some(d) = stack.pop() {
+                for e in std::fs::read_dir(&d).unwrap() {
+                    let p = e.unwrap().path();
+                    if p.is_dir() {
+                        stack.push(p);
+                    } else if p.extension().is_some_and(|x| x == "rs") {
+                        let text = std::fs::read_to_string(&p).unwrap();
+                        for pat in ["env::var(\"", "env = \""] {
+                            for part in text.split(pat).skip(1) {
+                                let name: String = part
+                                    .chars()
+                                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                                    .collect();
+                                if name.starts_with("GUESTD_") && !name.contains("__") {
+                                    found.push(name);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(found.contains(&"GUESTD_CONFIG".to_string()), "{found:?}");
+        for name in found {
+            assert!(
+                NON_KEY_VARS.contains(&name.as_str()),
+                "{name} is read but refused"
+            );
+        }
+    }
+
+    #[test]
+    fn env_values_take_the_type_of_their_key() {
+        // A numeric-looking value for a string key is the string.
+        let cfg = Config::from_toml(
+            "",
+            vec![
+                (
+                    "GUESTD_GENESYS__ORGANIZATION_ID".to_string(),
+                    "12345".to_string(),
+                ),
+                (
+                    "GUESTD_GENESYS__DEPLOYMENT_ID".to_string(),
+                    "true".to_string(),
+                ),
+                (
+                    "GUESTD_SESSION__HEARTBEAT_TOLERANCE".to_string(),
+                    "3".to_string(),
+                ),
+            ]
+            .into_iter(),
+        )
+        .unwrap();
+        assert_eq!(cfg.genesys.organization_id, "12345");
+        assert_eq!(cfg.genesys.deployment_id, "true");
+        assert_eq!(cfg.session.heartbeat_tolerance, 3);
+        // A type error names the variable and the type it wants.
+        let e = Config::from_toml("", env1("GUESTD_SESSION__HEARTBEAT_TOLERANCE", "two"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("GUESTD_SESSION__HEARTBEAT_TOLERANCE") && e.contains("expected u32"),
+            "{e}"
+        );
+        let e = Config::from_toml("", env1("GUESTD_CONTROL__STDIN", "yes"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("GUESTD_CONTROL__STDIN") && e.contains("bool"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_syntax_error_names_the_line_not_its_text() {
+        let e = Config::from_toml("[control]\ntoken = \"s3cr3t-token\n", none())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2") && !e.contains("s3cr3t"), "{e}");
+    }
+
+    #[test]
+    fn readiness_names_what_start_lacks_and_attach_needs_nothing() {
+        let cfg = Config::default();
+        let r = cfg.readiness();
+        let start = r
+            .iter()
+            .find(|r| r.command == "start (guest chat)")
+            .unwrap();
+        assert!(!start.ready);
+        for needle in [
+            "genesys.organization_id (GUESTD_GENESYS__ORGANIZATION_ID)",
+            "genesys.deployment_id (GUESTD_GENESYS__DEPLOYMENT_ID)",
+        ] {
+            assert!(start.detail.contains(needle), "{}", start.detail);
+        }
+        assert!(
+            r.iter()
+                .any(|r| r.command == "attach (guest chat)" && r.ready)
+        );
+        let mut cfg = Config::default();
+        cfg.genesys.organization_id = "o".into();
+        let m = start_missing(&cfg.genesys.organization_id, "").unwrap();
+        assert!(
+            m.contains("deployment_id") && !m.contains("organization_id"),
+            "{m}"
+        );
+        cfg.genesys.deployment_id = "d".into();
+        assert!(cfg.readiness()[0].ready);
+    }
+
+    #[test]
+    fn printed_configuration_redacts_every_secret() {
+        let cfg = Config::from_toml(
+            "",
+            vec![
+                (
+                    "GUESTD_CONTROL__TOKEN".to_string(),
+                    "tok-SECRET-1".to_string(),
+                ),
+                (
+                    "GUESTD_PLATFORM__API_BASE".to_string(),
+                    "http://127.0.0.1:9".to_string(),
+                ),
+                (
+                    "GUESTD_PLATFORM__CLIENT_ID".to_string(),
+                    "id-SECRET-2".to_string(),
+                ),
+                (
+                    "GUESTD_PLATFORM__CLIENT_SECRET".to_string(),
+                    "cs-SECRET-3".to_string(),
+                ),
+            ]
+            .into_iter(),
+        )
+        .unwrap();
+        let text = cfg.to_redacted_toml().unwrap();
+        assert!(!text.contains("SECRET"), "{text}");
+        assert_eq!(text.matches("<redacted>").count(), 3, "{text}");
+        assert!(!format!("{cfg:?}").contains("SECRET"));
     }
 
     #[test]

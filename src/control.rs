@@ -749,7 +749,7 @@ impl From<SupervisorError> for HttpError {
             }
             SupervisorError::Remote(code, _) => match *code {
                 "not_found" => StatusCode::NOT_FOUND,
-                "conflict" | "ended" | "read_only" => StatusCode::CONFLICT,
+                "conflict" | "ended" | "read_only" | "not_configured" => StatusCode::CONFLICT,
                 "refused" => StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid" => StatusCode::BAD_REQUEST,
                 "rate_limited" => StatusCode::TOO_MANY_REQUESTS,
@@ -764,6 +764,8 @@ impl From<SupervisorError> for HttpError {
                 // The platform refused what was asked (a body it does not take, say).
                 ApiError::Rejected { .. } => StatusCode::UNPROCESSABLE_ENTITY,
                 ApiError::Policy(_) => StatusCode::BAD_REQUEST,
+                // guestd's own configuration lacks what the command needs (docs/events.md).
+                ApiError::NotConfigured(_) => StatusCode::CONFLICT,
                 ApiError::Transport(_) => StatusCode::GATEWAY_TIMEOUT,
                 // The platform refused guestd (401), lost the chat (404), or failed (5xx).
                 ApiError::Unauthorized(_)
@@ -1045,7 +1047,7 @@ async fn body_deadline(
 }
 
 /// The HTTP API and ops endpoints, behind the access checks of [`crate::access`].
-pub fn router(st: HttpState, access: crate::access::Access) -> Router {
+pub fn router(st: HttpState, access: impl Into<crate::access::AccessCell>) -> Router {
     Router::new()
         .route("/v1/sessions", post(http_start).get(http_list))
         .route("/v1/sessions/attach", post(http_attach))
@@ -1065,7 +1067,7 @@ pub fn router(st: HttpState, access: crate::access::Access) -> Router {
             body_deadline,
         ))
         .layer(axum::middleware::from_fn_with_state(
-            Arc::new(access),
+            access.into(),
             crate::access::guard,
         ))
 }
@@ -1215,6 +1217,16 @@ mod tests {
             (
                 SupervisorError::Api(ApiError::Transport("x".into())),
                 504,
+                None,
+            ),
+            (
+                SupervisorError::Api(ApiError::NotConfigured("x".into())),
+                409,
+                None,
+            ),
+            (
+                SupervisorError::Remote("not_configured", "x".into()),
+                409,
                 None,
             ),
         ];

@@ -53,6 +53,9 @@ pub struct Running {
     ready: watch::Sender<bool>,
     cfg: Config,
     node: Option<crate::cluster::node::Node>,
+    /// What a SIGHUP may change in place (`crate::reload`).
+    pub(crate) access: Option<(crate::access::AccessCell, SocketAddr)>,
+    pub(crate) platform: Option<Arc<crate::genesys::platform::PlatformApi>>,
 }
 
 /// What a shutdown did.
@@ -249,7 +252,7 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
         done: done_tx,
         cancel: sessions_cancel.clone(),
         leave_on_shutdown: cfg.shutdown.leave_on_shutdown,
-        platform,
+        platform: platform.clone(),
         fence: node.as_ref().map(|n| n.fence.clone()),
         messaging,
     };
@@ -270,6 +273,7 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
         n.run(sup.clone());
     }
     let (ready, ready_rx) = watch::channel(false);
+    let mut access_cell = None;
     let http_addr = if let Some(listener) = listener {
         let addr = cfg.control.http_listen.clone();
         let local = listener
@@ -294,12 +298,13 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
                  put TLS in front"
             );
         }
-        let access = crate::access::Access::new(
+        let access = crate::access::AccessCell::new(crate::access::Access::new(
             local,
             &cfg.control.allowed_hosts,
             &cfg.control.allowed_origins,
             token,
-        );
+        ));
+        access_cell = Some((access.clone(), local));
         let app = control::router(
             HttpState {
                 sup: sup.clone(),
@@ -352,6 +357,8 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
         ready,
         cfg,
         node,
+        access: access_cell,
+        platform,
     })
 }
 

@@ -35,8 +35,12 @@ pub mod journal;
 pub mod leantls;
 /// guestd's client websocket: no buffer held while a socket is idle.
 pub mod leanws;
+/// The log filter and its checks.
+pub mod logging;
 /// Prometheus metrics.
 pub mod metrics;
+/// SIGHUP: what a reload applies in place, and what needs a restart.
+pub mod reload;
 /// systemd readiness notifications (`Type=notify`).
 pub mod sdnotify;
 /// Secret strings that never print.
@@ -54,14 +58,19 @@ pub mod tls;
 /// The Genesys Web Messaging backend (the Messenger guest API): wire, rules, actor, REST.
 pub mod webmessaging;
 
-/// This binary's version and git revision (`GUESTD_GIT_REVISION` at build time, else
-/// "unknown"): the start-up log line and `guestd_build_info` name both.
+/// This binary's version and git revision: the start-up log line and `guestd_build_info` name
+/// both. The revision is build.rs's (`git rev-parse`), else `GUESTD_GIT_REVISION` at build time
+/// (the container build, which has no .git: `--build-arg GUESTD_GIT_REVISION=...`), else
+/// "unknown".
 pub fn build_info() -> (&'static str, &'static str) {
     (
         env!("CARGO_PKG_VERSION"),
-        match option_env!("GUESTD_GIT_REVISION") {
-            Some(r) => r,
-            None => "unknown",
+        match (
+            option_env!("BUILD_GIT_REVISION"),
+            option_env!("GUESTD_GIT_REVISION"),
+        ) {
+            (Some(r), _) | (None, Some(r)) if !r.is_empty() => r,
+            _ => "unknown",
         },
     )
 }

@@ -2,7 +2,7 @@
 //! `demo` (scripted chats against the embedded emulator).
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use guestd::config::Config;
 use guestd::emulator::{Emulator, EmulatorConfig};
 use std::net::SocketAddr;
@@ -22,6 +22,11 @@ struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Pretty, env = "GUESTD_LOG_FORMAT")]
     log_format: LogFormat,
+    /// Log filter: a level (error, warn, info, debug, trace) or target=level directives
+    /// ("info,guestd=debug"). Wins over `[log] level` and RUST_LOG; a word that is neither is
+    /// refused.
+    #[arg(long, global = true, env = "GUESTD_LOG_LEVEL")]
+    log_level: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -73,7 +78,15 @@ enum Cmd {
         #[arg(long)]
         jwt_env: Option<String>,
     },
-    /// Check a configuration file and print the effective configuration.
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print guestd's man page (roff) to stdout: `guestd man | man -l -`.
+    Man,
+    /// Check a configuration file: print the effective configuration (secrets `<redacted>`)
+    /// and which commands it can serve.
     CheckConfig {
         /// Configuration file.
         #[arg(long, short, env = "GUESTD_CONFIG")]
@@ -126,16 +139,46 @@ fn load_emulator_config(path: Option<PathBuf>) -> anyhow::Result<EmulatorConfig>
     })
 }
 
-fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().with_current_span(true).init(),
-        LogFormat::Pretty => builder.with_ansi(false).init(),
+/// The log filter in force, replaceable on SIGHUP (unless `--log-level` fixed it).
+struct Logs {
+    handle: tracing_subscriber::reload::Handle<
+        tracing_subscriber::EnvFilter,
+        tracing_subscriber::Registry,
+    >,
+    flag: Option<String>,
+    spec: String,
+}
+
+impl Logs {
+    /// Install `configured` (`[log] level`) unless the flag fixes the filter; whether the filter
+    /// changed.
+    fn set(&mut self, configured: &str) -> Result<bool, String> {
+        let rust_log = std::env::var("RUST_LOG").ok();
+        let (from, spec) =
+            guestd::logging::choose(self.flag.as_deref(), configured, rust_log.as_deref());
+        if spec == self.spec {
+            return Ok(false);
+        }
+        let filter = guestd::logging::parse_filter(from, &spec).map_err(|e| e.to_string())?;
+        self.handle.reload(filter).map_err(|e| e.to_string())?;
+        self.spec = spec;
+        Ok(true)
     }
+}
+
+fn init_logs(format: LogFormat, flag: Option<String>) -> anyhow::Result<Logs> {
+    use tracing_subscriber::prelude::*;
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let (from, spec) = guestd::logging::choose(flag.as_deref(), "", rust_log.as_deref());
+    let filter = guestd::logging::parse_filter(from, &spec)?;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => registry.with(fmt.json().with_current_span(true)).init(),
+        LogFormat::Pretty => registry.with(fmt.with_ansi(false)).init(),
+    }
+    Ok(Logs { handle, flag, spec })
 }
 
 /// SIGTERM and SIGINT handlers, installed when this is created (before any work starts, so a
@@ -145,28 +188,47 @@ struct Signals {
     term: tokio::signal::unix::Signal,
     #[cfg(unix)]
     int: tokio::signal::unix::Signal,
+    /// SIGHUP (`run` only): reload. Elsewhere it keeps its default action.
+    #[cfg(unix)]
+    hup: Option<tokio::signal::unix::Signal>,
 }
 
 impl Signals {
-    fn install() -> anyhow::Result<Signals> {
+    fn install(reload: bool) -> anyhow::Result<Signals> {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{SignalKind, signal};
             Ok(Signals {
                 term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
                 int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+                hup: if reload {
+                    Some(signal(SignalKind::hangup()).context("installing the SIGHUP handler")?)
+                } else {
+                    None
+                },
             })
         }
         #[cfg(not(unix))]
-        Ok(Signals {})
+        {
+            let _ = reload;
+            Ok(Signals {})
+        }
     }
 
+    /// The next signal: SIGTERM, SIGINT, or (with `install(true)`) SIGHUP.
     async fn wait(&mut self) -> &'static str {
         #[cfg(unix)]
         {
+            let hup = async {
+                match self.hup.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = self.term.recv() => "SIGTERM",
                 _ = self.int.recv() => "SIGINT",
+                _ = hup => "SIGHUP",
             }
         }
         #[cfg(not(unix))]
@@ -178,9 +240,33 @@ impl Signals {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() {
     let cli = Cli::parse();
-    init_logs(cli.log_format);
+    if let Err(e) = run(cli).await {
+        // The error and its causes on one line: never a backtrace, whatever RUST_BACKTRACE
+        // says (anyhow's Debug adds one; that is for panics, not for a configuration error).
+        eprintln!("guestd: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// The check-config summary: one comment line per command, so stdout stays valid TOML.
+fn readiness_lines(cfg: &Config) -> String {
+    cfg.readiness()
+        .iter()
+        .map(|r| {
+            format!(
+                "# {:<30} {:<9} {}\n",
+                r.command,
+                if r.ready { "ready" } else { "NOT READY" },
+                r.detail
+            )
+        })
+        .collect()
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut logs = init_logs(cli.log_format, cli.log_level.clone())?;
     let _ = rustls::crypto::ring::default_provider().install_default();
     // One socket per session: take the whole hard limit of open files (no call at all when the
     // soft limit is already the hard one, as systemd's LimitNOFILE= sets it: the unit's system
@@ -197,9 +283,38 @@ async fn main() -> anyhow::Result<()> {
             config,
             leave_on_shutdown,
         } => {
-            let mut signals = Signals::install()?;
+            let mut signals = Signals::install(true)?;
             let mut cfg = Config::load(config.as_deref()).context("loading configuration")?;
             cfg.shutdown.leave_on_shutdown |= leave_on_shutdown;
+            logs.set(&cfg.log.level)
+                .map_err(anyhow::Error::msg)
+                .context("log filter")?;
+            let (version, revision) = guestd::build_info();
+            tracing::info!(
+                version,
+                git_revision = revision,
+                config = %config.as_ref().map_or("(none: defaults)".into(), |p| p.display().to_string()),
+                journal = %if cfg.cluster.enabled() {
+                    "(cluster: the sessions bucket)".to_string()
+                } else if cfg.journal.enabled {
+                    cfg.journal.path.display().to_string()
+                } else {
+                    "(off)".to_string()
+                },
+                events = %cfg.events.path.as_ref().map_or("stdout".into(), |p| p.display().to_string()),
+                stdin = %if cfg.control.stdin { "on" } else { "off" },
+                http_listen = %if cfg.control.http_listen.is_empty() { "(off)" } else { cfg.control.http_listen.as_str() },
+                log_filter = %logs.spec,
+                "guestd starting"
+            );
+            for r in cfg.readiness() {
+                if r.ready {
+                    tracing::info!(command = r.command, detail = %r.detail, "ready");
+                } else {
+                    tracing::warn!(command = r.command, detail = %r.detail, "not ready");
+                }
+            }
+            let mut reloader = guestd::reload::Reloader::new(cfg.clone());
             let stdin = cfg.control.stdin.then(tokio::io::stdin);
             let running = match cfg.events.path.clone() {
                 Some(path) => {
@@ -215,7 +330,22 @@ async fn main() -> anyhow::Result<()> {
             .context("starting guestd")?;
             // Listening, journal read back, every kept chat held again: ready (Type=notify).
             guestd::sdnotify::notify_or_log("READY=1");
-            let sig = signals.wait().await;
+            // SIGHUP reloads and never ends the process; SIGTERM and SIGINT drain.
+            let sig = loop {
+                match signals.wait().await {
+                    "SIGHUP" => {
+                        reload(
+                            &mut reloader,
+                            &running,
+                            config.as_deref(),
+                            leave_on_shutdown,
+                            &mut logs,
+                        )
+                        .await
+                    }
+                    sig => break sig,
+                }
+            };
             tracing::info!(signal = sig, "signal received");
             guestd::sdnotify::notify_or_log("STOPPING=1");
             let report = running.shutdown().await;
@@ -235,7 +365,7 @@ async fn main() -> anyhow::Result<()> {
             })
         }
         Cmd::Emulator { listen, config } => {
-            let mut signals = Signals::install()?;
+            let mut signals = Signals::install(false)?;
             let cfg = load_emulator_config(config)?;
             for addr in listen.iter().filter(|a| !a.ip().is_loopback()) {
                 // Anyone who can reach it can end chats and inject faults: say so.
@@ -317,9 +447,51 @@ async fn main() -> anyhow::Result<()> {
             let cfg = Config::load(config.as_deref()).context("loading configuration")?;
             println!(
                 "{}",
-                toml::to_string_pretty(&cfg).context("printing configuration")?
+                cfg.to_redacted_toml().context("printing configuration")?
+            );
+            print!(
+                "# What this configuration can serve:\n{}",
+                readiness_lines(&cfg)
             );
             Ok(())
         }
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "guestd", &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Man => {
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut std::io::stdout())
+                .context("writing the man page")?;
+            Ok(())
+        }
+    }
+}
+
+/// SIGHUP: load and validate the configuration again, apply what can change in place, name what
+/// needs a restart. A configuration that does not load is refused and the running one kept.
+async fn reload(
+    reloader: &mut guestd::reload::Reloader,
+    running: &guestd::daemon::Running,
+    path: Option<&std::path::Path>,
+    leave_on_shutdown: bool,
+    logs: &mut Logs,
+) {
+    tracing::info!(signal = "SIGHUP", "reloading the configuration");
+    let mut new = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "reload refused: the configuration does not load; the running one is kept");
+            return;
+        }
+    };
+    new.shutdown.leave_on_shutdown |= leave_on_shutdown;
+    match reloader.apply(running, new, |level| logs.set(level)).await {
+        Ok(r) => tracing::info!(
+            applied = %if r.applied.is_empty() { "nothing changed".into() } else { r.applied.join(", ") },
+            needs_restart = %if r.needs_restart.is_empty() { "nothing".into() } else { r.needs_restart.join(", ") },
+            "reloaded"
+        ),
+        Err(e) => tracing::error!(error = %e, "reload refused; the running configuration is kept"),
     }
 }

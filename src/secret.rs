@@ -3,10 +3,38 @@
 
 use serde::{Deserialize, Serialize};
 
-/// A secret string. Serialization writes the value (the journal needs it); formatting does not.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A secret string. Serialization writes the value (the journal needs it) except inside
+/// [`redacting`]; formatting never does.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
+
+thread_local! {
+    static REDACT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f` (a serialization meant for people: `check-config`) with every [`Secret`] written as
+/// `<redacted>`, wherever it sits in the value.
+pub fn redacting<T>(f: impl FnOnce() -> T) -> T {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            REDACT.with(|r| r.set(self.0));
+        }
+    }
+    let _reset = Reset(REDACT.with(|r| r.replace(true)));
+    f()
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if REDACT.with(|r| r.get()) {
+            s.serialize_str("<redacted>")
+        } else {
+            s.serialize_str(&self.0)
+        }
+    }
+}
 
 impl Secret {
     /// Wrap a value.
@@ -117,6 +145,15 @@ mod tests {
         let s = super::Secret::new("eyJhbGciOi.secret.sig");
         assert_eq!(format!("{s:?} {s}"), "<redacted> <redacted>");
         assert_eq!(s.expose(), "eyJhbGciOi.secret.sig");
+    }
+
+    #[test]
+    fn serializes_the_value_except_when_redacting() {
+        let s = vec![super::Secret::new("hunter2")];
+        assert_eq!(serde_json::to_string(&s).unwrap(), r#"["hunter2"]"#);
+        let r = super::redacting(|| serde_json::to_string(&s).unwrap());
+        assert_eq!(r, r#"["<redacted>"]"#);
+        assert_eq!(serde_json::to_string(&s).unwrap(), r#"["hunter2"]"#);
     }
 
     #[test]

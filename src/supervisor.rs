@@ -84,6 +84,7 @@ pub const CODES: &[&str] = &[
     "read_only",
     "refused",
     "not_connected",
+    "not_configured",
 ];
 
 /// A code received from another node, as one of [`CODES`] (`backend_error` if unknown).
@@ -104,6 +105,7 @@ impl SupervisorError {
             SupervisorError::AlreadyAttached(..) => "conflict",
             SupervisorError::Api(ApiError::Unauthorized(_)) => "unauthorized",
             SupervisorError::Api(ApiError::RateLimited(_)) => "rate_limited",
+            SupervisorError::Api(ApiError::NotConfigured(_)) => "not_configured",
             SupervisorError::Api(_) => "backend_error",
             SupervisorError::Ended(_) => "ended",
             SupervisorError::Busy(_) => "busy",

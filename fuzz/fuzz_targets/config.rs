@@ -1,5 +1,6 @@
 //! A configuration file plus environment overrides: lines `GUESTD_...=...` are the environment,
-//! the rest is the TOML text. Parsing and validating return an error, never panic.
+//! the rest is the TOML text. Parsing and validating return an error, never panic. Each line is
+//! also a log filter (`--log-level`, `RUST_LOG`, `[log] level`) for its check.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
@@ -14,4 +15,7 @@ fuzz_target!(|data: &[u8]| {
             .map(|(k, v)| (k.to_string(), v.to_string()))
     });
     let _ = guestd::config::Config::from_toml(&toml.join("\n"), env);
+    for line in text.lines() {
+        let _ = guestd::logging::parse_filter("fuzz", line);
+    }
 });

@@ -358,6 +358,12 @@ impl ChatApi for GenesysApi {
         let inner = self.inner.clone();
         let url = self.url(p::CONVERSATIONS);
         async move {
+            // Every missing key at once, before the platform is asked (issue 24).
+            if let Some(msg) =
+                crate::config::start_missing(&inner.cfg.organization_id, &inner.cfg.deployment_id)
+            {
+                return Err(ApiError::NotConfigured(msg));
+            }
             let req = CreateChatRequest {
                 organization_id: inner.cfg.organization_id.clone(),
                 deployment_id: inner.cfg.deployment_id.clone(),

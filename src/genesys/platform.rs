@@ -147,6 +147,8 @@ pub struct PlatformApi {
     rest: Inner,
     cfg: PlatformConfig,
     token: tokio::sync::Mutex<Option<(Secret, Instant)>>,
+    /// (client id, client secret) now: `cfg`'s, until a reload (SIGHUP) replaces them.
+    credentials: std::sync::RwLock<(Secret, Secret)>,
 }
 
 impl PlatformApi {
@@ -155,9 +157,35 @@ impl PlatformApi {
         crate::backend::check_url(&cfg.login_base, cfg.rest.allow_insecure)?;
         Ok(PlatformApi {
             rest: Inner::new(cfg.rest.clone())?,
+            credentials: std::sync::RwLock::new((cfg.client_id.clone(), cfg.client_secret.clone())),
             cfg,
             token: tokio::sync::Mutex::new(None),
         })
+    }
+
+    fn credentials(&self) -> (Secret, Secret) {
+        match self.credentials.read() {
+            Ok(c) => c.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Use these client credentials from now on (a reload); the token of the old ones is
+    /// dropped, so the next call proves the new ones. Whether they changed.
+    pub async fn set_credentials(&self, id: Secret, secret: Secret) -> bool {
+        let changed = {
+            let mut c = match self.credentials.write() {
+                Ok(c) => c,
+                Err(p) => p.into_inner(),
+            };
+            let changed = c.0 != id || c.1 != secret;
+            *c = (id, secret);
+            changed
+        };
+        if changed {
+            *self.token.lock().await = None;
+        }
+        changed
     }
 
     /// A valid access token: the cached one, or a new one once 90% of its life has passed.
@@ -169,14 +197,12 @@ impl PlatformApi {
             }
         }
         let url = format!("{}/oauth/token", self.cfg.login_base.trim_end_matches('/'));
+        let (id, secret) = self.credentials();
         let resp = self
             .rest
             .http
             .post(url)
-            .basic_auth(
-                self.cfg.client_id.expose(),
-                Some(self.cfg.client_secret.expose()),
-            )
+            .basic_auth(id.expose(), Some(secret.expose()))
             .header("content-type", "application/x-www-form-urlencoded")
             .body("grant_type=client_credentials")
             .send()
