@@ -71,6 +71,8 @@ pub struct Config {
     pub cluster: ClusterSection,
     /// The Web Messaging backend (chats that name `"backend": "web_messaging"`).
     pub web_messaging: crate::webmessaging::Settings,
+    /// `[status]`: how long and how many reported ends `status` remembers.
+    pub status: crate::ends::Remember,
 }
 
 /// `[cluster]`: several guestd nodes sharing chats through NATS JetStream. Off while `servers`

@@ -184,6 +184,7 @@ pub struct Supervisor {
     accepting: watch::Receiver<bool>,
     stop_accepting: Arc<watch::Sender<bool>>,
     router: Arc<std::sync::OnceLock<Arc<dyn crate::control::Route>>>,
+    ends: Arc<std::sync::OnceLock<Arc<crate::ends::Ends>>>,
 }
 
 fn new_session_id() -> String {
@@ -217,12 +218,23 @@ impl Supervisor {
             accepting,
             stop_accepting: Arc::new(stop_accepting),
             router: Default::default(),
+            ends: Default::default(),
         }
     }
 
     /// Cluster mode: where commands go when this node is not the one to run them.
     pub fn set_router(&self, router: Arc<dyn crate::control::Route>) {
         let _ = self.router.set(router);
+    }
+
+    /// Where the ends guestd reported are remembered, for `status`.
+    pub fn set_ends(&self, ends: Arc<crate::ends::Ends>) {
+        let _ = self.ends.set(ends);
+    }
+
+    /// The remembered ends, when set.
+    pub fn ends(&self) -> Option<&Arc<crate::ends::Ends>> {
+        self.ends.get()
     }
 
     /// The router, in cluster mode.
