@@ -182,6 +182,16 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
     };
     let (journal, recovered, ends): (Arc<dyn Journal>, _, _) = if let Some(n) = &node {
         let ends = crate::ends::Ends::new(cfg.status.clone(), None);
+        if cfg.status.remember_max > 0 && !cfg.status.remember_ended.is_zero() {
+            let stream = crate::cluster::ends::EndsStream::open(
+                &n.nats,
+                n.keys.clone(),
+                cfg.cluster.replicas,
+                &cfg.status,
+            )
+            .await?;
+            ends.set_replica(Arc::new(stream));
+        }
         (Arc::new(n.journal.clone()), Vec::new(), ends)
     } else if cfg.journal.enabled {
         let (j, state) = FileJournal::open_remembering(

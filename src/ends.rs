@@ -90,7 +90,7 @@ pub struct EndRecord {
     pub extra: EndExtra,
     /// The platform's confirmation, once `end_confirmed` was written.
     #[serde(default)]
-    pub confirmation: Option<Confirmation>,
+    pub confirmation: Option<Box<Confirmation>>,
 }
 
 impl EndRecord {
@@ -181,7 +181,9 @@ pub trait Replica: Send + Sync + 'static {
 /// The remembered records, oldest first in `order`.
 #[derive(Default)]
 struct Book {
-    by_conv: HashMap<Arc<str>, (i64, EndRecord)>,
+    /// Boxed: the table keeps spare room (a third or more), which costs a pointer per slot,
+    /// not a whole record (measured: 609 bytes per end inline, 422 boxed; tests/ends_footprint.rs).
+    by_conv: HashMap<Arc<str>, Box<(i64, EndRecord)>>,
     /// (ended ms, conversation, session): a record replaced by a newer end of the same
     /// conversation leaves a stale row, skipped when it comes up.
     order: VecDeque<(i64, Arc<str>, Box<str>)>,
@@ -193,7 +195,7 @@ impl Book {
             let current = self
                 .by_conv
                 .get(conv)
-                .is_some_and(|(_, r)| r.session == **session);
+                .is_some_and(|b| b.1.session == **session);
             let expired = !keep.keeps(*ms, now_ms);
             if current && !expired && self.by_conv.len() <= keep.remember_max {
                 break;
@@ -206,11 +208,8 @@ impl Book {
         // Stale rows only: bound them too (a conversation ended again and again).
         if self.order.len() > 2 * keep.remember_max.max(1) {
             let by_conv = &self.by_conv;
-            self.order.retain(|(_, c, s)| {
-                by_conv
-                    .get(c)
-                    .is_some_and(|(_, r)| r.session.as_str() == &**s)
-            });
+            self.order
+                .retain(|(_, c, s)| by_conv.get(c).is_some_and(|b| b.1.session.as_str() == &**s));
         }
     }
 }
@@ -277,9 +276,10 @@ impl Ends {
                 } => book
                     .by_conv
                     .get_mut(conversation_id.as_str())
-                    .filter(|(_, r)| r.session == session)
-                    .map(|(_, r)| {
-                        r.confirmation = Some(confirmation);
+                    .filter(|b| b.1.session == session)
+                    .map(|b| {
+                        let r = &mut b.1;
+                        r.confirmation = Some(Box::new(confirmation));
                         r.clone()
                     }),
             };
@@ -324,7 +324,7 @@ impl Ends {
     /// The end remembered here, if still inside the window at `now`.
     fn local(&self, conversation_id: &str, now: i64) -> Option<EndRecord> {
         let book = self.lock();
-        let (ms, r) = book.by_conv.get(conversation_id)?;
+        let (ms, r) = &**book.by_conv.get(conversation_id)?;
         self.keep.keeps(*ms, now).then(|| r.clone())
     }
 
@@ -346,7 +346,7 @@ fn insert(book: &mut Book, r: EndRecord, keep: &Remember, now: i64) -> Option<En
     if !keep.keeps(ms, now) {
         return None;
     }
-    if let Some((old_ms, old)) = book.by_conv.get(r.conversation_id.as_str()) {
+    if let Some((old_ms, old)) = book.by_conv.get(r.conversation_id.as_str()).map(|b| &**b) {
         if *old_ms > ms || (old.session == r.session && old.confirmation.is_some()) {
             // An older end, or the same end written again (a restart re-emits it): keep what is
             // there, confirmation included.
@@ -356,7 +356,7 @@ fn insert(book: &mut Book, r: EndRecord, keep: &Remember, now: i64) -> Option<En
     let conv: Arc<str> = r.conversation_id.as_str().into();
     book.order
         .push_back((ms, conv.clone(), r.session.as_str().into()));
-    book.by_conv.insert(conv, (ms, r.clone()));
+    book.by_conv.insert(conv, Box::new((ms, r.clone())));
     Some(r)
 }
 

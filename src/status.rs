@@ -44,7 +44,7 @@ pub struct ConversationStatus {
     /// How long the chat lasted (the `ended` event's; `guestd_memory`).
     pub duration_ms: Option<u64>,
     /// The platform's account of the end (`end_confirmed`), when there was one.
-    pub confirmation: Option<crate::ends::Confirmation>,
+    pub confirmation: Option<Box<crate::ends::Confirmation>>,
     /// A live chat held here: when the platform ends it if nothing happens (RFC 3339); null
     /// while nothing would (queued, socket up) or once over.
     pub ends_at: Option<String>,
