@@ -885,8 +885,9 @@ async fn status_cli(env: &[(String, String)], addr: &str, conv: &str) -> (bool, 
 /// from guestd's memory (`source: "guestd_memory"`: reason, `ended_at` = the `ended` event's
 /// `ts`, detail, the platform's confirmation) over stdin, HTTP and `guestd status`; after a
 /// SIGKILL and a restart, for that chat and for one whose agent ended it while guestd was down
-/// (reported at the restart); and a restart whose window is shorter than their age forgets
-/// both (the fallbacks answer again, here: none).
+/// (reported at the restart); by `guestd status` from the journal while no guestd runs; and a
+/// restart whose window is shorter than their age forgets both (the fallbacks answer again,
+/// here: none).
 #[tokio::test]
 async fn status_remembers_ended_chats_across_a_restart_then_forgets_them() {
     let emu = emulator(emu_cfg()).await;
@@ -968,6 +969,10 @@ async fn status_remembers_ended_chats_across_a_restart_then_forgets_them() {
     check1(&cli);
     let d2 = finish_ok(d2).await;
     assert_eq!(d2.count(&s1, "ended"), 0, "no end is reported twice");
+    // No guestd running: `guestd status` reads the journal's memory.
+    let (ok, cli) = status_cli(&env, "", &c1).await;
+    assert!(ok, "{cli}");
+    check1(&cli);
 
     // A window shorter than their age: forgotten at the start; without [platform] or a jwt
     // nothing else can answer, as before.
