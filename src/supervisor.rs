@@ -420,7 +420,8 @@ impl Supervisor {
         let view = SessionView {
             last_message_id: machine.last_message_id().map(str::to_string),
             ..SessionView::guest_chat(&id, &chat, machine.phase().as_str())
-        };
+        }
+        .with_ends(machine.ends());
         let handle = actor::spawn(self.ctx.clone(), id, chat, machine);
         self.ask(|tx| Cmd::Register(handle, slot, tx)).await??;
         Ok(view)
@@ -528,7 +529,8 @@ impl Supervisor {
             agent_end_visible: machine.deployment().disconnect_visible,
             last_message_id: machine.last_message_id().map(str::to_string),
             ..SessionView::guest_chat(&id, &chat, machine.phase().as_str())
-        };
+        }
+        .with_ends(machine.ends());
         let handle = crate::webmessaging::actor::spawn(
             self.ctx.clone(),
             wm,
