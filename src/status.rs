@@ -3,7 +3,7 @@
 //!
 //! 1. guestd's own view, when it holds the chat (`source: "guestd"`), with when and why the
 //!    platform will end it if nothing happens (`ends_at`, `ends_because`);
-//! 2. the end guestd reported, while it is remembered (`source: "guestd_memory"`: this node's
+//! 2. the end guestd reported, while it is remembered (`source: "remembered"`: this node's
 //!    memory, its journal after a restart, or, in cluster mode, the node that reported it; see
 //!    `crate::ends`);
 //! 3. the Platform API, when `[platform]` is configured: over once it shows an `endTime`, with
@@ -27,7 +27,7 @@ pub struct ConversationStatus {
     pub conversation_id: String,
     /// Still going (false: over for good; a conversation never reopens).
     pub alive: bool,
-    /// Who answered: `guestd`, `platform` or `guest_api`.
+    /// Who answered: `guestd`, `remembered`, `platform` or `guest_api`.
     pub source: &'static str,
     /// guestd's session, when it holds the chat.
     pub session: Option<String>,
@@ -37,11 +37,11 @@ pub struct ConversationStatus {
     pub end_time: Option<String>,
     /// Each participant and how its leg ended, when the platform said.
     pub participants: Vec<Participant>,
-    /// When guestd reported the end (`source: "guestd_memory"`): the `ended` event's `ts`.
+    /// When guestd reported the end (`source: "remembered"`): the `ended` event's `ts`.
     pub ended_at: Option<String>,
-    /// How guestd knew (the `ended` event's detail; `guestd_memory`).
+    /// How guestd knew (the `ended` event's detail; `remembered`).
     pub detail: Option<String>,
-    /// How long the chat lasted (the `ended` event's; `guestd_memory`).
+    /// How long the chat lasted (the `ended` event's; `remembered`).
     pub duration_ms: Option<u64>,
     /// The platform's account of the end (`end_confirmed`), when there was one.
     pub confirmation: Option<Box<crate::ends::Confirmation>>,
@@ -76,7 +76,7 @@ impl ConversationStatus {
     pub fn remembered(r: crate::ends::EndRecord) -> Self {
         let mut out = ConversationStatus::new(&r.conversation_id);
         out.alive = false;
-        out.source = "guestd_memory";
+        out.source = "remembered";
         out.session = Some(r.session);
         out.reason = Some(r.reason);
         out.ended_at = Some(r.ended_at);

@@ -870,7 +870,7 @@ async fn web_messaging_sessions_move_with_a_killed_node_and_end_once() {
 }
 
 /// Issue 24: a chat that ended on one node is answered for by every other node's `status`
-/// (`source: "guestd_memory"`, the reason and `ended_at` of the `ended` event), from the
+/// (`source: "remembered"`, the reason and `ended_at` of the `ended` event), from the
 /// ended-chats stream; what rests there names neither the conversation nor the end in the
 /// clear (subjects are HMACs, records sealed).
 #[tokio::test]
@@ -907,7 +907,7 @@ async fn status_on_another_node_answers_for_a_chat_that_ended_elsewhere() {
         let deadline = Instant::now() + LONG;
         let r = loop {
             let r = c.http(other, reqwest::Method::GET, &path, None).await;
-            if r["source"] == "guestd_memory" {
+            if r["source"] == "remembered" {
                 break r;
             }
             assert!(

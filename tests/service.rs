@@ -84,7 +84,7 @@ async fn status_cli(env: &[(String, String)], addr: &str, conv: &str) -> (bool, 
 }
 
 /// Issue 24: `status` remembers every end guestd reported. A chat its agent ended is answered
-/// from guestd's memory (`source: "guestd_memory"`: reason, `ended_at` = the `ended` event's
+/// from guestd's memory (`source: "remembered"`: reason, `ended_at` = the `ended` event's
 /// `ts`, detail, the platform's confirmation) over stdin, HTTP and `guestd status`; after a
 /// SIGKILL and a restart, for that chat and for one whose agent ended it while guestd was down
 /// (reported at the restart); by `guestd status` from the journal while no guestd runs; and a
@@ -113,7 +113,7 @@ async fn status_remembers_ended_chats_across_a_restart_then_forgets_them() {
     assert_eq!(confirmed["agrees"], true, "{confirmed}");
     let check1 = |r: &Value| {
         assert_eq!(r["alive"], false, "{r}");
-        assert_eq!(r["source"], "guestd_memory", "{r}");
+        assert_eq!(r["source"], "remembered", "{r}");
         assert_eq!(r["session"], s1.as_str(), "{r}");
         assert_eq!(r["reason"], "agent_ended", "{r}");
         assert_eq!(r["ended_at"], ended1["ts"], "{r}");
@@ -150,7 +150,7 @@ async fn status_remembers_ended_chats_across_a_restart_then_forgets_them() {
             r2["ended_at"].clone()
         ),
         (
-            json!("guestd_memory"),
+            json!("remembered"),
             json!("agent_ended"),
             ended2["ts"].clone()
         ),
