@@ -73,6 +73,8 @@ pub struct Config {
     pub web_messaging: crate::webmessaging::Settings,
     /// Logging.
     pub log: LogSection,
+    /// `[status]`: how long and how many reported ends `status` remembers.
+    pub status: crate::ends::Remember,
 }
 
 /// `[log]`: the log filter, reloaded on SIGHUP.

@@ -185,13 +185,32 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
     } else {
         None
     };
-    let (journal, recovered): (Arc<dyn Journal>, _) = if let Some(n) = &node {
-        (Arc::new(n.journal.clone()), Vec::new())
+    let (journal, recovered, ends): (Arc<dyn Journal>, _, _) = if let Some(n) = &node {
+        let ends = crate::ends::Ends::new(cfg.status.clone(), None);
+        if cfg.status.remember_max > 0 && !cfg.status.remember_ended.is_zero() {
+            let stream = crate::cluster::ends::EndsStream::open(
+                &n.nats,
+                n.keys.clone(),
+                cfg.cluster.replicas,
+                &cfg.status,
+            )
+            .await?;
+            ends.set_replica(Arc::new(stream));
+        }
+        (Arc::new(n.journal.clone()), Vec::new(), ends)
     } else if cfg.journal.enabled {
-        let (j, r) = FileJournal::open(&cfg.journal.path, cfg.journal.compact_after_bytes)?;
-        (Arc::new(j), r)
+        let (j, state) = FileJournal::open_remembering(
+            &cfg.journal.path,
+            cfg.journal.compact_after_bytes,
+            cfg.status.clone(),
+        )?;
+        let j = Arc::new(j);
+        let ends = crate::ends::Ends::new(cfg.status.clone(), Some(j.clone()));
+        ends.restore(state.remembered);
+        (j, state.live, ends)
     } else {
-        (Arc::new(NullJournal), Vec::new())
+        let ends = crate::ends::Ends::new(cfg.status.clone(), None);
+        (Arc::new(NullJournal), Vec::new(), ends)
     };
     // Web Messaging conversation keys (after the journal made its directory): the cluster's secret, or one kept beside the journal.
     if let Some(n) = &node {
@@ -213,7 +232,8 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
         )
     });
     let sink = crate::cluster::publish::StreamSink::new(sink, publisher);
-    let (emitter, writer) = events::spawn_writer(sink, cfg.events.queue_capacity);
+    let (emitter, writer) =
+        events::spawn_writer_observed(sink, cfg.events.queue_capacity, Some(ends.observer()));
     let extra_roots = cfg
         .genesys
         .extra_roots()
@@ -257,6 +277,7 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
         messaging,
     };
     let sup = Supervisor::spawn(ctx, done_rx, cfg.supervisor.max_sessions);
+    sup.set_ends(ends);
     if let Some(n) = &node {
         sup.set_router(Arc::new(crate::cluster::route::Router::new(n)));
         let (n2, sup2, cancel) = (n.clone(), sup.clone(), control_cancel.clone());

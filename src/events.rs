@@ -654,11 +654,25 @@ async fn retry<S: EventSink>(sink: &mut S, health: &SinkHealth, line: Option<&[u
     }
 }
 
+/// Looks at each event as its line is written, before the flush that makes it visible (the
+/// memory of reported ends, `crate::ends`, so a reader that saw a line and asks about it gets
+/// an answer that includes it). It sees events; it cannot change them.
+pub type Observer = Arc<dyn Fn(&Event) + Send + Sync>;
+
 /// Start the writer task; returns the emitter and the task (which ends when every emitter is
 /// dropped and the queue is drained).
 pub fn spawn_writer<S: EventSink>(
+    sink: S,
+    capacity: usize,
+) -> (Emitter, tokio::task::JoinHandle<()>) {
+    spawn_writer_observed(sink, capacity, None)
+}
+
+/// [`spawn_writer`], with an [`Observer`] of every event written.
+pub fn spawn_writer_observed<S: EventSink>(
     mut sink: S,
     capacity: usize,
+    observer: Option<Observer>,
 ) -> (Emitter, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<Msg>(capacity.max(1));
     let health = SinkHealth::new();
@@ -682,6 +696,9 @@ pub fn spawn_writer<S: EventSink>(
                         }
                         if let Some(f) = ev.after_write.take() {
                             after.push(f);
+                        }
+                        if let Some(o) = &observer {
+                            o(&ev);
                         }
                     }
                     Msg::Flush(a) => acks.push(a),

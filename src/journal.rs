@@ -19,6 +19,14 @@
 //! `events::AfterWrite`), never when it is queued, so what a SIGKILL caught in the queue is
 //! fetched again by the next process: at-least-once across a SIGKILL.
 //!
+//! Remembered ends (`crate::ends`): each end guestd reported is appended (`op: "remembered"`,
+//! no jwt in it) as its line is written, and compaction keeps those still inside
+//! `status.remember_ended` (at most `status.remember_max`, newest kept), so `status` answers
+//! for them after a restart. The record is appended before the session's `ended` mark (the
+//! mark waits for the flush, the record is sent as the line is written), so an end whose mark
+//! survived a crash has its record too, and one whose mark did not is written again at the
+//! restart (the `ending` record) and noted then.
+//!
 //! Guarantee for `ended`: the decision (`ending`, with a stable `event_id`) is fsynced *before*
 //! the event is written to stdout, and `ended` is recorded after the line is flushed. A crash
 //! between the two re-emits the same event with the same `event_id` on restart: delivery is
@@ -121,6 +129,10 @@ enum Rec {
     },
     Ended {
         session: String,
+    },
+    /// An end guestd reported, kept for `status` for a window.
+    Remembered {
+        end: crate::ends::EndRecord,
     },
 }
 
@@ -301,9 +313,24 @@ pub fn load(path: &Path) -> Result<Vec<Recovered>, JournalError> {
 }
 
 /// [`load`] from any reader.
-pub fn load_from(mut input: impl BufRead) -> std::io::Result<Vec<Recovered>> {
+pub fn load_from(input: impl BufRead) -> std::io::Result<Vec<Recovered>> {
+    load_state(input).map(|s| s.live)
+}
+
+/// What a journal holds: live sessions and remembered ends.
+#[derive(Debug, Default)]
+pub struct State {
+    /// Sessions to pick up, in the order they began.
+    pub live: Vec<Recovered>,
+    /// Ends reported, the newest per conversation, in the order they were written.
+    pub remembered: Vec<crate::ends::EndRecord>,
+}
+
+/// [`load_from`], remembered ends included.
+pub fn load_state(mut input: impl BufRead) -> std::io::Result<State> {
     let mut live: HashMap<String, Recovered> = HashMap::new();
     let mut order: Vec<String> = Vec::new();
+    let mut remembered: HashMap<String, (usize, crate::ends::EndRecord)> = HashMap::new();
     let mut raw = Vec::new();
     let mut n = 0usize;
     loop {
@@ -319,9 +346,20 @@ pub fn load_from(mut input: impl BufRead) -> std::io::Result<Vec<Recovered>> {
         if line.trim().is_empty() {
             continue;
         }
+        if line.contains(r#""op":"remembered""#) {
+            if let Ok(Rec::Remembered { end }) = serde_json::from_str::<Rec>(line) {
+                remembered.insert(end.conversation_id.clone(), (n, end));
+                continue;
+            }
+        }
         apply(&mut live, &mut order, n, line);
     }
-    Ok(order.into_iter().filter_map(|s| live.remove(&s)).collect())
+    let mut remembered: Vec<_> = remembered.into_values().collect();
+    remembered.sort_by_key(|(n, _)| *n);
+    Ok(State {
+        live: order.into_iter().filter_map(|s| live.remove(&s)).collect(),
+        remembered: remembered.into_iter().map(|(_, r)| r).collect(),
+    })
 }
 
 /// Apply one journal line to the sessions read so far.
@@ -369,6 +407,8 @@ fn apply(live: &mut HashMap<String, Recovered>, order: &mut Vec<String>, n: usiz
         Ok(Rec::Ended { session }) => {
             live.remove(&session);
         }
+        // Read by `load_state`.
+        Ok(Rec::Remembered { .. }) => {}
         Err(e) => tracing::warn!(line = n, error = %e, "skipping an unreadable journal line"),
     }
 }
@@ -380,6 +420,16 @@ impl FileJournal {
         path: &Path,
         compact_after: u64,
     ) -> Result<(FileJournal, Vec<Recovered>), JournalError> {
+        Self::open_remembering(path, compact_after, crate::ends::Remember::default())
+            .map(|(j, s)| (j, s.live))
+    }
+
+    /// [`FileJournal::open`], with the ends it remembers (those `keep` still keeps).
+    pub fn open_remembering(
+        path: &Path,
+        compact_after: u64,
+        keep: crate::ends::Remember,
+    ) -> Result<(FileJournal, State), JournalError> {
         let io = |source| JournalError::Io {
             path: path.to_path_buf(),
             source,
@@ -387,8 +437,9 @@ impl FileJournal {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             create_private_dir(dir).map_err(io)?;
         }
-        let recovered = load(path)?;
-        let file = rewrite(path, &recovered)?;
+        let mut state = load_state_at(path)?;
+        state.remembered = kept(state.remembered, &keep);
+        let file = rewrite(path, &state.live, &state.remembered)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let (healthy_tx, healthy) = watch::channel(true);
         metrics::gauge!("guestd_journal_up").set(1.0);
@@ -403,11 +454,12 @@ impl FileJournal {
                     compact_after: compact_after.max(1024),
                     torn: false,
                     healthy: healthy_tx,
+                    keep,
                 }
                 .run(rx)
             })
             .map_err(io)?;
-        Ok((FileJournal { tx, healthy }, recovered))
+        Ok((FileJournal { tx, healthy }, state))
     }
 
     fn send(&self, m: Msg) {
@@ -438,8 +490,41 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     b.create(dir)
 }
 
-/// Write `live` to a temp file (fsynced), rename it over `path`, and reopen it for appending.
-fn rewrite(path: &Path, live: &[Recovered]) -> Result<std::fs::File, JournalError> {
+/// [`load_state`] of the file at `path` (none: empty).
+fn load_state_at(path: &Path) -> Result<State, JournalError> {
+    let io = |source| JournalError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::File::open(path) {
+        Ok(f) => load_state(std::io::BufReader::new(f)).map_err(io),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
+        Err(e) => Err(io(e)),
+    }
+}
+
+/// The remembered ends `keep` keeps now: inside the window, the newest `remember_max`.
+fn kept(
+    remembered: Vec<crate::ends::EndRecord>,
+    keep: &crate::ends::Remember,
+) -> Vec<crate::ends::EndRecord> {
+    let now = now_ms();
+    let mut v: Vec<_> = remembered
+        .into_iter()
+        .filter(|r| r.ended_ms().is_some_and(|ms| keep.keeps(ms, now)))
+        .collect();
+    let over = v.len().saturating_sub(keep.remember_max);
+    v.drain(..over);
+    v
+}
+
+/// Write `remembered` and `live` to a temp file (fsynced), rename it over `path`, and reopen it
+/// for appending.
+fn rewrite(
+    path: &Path,
+    live: &[Recovered],
+    remembered: &[crate::ends::EndRecord],
+) -> Result<std::fs::File, JournalError> {
     let io = |source| JournalError::Io {
         path: path.to_path_buf(),
         source,
@@ -450,6 +535,12 @@ fn rewrite(path: &Path, live: &[Recovered]) -> Result<std::fs::File, JournalErro
     let (file, tmp) = temp_beside(path).map_err(io)?;
     let written = (|| {
         let mut f = std::io::BufWriter::new(file);
+        for end in remembered {
+            let mut line =
+                serde_json::to_vec(&Rec::Remembered { end: end.clone() }).unwrap_or_default();
+            line.push(b'\n');
+            f.write_all(&line).map_err(io)?;
+        }
         for r in live {
             let mut recs = vec![Rec::Session(r.record.clone())];
             if r.activity != Activity::default() {
@@ -510,6 +601,8 @@ struct Writer {
     /// A failed write may have left part of a line: close it before the next record.
     torn: bool,
     healthy: watch::Sender<bool>,
+    /// Which remembered ends compaction keeps.
+    keep: crate::ends::Remember,
 }
 
 impl Writer {
@@ -625,16 +718,24 @@ impl Writer {
         reader.seek(std::io::SeekFrom::Start(0)).map_err(io)?;
         let mut bytes = Vec::new();
         reader.read_to_end(&mut bytes).map_err(io)?;
-        let live = load_from(&bytes[..]).map_err(io)?;
-        let file = rewrite(&self.path, &live)?;
+        let state = load_state(&bytes[..]).map_err(io)?;
+        let remembered = kept(state.remembered, &self.keep);
+        let file = rewrite(&self.path, &state.live, &remembered)?;
         tracing::debug!(
-            live = live.len(),
+            live = state.live.len(),
+            remembered = remembered.len(),
             appended = self.appended,
             "journal compacted"
         );
         self.out = std::io::BufWriter::new(file);
         self.torn = false;
         Ok(())
+    }
+}
+
+impl crate::ends::Keep for FileJournal {
+    fn remember(&self, rec: &crate::ends::EndRecord) {
+        self.send(Msg::Rec(Rec::Remembered { end: rec.clone() }));
     }
 }
 
@@ -800,6 +901,7 @@ mod tests {
                 compact_after: u64::MAX,
                 torn: false,
                 healthy: healthy_tx,
+                keep: Default::default(),
             }
             .run(rx)
         });
@@ -960,6 +1062,72 @@ mod compaction_tests {
         let (_, tmp2) = temp_beside(&dir.join("journal.jsonl")).unwrap();
         assert_ne!(tmp, tmp2, "names are not predictable");
         assert_eq!(tmp.parent(), Some(dir.as_path()));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
+#[cfg(test)]
+mod remembered_tests {
+    use super::*;
+    use crate::ends::{EndRecord, Remember};
+
+    fn end(conv: &str, session: &str, ago_ms: i64) -> EndRecord {
+        EndRecord {
+            conversation_id: conv.into(),
+            session: session.into(),
+            reason: EndReason::AgentEnded,
+            ended_at: chrono::DateTime::from_timestamp_millis(now_ms() - ago_ms)
+                .unwrap()
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            detail: "the agent disconnected just before the guest".into(),
+            duration_ms: 9,
+            extra: Default::default(),
+            confirmation: None,
+        }
+    }
+
+    /// Remembered ends survive a restart and every compaction while inside the window; the
+    /// newest per conversation wins; those past the window or over the bound are dropped.
+    #[tokio::test]
+    async fn remembered_ends_survive_compaction_inside_the_window() {
+        use crate::ends::Keep;
+        let dir = std::env::temp_dir().join(format!("guestd-journal-m-{}", uuid::Uuid::new_v4()));
+        let path = dir.join("journal.jsonl");
+        let keep = Remember {
+            remember_ended: std::time::Duration::from_secs(3600),
+            remember_max: 3,
+        };
+        {
+            let (j, _) = FileJournal::open_remembering(&path, 4096, keep.clone()).unwrap();
+            j.session_started(tests::rec("a")).await.unwrap();
+            j.remember(&end("c-old", "s-0", 2 * 3_600_000));
+            j.remember(&end("c-1", "s-1", 60_000));
+            j.remember(&end("c-2", "s-2", 50_000));
+            j.remember(&end("c-2", "s-2b", 40_000));
+            j.remember(&end("c-3", "s-3", 30_000));
+            j.remember(&end("c-4", "s-4", 20_000));
+            // Enough progress to compact the running journal more than once.
+            for i in 0..200 {
+                j.progress("a", &format!("message-{i:05}"));
+            }
+            j.sync().await.unwrap();
+        }
+        for _ in 0..2 {
+            let (_j, state) = FileJournal::open_remembering(&path, 4096, keep.clone()).unwrap();
+            let convs: Vec<_> = state
+                .remembered
+                .iter()
+                .map(|r| (r.conversation_id.as_str(), r.session.as_str()))
+                .collect();
+            assert_eq!(convs, [("c-2", "s-2b"), ("c-3", "s-3"), ("c-4", "s-4")]);
+            assert_eq!(state.live.len(), 1, "live sessions are kept as before");
+            assert_eq!(
+                state.live[0].last_message_id.as_deref(),
+                Some("message-00199")
+            );
+        }
+        // `load` gives the live sessions alone.
+        assert_eq!(load(&path).unwrap().len(), 1);
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -25,6 +25,8 @@ pub mod daemon;
 pub mod demo;
 /// The emulator of the Genesys guest chat server side.
 pub mod emulator;
+/// The ends guestd reported, remembered for `status` (a window, across restarts and nodes).
+pub mod ends;
 /// guestd's own event schema and the sinks that write it.
 pub mod events;
 /// The Genesys guest chat backend.

@@ -406,6 +406,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let answer = status_via_daemon(&cfg, &conversation_id, jwt.as_deref()).await?;
             let (ok, body) = match answer {
                 Some(a) => a,
+                None if let Some(r) = guestd::ends::in_journal(&cfg, &conversation_id) => {
+                    // No guestd running: the end it remembered in its journal.
+                    let s = guestd::status::ConversationStatus::remembered(r);
+                    (true, serde_json::to_string(&s)?)
+                }
                 None => {
                     // No guestd running: ask the platform (or the guest API) directly.
                     let roots = cfg.genesys.extra_roots().map_err(anyhow::Error::msg)?;

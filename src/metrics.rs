@@ -423,7 +423,11 @@ mod tests {
         let mut out = Vec::new();
         for prefix in ["guestd_", "process_"] {
             for (i, _) in text.match_indices(prefix) {
-                if i > 0 && text[..i].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_') {
+                // Part of a longer word or of a path (`/run/secrets/guestd_token`): not a name.
+                if i > 0
+                    && text[..i]
+                        .ends_with(|c: char| c.is_ascii_alphanumeric() || "_/.-".contains(c))
+                {
                     continue;
                 }
                 let name: String = text[i..]

@@ -1,10 +1,14 @@
 //! "Is conversation X still alive?" for any conversation, held or not. The answer comes from the
 //! best source at hand, in this order:
 //!
-//! 1. guestd's own view, when it holds the chat (`source: "guestd"`);
-//! 2. the Platform API, when `[platform]` is configured: over once it shows an `endTime`, with
+//! 1. guestd's own view, when it holds the chat (`source: "guestd"`), with when and why the
+//!    platform will end it if nothing happens (`ends_at`, `ends_because`);
+//! 2. the end guestd reported, while it is remembered (`source: "remembered"`: this node's
+//!    memory, its journal after a restart, or, in cluster mode, the node that reported it; see
+//!    `crate::ends`);
+//! 3. the Platform API, when `[platform]` is configured: over once it shows an `endTime`, with
 //!    each participant's `disconnectType` (`source: "platform"`);
-//! 3. the guest API's members list, when the caller gives the chat's jwt: over once every member
+//! 4. the guest API's members list, when the caller gives the chat's jwt: over once every member
 //!    is DISCONNECTED (`source: "guest_api"`);
 //!
 //! else an error that says what would answer it.
@@ -23,7 +27,7 @@ pub struct ConversationStatus {
     pub conversation_id: String,
     /// Still going (false: over for good; a conversation never reopens).
     pub alive: bool,
-    /// Who answered: `guestd`, `platform` or `guest_api`.
+    /// Who answered: `guestd`, `remembered`, `platform` or `guest_api`.
     pub source: &'static str,
     /// guestd's session, when it holds the chat.
     pub session: Option<String>,
@@ -33,6 +37,58 @@ pub struct ConversationStatus {
     pub end_time: Option<String>,
     /// Each participant and how its leg ended, when the platform said.
     pub participants: Vec<Participant>,
+    /// When guestd reported the end (`source: "remembered"`): the `ended` event's `ts`.
+    pub ended_at: Option<String>,
+    /// How guestd knew (the `ended` event's detail; `remembered`).
+    pub detail: Option<String>,
+    /// How long the chat lasted (the `ended` event's; `remembered`).
+    pub duration_ms: Option<u64>,
+    /// The platform's account of the end (`end_confirmed`), when there was one.
+    pub confirmation: Option<Box<crate::ends::Confirmation>>,
+    /// A live chat held here: when the platform ends it if nothing happens (RFC 3339); null
+    /// while nothing would (queued, socket up) or once over.
+    pub ends_at: Option<String>,
+    /// Why it would end then: `inactivity_timeout`, `reconnect_grace_expired`,
+    /// `session_expired`.
+    pub ends_because: Option<EndReason>,
+}
+
+impl ConversationStatus {
+    fn new(conversation_id: &str) -> Self {
+        ConversationStatus {
+            conversation_id: conversation_id.to_string(),
+            alive: true,
+            source: "guestd",
+            session: None,
+            reason: None,
+            end_time: None,
+            participants: Vec::new(),
+            ended_at: None,
+            detail: None,
+            duration_ms: None,
+            confirmation: None,
+            ends_at: None,
+            ends_because: None,
+        }
+    }
+
+    /// The answer a remembered end gives.
+    pub fn remembered(r: crate::ends::EndRecord) -> Self {
+        let mut out = ConversationStatus::new(&r.conversation_id);
+        out.alive = false;
+        out.source = "remembered";
+        out.session = Some(r.session);
+        out.reason = Some(r.reason);
+        out.ended_at = Some(r.ended_at);
+        out.detail = Some(r.detail);
+        out.duration_ms = Some(r.duration_ms);
+        if let Some(c) = &r.confirmation {
+            out.end_time = c.platform_end_time.clone();
+            out.participants = c.participants.clone();
+        }
+        out.confirmation = r.confirmation;
+        out
+    }
 }
 
 /// The status of `conversation_id`; `jwt` lets the guest API answer for a chat neither guestd
@@ -46,6 +102,14 @@ pub async fn status(
     crate::backend::check_id("conversation_id", conversation_id)
         .map_err(|e| SupervisorError::Invalid(e.to_string()))?;
     let held = sup.get(conversation_id).await.ok();
+    // Over (or gone): the remembered end says more than the view (when, how guestd knew).
+    if held.as_ref().is_none_or(|v| v.ended.is_some()) {
+        if let Some(ends) = sup.ends() {
+            if let Some(r) = ends.find(conversation_id).await {
+                return Ok(ConversationStatus::remembered(r));
+            }
+        }
+    }
     status_from(
         held,
         sup.platform(),
@@ -66,19 +130,13 @@ pub async fn status_from(
 ) -> Result<ConversationStatus, SupervisorError> {
     crate::backend::check_id("conversation_id", conversation_id)
         .map_err(|e| SupervisorError::Invalid(e.to_string()))?;
-    let mut out = ConversationStatus {
-        conversation_id: conversation_id.to_string(),
-        alive: true,
-        source: "guestd",
-        session: None,
-        reason: None,
-        end_time: None,
-        participants: Vec::new(),
-    };
+    let mut out = ConversationStatus::new(conversation_id);
     if let Some(view) = held {
         out.alive = view.ended.is_none();
         out.session = Some(view.session);
         out.reason = view.ended;
+        out.ends_at = view.ends_at;
+        out.ends_because = view.ends_because;
         return Ok(out);
     }
     if let Some(platform) = platform {

@@ -186,6 +186,7 @@ pub struct Supervisor {
     accepting: watch::Receiver<bool>,
     stop_accepting: Arc<watch::Sender<bool>>,
     router: Arc<std::sync::OnceLock<Arc<dyn crate::control::Route>>>,
+    ends: Arc<std::sync::OnceLock<Arc<crate::ends::Ends>>>,
 }
 
 fn new_session_id() -> String {
@@ -219,12 +220,23 @@ impl Supervisor {
             accepting,
             stop_accepting: Arc::new(stop_accepting),
             router: Default::default(),
+            ends: Default::default(),
         }
     }
 
     /// Cluster mode: where commands go when this node is not the one to run them.
     pub fn set_router(&self, router: Arc<dyn crate::control::Route>) {
         let _ = self.router.set(router);
+    }
+
+    /// Where the ends guestd reported are remembered, for `status`.
+    pub fn set_ends(&self, ends: Arc<crate::ends::Ends>) {
+        let _ = self.ends.set(ends);
+    }
+
+    /// The remembered ends, when set.
+    pub fn ends(&self) -> Option<&Arc<crate::ends::Ends>> {
+        self.ends.get()
     }
 
     /// The router, in cluster mode.
@@ -410,7 +422,8 @@ impl Supervisor {
         let view = SessionView {
             last_message_id: machine.last_message_id().map(str::to_string),
             ..SessionView::guest_chat(&id, &chat, machine.phase().as_str())
-        };
+        }
+        .with_ends(machine.ends());
         let handle = actor::spawn(self.ctx.clone(), id, chat, machine);
         self.ask(|tx| Cmd::Register(handle, slot, tx)).await??;
         Ok(view)
@@ -518,7 +531,8 @@ impl Supervisor {
             agent_end_visible: machine.deployment().disconnect_visible,
             last_message_id: machine.last_message_id().map(str::to_string),
             ..SessionView::guest_chat(&id, &chat, machine.phase().as_str())
-        };
+        }
+        .with_ends(machine.ends());
         let handle = crate::webmessaging::actor::spawn(
             self.ctx.clone(),
             wm,

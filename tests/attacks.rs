@@ -778,6 +778,8 @@ async fn a_user_with_the_documented_deny_rules_reaches_nothing_of_guestd() {
     assert!(js.get_key_value("GUESTD_sessions").await.is_err());
     assert!(js.get_key_value("GUESTD_nodes").await.is_err());
     assert!(js.get_stream("GUESTD_EVENTS").await.is_err());
+    // The ended-chats stream (issue 24) too: its records are sealed, and it stays out of reach.
+    assert!(js.get_stream("GUESTD_ENDED").await.is_err());
     // A stream of its own that would copy the events, or capture the command subjects: refused
     // (NATS checks neither against the creator's permissions, so creating streams is denied).
     let mirror = js

@@ -868,3 +868,78 @@ async fn web_messaging_sessions_move_with_a_killed_node_and_end_once() {
         "a token in an event"
     );
 }
+
+/// Issue 24: a chat that ended on one node is answered for by every other node's `status`
+/// (`source: "remembered"`, the reason and `ended_at` of the `ended` event), from the
+/// ended-chats stream; what rests there names neither the conversation nor the end in the
+/// clear (subjects are HMACs, records sealed).
+#[tokio::test]
+async fn status_on_another_node_answers_for_a_chat_that_ended_elsewhere() {
+    let _serial = SERIAL.lock().await;
+    let mut c = Cluster::three().await;
+    let (chats, mut ev) = c.connected_chats(3).await;
+    let owners = c.owners().await;
+    let (s, conv) = chats[0].clone();
+    let owner = owners[&s].clone();
+    let at = c.nodes.iter().position(|n| n.id == owner).unwrap();
+    c.http(
+        at,
+        reqwest::Method::DELETE,
+        &format!("/v1/sessions/{s}"),
+        None,
+    )
+    .await;
+    ev.until("the chat ended", |seen| {
+        seen.iter()
+            .any(|v| v["type"] == "ended" && v["session"] == s.as_str())
+    })
+    .await;
+    let ended = ev
+        .seen
+        .iter()
+        .find(|v| v["type"] == "ended" && v["session"] == s.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(ended["reason"], "guest_left");
+    let path = format!("/v1/conversations/{conv}/status");
+    for other in (0..3).filter(|&i| i != at) {
+        // The owner shares the end as it writes the line: poll until the other node sees it.
+        let deadline = Instant::now() + LONG;
+        let r = loop {
+            let r = c.http(other, reqwest::Method::GET, &path, None).await;
+            if r["source"] == "remembered" {
+                break r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: {r}; stderr:\n{}",
+                c.nodes[other].id,
+                c.nodes[other].stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(r["alive"], false, "{r}");
+        assert_eq!(r["session"], s.as_str(), "{r}");
+        assert_eq!(r["reason"], "guest_left", "{r}");
+        assert_eq!(r["ended_at"], ended["ts"], "{r}");
+        assert_eq!(r["detail"], ended["detail"], "{r}");
+    }
+    // What rests in NATS: nothing in the clear.
+    let mut stream = c.js.get_stream("GUESTD_ENDED").await.unwrap();
+    let state = stream.info().await.unwrap().state.clone();
+    assert_eq!(state.messages, 1, "one record for one end");
+    let m = stream.get_raw_message(state.last_sequence).await.unwrap();
+    let text = format!("{} {}", m.subject, String::from_utf8_lossy(&m.payload));
+    for plain in [
+        conv.as_str(),
+        s.as_str(),
+        "guest_left",
+        ended["detail"].as_str().unwrap(),
+    ] {
+        assert!(!text.contains(plain), "{plain} in the clear: {text}");
+    }
+    let rest: Vec<(String, String)> = chats[1..].to_vec();
+    let all = c.finish(&rest, chats.len(), &mut ev).await;
+    let sessions: Vec<String> = chats.iter().map(|(s, _)| s.clone()).collect();
+    check_one_ended_each(&all, &sessions, |_| Some("guest_left"));
+}

@@ -1120,3 +1120,94 @@ async fn a_ping_flood_from_one_chat_server_costs_bounded_memory_and_nothing_else
         finish(d).await;
     }
 }
+
+/// `get` over stdin; the view.
+async fn view(d: &mut Daemon, s: &str) -> Value {
+    let rid = format!("get-{}", uuid::Uuid::new_v4());
+    d.send(json!({"cmd": "get", "request_id": rid, "session": s}))
+        .await;
+    let r = d.wait(|v| v["request_id"] == rid.as_str()).await;
+    assert_eq!(r["type"], "command_result", "{r}");
+    r["result"].clone()
+}
+
+fn ms_of(v: &Value) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap_or_else(|| panic!("a time: {v}")))
+        .unwrap_or_else(|e| panic!("{v}: {e}"))
+        .timestamp_millis()
+}
+
+/// Issue 24: `get` and `status` say when the platform will end a live chat if nothing happens,
+/// and why. Queued: nothing. An agent connected: the no-activity deadline, the guest's last
+/// message plus 15 minutes. The socket dropped (and kept from reopening) by the emulator's
+/// admin API: the end of the grace window. Reconnected: the deadline again.
+#[tokio::test]
+async fn get_and_status_say_when_and_why_a_live_chat_would_end() {
+    let emu = emulator(EmulatorConfig {
+        inactivity_timeout: Duration::from_secs(900),
+        reconnect_grace: Duration::from_secs(60),
+        ..emu_cfg()
+    })
+    .await;
+    let mut env = fast_env(&emu);
+    env.retain(|(k, _)| {
+        k != "GUESTD_SESSION__INACTIVITY_TIMEOUT" && k != "GUESTD_SESSION__RECONNECT_GRACE"
+    });
+    env.push(("GUESTD_SESSION__INACTIVITY_TIMEOUT".into(), "15m".into()));
+    env.push(("GUESTD_SESSION__RECONNECT_GRACE".into(), "30s".into()));
+    let mut d = Daemon::spawn(env, &[]);
+    let (s, c) = started(&mut d, "r1").await;
+    let v = view(&mut d, &s).await;
+    assert_eq!(
+        (v["ends_at"].clone(), v["ends_because"].clone()),
+        (Value::Null, Value::Null),
+        "queued with the socket up: nothing ends it: {v}"
+    );
+    let joined = {
+        emu.agent_join(&c).unwrap();
+        d.wait_type(&s, "agent_connected").await
+    };
+    let v = view(&mut d, &s).await;
+    assert_eq!(v["ends_because"], "inactivity_timeout", "{v}");
+    let slack = scaled(Duration::from_secs(2)).as_millis() as i64;
+    let fifteen = 15 * 60_000;
+    assert!(
+        (ms_of(&v["ends_at"]) - (ms_of(&joined["ts"]) + fifteen)).abs() < slack,
+        "{v} vs {joined}"
+    );
+    d.send(json!({"cmd": "send", "request_id": "say", "session": s, "body": "hello"}))
+        .await;
+    let said = d.wait(|v| v["request_id"] == "say").await;
+    assert_eq!(said["type"], "command_result", "{said}");
+    let v = view(&mut d, &s).await;
+    assert!(
+        (ms_of(&v["ends_at"]) - (ms_of(&said["ts"]) + fifteen)).abs() < slack,
+        "the guest's message moves it on: {v} vs {said}"
+    );
+    assert!(ms_of(&v["ends_at"]) >= ms_of(&joined["ts"]) + fifteen);
+    // status says the same.
+    d.send(json!({"cmd": "status", "request_id": "st", "conversation_id": c}))
+        .await;
+    let st = d.wait(|v| v["request_id"] == "st").await;
+    assert_eq!(st["result"]["source"], "guestd", "{st}");
+    assert_eq!(st["result"]["ends_because"], "inactivity_timeout", "{st}");
+    assert_eq!(st["result"]["ends_at"], v["ends_at"], "{st}");
+
+    emu.block_stream(&c, true).unwrap();
+    emu.drop_sockets(&c, false).unwrap();
+    let lost = d.wait_type(&s, "disconnected").await;
+    let v = view(&mut d, &s).await;
+    assert_eq!(v["state"], "reconnecting", "{v}");
+    assert_eq!(v["ends_because"], "reconnect_grace_expired", "{v}");
+    assert!(
+        (ms_of(&v["ends_at"]) - (ms_of(&lost["ts"]) + 30_000)).abs() < slack,
+        "{v} vs {lost}"
+    );
+    emu.block_stream(&c, false).unwrap();
+    d.wait_type(&s, "reconnected").await;
+    let v = view(&mut d, &s).await;
+    assert_eq!(v["ends_because"], "inactivity_timeout", "{v}");
+    emu.agent_end(&c).unwrap();
+    d.wait_type(&s, "ended").await;
+    assert_one_ended(&d, &s, "agent_ended");
+}

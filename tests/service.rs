@@ -52,6 +52,147 @@ async fn start_n(d: &mut Daemon, n: usize) -> Vec<(String, String)> {
     out
 }
 
+/// `status` asked over stdin; the reply's `result`.
+async fn status_stdin(d: &mut Daemon, conv: &str) -> Value {
+    let rid = format!("st-{}", uuid::Uuid::new_v4());
+    d.send(json!({"cmd": "status", "request_id": rid, "conversation_id": conv}))
+        .await;
+    let r = d.wait(|v| v["request_id"] == rid.as_str()).await;
+    assert_eq!(r["type"], "command_result", "{r}");
+    r["result"].clone()
+}
+
+/// `guestd status <conv>` against the running guestd at `addr`: (exit ok, printed JSON).
+async fn status_cli(env: &[(String, String)], addr: &str, conv: &str) -> (bool, Value) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_guestd"))
+        .args(["status", conv])
+        .envs(env.iter().cloned())
+        .env("GUESTD_CONTROL__HTTP_LISTEN", addr)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    (
+        out.status.success(),
+        serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+            panic!(
+                "not JSON ({e}): {text}; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        }),
+    )
+}
+
+/// Issue 24: `status` remembers every end guestd reported. A chat its agent ended is answered
+/// from guestd's memory (`source: "remembered"`: reason, `ended_at` = the `ended` event's
+/// `ts`, detail, the platform's confirmation) over stdin, HTTP and `guestd status`; after a
+/// SIGKILL and a restart, for that chat and for one whose agent ended it while guestd was down
+/// (reported at the restart); by `guestd status` from the journal while no guestd runs; and a
+/// restart whose window is shorter than their age forgets both (the fallbacks answer again,
+/// here: none).
+#[tokio::test]
+async fn status_remembers_ended_chats_across_a_restart_then_forgets_them() {
+    let emu = emulator(emu_cfg()).await;
+    let journal = temp_journal();
+    let mut env = with_http_any_port(
+        with_platform(&emu, journal_env(&emu, &journal)),
+        "127.0.0.1",
+    );
+    env.push(("GUESTD_PLATFORM__CONFIRM_DELAY".into(), "20ms".into()));
+    let mut d1 = Daemon::spawn(env.clone(), &[]);
+    let chats = start_n(&mut d1, 2).await;
+    let ((s1, c1), (s2, c2)) = (chats[0].clone(), chats[1].clone());
+    for (s, c) in &chats {
+        emu.agent_join(c).unwrap();
+        d1.wait_type(s, "agent_connected").await;
+    }
+    emu.agent_end(&c1).unwrap();
+    let ended1 = d1.wait_type(&s1, "ended").await;
+    assert_eq!(ended1["reason"], "agent_ended");
+    let confirmed = d1.wait_type(&s1, "end_confirmed").await;
+    assert_eq!(confirmed["agrees"], true, "{confirmed}");
+    let check1 = |r: &Value| {
+        assert_eq!(r["alive"], false, "{r}");
+        assert_eq!(r["source"], "remembered", "{r}");
+        assert_eq!(r["session"], s1.as_str(), "{r}");
+        assert_eq!(r["reason"], "agent_ended", "{r}");
+        assert_eq!(r["ended_at"], ended1["ts"], "{r}");
+        assert_eq!(r["detail"], ended1["detail"], "{r}");
+        assert_eq!(r["duration_ms"], ended1["duration_ms"], "{r}");
+        assert_eq!(r["confirmation"]["platform_reason"], "agent_ended", "{r}");
+        assert_eq!(r["confirmation"]["agrees"], true, "{r}");
+        assert_eq!(r["end_time"], confirmed["platform_end_time"], "{r}");
+    };
+    // The confirmation is noted once its line is flushed; the status command is read after it.
+    check1(&status_stdin(&mut d1, &c1).await);
+    // The live chat: held, with its deadline.
+    let live = status_stdin(&mut d1, &c2).await;
+    assert_eq!(
+        (live["alive"].clone(), live["source"].clone()),
+        (json!(true), json!("guestd"))
+    );
+    assert_eq!(live["ends_because"], "inactivity_timeout", "{live}");
+
+    signal(d1.pid(), "KILL");
+    let _ = d1.child.wait().await;
+    emu.agent_end(&c2).unwrap();
+
+    let mut d2 = Daemon::spawn(env.clone(), &[]);
+    let ended2 = d2.wait_type(&s2, "ended").await;
+    assert_eq!(ended2["reason"], "agent_ended");
+    d2.wait_type(&s2, "end_confirmed").await;
+    check1(&status_stdin(&mut d2, &c1).await);
+    let r2 = status_stdin(&mut d2, &c2).await;
+    assert_eq!(
+        (
+            r2["source"].clone(),
+            r2["reason"].clone(),
+            r2["ended_at"].clone()
+        ),
+        (
+            json!("remembered"),
+            json!("agent_ended"),
+            ended2["ts"].clone()
+        ),
+        "{r2}"
+    );
+    assert_eq!(r2["confirmation"]["agrees"], true, "{r2}");
+    // Over HTTP and from the command line, the same answer.
+    let addr = d2.http_addr().await;
+    let http: Value = reqwest::get(format!("http://{addr}/v1/conversations/{c1}/status"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    check1(&http);
+    let (ok, cli) = status_cli(&env, &addr, &c1).await;
+    assert!(ok, "{cli}");
+    check1(&cli);
+    let d2 = finish_ok(d2).await;
+    assert_eq!(d2.count(&s1, "ended"), 0, "no end is reported twice");
+    // No guestd running: `guestd status` reads the journal's memory.
+    let (ok, cli) = status_cli(&env, "", &c1).await;
+    assert!(ok, "{cli}");
+    check1(&cli);
+
+    // A window shorter than their age: forgotten at the start; without [platform] or a jwt
+    // nothing else can answer, as before.
+    let mut env3 = journal_env(&emu, &journal);
+    env3.push(("GUESTD_STATUS__REMEMBER_ENDED".into(), "1ms".into()));
+    let mut d3 = Daemon::spawn(env3, &[]);
+    let rid = "st-forgotten";
+    d3.send(json!({"cmd": "status", "request_id": rid, "conversation_id": c1}))
+        .await;
+    let r = d3.wait(|v| v["request_id"] == rid).await;
+    assert_eq!(r["type"], "command_error", "{r}");
+    assert!(
+        r["error"].as_str().unwrap().contains("does not hold"),
+        "{r}"
+    );
+    finish_ok(d3).await;
+}
+
 #[tokio::test]
 async fn sigterm_drains_keeps_chats_and_exits_zero() {
     let emu = emulator(emu_cfg()).await;

@@ -8,7 +8,9 @@
 //! - [`publish`]: events into a JetStream stream, de-duplicated by `Nats-Msg-Id`.
 //! - [`route`]: commands reach the chat's owner, new chats the least-loaded node.
 //! - [`seal`]: XChaCha20-Poly1305 for what must not rest in NATS in plaintext.
+//! - [`ends`]: the ends nodes reported, sealed, for `status` on any node.
 
+pub mod ends;
 pub mod lease;
 pub mod node;
 pub mod publish;
@@ -108,6 +110,10 @@ pub struct Names {
     pub events: String,
     /// Command subjects: `<prefix>.cmd` (any node) and `<prefix>.cmd.<node>`.
     pub cmd: String,
+    /// Ended-chats stream (remembered ends, for `status`).
+    pub ended_stream: String,
+    /// Its subjects: `<prefix>.ended.<HMAC of the conversation id>`.
+    pub ended: String,
 }
 
 impl Names {
@@ -119,6 +125,8 @@ impl Names {
             stream: format!("{prefix}_EVENTS"),
             events: format!("{prefix}.events"),
             cmd: format!("{prefix}.cmd"),
+            ended_stream: format!("{prefix}_ENDED"),
+            ended: format!("{prefix}.ended"),
         }
     }
 }

@@ -49,14 +49,17 @@ pub enum Purpose {
     Forward,
     /// The reply to a forwarded command.
     Reply,
+    /// A chat's end, remembered for `status` (the ended-chats stream).
+    Ended,
 }
 
 impl Purpose {
-    const ALL: [Purpose; 4] = [
+    const ALL: [Purpose; 5] = [
         Purpose::Entry,
         Purpose::Node,
         Purpose::Forward,
         Purpose::Reply,
+        Purpose::Ended,
     ];
 
     fn label(self) -> &'static [u8] {
@@ -65,6 +68,7 @@ impl Purpose {
             Purpose::Node => b"node",
             Purpose::Forward => b"forward",
             Purpose::Reply => b"reply",
+            Purpose::Ended => b"ended",
         }
     }
 }
@@ -94,7 +98,7 @@ fn derive(secret: &[u8; 32], info: &[u8]) -> [u8; 32] {
 /// The keys derived from one secret.
 struct KeySet {
     kid: String,
-    aead: [XChaCha20Poly1305; 4],
+    aead: [XChaCha20Poly1305; 5],
     ids: ring::hmac::Key,
     web_messaging: [u8; 32],
 }
@@ -223,13 +227,25 @@ impl Keyring {
     /// `Nats-Msg-Id` is this, so an outsider cannot publish a copy that makes the stream drop the
     /// real event as a duplicate.
     pub fn private_id(&self, raw: &str) -> String {
-        let tag = ring::hmac::sign(&self.0[0].ids, raw.as_bytes());
-        tag.as_ref()[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        id_with(&self.0[0], raw)
+    }
+
+    /// [`Keyring::private_id`] under every secret this keyring accepts, current first (what
+    /// the others put under their ids while a key rolls).
+    pub fn private_ids(&self, raw: &str) -> Vec<String> {
+        self.0.iter().map(|k| id_with(k, raw)).collect()
     }
 }
+
+fn id_with(keys: &KeySet, raw: &str) -> String {
+    let tag = ring::hmac::sign(&keys.ids, raw.as_bytes());
+    tag.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl Keyring {}
 
 #[cfg(test)]
 mod tests {

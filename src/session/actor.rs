@@ -195,6 +195,12 @@ pub struct SessionView {
     /// Web Messaging: milliseconds until the session expires, as last seen.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_in_ms: Option<u64>,
+    /// When the platform ends the chat if nothing happens (RFC 3339); null while nothing would
+    /// (a guest chat queued with its socket up) and once it has ended.
+    pub ends_at: Option<String>,
+    /// Why it would end then: `inactivity_timeout`, `reconnect_grace_expired` or
+    /// `session_expired`.
+    pub ends_because: Option<EndReason>,
 }
 
 impl SessionView {
@@ -212,8 +218,29 @@ impl SessionView {
             read_only: false,
             agent_end_visible: None,
             expires_in_ms: None,
+            ends_at: None,
+            ends_because: None,
         }
     }
+
+    /// With `ends` (a machine's [`Machine::ends`]) as wall-clock `ends_at`/`ends_because`.
+    pub fn with_ends(mut self, ends: Option<(Instant, EndReason)>) -> SessionView {
+        if let Some((at, why)) = ends {
+            self.ends_at = Some(wall_at(at, Instant::now(), chrono::Utc::now()));
+            self.ends_because = Some(why);
+        }
+        self
+    }
+}
+
+/// The wall-clock time (RFC 3339 UTC, ms) of instant `at`, given that `now` is `wall`.
+pub fn wall_at(at: Instant, now: Instant, wall: chrono::DateTime<chrono::Utc>) -> String {
+    let t = if at >= now {
+        wall + chrono::Duration::from_std(at - now).unwrap_or_default()
+    } else {
+        wall - chrono::Duration::from_std(now - at).unwrap_or_default()
+    };
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// The way to talk to a session task.
@@ -682,12 +709,19 @@ impl Actor {
                 None
             }
             SessionCmd::Get { reply } => {
-                let _ = reply.send(SessionView {
-                    agent_connected: self.machine.agent_connected(),
-                    last_message_id: self.machine.last_message_id().map(str::to_string),
-                    ended,
-                    ..SessionView::guest_chat(&self.id, &self.chat, self.machine.phase().as_str())
-                });
+                let _ = reply.send(
+                    SessionView {
+                        agent_connected: self.machine.agent_connected(),
+                        last_message_id: self.machine.last_message_id().map(str::to_string),
+                        ended,
+                        ..SessionView::guest_chat(
+                            &self.id,
+                            &self.chat,
+                            self.machine.phase().as_str(),
+                        )
+                    }
+                    .with_ends(self.machine.ends()),
+                );
                 None
             }
             SessionCmd::Send { reply, .. }

@@ -459,6 +459,32 @@ impl Machine {
         Some(left + skew >= dl)
     }
 
+    /// When the platform ends the chat if nothing happens, and why (what `status` and `get`
+    /// report as `ends_at`/`ends_because`): the no-activity deadline while an agent is
+    /// connected (after a restart, the one the journal's agent and the guest's last message
+    /// imply, not one counted from the restart), the end of the grace window while the socket
+    /// is down (or has not opened yet), whichever comes first. None once ended, and while the
+    /// socket is up with no agent (queued: nothing ends the chat by itself).
+    pub fn ends(&self) -> Option<(Instant, EndReason)> {
+        if self.ended.is_some() {
+            return None;
+        }
+        let idle = self
+            .evidence_deadline()
+            .map(|t| (t, EndReason::InactivityTimeout));
+        let grace = match &self.link {
+            Link::Down { lost_at, .. } => Some((
+                *lost_at + self.timing.reconnect_grace,
+                EndReason::ReconnectGraceExpired,
+            )),
+            Link::Up { .. } => None,
+        };
+        match (idle, grace) {
+            (Some(i), Some(g)) => Some(if g.0 < i.0 { g } else { i }),
+            (i, g) => i.or(g),
+        }
+    }
+
     /// When the actor must tick next, or None once ended.
     pub fn next_deadline(&self) -> Option<Instant> {
         if self.ended.is_some() {

@@ -272,6 +272,7 @@ impl Actor {
                 .map(|e| e.saturating_duration_since(Instant::now()).as_millis() as u64),
             ..SessionView::guest_chat(&self.id, &self.chat, self.machine.phase().as_str())
         }
+        .with_ends(self.machine.ends())
     }
 
     fn command(&mut self, cmd: SessionCmd) -> Option<Input> {

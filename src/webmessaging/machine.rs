@@ -457,6 +457,22 @@ impl Machine {
         d
     }
 
+    /// When the session ends if nothing happens, and why (`ends_at`/`ends_because` in `status`
+    /// and `get`): while the socket is down (or not open yet), when guestd gives it up
+    /// (`reconnect_grace_expired`: the last known expiry plus a slack, or
+    /// `first_connect_window` before any expiry is known); otherwise the session's expiry as
+    /// last seen (`session_expired`; every message moves it on). None once ended, and before
+    /// the platform has named an expiry.
+    pub fn ends(&self) -> Option<(Instant, EndReason)> {
+        if self.phase == Phase::Ended {
+            return None;
+        }
+        if let Some(t) = self.give_up_at() {
+            return Some((t, EndReason::ReconnectGraceExpired));
+        }
+        self.expires.map(|e| (e, EndReason::SessionExpired))
+    }
+
     /// When a session that cannot reconnect is given up.
     fn give_up_at(&self) -> Option<Instant> {
         if !matches!(self.phase, Phase::Reconnecting | Phase::Connecting) {

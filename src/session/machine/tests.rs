@@ -857,3 +857,95 @@ async fn a_failed_backfill_says_messages_may_be_missing_and_goes_on() {
             .any(|a| matches!(a, Action::Emit(EventKind::Message { .. })))
     );
 }
+
+/// Issue 24: `ends` (what `status` and `get` report as `ends_at`/`ends_because`). Connecting:
+/// the grace window from the start; queued with the socket up: nothing; an agent connected: the
+/// no-activity deadline, moved on by each guest message; the socket down: the end of the grace
+/// window, or the deadline if that comes first; ended: nothing.
+#[tokio::test(start_paused = true)]
+async fn ends_names_the_deadline_that_will_end_the_chat() {
+    let t = timing();
+    let mut s = Sim::new();
+    let t0 = Instant::now();
+    assert_eq!(
+        s.m.ends(),
+        Some((t0 + t.reconnect_grace, EndReason::ReconnectGraceExpired)),
+        "not connected yet: the first connection's window"
+    );
+    s.connect();
+    assert_eq!(s.m.ends(), None, "queued, socket up: nothing ends it");
+    advance(Duration::from_secs(20)).await;
+    s.agent_joins();
+    let joined = Instant::now();
+    assert_eq!(
+        s.m.ends(),
+        Some((joined + t.inactivity_timeout, EndReason::InactivityTimeout))
+    );
+    advance(Duration::from_secs(60)).await;
+    s.message("g1", GUEST);
+    let wrote = Instant::now();
+    assert_eq!(
+        s.m.ends(),
+        Some((wrote + t.inactivity_timeout, EndReason::InactivityTimeout)),
+        "a guest message moves the deadline on"
+    );
+    advance(Duration::from_secs(10)).await;
+    s.message("a1", AGENT);
+    assert_eq!(
+        s.m.ends().map(|e| e.0),
+        Some(wrote + t.inactivity_timeout),
+        "an agent's message does not"
+    );
+    s.step(Input::Lost("closed".into()));
+    let lost = Instant::now();
+    assert_eq!(
+        s.m.ends(),
+        Some((lost + t.reconnect_grace, EndReason::ReconnectGraceExpired)),
+        "socket down: the grace window ends first"
+    );
+    // Close to the deadline, a drop leaves the deadline first.
+    s.tick_next().await;
+    s.step(Input::Opened);
+    s.step(Input::Backfill(Ok(Vec::new())));
+    assert_eq!(
+        s.m.ends(),
+        Some((wrote + t.inactivity_timeout, EndReason::InactivityTimeout)),
+        "up again: the deadline"
+    );
+    advance(wrote + t.inactivity_timeout - Duration::from_secs(30) - Instant::now()).await;
+    s.step(Input::Frame(ChatEvent::Heartbeat));
+    s.step(Input::Lost("closed".into()));
+    assert_eq!(
+        s.m.ends(),
+        Some((wrote + t.inactivity_timeout, EndReason::InactivityTimeout))
+    );
+    // Over: nothing.
+    s.step(Input::LeaveRequested);
+    s.change(GUEST, MemberState::Disconnected);
+    s.step(Input::LeaveDone(Ok(())));
+    assert!(s.m.ended().is_some(), "{:?}", s.types());
+    assert_eq!(s.m.ends(), None);
+}
+
+/// After a restart the deadline is the one the journal implies (the agent's connection and the
+/// guest's last message, wall clock), not one counted from the restart.
+#[tokio::test(start_paused = true)]
+async fn ends_after_a_restart_counts_from_the_journaled_activity() {
+    let t = timing();
+    let now = Instant::now();
+    let wall = 1_800_000_000_000_i64;
+    let mut m = Machine::resume(timing(), GUEST, now, now, None, now);
+    m.anchor_wall(now, wall);
+    // The guest last wrote 14 minutes before the restart; the agent connected 20 minutes before.
+    let m = m.with_activity(&crate::journal::Activity {
+        agent: Some(AGENT.into()),
+        agent_since_ms: Some(wall - 20 * 60_000),
+        last_guest_ms: Some(wall - 14 * 60_000),
+    });
+    let deadline = now - Duration::from_secs(14 * 60) + t.inactivity_timeout;
+    assert!(
+        deadline < now + t.reconnect_grace,
+        "before the grace window ends"
+    );
+    assert_eq!(m.ends(), Some((deadline, EndReason::InactivityTimeout)));
+}

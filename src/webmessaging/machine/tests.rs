@@ -947,3 +947,40 @@ fn a_session_resumed_long_after_it_began_is_not_given_up_at_once() {
         Some(EndReason::ReconnectGraceExpired)
     );
 }
+
+/// Issue 24: `ends` for Web Messaging. Before the socket opens: the first connection's window;
+/// live: the session's expiry, moved on by an echo that refreshes it; the socket down: when
+/// guestd gives the session up (the last known expiry plus a slack); ended: nothing.
+#[test]
+fn ends_names_the_expiry_or_the_give_up_time() {
+    let mut s = Sim::new(Begin::Attach, Deployment::default());
+    assert_eq!(
+        s.m.ends(),
+        Some((
+            s.base + settings().first_connect_window,
+            EndReason::ReconnectGraceExpired
+        ))
+    );
+    s.live();
+    let exp = s.m.expires().unwrap();
+    assert_eq!(s.m.ends(), Some((exp, EndReason::SessionExpired)));
+    let later = (s.wall() / 1000) as u64 + 2 * TTL;
+    s.frame(
+        json!({"type":"response","class":"StructuredMessage","code":200,"tracingId":"echo-1",
+        "body":{"text":"ping","type":"Text","direction":"Inbound","id":"e",
+        "metadata":{"durationSeconds":"7200","expirationDate":later.to_string()}}}),
+    );
+    let moved = s.m.expires().unwrap();
+    assert!(moved > exp);
+    assert_eq!(s.m.ends(), Some((moved, EndReason::SessionExpired)));
+    s.step(Input::Lost("network".into()));
+    assert_eq!(
+        s.m.ends(),
+        Some((moved + EXPIRY_SLACK, EndReason::ReconnectGraceExpired))
+    );
+    let mut over = Sim::new(Begin::Attach, Deployment::default());
+    over.live();
+    over.frame(json!({"type":"message","class":"SessionExpiredEvent","code":200,"body":{}}));
+    assert_eq!(over.m.ended(), Some(EndReason::SessionExpired));
+    assert_eq!(over.m.ends(), None);
+}
