@@ -560,3 +560,65 @@ impl WmTab {
             .unwrap();
     }
 }
+
+/// Issue 23's hostile server, for Web Messaging: one session's server floods websocket pings for
+/// 8 s and reads nothing. guestd grows by less than 32 MiB, answers commands throughout, the other
+/// session sends and hears its echo during the flood, and the flooded one follows its own rules
+/// (it may find its socket dead, with no answer to its echo pings, and reconnect; it never ends
+/// for it). Each then ends once, for its reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ping_flood_from_one_sessions_server_costs_bounded_memory_and_nothing_else() {
+    let emu = emu_with(WebMessagingConfig::default()).await;
+    let mut d = Daemon::spawn(env(&emu), &[]);
+    let (flooded, calm) = (token(), token());
+    let s1 = start(&mut d, "f1", &flooded).await;
+    let s2 = start(&mut d, "f2", &calm).await;
+    let (_, before) = memory_kib(d.pid());
+    let mut log = emu.subscribe_log();
+    admin(&emu, &flooded, json!({"action": "ping_flood", "ms": 8000})).await;
+    let flood_done = |emu: &Emulator| emu.log().iter().any(|e| e.action == "wm_ping_flood");
+    // During the flood: commands are answered, the other session sends and is confirmed.
+    let r = command(&mut d, json!({"cmd": "list"})).await;
+    assert_eq!(r["type"], "command_result", "{r}");
+    let r = command(
+        &mut d,
+        json!({"cmd": "send", "session": s2, "body": "during"}),
+    )
+    .await;
+    assert_eq!(r["type"], "command_result", "{r}");
+    assert!(!flood_done(&emu), "answered only after the flood");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(8) + wait();
+    let pings = loop {
+        if let Some(e) = emu.log().into_iter().find(|e| e.action == "wm_ping_flood") {
+            break e.detail.parse::<u64>().unwrap_or(0);
+        }
+        tokio::time::timeout_at(deadline, log.recv())
+            .await
+            .expect("the flood ends")
+            .ok();
+    };
+    let (peak, _) = memory_kib(d.pid());
+    let grew = peak.saturating_sub(before);
+    eprintln!(
+        "{pings} pings until the flood's end or its socket's (guestd replaces a socket whose echo \
+         pings go unanswered: {} reconnects); RSS {before} KiB, peak {peak} KiB (+{grew} KiB)",
+        d.count(&s1, "reconnected")
+    );
+    assert!(pings > 10_000, "a flood of {pings} pings proves nothing");
+    assert!(grew < 32 * 1024, "grew by {grew} KiB");
+    // The calm session never noticed; neither session ended.
+    assert_eq!(d.count(&s2, "disconnected"), 0);
+    assert_eq!(d.count(&s1, "ended") + d.count(&s2, "ended"), 0);
+    // Both still work, then end once each.
+    let r = command(
+        &mut d,
+        json!({"cmd": "send", "session": s1, "body": "after"}),
+    )
+    .await;
+    assert_eq!(r["type"], "command_result", "{r}");
+    for s in [&s1, &s2] {
+        command(&mut d, json!({"cmd": "leave", "session": s})).await;
+        one_ended(&mut d, s, "guest_left").await;
+    }
+    finish(d, &[&flooded, &calm]).await;
+}

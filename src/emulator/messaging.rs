@@ -86,6 +86,9 @@ pub(crate) enum WmCmd {
     Drop,
     /// Stop (or start again) reading the socket: no pongs while stopped.
     Deaf(bool),
+    /// Send websocket pings as fast as the socket takes them for this long, reading nothing
+    /// meanwhile (a hostile server; logged as `wm_ping_flood` with the count when done).
+    PingFlood(Duration),
 }
 
 struct Conn {
@@ -268,6 +271,30 @@ where
                 }
                 Some(WmCmd::Drop) | None => break,
                 Some(WmCmd::Deaf(d)) => deaf = d,
+                Some(WmCmd::PingFlood(span)) => {
+                    let until = Instant::now() + span;
+                    let mut sent = 0u64;
+                    let mut failed = false;
+                    while Instant::now() < until {
+                        if sink.feed(Message::Ping(bytes::Bytes::from_static(b"flood"))).await.is_err() {
+                            failed = true;
+                            break;
+                        }
+                        sent += 1;
+                        if sent % 256 == 0 {
+                            if sink.flush().await.is_err() {
+                                failed = true;
+                                break;
+                            }
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                    failed |= sink.flush().await.is_err();
+                    sh.world().record(None, "wm_ping_flood", None, sent.to_string());
+                    if failed {
+                        break;
+                    }
+                }
             },
             msg = stream.next(), if !deaf => match msg {
                 Some(Ok(Message::Text(t))) => {
@@ -479,6 +506,12 @@ pub enum WmAdmin {
         /// Stop (true) or resume (false).
         deaf: bool,
     },
+    /// Flood every socket of the session with websocket pings for `ms` milliseconds, reading
+    /// nothing meanwhile.
+    PingFlood {
+        /// How long.
+        ms: u64,
+    },
 }
 
 /// Apply an admin action to the session of `token`; false if there is none.
@@ -554,6 +587,11 @@ pub(crate) fn admin(sh: &Shared, token: &str, a: WmAdmin) -> bool {
         WmAdmin::Deaf { deaf } => {
             for c in &s.conns {
                 let _ = c.tx.send(WmCmd::Deaf(deaf));
+            }
+        }
+        WmAdmin::PingFlood { ms } => {
+            for c in &s.conns {
+                let _ = c.tx.send(WmCmd::PingFlood(Duration::from_millis(ms)));
             }
         }
     }

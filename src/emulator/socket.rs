@@ -159,12 +159,12 @@ async fn serve(
 
 /// The server's side of the closing handshake (RFC 6455, 7.1.1): send the close frame, then read
 /// on until the client's close before the TCP connection is dropped: while the client keeps
-/// sending (at most 30 s), or until it has been silent for 2 s, or the emulator stops. Dropping it with the client's data still unread makes the kernel answer
+/// sending (at most 2 minutes), or until it has been silent for 2 s, or the emulator stops. Dropping it with the client's data still unread makes the kernel answer
 /// with a reset, and a reset makes the client's kernel discard what it had received but not yet
 /// read: the frames sent just before the close (the members' DISCONNECTED of a chat the server
 /// ended) would be lost, which the platform, reading its sockets all along, does not do. It
 /// happened after a ping flood: the client, answering each ping of the backlog, took 3 to 10 s
-/// to reach the close.
+/// to reach the close, over 30 s on a loaded machine.
 async fn close_and_drain(sh: &Shared, ws: &mut WebSocketStream<EmuStream>, frame: CloseFrame) {
     let handshake = async {
         if tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame)))
@@ -178,7 +178,7 @@ async fn close_and_drain(sh: &Shared, ws: &mut WebSocketStream<EmuStream>, frame
     };
     tokio::select! {
         _ = sh.cancel.cancelled() => {}
-        _ = tokio::time::timeout(Duration::from_secs(30), handshake) => {}
+        _ = tokio::time::timeout(Duration::from_secs(120), handshake) => {}
     }
 }
 

@@ -367,10 +367,15 @@ impl Daemon {
 
     /// Next event line; None at EOF (or once `close_stdout` was called).
     pub async fn next(&mut self) -> Option<Value> {
+        self.next_within(wait()).await
+    }
+
+    /// [`Daemon::next`], waiting at most `within` for the line.
+    pub async fn next_within(&mut self, within: Duration) -> Option<Value> {
         let lines = self.lines.as_mut()?;
-        let line = tokio::time::timeout(wait(), lines.next_line())
+        let line = tokio::time::timeout(within, lines.next_line())
             .await
-            .unwrap_or_else(|_| panic!("no event within {:?}; seen: {:#?}", wait(), self.seen))
+            .unwrap_or_else(|_| panic!("no event within {within:?}; seen: {:#?}", self.seen))
             .unwrap()?;
         let v: Value = serde_json::from_str(&line)
             .unwrap_or_else(|e| panic!("stdout line is not JSON ({e}): {line}"));
@@ -383,12 +388,18 @@ impl Daemon {
     /// while waiting for something else; events race, tests should not care in which order
     /// unrelated ones arrive) or the next one to come.
     pub async fn wait(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
+        self.wait_within(pred, wait()).await
+    }
+
+    /// [`Daemon::wait`], allowing `within` between two lines (a daemon that is busy by design,
+    /// working through a flood's backlog, say).
+    pub async fn wait_within(&mut self, pred: impl Fn(&Value) -> bool, within: Duration) -> Value {
         if let Some(i) = (0..self.seen.len()).find(|&i| !self.taken[i] && pred(&self.seen[i])) {
             self.taken[i] = true;
             return self.seen[i].clone();
         }
         loop {
-            match self.next().await {
+            match self.next_within(within).await {
                 Some(v) if pred(&v) => return v,
                 Some(_) => {
                     let last = self.taken.len() - 1;
@@ -620,4 +631,17 @@ pub fn pki() -> Pki {
     std::fs::write(&pki.cert, cert.pem()).unwrap();
     std::fs::write(&pki.key, key.serialize_pem()).unwrap();
     pki
+}
+
+/// Peak resident memory (`VmHWM`) and resident memory now (`VmRSS`) of `pid`, KiB.
+pub fn memory_kib(pid: i32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap()
+    };
+    (field("VmHWM:"), field("VmRSS:"))
 }
