@@ -812,9 +812,52 @@ fn env_value(var: &str, path: &[String], raw: &str) -> Result<toml::Value, Confi
         return Err(err(format!("{key} is not a configuration key{hint}")));
     }
     let key = path.join(".");
-    // serde's words ("invalid type: integer `5`, expected a boolean"); no other echo of the
-    // value, which may be a secret.
-    Err(err(format!("{key}: {}", msg.replace('\n', " "))))
+    // serde's words ("invalid type: integer `5`, expected a boolean") without the value it
+    // quotes, which may be a secret.
+    Err(err(format!(
+        "{key}: {}",
+        unquote_values(&msg.replace('\n', " "))
+    )))
+}
+
+/// A variable Kubernetes (service links, for a Service named `guestd...`) or Docker (`--link`)
+/// puts into every container: `GUESTD_SERVICE_HOST`, `GUESTD_SERVICE_PORT[_NAME]`, `GUESTD_PORT`,
+/// `GUESTD_PORT_8787_TCP[_PROTO|_PORT|_ADDR]`, the same after a longer service name
+/// (`GUESTD_CONTROL_SERVICE_HOST`). Not guestd's: ignored, so a pod does not crash-loop once such
+/// a Service exists. (`rest` is the name after `GUESTD_`; no configuration key has a single
+/// underscore before `SERVICE_` or `PORT`.)
+fn is_service_link(rest: &str) -> bool {
+    if rest.contains("__") {
+        return false;
+    }
+    let upper = rest.to_ascii_uppercase();
+    let tail = |s: &str| -> Option<String> {
+        if let Some(t) = upper.strip_prefix(s) {
+            return Some(t.to_string());
+        }
+        upper
+            .find(&format!("_{s}"))
+            .map(|i| upper[i + 1 + s.len()..].to_string())
+    };
+    if let Some(t) = tail("SERVICE_HOST") {
+        return t.is_empty();
+    }
+    if let Some(t) = tail("SERVICE_PORT") {
+        return t.is_empty() || t.starts_with('_');
+    }
+    if let Some(t) = tail("PORT") {
+        if t.is_empty() {
+            return true;
+        }
+        // _8787_TCP, _8787_TCP_PROTO, _8787_TCP_PORT, _8787_TCP_ADDR
+        let parts: Vec<&str> = t.trim_start_matches('_').split('_').collect();
+        return parts.len() >= 2
+            && parts[0].chars().all(|c| c.is_ascii_digit())
+            && ["TCP", "UDP", "SCTP"].contains(&parts[1])
+            && (parts.len() == 2
+                || (parts.len() == 3 && ["PROTO", "PORT", "ADDR"].contains(&parts[2])));
+    }
+    false
 }
 
 /// Turn `GUESTD_A__B_C=v` pairs into overrides of key `a.b_c` in `doc`. Every `GUESTD_`
@@ -830,7 +873,7 @@ fn apply_env(
         let Some(rest) = var.strip_prefix("GUESTD_") else {
             continue;
         };
-        if NON_KEY_VARS.contains(&var.as_str()) {
+        if NON_KEY_VARS.contains(&var.as_str()) || is_service_link(rest) {
             continue;
         }
         let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
@@ -844,6 +887,38 @@ fn apply_env(
         })?;
     }
     Ok(())
+}
+
+/// serde's message with the value it quotes taken out: "invalid type: integer `987654321`,
+/// expected a string" becomes "invalid type: integer, expected a string" (the value may be a
+/// secret, a token written without quotes). Only a quote right after the name of what serde
+/// found (`integer`, `string`, ...) is a value; a quoted key name (`` in `control.token` ``)
+/// stays.
+pub(crate) fn unquote_values(msg: &str) -> String {
+    const FOUND: &[&str] = &[
+        "integer ",
+        "string ",
+        "floating point ",
+        "boolean ",
+        "character ",
+        "value ",
+        "variant ",
+    ];
+    let mut out = String::with_capacity(msg.len());
+    let mut chars = msg.chars();
+    while let Some(c) = chars.next() {
+        if (c == '`' || c == '"') && FOUND.iter().any(|f| out.ends_with(f)) {
+            for d in chars.by_ref() {
+                if d == c {
+                    break;
+                }
+            }
+            out.pop();
+            continue;
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// A TOML syntax error as "line L, column C: message", without toml's quote of the line (which
@@ -877,7 +952,7 @@ impl Config {
         apply_env(&mut doc, env)?;
         let cfg: Config = toml::Value::Table(doc)
             .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+            .map_err(|e: toml::de::Error| ConfigError::Parse(unquote_values(&e.to_string())))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -1148,6 +1223,56 @@ mod tests {
 
     fn none() -> std::iter::Empty<(String, String)> {
         std::iter::empty()
+    }
+
+    #[test]
+    fn a_value_serde_quotes_is_never_printed() {
+        let e = Config::from_toml("[control]\ntoken = 987654321\n", none())
+            .expect_err("an integer token");
+        let text = e.to_string();
+        assert!(!text.contains("987654321"), "{text}");
+        assert!(text.contains("control") && text.contains("token"), "{text}");
+        let e = Config::from_toml(
+            "",
+            [(
+                "GUESTD_CLUSTER__SERVERS".to_string(),
+                "nats://u:PASS@h".to_string(),
+            )]
+            .into_iter(),
+        )
+        .expect_err("a string for a list");
+        assert!(!e.to_string().contains("PASS"), "{e}");
+        assert_eq!(
+            unquote_values("invalid type: string \"x\", expected a sequence in `cluster.servers`"),
+            "invalid type: string, expected a sequence in `cluster.servers`"
+        );
+    }
+
+    #[test]
+    fn service_link_variables_are_not_guestds() {
+        for v in [
+            "SERVICE_HOST",
+            "SERVICE_PORT",
+            "SERVICE_PORT_HTTP",
+            "PORT",
+            "PORT_8787_TCP",
+            "PORT_8787_TCP_PROTO",
+            "PORT_8787_TCP_ADDR",
+            "CONTROL_SERVICE_HOST",
+            "CONTROL_PORT_8787_TCP_PORT",
+        ] {
+            assert!(is_service_link(v), "{v}");
+            let env = [(format!("GUESTD_{v}"), "10.0.0.5".to_string())];
+            assert!(Config::from_toml("", env.into_iter()).is_ok(), "{v}");
+        }
+        for v in [
+            "CONTROL__PORT",
+            "SESSION_PORT_X",
+            "PORTS",
+            "GENESYS_ORGANIZATION_ID",
+        ] {
+            assert!(!is_service_link(v), "{v}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The log filter: where it comes from (`--log-level`/`GUESTD_LOG_LEVEL`, `[log] level`,
 //! `RUST_LOG`, else `info`) and a check that refuses a filter that would silently drop every
-//! line (`RUST_LOG=verbose` is, to tracing, "everything of the target `verbose`").
+//! line (`RUST_LOG=verbose` is, to tracing, "everything of the target `verbose`"), while
+//! `warn,hyper` or `guestd::session` pass as tracing reads them.
 
 use tracing_subscriber::EnvFilter;
 
@@ -27,9 +28,9 @@ fn is_level(s: &str) -> bool {
     LEVELS.iter().any(|l| l.eq_ignore_ascii_case(s.trim()))
 }
 
-/// Check a filter (comma-separated directives, each a level or `target[span{field}]=level`)
-/// and build it. A bare word that is not a level is refused: tracing would take it for a
-/// target name and drop everything else.
+/// Check a filter (comma-separated directives: a level, `target[span{field}]=level`, or a bare
+/// target) and build it. A filter of bare words only, none a level nor one of guestd's targets
+/// (`RUST_LOG=verbose`), is refused: tracing would take each for a target and show nothing.
 pub fn parse_filter(source_name: &str, spec: &str) -> Result<EnvFilter, FilterError> {
     let refuse = |directive: &str, detail: String| FilterError {
         source_name: source_name.to_string(),
@@ -42,13 +43,22 @@ pub fn parse_filter(source_name: &str, spec: &str) -> Result<EnvFilter, FilterEr
         .filter(|d| !d.is_empty())
         .collect();
     for d in &directives {
-        let ok = match d.rsplit_once('=') {
-            Some((target, level)) => !target.trim().is_empty() && is_level(level),
-            None => is_level(d),
-        };
-        if !ok {
+        if let Some((target, level)) = d.rsplit_once('=')
+            && (target.trim().is_empty() || !is_level(level))
+        {
             return Err(refuse(d, String::new()));
         }
+    }
+    // A bare word is a target ("everything of it"): fine beside a level (`warn,hyper`) or when
+    // it names guestd's own (`guestd`, `guestd::session`). Alone and unknown (`verbose`), it
+    // would show nothing at all.
+    let known_target = |d: &str| d.starts_with("guestd") || d.contains("::");
+    if let Some(first) = directives.first()
+        && directives
+            .iter()
+            .all(|d| !d.contains('=') && !is_level(d) && !known_target(d))
+    {
+        return Err(refuse(first, String::new()));
     }
     EnvFilter::builder()
         .with_default_directive(tracing::level_filters::LevelFilter::INFO.into())
@@ -88,7 +98,17 @@ mod tests {
         ] {
             assert!(parse_filter("RUST_LOG", ok).is_ok(), "{ok}");
         }
-        for bad in ["verbose", "info,verbose", "guestd=loud", "=debug"] {
+        // A bare target beside a level, or one of guestd's own: what the user meant.
+        for ok in [
+            "warn,guestd::session",
+            "info,hyper",
+            "guestd",
+            "guestd::session",
+            "info,verbose",
+        ] {
+            assert!(parse_filter("RUST_LOG", ok).is_ok(), "{ok}");
+        }
+        for bad in ["verbose", "loud,noisy", "guestd=loud", "=debug"] {
             let e = parse_filter("RUST_LOG", bad).unwrap_err().to_string();
             assert!(
                 e.starts_with("RUST_LOG: `") && e.contains("neither a level"),

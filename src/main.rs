@@ -331,17 +331,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             // Listening, journal read back, every kept chat held again: ready (Type=notify).
             guestd::sdnotify::notify_or_log("READY=1");
             // SIGHUP reloads and never ends the process; SIGTERM and SIGINT drain.
-            let sig = loop {
+            // A reload runs beside the signals: one that waits (new platform credentials wait
+            // for a token request under way) never holds a SIGTERM back.
+            let sig = 'signals: loop {
                 match signals.wait().await {
                     "SIGHUP" => {
-                        reload(
+                        guestd::sdnotify::notify_or_log("RELOADING=1");
+                        let reloading = reload(
                             &mut reloader,
                             &running,
                             config.as_deref(),
                             leave_on_shutdown,
                             &mut logs,
-                        )
-                        .await
+                        );
+                        tokio::pin!(reloading);
+                        loop {
+                            tokio::select! {
+                                _ = &mut reloading => break,
+                                sig = signals.wait() => match sig {
+                                    "SIGHUP" => tracing::info!("SIGHUP during a reload: ignored, the reload under way reads the configuration"),
+                                    sig => break 'signals sig,
+                                },
+                            }
+                        }
+                        guestd::sdnotify::notify_or_log("READY=1");
                     }
                     sig => break sig,
                 }

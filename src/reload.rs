@@ -89,6 +89,15 @@ impl Reloader {
     ) -> Result<Report, String> {
         let changed = changed_keys(&self.current, &new);
         let token = new.control.bearer_token()?;
+        if self.token.is_some() && token.is_none() {
+            // An API that had a token would answer anyone from now on (off loopback: anyone
+            // who reaches it); guestd warns of that at start, so it is a start's decision.
+            return Err(
+                "the new configuration has no API token where the running one has: \
+                        removing the token needs a restart"
+                    .into(),
+            );
+        }
         let credentials = if new.platform.enabled() {
             Some(new.platform.credentials()?)
         } else {

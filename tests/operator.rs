@@ -431,6 +431,18 @@ async fn sighup_reloads_the_token_and_keeps_every_chat() {
     let line = log_line(&d, from, "reload refused").await;
     assert!(line.contains("rest.max_concurrent"), "{line}");
     assert_eq!(get("new-token").await, 200);
+    // A valid configuration without the token: refused too (an API that had a token would
+    // answer anyone), the token kept.
+    std::fs::write(&config, "").unwrap();
+    let from = d.stderr().len();
+    signal(d.pid(), "HUP");
+    let line = log_line(&d, from, "reload refused").await;
+    assert!(
+        line.contains("removing the token needs a restart"),
+        "{line}"
+    );
+    assert_eq!(get("new-token").await, 200);
+    assert_eq!(get("").await, 401);
     // The chat lived through both: still connected, no end, and it still carries messages.
     d.send(json!({"cmd": "get", "request_id": "g1", "session": s}))
         .await;
