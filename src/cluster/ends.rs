@@ -127,17 +127,34 @@ impl crate::ends::Replica for EndsStream {
         let payload: bytes::Bytes = seal(rec, &self.keys).into();
         let js = self.js.clone();
         let session = rec.session.clone();
+        // The bare end goes in only where the conversation has no record yet: its publish may be
+        // retried and land after the confirmed record (published separately, a moment later),
+        // which it must not replace. A repeat of the same end (a restart) finds its own record.
+        let bare = rec.confirmation.is_none();
         tokio::spawn(async move {
             for attempt in 1..=PUBLISH_TRIES {
                 let sent = async {
-                    js.publish(subject.clone(), payload.clone())
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .await
-                        .map_err(|e| e.to_string())
+                    let ack = if bare {
+                        let mut headers = async_nats::HeaderMap::new();
+                        headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
+                        js.publish_with_headers(subject.clone(), headers, payload.clone())
+                            .await
+                    } else {
+                        js.publish(subject.clone(), payload.clone()).await
+                    };
+                    match ack.map_err(|e| e.to_string())?.await {
+                        Ok(_) => Ok(()),
+                        Err(e)
+                            if e.kind()
+                                == async_nats::jetstream::context::PublishErrorKind::WrongLastSequence =>
+                        {
+                            Ok(())
+                        }
+                        Err(e) => Err(e.to_string()),
+                    }
                 };
                 match tokio::time::timeout(CALL, sent).await {
-                    Ok(Ok(_)) => return,
+                    Ok(Ok(())) => return,
                     Ok(Err(e)) if attempt == PUBLISH_TRIES => {
                         tracing::warn!(session, error = %e, "could not share a chat's end with the other nodes; they answer status from the other sources")
                     }
