@@ -1060,21 +1060,15 @@ async fn a_ping_flood_from_one_chat_server_costs_bounded_memory_and_nothing_else
             "lean_ws {lean_ws}: the other chat ended only after the flood"
         );
         // The flood's end is logged with its count.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(12) + wait();
-        let mut log = emu.subscribe_log();
-        let pings = loop {
-            if let Some(e) = emu
-                .log()
-                .into_iter()
-                .find(|e| e.conversation_id.as_deref() == Some(&c1) && e.action == "ping_flood")
-            {
-                break e.detail.parse::<u64>().unwrap_or(0);
-            }
-            tokio::time::timeout_at(deadline, log.recv())
-                .await
-                .expect("the flood ends")
-                .ok();
-        };
+        let pings = log_entry_within(
+            &emu,
+            |e| e.conversation_id.as_deref() == Some(&c1) && e.action == "ping_flood",
+            Duration::from_secs(12) + wait(),
+        )
+        .await
+        .detail
+        .parse::<u64>()
+        .unwrap_or(0);
         let (peak, _) = memory_kib(d.pid());
         let grew = peak.saturating_sub(before);
         eprintln!(

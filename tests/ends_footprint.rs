@@ -4,50 +4,11 @@
 
 use guestd::ends::{Confirmation, EndRecord, Ends, Remember};
 use guestd::events::{EndReason, Participant};
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 
-struct Counting;
-
-thread_local! {
-    static LIVE: Cell<isize> = const { Cell::new(0) };
-}
-
-fn count(delta: isize) {
-    let _ = LIVE.try_with(|live| live.set(live.get() + delta));
-}
-
-// SAFETY: every call is passed to the system allocator unchanged; only sizes are counted.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            count(layout.size() as isize);
-        }
-        p
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            count(layout.size() as isize);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        count(-(layout.size() as isize));
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new: usize) -> *mut u8 {
-        let p = unsafe { System.realloc(ptr, layout, new) };
-        if !p.is_null() {
-            count(new as isize - layout.size() as isize);
-        }
-        p
-    }
-}
+mod counting;
 
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: counting::Counting = counting::Counting;
 
 const N: usize = 20_000;
 
@@ -92,15 +53,14 @@ fn per_record(confirmed: bool) -> isize {
     let records: Vec<EndRecord> = (0..N).map(|i| record(i, confirmed)).collect();
     // The vector's buffer is freed as the records move in: not the memory's saving.
     let buffer = (records.capacity() * size_of::<EndRecord>()) as isize;
-    let before = LIVE.with(Cell::get);
+    let before = counting::live();
     ends.restore(records);
-    let tables = LIVE.with(Cell::get) - before + buffer;
+    let tables = counting::live() - before + buffer;
     assert_eq!(ends.len(), N);
     // The heap the records brought with them, measured on a second set built the same way.
-    let start = LIVE.with(Cell::get);
+    let start = counting::live();
     let again: Vec<EndRecord> = (0..N).map(|i| record(i, confirmed)).collect();
-    let contents =
-        LIVE.with(Cell::get) - start - (again.capacity() * size_of::<EndRecord>()) as isize;
+    let contents = counting::live() - start - (again.capacity() * size_of::<EndRecord>()) as isize;
     drop(again);
     (tables + contents) / N as isize
 }

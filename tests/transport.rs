@@ -17,8 +17,6 @@
 use futures::{SinkExt, StreamExt};
 use guestd::stream::{ConnectError, Connector, StreamConfig, Ws};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -29,56 +27,10 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 // ---------------------------------------------------------------- allocation counting
 
-struct Counting;
-
-thread_local! {
-    static LIVE: Cell<isize> = const { Cell::new(0) };
-    static PEAK: Cell<isize> = const { Cell::new(0) };
-}
-
-fn count(delta: isize) {
-    let _ = LIVE.try_with(|live| {
-        let now = live.get() + delta;
-        live.set(now);
-        let _ = PEAK.try_with(|peak| {
-            if now > peak.get() {
-                peak.set(now);
-            }
-        });
-    });
-}
-
-// SAFETY: every call is passed to the system allocator unchanged; only sizes are counted.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            count(layout.size() as isize);
-        }
-        p
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            count(layout.size() as isize);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        count(-(layout.size() as isize));
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new: usize) -> *mut u8 {
-        let p = unsafe { System.realloc(ptr, layout, new) };
-        if !p.is_null() {
-            count(new as isize - layout.size() as isize);
-        }
-        p
-    }
-}
+mod counting;
 
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: counting::Counting = counting::Counting;
 
 /// The bound docs/design.md states per socket.
 const BOUND: isize = 1 << 20;
@@ -467,8 +419,7 @@ fn run(s: &Scenario, tls: bool, arm: Arm, pad: usize) -> (Outcome, isize) {
         );
         let scheme = if tls { "wss" } else { "ws" };
         let url = format!("{scheme}://{addr}/v2/stream");
-        let base = LIVE.with(|l| l.get());
-        PEAK.with(|p| p.set(base));
+        let base = counting::start_peak();
         let mut client_log = Vec::new();
         match connector.connect_to(&url, None).await {
             Err(e) => client_log.push(format!("connect: {}", connect_class(&e, addr))),
@@ -484,7 +435,7 @@ fn run(s: &Scenario, tls: bool, arm: Arm, pad: usize) -> (Outcome, isize) {
                 client_log = c.log;
             }
         }
-        let peak = PEAK.with(|p| p.get()) - base;
+        let peak = counting::peak() - base;
         let server_log = tokio::time::timeout(Duration::from_secs(30), server)
             .await
             .unwrap_or_else(|_| panic!("{} ({arm:?}, tls {tls}): the server hung", s.name))

@@ -579,7 +579,6 @@ async fn a_ping_flood_from_one_sessions_server_costs_bounded_memory_and_nothing_
     let s1 = start(&mut d, "f1", &flooded).await;
     let s2 = start(&mut d, "f2", &calm).await;
     let (_, before) = memory_kib(d.pid());
-    let mut log = emu.subscribe_log();
     admin(&emu, &flooded, json!({"action": "ping_flood", "ms": 8000})).await;
     let flood_done = |emu: &Emulator| emu.log().iter().any(|e| e.action == "wm_ping_flood");
     // During the flood: commands are answered, the other session sends and is confirmed.
@@ -592,16 +591,15 @@ async fn a_ping_flood_from_one_sessions_server_costs_bounded_memory_and_nothing_
     .await;
     assert_eq!(r["type"], "command_result", "{r}");
     assert!(!flood_done(&emu), "answered only after the flood");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(8) + wait();
-    let pings = loop {
-        if let Some(e) = emu.log().into_iter().find(|e| e.action == "wm_ping_flood") {
-            break e.detail.parse::<u64>().unwrap_or(0);
-        }
-        tokio::time::timeout_at(deadline, log.recv())
-            .await
-            .expect("the flood ends")
-            .ok();
-    };
+    let pings = log_entry_within(
+        &emu,
+        |e| e.action == "wm_ping_flood",
+        Duration::from_secs(8) + wait(),
+    )
+    .await
+    .detail
+    .parse::<u64>()
+    .unwrap_or(0);
     let (peak, _) = memory_kib(d.pid());
     let grew = peak.saturating_sub(before);
     eprintln!("{pings} pings in 8 s; RSS {before} KiB, peak {peak} KiB (+{grew} KiB)");

@@ -232,6 +232,27 @@ pub fn is_member_change(v: &Value, id: &str, state: &str) -> bool {
         && v["eventBody"]["member"]["state"] == state
 }
 
+/// The first entry of the emulator's log that `pred` accepts, waiting up to `within` for it.
+pub async fn log_entry_within(
+    emu: &Emulator,
+    pred: impl Fn(&guestd::emulator::world::LogEntry) -> bool,
+    within: Duration,
+) -> guestd::emulator::world::LogEntry {
+    let mut rx = emu.subscribe_log();
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(e) = emu.log().into_iter().find(|e| pred(e)) {
+            return e;
+        }
+        if tokio::time::timeout_at(deadline, rx.recv()).await.is_err() {
+            panic!(
+                "no such entry in the emulator log within {within:?}: {:?}",
+                emu.log()
+            );
+        }
+    }
+}
+
 /// Wait for the emulator's guest-side log to show `action` for `conv`.
 pub async fn wait_log(emu: &Emulator, conv: &str, action: &str, count: usize) {
     let mut rx = emu.subscribe_log();
