@@ -698,6 +698,32 @@ fn a_tls_end_without_close_notify() {
     }
 }
 
+/// Over TLS, the close_notify comes late: the websocket close is answered, then the server
+/// waits half a second before its close_notify and FIN. The client reads the close, then a clean
+/// end, and nothing in between.
+#[test]
+fn a_tls_close_notify_that_comes_late() {
+    let s = Scenario {
+        name: "late close_notify",
+        server: |mut s| {
+            Box::pin(async move {
+                s.upgrade().await;
+                s.text("hi").await;
+                s.close(1000, "bye").await;
+                s.read_until_close().await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                s.shutdown().await;
+                s
+            })
+        },
+        client: reads_to_the_end,
+    };
+    for (_, o) in differential(&s, &[true]) {
+        assert_eq!(o.client, ["text 2 \"hi\"", "close 1000 \"bye\"", "end"]);
+        assert_eq!(o.server, ["close 1000 \"bye\""]);
+    }
+}
+
 /// A TLS 1.3 key update from the server between messages (it asks the client to update too).
 #[test]
 fn a_tls_key_update_between_messages() {
