@@ -125,7 +125,7 @@ impl Access {
             let given = headers
                 .get(header::AUTHORIZATION)
                 .and_then(|a| a.to_str().ok())
-                .and_then(|a| a.strip_prefix("Bearer "))
+                .and_then(bearer_credentials)
                 .unwrap_or_default();
             if !constant_time_eq(given.as_bytes(), token.expose().as_bytes()) {
                 return refuse(
@@ -204,6 +204,14 @@ pub async fn guard(State(cell): State<AccessCell>, req: Request, next: Next) -> 
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` value. The scheme is case-insensitive (RFC
+/// 7235, 2.1: Genesys's Messenger Transport SDK sends `bearer`), followed by one or more spaces.
+pub fn bearer_credentials(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.split_once(' ')?;
+    let token = rest.trim_start_matches(' ');
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,6 +277,13 @@ mod tests {
             )
         };
         assert!(with("Bearer s3cret").is_ok());
+        assert!(
+            with("bearer s3cret").is_ok(),
+            "the scheme is case-insensitive"
+        );
+        assert!(with("BEARER  s3cret").is_ok());
+        assert!(with("Basic s3cret").is_err());
+        assert!(with("Bearers3cret").is_err());
         assert_eq!(
             with("Bearer nope").unwrap_err().status,
             StatusCode::UNAUTHORIZED

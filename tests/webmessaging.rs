@@ -154,6 +154,14 @@ async fn a_session_lives_by_its_token_and_echoes_every_send() {
         .map(|m| m.text.clone().unwrap_or_default())
         .collect();
     assert_eq!(texts, ["hi, Ann", "hello"]);
+    // The scheme as the Messenger Transport SDK writes it, lowercase (RFC 7235: any case).
+    let lower = http
+        .get(&url)
+        .header("Authorization", format!("bearer {}", jwt.expose()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lower.status(), 200);
     assert_eq!(
         http.get(&url)
             .bearer_auth("wm-nope")

@@ -189,12 +189,10 @@ async fn json_errors(req: Request, next: axum::middleware::Next) -> Response {
     ApiError::new(status, code, message).into_response()
 }
 
+/// The bearer token of a request; the scheme is case-insensitive (the Messenger Transport SDK
+/// sends `bearer <jwt>` to the history call; issue 25).
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
+    crate::access::bearer_credentials(headers.get(header::AUTHORIZATION)?.to_str().ok()?)
 }
 
 /// The next fault queued by `/emulator/faults`, as the error reply it becomes (429 carries
