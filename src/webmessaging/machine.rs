@@ -880,7 +880,9 @@ impl Machine {
         out: &mut Vec<Action>,
     ) -> bool {
         let key = m.key().to_string();
-        if m.kind == "Event" || self.seen.contains(&key) {
+        // Events and delivery receipts are not messages (a Receipt is the platform saying a
+        // message was delivered or read).
+        if m.kind == "Event" || m.kind == "Receipt" || self.seen.contains(&key) {
             return false;
         }
         if self.seen.len() >= SEEN {
@@ -951,7 +953,13 @@ impl Machine {
                     );
                 }
                 if message.direction == "Outbound" && message.typing() {
-                    let (id, role) = sender(&message);
+                    // The platform's typing events name no originatingEntity (the Messenger
+                    // Transport SDK reads every one as the agent's): only a bot's says Bot.
+                    let (id, role) = if message.originating_entity.as_deref() == Some("Bot") {
+                        ("bot", "workflow")
+                    } else {
+                        ("agent", "agent")
+                    };
                     out.push(Action::Emit(EventKind::Typing {
                         sender_id: id.into(),
                         sender_role: role.into(),

@@ -160,6 +160,45 @@ fn disconnect(read_only: bool) -> serde_json::Value {
     v
 }
 
+/// Issue 25, item 9: an agent's typing event carries no originatingEntity (the shape the
+/// Messenger Transport SDK's fixtures show): it is the agent's, not a bot's; a bot's says Bot.
+/// A Receipt frame is not a message.
+#[test]
+fn typing_without_an_entity_is_the_agents_and_a_receipt_is_no_message() {
+    let mut s = Sim::new(Begin::Attach, Deployment::default());
+    s.live();
+    let typing = |entity: Option<&str>| {
+        let mut v = json!({"type":"message","class":"StructuredMessage","code":200,"body":{
+            "type":"Event","direction":"Outbound","id":"t",
+            "channel":{"time":"2026-11-29T12:00:01.000Z"},
+            "events":[{"eventType":"Typing","typing":{"type":"On","duration":5000}}]}});
+        if let Some(e) = entity {
+            v["body"]["originatingEntity"] = json!(e);
+        }
+        v
+    };
+    for (entity, role) in [
+        (None, "agent"),
+        (Some("Human"), "agent"),
+        (Some("Bot"), "workflow"),
+    ] {
+        let a = s.frame(typing(entity)).to_vec();
+        let got: Vec<String> = a
+            .iter()
+            .filter_map(|a| match a {
+                Action::Emit(EventKind::Typing { sender_role, .. }) => Some(sender_role.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(got, [role], "{entity:?}");
+    }
+    let receipt = json!({"type":"message","class":"StructuredMessage","code":200,"body":{
+        "type":"Receipt","direction":"Outbound","id":"r1","originatingEntity":"Human",
+        "channel":{"time":"2026-11-29T12:00:02.000Z","messageId":"r1"},"status":"Delivered"}});
+    let a = s.frame(receipt).to_vec();
+    assert_eq!(emitted(&a, "message"), 0, "{a:?}");
+}
+
 #[test]
 fn a_start_opens_configures_and_connects() {
     let mut s = Sim::new(Begin::Start { start_new: false }, Deployment::default());
