@@ -133,6 +133,12 @@ pub enum Refusal {
         "the connection was lost before the platform confirmed the message; it may have been delivered"
     )]
     Unconfirmed,
+    /// No echo within `send_timeout` while the socket stayed up: it may or may not have been
+    /// delivered.
+    #[error(
+        "the platform did not confirm the message within {0:?} (the connection stayed up); it may have been delivered"
+    )]
+    NotEchoed(Duration),
     /// Not sent within the queue timeout (rate limited or disconnected).
     #[error("not sent within {0:?} (rate limited or disconnected)")]
     Timeout(Duration),
@@ -1194,7 +1200,7 @@ impl Machine {
         while i < self.inflight.len() {
             if now >= self.inflight[i].2 + timeout {
                 let (tid, _, _) = self.inflight.remove(i);
-                out.push(Action::Reply(tid, Err(Refusal::Unconfirmed)));
+                out.push(Action::Reply(tid, Err(Refusal::NotEchoed(timeout))));
             } else {
                 i += 1;
             }

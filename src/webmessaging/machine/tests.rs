@@ -742,6 +742,35 @@ fn typing_is_sent_at_most_once_per_interval_and_always_answered() {
     assert_eq!(sent, 2, "at 0 s and 5 s");
 }
 
+/// Issue 25, item 6: an echo that never comes while the socket stays up is reported as that,
+/// not as a lost connection.
+#[test]
+fn a_send_never_echoed_on_a_live_socket_is_not_called_a_lost_connection() {
+    let mut s = Sim::new(Begin::Attach, Deployment::default());
+    s.live();
+    s.step(Input::Send {
+        tid: "t1".into(),
+        text: "x".into(),
+    });
+    let timeout = settings().send_timeout;
+    let ms = (timeout + Duration::from_secs(1)).as_millis() as u64;
+    let mut all = Vec::new();
+    // The socket stays up: every ping is answered.
+    while s.t < Duration::from_millis(ms) {
+        let step = (s.t + Duration::from_millis(500)).as_millis() as u64;
+        all.extend(s.until(step));
+        s.frame(json!({"type":"response","class":"string","code":200,"body":"pong"}));
+    }
+    let r = replies(&all);
+    assert_eq!(r, [("t1".to_string(), Err(Refusal::NotEchoed(timeout)))]);
+    assert_eq!(emitted(&all, "disconnected"), 0);
+    let text = Refusal::NotEchoed(timeout).to_string();
+    assert!(
+        text.contains("connection stayed up") && !text.contains("lost"),
+        "{text}"
+    );
+}
+
 #[test]
 fn a_lost_socket_answers_unconfirmed_sends_and_keeps_queued_ones() {
     let mut s = Sim::new(Begin::Attach, Deployment::default());
