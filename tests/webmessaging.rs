@@ -42,6 +42,20 @@ impl Guest {
             .unwrap();
     }
 
+    /// The next text frame, as JSON.
+    async fn next_raw(&mut self) -> Value {
+        loop {
+            let m = tokio::time::timeout(wait(), self.ws.next())
+                .await
+                .expect("no frame in time")
+                .expect("socket closed")
+                .unwrap();
+            if let Message::Text(t) = m {
+                return serde_json::from_str(&t).unwrap();
+            }
+        }
+    }
+
     async fn next(&mut self) -> Frame {
         loop {
             let m = tokio::time::timeout(wait(), self.ws.next())
@@ -334,4 +348,27 @@ async fn a_fourth_socket_evicts_the_oldest_and_ends_are_signalled() {
     g.send(Action::Clear, "clear").await;
     assert_eq!(g.next().await, Frame::SessionCleared);
     assert_eq!(g.next().await, Frame::ConnectionClosed { reason: None });
+}
+
+/// Issue 25, item 3: an agent's message carries what the platform's does and Genesys's clients
+/// read: `channel.type: "Private"` and the agent's display name in `channel.from.nickname`.
+#[tokio::test]
+async fn an_agents_message_names_its_sender_as_the_platform_does() {
+    let emu = emu_with(WebMessagingConfig::default()).await;
+    let token = format!("tok-{}", uuid::Uuid::new_v4());
+    let mut g = Guest::open(&emu, &token).await;
+    g.configure(true).await;
+    assert_eq!(
+        admin(&emu, &token, json!({"action": "agent_text", "text": "hi"})).await,
+        200
+    );
+    let v = g.next_raw().await;
+    let channel = &v["body"]["channel"];
+    assert_eq!(channel["type"], "Private", "{v}");
+    assert_eq!(
+        channel["from"]["nickname"],
+        guestd::emulator::messaging::AGENT_NICKNAME,
+        "{v}"
+    );
+    assert_eq!(v["body"]["originatingEntity"], "Human", "{v}");
 }

@@ -75,6 +75,9 @@ impl Default for WebMessagingConfig {
     }
 }
 
+/// The display name the emulated agent's messages carry (`channel.from.nickname`).
+pub const AGENT_NICKNAME: &str = "Emulated Agent";
+
 /// What the socket task is told to do.
 #[derive(Debug)]
 pub(crate) enum WmCmd {
@@ -523,10 +526,14 @@ pub(crate) fn admin(sh: &Shared, token: &str, a: WmAdmin) -> bool {
     };
     match a {
         WmAdmin::AgentText { text } => {
-            let m = WmWorld::message(
+            let mut m = WmWorld::message(
                 "Outbound",
                 json!({"type": "Text", "text": text, "originatingEntity": "Human"}),
             );
+            // As the platform sends an agent's message (the Messenger Transport SDK reads the
+            // agent's display name from `channel.from.nickname`; issue 25).
+            m["channel"]["type"] = json!("Private");
+            m["channel"]["from"] = json!({"nickname": AGENT_NICKNAME});
             s.history.push(m.clone());
             s.expires = Instant::now() + sh.cfg.web_messaging.session_duration;
             s.fan_out(&frame("message", "StructuredMessage", 200, m, None));
