@@ -372,3 +372,35 @@ async fn an_agents_message_names_its_sender_as_the_platform_does() {
     );
     assert_eq!(v["body"]["originatingEntity"], "Human", "{v}");
 }
+
+/// Issue 25, item 4: custom attributes over the advertised `maxCustomDataBytes` are refused with
+/// 4013, as the platform does; within it the message is echoed.
+#[tokio::test]
+async fn custom_attributes_over_the_limit_are_refused_with_4013() {
+    let emu = emu_with(WebMessagingConfig::default()).await;
+    let token = format!("tok-{}", uuid::Uuid::new_v4());
+    let mut g = Guest::open(&emu, &token).await;
+    g.configure(true).await;
+    let limit = guestd::emulator::messaging::MAX_CUSTOM_DATA_BYTES;
+    let send = |value: String, tid: &str| {
+        json!({"action": "onMessage", "token": token, "tracingId": tid, "message": {
+            "type": "Text", "text": "hello",
+            "channel": {"metadata": {"customAttributes": {"note": value}}}}})
+        .to_string()
+    };
+    g.ws.send(Message::Text(send("x".repeat(limit), "big").into()))
+        .await
+        .unwrap();
+    let v = g.next_raw().await;
+    assert_eq!(v["code"], 4013, "{v}");
+    assert_eq!(v["tracingId"], "big", "{v}");
+    g.ws.send(Message::Text(send("small".into(), "ok").into()))
+        .await
+        .unwrap();
+    let v = g.next_raw().await;
+    assert_eq!(
+        (v["code"].clone(), v["tracingId"].clone()),
+        (json!(200), json!("ok")),
+        "{v}"
+    );
+}

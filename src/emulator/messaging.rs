@@ -75,6 +75,9 @@ impl Default for WebMessagingConfig {
     }
 }
 
+/// The custom attributes a message may carry, bytes (`maxCustomDataBytes` in SessionResponse).
+pub const MAX_CUSTOM_DATA_BYTES: usize = 2048;
+
 /// The display name the emulated agent's messages carry (`channel.from.nickname`).
 pub const AGENT_NICKNAME: &str = "Emulated Agent";
 
@@ -216,7 +219,7 @@ impl WmWorld {
             "connected": true,
             "newSession": fresh,
             "readOnly": s.read_only,
-            "maxCustomDataBytes": 2048,
+            "maxCustomDataBytes": MAX_CUSTOM_DATA_BYTES,
             "durationSeconds": cfg.session_duration.as_secs(),
             "expirationDate": epoch_s(s.expires),
         })
@@ -454,6 +457,21 @@ fn on_message(
             "Session is read-only, no new messages allowed",
             tid,
         )];
+    }
+    // Custom attributes over the advertised maxCustomDataBytes are refused with 4013 (the
+    // reference's text). [UNCERTAIN] How the platform counts them is not published: here, the
+    // bytes of their JSON as the guest sent it.
+    if let Some(attrs) = message.pointer("/channel/metadata/customAttributes") {
+        let size = attrs.to_string().len();
+        if size > MAX_CUSTOM_DATA_BYTES {
+            return vec![error(
+                p::code::CUSTOM_ATTRIBUTES_TOO_LARGE,
+                &format!(
+                    "Custom Attributes in channel metadata is larger than {MAX_CUSTOM_DATA_BYTES} bytes"
+                ),
+                tid,
+            )];
+        }
     }
     if let Some(t) = message.get("text").and_then(Value::as_str) {
         if t.len() > cfg.max_text_bytes {
