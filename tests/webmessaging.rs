@@ -404,3 +404,58 @@ async fn custom_attributes_over_the_limit_are_refused_with_4013() {
         "{v}"
     );
 }
+
+/// Issue 25, item 1: the deployment's config.json has every field the Messenger Transport SDK's
+/// `DeploymentConfig` requires, with its types (MyPureCloud/genesys-messenger-transport-mobile-sdk,
+/// `transport/src/commonMain/kotlin/com/genesys/cloud/messenger/transport/shyrka/receive/
+/// DeploymentConfig.kt`: the fields without a default), so the SDK's connect() does not fail with
+/// MissingDeploymentConfig (6006).
+#[tokio::test]
+async fn config_json_has_what_the_transport_sdk_requires() {
+    let emu = emu_with(WebMessagingConfig::default()).await;
+    let url = format!(
+        "{}/webdeployments/v1/deployments/dep-1/config.json",
+        emu.base_url()
+    );
+    let v: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+    let string = |p: &str| assert!(v.pointer(p).is_some_and(Value::is_string), "{p}: {v}");
+    let boolean = |p: &str| assert!(v.pointer(p).is_some_and(Value::is_boolean), "{p}: {v}");
+    // DeploymentConfig
+    for p in ["/id", "/version", "/defaultLanguage", "/apiEndpoint"] {
+        string(p);
+    }
+    assert!(
+        v["languages"]
+            .as_array()
+            .is_some_and(|l| l.iter().all(Value::is_string)),
+        "{v}"
+    );
+    assert!(
+        ["Active", "Inactive"].contains(&v["status"].as_str().unwrap_or("")),
+        "{v}"
+    );
+    boolean("/journeyEvents/enabled");
+    boolean("/auth/enabled");
+    // Messenger
+    boolean("/messenger/enabled");
+    string("/messenger/apps/conversations/messagingEndpoint");
+    string("/messenger/styles/primaryColor");
+    string("/messenger/launcherButton/visibility");
+    assert!(
+        v.pointer("/messenger/fileUpload")
+            .is_some_and(Value::is_object),
+        "{v}"
+    );
+    // The enum values the SDK knows.
+    let disconnect = &v["messenger"]["apps"]["conversations"]["conversationDisconnect"];
+    if let Some(t) = disconnect.get("type") {
+        assert!(
+            ["ReadOnly", "Send"].contains(&t.as_str().unwrap_or("")),
+            "{v}"
+        );
+    }
+    assert!(
+        v["apiEndpoint"].as_str().unwrap().starts_with("http"),
+        "{v}"
+    );
+}

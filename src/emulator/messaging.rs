@@ -707,12 +707,30 @@ pub(crate) fn deployment_config(sh: &Shared, deployment: &str, ws_base: &str) ->
         DisconnectMode::Send => json!({"enabled": true, "type": "Send"}),
         DisconnectMode::ReadOnly => json!({"enabled": true, "type": "ReadOnly"}),
     };
+    // The REST base the SDK calls (history, getJwt's peers): the websocket base's scheme made
+    // http(s).
+    let api = ws_base
+        .strip_prefix("ws")
+        .map(|rest| format!("http{rest}"))
+        .unwrap_or_else(|| ws_base.to_string());
+    // Every field the Messenger Transport SDK's DeploymentConfig requires (its
+    // `shyrka/receive/DeploymentConfig.kt`: no default for these, so a config.json without them
+    // fails its connect() with MissingDeploymentConfig); values where the emulator has no knob
+    // are the platform's defaults for a plain deployment.
     json!({
         "id": deployment,
         "version": "1",
         "status": "Active",
+        "languages": ["en-us"],
+        "defaultLanguage": "en-us",
+        "apiEndpoint": api,
+        "journeyEvents": {"enabled": false},
+        "auth": {"enabled": false, "allowSessionUpgrade": false},
         "messenger": {
             "enabled": true,
+            "styles": {"primaryColor": "#ff4f1f"},
+            "launcherButton": {"visibility": "On"},
+            "fileUpload": {"enableAttachments": false, "modes": []},
             "apps": {"conversations": {
                 "messagingEndpoint": ws_base,
                 "autoStart": {"enabled": c.auto_start},
