@@ -459,3 +459,27 @@ async fn config_json_has_what_the_transport_sdk_requires() {
         "{v}"
     );
 }
+
+/// Issue 25, item 5: whether typing spends the message rate is a knob (counted by default; see
+/// `typing_counts_toward_rate`). With a limit of one a second, a typing event then a message:
+/// the message hears 429 when typing counts, and is echoed when it does not.
+#[tokio::test]
+async fn typing_spends_the_message_rate_only_when_configured_to() {
+    for counts in [true, false] {
+        let emu = emu_with(WebMessagingConfig {
+            messages_per_second: 1,
+            typing_counts_toward_rate: counts,
+            ..WebMessagingConfig::default()
+        })
+        .await;
+        let token = format!("tok-{}", uuid::Uuid::new_v4());
+        let mut g = Guest::open(&emu, &token).await;
+        g.configure(true).await;
+        g.send(Action::TypingOn, "ty").await;
+        g.send(Action::Text("hello"), "m1").await;
+        let v = g.next_raw().await;
+        let want = if counts { 429 } else { 200 };
+        assert_eq!(v["code"], want, "typing counts: {counts}: {v}");
+        assert_eq!(v["tracingId"], "m1", "{v}");
+    }
+}

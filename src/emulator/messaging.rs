@@ -48,6 +48,12 @@ pub struct WebMessagingConfig {
     /// Guest messages per second per session before a 429 frame. The reference gives 2 (Genesys
     /// notice, 2023) and 5 (limits page, 2026): [CONFLICT], 2 by default.
     pub messages_per_second: u32,
+    /// Whether a guest's typing event (an `onMessage` of type Event) counts toward
+    /// `messages_per_second`. [UNCERTAIN] No document says. The Messenger Transport SDK sends
+    /// typing at most once per 5 s (`UserTypingProvider.kt`, TYPING_INDICATOR_COOL_DOWN_MILLISECONDS
+    /// = 5000) as it spaces its health checks, which reads as a client saving the platform's rate
+    /// for messages: counted by default.
+    pub typing_counts_toward_rate: bool,
     /// Sockets per session token; one more evicts the oldest.
     pub max_connections: usize,
     /// Longest guest text, bytes (error 4011 beyond).
@@ -67,6 +73,7 @@ impl Default for WebMessagingConfig {
             auto_start: false,
             clear_allowed: true,
             messages_per_second: 2,
+            typing_counts_toward_rate: true,
             max_connections: 3,
             max_text_bytes: p::MAX_TEXT_BYTES,
             jwt_lifetime: Duration::from_secs(60),
@@ -403,6 +410,11 @@ fn on_message(
     tid: Option<&str>,
 ) -> Vec<String> {
     let now = Instant::now();
+    let typing = message.get("type").and_then(Value::as_str) == Some("Event")
+        && message.pointer("/events/0/eventType") == Some(&json!("Typing"));
+    if typing && !cfg.typing_counts_toward_rate {
+        return Vec::new();
+    }
     while s
         .sends
         .front()
