@@ -1058,7 +1058,16 @@ impl Machine {
             } => {
                 let pause = Duration::from_secs(retry_after.max(1));
                 self.paused_until = Some(now + pause);
-                if let Some(i) = self.inflight_index(tracing_id.as_deref()) {
+                // Without a tracingId (the only shape the Transport SDK's fixtures show) the
+                // refused send is taken to be the oldest unconfirmed one: the platform answers
+                // in order. Sent again after the pause; its echo carries its tracingId, so it
+                // is confirmed once.
+                let refused = match tracing_id.as_deref() {
+                    Some(_) => self.inflight_index(tracing_id.as_deref()),
+                    None if !self.inflight.is_empty() => Some(0),
+                    None => None,
+                };
+                if let Some(i) = refused {
                     // Refused, not sent: back to the head of the queue.
                     let (tid, text, _) = self.inflight.remove(i);
                     self.outbox.push_front((tid, text, now));

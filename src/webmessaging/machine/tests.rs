@@ -306,6 +306,39 @@ fn a_429_frame_puts_the_send_back_and_pauses_without_dropping_the_socket() {
     assert_eq!(s.m.phase(), Phase::Live);
 }
 
+/// Issue 25, item 7: a 429 without a tracingId (the Transport SDK's fixtures show no other) puts
+/// the oldest unconfirmed send back and sends it again after retryAfter; its echo confirms it
+/// once.
+#[test]
+fn a_429_without_a_tracing_id_retries_the_oldest_unconfirmed_send() {
+    let mut s = Sim::new(Begin::Attach, Deployment::default());
+    s.live();
+    s.step(Input::Send {
+        tid: "t1".into(),
+        text: "a".into(),
+    });
+    let a = s
+        .frame(json!({"type":"response","class":"TooManyRequestsErrorMessage","code":429,
+            "body":{"retryAfter":1,"errorCode":4029,"errorMessage":"Message rate too high for this session"}}))
+        .to_vec();
+    assert!(replies(&a).is_empty(), "not an answer yet: {a:?}");
+    let a = s.until(1000);
+    assert_eq!(
+        writes(&a),
+        [Out::Text {
+            tid: "t1".into(),
+            text: "a".into()
+        }]
+    );
+    let a = s.frame(echo("t1", "a", "m-1")).to_vec();
+    let r = replies(&a);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].0, "t1");
+    assert!(r[0].1.is_ok(), "{r:?}");
+    // Nothing more later: no second answer, no unconfirmed.
+    assert!(replies(&s.until(30_000)).is_empty());
+}
+
 #[test]
 fn a_409_makes_the_session_read_only_and_later_sends_are_refused_here() {
     let mut s = Sim::new(Begin::Attach, Deployment::default());
