@@ -841,8 +841,12 @@ impl Machine {
         self.backfill = Backfill::Idle;
         match messages {
             Ok(mut msgs) => {
-                // Oldest first, whatever order the pages came in ([UNCERTAIN] in the
-                // reference); then only what follows the last message seen.
+                // Oldest first: the pages come newest first (the reference, the emulator, the
+                // Transport SDK's fixtures), so reverse them, then order by time with a stable
+                // sort, so messages of the same millisecond keep the platform's order
+                // ([UNCERTAIN] the page order in the reference); then only what follows the
+                // last message seen.
+                msgs.reverse();
                 msgs.sort_by(|a, b| {
                     let t = |m: &StructuredMessage| m.channel.as_ref().and_then(|c| c.time.clone());
                     t(a).cmp(&t(b))

@@ -1085,3 +1085,41 @@ fn ends_names_the_expiry_or_the_give_up_time() {
     assert_eq!(over.m.ended(), Some(EndReason::SessionExpired));
     assert_eq!(over.m.ends(), None);
 }
+
+/// Issue 25, item 8: backfilled messages that share one `channel.time` millisecond come out in
+/// the order they were sent (the page lists them newest first), not reversed.
+#[test]
+fn backfilled_messages_of_the_same_millisecond_keep_their_order() {
+    let mut s = Sim::new(Begin::Attach, Deployment::default());
+    s.live();
+    s.frame(agent("one", "a1", "2026-11-29T12:00:01.000Z"));
+    s.step(Input::Lost("drop".into()));
+    s.until(s.t.as_millis() as u64 + 5000);
+    s.step(Input::Opened);
+    let v = s.session(false, false);
+    s.frame(v);
+    s.frame(json!({"type":"response","class":"JwtResponse","code":200,"body":{"jwt":"j","exp":1}}));
+    let same = "2026-11-29T12:00:30.000Z";
+    let page: Vec<StructuredMessage> = [
+        agent("three", "a3", same),
+        agent("two", "a2", same),
+        agent("one", "a1", "2026-11-29T12:00:01.000Z"),
+    ]
+    .iter()
+    .map(|v| serde_json::from_value(v["body"].clone()).unwrap())
+    .collect();
+    let a = s
+        .step(Input::History {
+            messages: Ok(page),
+            calls: 1,
+        })
+        .to_vec();
+    let ids: Vec<String> = a
+        .iter()
+        .filter_map(|a| match a {
+            Action::Emit(EventKind::Message { message_id, .. }) => Some(message_id.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ids, ["a2", "a3"]);
+}
