@@ -42,8 +42,8 @@ impl Guest {
             .unwrap();
     }
 
-    /// The next text frame, as JSON.
-    async fn next_raw(&mut self) -> Value {
+    /// The next text frame's text.
+    async fn next_text(&mut self) -> String {
         loop {
             let m = tokio::time::timeout(wait(), self.ws.next())
                 .await
@@ -51,22 +51,18 @@ impl Guest {
                 .expect("socket closed")
                 .unwrap();
             if let Message::Text(t) = m {
-                return serde_json::from_str(&t).unwrap();
+                return t.to_string();
             }
         }
     }
 
+    /// The next text frame, as JSON.
+    async fn next_raw(&mut self) -> Value {
+        serde_json::from_str(&self.next_text().await).unwrap()
+    }
+
     async fn next(&mut self) -> Frame {
-        loop {
-            let m = tokio::time::timeout(wait(), self.ws.next())
-                .await
-                .expect("no frame in time")
-                .expect("socket closed")
-                .unwrap();
-            if let Message::Text(t) = m {
-                return decode(&t).unwrap();
-            }
-        }
+        decode(&self.next_text().await).unwrap()
     }
 
     async fn configure(

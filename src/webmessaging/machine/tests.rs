@@ -501,19 +501,8 @@ fn a_silent_socket_is_found_by_ping_and_the_reconnect_backfills_after_the_last_m
             calls: 1,
         })
         .to_vec();
-    let ids: Vec<String> = a
-        .iter()
-        .filter_map(|a| match a {
-            Action::Emit(EventKind::Message {
-                message_id,
-                backfilled: true,
-                ..
-            }) => Some(message_id.clone()),
-            _ => None,
-        })
-        .collect();
     assert_eq!(
-        ids,
+        backfilled_ids(&a),
         ["a2", "a3"],
         "once each, in order, after the last seen"
     );
@@ -1114,12 +1103,19 @@ fn backfilled_messages_of_the_same_millisecond_keep_their_order() {
             calls: 1,
         })
         .to_vec();
-    let ids: Vec<String> = a
-        .iter()
+    assert_eq!(backfilled_ids(&a), ["a2", "a3"]);
+}
+
+/// The ids of the backfilled messages `a` emits, in order.
+fn backfilled_ids(a: &[Action]) -> Vec<String> {
+    a.iter()
         .filter_map(|a| match a {
-            Action::Emit(EventKind::Message { message_id, .. }) => Some(message_id.clone()),
+            Action::Emit(EventKind::Message {
+                message_id,
+                backfilled: true,
+                ..
+            }) => Some(message_id.clone()),
             _ => None,
         })
-        .collect();
-    assert_eq!(ids, ["a2", "a3"]);
+        .collect()
 }
