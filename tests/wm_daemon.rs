@@ -409,6 +409,42 @@ async fn start_new_closes_the_session_and_begins_another_on_the_same_token() {
     finish(d, &[&tok]).await;
 }
 
+/// Issue 25: a deployment the platform does not know. The emulator serves only `dep-1`; a start
+/// that names another deployment is refused at the socket upgrade (HTTP 403): guestd does not
+/// retry it for the grace window but ends the session at once, `server_ended`, with the
+/// refusal in its detail; sessions on the right deployment are untouched.
+#[tokio::test]
+async fn a_start_on_an_unknown_deployment_ends_at_once_naming_the_refusal() {
+    let emu = emu_with(WebMessagingConfig {
+        deployments: vec!["dep-1".into()],
+        ..WebMessagingConfig::default()
+    })
+    .await;
+    let mut d = Daemon::spawn(env(&emu), &[]);
+    let good = token();
+    let s = start(&mut d, "r1", &good).await;
+    let bad = token();
+    d.send(
+        json!({"cmd": "start", "request_id": "r2", "backend": "web_messaging",
+        "token": bad, "deployment_id": "not-a-deployment"}),
+    )
+    .await;
+    let r = d.wait(|v| v["request_id"] == "r2").await;
+    assert_eq!(r["type"], "command_result", "{r}");
+    let s2 = r["result"]["session"].as_str().unwrap().to_string();
+    let ended = one_ended(&mut d, &s2, "server_ended").await;
+    assert_eq!(d.count(&s2, "connected"), 0);
+    let detail = ended["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("refused the socket") && detail.contains("403"),
+        "the refusal is named: {ended}"
+    );
+    // The good session lives on.
+    command(&mut d, json!({"cmd": "leave", "session": s})).await;
+    one_ended(&mut d, &s, "guest_left").await;
+    finish(d, &[&good, &bad]).await;
+}
+
 #[tokio::test]
 async fn a_restart_resumes_web_messaging_sessions_from_the_journal() {
     let emu = emu_with(WebMessagingConfig::default()).await;

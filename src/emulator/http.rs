@@ -643,8 +643,15 @@ async fn wm_socket(
     Query(q): Query<HashMap<String, String>>,
     mut req: Request,
 ) -> Result<Response, ApiError> {
-    if q.get("deploymentId").is_none_or(|d| d.trim().is_empty()) {
+    let Some(deployment) = q.get("deploymentId").filter(|d| !d.trim().is_empty()) else {
         return Err(ApiError::bad("deploymentId is required"));
+    };
+    if !sh.cfg.web_messaging.knows(deployment) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            super::messaging::UNKNOWN_DEPLOYMENT,
+        ));
     }
     let key = req
         .headers()
@@ -712,9 +719,20 @@ async fn wm_history(
 }
 
 /// `GET .../deployments/{id}/config.json`: the deployment's settings, from the knobs.
-async fn wm_config(State(sh): S, Path(deployment): Path<String>) -> Json<serde_json::Value> {
+/// An unknown deployment (see `WebMessagingConfig::deployments`): 404.
+async fn wm_config(
+    State(sh): S,
+    Path(deployment): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if !sh.cfg.web_messaging.knows(&deployment) {
+        return Err(ApiError::not_found(format!("no deployment {deployment}")));
+    }
     let base = sh.next_stream_base().replace("/v2/stream", "");
-    Json(super::messaging::deployment_config(&sh, &deployment, &base))
+    Ok(Json(super::messaging::deployment_config(
+        &sh,
+        &deployment,
+        &base,
+    )))
 }
 
 async fn wm_admin_list(State(sh): S) -> Json<Vec<super::messaging::WmSessionView>> {

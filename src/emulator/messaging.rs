@@ -63,6 +63,25 @@ pub struct WebMessagingConfig {
     pub jwt_lifetime: Duration,
     /// History calls per session per minute.
     pub history_per_minute: u32,
+    /// The deployment ids this emulator serves; empty (the default): every id, as if each
+    /// existed, so an integration's own id works out of the box. With a list, an unknown id is
+    /// refused where the platform is known or believed to refuse it:
+    /// - the socket upgrade `/v1?deploymentId=` answers HTTP 403 [INFERRED: the Transport SDK maps
+    ///   an upgrade 403 to WebsocketAccessDenied (1002), whose corrective action reads "Check that
+    ///   your deploymentId, feature toggles, and configuration are correct"; `ErrorCode.kt`,
+    ///   androidMain `network/PlatformSocket.kt`];
+    /// - `config.json` answers 404 [UNCERTAIN: the SDK fails any non-2xx alike,
+    ///   DeploymentConfigFetchFailed (6007); a CDN's missing object is a guess];
+    /// - a `configureSession` that names an unknown id answers a `string` 403 frame [UNCERTAIN:
+    ///   the SDK handles a configure 403 as a fatal error; no capture shows the text].
+    pub deployments: Vec<String>,
+}
+
+impl WebMessagingConfig {
+    /// Whether `deployment` is one this emulator serves (see `deployments`).
+    pub fn knows(&self, deployment: &str) -> bool {
+        self.deployments.is_empty() || self.deployments.iter().any(|d| d == deployment)
+    }
 }
 
 impl Default for WebMessagingConfig {
@@ -78,12 +97,18 @@ impl Default for WebMessagingConfig {
             max_text_bytes: p::MAX_TEXT_BYTES,
             jwt_lifetime: Duration::from_secs(60),
             history_per_minute: 10,
+            deployments: Vec::new(),
         }
     }
 }
 
 /// The custom attributes a message may carry, bytes (`maxCustomDataBytes` in SessionResponse).
 pub const MAX_CUSTOM_DATA_BYTES: usize = 2048;
+
+/// What a socket or a `configureSession` naming a deployment the emulator does not serve hears
+/// ([UNCERTAIN] text: see `WebMessagingConfig::deployments`).
+pub const UNKNOWN_DEPLOYMENT: &str =
+    "Access was refused: no active deployment with this deploymentId";
 
 /// The display name the emulated agent's messages carry (`channel.from.nickname`).
 pub const AGENT_NICKNAME: &str = "Emulated Agent";
@@ -346,6 +371,13 @@ fn act(
     }
     let mut w = world(sh);
     if action == "configureSession" {
+        let deployment = req.get("deploymentId").and_then(Value::as_str);
+        let Some(deployment) = deployment.filter(|d| !d.is_empty()) else {
+            return vec![error(4020, "Missing parameter: deploymentId", tid)];
+        };
+        if !cfg.knows(deployment) {
+            return vec![error(403, UNKNOWN_DEPLOYMENT, tid)];
+        }
         let start_new = req
             .get("startNew")
             .and_then(Value::as_bool)
