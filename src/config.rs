@@ -1204,8 +1204,10 @@ impl Config {
                     self.cluster.node(),
                     self.cluster.servers.join(", ")
                 )
+            } else if self.journal.enabled {
+                format!("off: one node, journal {}", self.journal.path.display())
             } else {
-                "off: one node with the file journal".into()
+                "off: one node, no journal (a restart forgets every chat)".into()
             },
         });
         out
@@ -1488,6 +1490,17 @@ mod tests {
         );
         cfg.genesys.deployment_id = "d".into();
         assert!(cfg.readiness()[0].ready);
+        // The cluster line says where chats are kept, and says so when nowhere.
+        let cluster = |cfg: &Config| {
+            cfg.readiness()
+                .into_iter()
+                .find(|r| r.command == "cluster")
+                .unwrap()
+                .detail
+        };
+        assert!(cluster(&cfg).contains("journal"), "{}", cluster(&cfg));
+        cfg.journal.enabled = false;
+        assert!(cluster(&cfg).contains("no journal"), "{}", cluster(&cfg));
     }
 
     #[test]
