@@ -16,10 +16,11 @@ pub mod node;
 pub mod publish;
 pub mod route;
 pub mod seal;
+mod section;
 pub mod store;
 
-use crate::config::ClusterSection;
 use async_nats::jetstream;
+pub use section::ClusterSection;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;

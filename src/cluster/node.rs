@@ -6,11 +6,11 @@
 //! One task per concern, sharing one [`View`] behind a mutex: renewal (and fencing), a watch of
 //! each bucket, the claimer, and the relay of lost chats to the supervisor.
 
+use super::ClusterSection;
 use super::lease::{self, Announce, Holding, Observer};
 use super::seal::{Keyring, Purpose};
 use super::store::{KvJournal, Lost};
 use super::{Fence, Nats};
-use crate::config::ClusterSection;
 use crate::journal::Journal;
 use crate::supervisor::Supervisor;
 use async_nats::jetstream::kv::Operation;
