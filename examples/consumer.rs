@@ -27,6 +27,11 @@ use std::collections::{HashMap, HashSet, VecDeque};
 /// failover (guestd repeats at most what it had not acknowledged).
 const REMEMBERED_EVENT_IDS: usize = 100_000;
 
+/// How many ended chats are kept (their records, for `chats()` and a late `end_confirmed`);
+/// beyond it the oldest end is forgotten, so a consumer that runs for months holds what is
+/// open plus this many, not every chat it ever saw.
+const REMEMBERED_ENDED: usize = 100_000;
+
 /// What is known of one chat.
 #[derive(Debug, Default, Clone, PartialEq, serde::Serialize)]
 pub struct Chat {
@@ -52,19 +57,41 @@ pub struct Chat {
     message_ids: HashSet<String>,
 }
 
-/// Every chat seen, and the ids that make a repeat a no-op.
-#[derive(Default)]
+/// Every chat open and the latest ended ones, and the ids that make a repeat a no-op. Bounded:
+/// `REMEMBERED_EVENT_IDS` event ids, `keep_ended` ended chats (an ended chat also drops its
+/// message ids: a message after its end can only be a repeat).
 pub struct Ledger {
     chats: HashMap<String, Chat>,
     event_ids: HashSet<String>,
     event_order: VecDeque<String>,
+    ended_order: VecDeque<String>,
+    keep_ended: usize,
     /// Lines that were not guestd events (logged to stderr, skipped).
     pub skipped: usize,
     /// Repeats dropped.
     pub duplicates: usize,
 }
 
+impl Default for Ledger {
+    fn default() -> Self {
+        Ledger::keeping(REMEMBERED_ENDED)
+    }
+}
+
 impl Ledger {
+    /// A ledger that keeps at most `keep_ended` ended chats.
+    pub fn keeping(keep_ended: usize) -> Ledger {
+        Ledger {
+            chats: HashMap::new(),
+            event_ids: HashSet::new(),
+            event_order: VecDeque::new(),
+            ended_order: VecDeque::new(),
+            keep_ended,
+            skipped: 0,
+            duplicates: 0,
+        }
+    }
+
     /// Apply one event line. Returns the chat's record when this line ended it (once per chat,
     /// however often its `ended` is delivered).
     pub fn apply(&mut self, line: &str) -> Option<Chat> {
@@ -89,6 +116,10 @@ impl Ledger {
                 self.event_ids.remove(&old);
             }
         }
+        if kind == "end_confirmed" && !self.chats.contains_key(conv) {
+            // The confirmation of an end forgotten long ago (or never seen): no new record.
+            return None;
+        }
         let chat = self.chats.entry(conv.to_string()).or_insert_with(|| Chat {
             conversation_id: conv.to_string(),
             first_seen: v["ts"].as_str().unwrap_or_default().to_string(),
@@ -100,6 +131,8 @@ impl Ledger {
         match kind {
             "agent_connected" => chat.agent_connected = true,
             "agent_disconnected" => chat.agent_connected = false,
+            // After its end, a chat's message can only be a repeat.
+            "message" if chat.reason.is_some() => self.duplicates += 1,
             "message" => {
                 let id = v["message_id"].as_str().unwrap_or_default().to_string();
                 if chat.message_ids.insert(id) {
@@ -114,7 +147,15 @@ impl Ledger {
                 chat.ended_at = v["ts"].as_str().map(String::from);
                 chat.detail = v["detail"].as_str().map(String::from);
                 chat.agent_connected = false;
-                return Some(chat.clone());
+                chat.message_ids = HashSet::new();
+                let ended = chat.clone();
+                self.ended_order.push_back(conv.to_string());
+                while self.ended_order.len() > self.keep_ended {
+                    if let Some(old) = self.ended_order.pop_front() {
+                        self.chats.remove(&old);
+                    }
+                }
+                return Some(ended);
             }
             // An `ended` without an event_id cannot be told from a repeat but by the chat.
             "ended" => self.duplicates += 1,
@@ -312,5 +353,28 @@ mod tests {
         ));
         l.apply(&ev("c", "end_confirmed", r#","agrees":true"#));
         assert_eq!(l.chats().next().and_then(|c| c.confirmed), Some(true));
+    }
+
+    /// Memory is bounded: beyond `keep_ended`, the oldest ended chat is forgotten, and a late
+    /// confirmation of it makes no new record; open chats are never dropped.
+    #[test]
+    fn ended_chats_beyond_the_bound_are_forgotten_and_open_ones_kept() {
+        let mut l = Ledger::keeping(2);
+        l.apply(&ev("open", "connected", ""));
+        for c in ["e1", "e2", "e3"] {
+            l.apply(&ev(c, "connected", ""));
+            l.apply(&ev(c, "message", r#","message_id":"m1""#));
+            let id = format!(r#","event_id":"s-{c}:ended","reason":"guest_left""#);
+            assert!(l.apply(&ev(c, "ended", &id)).is_some());
+        }
+        let mut kept: Vec<&str> = l.chats().map(|c| c.conversation_id.as_str()).collect();
+        kept.sort();
+        assert_eq!(kept, ["e2", "e3", "open"]);
+        l.apply(&ev("e1", "end_confirmed", r#","agrees":true"#));
+        assert_eq!(l.chats().count(), 3, "no record for a forgotten end");
+        // A message repeated after its chat's end counts as a repeat, not a message.
+        l.apply(&ev("e3", "message", r#","message_id":"m9""#));
+        let e3 = l.chats().find(|c| c.conversation_id == "e3").unwrap();
+        assert_eq!(e3.messages, 1);
     }
 }
