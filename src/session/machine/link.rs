@@ -48,6 +48,10 @@ impl Machine {
             if let ChatEvent::MemberChange { member_id, state } = ev {
                 self.on_member_change(member_id, state, at, out);
             }
+            // A held frame that ended the chat (the guest's DISCONNECTED): nothing after it.
+            if self.ended.is_some() {
+                return;
+            }
         }
         out.push(Action::Emit(EventKind::Disconnected {
             reason: why.to_string(),
