@@ -331,6 +331,9 @@ struct World {
     /// Messages posted before a backfill the machine took and still holds (its senders' roles
     /// not known yet): counted in `backfilled_upto` once the backfill is over.
     taken_upto: Option<usize>,
+    /// Backfilled agent messages that said another role than `agent` (outside a loss or an
+    /// end, which let waiting messages out with the roles known then).
+    wrong_roles: Vec<String>,
     /// Messages posted while guestd's stream was open.
     live_posts: Vec<usize>,
     log: Vec<String>,
@@ -405,6 +408,7 @@ impl World {
             emitted_ever: Default::default(),
             backfilled_upto: 0,
             taken_upto: None,
+            wrong_roles: Vec::new(),
             live_posts: Vec::new(),
             log: Vec::new(),
             s,
@@ -426,6 +430,27 @@ impl World {
         if m.backfilling.is_none() {
             if let Some(upto) = self.taken_upto.take() {
                 self.backfilled_upto = self.backfilled_upto.max(upto);
+            }
+        }
+        let let_out = acts.iter().any(|a| {
+            matches!(
+                a,
+                Action::Emit(EventKind::Disconnected { .. } | EventKind::Ended { .. })
+            )
+        });
+        for a in &acts {
+            if let Action::Emit(EventKind::Message {
+                message_id,
+                sender_id,
+                sender_role,
+                backfilled: true,
+                ..
+            }) = a
+            {
+                if sender_id == AGENT && sender_role != "agent" && !let_out {
+                    self.wrong_roles
+                        .push(format!("{message_id}: {sender_role}"));
+                }
             }
         }
         self.journal_last = m.last_message_id().map(str::to_string);
@@ -928,6 +953,13 @@ impl World {
             lost.is_empty(),
             "messages never emitted: {:?}\n{}",
             lost,
+            ctx()
+        );
+        // A backfilled agent message says `agent`, as it would have live (issue 25, item 10).
+        prop_assert!(
+            self.wrong_roles.is_empty(),
+            "backfilled agent messages with another role: {:?}\n{}",
+            self.wrong_roles,
             ctx()
         );
         // Late inputs after the end: nothing.
