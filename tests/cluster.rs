@@ -562,7 +562,12 @@ async fn a_killed_node_s_chats_fail_over_inside_the_grace_window() {
     assert_eq!(msg["backfilled"], true, "{msg}");
     // Issue 25, item 10: the node that took the chat over knew only the guest; the agent's
     // message says `agent`, with the agent's member id, as it would have live.
-    let agent = c.emu.conversation(&talk.1).unwrap().agent_member_id.unwrap();
+    let agent = c
+        .emu
+        .conversation(&talk.1)
+        .unwrap()
+        .agent_member_id
+        .unwrap();
     assert_eq!(
         (msg["sender_role"].as_str(), msg["sender_id"].as_str()),
         (Some("agent"), Some(agent.as_str())),
