@@ -601,6 +601,19 @@ async fn a_killed_node_s_chats_fail_over_inside_the_grace_window() {
         .find(|v| v["body"] == "while nobody held it")
         .unwrap();
     assert_eq!(msg["backfilled"], true, "{msg}");
+    // Issue 25, item 10: the node that took the chat over knew only the guest; the agent's
+    // message says `agent`, with the agent's member id, as it would have live.
+    let agent = c
+        .emu
+        .conversation(&talk.1)
+        .unwrap()
+        .agent_member_id
+        .unwrap();
+    assert_eq!(
+        (msg["sender_role"].as_str(), msg["sender_id"].as_str()),
+        (Some("agent"), Some(agent.as_str())),
+        "{msg}"
+    );
 
     // The rest end by the guest leaving; then read the stream from the start.
     let rest: Vec<(String, String)> = chats.iter().filter(|(s, _)| *s != end.0).cloned().collect();

@@ -530,6 +530,53 @@ async fn rest_faults_429_with_retry_after_and_503() {
     assert_eq!(statuses, [Some(429), Some(503), Some(503), Some(200)]);
 }
 
+/// `POST /emulator/delays`: members lists answer that late (and say what holds when they
+/// answer), other calls at once; 0 clears it; a bad body is refused.
+#[tokio::test]
+async fn members_lists_answer_late_on_request() {
+    let emu = emulator(quick()).await;
+    let g = Guest::create(&emu).await;
+    let http = reqwest::Client::new();
+    let delays = format!("{}/emulator/delays", emu.base_url());
+    let post = |body: Value| http.post(&delays).json(&body).send();
+    assert_eq!(
+        post(json!({"list_members_ms": 400}))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let started = std::time::Instant::now();
+    let (members, ()) = tokio::join!(g.members(), async {
+        // Asked (the log has it) and not answered yet: other calls answer at once, and an
+        // agent offered now is in the list, which is read when it answers.
+        wait_log(&emu, &g.id, "list_members", 1).await;
+        assert_eq!(g.get("/messages").await.0, 200);
+        assert!(
+            started.elapsed() < Duration::from_millis(400),
+            "other calls at once"
+        );
+        emu.agent_join(&g.id).unwrap();
+    });
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    assert!(members.iter().any(|m| m["role"] == "AGENT"), "{members:?}");
+    for bad in [
+        json!({}),
+        json!({"list_members_ms": -1}),
+        json!({"list_members_ms": 600_001}),
+        json!({"list_members_ms": 1, "x": 1}),
+    ] {
+        assert_eq!(post(bad.clone()).await.unwrap().status(), 400, "{bad}");
+    }
+    assert_eq!(
+        post(json!({"list_members_ms": 0})).await.unwrap().status(),
+        200
+    );
+    let started = std::time::Instant::now();
+    g.members().await;
+    assert!(started.elapsed() < Duration::from_millis(400));
+}
+
 #[tokio::test]
 async fn flow_and_server_ends_and_their_member_order() {
     let emu = emulator(quick()).await;

@@ -535,6 +535,66 @@ async fn sigkill_then_restart_picks_every_chat_back_up() {
     );
 }
 
+/// Issue 25, item 10: an agent writes while guestd is down (SIGKILL). After the restart the
+/// session knows only the guest; the emulator answers members lists a second late, so the
+/// backfill answers first. The backfilled messages still say `sender_role: "agent"` with the
+/// agent's member id, as the one read live before the crash did: once each, in order.
+#[tokio::test]
+async fn messages_backfilled_after_a_restart_carry_the_agents_role() {
+    let emu = emulator(emu_cfg()).await;
+    let journal = temp_journal();
+    let mut d1 = Daemon::spawn(journal_env(&emu, &journal), &[]);
+    let chats = start_n(&mut d1, 1).await;
+    let (s, c) = &chats[0];
+    emu.agent_join(c).unwrap();
+    d1.wait_type(s, "agent_connected").await;
+    let agent = emu.conversation(c).unwrap().agent_member_id.unwrap();
+    emu.agent_send(c, "live").unwrap();
+    let live = d1.wait(|v| v["body"] == "live").await;
+    assert_eq!(
+        (live["sender_role"].as_str(), live["sender_id"].as_str()),
+        (Some("agent"), Some(agent.as_str()))
+    );
+    signal(d1.pid(), "KILL");
+    let _ = d1.child.wait().await;
+    let down = ["down 1", "down 2", "down 3"];
+    for body in down {
+        emu.agent_send(c, body).unwrap();
+    }
+    // Not scaled: well under guestd's 10 s bound on the wait for roles, well over a backfill's
+    // time on loopback.
+    emu.delay_list_members(Duration::from_secs(1));
+
+    let mut d2 = Daemon::spawn(journal_env(&emu, &journal), &[]);
+    // `reconnected` follows the backfilled messages.
+    d2.wait_type(s, "reconnected").await;
+    emu.delay_list_members(Duration::ZERO);
+    let said: Vec<&Value> = d2
+        .seen
+        .iter()
+        .filter(|v| v["session"] == s.as_str() && v["type"] == "message")
+        .collect();
+    let bodies: Vec<&str> = said.iter().map(|v| v["body"].as_str().unwrap()).collect();
+    assert_eq!(bodies, down, "once each, in order, after the last seen");
+    for v in &said {
+        assert_eq!(v["backfilled"], true, "{v}");
+        assert_eq!(v["sender_id"], agent.as_str(), "{v}");
+        assert_eq!(
+            v["sender_role"], "agent",
+            "the role the live message had: {v}"
+        );
+    }
+    emu.agent_end(c).unwrap();
+    d2.wait_type(s, "ended").await;
+    let d2 = finish_ok(d2).await;
+    let again = d2
+        .seen
+        .iter()
+        .filter(|v| v["type"] == "message" && down.contains(&v["body"].as_str().unwrap_or("")))
+        .count();
+    assert_eq!(again, down.len(), "no message twice");
+}
+
 /// Issue 9, case 2: chats their agents end while guestd is down (SIGKILL; grace 4 s). The
 /// platform gives the agent and the guest the same leave date; every one is `agent_ended`, once.
 #[tokio::test]

@@ -129,6 +129,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
             post(admin_action2),
         )
         .route("/emulator/faults", post(admin_faults))
+        .route("/emulator/delays", post(admin_delays))
         .route("/emulator/sockets/drop-all", post(admin_drop_all))
         .route("/emulator/log", get(admin_log))
         .route("/emulator/bulk/create", post(admin_bulk_create))
@@ -290,6 +291,11 @@ async fn list_members(
 ) -> Result<Response, ApiError> {
     guard(&sh, &headers, &conv, "list_members")?;
     let Query(q) = q.map_err(|e| ApiError::bad(e.body_text()))?;
+    let delay = sh.world().list_members_delay;
+    if !delay.is_zero() {
+        // The list is read after the wait: it says what the platform holds when it answers.
+        tokio::time::sleep(delay).await;
+    }
     let size = q.page_size.unwrap_or(25) as usize;
     let number = q.page_number.unwrap_or(1) as usize;
     let exclude = q.exclude_disconnected_members.unwrap_or(false);
@@ -877,6 +883,21 @@ async fn admin_faults(State(sh): S, body: Bytes) -> Result<Response, ApiError> {
     }
     emu(&sh).inject_rest_faults(f.status, f.count, f.retry_after);
     Ok(Json(serde_json::json!({ "ok": true, "queued": f.count })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DelaysBody {
+    list_members_ms: u64,
+}
+
+async fn admin_delays(State(sh): S, body: Bytes) -> Result<Response, ApiError> {
+    let d: DelaysBody = parse(&body)?;
+    if d.list_members_ms > 600_000 {
+        return Err(ApiError::bad("list_members_ms must be at most 600000"));
+    }
+    emu(&sh).delay_list_members(Duration::from_millis(d.list_members_ms));
+    Ok(Json(serde_json::json!({ "ok": true })).into_response())
 }
 
 async fn admin_drop_all(State(sh): S, Query(q): Query<HashMap<String, String>>) -> Response {

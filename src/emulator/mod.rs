@@ -625,6 +625,12 @@ impl Emulator {
         }
     }
 
+    /// Every guest members list waits `d` before it is read and answered (zero: at once), so a
+    /// test can make a client's other calls answer first.
+    pub fn delay_list_members(&self, d: Duration) {
+        self.shared.world().list_members_delay = d;
+    }
+
     /// Create `count` chats at once, as the platform's create call would (benchmarks). Returns
     /// (conversation id, guest member id, jwt, eventStreamUri) for each.
     pub fn bulk_create(&self, count: usize) -> Vec<(String, String, String, String)> {

@@ -117,6 +117,9 @@ pub(crate) struct World {
     pub started: Instant,
     pub convs: HashMap<String, Conv>,
     pub rest_faults: VecDeque<(u16, u64)>,
+    /// How long every guest members list waits before it is read and answered (the admin API's
+    /// `delays`; zero by default).
+    pub list_members_delay: Duration,
     pub log: Vec<LogEntry>,
     pub log_tx: broadcast::Sender<LogEntry>,
     pub next_socket: u64,
@@ -356,6 +359,7 @@ impl World {
             started: Instant::now(),
             convs: HashMap::new(),
             rest_faults: VecDeque::new(),
+            list_members_delay: Duration::ZERO,
             log: Vec::new(),
             log_tx,
             next_socket: 1,

@@ -12,7 +12,10 @@
 //! - a lost socket is reopened with jittered exponential backoff until `reconnect_grace` after
 //!   the loss; then guestd reconciles once (list members) and ends;
 //! - after a reconnect: backfill messages after the last seen id, reconcile members; live frames
-//!   that arrive meanwhile are held so messages come out once each and in order;
+//!   that arrive meanwhile are held so messages come out once each and in order; backfilled
+//!   messages whose sender's role is not known yet (after a restart or a takeover the machine
+//!   knows only the guest) wait for that members list, at most `history::ROLES_WAIT` (10 s),
+//!   so a message says the same `sender_role` backfilled as it would have live;
 //! - no guest message for `inactivity_timeout` while an agent is connected: warn at
 //!   `inactivity_warning_lead` before, then leave and end with `inactivity_timeout`;
 //! - the end is inferred from all the evidence at hand, in the order `ending` documents (leave
@@ -241,6 +244,9 @@ pub struct Machine {
     deferred_list: Option<(Fetch, Vec<ChatMember>)>,
     /// Live frames that arrived during a backfill, with when each arrived.
     held: Vec<(ChatEvent, Instant)>,
+    /// A backfill's messages waiting for their senders' roles, and until when at most (rare:
+    /// boxed, so an idle session does not pay for it).
+    roles_wait: Option<Box<(Vec<ChatMessage>, Instant)>>,
     needs_backfill: bool,
     last_msg_id: Option<String>,
     seen: VecDeque<String>,
@@ -302,6 +308,7 @@ impl Machine {
             backfilling: None,
             deferred_list: None,
             held: Vec::new(),
+            roles_wait: None,
             needs_backfill: false,
             last_msg_id: None,
             seen: VecDeque::new(),
@@ -516,6 +523,9 @@ impl Machine {
             }
             consider(dl);
         }
+        if let Some(w) = &self.roles_wait {
+            consider(w.1);
+        }
         next
     }
 
@@ -587,6 +597,12 @@ impl Machine {
     fn on_tick(&mut self, now: Instant, out: &mut Vec<Action>) {
         if std::mem::take(&mut self.leave_due) {
             out.push(Action::Leave);
+        }
+        if self.roles_wait.as_ref().is_some_and(|w| now >= w.1) {
+            self.release_roles_wait(now, out);
+            if self.ended.is_some() {
+                return;
+            }
         }
         self.tick_link(now, out);
         if self.ended.is_some() {
@@ -712,6 +728,13 @@ impl Machine {
     fn end(&mut self, reason: EndReason, detail: String, now: Instant, out: &mut Vec<Action>) {
         if self.ended.is_some() {
             return;
+        }
+        // Backfilled messages still waiting for roles were fetched: they come out before the
+        // end, with the roles known, rather than die with the session.
+        if let Some(w) = self.roles_wait.take() {
+            for m in w.0 {
+                self.on_message(m, true, now, out);
+            }
         }
         self.ended = Some(reason);
         out.push(Action::Emit(EventKind::Ended {

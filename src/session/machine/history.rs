@@ -1,5 +1,8 @@
 //! Message history: every message once and in order, live or backfilled after a reconnect;
-//! live frames that arrive during a backfill are held and replayed after it.
+//! live frames that arrive during a backfill are held and replayed after it. Backfilled
+//! messages from a sender whose role is unknown (after a restart or a takeover the machine
+//! knows only the guest) wait for the members list asked at the reopen, at most
+//! [`ROLES_WAIT`], so an agent's message says `agent` whether it was read live or backfilled.
 
 use super::*;
 
@@ -7,6 +10,12 @@ use super::*;
 pub(super) const SEEN_CAP: usize = 128;
 /// Ids of messages guestd sent for the guest, remembered until their echo is seen.
 pub(super) const OWN_SENT_CAP: usize = 8;
+/// Longest wait of backfilled messages for the members list that gives their senders' roles.
+/// The list is asked at the reopen, in parallel with the backfill, and normally answers within
+/// a second; past this bound (or once the list has failed [`super::roster::MAX_LOOKUP_RETRIES`]
+/// times more) the messages come out with the roles known then, `unknown` for the rest: late
+/// and unlabelled rather than lost. Live frames wait behind them as long.
+pub(super) const ROLES_WAIT: Duration = Duration::from_secs(10);
 
 impl Machine {
     /// guestd sent message `id` for the guest: its echo (live or backfilled) must not move the
@@ -75,19 +84,13 @@ impl Machine {
         now: Instant,
         out: &mut Vec<Action>,
     ) {
-        let Some(lost_at) = self.backfilling.take() else {
+        if self.backfilling.is_none() {
             return;
-        };
-        let mut n = 0u32;
-        match r {
-            Ok(msgs) => {
-                for m in msgs {
-                    if self.on_message(m, true, now, out) {
-                        n += 1;
-                    }
-                }
-            }
+        }
+        let msgs = match r {
+            Ok(msgs) => msgs,
             Err(Failure::Unauthorized(m)) => {
+                self.backfilling = None;
                 return self.end(
                     EndReason::TokenExpired,
                     format!("backfill refused the jwt (401): {m}"),
@@ -96,6 +99,7 @@ impl Machine {
                 );
             }
             Err(Failure::NotFound(m)) => {
+                self.backfilling = None;
                 return self.end(
                     EndReason::ServerEnded,
                     format!("the conversation is gone (404): {m}"),
@@ -103,11 +107,59 @@ impl Machine {
                     out,
                 );
             }
-            Err(Failure::Other(e)) => self.stream_error(
-                format!("backfill failed, messages may be missing: {e}"),
-                now,
-                out,
-            ),
+            Err(Failure::Other(e)) => {
+                self.stream_error(
+                    format!("backfill failed, messages may be missing: {e}"),
+                    now,
+                    out,
+                );
+                Vec::new()
+            }
+        };
+        if let Some(w) = self.roles_wait.as_mut() {
+            // A second answer for the same backfill: nothing is dropped (each comes out once).
+            w.0.extend(msgs);
+            return;
+        }
+        let unknown = msgs
+            .iter()
+            .any(|m| self.member(&m.sender_id).and_then(|k| k.role).is_none());
+        if unknown && self.deferred_list.is_none() {
+            // A sender whose role guestd has not learnt (after a restart or a takeover it knows
+            // only the guest): wait for the members list, asked at the reopen, rather than say
+            // `unknown` for an agent. Live frames stay held behind these messages meanwhile.
+            self.fetch(Fetch::Refresh, out);
+            self.roles_wait = Some(Box::new((msgs, now + ROLES_WAIT)));
+            return;
+        }
+        self.finish_backfill(msgs, now, out);
+    }
+
+    /// Emit a backfill's messages, with the roles known now (a members list that arrived
+    /// during the backfill gives its roles first), then the frames held behind it, then that
+    /// list.
+    pub(super) fn finish_backfill(
+        &mut self,
+        msgs: Vec<ChatMessage>,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(lost_at) = self.backfilling.take() else {
+            return;
+        };
+        self.roles_wait = None;
+        if let Some((why, list)) = self.deferred_list.take() {
+            // Roles only: the list's states are newer than the held frames and wait for them.
+            for m in &list {
+                self.learn_role(&m.id, m.role);
+            }
+            self.deferred_list = Some((why, list));
+        }
+        let mut n = 0u32;
+        for m in msgs {
+            if self.on_message(m, true, now, out) {
+                n += 1;
+            }
         }
         if !std::mem::take(&mut self.first_backfill) {
             out.push(Action::Emit(EventKind::Reconnected {
@@ -122,6 +174,14 @@ impl Machine {
             self.on_frame(ev, at, out);
         }
         self.read_deferred_list(now, out);
+    }
+
+    /// Backfilled messages waiting for roles go out now, with the roles known so far (the
+    /// wait ran out, the members list failed for good, or the socket was lost).
+    pub(super) fn release_roles_wait(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if let Some(w) = self.roles_wait.take() {
+            self.finish_backfill(w.0, now, out);
+        }
     }
 
     /// Read a members list that waited for a backfill's held frames.

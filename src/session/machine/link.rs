@@ -34,6 +34,12 @@ impl Machine {
     }
 
     pub(super) fn lose(&mut self, why: &str, immediate: bool, now: Instant, out: &mut Vec<Action>) {
+        // A backfill that answered and waits for roles is complete: its messages (and the
+        // frames held behind them) go out before the loss, not again after the next reopen.
+        self.release_roles_wait(now, out);
+        if self.ended.is_some() {
+            return;
+        }
         self.link = Link::Down {
             lost_at: now,
             attempt: 0,
@@ -47,6 +53,10 @@ impl Machine {
         for (ev, at) in held {
             if let ChatEvent::MemberChange { member_id, state } = ev {
                 self.on_member_change(member_id, state, at, out);
+            }
+            // A held frame that ended the chat (the guest's DISCONNECTED): nothing after it.
+            if self.ended.is_some() {
+                return;
             }
         }
         out.push(Action::Emit(EventKind::Disconnected {

@@ -6,7 +6,7 @@
 //! hard to read: agents whose role is unknown when their frames arrive (a join and an end a few
 //! ms apart), member lookups that answer late or fail, dropped sockets and reconnects, a
 //! SIGKILL and restart from the journal's record, duplicate frames, backfills that overlap live
-//! frames, leave dates with ties and with and without fractions, and the platform's no-activity
+//! frames and answer before or after the members list asked with them, leave dates with ties and with and without fractions, and the platform's no-activity
 //! end landing in the same instant as guestd's own deadline (either processed first).
 //!
 //! Invariants checked on every case: exactly one `ended`; its reason is the scripted cause, or
@@ -102,6 +102,9 @@ struct Script {
     /// At a no-activity end the platform closes the agent's leg before the guest's (the
     /// reference does not say which comes first: both orders are generated).
     agent_leg_first: bool,
+    /// A backfill answers after the members list asked with it (else before it: after a
+    /// restart, its messages then wait for the list's roles).
+    list_first: bool,
 }
 
 fn script() -> impl Strategy<Value = Script> {
@@ -132,6 +135,7 @@ fn script() -> impl Strategy<Value = Script> {
             any::<bool>(),
             any::<bool>(),
             any::<bool>(),
+            any::<bool>(),
         ),
     )
         .prop_map(
@@ -145,7 +149,7 @@ fn script() -> impl Strategy<Value = Script> {
                 drops,
                 restart,
                 (lookup_ms, lookup_failures),
-                (dup_frames, ties, fractions, dates, machine_first, agent_leg_first),
+                (dup_frames, ties, fractions, dates, machine_first, agent_leg_first, list_first),
             )| {
                 let mut s = Script {
                     cause,
@@ -163,6 +167,7 @@ fn script() -> impl Strategy<Value = Script> {
                     dates,
                     machine_first,
                     agent_leg_first,
+                    list_first,
                 };
                 s.fit(fast_end);
                 s
@@ -323,6 +328,12 @@ struct World {
     emitted_ever: std::collections::BTreeSet<u64>,
     /// Messages posted before a backfill the machine took: it must have emitted them all.
     backfilled_upto: usize,
+    /// Messages posted before a backfill the machine took and still holds (its senders' roles
+    /// not known yet): counted in `backfilled_upto` once the backfill is over.
+    taken_upto: Option<usize>,
+    /// Backfilled agent messages that said another role than `agent` (outside a loss or an
+    /// end, which let waiting messages out with the roles known then).
+    wrong_roles: Vec<String>,
     /// Messages posted while guestd's stream was open.
     live_posts: Vec<usize>,
     log: Vec<String>,
@@ -396,6 +407,8 @@ impl World {
             emitted: Vec::new(),
             emitted_ever: Default::default(),
             backfilled_upto: 0,
+            taken_upto: None,
+            wrong_roles: Vec::new(),
             live_posts: Vec::new(),
             log: Vec::new(),
             s,
@@ -414,6 +427,32 @@ impl World {
         let now = self.base + Duration::from_millis(self.t);
         self.log.push(format!("{} <- {input:?}", self.t));
         let acts = m.step(input, now);
+        if m.backfilling.is_none() {
+            if let Some(upto) = self.taken_upto.take() {
+                self.backfilled_upto = self.backfilled_upto.max(upto);
+            }
+        }
+        let let_out = acts.iter().any(|a| {
+            matches!(
+                a,
+                Action::Emit(EventKind::Disconnected { .. } | EventKind::Ended { .. })
+            )
+        });
+        for a in &acts {
+            if let Action::Emit(EventKind::Message {
+                message_id,
+                sender_id,
+                sender_role,
+                backfilled: true,
+                ..
+            }) = a
+            {
+                if sender_id == AGENT && sender_role != "agent" && !let_out {
+                    self.wrong_roles
+                        .push(format!("{message_id}: {sender_role}"));
+                }
+            }
+        }
         self.journal_last = m.last_message_id().map(str::to_string);
         if let Some(a) = m.activity() {
             self.journal_activity = a;
@@ -451,10 +490,13 @@ impl World {
                     .push((self.t + self.s.lookup_ms, Pending::Members)),
                 Action::Backfill { after } => {
                     self.backfills_out += 1;
-                    self.pending.push((
-                        self.t + self.s.lookup_ms / 2,
-                        Pending::Backfill(after.clone()),
-                    ))
+                    let takes = if self.s.list_first {
+                        self.s.lookup_ms * 2 + 1
+                    } else {
+                        self.s.lookup_ms / 2
+                    };
+                    self.pending
+                        .push((self.t + takes, Pending::Backfill(after.clone())))
                 }
                 Action::Leave => self.pending.push((self.t + 5, Pending::Leave)),
                 Action::Stop => self.stopped = true,
@@ -510,16 +552,22 @@ impl World {
         self.set_state(id, state, None);
     }
 
+    /// A backfill is outstanding: asked and not answered, or answered and waiting in the
+    /// machine for its senders' roles (live frames are held behind it either way).
+    fn backfill_out(&self) -> bool {
+        self.backfills_out > 0 || self.m.as_ref().is_some_and(|m| m.backfilling.is_some())
+    }
+
     fn post(&mut self, sender: &str) {
         let id = format!("m{}", self.msgs.len());
         // Required of the machine when it arrives on an open stream with no backfill
         // outstanding; one held behind a backfill is required once a later backfill is taken
         // (`backfilled_upto`): held frames die with a drop, and the next backfill fetches them.
-        if self.sock && self.backfills_out == 0 {
+        if self.sock && !self.backfill_out() {
             self.live_posts.push(self.msgs.len());
         }
         self.msgs.push((sender.to_string(), self.t));
-        let backfill_out = self.backfills_out > 0;
+        let backfill_out = self.backfill_out();
         let acts = self.frame(ChatEvent::Message(message(&id, sender, &self.date(self.t))));
         if let Some(acts) = acts {
             if !backfill_out && !self.stopped {
@@ -651,6 +699,8 @@ impl World {
                 self.socket_lost();
                 self.pending.clear();
                 self.backfills_out = 0;
+                // A backfill held for roles dies with the process; the next one fetches it.
+                self.taken_upto = None;
                 self.pending.push((self.t + down, Pending::Restart));
             }
             _ => {}
@@ -715,10 +765,12 @@ impl World {
                     .collect();
                 let posted = self.msgs.len();
                 // A backfill the machine no longer waits for (its socket dropped meanwhile)
-                // is ignored; it asks again on the next open.
-                if !self.feed(Input::Backfill(Ok(msgs))).is_empty() {
-                    self.backfilled_upto = self.backfilled_upto.max(posted);
+                // is ignored; it asks again on the next open. One it takes counts once it is
+                // over (its messages may wait for roles first).
+                if self.m.as_ref().is_some_and(|m| m.backfilling.is_some()) {
+                    self.taken_upto = Some(posted);
                 }
+                self.feed(Input::Backfill(Ok(msgs)));
             }
             Pending::Leave => {
                 if self.ended.is_none() {
@@ -903,6 +955,13 @@ impl World {
             lost,
             ctx()
         );
+        // A backfilled agent message says `agent`, as it would have live (issue 25, item 10).
+        prop_assert!(
+            self.wrong_roles.is_empty(),
+            "backfilled agent messages with another role: {:?}\n{}",
+            self.wrong_roles,
+            ctx()
+        );
         // Late inputs after the end: nothing.
         for late in [
             Input::Tick,
@@ -973,6 +1032,7 @@ mod fixed {
             dates: false,
             machine_first: false,
             agent_leg_first: false,
+            list_first: false,
         }
     }
 
@@ -1129,6 +1189,24 @@ mod fixed {
             drops: vec![(49_000, 85_008), (0, 39_041)],
             lookup_failures: 2,
             dates: true,
+            ..base()
+        });
+    }
+
+    /// Found by the property once backfills could answer after the members list: guestd
+    /// restarts, the lists fail, and the guest's DISCONNECTED arrives while the backfill is
+    /// outstanding (held), then the platform closes the socket. The held frame, replayed at the
+    /// loss, ends the chat: nothing may follow the `ended` (a `disconnected`, a `reconnecting`,
+    /// a members list for the flow's held frame did).
+    #[test]
+    fn a_held_end_replayed_at_a_loss_is_the_last_word() {
+        run(Script {
+            cause: Cause::Server,
+            end_at: 96_000,
+            restart: Some((87_137, 6_477)),
+            lookup_ms: 1_190,
+            lookup_failures: 2,
+            list_first: true,
             ..base()
         });
     }

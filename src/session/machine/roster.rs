@@ -186,7 +186,9 @@ impl Machine {
         if self.backfilling.is_some() {
             self.held_members = held;
             self.deferred_list = Some((why, list));
-            return;
+            // Backfilled messages waiting for roles: this list gives them (then the held
+            // frames are replayed and the list read, in that order).
+            return self.release_roles_wait(now, out);
         }
         self.lookup_retries = 0;
         let guest_left_in_list = list
@@ -283,7 +285,10 @@ impl Machine {
     ) {
         // Frames wait on this list, or an end does (the guest left, the grace ran out, the stream
         // answered 404): ask again rather than guess.
-        let waiting = !held.is_empty() || self.guest_gone || why != Fetch::Refresh;
+        let waiting = !held.is_empty()
+            || self.guest_gone
+            || why != Fetch::Refresh
+            || self.roles_wait.is_some();
         if let Failure::Other(e) = &f {
             self.stream_error(format!("list members failed: {e}"), now, out);
             if waiting && self.lookup_retries < MAX_LOOKUP_RETRIES {
@@ -296,6 +301,11 @@ impl Machine {
         for (id, state, at) in held {
             self.apply_member(&id, None, state, at, out);
         }
+        if self.ended.is_some() {
+            return;
+        }
+        // Backfilled messages waiting for roles go out with the roles known so far.
+        self.release_roles_wait(now, out);
         if self.ended.is_some() {
             return;
         }

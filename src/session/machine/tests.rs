@@ -949,3 +949,170 @@ async fn ends_after_a_restart_counts_from_the_journaled_activity() {
     );
     assert_eq!(m.ends(), Some((deadline, EndReason::InactivityTimeout)));
 }
+
+/// A session resumed from the journal (or taken over from another node), reopened: it knows
+/// only the guest, and has asked for the backfill after `m1` and the members list (asserted).
+fn resumed_and_reopened() -> Sim {
+    let now = Instant::now();
+    let mut s = Sim {
+        m: Machine::resume(timing(), GUEST, now, now, Some("m1".into()), now),
+        actions: Vec::new(),
+    };
+    assert_eq!(s.step(Input::Tick), vec![Action::Connect]);
+    let a = s.step(Input::Opened);
+    assert!(
+        a.contains(&Action::Backfill {
+            after: Some("m1".into())
+        }) && a.contains(&Action::FetchMembers),
+        "{a:?}"
+    );
+    s
+}
+
+/// The `message` events so far: (id, sender_role, backfilled).
+fn said(s: &Sim) -> Vec<(String, String, bool)> {
+    s.events()
+        .into_iter()
+        .filter_map(|e| match e {
+            EventKind::Message {
+                message_id,
+                sender_role,
+                backfilled,
+                ..
+            } => Some((message_id, sender_role, backfilled)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn roles_of(s: &Sim) -> Vec<String> {
+    said(s)
+        .into_iter()
+        .map(|(id, role, b)| format!("{id}:{role}:{b}"))
+        .collect()
+}
+
+/// Issue 25, item 10: after a restart or a takeover the machine knows only the guest; the
+/// backfill (the agent's messages while guestd was down) and the members list are asked at the
+/// reopen together. Whichever answers first, the agent's messages say `agent`, as they would
+/// have live: once each, in order, the live message held behind the backfill included.
+#[tokio::test(start_paused = true)]
+async fn resumed_backfill_says_agent_whichever_of_list_and_backfill_answers_first() {
+    let list = || {
+        Input::Members(Ok(vec![
+            member(GUEST, Role::Customer, MemberState::Connected, None),
+            member(AGENT, Role::Agent, MemberState::Connected, None),
+        ]))
+    };
+    let backfill = || {
+        Input::Backfill(Ok(vec![
+            msg("m2", AGENT),
+            msg("m3", GUEST),
+            msg("m4", AGENT),
+        ]))
+    };
+    for list_first in [false, true] {
+        let mut s = resumed_and_reopened();
+        assert!(
+            s.message("m4", AGENT).is_empty(),
+            "held behind the backfill"
+        );
+        if list_first {
+            s.step(list());
+            assert!(said(&s).is_empty(), "the list waits for the backfill");
+            s.step(backfill());
+        } else {
+            s.step(backfill());
+            assert!(
+                said(&s).is_empty(),
+                "backfilled messages wait for the roles: {:?}",
+                roles_of(&s)
+            );
+            assert!(s.message("m5", AGENT).is_empty(), "live frames wait too");
+            s.step(list());
+        }
+        let mut want = vec!["m2:agent:true", "m3:customer:true", "m4:agent:true"];
+        if !list_first {
+            want.push("m5:agent:false");
+        }
+        assert_eq!(roles_of(&s), want, "list first: {list_first}");
+        assert_eq!(
+            s.types().iter().filter(|t| *t == "reconnected").count(),
+            1,
+            "{:?}",
+            s.types()
+        );
+        assert!(s.m.agent_connected(), "the list's states are read after");
+        // Later, live: the same role.
+        s.message("m6", AGENT);
+        assert_eq!(said(&s).last().unwrap().1, "agent");
+    }
+}
+
+/// Issue 25, item 10, the bound: backfilled messages whose senders' roles never come out of a
+/// members list still come out, with `unknown`, never lost and never held forever: after the
+/// list failed `1 + MAX_LOOKUP_RETRIES` times, or after `ROLES_WAIT` with no answer at all, or
+/// at once when the socket is lost meanwhile.
+#[tokio::test(start_paused = true)]
+async fn resumed_backfill_without_roles_goes_out_unknown_after_the_bound() {
+    use super::history::ROLES_WAIT;
+    // The list fails for good.
+    let mut s = resumed_and_reopened();
+    s.step(Input::Backfill(Ok(vec![msg("m2", AGENT)])));
+    for _ in 0..MAX_LOOKUP_RETRIES {
+        let a = s.step(Input::Members(Err(Failure::Other("503".into()))));
+        assert!(a.contains(&Action::FetchMembers), "asked again: {a:?}");
+        assert!(said(&s).is_empty(), "{:?}", roles_of(&s));
+    }
+    s.step(Input::Members(Err(Failure::Other("503".into()))));
+    assert_eq!(roles_of(&s), ["m2:unknown:true"]);
+    assert!(s.types().contains(&"reconnected".to_string()));
+
+    // The list never answers: out at the bound, not before; a late list reads as usual.
+    let mut s = resumed_and_reopened();
+    let t0 = Instant::now();
+    s.step(Input::Backfill(Ok(vec![msg("m2", AGENT)])));
+    assert!(s.message("m3", AGENT).is_empty());
+    assert_eq!(s.m.next_deadline(), Some(t0 + ROLES_WAIT));
+    s.wait(ROLES_WAIT - Duration::from_millis(1)).await;
+    assert!(said(&s).is_empty(), "{:?}", roles_of(&s));
+    s.tick_next().await;
+    assert_eq!(Instant::now(), t0 + ROLES_WAIT);
+    assert_eq!(roles_of(&s), ["m2:unknown:true", "m3:unknown:false"]);
+    s.step(Input::Members(Ok(vec![
+        member(GUEST, Role::Customer, MemberState::Connected, None),
+        member(AGENT, Role::Agent, MemberState::Connected, None),
+    ])));
+    s.message("m4", AGENT);
+    assert_eq!(
+        roles_of(&s),
+        ["m2:unknown:true", "m3:unknown:false", "m4:agent:false"],
+        "once each"
+    );
+
+    // The socket is lost while they wait: out before the loss, and not asked for again.
+    let mut s = resumed_and_reopened();
+    s.step(Input::Backfill(Ok(vec![msg("m2", AGENT)])));
+    s.step(Input::Lost("reset".into()));
+    assert_eq!(roles_of(&s), ["m2:unknown:true"]);
+    let t = s.types();
+    let out = t.iter().position(|t| t == "message").unwrap();
+    let lost = t.iter().position(|t| t == "disconnected").unwrap();
+    assert!(out < lost, "{t:?}");
+    s.tick_next().await;
+    let a = s.step(Input::Opened);
+    assert!(
+        a.contains(&Action::Backfill {
+            after: Some("m2".into())
+        }),
+        "{a:?}"
+    );
+
+    // The chat ends while they wait: out before the end.
+    let mut s = resumed_and_reopened();
+    s.step(Input::Backfill(Ok(vec![msg("m2", AGENT)])));
+    s.step(Input::LeaveRequested);
+    s.step(Input::LeaveDone(Ok(())));
+    assert_eq!(roles_of(&s), ["m2:unknown:true"]);
+    assert_eq!(s.only_end(), EndReason::GuestLeft);
+}
