@@ -598,7 +598,15 @@ impl Machine {
         if std::mem::take(&mut self.leave_due) {
             out.push(Action::Leave);
         }
-        if self.roles_wait.as_ref().is_some_and(|w| now >= w.1) {
+        // The wait for roles ends at its bound, and before the no-activity rule is read: a
+        // guest's message waiting there (or held behind it) is activity, and is counted once
+        // it is emitted.
+        let inactive = self.inactivity_deadline().is_some_and(|dl| now >= dl);
+        if self
+            .roles_wait
+            .as_ref()
+            .is_some_and(|w| now >= w.1 || inactive)
+        {
             self.release_roles_wait(now, out);
             if self.ended.is_some() {
                 return;
@@ -730,10 +738,17 @@ impl Machine {
             return;
         }
         // Backfilled messages still waiting for roles were fetched: they come out before the
-        // end, with the roles known, rather than die with the session.
+        // end, with the roles known, rather than die with the session; then the live messages
+        // held behind them (or behind a backfill still in flight: out of order with what it
+        // would have fetched, but not lost). Member changes held are moot once it has ended.
         if let Some(w) = self.roles_wait.take() {
             for m in w.0 {
                 self.on_message(m, true, now, out);
+            }
+        }
+        for (ev, at) in std::mem::take(&mut self.held) {
+            if let ChatEvent::Message(m) = ev {
+                self.on_message(m, false, at, out);
             }
         }
         self.ended = Some(reason);

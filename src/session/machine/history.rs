@@ -117,7 +117,9 @@ impl Machine {
             }
         };
         if let Some(w) = self.roles_wait.as_mut() {
-            // A second answer for the same backfill: nothing is dropped (each comes out once).
+            // Another answer while one waits: a backfill asked before a socket loss and
+            // answered after the reopen's (answers are not tagged by connection; a known gap,
+            // see docs/design.md). Nothing is dropped: each message comes out once (`seen`).
             w.0.extend(msgs);
             return;
         }

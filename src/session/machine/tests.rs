@@ -1108,11 +1108,47 @@ async fn resumed_backfill_without_roles_goes_out_unknown_after_the_bound() {
         "{a:?}"
     );
 
-    // The chat ends while they wait: out before the end.
+    // The chat ends while they wait: out before the end, and so is the live message held
+    // behind them (review: it was dropped, and nothing fetches it after an end).
     let mut s = resumed_and_reopened();
     s.step(Input::Backfill(Ok(vec![msg("m2", AGENT)])));
+    s.message("m3", AGENT);
     s.step(Input::LeaveRequested);
     s.step(Input::LeaveDone(Ok(())));
-    assert_eq!(roles_of(&s), ["m2:unknown:true"]);
+    assert_eq!(roles_of(&s), ["m2:unknown:true", "m3:unknown:false"]);
+    let t = s.types();
+    let last_message = t.iter().rposition(|t| t == "message").unwrap();
+    let ended = t.iter().position(|t| t == "ended").unwrap();
+    assert!(last_message < ended, "{t:?}");
     assert_eq!(s.only_end(), EndReason::GuestLeft);
+}
+
+/// Review of item 10: a guest's message held behind the wait for roles is activity. The
+/// no-activity deadline passing while it waits does not end the chat: the wait ends first and
+/// the guest's message is counted.
+#[tokio::test(start_paused = true)]
+async fn a_guest_message_waiting_for_roles_counts_as_activity() {
+    let mut s = Sim::new();
+    s.connect();
+    s.agent_joins();
+    s.message("m1", AGENT);
+    // 14 min 50 s without a guest message (heartbeats keep the socket up), then 5 s more.
+    for _ in 0..89 {
+        s.wait(Duration::from_secs(10)).await;
+        s.step(Input::Frame(ChatEvent::Heartbeat));
+    }
+    s.wait(Duration::from_secs(5)).await;
+    s.step(Input::Lost("closed".into()));
+    s.tick_next().await;
+    s.step(Input::Opened);
+    // A second agent, unknown yet, wrote during the outage: the backfill waits for roles
+    // (until at least 15 min 5 s); the guest writes live, held behind it.
+    s.step(Input::Backfill(Ok(vec![msg("m2", "agent-2")])));
+    s.message("g2", GUEST);
+    assert!(said(&s).iter().all(|(id, _, _)| id != "g2"));
+    // The 15-minute deadline passes meanwhile.
+    let a = s.wait(Duration::from_secs(8)).await;
+    assert!(!a.contains(&Action::Leave), "{a:?}");
+    assert!(s.ended().is_empty(), "{:?}", s.ended());
+    assert!(said(&s).iter().any(|(id, _, _)| id == "g2"));
 }
