@@ -120,7 +120,10 @@ async fn from_the_jetstream_stream_with_an_end_stored_twice_one_record_per_chat(
     }
     assert_eq!(published, lines.len() + 2);
     let mut ledger = consumer::Ledger::default();
-    let args: Vec<String> = ["--until-idle", "2", "--durable", "test-consumer"]
+    // Everything is in the stream before the reader starts: it stops once idle that long
+    // (scaled, so a slow machine's pauses between deliveries do not end it early).
+    let idle = scaled(Duration::from_secs(2)).as_secs().max(2).to_string();
+    let args: Vec<String> = ["--until-idle", idle.as_str(), "--durable", "test-consumer"]
         .map(String::from)
         .into();
     consumer::from_nats_into(&args, &url, &mut ledger, |_| {})

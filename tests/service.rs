@@ -574,7 +574,13 @@ async fn messages_backfilled_after_a_restart_carry_the_agents_role() {
         .iter()
         .filter(|v| v["session"] == s.as_str() && v["type"] == "message")
         .collect();
-    let bodies: Vec<&str> = said.iter().map(|v| v["body"].as_str().unwrap()).collect();
+    let mut bodies: Vec<&str> = said.iter().map(|v| v["body"].as_str().unwrap()).collect();
+    // The journal records "live" as seen a moment after its line is written; a SIGKILL in that
+    // moment makes the next process backfill it again (at least once, docs/events.md). It is
+    // then an agent's backfilled message like the others, checked below.
+    if bodies.first() == Some(&"live") {
+        bodies.remove(0);
+    }
     assert_eq!(bodies, down, "once each, in order, after the last seen");
     for v in &said {
         assert_eq!(v["backfilled"], true, "{v}");
