@@ -446,8 +446,10 @@ mod req {
     /// `shyrka/send/EchoRequest.kt`: the health check's fixed tracingId.
     pub const HEALTH_CHECK_ID: &str = "SGVhbHRoQ2hlY2tNZXNzYWdlSWQ=";
 
-    /// `Request.configureRequest` (the SDK's fixture, no tracingId) with this token and
-    /// deployment; `ConfigureSessionRequest.kt`.
+    /// `Request.configureRequest` (the SDK's fixture) with this token and deployment;
+    /// `ConfigureSessionRequest.kt`. The fixture has no tracingId (the SDK's tests match
+    /// requests by `contains`); a running SDK writes one (kotlinx compares the value with a
+    /// fresh evaluation of its default, a new random UUID). The emulator must take both.
     pub fn configure_fixture(token: &str, deployment: &str, start_new: bool) -> String {
         format!(
             r#"{{"token":"{token}","deploymentId":"{deployment}","startNew":{start_new},"journeyContext":{{"customer":{{"id":"{token}","idType":"cookie"}},"customerSession":{{"id":"","type":"web"}}}},"action":"configureSession"}}"#
@@ -462,11 +464,12 @@ mod req {
         )
     }
 
-    /// `Request.autostart` (fixture): `AutoStartRequest.kt`, a Presence Join with the custom
-    /// attributes in the message's channel.
-    pub fn autostart(token: &str) -> String {
+    /// `AutoStartRequest.kt`: a Presence Join with the custom attributes in the message's
+    /// channel (the field order of `Request.autostart`, the SDK's fixture, plus the tracingId
+    /// a running SDK writes).
+    pub fn autostart(token: &str, tid: &str) -> String {
         format!(
-            r#"{{"token":"{token}","action":"onMessage","message":{{"events":[{{"eventType":"Presence","presence":{{"type":"Join"}}}}],"channel":{{"metadata":{{"customAttributes":{{"A":"B"}}}}}},"type":"Event"}}}}"#
+            r#"{{"token":"{token}","tracingId":"{tid}","action":"onMessage","message":{{"events":[{{"eventType":"Presence","presence":{{"type":"Join"}}}}],"channel":{{"metadata":{{"customAttributes":{{"A":"B"}}}}}},"type":"Event"}}}}"#
         )
     }
 
@@ -581,8 +584,20 @@ impl SdkSocket {
             let Some((env, body)) = self.next().await else {
                 panic!("closed before {what}; read {:?}", self.seen);
             };
+            let refusal = match &body {
+                sdk::Body::Text(t) => Some(format!("{} {t}", env.code)),
+                sdk::Body::TooMany(t) => Some(format!("429 {t:?}")),
+                _ => None,
+            };
             if let Some(t) = pick(&env, body) {
                 return t;
+            }
+            // An error frame the step did not ask for: a request the SDK makes was refused.
+            if let Some(r) = refusal {
+                panic!(
+                    "waiting for {what}: an error frame {r}; read {:?}",
+                    self.seen
+                );
             }
         }
     }
@@ -677,7 +692,13 @@ async fn the_transport_sdks_flow_walks_against_the_emulator() {
 
     // A new session with autoStart on: the SDK sends its Presence Join; then a text, one with
     // custom attributes, typing (answered by nothing), and the health check.
-    a.send(req::autostart(&token)).await;
+    a.send(req::autostart(&token, "t-0")).await;
+    let join = a.echo_of("t-0").await;
+    assert_eq!(join.kind, sdk::MessageKind::Event);
+    assert!(matches!(
+        join.structured_events().unwrap()[..],
+        [sdk::StructuredEvent::Presence(ref p)] if p.presence.kind == sdk::PresenceType::Join
+    ));
     a.send(req::text(&token, "hello", "t-1")).await;
     let echo = a.echo_of("t-1").await;
     assert_eq!(echo.kind, sdk::MessageKind::Text);
