@@ -845,11 +845,16 @@ impl Actor {
                         .boxed(),
                 );
             }
-            Action::Backfill { after } => {
+            Action::Backfill { after, generation } => {
                 let fut = self.ctx.api.messages_after(&self.chat, after);
                 self.rest_push(
-                    fut.map(|r| Some(Input::Backfill(r.map_err(|e| Failure::from(&e)))))
-                        .boxed(),
+                    fut.map(move |r| {
+                        Some(Input::Backfill(
+                            generation,
+                            r.map_err(|e| Failure::from(&e)),
+                        ))
+                    })
+                    .boxed(),
                 );
             }
             Action::Leave => {

@@ -113,8 +113,10 @@ pub enum Input {
     Tick,
     /// Result of list members.
     Members(Result<Vec<ChatMember>, Failure>),
-    /// Result of the backfill.
-    Backfill(Result<Vec<ChatMessage>, Failure>),
+    /// Result of the backfill asked with this generation (`Action::Backfill::generation`): an answer
+    /// to an older one (asked before a socket loss, answered after the reopen asked again) is
+    /// ignored, so it cannot stand in for the newer one's.
+    Backfill(u32, Result<Vec<ChatMessage>, Failure>),
     /// A caller asked the guest to leave.
     LeaveRequested,
     /// Result of the leave call.
@@ -142,6 +144,8 @@ pub enum Action {
     Backfill {
         /// Last seen message id.
         after: Option<String>,
+        /// This backfill's generation, to be given back with its answer.
+        generation: u32,
     },
     /// Call leave (DELETE member).
     Leave,
@@ -244,6 +248,8 @@ pub struct Machine {
     deferred_list: Option<(Fetch, Vec<ChatMember>)>,
     /// Live frames that arrived during a backfill, with when each arrived.
     held: Vec<(ChatEvent, Instant)>,
+    /// The generation of the latest backfill asked (see `Input::Backfill`).
+    backfill_gen: u32,
     /// A backfill's messages waiting for their senders' roles, and until when at most (rare:
     /// boxed, so an idle session does not pay for it).
     roles_wait: Option<Box<(Vec<ChatMessage>, Instant)>>,
@@ -308,6 +314,7 @@ impl Machine {
             backfilling: None,
             deferred_list: None,
             held: Vec::new(),
+            backfill_gen: 0,
             roles_wait: None,
             needs_backfill: false,
             last_msg_id: None,
@@ -559,7 +566,7 @@ impl Machine {
                 }
             }
             Input::Members(r) => self.on_members(r, now, &mut out),
-            Input::Backfill(r) => self.on_backfill(r, now, &mut out),
+            Input::Backfill(generation, r) => self.on_backfill(generation, r, now, &mut out),
             Input::LeaveRequested => {
                 self.leave_requested = true;
                 out.push(Action::Leave);

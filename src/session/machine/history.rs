@@ -78,13 +78,25 @@ impl Machine {
         true
     }
 
+    /// Ask for the messages after the last seen, as a new generation.
+    pub(super) fn ask_backfill(&mut self, out: &mut Vec<Action>) {
+        self.backfill_gen = self.backfill_gen.wrapping_add(1);
+        out.push(Action::Backfill {
+            after: self.last_msg_id.clone(),
+            generation: self.backfill_gen,
+        });
+    }
+
     pub(super) fn on_backfill(
         &mut self,
+        generation: u32,
         r: Result<Vec<ChatMessage>, Failure>,
         now: Instant,
         out: &mut Vec<Action>,
     ) {
-        if self.backfilling.is_none() {
+        if self.backfilling.is_none() || generation != self.backfill_gen {
+            // Not waited for, or the answer to a backfill asked before a socket loss: the one
+            // asked at the reopen (after the same id, answered later) has what this one lacks.
             return;
         }
         let msgs = match r {
@@ -117,9 +129,8 @@ impl Machine {
             }
         };
         if let Some(w) = self.roles_wait.as_mut() {
-            // Another answer while one waits: a backfill asked before a socket loss and
-            // answered after the reopen's (answers are not tagged by connection; a known gap,
-            // see docs/design.md). Nothing is dropped: each message comes out once (`seen`).
+            // A second answer of the same generation cannot come (one call per generation);
+            // should one, nothing is dropped: each message comes out once (`seen`).
             w.0.extend(msgs);
             return;
         }

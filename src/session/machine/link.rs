@@ -127,18 +127,14 @@ impl Machine {
                 // never streamed to it. Fetch them (no `reconnected`: nothing was lost).
                 self.first_backfill = true;
                 self.backfilling = Some(lost_at);
-                out.push(Action::Backfill {
-                    after: self.last_msg_id.clone(),
-                });
+                self.ask_backfill(out);
             }
             return;
         }
         self.ever_connected = true;
         self.needs_backfill = false;
         self.backfilling = Some(lost_at);
-        out.push(Action::Backfill {
-            after: self.last_msg_id.clone(),
-        });
+        self.ask_backfill(out);
         self.fetch(Fetch::Refresh, out);
     }
 

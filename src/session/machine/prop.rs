@@ -274,7 +274,9 @@ enum Op {
 enum Pending {
     Connect,
     Members,
-    Backfill(Option<String>),
+    /// A backfill after this id, of this generation, answered with the messages posted when it
+    /// was asked (the worst case: a platform may answer with any moment's list between).
+    Backfill(Option<String>, u32, usize),
     Leave,
     Pong,
     Restart,
@@ -488,15 +490,18 @@ impl World {
                 Action::FetchMembers => self
                     .pending
                     .push((self.t + self.s.lookup_ms, Pending::Members)),
-                Action::Backfill { after } => {
+                Action::Backfill { after, generation } => {
                     self.backfills_out += 1;
                     let takes = if self.s.list_first {
                         self.s.lookup_ms * 2 + 1
                     } else {
                         self.s.lookup_ms / 2
                     };
-                    self.pending
-                        .push((self.t + takes, Pending::Backfill(after.clone())))
+                    let posted = self.msgs.len();
+                    self.pending.push((
+                        self.t + takes,
+                        Pending::Backfill(after.clone(), *generation, posted),
+                    ))
                 }
                 Action::Leave => self.pending.push((self.t + 5, Pending::Leave)),
                 Action::Stop => self.stopped = true,
@@ -750,7 +755,7 @@ impl World {
                 };
                 self.feed(Input::Members(r));
             }
-            Pending::Backfill(after) => {
+            Pending::Backfill(after, generation, posted) => {
                 self.backfills_out = self.backfills_out.saturating_sub(1);
                 let from = match &after {
                     Some(id) => id[1..].parse::<usize>().map(|n| n + 1).unwrap_or(0),
@@ -760,17 +765,21 @@ impl World {
                     .msgs
                     .iter()
                     .enumerate()
+                    .take(posted)
                     .skip(from)
                     .map(|(i, (sender, at))| message(&format!("m{i}"), sender, &self.date(*at)))
                     .collect();
-                let posted = self.msgs.len();
-                // A backfill the machine no longer waits for (its socket dropped meanwhile)
-                // is ignored; it asks again on the next open. One it takes counts once it is
-                // over (its messages may wait for roles first).
-                if self.m.as_ref().is_some_and(|m| m.backfilling.is_some()) {
+                // A backfill the machine no longer waits for (its socket dropped meanwhile, or
+                // a newer one was asked at the reopen) is ignored; the newer one covers it. One
+                // it takes counts once it is over (its messages may wait for roles first).
+                if self
+                    .m
+                    .as_ref()
+                    .is_some_and(|m| m.backfilling.is_some() && m.backfill_gen == generation)
+                {
                     self.taken_upto = Some(posted);
                 }
-                self.feed(Input::Backfill(Ok(msgs)));
+                self.feed(Input::Backfill(generation, Ok(msgs)));
             }
             Pending::Leave => {
                 if self.ended.is_none() {
