@@ -14,7 +14,8 @@
 //! cargo run --example consumer -- --nats nats://127.0.0.1:4222    # from the JetStream stream
 //! ```
 //!
-//! With `--nats` it reads the stream `GUESTD_EVENTS` through a durable pull consumer (`--durable`,
+//! With `--nats` it reads the stream `<prefix>_EVENTS` (`--prefix`, guestd's `cluster.prefix`,
+//! default `GUESTD`) through a durable pull consumer (`--durable`,
 //! default `guestd-consumer-example`), acknowledging each event once applied, so a restarted
 //! consumer goes on where it stopped. `--until-idle SECS` stops after that long without an event
 //! (tests use it); without it, it reads forever. Credentials: `--creds FILE`, or `--user` with the
@@ -188,7 +189,7 @@ fn arg(args: &[String], name: &str) -> Option<String> {
         .and_then(|i| args.get(i + 1).cloned())
 }
 
-/// Read the stream `GUESTD_EVENTS` at `url` into `ledger`, calling `on_end` for each chat as it
+/// Read the stream `<prefix>_EVENTS` at `url` into `ledger`, calling `on_end` for each chat as it
 /// ends (see the module's doc for `args`).
 pub async fn from_nats_into(
     args: &[String],
@@ -206,7 +207,8 @@ pub async fn from_nats_into(
     }
     let client = opts.connect(url).await?;
     let js = jetstream::new(client);
-    let stream = js.get_stream("GUESTD_EVENTS").await?;
+    let prefix = arg(args, "--prefix").unwrap_or_else(|| "GUESTD".into());
+    let stream = js.get_stream(format!("{prefix}_EVENTS")).await?;
     let durable = arg(args, "--durable").unwrap_or_else(|| "guestd-consumer-example".into());
     let consumer = stream
         .get_or_create_consumer(

@@ -83,7 +83,8 @@ async fn from_stdout_with_a_restarts_repeats_one_record_per_chat() {
 }
 
 /// The JetStream stream, read with the example's durable consumer: every line published as
-/// guestd publishes it, each `ended` twice under two message ids.
+/// guestd publishes it, each `ended` twice under two message ids; under a `cluster.prefix` of
+/// its own (`--prefix`).
 #[tokio::test]
 async fn from_the_jetstream_stream_with_an_end_stored_twice_one_record_per_chat() {
     let (lines, c1, c2) = two_chats().await;
@@ -92,8 +93,8 @@ async fn from_the_jetstream_stream_with_an_end_stored_twice_one_record_per_chat(
     let client = async_nats::connect(url.clone()).await.unwrap();
     let js = async_nats::jetstream::new(client);
     js.get_or_create_stream(async_nats::jetstream::stream::Config {
-        name: "GUESTD_EVENTS".into(),
-        subjects: vec!["GUESTD.events.>".into()],
+        name: "ACME_EVENTS".into(),
+        subjects: vec!["ACME.events.>".into()],
         ..Default::default()
     })
     .await
@@ -106,15 +107,11 @@ async fn from_the_jetstream_stream_with_an_end_stored_twice_one_record_per_chat(
         for copy in 0..copies {
             let mut headers = async_nats::HeaderMap::new();
             headers.insert("Nats-Msg-Id", format!("node-{copy}:{i}").as_str());
-            js.publish_with_headers(
-                format!("GUESTD.events.{conv}"),
-                headers,
-                line.clone().into(),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+            js.publish_with_headers(format!("ACME.events.{conv}"), headers, line.clone().into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
             published += 1;
         }
     }
@@ -123,9 +120,16 @@ async fn from_the_jetstream_stream_with_an_end_stored_twice_one_record_per_chat(
     // Everything is in the stream before the reader starts: it stops once idle that long
     // (scaled, so a slow machine's pauses between deliveries do not end it early).
     let idle = scaled(Duration::from_secs(2)).as_secs().max(2).to_string();
-    let args: Vec<String> = ["--until-idle", idle.as_str(), "--durable", "test-consumer"]
-        .map(String::from)
-        .into();
+    let args: Vec<String> = [
+        "--until-idle",
+        idle.as_str(),
+        "--durable",
+        "test-consumer",
+        "--prefix",
+        "ACME",
+    ]
+    .map(String::from)
+    .into();
     consumer::from_nats_into(&args, &url, &mut ledger, |_| {})
         .await
         .unwrap();
