@@ -60,12 +60,15 @@ pub struct Chat {
 
 /// Every chat open and the latest ended ones, and the ids that make a repeat a no-op. Bounded:
 /// `REMEMBERED_EVENT_IDS` event ids, `keep_ended` ended chats (an ended chat also drops its
-/// message ids: a message after its end can only be a repeat).
+/// message ids: a message after its end can only be a repeat), and as many ids of ended chats
+/// forgotten since, whose late events are repeats too (not a new chat).
 pub struct Ledger {
     chats: HashMap<String, Chat>,
     event_ids: HashSet<String>,
     event_order: VecDeque<String>,
     ended_order: VecDeque<String>,
+    forgotten: HashSet<String>,
+    forgotten_order: VecDeque<String>,
     keep_ended: usize,
     /// Lines that were not guestd events (logged to stderr, skipped).
     pub skipped: usize,
@@ -87,6 +90,8 @@ impl Ledger {
             event_ids: HashSet::new(),
             event_order: VecDeque::new(),
             ended_order: VecDeque::new(),
+            forgotten: HashSet::new(),
+            forgotten_order: VecDeque::new(),
             keep_ended,
             skipped: 0,
             duplicates: 0,
@@ -117,8 +122,13 @@ impl Ledger {
                 self.event_ids.remove(&old);
             }
         }
+        if self.forgotten.contains(conv) {
+            // A late event of a chat that ended long ago: a repeat, not a new chat.
+            self.duplicates += 1;
+            return None;
+        }
         if kind == "end_confirmed" && !self.chats.contains_key(conv) {
-            // The confirmation of an end forgotten long ago (or never seen): no new record.
+            // The confirmation of an end never seen: no record of its own.
             return None;
         }
         let chat = self.chats.entry(conv.to_string()).or_insert_with(|| Chat {
@@ -154,6 +164,13 @@ impl Ledger {
                 while self.ended_order.len() > self.keep_ended {
                     if let Some(old) = self.ended_order.pop_front() {
                         self.chats.remove(&old);
+                        self.forgotten.insert(old.clone());
+                        self.forgotten_order.push_back(old);
+                    }
+                }
+                while self.forgotten_order.len() > self.keep_ended {
+                    if let Some(old) = self.forgotten_order.pop_front() {
+                        self.forgotten.remove(&old);
                     }
                 }
                 return Some(ended);
@@ -373,7 +390,15 @@ mod tests {
         kept.sort();
         assert_eq!(kept, ["e2", "e3", "open"]);
         l.apply(&ev("e1", "end_confirmed", r#","agrees":true"#));
-        assert_eq!(l.chats().count(), 3, "no record for a forgotten end");
+        l.apply(&ev("e1", "message", r#","message_id":"m1""#));
+        let id = r#","event_id":"s-e1:ended-again","reason":"guest_left""#;
+        assert!(l.apply(&ev("e1", "ended", id)).is_none());
+        assert_eq!(
+            l.chats().count(),
+            3,
+            "no record for a forgotten chat's late events"
+        );
+        assert_eq!(l.open().count(), 1);
         // A message repeated after its chat's end counts as a repeat, not a message.
         l.apply(&ev("e3", "message", r#","message_id":"m9""#));
         let e3 = l.chats().find(|c| c.conversation_id == "e3").unwrap();
