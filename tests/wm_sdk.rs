@@ -231,10 +231,16 @@ mod sdk {
         pub reason: Option<String>,
     }
 
-    /// `SessionExpiredEvent.kt`, `SessionClearedEvent.kt`, `LogoutEvent.kt`: empty classes
-    /// (the body must still be an object).
-    #[derive(Debug, Deserialize)]
-    pub struct Empty {}
+    /// `SessionExpiredEvent.kt`, `SessionClearedEvent.kt`, `LogoutEvent.kt`: empty classes, whose
+    /// body must still be an object (kotlinx refuses `[]`, which a serde derive would take).
+    fn empty(s: &str) -> Result<(), String> {
+        let v: serde_json::Value = serde_json::from_str(s).map_err(|e| e.to_string())?;
+        if v.get("body").is_some_and(serde_json::Value::is_object) {
+            Ok(())
+        } else {
+            Err(format!("an empty class's body must be an object: {s}"))
+        }
+    }
 
     /// `shyrka/receive/StructuredMessage.kt` (`MessageEntityList`): a history page.
     #[derive(Debug, Deserialize)]
@@ -294,11 +300,11 @@ mod sdk {
                 Body::Structured(m)
             }
             "JwtResponse" => Body::Jwt(body(s)?),
-            "SessionExpiredEvent" => body::<Empty>(s).map(|_| Body::Expired)?,
+            "SessionExpiredEvent" => empty(s).map(|_| Body::Expired)?,
             "TooManyRequestsErrorMessage" => Body::TooMany(body(s)?),
             "ConnectionClosedEvent" => Body::Closed(body(s)?),
-            "LogoutEvent" => body::<Empty>(s).map(|_| Body::Logout)?,
-            "SessionClearedEvent" => body::<Empty>(s).map(|_| Body::Cleared)?,
+            "LogoutEvent" => empty(s).map(|_| Body::Logout)?,
+            "SessionClearedEvent" => empty(s).map(|_| Body::Cleared)?,
             other => return Err(format!("class {other:?} the SDK does not know: {s}")),
         };
         Ok((env, b))
