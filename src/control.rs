@@ -13,10 +13,12 @@
 //! HTTP: each command runs in its own task, so a client that hangs up cannot abandon a `start`
 //! halfway (a chat created on the platform but never supervised).
 
-use crate::backend::{ApiError, ChatRef, StartSpec};
+use crate::backend::{ApiError, ChatRef};
+pub use crate::command::Command;
 use crate::events::{Event, EventKind};
 use crate::secret::Secret;
 use crate::session::{Done, SessionView};
+pub use crate::supervisor::Route;
 use crate::supervisor::{Supervisor, SupervisorError};
 use axum::Json;
 use axum::Router;
@@ -126,74 +128,6 @@ impl Decoder for CommandLines {
         }
         let line = buf.split();
         Ok(Some(Self::line(&line)))
-    }
-}
-
-/// A parsed command.
-#[derive(Debug, Clone)]
-pub enum Command {
-    /// Create a chat and supervise it.
-    Start(StartSpec),
-    /// Supervise an existing chat.
-    Attach(ChatRef),
-    /// Open a Web Messaging session and supervise it (`start` with `"backend":
-    /// "web_messaging"`).
-    StartMessaging(crate::webmessaging::Spec),
-    /// Supervise an existing Web Messaging session (`attach` with `"backend":
-    /// "web_messaging"`).
-    AttachMessaging(crate::webmessaging::Spec),
-    /// Web Messaging: close the session and begin a new one on the same token.
-    StartNew {
-        /// Session id or conversation id.
-        session: String,
-    },
-    /// Send a message as the guest.
-    Send {
-        /// Session id or conversation id.
-        session: String,
-        /// The message text (at most the backend's `max_message_chars`).
-        body: String,
-    },
-    /// Send typing.
-    Typing {
-        /// Session id or conversation id.
-        session: String,
-    },
-    /// Leave the chat.
-    Leave {
-        /// Session id or conversation id.
-        session: String,
-    },
-    /// List sessions.
-    List,
-    /// One session.
-    Get {
-        /// Session id or conversation id.
-        session: String,
-    },
-    /// Whether any conversation is alive, held or not (see `crate::status`).
-    Status {
-        /// The conversation id.
-        conversation_id: String,
-        /// The chat's jwt, for the guest API to answer when nothing else can.
-        jwt: Option<Secret>,
-    },
-}
-
-impl Command {
-    /// The command's name.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Command::Start(_) | Command::StartMessaging(_) => "start",
-            Command::Attach(_) | Command::AttachMessaging(_) => "attach",
-            Command::StartNew { .. } => "start_new",
-            Command::Send { .. } => "send",
-            Command::Typing { .. } => "typing",
-            Command::Leave { .. } => "leave",
-            Command::List => "list",
-            Command::Get { .. } => "get",
-            Command::Status { .. } => "status",
-        }
     }
 }
 
@@ -367,24 +301,6 @@ pub enum Reply {
     Status(crate::status::ConversationStatus),
     /// Cluster mode: the reply of the node that ran the command, as it sent it.
     Remote(serde_json::Value),
-}
-
-/// Cluster mode: where commands run. `place` answers from what this node knows (the chat's
-/// owner; for a new chat, the least-loaded live node); `forward` runs the command there.
-pub trait Route: Send + Sync + 'static {
-    /// The node that should run `cmd`, or None for this one.
-    fn place<'a>(&'a self, cmd: &'a Command) -> futures::future::BoxFuture<'a, Option<String>>;
-    /// `node` did not get a command (no responders): a new chat goes elsewhere for a while.
-    fn unreachable(&self, node: &str);
-    /// Whether the chat `cmd` names exists in the cluster (so "not found" means "moving").
-    fn moving<'a>(&'a self, cmd: &'a Command) -> futures::future::BoxFuture<'a, bool>;
-    /// Run `cmd` on `node`; its reply as that node serialized it. The error code
-    /// `no_responders` means nobody received it (safe to send again).
-    fn forward(
-        &self,
-        node: String,
-        cmd: &Command,
-    ) -> futures::future::BoxFuture<'static, Result<serde_json::Value, SupervisorError>>;
 }
 
 /// A command as JSON, the form [`parse_line`] reads (for forwarding it to another node; the

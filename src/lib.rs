@@ -15,6 +15,7 @@ pub mod backend;
 pub mod backoff_policy;
 /// Several nodes on NATS JetStream.
 pub mod cluster;
+pub mod command;
 /// Configuration file, defaults and environment overrides.
 pub mod config;
 /// Control channels: stdin JSON lines and the loopback HTTP API.

@@ -17,6 +17,30 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+/// Cluster mode: where commands run. `place` answers from what this node knows (the chat's
+/// owner; for a new chat, the least-loaded live node); `forward` runs the command there.
+pub trait Route: Send + Sync + 'static {
+    /// The node that should run `cmd`, or None for this one.
+    fn place<'a>(
+        &'a self,
+        cmd: &'a crate::command::Command,
+    ) -> futures::future::BoxFuture<'a, Option<String>>;
+    /// `node` did not get a command (no responders): a new chat goes elsewhere for a while.
+    fn unreachable(&self, node: &str);
+    /// Whether the chat `cmd` names exists in the cluster (so "not found" means "moving").
+    fn moving<'a>(
+        &'a self,
+        cmd: &'a crate::command::Command,
+    ) -> futures::future::BoxFuture<'a, bool>;
+    /// Run `cmd` on `node`; its reply as that node serialized it. The error code
+    /// `no_responders` means nobody received it (safe to send again).
+    fn forward(
+        &self,
+        node: String,
+        cmd: &crate::command::Command,
+    ) -> futures::future::BoxFuture<'static, Result<serde_json::Value, SupervisorError>>;
+}
+
 /// Why a supervisor operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
@@ -185,7 +209,7 @@ pub struct Supervisor {
     live: watch::Receiver<usize>,
     accepting: watch::Receiver<bool>,
     stop_accepting: Arc<watch::Sender<bool>>,
-    router: Arc<std::sync::OnceLock<Arc<dyn crate::control::Route>>>,
+    router: Arc<std::sync::OnceLock<Arc<dyn Route>>>,
     ends: Arc<std::sync::OnceLock<Arc<crate::ends::Ends>>>,
 }
 
@@ -225,7 +249,7 @@ impl Supervisor {
     }
 
     /// Cluster mode: where commands go when this node is not the one to run them.
-    pub fn set_router(&self, router: Arc<dyn crate::control::Route>) {
+    pub fn set_router(&self, router: Arc<dyn Route>) {
         let _ = self.router.set(router);
     }
 
@@ -240,7 +264,7 @@ impl Supervisor {
     }
 
     /// The router, in cluster mode.
-    pub fn router(&self) -> Option<&Arc<dyn crate::control::Route>> {
+    pub fn router(&self) -> Option<&Arc<dyn Route>> {
         self.router.get()
     }
 
