@@ -54,10 +54,10 @@ fuzz_target!(|data: &[u8]| {
         // Answer whatever the frame asked for with nothing: a list that failed, an empty page.
         for a in acts {
             let reply = match a {
-                Action::FetchMembers => Input::Members(Err(guestd::backend::Failure::Other(
-                    "fuzz".into(),
-                ))),
-                Action::Backfill { .. } => Input::Backfill(Ok(Vec::new())),
+                Action::FetchMembers => {
+                    Input::Members(Err(guestd::backend::Failure::Other("fuzz".into())))
+                }
+                Action::Backfill { generation, .. } => Input::Backfill(generation, Ok(Vec::new())),
                 _ => continue,
             };
             let more = m.step(reply, at);
