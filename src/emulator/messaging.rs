@@ -364,7 +364,11 @@ fn act(
     let tid = req.get("tracingId").and_then(Value::as_str);
     let action = req.get("action").and_then(Value::as_str).unwrap_or("");
     let Some(tok) = req.get("token").and_then(Value::as_str) else {
-        return vec![error(4020, "Missing parameter: token", tid)];
+        return vec![error(
+            p::code::MISSING_PARAMETER,
+            "Missing parameter: token",
+            tid,
+        )];
     };
     if tok.is_empty() || tok.chars().count() > MAX_TOKEN_CHARS {
         return vec![error(400, "Request failed.", tid)];
@@ -373,7 +377,11 @@ fn act(
     if action == "configureSession" {
         let deployment = req.get("deploymentId").and_then(Value::as_str);
         let Some(deployment) = deployment.filter(|d| !d.is_empty()) else {
-            return vec![error(4020, "Missing parameter: deploymentId", tid)];
+            return vec![error(
+                p::code::MISSING_PARAMETER,
+                "Missing parameter: deploymentId",
+                tid,
+            )];
         };
         if !cfg.knows(deployment) {
             return vec![error(403, UNKNOWN_DEPLOYMENT, tid)];

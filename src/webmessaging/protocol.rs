@@ -35,6 +35,8 @@ pub mod code {
     pub const MESSAGE_TOO_LONG: u16 = 4011;
     /// Custom attributes are too large.
     pub const CUSTOM_ATTRIBUTES_TOO_LARGE: u16 = 4013;
+    /// A required parameter of the request is missing.
+    pub const MISSING_PARAMETER: u16 = 4020;
     /// Request rate too high (inside a 429 frame).
     pub const RATE: u16 = 4029;
 }
