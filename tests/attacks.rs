@@ -60,8 +60,7 @@ async fn client(
 
 impl Rig {
     async fn up() -> Rig {
-        let dir = std::env::temp_dir().join(format!("guestd-attacks-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = temp_dir("attacks");
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
             .unwrap()

@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::free_port;
+use common::{free_port, temp_dir};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -72,8 +72,7 @@ async fn walkthrough(script: &str) {
         .replace("./target/release/guestd", BIN)
         .replace("8780", &emu_port.to_string())
         .replace("8787", &api_port.to_string());
-    let dir = std::env::temp_dir().join(format!("guestd-docs-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("docs");
     // Whatever happens, the servers the script started go with it.
     let script = format!("set -u\ntrap 'kill $(jobs -p) 2>/dev/null' EXIT\n{script}\n");
     let run = tokio::process::Command::new("bash")

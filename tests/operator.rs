@@ -11,23 +11,6 @@ use guestd::emulator::EmulatorConfig;
 use serde_json::{Value, json};
 use std::time::Duration;
 
-fn emu_cfg() -> EmulatorConfig {
-    EmulatorConfig {
-        heartbeat_interval: Duration::from_millis(200),
-        reconnect_grace: Duration::from_secs(5),
-        inactivity_timeout: Duration::from_secs(60),
-        agent_join_delay: None,
-        agent_alert_duration: Duration::from_millis(20),
-        ..EmulatorConfig::default()
-    }
-}
-
-fn temp_dir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("guestd-op-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// Run `guestd <args>` to its end: (exit code, stdout, stderr).
 fn guestd(env: &[(String, String)], args: &[&str]) -> (i32, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_guestd"))
@@ -99,7 +82,7 @@ async fn log_line(d: &Daemon, from: usize, needle: &str) -> String {
 /// asked. `attach` still works.
 #[tokio::test]
 async fn a_start_the_configuration_cannot_serve_is_refused_by_guestd_naming_every_key() {
-    let emu = emulator(emu_cfg()).await;
+    let emu = emulator(service_emu_cfg()).await;
     let mut env = with_http_any_port(fast_env(&emu), "127.0.0.1");
     env.retain(|(k, _)| !k.starts_with("GUESTD_GENESYS__ORGANIZATION_ID"));
     env.retain(|(k, _)| !k.starts_with("GUESTD_GENESYS__DEPLOYMENT_ID"));
@@ -248,10 +231,10 @@ async fn no_secret_appears_in_any_output() {
     let wm_token = format!("wmtok-{}", uuid::Uuid::new_v4());
     let emu = emulator(EmulatorConfig {
         platform_client_secret: client_secret.into(),
-        ..emu_cfg()
+        ..service_emu_cfg()
     })
     .await;
-    let dir = temp_dir();
+    let dir = temp_dir("op");
     let token_file = dir.join("token");
     std::fs::write(&token_file, format!("{api_token}\n")).unwrap();
     chmod600(&token_file);
@@ -351,8 +334,8 @@ async fn no_secret_appears_in_any_output() {
 /// daemon serves on with what it had. SIGHUP never ends the process.
 #[tokio::test]
 async fn sighup_reloads_the_token_and_keeps_every_chat() {
-    let emu = emulator(emu_cfg()).await;
-    let dir = temp_dir();
+    let emu = emulator(service_emu_cfg()).await;
+    let dir = temp_dir("op");
     let token_file = dir.join("token");
     std::fs::write(&token_file, "old-token\n").unwrap();
     chmod600(&token_file);
@@ -463,10 +446,10 @@ async fn sighup_reloads_the_token_and_keeps_every_chat() {
 async fn sighup_applies_new_platform_credentials() {
     let emu = emulator(EmulatorConfig {
         platform_client_secret: "right-secret".into(),
-        ..emu_cfg()
+        ..service_emu_cfg()
     })
     .await;
-    let dir = temp_dir();
+    let dir = temp_dir("op");
     let secret_file = dir.join("platform-secret");
     std::fs::write(&secret_file, "wrong-secret\n").unwrap();
     chmod600(&secret_file);

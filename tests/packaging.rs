@@ -17,12 +17,6 @@ fn repo(path: &str) -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).expect(path)
 }
 
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("guestd-{tag}-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// The final stage of the Dockerfile: its `ENV` pairs and `CMD` arguments.
 fn dockerfile_runtime() -> (BTreeMap<String, String>, Vec<String>) {
     let text = repo("Dockerfile");

@@ -10,17 +10,6 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-fn emu_cfg() -> EmulatorConfig {
-    EmulatorConfig {
-        heartbeat_interval: Duration::from_millis(200),
-        reconnect_grace: Duration::from_secs(5),
-        inactivity_timeout: Duration::from_secs(60),
-        agent_join_delay: None,
-        agent_alert_duration: Duration::from_millis(20),
-        ..EmulatorConfig::default()
-    }
-}
-
 fn journal_env(emu: &Emulator, journal: &std::path::Path) -> Vec<(String, String)> {
     let mut env = fast_env(emu);
     env.retain(|(k, _)| k != "GUESTD_JOURNAL__ENABLED");
@@ -32,14 +21,24 @@ fn journal_env(emu: &Emulator, journal: &std::path::Path) -> Vec<(String, String
 }
 
 fn temp_journal() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("guestd-svc-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join("journal.jsonl")
+    temp_dir("svc").join("journal.jsonl")
 }
 
 /// The status of a request.
 async fn status(req: reqwest::RequestBuilder) -> u16 {
     req.send().await.unwrap().status().as_u16()
+}
+
+/// A chat started over the HTTP API at `base` (201), its reply.
+async fn start_over_http(http: &reqwest::Client, base: &str, name: &str) -> Value {
+    let r = http
+        .post(format!("{base}/v1/sessions"))
+        .json(&json!({"queue": "Support", "display_name": name}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    r.json().await.unwrap()
 }
 
 async fn start_n(d: &mut Daemon, n: usize) -> Vec<(String, String)> {
@@ -92,7 +91,7 @@ async fn status_cli(env: &[(String, String)], addr: &str, conv: &str) -> (bool, 
 /// here: none).
 #[tokio::test]
 async fn status_remembers_ended_chats_across_a_restart_then_forgets_them() {
-    let emu = emulator(emu_cfg()).await;
+    let emu = emulator(service_emu_cfg()).await;
     let journal = temp_journal();
     let mut env = with_http_any_port(
         with_platform(&emu, journal_env(&emu, &journal)),
@@ -195,7 +194,7 @@ async fn status_remembers_ended_chats_across_a_restart_then_forgets_them() {
 
 #[tokio::test]
 async fn sigterm_drains_keeps_chats_and_exits_zero() {
-    let emu = emulator(emu_cfg()).await;
+    let emu = emulator(service_emu_cfg()).await;
     let journal = temp_journal();
     let mut d = Daemon::spawn(journal_env(&emu, &journal), &[]);
     let chats = start_n(&mut d, 3).await;
@@ -245,7 +244,7 @@ async fn sigterm_drains_keeps_chats_and_exits_zero() {
 
 #[tokio::test]
 async fn leave_on_shutdown_ends_every_chat() {
-    let emu = emulator(emu_cfg()).await;
+    let emu = emulator(service_emu_cfg()).await;
     let mut d = Daemon::spawn(fast_env(&emu), &["--leave-on-shutdown"]);
     let chats = start_n(&mut d, 3).await;
     signal(d.pid(), "TERM");
@@ -273,7 +272,7 @@ async fn a_chat_ended_for_no_activity_while_guestd_was_down_says_so() {
     let emu = emulator(EmulatorConfig {
         inactivity_timeout: Duration::from_secs(3),
         reconnect_grace: Duration::from_secs(20),
-        ..emu_cfg()
+        ..service_emu_cfg()
     })
     .await;
     let journal = temp_journal();
@@ -320,7 +319,7 @@ async fn sigkill_with_events_queued_and_messages_arriving_loses_nothing() {
     const CHATS: usize = 16;
     let emu = emulator(EmulatorConfig {
         reconnect_grace: Duration::from_secs(30),
-        ..emu_cfg()
+        ..service_emu_cfg()
     })
     .await;
     let journal = temp_journal();
@@ -450,7 +449,7 @@ async fn sigkill_with_events_queued_and_messages_arriving_loses_nothing() {
 
 #[tokio::test]
 async fn sigkill_then_restart_picks_every_chat_back_up() {
-    let emu = emulator(emu_cfg()).await;
+    let emu = emulator(service_emu_cfg()).await;
     let journal = temp_journal();
     let mut d1 = Daemon::spawn(journal_env(&emu, &journal), &[]);
     let chats = start_n(&mut d1, 5).await;
@@ -541,7 +540,7 @@ async fn sigkill_then_restart_picks_every_chat_back_up() {
 /// agent's member id, as the one read live before the crash did: once each, in order.
 #[tokio::test]
 async fn messages_backfilled_after_a_restart_carry_the_agents_role() {
-    let emu = emulator(emu_cfg()).await;
+    let emu = emulator(service_emu_cfg()).await;
     let journal = temp_journal();
     let mut d1 = Daemon::spawn(journal_env(&emu, &journal), &[]);
     let chats = start_n(&mut d1, 1).await;
@@ -607,7 +606,7 @@ async fn messages_backfilled_after_a_restart_carry_the_agents_role() {
 async fn chats_ended_by_agents_while_guestd_was_down_with_tied_dates_are_agent_ended() {
     let emu = emulator(EmulatorConfig {
         tie_leave_dates: true,
-        ..emu_cfg()
+        ..service_emu_cfg()
     })
     .await;
     let journal = temp_journal();
@@ -657,7 +656,7 @@ async fn chats_ended_by_agents_while_guestd_was_down_with_tied_dates_are_agent_e
 /// writes that `ended`, with the same event_id. (It used to be acknowledged and lost.)
 #[tokio::test]
 async fn an_ended_nobody_read_is_written_by_the_next_start() {
-    let emu = emulator(emu_cfg()).await;
+    let emu = emulator(service_emu_cfg()).await;
     let journal = temp_journal();
     let mut env = journal_env(&emu, &journal);
     env.push(("GUESTD_SHUTDOWN__DRAIN_TIMEOUT".into(), "2s".into()));
@@ -705,7 +704,7 @@ async fn an_ended_nobody_read_is_written_by_the_next_start() {
 /// `Origin`, a body that is not JSON; with a token, a request without it. Probes stay open.
 #[tokio::test]
 async fn the_http_api_refuses_web_pages_and_strangers() {
-    let emu = emulator(emu_cfg()).await;
+    let emu = emulator(service_emu_cfg()).await;
     let token_file = temp_journal().with_file_name("token");
     std::fs::write(&token_file, "s3cret-token\n").unwrap();
     let mut env = with_http_any_port(fast_env(&emu), "127.0.0.1");
@@ -781,7 +780,7 @@ async fn the_http_api_refuses_web_pages_and_strangers() {
 /// and confirmed by the platform like any other.
 #[tokio::test]
 async fn an_end_while_guestd_was_down_is_confirmed_after_the_restart() {
-    let emu = emulator(emu_cfg()).await;
+    let emu = emulator(service_emu_cfg()).await;
     let journal = temp_journal();
     let mut env = with_platform(&emu, journal_env(&emu, &journal));
     env.push(("GUESTD_PLATFORM__CONFIRM_DELAY".into(), "20ms".into()));
@@ -814,7 +813,7 @@ async fn finish_ok(mut d: Daemon) -> Daemon {
 
 #[tokio::test]
 async fn an_end_decided_but_not_written_is_written_after_restart_with_the_same_event_id() {
-    let emu = emulator(emu_cfg()).await;
+    let emu = emulator(service_emu_cfg()).await;
     let journal = temp_journal();
     let lines = [
         json!({"op":"session","session":"s-crashed","chat":{"conversation_id":"c-1","member_id":"m-1","jwt":"secret","event_stream_uri":"ws://127.0.0.1:1/v2/stream/c-1"},"started_ms":1,"mode":"start"}),
@@ -837,7 +836,7 @@ async fn an_end_decided_but_not_written_is_written_after_restart_with_the_same_e
 
 #[tokio::test]
 async fn a_stalled_stdout_reader_loses_no_event() {
-    let emu = emulator(emu_cfg()).await;
+    let emu = emulator(service_emu_cfg()).await;
     let mut env = with_http_any_port(fast_env(&emu), "127.0.0.1");
     env.push(("GUESTD_EVENTS__QUEUE_CAPACITY".into(), "4".into()));
     env.push(("GUESTD_SESSION__INACTIVITY_TIMEOUT".into(), "1m".into()));
@@ -910,7 +909,7 @@ fn metric_with(text: &str, name: &str, label: &str) -> f64 {
 
 #[tokio::test]
 async fn http_api_ops_endpoints_and_metrics_match_what_happened() {
-    let emu = emulator(emu_cfg()).await;
+    let emu = emulator(service_emu_cfg()).await;
     let env = with_http_any_port(fast_env(&emu), "127.0.0.1");
     let mut d = Daemon::spawn(env, &[]);
     let base = d.http_base().await;
@@ -973,14 +972,7 @@ async fn http_api_ops_endpoints_and_metrics_match_what_happened() {
     assert_eq!(status(http.get(format!("{base}/healthz"))).await, 200);
     assert_eq!(status(http.get(format!("{base}/readyz"))).await, 200);
     // Start and manage a chat over HTTP.
-    let r = http
-        .post(format!("{base}/v1/sessions"))
-        .json(&json!({"queue": "Support", "display_name": "Bob"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let v: Value = r.json().await.unwrap();
+    let v = start_over_http(&http, &base, "Bob").await;
     let s1 = v["session"].as_str().unwrap().to_string();
     let c1 = v["conversation_id"].as_str().unwrap().to_string();
     d.wait_type(&s1, "connected").await;
@@ -1127,9 +1119,8 @@ async fn bad_config_is_refused_with_a_clear_error() {
 async fn under_systemd_ready_means_serving_stopping_means_draining_and_events_have_their_own_file()
 {
     use std::os::unix::fs::PermissionsExt;
-    let emu = emulator(emu_cfg()).await;
-    let dir = std::env::temp_dir().join(format!("guestd-notify-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let emu = emulator(service_emu_cfg()).await;
+    let dir = temp_dir("notify");
     let sock_path = dir.join("notify.sock");
     let notify = tokio::net::UnixDatagram::bind(&sock_path).unwrap();
     let events = dir.join("events.jsonl");
@@ -1149,14 +1140,7 @@ async fn under_systemd_ready_means_serving_stopping_means_draining_and_events_ha
     let addr = logged_http_addr(&log)
         .unwrap_or_else(|| panic!("READY=1 before the HTTP API listened:\n{log}"));
     let http = reqwest::Client::new();
-    let r = http
-        .post(format!("http://{addr}/v1/sessions"))
-        .json(&json!({"queue": "Support", "display_name": "Ann"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let v: Value = r.json().await.unwrap();
+    let v = start_over_http(&http, &format!("http://{addr}"), "Ann").await;
     let conv = v["conversation_id"].as_str().unwrap().to_string();
     emu.flow_disconnect(&conv).unwrap();
     // guestd's own view says when the end is decided (there is no stdout to read it from).

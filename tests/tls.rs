@@ -183,8 +183,7 @@ struct CaPki {
 }
 
 fn ca_pki(names: &[&str], expired: bool) -> CaPki {
-    let dir = std::env::temp_dir().join(format!("guestd-tls-ca-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("tls-ca");
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())

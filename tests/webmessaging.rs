@@ -35,6 +35,14 @@ impl Guest {
         }
     }
 
+    /// A guest on a fresh token, its session configured (a new one).
+    async fn configured(emu: &Emulator) -> (Guest, String) {
+        let token = format!("tok-{}", uuid::Uuid::new_v4());
+        let mut g = Guest::open(emu, &token).await;
+        g.configure(true).await;
+        (g, token)
+    }
+
     async fn send(&mut self, a: Action<'_>, tid: &str) {
         self.ws
             .send(Message::Text(a.encode(&self.token, tid).into()))
@@ -249,15 +257,12 @@ async fn disconnect_modes_send_and_off() {
             // Off: nothing reached the guest before the next message.
             assert_eq!(message.text.as_deref(), Some("after"));
         }
-        let cfg: Value = reqwest::get(format!(
-            "{}/webdeployments/v1/deployments/dep-1/config.json",
-            emu.base_url()
-        ))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        let cfg: Value = reqwest::get(config_json_url(&emu, "dep-1"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         let d = &cfg["messenger"]["apps"]["conversations"]["conversationDisconnect"];
         assert_eq!(d["enabled"], mode != DisconnectMode::Off, "{cfg}");
     }
@@ -351,9 +356,7 @@ async fn a_fourth_socket_evicts_the_oldest_and_ends_are_signalled() {
 #[tokio::test]
 async fn an_agents_message_names_its_sender_as_the_platform_does() {
     let emu = emu_with(WebMessagingConfig::default()).await;
-    let token = format!("tok-{}", uuid::Uuid::new_v4());
-    let mut g = Guest::open(&emu, &token).await;
-    g.configure(true).await;
+    let (mut g, token) = Guest::configured(&emu).await;
     assert_eq!(
         admin(&emu, &token, json!({"action": "agent_text", "text": "hi"})).await,
         200
@@ -374,9 +377,7 @@ async fn an_agents_message_names_its_sender_as_the_platform_does() {
 #[tokio::test]
 async fn custom_attributes_over_the_limit_are_refused_with_4013() {
     let emu = emu_with(WebMessagingConfig::default()).await;
-    let token = format!("tok-{}", uuid::Uuid::new_v4());
-    let mut g = Guest::open(&emu, &token).await;
-    g.configure(true).await;
+    let (mut g, token) = Guest::configured(&emu).await;
     let limit = guestd::emulator::messaging::MAX_CUSTOM_DATA_BYTES;
     let send = |value: String, tid: &str| {
         json!({"action": "onMessage", "token": token, "tracingId": tid, "message": {
@@ -409,10 +410,7 @@ async fn custom_attributes_over_the_limit_are_refused_with_4013() {
 #[tokio::test]
 async fn config_json_has_what_the_transport_sdk_requires() {
     let emu = emu_with(WebMessagingConfig::default()).await;
-    let url = format!(
-        "{}/webdeployments/v1/deployments/dep-1/config.json",
-        emu.base_url()
-    );
+    let url = config_json_url(&emu, "dep-1");
     let v: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
     let string = |p: &str| assert!(v.pointer(p).is_some_and(Value::is_string), "{p}: {v}");
     let boolean = |p: &str| assert!(v.pointer(p).is_some_and(Value::is_boolean), "{p}: {v}");
@@ -468,9 +466,7 @@ async fn typing_spends_the_message_rate_only_when_configured_to() {
             ..WebMessagingConfig::default()
         })
         .await;
-        let token = format!("tok-{}", uuid::Uuid::new_v4());
-        let mut g = Guest::open(&emu, &token).await;
-        g.configure(true).await;
+        let (mut g, _) = Guest::configured(&emu).await;
         g.send(Action::TypingOn, "ty").await;
         g.send(Action::Text("hello"), "m1").await;
         let v = g.next_raw().await;

@@ -616,6 +616,15 @@ impl SdkSocket {
         .await
     }
 
+    /// The next `StructuredMessage` of type Event (typing, presence).
+    async fn event(&mut self, what: &str) -> sdk::StructuredMessage {
+        self.until(what, |_, b| match b {
+            sdk::Body::Structured(m) if m.kind == sdk::MessageKind::Event => Some(m),
+            _ => None,
+        })
+        .await
+    }
+
     /// The echo of the send with `tid` (`MessageStore` matches it by tracingId).
     async fn echo_of(&mut self, tid: &str) -> sdk::StructuredMessage {
         self.until(tid, |env, b| match b {
@@ -658,11 +667,11 @@ async fn the_transport_sdks_flow_walks_against_the_emulator() {
     let token = uuid::Uuid::new_v4().to_string();
 
     // fetchDeploymentConfig(): `Urls.deploymentConfigUrl`, no headers.
-    let url = format!(
-        "{}/webdeployments/v1/deployments/{DEPLOYMENT}/config.json",
-        emu.base_url()
-    );
-    let resp = http.get(url).send().await.unwrap();
+    let resp = http
+        .get(config_json_url(&emu, DEPLOYMENT))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let text = resp.text().await.unwrap();
     let config: sdk::DeploymentConfig =
@@ -739,30 +748,19 @@ async fn the_transport_sdks_flow_walks_against_the_emulator() {
     }
 
     // The agent types, then writes: Outbound, the agent's name in `channel.from.nickname`.
-    assert_eq!(
-        wm_admin(&emu, &token, serde_json::json!({"action": "agent_typing"})).await,
-        200
-    );
-    let typing = a
-        .until("the agent's typing", |_, b| match b {
-            sdk::Body::Structured(m) if m.kind == sdk::MessageKind::Event => Some(m),
-            _ => None,
-        })
-        .await;
+    wm_admin_ok(&emu, &token, serde_json::json!({"action": "agent_typing"})).await;
+    let typing = a.event("the agent's typing").await;
     assert_eq!(typing.direction, "Outbound");
     assert!(matches!(
         typing.structured_events().unwrap()[..],
         [sdk::StructuredEvent::Typing(ref t)] if t.typing.kind == "On"
     ));
-    assert_eq!(
-        wm_admin(
-            &emu,
-            &token,
-            serde_json::json!({"action": "agent_text", "text": "how can I help?"})
-        )
-        .await,
-        200
-    );
+    wm_admin_ok(
+        &emu,
+        &token,
+        serde_json::json!({"action": "agent_text", "text": "how can I help?"}),
+    )
+    .await;
     let agent = a
         .until("the agent's message", |_, b| match b {
             sdk::Body::Structured(m)
@@ -842,16 +840,8 @@ async fn the_transport_sdks_flow_walks_against_the_emulator() {
     // The agent ends the conversation, read-only: a Presence Disconnect with
     // `metadata.readOnly` "true" (`handleAsEvent(metadata["readOnly"].toBoolean())`); a send
     // then fails (the SDK's `onMessageError`).
-    assert_eq!(
-        wm_admin(&emu, &token, serde_json::json!({"action": "disconnect"})).await,
-        200
-    );
-    let end = a
-        .until("the Presence Disconnect", |_, b| match b {
-            sdk::Body::Structured(m) if m.kind == sdk::MessageKind::Event => Some(m),
-            _ => None,
-        })
-        .await;
+    wm_admin_ok(&emu, &token, serde_json::json!({"action": "disconnect"})).await;
+    let end = a.event("the Presence Disconnect").await;
     assert_eq!(
         end.metadata.get("readOnly").map(String::as_str),
         Some("true")
@@ -953,10 +943,7 @@ async fn error_frames_decode_with_the_sdks_models() {
     .await;
     assert_eq!(a.error("4013").await.0, 4013);
     // Expiry: SessionExpiredEvent (an empty object body).
-    assert_eq!(
-        wm_admin(&emu, &token, serde_json::json!({"action": "expire"})).await,
-        200
-    );
+    wm_admin_ok(&emu, &token, serde_json::json!({"action": "expire"})).await;
     a.until("SessionExpiredEvent", |_, b| {
         matches!(b, sdk::Body::Expired).then_some(())
     })
@@ -970,12 +957,7 @@ async fn error_frames_decode_with_the_sdks_models() {
 async fn an_unknown_deployment_is_refused_as_the_sdk_expects() {
     let emu = sdk_emulator().await;
     assert_eq!(SdkSocket::open(&emu, "nope").await.err(), Some(403));
-    let config = |d: &str| {
-        format!(
-            "{}/webdeployments/v1/deployments/{d}/config.json",
-            emu.base_url()
-        )
-    };
+    let config = |d: &str| config_json_url(&emu, d);
     assert_eq!(reqwest::get(config("nope")).await.unwrap().status(), 404);
     assert_eq!(
         reqwest::get(config(DEPLOYMENT)).await.unwrap().status(),
@@ -1001,13 +983,10 @@ async fn an_unknown_deployment_is_refused_as_the_sdk_expects() {
     b.send(req::configure(&token, "anything", false, "u-3"))
         .await;
     assert!(b.session("configured").await.connected);
-    let _: Value = reqwest::get(format!(
-        "{}/webdeployments/v1/deployments/anything/config.json",
-        open.base_url()
-    ))
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    let _: Value = reqwest::get(config_json_url(&open, "anything"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
 }

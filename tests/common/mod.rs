@@ -62,6 +62,26 @@ pub async fn emulator(cfg: EmulatorConfig) -> Emulator {
         .unwrap()
 }
 
+/// A fresh directory under the system's temp dir, named `guestd-<tag>-<uuid>`.
+pub fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("guestd-{tag}-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Durations for guestd run as a service: 200 ms heartbeats, a 5 s grace window, a 1 min
+/// no-activity rule; agents only on command.
+pub fn service_emu_cfg() -> EmulatorConfig {
+    EmulatorConfig {
+        heartbeat_interval: Duration::from_millis(200),
+        reconnect_grace: Duration::from_secs(5),
+        inactivity_timeout: Duration::from_secs(60),
+        agent_join_delay: None,
+        agent_alert_duration: Duration::from_millis(20),
+        ..EmulatorConfig::default()
+    }
+}
+
 /// Short durations for rule tests; agents only on command.
 pub fn quick() -> EmulatorConfig {
     EmulatorConfig {
@@ -616,6 +636,48 @@ pub fn assert_no_second_ended(lines: &[Value]) {
 }
 
 /// `POST /emulator/messaging/sessions/{token}` (a Web Messaging admin action); the status.
+/// A Web Messaging admin action that must be taken (200).
+pub async fn wm_admin_ok(emu: &Emulator, token: &str, body: Value) {
+    let status = wm_admin(emu, token, body.clone()).await;
+    assert_eq!(status, 200, "admin {body}");
+}
+
+/// The URL of a deployment's `config.json` on the emulator.
+pub fn config_json_url(emu: &Emulator, deployment: &str) -> String {
+    format!(
+        "{}/webdeployments/v1/deployments/{deployment}/config.json",
+        emu.base_url()
+    )
+}
+
+/// After a ping flood from the emulator: the pings it sent (its log entry `pred` finds, within
+/// `span` and the usual wait) and guestd's RSS growth over `before` KiB, printed under `label`.
+/// The flood must be real (over 10,000 pings) and the growth under 32 MiB.
+pub async fn flood_measured(
+    emu: &Emulator,
+    pid: i32,
+    before: u64,
+    pred: impl Fn(&guestd::emulator::world::LogEntry) -> bool,
+    span: Duration,
+    label: &str,
+) {
+    let pings = log_entry_within(emu, pred, span + wait())
+        .await
+        .detail
+        .parse::<u64>()
+        .unwrap_or(0);
+    let (peak, _) = memory_kib(pid);
+    let grew = peak.saturating_sub(before);
+    eprintln!(
+        "{label}: {pings} pings in {span:?}; RSS {before} KiB, peak {peak} KiB (+{grew} KiB)"
+    );
+    assert!(
+        pings > 10_000,
+        "{label}: a flood of {pings} pings proves nothing"
+    );
+    assert!(grew < 32 * 1024, "{label}: grew by {grew} KiB");
+}
+
 pub async fn wm_admin(emu: &Emulator, token: &str, body: Value) -> u16 {
     reqwest::Client::new()
         .post(format!(

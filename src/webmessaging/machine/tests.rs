@@ -487,14 +487,11 @@ fn a_silent_socket_is_found_by_ping_and_the_reconnect_backfills_after_the_last_m
         .to_vec();
     assert!(matches!(&a[..], [Action::FetchHistory { after: Some(k), .. }] if k == "a1"));
     // History newest first, with the old message and two new ones.
-    let page: Vec<StructuredMessage> = [
+    let page = page(&[
         agent("three", "a3", "2026-11-29T12:00:40.000Z"),
         agent("two", "a2", "2026-11-29T12:00:30.000Z"),
         agent("one", "a1", "2026-11-29T12:00:01.000Z"),
-    ]
-    .iter()
-    .map(|v| serde_json::from_value(v["body"].clone()).unwrap())
-    .collect();
+    ]);
     let a = s
         .step(Input::History {
             messages: Ok(page),
@@ -1089,14 +1086,11 @@ fn backfilled_messages_of_the_same_millisecond_keep_their_order() {
     s.frame(v);
     s.frame(json!({"type":"response","class":"JwtResponse","code":200,"body":{"jwt":"j","exp":1}}));
     let same = "2026-11-29T12:00:30.000Z";
-    let page: Vec<StructuredMessage> = [
+    let page = page(&[
         agent("three", "a3", same),
         agent("two", "a2", same),
         agent("one", "a1", "2026-11-29T12:00:01.000Z"),
-    ]
-    .iter()
-    .map(|v| serde_json::from_value(v["body"].clone()).unwrap())
-    .collect();
+    ]);
     let a = s
         .step(Input::History {
             messages: Ok(page),
@@ -1104,6 +1098,14 @@ fn backfilled_messages_of_the_same_millisecond_keep_their_order() {
         })
         .to_vec();
     assert_eq!(backfilled_ids(&a), ["a2", "a3"]);
+}
+
+/// A history page: the bodies of these frames, as the history call returns them.
+fn page(frames: &[serde_json::Value]) -> Vec<StructuredMessage> {
+    frames
+        .iter()
+        .map(|v| serde_json::from_value(v["body"].clone()).unwrap())
+        .collect()
 }
 
 /// The ids of the backfilled messages `a` emits, in order.
