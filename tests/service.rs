@@ -361,14 +361,7 @@ async fn sigkill_with_events_queued_and_messages_arriving_loses_nothing() {
     let http = reqwest::Client::new();
     let deadline = tokio::time::Instant::now() + wait();
     loop {
-        let m = http
-            .get(format!("{base}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let m = metrics_text(&http, &base).await;
         if metric(&m, "guestd_event_queue_full_total") >= 3.0 {
             break;
         }
@@ -857,14 +850,7 @@ async fn a_stalled_stdout_reader_loses_no_event() {
     }
     // The daemon is back-pressured, not failing: its HTTP side still answers.
     let http = reqwest::Client::new();
-    let metrics = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&http, &base).await;
     assert!(metrics.contains("guestd_event_queue_depth"), "{metrics}");
     // Now read everything.
     let mut ended = 0;
@@ -880,17 +866,21 @@ async fn a_stalled_stdout_reader_loses_no_event() {
         );
         assert_eq!(d.count(s, "ended"), 1);
     }
-    let metrics = http
-        .get(format!("{base}/metrics"))
+    let metrics = metrics_text(&http, &base).await;
+    let full = metric(&metrics, "guestd_event_queue_full_total");
+    assert!(full > 0.0, "the stall was seen: {full}");
+    finish_ok(d).await;
+}
+
+/// The text of guestd's `/metrics` at `base`.
+async fn metrics_text(http: &reqwest::Client, base: &str) -> String {
+    http.get(format!("{base}/metrics"))
         .send()
         .await
         .unwrap()
         .text()
         .await
-        .unwrap();
-    let full = metric(&metrics, "guestd_event_queue_full_total");
-    assert!(full > 0.0, "the stall was seen: {full}");
-    finish_ok(d).await;
+        .unwrap()
 }
 
 fn metric(text: &str, name: &str) -> f64 {
@@ -917,14 +907,7 @@ async fn http_api_ops_endpoints_and_metrics_match_what_happened() {
     // Before any chat: every metric is described, every counter is there at zero, and the build
     // and process metrics are there (a counter that appears with its first event hides that
     // event from rate() and increase()).
-    let first = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let first = metrics_text(&http, &base).await;
     let typed: Vec<&str> = first
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
@@ -1042,14 +1025,7 @@ async fn http_api_ops_endpoints_and_metrics_match_what_happened() {
     d.wait_type(&s1, "ended").await;
     emu.flow_disconnect(&c0).unwrap();
     d.wait_type(&s0, "ended").await;
-    let m = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics_text(&http, &base).await;
     assert_eq!(
         metric_with(&m, "guestd_ended_total", "reason=\"guest_left\""),
         1.0,
