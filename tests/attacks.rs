@@ -521,6 +521,9 @@ async fn commands_over_nats_need_the_secret_and_a_captured_forward_runs_once() {
     // A forged reply, answered first by a fake responder on n2's subject (n2 paused, so the
     // fake is first for sure), is passed over: the caller waits for n2's own, sealed reply.
     let mut fake = rig.insider.subscribe("GUESTD.cmd.n2").await.unwrap();
+    // The server must have the subscription before n1 forwards (subscribe does not wait for
+    // it): without this flush the forward can pass the fake by, and nothing ever answers.
+    rig.insider.flush().await.unwrap();
     let insider = rig.insider.clone();
     let (forged_tx, forged_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
