@@ -171,6 +171,15 @@ pub trait Journal: Send + Sync + 'static {
     /// The no-activity rule's evidence changed (an agent came or went, the guest wrote). Like
     /// progress, recorded without waiting.
     fn activity(&self, session: &str, activity: Activity);
+    /// The no-activity rule's evidence changed in a way the event about to be emitted reveals
+    /// (an agent came or went); resolves once durable. The session waits for it before it
+    /// writes that event, so a crash between the two cannot leave a reader who saw
+    /// `agent_connected` and a journal without that agent. The default records it as
+    /// `activity` does, then waits for a `sync`.
+    fn evidence(&self, session: &str, activity: Activity) -> Durable {
+        self.activity(session, activity);
+        self.sync()
+    }
     /// The end is decided; resolves once durable.
     fn ending(&self, session: &str, ending: EndingRecord) -> Durable;
     /// The guest is to leave; resolves once durable (the `leave` reply waits for it).

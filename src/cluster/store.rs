@@ -621,6 +621,18 @@ impl Journal for KvJournal {
         self.coalesce(session, |p| p.activity = Some(activity));
     }
 
+    /// Written now and waited for. The same value is also left pending, so a coalesced
+    /// write of older evidence already in flight is followed by this one again: the entry
+    /// ends with the newest either way.
+    fn evidence(&self, session: &str, activity: Activity) -> Durable {
+        let pending = activity.clone();
+        self.coalesce(session, |p| p.activity = Some(pending));
+        Box::pin(
+            self.clone()
+                .durable_write(session.to_string(), move |e| e.activity = activity.clone()),
+        )
+    }
+
     fn ending(&self, session: &str, ending: EndingRecord) -> Durable {
         Box::pin(self.clone().durable_write(session.to_string(), move |e| {
             e.ending = Some(ending.clone())

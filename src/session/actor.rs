@@ -404,6 +404,9 @@ struct Actor {
     /// A digest of the no-activity evidence last written to the journal (8 bytes per session,
     /// not a copy).
     journaled_activity: u64,
+    /// The same for its agent part alone (who, since when): a change there is recorded durably
+    /// before the event that reveals it (see `record_activity`).
+    journaled_agent: u64,
     /// Cluster mode: the epoch this node held the chat in (0 on a single node).
     epoch: u64,
     relinquished: bool,
@@ -493,6 +496,11 @@ fn digest(v: &impl std::hash::Hash) -> u64 {
     h.finish()
 }
 
+/// The agent part of the no-activity evidence: who, and since when.
+fn agent_part(a: Option<&crate::journal::Activity>) -> (Option<&str>, Option<i64>) {
+    a.map_or((None, None), |a| (a.agent.as_deref(), a.agent_since_ms))
+}
+
 /// The next frame of the socket, or pending forever while there is none.
 pub(crate) async fn next_frame(
     ws: &mut Option<Ws>,
@@ -509,6 +517,7 @@ impl Actor {
             machine.anchor_wall(Instant::now(), chrono::Utc::now().timestamp_millis());
         }
         let journaled_activity = digest(&machine.activity());
+        let journaled_agent = digest(&agent_part(machine.activity().as_ref()));
         Actor {
             id,
             chat,
@@ -519,6 +528,7 @@ impl Actor {
             queued: VecDeque::new(),
             stopping: false,
             journaled_activity,
+            journaled_agent,
             epoch: ctx.fence.as_ref().map_or(0, |f| f.epoch()),
             relinquished: false,
             ctx,
@@ -627,23 +637,48 @@ impl Actor {
                 metrics::gauge!("guestd_sessions", "backend" => "guest_chat", "state" => before.as_str()).decrement(1.0);
                 metrics::gauge!("guestd_sessions", "backend" => "guest_chat", "state" => after.as_str()).increment(1.0);
             }
+            // Evidence before the events that reveal it (issue: a restart in the no-activity
+            // window misreported): performing the actions may write `agent_connected`.
+            Box::pin(self.record_activity()).await;
             for a in actions {
                 if self.relinquished {
                     break;
                 }
                 Box::pin(self.perform(a)).await;
             }
-            let activity = self.machine.activity();
-            let d = digest(&activity);
-            if d != self.journaled_activity {
-                if let Some(a) = activity {
-                    self.ctx.journal.activity(&self.id, a);
-                }
-                self.journaled_activity = d;
-            }
         }
         metrics::gauge!("guestd_sessions", "backend" => "guest_chat", "state" => self.machine.phase().as_str()).decrement(1.0);
         Box::pin(self.finish()).await;
+    }
+
+    /// Record the no-activity rule's evidence when the last step changed it, before the step's
+    /// actions are performed. A newly connected agent is recorded durably and waited for: a
+    /// reader who saw `agent_connected` and then a crash must find that agent in the journal,
+    /// or the next process, finding the chat ended, would report a lost socket
+    /// (`reconnect_grace_expired`) where the platform ended it for no activity. The rest is
+    /// recorded without waiting: the guest's last message moves with every message (losing
+    /// the latest only makes a restart's deadline earlier), a departure lost leaves a stale
+    /// agent that counts only if the roster shows that same agent again, and once the end is
+    /// decided its own record supersedes the evidence. A failed record is logged; the
+    /// evidence is not the end.
+    async fn record_activity(&mut self) {
+        let activity = self.machine.activity();
+        let d = digest(&activity);
+        if d == self.journaled_activity {
+            return;
+        }
+        self.journaled_activity = d;
+        let agent = agent_part(activity.as_ref());
+        let arrived = agent.0.is_some() && digest(&agent) != self.journaled_agent;
+        self.journaled_agent = digest(&agent);
+        let Some(a) = activity else { return };
+        if !arrived || self.machine.ended().is_some() {
+            self.ctx.journal.activity(&self.id, a);
+            return;
+        }
+        if let Err(e) = self.ctx.journal.evidence(&self.id, a).await {
+            tracing::warn!(error = %e, "the agent's arrival or departure is not durable; a restart may misreport a no-activity end");
+        }
     }
 
     /// Finish what the end asked for (a leave, say), bounded.
@@ -1087,5 +1122,127 @@ mod tests {
         assert_eq!(marked(), ["s:m1", "s:m2"]);
         drop((ctx, emitter));
         reader.abort();
+    }
+
+    /// Holds every `evidence` record until the test lets it through.
+    struct Gate {
+        seen: mpsc::UnboundedSender<crate::journal::Activity>,
+        open: tokio::sync::watch::Receiver<bool>,
+    }
+
+    impl Journal for Gate {
+        fn session_started(&self, _: crate::journal::SessionRecord) -> crate::journal::Durable {
+            Box::pin(async { Ok(()) })
+        }
+        fn progress(&self, _: &str, _: &str) {}
+        fn activity(&self, _: &str, _: crate::journal::Activity) {}
+        fn evidence(&self, _: &str, a: crate::journal::Activity) -> crate::journal::Durable {
+            let _ = self.seen.send(a);
+            let mut open = self.open.clone();
+            Box::pin(async move {
+                let _ = open.wait_for(|o| *o).await;
+                Ok(())
+            })
+        }
+        fn ending(&self, _: &str, _: EndingRecord) -> crate::journal::Durable {
+            Box::pin(async { Ok(()) })
+        }
+        fn leaving(&self, _: &str) -> crate::journal::Durable {
+            Box::pin(async { Ok(()) })
+        }
+        fn ended(&self, _: &str) {}
+        fn sync(&self) -> crate::journal::Durable {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    /// A restart in the no-activity window misreported: `agent_connected` was written before
+    /// the agent was journaled, so a SIGKILL between the two left a reader who saw the agent
+    /// and a journal without it, and the next process called the platform's no-activity end a
+    /// lost socket (`tests/service.rs` `a_chat_ended_for_no_activity_while_guestd_was_down_says_so`
+    /// failed 2 runs in 24 under load). The agent is now recorded durably, and waited for,
+    /// before the event: against the emulator, with a journal that holds the record, no
+    /// `agent_connected` line comes out until the record is through.
+    #[tokio::test]
+    async fn an_agent_is_journaled_durably_before_agent_connected_is_written() {
+        let emu = crate::emulator::Emulator::start(
+            crate::demo::fast_emulator(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .await
+        .unwrap();
+        let cfg = crate::demo::fast_config(&emu.base_url());
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let (emitter, _writer) = crate::events::spawn_writer(crate::events::WriterSink(client), 64);
+        let (seen_tx, mut seen) = mpsc::unbounded_channel();
+        let (open_tx, open) = tokio::sync::watch::channel(false);
+        let (done, done_rx) = mpsc::unbounded_channel();
+        let cancel = CancellationToken::new();
+        let ctx = SessionCtx {
+            api: Arc::new(crate::daemon::guest_api(&cfg, &[]).unwrap()),
+            connector: Connector::new(Default::default(), 4),
+            emitter,
+            journal: Arc::new(Gate {
+                seen: seen_tx,
+                open,
+            }),
+            timing: Arc::new(cfg.session.clone()),
+            done,
+            cancel: cancel.clone(),
+            leave_on_shutdown: false,
+            platform: None,
+            fence: None,
+            messaging: None,
+        };
+        let sup = crate::supervisor::Supervisor::spawn(ctx, done_rx, 4);
+        let view = sup
+            .start(crate::backend::StartSpec {
+                queue: "Support".into(),
+                display_name: "Ann".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(server).lines();
+        let mut next_type = async move || -> String {
+            let line = lines.next_line().await.unwrap().unwrap();
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            v["type"].as_str().unwrap_or_default().to_string()
+        };
+        while next_type().await != "connected" {}
+        emu.agent_join(&view.conversation_id).unwrap();
+        let held = tokio::time::timeout(Duration::from_secs(10), seen.recv())
+            .await
+            .expect("the agent's arrival is recorded as evidence")
+            .unwrap();
+        assert!(
+            held.agent.is_some() && held.agent_since_ms.is_some(),
+            "{held:?}"
+        );
+        // While the record is held, no line about the agent may come out.
+        let early = tokio::time::timeout(Duration::from_millis(300), async {
+            loop {
+                let t = next_type().await;
+                if t == "agent_connected" {
+                    return t;
+                }
+            }
+        })
+        .await;
+        assert!(
+            early.is_err(),
+            "agent_connected written before its evidence was durable"
+        );
+        open_tx.send_replace(true);
+        let after = tokio::time::timeout(Duration::from_secs(10), async {
+            while next_type().await != "agent_connected" {}
+        })
+        .await;
+        assert!(
+            after.is_ok(),
+            "agent_connected follows once the record is through"
+        );
+        cancel.cancel();
+        emu.shutdown();
     }
 }
