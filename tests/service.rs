@@ -20,6 +20,35 @@ fn journal_env(emu: &Emulator, journal: &std::path::Path) -> Vec<(String, String
     env
 }
 
+/// The messages a restart must send again for `session`, read after the first process was
+/// killed and drained: the ones it wrote after the last id its journal recorded as seen. The
+/// journal marks a message once its line is written, so a SIGKILL between the two repeats it
+/// (at least once, docs/events.md); the backfill starts right after the recorded id, so
+/// nothing it had recorded comes again.
+fn unmarked(d1: &Daemon, journal: &std::path::Path, session: &str) -> Vec<Value> {
+    let last = guestd::journal::load(journal)
+        .unwrap()
+        .into_iter()
+        .find(|r| r.record.session == session)
+        .and_then(|r| r.last_message_id);
+    let wrote: Vec<&Value> = d1
+        .seen
+        .iter()
+        .filter(|v| v["session"] == session && v["type"] == "message")
+        .collect();
+    let from = match &last {
+        None => 0,
+        Some(id) => {
+            wrote
+                .iter()
+                .position(|v| v["message_id"] == id.as_str())
+                .unwrap_or_else(|| panic!("the journal's last id {id} was never written"))
+                + 1
+        }
+    };
+    wrote[from..].iter().map(|v| (*v).clone()).collect()
+}
+
 fn temp_journal() -> PathBuf {
     temp_dir("svc").join("journal.jsonl")
 }
@@ -453,6 +482,8 @@ async fn sigkill_then_restart_picks_every_chat_back_up() {
     d1.wait(|v| v["body"] == "before the crash").await;
     signal(d1.pid(), "KILL");
     let _ = d1.child.wait().await;
+    d1.drain().await;
+    let again = unmarked(&d1, &journal, &chats[0].0);
     emu.agent_send(&chats[0].1, "while guestd was down")
         .unwrap();
     // One chat ends while guestd is down: the agent ends it.
@@ -496,9 +527,20 @@ async fn sigkill_then_restart_picks_every_chat_back_up() {
         None => d2.wait(|v| v["body"] == "while guestd was down").await,
     };
     assert_eq!(backfilled["backfilled"], true);
-    assert!(
-        !d2.seen.iter().any(|v| v["body"] == "before the crash"),
-        "backfill starts after the last seen id"
+    let said: Vec<&Value> = d2
+        .seen
+        .iter()
+        .filter(|v| v["session"] == chats[0].0.as_str() && v["type"] == "message")
+        .collect();
+    let ids =
+        |vs: &[&Value]| -> Vec<String> { vs.iter().map(|v| v["message_id"].to_string()).collect() };
+    let mut expected: Vec<&Value> = again.iter().collect();
+    expected.push(&backfilled);
+    assert_eq!(
+        ids(&said),
+        ids(&expected),
+        "the backfill starts after the last id the journal recorded: only what the first \
+         process wrote after it comes again, then the message sent while guestd was down"
     );
     // End the rest; each gets one ended, none got one in the first process.
     for (s, c) in &chats[2..] {
@@ -549,6 +591,8 @@ async fn messages_backfilled_after_a_restart_carry_the_agents_role() {
     );
     signal(d1.pid(), "KILL");
     let _ = d1.child.wait().await;
+    d1.drain().await;
+    let again = unmarked(&d1, &journal, s);
     let down = ["down 1", "down 2", "down 3"];
     for body in down {
         emu.agent_send(c, body).unwrap();
@@ -566,15 +610,22 @@ async fn messages_backfilled_after_a_restart_carry_the_agents_role() {
         .iter()
         .filter(|v| v["session"] == s.as_str() && v["type"] == "message")
         .collect();
-    let mut bodies: Vec<&str> = said.iter().map(|v| v["body"].as_str().unwrap()).collect();
-    // The journal records "live" as seen a moment after its line is written; a SIGKILL in that
-    // moment makes the next process backfill it again (at least once, docs/events.md). It is
-    // then an agent's backfilled message like the others, checked below.
-    if bodies.first() == Some(&"live") {
-        bodies.remove(0);
+    // What the first process wrote after the last id its journal recorded comes again (at
+    // least once), with the sender and role it had live; then the agent's three, once each.
+    assert!(said.len() >= again.len(), "{said:#?}");
+    let (repeated, new) = said.split_at(again.len());
+    for (v, live) in repeated.iter().zip(&again) {
+        assert_eq!(v["message_id"], live["message_id"], "{v}");
+        assert_eq!(v["backfilled"], true, "{v}");
+        assert_eq!(
+            (&v["sender_id"], &v["sender_role"]),
+            (&live["sender_id"], &live["sender_role"]),
+            "the role it had live: {v}"
+        );
     }
+    let bodies: Vec<&str> = new.iter().map(|v| v["body"].as_str().unwrap()).collect();
     assert_eq!(bodies, down, "once each, in order, after the last seen");
-    for v in &said {
+    for v in new {
         assert_eq!(v["backfilled"], true, "{v}");
         assert_eq!(v["sender_id"], agent.as_str(), "{v}");
         assert_eq!(
