@@ -65,6 +65,17 @@ struct Args {
     /// The guestd binary (default: next to this one).
     #[arg(long)]
     guestd: Option<PathBuf>,
+    /// A previous build of guestd, run as the arm `guestd-baseline` beside this one in the same
+    /// run (same emulator, same settings): a change's cost read side by side, since this
+    /// machine's figures move by up to 1.7x between runs. Build it from a worktree, e.g.
+    /// `git worktree add /tmp/base HEAD~1 && cargo build --release --manifest-path
+    /// /tmp/base/Cargo.toml`, then `--baseline /tmp/base/target/release/guestd`.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
+    /// Run every arm this many times, alternating (A, B, A, B, ...), so a drift of the machine
+    /// over the run falls on both arms alike.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -427,8 +438,12 @@ async fn run(kind: &str, n: usize, exe: &PathBuf, args: &Args) -> anyhow::Result
     let metrics_port = free_port("127.0.0.1")?;
     let hb_ms = args.heartbeat.as_millis();
     let is_guestd = kind.starts_with("guestd");
+    let daemon = match (&args.baseline, kind) {
+        (Some(old), "guestd-baseline") => old,
+        _ => exe,
+    };
     let mut cmd = if is_guestd {
-        let mut c = Command::new(exe);
+        let mut c = Command::new(daemon);
         c.arg("run")
             .env(
                 "GUESTD_STREAM__LEAN_TLS",
@@ -705,6 +720,31 @@ fn print(reports: &[Report]) {
                 .unwrap_or_else(|| "n/a".into()),
         );
     }
+    // Rounds: the mean of each arm, the figure to compare side by side.
+    let mut arms: Vec<(usize, &str)> = reports
+        .iter()
+        .map(|r| (r.sessions, r.program.as_str()))
+        .collect();
+    arms.dedup();
+    arms.sort_unstable();
+    arms.dedup();
+    for (n, program) in arms {
+        let rs: Vec<&Report> = reports
+            .iter()
+            .filter(|r| r.sessions == n && r.program == program)
+            .collect();
+        if rs.len() < 2 {
+            continue;
+        }
+        let mean = |f: fn(&Report) -> f64| rs.iter().map(|r| f(r)).sum::<f64>() / rs.len() as f64;
+        println!(
+            "mean of {} rounds at {n} sessions, {program}: RSS/session {:.2} KiB, CPU s/1k hb {:.4}, ended p99 {:.2} ms",
+            rs.len(),
+            mean(|r| r.bytes_per_session) / 1024.0,
+            mean(|r| r.cpu_secs_per_1000_heartbeats),
+            mean(|r| r.ended_p99_ms),
+        );
+    }
     let by_n: HashMap<usize, Vec<&Report>> = reports.iter().fold(HashMap::new(), |mut m, r| {
         m.entry(r.sessions).or_default().push(r);
         m
@@ -801,6 +841,12 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let mut programs = vec!["guestd"];
+    if let Some(old) = &args.baseline {
+        if !old.exists() {
+            bail!("--baseline {} not found", old.display());
+        }
+        programs.push("guestd-baseline");
+    }
     for peer in &args.peer {
         match peer.as_str() {
             "python" if peer_available() => programs.push("python-peer"),
@@ -831,8 +877,10 @@ async fn main() -> anyhow::Result<()> {
     );
     let mut reports = Vec::new();
     for &n in &args.sessions {
-        for kind in &programs {
-            eprintln!("running {kind} with {n} sessions ...");
+        for (round, kind) in
+            (0..args.rounds.max(1)).flat_map(|r| programs.iter().map(move |k| (r, k)))
+        {
+            eprintln!("running {kind} with {n} sessions (round {}) ...", round + 1);
             match run(kind, n, &exe, &args).await {
                 Ok(r) => reports.push(r),
                 Err(e) => eprintln!("{kind} at {n} sessions failed: {e:#}"),
@@ -843,7 +891,9 @@ async fn main() -> anyhow::Result<()> {
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&reports)?)?;
     }
-    if reports.iter().filter(|r| r.program == "guestd").count() < args.sessions.len() {
+    if reports.iter().filter(|r| r.program == "guestd").count()
+        < args.sessions.len() * args.rounds.max(1)
+    {
         bail!("some guestd runs failed");
     }
     if reports
