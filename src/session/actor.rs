@@ -416,6 +416,17 @@ struct Actor {
 /// loop): a server that floods frames must not starve call results and deadlines.
 pub(crate) const FAIR_EVERY: u32 = 64;
 
+/// Set the session's one timer to `at`, unless it is set there already. Every frame passes
+/// here, and most leave the deadline where it was (a message, a typing event, a ping), so the
+/// timer wheel is left alone for them (a reset is a remove and an insert under the wheel's
+/// lock). Same outcome as a reset: a timer that fired at `at` and is not moved fires again at
+/// once, as a reset to that past instant would.
+pub(crate) fn rearm(sleep: std::pin::Pin<&mut tokio::time::Sleep>, at: tokio::time::Instant) {
+    if sleep.deadline() != at {
+        sleep.reset(at);
+    }
+}
+
 /// The output of `f`, or pending forever when there is none (a `select!` branch that is off).
 pub(crate) async fn opt<F: std::future::Future + Unpin>(f: Option<&mut F>) -> F::Output {
     match f {
@@ -488,19 +499,6 @@ pub(crate) fn leave_durably<I: Send + 'static>(
     .boxed()
 }
 
-/// A digest of a value, to tell whether it changed without keeping a copy.
-fn digest(v: &impl std::hash::Hash) -> u64 {
-    use std::hash::Hasher;
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    v.hash(&mut h);
-    h.finish()
-}
-
-/// The agent part of the no-activity evidence: who, and since when.
-fn agent_part(a: Option<&crate::journal::Activity>) -> (Option<&str>, Option<i64>) {
-    a.map_or((None, None), |a| (a.agent.as_deref(), a.agent_since_ms))
-}
-
 /// The next frame of the socket, or pending forever while there is none.
 pub(crate) async fn next_frame(
     ws: &mut Option<Ws>,
@@ -516,8 +514,8 @@ impl Actor {
         if !machine.anchored() {
             machine.anchor_wall(Instant::now(), chrono::Utc::now().timestamp_millis());
         }
-        let journaled_activity = digest(&machine.activity());
-        let journaled_agent = digest(&agent_part(machine.activity().as_ref()));
+        let d = machine.activity_digest();
+        let (journaled_activity, journaled_agent) = (d.all, d.agent.unwrap_or(0));
         Actor {
             id,
             chat,
@@ -570,9 +568,7 @@ impl Actor {
             let input = match self.queued.pop_front() {
                 Some(i) => Wake::Input(i),
                 None => {
-                    sleep
-                        .as_mut()
-                        .reset(self.machine.next_deadline().unwrap_or(far));
+                    rearm(sleep.as_mut(), self.machine.next_deadline().unwrap_or(far));
                     // Biased, frames before the timer: after a stall (a slow stdout reader holds
                     // the session in `emit`), frames already received are proof of life and must
                     // be seen before a deadline can declare the socket silent.
@@ -652,32 +648,37 @@ impl Actor {
     }
 
     /// Record the no-activity rule's evidence when the last step changed it, before the step's
-    /// actions are performed. A newly connected agent is recorded durably and waited for: a
-    /// reader who saw `agent_connected` and then a crash must find that agent in the journal,
-    /// or the next process, finding the chat ended, would report a lost socket
-    /// (`reconnect_grace_expired`) where the platform ended it for no activity. The rest is
-    /// recorded without waiting: the guest's last message moves with every message (losing
-    /// the latest only makes a restart's deadline earlier), a departure lost leaves a stale
-    /// agent that counts only if the roster shows that same agent again, and once the end is
-    /// decided its own record supersedes the evidence. A failed record is logged; the
-    /// evidence is not the end.
+    /// actions are performed. A change of agent (one arrives, leaves, or another takes over)
+    /// is recorded durably and waited for: a reader who saw `agent_connected` and then a crash
+    /// must find that agent in the journal, or the next process, finding the chat ended, would
+    /// report a lost socket (`reconnect_grace_expired`) where the platform ended it for no
+    /// activity; and one who saw `agent_disconnected` must not find the agent still there, or
+    /// the next process would count it and report `inactivity_timeout` for a chat that had no
+    /// agent. The guest's last message alone is recorded without waiting: it moves with every
+    /// message, and losing the newest only makes a restart's deadline earlier. A record that
+    /// fails is logged; on a strict journal (cluster mode: another node may hold the chat now)
+    /// the session stops acting for the chat before it emits anything.
     async fn record_activity(&mut self) {
-        let activity = self.machine.activity();
-        let d = digest(&activity);
-        if d == self.journaled_activity {
+        let d = self.machine.activity_digest();
+        if d.all == self.journaled_activity {
             return;
         }
-        self.journaled_activity = d;
-        let agent = agent_part(activity.as_ref());
-        let arrived = agent.0.is_some() && digest(&agent) != self.journaled_agent;
-        self.journaled_agent = digest(&agent);
-        let Some(a) = activity else { return };
-        if !arrived || self.machine.ended().is_some() {
+        self.journaled_activity = d.all;
+        let agent = d.agent.unwrap_or(0);
+        let changed = agent != self.journaled_agent;
+        self.journaled_agent = agent;
+        let Some(a) = self.machine.activity() else {
+            return;
+        };
+        if !changed {
             self.ctx.journal.activity(&self.id, a);
             return;
         }
         if let Err(e) = self.ctx.journal.evidence(&self.id, a).await {
             tracing::warn!(error = %e, "the agent's arrival or departure is not durable; a restart may misreport a no-activity end");
+            if self.ctx.journal.strict() {
+                self.relinquish("evidence not recorded");
+            }
         }
     }
 

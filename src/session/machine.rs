@@ -391,6 +391,29 @@ impl Machine {
         self
     }
 
+    /// A digest of [`Machine::activity`] without building it (the session asks after every
+    /// step, a heartbeat's included): of the whole evidence, and of its agent part when there
+    /// is an agent. Equal evidence gives equal digests.
+    pub fn activity_digest(&self) -> ActivityDigest {
+        use std::hash::{Hash, Hasher};
+        if self.wall.is_none() {
+            return ActivityDigest::default();
+        }
+        let (agent, since) = match (&self.agent, self.agent_since, &self.restored_agent) {
+            (Some(a), Some(t), _) => (Some(a.as_str()), Some(t)),
+            (None, _, Some((a, t))) => (Some(a.as_str()), Some(*t)),
+            _ => (None, None),
+        };
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (agent, since.and_then(|t| self.ms_at(t))).hash(&mut h);
+        let agent_part = agent.map(|_| h.finish());
+        self.last_guest_msg.and_then(|t| self.ms_at(t)).hash(&mut h);
+        ActivityDigest {
+            all: h.finish(),
+            agent: agent_part,
+        }
+    }
+
     /// The no-activity rule's evidence as the journal keeps it (None without an anchor).
     pub fn activity(&self) -> Option<crate::journal::Activity> {
         self.wall?;
@@ -769,6 +792,15 @@ impl Machine {
         out.push(Action::CloseSocket);
         out.push(Action::Stop);
     }
+}
+
+/// See [`Machine::activity_digest`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ActivityDigest {
+    /// Of the whole evidence (0 without an anchor).
+    pub all: u64,
+    /// Of the agent part, when there is an agent.
+    pub agent: Option<u64>,
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use crate::events::EventKind;
 use crate::secret::Secret;
 use crate::session::actor::{
     Calls, CommandError, Done, DoneReply, FAIR_EVERY, Mailbox, close_in_background, close_now,
-    emit, leave_durably, next_call, next_frame, opt,
+    emit, leave_durably, next_call, next_frame, opt, rearm,
 };
 use crate::session::{SessionCmd, SessionCtx, SessionHandle, SessionView};
 use crate::stream::{ConnectError, Ws};
@@ -154,9 +154,7 @@ impl Actor {
             let input = match self.queued.pop_front() {
                 Some(i) => Wake::Input(i),
                 None => {
-                    sleep
-                        .as_mut()
-                        .reset(self.machine.next_deadline().unwrap_or(far));
+                    rearm(sleep.as_mut(), self.machine.next_deadline().unwrap_or(far));
                     // After a long run of frames (a server flooding pings), what else is
                     // ready now goes first: call results and a due deadline are not starved.
                     let mut turn = None;

@@ -317,6 +317,7 @@ struct World {
     journal_last: Option<String>,
     /// The journal's no-activity evidence.
     journal_activity: crate::journal::Activity,
+    journal_digest: u64,
     /// When guestd decided, and when the platform's no-activity rule was due then (if it ran).
     decided: Option<(u64, Option<u64>)>,
     /// The journal holds a leave request (recorded before guestd feeds `LeaveRequested`).
@@ -401,6 +402,7 @@ impl World {
             backfills_out: 0,
             journal_last: None,
             journal_activity: Default::default(),
+            journal_digest: 0,
             decided: None,
             journal_leaving: false,
             stopped: false,
@@ -456,8 +458,19 @@ impl World {
             }
         }
         self.journal_last = m.last_message_id().map(str::to_string);
+        // As the session does: the evidence is recorded when its digest moves. Any change
+        // the digest missed would leave the journal stale; checked here on every step.
+        let d = m.activity_digest();
         if let Some(a) = m.activity() {
-            self.journal_activity = a;
+            if d.all != self.journal_digest {
+                self.journal_activity = a;
+                self.journal_digest = d.all;
+            } else {
+                assert_eq!(
+                    a, self.journal_activity,
+                    "the evidence moved, its digest did not"
+                );
+            }
         }
         for a in &acts {
             self.log.push(format!("{} -> {a:?}", self.t));
