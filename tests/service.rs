@@ -30,7 +30,8 @@ fn unmarked(d1: &Daemon, journal: &std::path::Path, session: &str) -> Vec<Value>
         .unwrap()
         .into_iter()
         .find(|r| r.record.session == session)
-        .and_then(|r| r.last_message_id);
+        .expect("the killed process journaled the session")
+        .last_message_id;
     let wrote: Vec<&Value> = d1
         .seen
         .iter()
@@ -475,9 +476,13 @@ async fn sigkill_then_restart_picks_every_chat_back_up() {
     let journal = temp_journal();
     let mut d1 = Daemon::spawn(journal_env(&emu, &journal), &[]);
     let chats = start_n(&mut d1, 5).await;
-    // One message seen before the crash, one sent while guestd is down.
+    // Two messages seen before the crash, one sent while guestd is down. The first is
+    // journaled as seen well before the crash (the second's round trip lies between), so the
+    // backfill's starting point is tested, not only that nothing is lost.
     emu.agent_join(&chats[0].1).unwrap();
     d1.wait_type(&chats[0].0, "agent_connected").await;
+    emu.agent_send(&chats[0].1, "first").unwrap();
+    d1.wait(|v| v["body"] == "first").await;
     emu.agent_send(&chats[0].1, "before the crash").unwrap();
     d1.wait(|v| v["body"] == "before the crash").await;
     signal(d1.pid(), "KILL");
