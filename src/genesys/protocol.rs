@@ -590,18 +590,15 @@ pub enum DecodeError {
 
 /// Decode one text frame.
 pub fn decode_frame(text: &str) -> Result<StreamEvent, DecodeError> {
-    let env: Envelope = serde_json::from_str(text).map_err(DecodeError::Envelope)?;
+    let env: Incoming = serde_json::from_str(text).map_err(DecodeError::Envelope)?;
+    let body = env.event_body.map_or("null", |b| b.get());
     let body_err = |topic: &str, source| DecodeError::Body {
         topic: topic.to_string(),
         source,
     };
     if env.topic_name == TOPIC_METADATA {
-        let msg = env
-            .event_body
-            .get("message")
-            .and_then(|m| m.as_str())
-            .unwrap_or_default();
-        return Ok(match msg {
+        let msg = field_str(body, "message");
+        return Ok(match msg.as_deref().unwrap_or_default() {
             HEARTBEAT_MESSAGE => StreamEvent::Heartbeat,
             PONG_MESSAGE => StreamEvent::Pong,
             other => StreamEvent::Metadata(other.to_string()),
@@ -612,34 +609,125 @@ pub fn decode_frame(text: &str) -> Result<StreamEvent, DecodeError> {
     }
     let kind = env
         .metadata
-        .as_ref()
-        .and_then(|m| m.get("type"))
-        .and_then(|t| t.as_str())
-        .unwrap_or_default()
-        .to_string();
+        .and_then(|m| field_str(m.get(), "type"))
+        .unwrap_or_default();
     let topic = env.topic_name;
     if topic.starts_with("v2.conversations.chats.") {
         if topic.ends_with(".messages") {
-            match kind.as_str() {
+            match &*kind {
                 "message" => {
-                    return serde_json::from_value(env.event_body)
+                    return body_value(body)
                         .map(StreamEvent::Message)
                         .map_err(|e| body_err(&topic, e));
                 }
                 "typing-indicator" => {
-                    return serde_json::from_value(env.event_body)
+                    return body_value(body)
                         .map(StreamEvent::Typing)
                         .map_err(|e| body_err(&topic, e));
                 }
                 _ => {}
             }
         } else if topic.ends_with(".members") && kind == "member-change" {
-            return serde_json::from_value(env.event_body)
+            return body_value(body)
                 .map(StreamEvent::MemberChange)
                 .map_err(|e| body_err(&topic, e));
         }
     }
-    Ok(StreamEvent::Unknown { topic })
+    Ok(StreamEvent::Unknown {
+        topic: topic.into_owned(),
+    })
+}
+
+/// A chat body, read as before through a `Value` (a duplicate key: the last one wins), so a
+/// message, typing or member frame decodes exactly as it did.
+fn body_value<T: serde::de::DeserializeOwned>(body: &str) -> Result<T, serde_json::Error> {
+    serde_json::from_value(serde_json::from_str(body)?)
+}
+
+/// A frame as decoded: [`Envelope`]'s fields borrowed from the frame's text, the body and the
+/// metadata left as raw JSON until the topic says what they hold. A heartbeat (the frame
+/// every session gets every few seconds) then builds no `Value` tree for its body and
+/// metadata and allocates nothing for its topic, keys or message. Same events as through
+/// [`Envelope`] (`the_borrowed_decoder_agrees_with_the_value_decoder`), save that values it
+/// skips unread are no longer refused for what `Value` would have refused in them: a lone
+/// surrogate escape, a number out of range, nesting deeper than 128 (such frames now decode,
+/// where they were dropped as undecodable).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Incoming<'a> {
+    #[serde(borrow)]
+    topic_name: std::borrow::Cow<'a, str>,
+    #[serde(default, borrow)]
+    #[allow(dead_code)] // read to refuse what Envelope refuses (a version that is no string)
+    version: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    event_body: Option<&'a serde_json::value::RawValue>,
+    #[serde(default, borrow)]
+    metadata: Option<&'a serde_json::value::RawValue>,
+}
+
+/// The string at `key` of the JSON object `json`, or None (not an object, no such key, not a
+/// string): what `Value::get(key).and_then(as_str)` gives, without building the `Value`.
+fn field_str<'a>(json: &'a str, key: &str) -> Option<std::borrow::Cow<'a, str>> {
+    /// A string borrowed from the text when it has no escapes (a plain `Cow` always owns).
+    #[derive(Deserialize)]
+    struct Text<'a>(#[serde(borrow)] std::borrow::Cow<'a, str>);
+    struct Field<'k>(&'k str);
+    impl<'de, 'k> serde::de::DeserializeSeed<'de> for Field<'k> {
+        type Value = Option<std::borrow::Cow<'de, str>>;
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    impl<'de, 'k> serde::de::Visitor<'de> for Field<'k> {
+        type Value = Option<std::borrow::Cow<'de, str>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            // The last occurrence wins, as in a `Value` map.
+            let mut found = None;
+            while let Some(Text(k)) = map.next_key::<Text<'de>>()? {
+                let v: &'de serde_json::value::RawValue = map.next_value()?;
+                if k == self.0 {
+                    found = Some(serde_json::from_str::<Text<'de>>(v.get()).ok().map(|t| t.0));
+                }
+            }
+            Ok(found.flatten())
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(json);
+    serde::de::DeserializeSeed::deserialize(Field(key), &mut de)
+        .ok()
+        .flatten()
 }
 
 /// Encode an envelope for the server side (the emulator).
@@ -662,6 +750,123 @@ pub fn encode_envelope(topic: &str, body: serde_json::Value, kind: Option<&str>)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The decoder before frames were read without a `Value` tree: the oracle the borrowed
+    /// decoder is held to (same event, or an error for the same frames).
+    fn decode_via_value(text: &str) -> Result<StreamEvent, ()> {
+        let env: Envelope = serde_json::from_str(text).map_err(|_| ())?;
+        if env.topic_name == TOPIC_METADATA {
+            let msg = env
+                .event_body
+                .get("message")
+                .and_then(|m| m.as_str())
+                .unwrap_or_default();
+            return Ok(match msg {
+                HEARTBEAT_MESSAGE => StreamEvent::Heartbeat,
+                PONG_MESSAGE => StreamEvent::Pong,
+                other => StreamEvent::Metadata(other.to_string()),
+            });
+        }
+        if env.topic_name == TOPIC_SOCKET_CLOSING {
+            return Ok(StreamEvent::SocketClosing);
+        }
+        let kind = env
+            .metadata
+            .as_ref()
+            .and_then(|m| m.get("type"))
+            .and_then(|t| t.as_str())
+            .unwrap_or_default()
+            .to_string();
+        let topic = env.topic_name;
+        if topic.starts_with("v2.conversations.chats.") {
+            if topic.ends_with(".messages") {
+                match kind.as_str() {
+                    "message" => {
+                        return serde_json::from_value(env.event_body)
+                            .map(StreamEvent::Message)
+                            .map_err(|_| ());
+                    }
+                    "typing-indicator" => {
+                        return serde_json::from_value(env.event_body)
+                            .map(StreamEvent::Typing)
+                            .map_err(|_| ());
+                    }
+                    _ => {}
+                }
+            } else if topic.ends_with(".members") && kind == "member-change" {
+                return serde_json::from_value(env.event_body)
+                    .map(StreamEvent::MemberChange)
+                    .map_err(|_| ());
+            }
+        }
+        Ok(StreamEvent::Unknown { topic })
+    }
+
+    fn json_piece() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just("null".to_string()),
+            Just("3".to_string()),
+            Just("true".to_string()),
+            Just("[1,{\"message\":\"x\"}]".to_string()),
+            Just("\"WebSocket Heartbeat\"".to_string()),
+            Just("\"WebSocket\\u0020Heartbeat\"".to_string()),
+            Just("\"pong\"".to_string()),
+            Just("\"message\"".to_string()),
+            Just("\"member-change\"".to_string()),
+            Just("\"typing-indicator\"".to_string()),
+            Just("{}".to_string()),
+            "[a-z \\\\\"]{0,6}".prop_map(|s| serde_json::to_string(&s).unwrap_or_default()),
+        ]
+    }
+
+    fn object(keys: &'static [&'static str]) -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        proptest::collection::vec((proptest::sample::select(keys), json_piece()), 0..4).prop_map(
+            |kv| {
+                let fields: Vec<String> = kv.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+                format!("{{{}}}", fields.join(","))
+            },
+        )
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3000))]
+        /// Generated frames (known and unknown topics, bodies and metadata of every JSON type,
+        /// duplicate keys, escaped strings, missing fields, real message bodies) decode to the
+        /// same event as through a `Value`, or fail for both.
+        #[test]
+        fn the_borrowed_decoder_agrees_with_the_value_decoder(
+            topic in proptest::sample::select(vec![
+                "\"channel.metadata\"", "\"channel\\u002emetadata\"", "\"v2.system.socket_closing\"",
+                "\"v2.conversations.chats.c1.messages\"", "\"v2.conversations.chats.c1.members\"",
+                "\"v2.other\"", "3", "null",
+            ]),
+            version in proptest::sample::select(vec![None, Some("\"2\""), Some("2"), Some("null")]),
+            body in proptest::prop_oneof![
+                object(&["message", "id", "other"]),
+                json_piece(),
+                proptest::strategy::Just(r#"{"id":"m1","sender":{"id":"a1"},"body":"hi","bodyType":"standard","timestamp":"2026-01-01T00:00:00.000Z","conversation":{"id":"c1"}}"#.to_string()),
+                proptest::strategy::Just(r#"{"conversation":{"id":"c1"},"member":{"id":"m1","state":"CONNECTED"},"timestamp":"2026-01-01T00:00:00.000Z"}"#.to_string()),
+                proptest::strategy::Just(r#"{"id":"m1","id":"m2","sender":{"id":"a1"},"body":"hi","body":"again","bodyType":"standard","timestamp":"2026-01-01T00:00:00.000Z","conversation":{"id":"c1"}}"#.to_string()),
+            ],
+            has_body in proptest::bool::ANY,
+            metadata in proptest::option::of(proptest::prop_oneof![object(&["type", "CorrelationId"]), json_piece()]),
+        ) {
+            let mut fields = vec![format!("\"topicName\":{topic}")];
+            if let Some(v) = version {
+                fields.push(format!("\"version\":{v}"));
+            }
+            if has_body {
+                fields.push(format!("\"eventBody\":{body}"));
+            }
+            if let Some(m) = &metadata {
+                fields.push(format!("\"metadata\":{m}"));
+            }
+            let frame = format!("{{{}}}", fields.join(","));
+            proptest::prop_assert_eq!(decode_frame(&frame).map_err(|_| ()), decode_via_value(&frame), "{}", frame);
+        }
+    }
 
     #[test]
     fn decodes_heartbeat_pong_and_closing() {
