@@ -72,6 +72,11 @@ struct Args {
     /// /tmp/base/Cargo.toml`, then `--baseline /tmp/base/target/release/guestd`.
     #[arg(long)]
     baseline: Option<PathBuf>,
+    /// KEY=VALUE set for the `guestd` arm only (not the baseline, the emulator or a peer): a
+    /// setting measured side by side against the same build without it, e.g.
+    /// `--baseline target/release/guestd --env TOKIO_WORKER_THREADS=1`.
+    #[arg(long = "env", value_parser = parse_env)]
+    arm_env: Vec<(String, String)>,
     /// Run every arm this many times, alternating (A, B, A, B, ...), so a drift of the machine
     /// over the run falls on both arms alike.
     #[arg(long, default_value_t = 1)]
@@ -113,6 +118,12 @@ struct Args {
     /// reader and through tokio-tungstenite's, side by side in one process (no guestd process).
     #[arg(long)]
     frames: Option<usize>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))
 }
 
 /// The emulator's loopback addresses as `genesys.stream_hosts` (guestd sends streams only to
@@ -477,6 +488,9 @@ async fn run(kind: &str, n: usize, exe: &PathBuf, args: &Args) -> anyhow::Result
                     .map(|(cert, _)| ("GUESTD_GENESYS__EXTRA_CA_FILE", cert.display().to_string())),
             )
             .env("RUST_LOG", "error");
+        if kind == "guestd" {
+            c.envs(args.arm_env.iter().map(|(k, v)| (k, v)));
+        }
         c
     } else if kind == "node-peer" {
         peer_command(
