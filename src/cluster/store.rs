@@ -194,6 +194,17 @@ struct Held {
     last_rev: std::sync::atomic::AtomicU64,
 }
 
+/// Move what is pending for a chat into its entry (called by a write, under the slot's lock).
+fn apply_pending(held: &Held, e: &mut Entry) {
+    let mut p = held.pending.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(id) = p.progress.take() {
+        e.last_message_id = Some(id);
+    }
+    if let Some(a) = p.activity.take() {
+        e.activity = a;
+    }
+}
+
 impl Held {
     fn new(slot: Option<Slot>) -> Arc<Held> {
         let rev = slot.as_ref().map_or(0, |s| s.rev);
@@ -494,28 +505,22 @@ impl KvJournal {
         let session = session.to_string();
         tokio::spawn(async move {
             loop {
-                let (progress, activity) = {
+                {
                     let mut p = held.pending.lock().unwrap_or_else(|e| e.into_inner());
-                    match (p.progress.take(), p.activity.take()) {
-                        (None, None) => {
-                            p.flushing = false;
-                            return;
-                        }
-                        next => next,
+                    if p.progress.is_none() && p.activity.is_none() {
+                        p.flushing = false;
+                        return;
                     }
-                };
-                let r = me
-                    .write(&session, |e| {
-                        if let Some(id) = &progress {
-                            e.last_message_id = Some(id.clone());
-                        }
-                        if let Some(a) = &activity {
-                            e.activity = a.clone();
-                        }
-                    })
-                    .await;
+                }
+                // What is pending is taken inside the write, under the slot's lock: a value
+                // set meanwhile (an `evidence` write, say) is never overtaken by an older one.
+                let r = me.write(&session, |e| apply_pending(&held, e)).await;
+                let stop = r.is_err() || held.ended.load(Ordering::Acquire);
                 if r.is_err() {
                     me.lose(&session);
+                }
+                if stop {
+                    // Lost, or ended (the entry is being removed: nothing more is written).
                     let mut p = held.pending.lock().unwrap_or_else(|e| e.into_inner());
                     *p = Pending::default();
                     return;
@@ -621,16 +626,20 @@ impl Journal for KvJournal {
         self.coalesce(session, |p| p.activity = Some(activity));
     }
 
-    /// Written now and waited for. The same value is also left pending, so a coalesced
-    /// write of older evidence already in flight is followed by this one again: the entry
-    /// ends with the newest either way.
+    /// Written now and waited for. The value is made the pending one, then a write takes
+    /// what is pending under the slot's lock: whichever write (this one or a coalesced flush)
+    /// runs first carries it, and an older value taken before cannot land after it (a write
+    /// in flight holds the lock this one waits for). Resolves once the entry holds it.
     fn evidence(&self, session: &str, activity: Activity) -> Durable {
-        let pending = activity.clone();
-        self.coalesce(session, |p| p.activity = Some(pending));
-        Box::pin(
-            self.clone()
-                .durable_write(session.to_string(), move |e| e.activity = activity.clone()),
-        )
+        let held = self.held(session);
+        if let Some(h) = &held {
+            h.pending.lock().unwrap_or_else(|e| e.into_inner()).activity = Some(activity);
+        }
+        Box::pin(self.clone().durable_write(session.to_string(), move |e| {
+            if let Some(h) = &held {
+                apply_pending(h, e);
+            }
+        }))
     }
 
     fn ending(&self, session: &str, ending: EndingRecord) -> Durable {
