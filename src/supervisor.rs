@@ -854,8 +854,6 @@ async fn registry(
 mod tests {
     use super::*;
     use crate::backend::testing::Stalled;
-    use crate::session::Timing;
-    use crate::stream::Connector;
     use tokio_util::sync::CancellationToken;
 
     fn supervisor(max: usize) -> (Supervisor, CancellationToken) {
@@ -868,21 +866,8 @@ mod tests {
     ) -> (Supervisor, CancellationToken) {
         let (emitter, _writer) =
             crate::events::spawn_writer(crate::events::WriterSink(tokio::io::sink()), 64);
-        let (done, done_rx) = mpsc::unbounded_channel();
-        let cancel = CancellationToken::new();
-        let ctx = SessionCtx {
-            api: Arc::new(Stalled),
-            connector: Connector::new(Default::default(), 4),
-            emitter,
-            journal,
-            timing: Arc::new(Timing::default()),
-            done,
-            cancel: cancel.clone(),
-            leave_on_shutdown: false,
-            platform: None,
-            fence: None,
-            messaging: None,
-        };
+        let (ctx, done_rx) = SessionCtx::for_test(Arc::new(Stalled), emitter, journal, 4);
+        let cancel = ctx.cancel.clone();
         (Supervisor::spawn(ctx, done_rx, max), cancel)
     }
 

@@ -51,6 +51,33 @@ pub struct SessionCtx {
 }
 
 impl SessionCtx {
+    /// A context for tests: one node, no Platform API, no Web Messaging, default timing, a
+    /// connector for `connects` at once; `done` and `cancel` fresh (the caller may replace
+    /// them).
+    #[cfg(test)]
+    pub(crate) fn for_test(
+        api: Arc<dyn ChatApi>,
+        emitter: crate::events::Emitter,
+        journal: Arc<dyn Journal>,
+        connects: usize,
+    ) -> (Self, mpsc::UnboundedReceiver<String>) {
+        let (done, done_rx) = mpsc::unbounded_channel();
+        let ctx = SessionCtx {
+            api,
+            connector: Connector::new(Default::default(), connects),
+            emitter,
+            journal,
+            timing: Arc::new(Timing::default()),
+            done,
+            cancel: CancellationToken::new(),
+            leave_on_shutdown: false,
+            platform: None,
+            fence: None,
+            messaging: None,
+        };
+        (ctx, done_rx)
+    }
+
     /// Whether this process may still act for a chat it took in `epoch` (always, on a single
     /// node; see `crate::cluster::Fence`).
     pub fn may_act(&self, epoch: u64) -> bool {
@@ -998,20 +1025,12 @@ mod size_tests {
     /// small (see docs/design.md). These bounds fail if a change inlines something large again.
     async fn an_idle_session_stays_small() {
         let (em, _t) = crate::events::spawn_writer(crate::events::WriterSink(tokio::io::sink()), 4);
-        let (done, _rx) = mpsc::unbounded_channel();
-        let ctx = SessionCtx {
-            api: Arc::new(crate::backend::testing::Stalled),
-            connector: Connector::new(Default::default(), 1),
-            emitter: em,
-            journal: Arc::new(crate::journal::NullJournal),
-            timing: Arc::new(Timing::default()),
-            done,
-            cancel: CancellationToken::new(),
-            leave_on_shutdown: false,
-            platform: None,
-            fence: None,
-            messaging: None,
-        };
+        let (ctx, _rx) = SessionCtx::for_test(
+            Arc::new(crate::backend::testing::Stalled),
+            em,
+            Arc::new(crate::journal::NullJournal),
+            1,
+        );
         let chat = ChatRef {
             conversation_id: "c".into(),
             member_id: "m".into(),
@@ -1090,20 +1109,12 @@ mod tests {
         let (client, server) = tokio::io::duplex(16);
         let (emitter, _writer) = crate::events::spawn_writer(crate::events::WriterSink(client), 8);
         let marks = Arc::new(Marks::default());
-        let (done, _rx) = mpsc::unbounded_channel();
-        let ctx = SessionCtx {
-            api: Arc::new(crate::backend::testing::Stalled),
-            connector: Connector::new(Default::default(), 1),
-            emitter: emitter.clone(),
-            journal: marks.clone(),
-            timing: Arc::new(Timing::default()),
-            done,
-            cancel: CancellationToken::new(),
-            leave_on_shutdown: false,
-            platform: None,
-            fence: None,
-            messaging: None,
-        };
+        let (ctx, _rx) = SessionCtx::for_test(
+            Arc::new(crate::backend::testing::Stalled),
+            emitter.clone(),
+            marks.clone(),
+            1,
+        );
         for id in ["m1", "m2"] {
             assert!(emit(&ctx, "s", "c", message(id), false).await);
         }
@@ -1177,24 +1188,17 @@ mod tests {
         let (emitter, _writer) = crate::events::spawn_writer(crate::events::WriterSink(client), 64);
         let (seen_tx, mut seen) = mpsc::unbounded_channel();
         let (open_tx, open) = tokio::sync::watch::channel(false);
-        let (done, done_rx) = mpsc::unbounded_channel();
-        let cancel = CancellationToken::new();
-        let ctx = SessionCtx {
-            api: Arc::new(crate::daemon::guest_api(&cfg, &[]).unwrap()),
-            connector: Connector::new(Default::default(), 4),
+        let (mut ctx, done_rx) = SessionCtx::for_test(
+            Arc::new(crate::daemon::guest_api(&cfg, &[]).unwrap()),
             emitter,
-            journal: Arc::new(Gate {
+            Arc::new(Gate {
                 seen: seen_tx,
                 open,
             }),
-            timing: Arc::new(cfg.session.clone()),
-            done,
-            cancel: cancel.clone(),
-            leave_on_shutdown: false,
-            platform: None,
-            fence: None,
-            messaging: None,
-        };
+            4,
+        );
+        ctx.timing = Arc::new(cfg.session.clone());
+        let cancel = ctx.cancel.clone();
         let sup = crate::supervisor::Supervisor::spawn(ctx, done_rx, 4);
         let view = sup
             .start(crate::backend::StartSpec {
