@@ -391,6 +391,16 @@ impl Machine {
         self
     }
 
+    /// The agent the no-activity evidence names, and since when: the one connected now, or
+    /// else the one a restart restored from the journal.
+    fn evidence_agent(&self) -> Option<(&str, Instant)> {
+        match (&self.agent, self.agent_since, &self.restored_agent) {
+            (Some(a), Some(t), _) => Some((a.as_str(), t)),
+            (None, _, Some((a, t))) => Some((a.as_str(), *t)),
+            _ => None,
+        }
+    }
+
     /// A digest of [`Machine::activity`] without building it (the session asks after every
     /// step, a heartbeat's included): of the whole evidence, and of its agent part when there
     /// is an agent. Equal evidence gives equal digests.
@@ -399,11 +409,7 @@ impl Machine {
         if self.wall.is_none() {
             return ActivityDigest::default();
         }
-        let (agent, since) = match (&self.agent, self.agent_since, &self.restored_agent) {
-            (Some(a), Some(t), _) => (Some(a.as_str()), Some(t)),
-            (None, _, Some((a, t))) => (Some(a.as_str()), Some(*t)),
-            _ => (None, None),
-        };
+        let (agent, since) = self.evidence_agent().unzip();
         let mut h = std::collections::hash_map::DefaultHasher::new();
         (agent, since.and_then(|t| self.ms_at(t))).hash(&mut h);
         let agent_part = agent.map(|_| h.finish());
@@ -417,13 +423,9 @@ impl Machine {
     /// The no-activity rule's evidence as the journal keeps it (None without an anchor).
     pub fn activity(&self) -> Option<crate::journal::Activity> {
         self.wall?;
-        let (agent, since) = match (&self.agent, self.agent_since, &self.restored_agent) {
-            (Some(a), Some(t), _) => (Some(a.clone()), Some(t)),
-            (None, _, Some((a, t))) => (Some(a.clone()), Some(*t)),
-            _ => (None, None),
-        };
+        let (agent, since) = self.evidence_agent().unzip();
         Some(crate::journal::Activity {
-            agent,
+            agent: agent.map(str::to_string),
             agent_since_ms: since.and_then(|t| self.ms_at(t)),
             last_guest_ms: self.last_guest_msg.and_then(|t| self.ms_at(t)),
         })
