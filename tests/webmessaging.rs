@@ -257,12 +257,7 @@ async fn disconnect_modes_send_and_off() {
             // Off: nothing reached the guest before the next message.
             assert_eq!(message.text.as_deref(), Some("after"));
         }
-        let cfg: Value = reqwest::get(config_json_url(&emu, "dep-1"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let cfg = config_json(&emu, "dep-1").await;
         let d = &cfg["messenger"]["apps"]["conversations"]["conversationDisconnect"];
         assert_eq!(d["enabled"], mode != DisconnectMode::Off, "{cfg}");
     }

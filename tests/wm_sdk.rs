@@ -25,7 +25,6 @@ use common::*;
 use futures::{SinkExt, StreamExt};
 use guestd::emulator::messaging::{DisconnectMode, WebMessagingConfig};
 use guestd::emulator::{Emulator, EmulatorConfig};
-use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
@@ -983,10 +982,5 @@ async fn an_unknown_deployment_is_refused_as_the_sdk_expects() {
     b.send(req::configure(&token, "anything", false, "u-3"))
         .await;
     assert!(b.session("configured").await.connected);
-    let _: Value = reqwest::get(config_json_url(&open, "anything"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    config_json(&open, "anything").await;
 }

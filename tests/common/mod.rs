@@ -650,6 +650,16 @@ pub fn config_json_url(emu: &Emulator, deployment: &str) -> String {
     )
 }
 
+/// The deployment's `config.json` as the emulator serves it, parsed.
+pub async fn config_json(emu: &Emulator, deployment: &str) -> Value {
+    reqwest::get(config_json_url(emu, deployment))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// After a ping flood from the emulator: the pings it sent (its log entry `pred` finds, within
 /// `span` and the usual wait) and guestd's RSS growth over `before` KiB, printed under `label`.
 /// The flood must be real (over 10,000 pings) and the growth under 32 MiB.
