@@ -739,7 +739,6 @@ fn print(reports: &[Report]) {
         .iter()
         .map(|r| (r.sessions, r.program.as_str()))
         .collect();
-    arms.dedup();
     arms.sort_unstable();
     arms.dedup();
     for (n, program) in arms {
