@@ -29,16 +29,20 @@ pub fn nats_server() -> std::path::PathBuf {
         .unwrap_or_else(|| "nats-server".into())
 }
 
-/// A loopback port nobody listens on right now. nats-server is told its client and route
-/// ports (each server's routes name the others'), so they are picked here and released for it
-/// to bind: a race this third-party process leaves no way around. (Its own copy: guestd-bench
-/// includes this file without `tests/common`.)
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `n` distinct loopback ports nobody listens on right now. nats-server is told its client
+/// and route ports (each server's routes name the others'), so they are picked here and
+/// released for it to bind: a race this third-party process leaves no way around. They are
+/// held until all are picked: released one by one, the kernel could hand the same port out
+/// twice, and a server whose client port was another's route port never started (the cluster
+/// then had two peers, and a stream of three replicas found "no suitable peers for
+/// placement"). (Its own copy: guestd-bench includes this file without `tests/common`.)
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
 }
 
 /// Three JetStream servers in one cluster.
@@ -52,8 +56,8 @@ impl NatsCluster {
     pub fn start() -> NatsCluster {
         let dir = std::env::temp_dir().join(format!("guestd-nats-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
-        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut ports = free_ports(6);
+        let routes = ports.split_off(3);
         for i in 0..3 {
             let others: Vec<String> = (0..3)
                 .filter(|j| *j != i)
@@ -133,12 +137,33 @@ impl NatsCluster {
                 Err(e) => {
                     assert!(
                         tokio::time::Instant::now() < deadline,
-                        "JetStream did not become ready: {e}"
+                        "JetStream did not become ready: {e}\n{}",
+                        self.log_tails()
                     );
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
         }
+    }
+}
+
+impl NatsCluster {
+    /// The last lines each server wrote to its log, for a failure message (a server that could
+    /// not bind its ports says so there).
+    fn log_tails(&self) -> String {
+        (0..3)
+            .map(|i| {
+                let log =
+                    std::fs::read_to_string(self.dir.join(format!("s{i}.log"))).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(8)..].join("\n  ");
+                format!(
+                    "server s{i} (port {}), last lines:\n  {tail}",
+                    self.ports[i]
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 
