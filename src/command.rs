@@ -3,7 +3,7 @@
 //! supervisor, which routes commands in cluster mode (`supervisor::Route`), and `control`, which
 //! parses and runs them, both use it without importing each other (issue 26: no circles).
 
-use crate::backend::{ChatRef, StartSpec};
+use crate::backends::guest_chat::api::{ChatRef, StartSpec};
 use crate::secret::Secret;
 
 /// A parsed command.
@@ -15,10 +15,10 @@ pub enum Command {
     Attach(ChatRef),
     /// Open a Web Messaging session and supervise it (`start` with `"backend":
     /// "web_messaging"`).
-    StartMessaging(crate::webmessaging::Spec),
+    StartMessaging(crate::backends::web_messaging::Spec),
     /// Supervise an existing Web Messaging session (`attach` with `"backend":
     /// "web_messaging"`).
-    AttachMessaging(crate::webmessaging::Spec),
+    AttachMessaging(crate::backends::web_messaging::Spec),
     /// Web Messaging: close the session and begin a new one on the same token.
     StartNew {
         /// Session id or conversation id.
@@ -48,7 +48,7 @@ pub enum Command {
         /// Session id or conversation id.
         session: String,
     },
-    /// Whether any conversation is alive, held or not (see `crate::status`).
+    /// Whether any conversation is alive, held or not (see `crate::platform::status`).
     Status {
         /// The conversation id.
         conversation_id: String,

@@ -2,9 +2,9 @@
 //! overrides `GUESTD_<SECTION>__<KEY>` (for example `GUESTD_SESSION__RECONNECT_GRACE=90s`), and
 //! validation with errors that name the key.
 
+use crate::backends::guest_chat::Timing;
 use crate::backoff_policy::BackoffConfig;
 pub use crate::cluster::ClusterSection;
-use crate::session::Timing;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -71,7 +71,7 @@ pub struct Config {
     /// Several nodes on NATS JetStream (optional; absent = one node with the file journal).
     pub cluster: ClusterSection,
     /// The Web Messaging backend (chats that name `"backend": "web_messaging"`).
-    pub web_messaging: crate::webmessaging::Settings,
+    pub web_messaging: crate::backends::web_messaging::Settings,
     /// Logging.
     pub log: LogSection,
     /// `[status]`: how long and how many reported ends `status` remembers.
@@ -184,7 +184,7 @@ pub struct GenesysSection {
     pub extra_ca_file: Option<PathBuf>,
     /// More hosts an event stream (an `attach`'s `eventStreamUri`, a create reply's) may name:
     /// `host` or `*.domain`. The API host and its parent domain are always allowed
-    /// (`crate::backend::default_stream_hosts`).
+    /// (`crate::transport::policy::default_stream_hosts`).
     pub stream_hosts: Vec<String>,
 }
 
@@ -273,10 +273,10 @@ pub struct StreamSection {
     /// Send `Authorization: Bearer <jwt>` on the handshake.
     pub send_jwt: bool,
     /// TLS through guestd's own stream, which holds no buffer while a socket is idle
-    /// (`crate::leantls`); false: tokio-rustls, which keeps about 4 KiB per socket.
+    /// (`crate::transport::leantls`); false: tokio-rustls, which keeps about 4 KiB per socket.
     pub lean_tls: bool,
     /// Websocket frames through guestd's own reader and writer, which hold no buffer while a
-    /// socket is idle (`crate::leanws`); false: tokio-tungstenite, which keeps its read buffer
+    /// socket is idle (`crate::transport::leanws`); false: tokio-tungstenite, which keeps its read buffer
     /// (`read_buffer`, growing) per socket. `read_buffer` and `write_buffer` apply to it only.
     pub lean_ws: bool,
 }
@@ -846,7 +846,7 @@ impl Config {
             return bad("supervisor.max_sessions", "must be >= 1");
         }
         if let Err(e) =
-            crate::backend::check_url(&self.genesys.api_base, self.genesys.allow_insecure)
+            crate::transport::policy::check_url(&self.genesys.api_base, self.genesys.allow_insecure)
         {
             return bad("genesys.api_base", &e.to_string());
         }
@@ -856,9 +856,10 @@ impl Config {
             }
         }
         if self.platform.enabled() {
-            if let Err(e) =
-                crate::backend::check_url(&self.platform.api_base, self.platform.allow_insecure)
-            {
+            if let Err(e) = crate::transport::policy::check_url(
+                &self.platform.api_base,
+                self.platform.allow_insecure,
+            ) {
                 return bad("platform.api_base", &e.to_string());
             }
             if let Err(e) = self.platform.credentials() {

@@ -1,15 +1,16 @@
 //! Wiring: turn a [`Config`] into a running guestd (journal, event writer, backend, supervisor,
 //! control channels) and shut it down in order. `guestd run` and `guestd demo` both use it.
 
-use crate::backend::ChatApi;
+use crate::backends::guest_chat::api::ChatApi;
+use crate::backends::guest_chat::client::GenesysApi;
 use crate::config::Config;
 use crate::control::{self, HttpState};
 use crate::events::{self, Emitter, EventSink};
-use crate::genesys::client::{ClientConfig, GenesysApi};
 use crate::journal::{FileJournal, Journal, NullJournal};
+use crate::platform::rest::ClientConfig;
 use crate::session::SessionCtx;
-use crate::stream::{Connector, StreamConfig};
 use crate::supervisor::Supervisor;
+use crate::transport::stream::{Connector, StreamConfig};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::io::AsyncRead;
@@ -24,7 +25,7 @@ pub enum DaemonError {
     Journal(#[from] crate::journal::JournalError),
     /// The backend client.
     #[error("backend: {0}")]
-    Backend(#[from] crate::backend::ApiError),
+    Backend(#[from] crate::transport::policy::ApiError),
     /// Cluster mode: NATS or JetStream.
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
@@ -54,8 +55,8 @@ pub struct Running {
     cfg: Config,
     node: Option<crate::cluster::node::Node>,
     /// What a SIGHUP may change in place (`crate::reload`).
-    pub(crate) access: Option<(crate::access::AccessCell, SocketAddr)>,
-    pub(crate) platform: Option<Arc<crate::genesys::platform::PlatformApi>>,
+    pub(crate) access: Option<(crate::control::access::AccessCell, SocketAddr)>,
+    pub(crate) platform: Option<Arc<crate::platform::api::PlatformApi>>,
 }
 
 /// What a shutdown did.
@@ -87,14 +88,14 @@ pub fn guest_api(
 pub fn platform_api(
     cfg: &Config,
     extra_roots: &[rustls::pki_types::CertificateDer<'static>],
-) -> Result<Option<crate::genesys::platform::PlatformApi>, DaemonError> {
+) -> Result<Option<crate::platform::api::PlatformApi>, DaemonError> {
     if !cfg.platform.enabled() {
         return Ok(None);
     }
     let (client_id, client_secret) = cfg
         .platform
         .credentials()
-        .map_err(crate::backend::ApiError::Policy)?;
+        .map_err(crate::transport::policy::ApiError::Policy)?;
     let mut rest = rest_config(
         cfg,
         &cfg.platform.api_base,
@@ -103,8 +104,8 @@ pub fn platform_api(
     );
     // Confirmations are background work: a small cap keeps them out of the chats' way.
     rest.max_concurrent = 8;
-    Ok(Some(crate::genesys::platform::PlatformApi::new(
-        crate::genesys::platform::PlatformConfig {
+    Ok(Some(crate::platform::api::PlatformApi::new(
+        crate::platform::api::PlatformConfig {
             rest,
             login_base: cfg.platform.login_base(),
             client_id,
@@ -139,8 +140,8 @@ fn rest_config(
 /// Messaging socket's host (from the configuration, like the API base), and
 /// `genesys.stream_hosts`.
 fn stream_hosts(cfg: &Config) -> Vec<String> {
-    let mut hosts = crate::backend::default_stream_hosts(&cfg.genesys.api_base);
-    let wm = crate::webmessaging::client::Endpoints::of(&cfg.web_messaging);
+    let mut hosts = crate::transport::policy::default_stream_hosts(&cfg.genesys.api_base);
+    let wm = crate::backends::web_messaging::client::Endpoints::of(&cfg.web_messaging);
     if let Some(h) = url::Url::parse(&wm.socket)
         .ok()
         .and_then(|u| u.host_str().map(str::to_ascii_lowercase))
@@ -214,14 +215,14 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
     };
     // Web Messaging conversation keys (after the journal made its directory): the cluster's secret, or one kept beside the journal.
     if let Some(n) = &node {
-        crate::webmessaging::set_key_secret(&n.keys.web_messaging_key());
+        crate::backends::web_messaging::set_key_secret(&n.keys.web_messaging_key());
     } else if cfg.journal.enabled {
         let path = cfg.journal.path.with_extension("key");
         let key = crate::secret::key_file(&path).map_err(|e| crate::journal::JournalError::Io {
             path: path.clone(),
             source: std::io::Error::other(format!("the Web Messaging key file: {e}")),
         })?;
-        crate::webmessaging::set_key_secret(&key);
+        crate::backends::web_messaging::set_key_secret(&key);
     }
     let publisher = node.as_ref().map(|n| {
         crate::cluster::publish::Publisher::new(
@@ -237,7 +238,7 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
     let extra_roots = cfg
         .genesys
         .extra_roots()
-        .map_err(crate::backend::ApiError::Policy)?;
+        .map_err(crate::transport::policy::ApiError::Policy)?;
     let connector_roots = extra_roots;
     let api: Arc<dyn ChatApi> = Arc::new(guest_api(&cfg, &connector_roots)?);
     let platform = platform_api(&cfg, &connector_roots)?.map(Arc::new);
@@ -256,10 +257,12 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
         },
         cfg.stream.max_concurrent_connects,
     );
-    let messaging = Some(Arc::new(crate::webmessaging::client::Messaging::new(
-        cfg.web_messaging.clone(),
-        rest_config(&cfg, "", cfg.genesys.allow_insecure, &connector_roots),
-    )?));
+    let messaging = Some(Arc::new(
+        crate::backends::web_messaging::client::Messaging::new(
+            cfg.web_messaging.clone(),
+            rest_config(&cfg, "", cfg.genesys.allow_insecure, &connector_roots),
+        )?,
+    ));
     let sessions_cancel = CancellationToken::new();
     let control_cancel = CancellationToken::new();
     let (done_tx, done_rx) = mpsc::unbounded_channel();
@@ -319,7 +322,7 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
                  put TLS in front"
             );
         }
-        let access = crate::access::AccessCell::new(crate::access::Access::new(
+        let access = crate::control::access::AccessCell::new(crate::control::access::Access::new(
             local,
             &cfg.control.allowed_hosts,
             &cfg.control.allowed_origins,

@@ -155,7 +155,7 @@ async fn scenario(
     tap: broadcast::Sender<serde_json::Value>,
 ) -> Outcome {
     let rx = tap.subscribe();
-    let spec = crate::backend::StartSpec {
+    let spec = crate::backends::guest_chat::api::StartSpec {
         queue: "Support".into(),
         display_name: format!("Demo guest ({name})"),
         ..Default::default()
@@ -259,7 +259,7 @@ async fn wm_scenario(
     use crate::emulator::messaging::WmAdmin;
     let rx = tap.subscribe();
     let token = uuid::Uuid::new_v4().to_string();
-    let spec = crate::webmessaging::Spec {
+    let spec = crate::backends::web_messaging::Spec {
         token: Some(crate::secret::Secret::new(token.clone())),
         ..Default::default()
     };

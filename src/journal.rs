@@ -33,7 +33,7 @@
 //! at-least-once, de-duplicable by `event_id`. Exactly-once to an arbitrary pipe is not possible
 //! (the write and the journal cannot be one atomic step); this is the strongest honest promise.
 
-use crate::backend::ChatRef;
+use crate::backends::guest_chat::api::ChatRef;
 use crate::events::EndReason;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};

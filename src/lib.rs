@@ -7,10 +7,8 @@
 //! handles (`control` -> `supervisor` -> `session`). No arrow points back up: `stream` and
 //! `backend` know nothing of sessions, sessions nothing of Genesys.
 
-/// Who may drive the HTTP API: Host, Origin, Content-Type and an optional bearer token.
-pub mod access;
-/// The backend-neutral interface a session talks to (REST calls and stream decoding).
-pub mod backend;
+/// The backends, one folder each: guest chat (Web Chat v2) and Web Messaging.
+pub mod backends;
 /// Retry and reconnect delays (the `backoff` crate behind one small module).
 pub mod backoff_policy;
 /// Several nodes on NATS JetStream.
@@ -18,7 +16,7 @@ pub mod cluster;
 pub mod command;
 /// Configuration file, defaults and environment overrides.
 pub mod config;
-/// Control channels: stdin JSON lines and the loopback HTTP API.
+/// Control channels: stdin JSON lines and the loopback HTTP API, and who may drive it.
 pub mod control;
 /// Wiring a configuration into a running guestd.
 pub mod daemon;
@@ -30,18 +28,14 @@ pub mod emulator;
 pub mod ends;
 /// guestd's own event schema and the sinks that write it.
 pub mod events;
-/// The Genesys guest chat backend.
-pub mod genesys;
 /// The session journal that lets a restarted guestd pick chats back up.
 pub mod journal;
-/// A TLS client stream that holds no buffer while idle (rustls's unbuffered API).
-pub mod leantls;
-/// guestd's client websocket: no buffer held while a socket is idle.
-pub mod leanws;
 /// The log filter and its checks.
 pub mod logging;
 /// Prometheus metrics.
 pub mod metrics;
+/// The Platform API and the status of any conversation.
+pub mod platform;
 /// SIGHUP: what a reload applies in place, and what needs a restart.
 pub mod reload;
 /// systemd readiness notifications (`Type=notify`).
@@ -50,16 +44,10 @@ pub mod sdnotify;
 pub mod secret;
 /// One session: the pure state machine and the actor that drives it.
 pub mod session;
-/// The status of any conversation: guestd's view, the Platform API, or the guest API.
-pub mod status;
-/// The websocket transport.
-pub mod stream;
 /// The registry of sessions and its limits.
 pub mod supervisor;
-/// The one TLS client configuration, for REST and websockets.
-pub mod tls;
-/// The Genesys Web Messaging backend (the Messenger guest API): wire, rules, actor, REST.
-pub mod webmessaging;
+/// Sockets: the websocket client, its TLS stream, the TLS configuration, the URL policy.
+pub mod transport;
 
 /// This binary's version and git revision: the start-up log line and `guestd_build_info` name
 /// both. The revision is build.rs's (`git rev-parse`), else `GUESTD_GIT_REVISION` at build time

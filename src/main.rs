@@ -421,7 +421,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(a) => a,
                 None if let Some(r) = guestd::ends::in_journal(&cfg, &conversation_id) => {
                     // No guestd running: the end it remembered in its journal.
-                    let s = guestd::status::ConversationStatus::remembered(r);
+                    let s = guestd::platform::status::ConversationStatus::remembered(r);
                     (true, serde_json::to_string(&s)?)
                 }
                 None => {
@@ -429,7 +429,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     let roots = cfg.genesys.extra_roots().map_err(anyhow::Error::msg)?;
                     let api = guestd::daemon::guest_api(&cfg, &roots)?;
                     let platform = guestd::daemon::platform_api(&cfg, &roots)?;
-                    match guestd::status::status_from(
+                    match guestd::platform::status::status_from(
                         None,
                         platform.as_ref(),
                         &api,

@@ -111,7 +111,7 @@ impl Reloader {
         next.log = new.log.clone();
         if let Some((cell, local)) = &running.access {
             let token_changed = token != self.token;
-            cell.set(crate::access::Access::new(
+            cell.set(crate::control::access::Access::new(
                 *local,
                 &new.control.allowed_hosts,
                 &new.control.allowed_origins,

@@ -5,12 +5,12 @@
 //! shared `Mutex<HashMap>` of live state. Slow work (the create call, asking 10k sessions for
 //! their view) happens outside it, in the caller's task.
 
-use crate::backend::{ApiError, ChatApi, ChatRef, StartSpec};
+use crate::backends::guest_chat::api::{ChatApi, ChatRef, StartSpec};
+use crate::backends::guest_chat::{Machine, actor};
 use crate::events::{Emitter, Event, EventKind};
 use crate::journal::{Recovered, SessionRecord};
-use crate::session::{
-    CommandError, Done, Machine, SessionCmd, SessionCtx, SessionHandle, SessionView, actor,
-};
+use crate::session::{CommandError, Done, SessionCmd, SessionCtx, SessionHandle, SessionView};
+use crate::transport::policy::ApiError;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -294,7 +294,7 @@ impl Supervisor {
     }
 
     /// The Platform API, when configured.
-    pub fn platform(&self) -> Option<&crate::genesys::platform::PlatformApi> {
+    pub fn platform(&self) -> Option<&crate::platform::api::PlatformApi> {
         self.ctx.platform.as_deref()
     }
 
@@ -454,7 +454,9 @@ impl Supervisor {
     }
 
     /// The Web Messaging backend.
-    fn messaging(&self) -> Result<&Arc<crate::webmessaging::client::Messaging>, SupervisorError> {
+    fn messaging(
+        &self,
+    ) -> Result<&Arc<crate::backends::web_messaging::client::Messaging>, SupervisorError> {
         self.ctx
             .messaging
             .as_ref()
@@ -465,7 +467,7 @@ impl Supervisor {
     /// deployment; for a start, a new token), so every node routes it the same way.
     pub fn resolve_messaging(
         &self,
-        spec: &mut crate::webmessaging::Spec,
+        spec: &mut crate::backends::web_messaging::Spec,
         attach: bool,
     ) -> Result<(), SupervisorError> {
         let wm = self.messaging()?;
@@ -476,10 +478,10 @@ impl Supervisor {
     /// Open (`start`) or take over (`attach`) a Web Messaging session and supervise it.
     pub async fn start_messaging(
         &self,
-        mut spec: crate::webmessaging::Spec,
+        mut spec: crate::backends::web_messaging::Spec,
         attach: bool,
     ) -> Result<SessionView, SupervisorError> {
-        use crate::webmessaging::machine::{Begin, Machine as WmMachine};
+        use crate::backends::web_messaging::machine::{Begin, Machine as WmMachine};
         self.resolve_messaging(&mut spec, attach)?;
         let wm = self.messaging()?.clone();
         let key = spec.key();
@@ -544,7 +546,7 @@ impl Supervisor {
         id: String,
         chat: ChatRef,
         deployment_id: String,
-        machine: crate::webmessaging::machine::Machine,
+        machine: crate::backends::web_messaging::machine::Machine,
         slot: Reservation,
         mode: &str,
     ) -> Result<SessionView, SupervisorError> {
@@ -557,7 +559,7 @@ impl Supervisor {
             ..SessionView::guest_chat(&id, &chat, machine.phase().as_str())
         }
         .with_ends(machine.ends());
-        let handle = crate::webmessaging::actor::spawn(
+        let handle = crate::backends::web_messaging::actor::spawn(
             self.ctx.clone(),
             wm,
             id,
@@ -583,7 +585,7 @@ impl Supervisor {
             .map_err(Self::refused)?;
         // The old session's slot and key are free once its task is done.
         h.finished().await;
-        let spec = crate::webmessaging::Spec {
+        let spec = crate::backends::web_messaging::Spec {
             deployment_id: Some(reopen.deployment_id),
             token: Some(reopen.token),
             start_new: true,
@@ -624,7 +626,7 @@ impl Supervisor {
         let now = Instant::now();
         let started = instant_at(r.record.started_ms, now);
         if let Some(wmr) = r.record.web_messaging {
-            use crate::webmessaging::machine::{Begin, Machine as WmMachine};
+            use crate::backends::web_messaging::machine::{Begin, Machine as WmMachine};
             let wm = self.messaging()?.clone();
             let deployment = wm.deployment(&wmr.deployment_id).await;
             let machine = WmMachine::new(wm.settings.clone(), deployment, Begin::Resume, now)
@@ -715,7 +717,7 @@ impl Supervisor {
     async fn command(
         &self,
         key: &str,
-        make: impl FnOnce(crate::session::actor::DoneReply) -> SessionCmd,
+        make: impl FnOnce(crate::backends::guest_chat::actor::DoneReply) -> SessionCmd,
     ) -> Result<Done, SupervisorError> {
         let h = self.handle(key).await?;
         let (tx, rx) = oneshot::channel();
@@ -853,7 +855,7 @@ async fn registry(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::testing::Stalled;
+    use crate::backends::guest_chat::api::testing::Stalled;
     use tokio_util::sync::CancellationToken;
 
     fn supervisor(max: usize) -> (Supervisor, CancellationToken) {

@@ -784,7 +784,8 @@ async fn walk_a_chat_to_each_end() {
         assert!(
             view.members
                 .iter()
-                .all(|m| m.state == guestd::genesys::protocol::MemberState::Disconnected),
+                .all(|m| m.state
+                    == guestd::backends::guest_chat::protocol::MemberState::Disconnected),
             "{way}"
         );
         assert_eq!(g.say("after").await.0, 400, "{way}: no reopen");

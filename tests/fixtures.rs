@@ -10,8 +10,8 @@
 mod common;
 
 use common::*;
-use guestd::backend::{ChatEvent, MemberState};
-use guestd::genesys::protocol::{self as p, StreamEvent};
+use guestd::backends::guest_chat::api::{ChatEvent, MemberState};
+use guestd::backends::guest_chat::protocol::{self as p, StreamEvent};
 use serde_json::{Value, json};
 
 fn fixture(name: &str) -> String {
@@ -93,7 +93,7 @@ fn a_published_member_change_frame_decodes_field_by_field() {
     );
     // What a session sees of it.
     assert_eq!(
-        guestd::genesys::client::chat_event(&text).expect("an event"),
+        guestd::backends::guest_chat::client::chat_event(&text).expect("an event"),
         ChatEvent::MemberChange {
             member_id: "1c5f7bbc-7d06-4b14-b0fc-3dca8b7010f9".into(),
             state: MemberState::Connected,
@@ -211,7 +211,7 @@ async fn the_emulator_serves_the_published_shapes() {
 /// `guest_left` by the platform's own account (`disconnectType: "client"`).
 #[test]
 fn a_published_platform_answer_decodes_and_reads_guest_left() {
-    use guestd::genesys::platform::{Conversation, ConversationParticipant, platform_reason};
+    use guestd::platform::api::{Conversation, ConversationParticipant, platform_reason};
     let text = fixture("platform_customer_participant.forum-15561.json");
     let p: ConversationParticipant = serde_json::from_str(&text).expect("decodes");
     assert_eq!(p.purpose, "customer");

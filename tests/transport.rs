@@ -1,5 +1,5 @@
 //! The upstream crates as the oracle (issue 23). Every scenario, ordinary and hostile, runs once
-//! through guestd's own transport (`crate::leantls` + `crate::leanws`, the default) and once
+//! through guestd's own transport (`crate::transport::leantls` + `crate::transport::leanws`, the default) and once
 //! through tokio-rustls + tokio-tungstenite (`stream.lean_tls = false`, `stream.lean_ws =
 //! false`); over TLS the two mixed arms run too. Each arm opens the socket the way the daemon does
 //! (`stream::Connector`, the same handshake) against the same scripted server over real loopback
@@ -15,7 +15,7 @@
 //! cost the client.
 
 use futures::{SinkExt, StreamExt};
-use guestd::stream::{ConnectError, Connector, StreamConfig, Ws};
+use guestd::transport::stream::{ConnectError, Connector, StreamConfig, Ws};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::future::Future;
 use std::pin::Pin;

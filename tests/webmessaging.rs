@@ -6,9 +6,9 @@ mod common;
 
 use common::*;
 use futures::{SinkExt, StreamExt};
+use guestd::backends::web_messaging::protocol::{Action, Frame, HistoryPage, code, decode};
 use guestd::emulator::messaging::{DisconnectMode, WebMessagingConfig};
 use guestd::emulator::{Emulator, EmulatorConfig};
-use guestd::webmessaging::protocol::{Action, Frame, HistoryPage, code, decode};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -76,7 +76,7 @@ impl Guest {
     async fn configure(
         &mut self,
         start_new: bool,
-    ) -> guestd::webmessaging::protocol::SessionResponse {
+    ) -> guestd::backends::web_messaging::protocol::SessionResponse {
         self.send(
             Action::ConfigureSession {
                 deployment_id: "dep-1",

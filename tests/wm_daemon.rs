@@ -559,7 +559,7 @@ impl WmTab {
         use futures::SinkExt;
         let url = format!("ws://{}/v1?deploymentId=dep-1", emu.addr());
         let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-        let a = guestd::webmessaging::protocol::Action::ConfigureSession {
+        let a = guestd::backends::web_messaging::protocol::Action::ConfigureSession {
             deployment_id: "dep-1",
             start_new: false,
         };
@@ -584,7 +584,7 @@ impl WmTab {
 
     async fn clear(&mut self) {
         use futures::SinkExt;
-        let a = guestd::webmessaging::protocol::Action::Clear;
+        let a = guestd::backends::web_messaging::protocol::Action::Clear;
         self.ws
             .send(a.encode(&self.token, "tab-clear").into())
             .await

@@ -3,9 +3,9 @@
 //! is connected, so the member and message paths all run): they never panic, end the chat at
 //! most once, and do nothing after the end.
 #![no_main]
-use guestd::backend::{ChatMember, MemberState, Role};
+use guestd::backends::guest_chat::api::{ChatMember, MemberState, Role};
 use guestd::events::EventKind;
-use guestd::session::{Action, Input, Machine, Timing};
+use guestd::backends::guest_chat::{Action, Input, Machine, Timing};
 use libfuzzer_sys::fuzz_target;
 
 fn member(id: &str, role: Role) -> ChatMember {
@@ -36,8 +36,8 @@ fuzz_target!(|data: &[u8]| {
     );
     let mut ends = 0;
     for (i, line) in text.lines().enumerate() {
-        let _ = guestd::genesys::protocol::is_ping(line);
-        let input = match guestd::genesys::client::chat_event(line) {
+        let _ = guestd::backends::guest_chat::protocol::is_ping(line);
+        let input = match guestd::backends::guest_chat::client::chat_event(line) {
             Ok(ev) => Input::Frame(ev),
             Err(e) => Input::BadFrame(e),
         };
@@ -55,7 +55,7 @@ fuzz_target!(|data: &[u8]| {
         for a in acts {
             let reply = match a {
                 Action::FetchMembers => {
-                    Input::Members(Err(guestd::backend::Failure::Other("fuzz".into())))
+                    Input::Members(Err(guestd::backends::guest_chat::api::Failure::Other("fuzz".into())))
                 }
                 Action::Backfill { generation, .. } => Input::Backfill(generation, Ok(Vec::new())),
                 _ => continue,

@@ -10,14 +10,14 @@ fuzz_target!(|data: &[u8]| {
         let _ = guestd::control::command_from_body(name, "s-1", data);
     }
     if let Ok(s) = std::str::from_utf8(data) {
-        let seg = guestd::backend::path_segment(s);
+        let seg = guestd::transport::policy::path_segment(s);
         assert!(
             seg.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~' | b'%'))
         );
-        let e = guestd::backend::excerpt(s, 40);
+        let e = guestd::transport::policy::excerpt(s, 40);
         assert!(e.chars().count() <= 43 && !e.chars().any(char::is_control));
-        if guestd::backend::check_id("id", s).is_ok() {
+        if guestd::transport::policy::check_id("id", s).is_ok() {
             assert_eq!(seg, s);
             assert!(!s.contains(['.', '/', '%', '?', '#']));
         }

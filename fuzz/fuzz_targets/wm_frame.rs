@@ -4,8 +4,8 @@
 //! as a history page and as a deployment's `config.json`.
 #![no_main]
 use guestd::events::EventKind;
-use guestd::webmessaging::machine::{Action, Begin, Deployment, Input, Machine};
-use guestd::webmessaging::protocol::{Frame, HistoryPage, SessionResponse, decode};
+use guestd::backends::web_messaging::machine::{Action, Begin, Deployment, Input, Machine};
+use guestd::backends::web_messaging::protocol::{Frame, HistoryPage, SessionResponse, decode};
 use libfuzzer_sys::fuzz_target;
 use std::sync::Arc;
 
@@ -41,6 +41,6 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = serde_json::from_str::<HistoryPage>(text);
     if let Ok(v) = serde_json::from_str::<serde_json::Value>(text) {
-        let _ = guestd::webmessaging::client::parse_deployment(&v);
+        let _ = guestd::backends::web_messaging::client::parse_deployment(&v);
     }
 });

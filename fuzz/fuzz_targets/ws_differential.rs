@@ -73,7 +73,7 @@ fuzz_target!(|data: &[u8]| {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let lean = guestd::leanws::LeanWs::from_partially_read(
+        let lean = guestd::transport::leanws::LeanWs::from_partially_read(
             pipe(wire.to_vec(), chunk),
             leftover.to_vec(),
             MAX,

@@ -21,7 +21,7 @@ fuzz_target!(|data: &[u8]| {
         .expect("runtime");
     rt.block_on(async {
         let (a, mut server) = tokio::io::duplex(64 * 1024);
-        let mut ws = guestd::leanws::LeanWs::from_partially_read(a, leftover.to_vec(), MAX);
+        let mut ws = guestd::transport::leanws::LeanWs::from_partially_read(a, leftover.to_vec(), MAX);
         let wire = wire.to_vec();
         let writer = tokio::spawn(async move {
             for piece in wire.chunks(chunk) {

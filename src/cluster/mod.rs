@@ -61,7 +61,7 @@ pub fn check_server(url: &str, allow_insecure: bool) -> Result<(), String> {
         "tls" => Ok(()),
         "nats" => {
             let as_http = format!("http://{}", u.host_str().unwrap_or(""));
-            crate::backend::check_url(&as_http, allow_insecure)
+            crate::transport::policy::check_url(&as_http, allow_insecure)
                 .map_err(|e| e.0.replace("plaintext http", "plaintext nats"))
         }
         other => Err(format!(

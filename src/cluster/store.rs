@@ -693,7 +693,7 @@ impl Journal for KvJournal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::ChatRef;
+    use crate::backends::guest_chat::api::ChatRef;
     use crate::secret::Secret;
 
     fn record(session: &str) -> SessionRecord {

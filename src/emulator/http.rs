@@ -3,7 +3,7 @@
 
 use super::world::{EndCause, SocketCmd};
 use super::{AdminError, Emulator, Shared};
-use crate::genesys::protocol::{
+use crate::backends::guest_chat::protocol::{
     BodyType, CreateChatRequest, CreateChatResponse, ErrorBody, MAX_BODY_CHARS, MemberState,
     MembersQuery, MessagesQuery, Page, SendMessageRequest, path, query_string,
 };
@@ -81,7 +81,7 @@ impl From<AdminError> for ApiError {
 }
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
-    use crate::genesys::protocol::CONVERSATIONS;
+    use crate::backends::guest_chat::protocol::CONVERSATIONS;
     Router::new()
         .route(CONVERSATIONS, post(create))
         .route(&path::members("{conv}"), get(list_members))
@@ -193,7 +193,7 @@ async fn json_errors(req: Request, next: axum::middleware::Next) -> Response {
 /// The bearer token of a request; the scheme is case-insensitive (the Messenger Transport SDK
 /// sends `bearer <jwt>` to the history call; issue 25).
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    crate::access::bearer_credentials(headers.get(header::AUTHORIZATION)?.to_str().ok()?)
+    crate::control::access::bearer_credentials(headers.get(header::AUTHORIZATION)?.to_str().ok()?)
 }
 
 /// The next fault queued by `/emulator/faults`, as the error reply it becomes (429 carries

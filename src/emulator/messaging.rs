@@ -9,7 +9,7 @@
 //! docs/emulator.md.
 
 use super::Shared;
-use crate::webmessaging::protocol::{self as p, MAX_TOKEN_CHARS};
+use crate::backends::web_messaging::protocol::{self as p, MAX_TOKEN_CHARS};
 use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};

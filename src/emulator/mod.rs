@@ -159,9 +159,9 @@ pub struct ConversationView {
     /// Why it ended, if it did.
     pub ended: Option<EndCause>,
     /// Members in join order.
-    pub members: Vec<crate::genesys::protocol::Member>,
+    pub members: Vec<crate::backends::guest_chat::protocol::Member>,
     /// Messages in order.
-    pub messages: Vec<crate::genesys::protocol::Message>,
+    pub messages: Vec<crate::backends::guest_chat::protocol::Message>,
     /// Sockets counted as connected.
     pub live_sockets: usize,
 }
@@ -228,10 +228,10 @@ impl Shared {
     /// an injected fault for the create call.
     pub(crate) fn create_chat(
         self: &Arc<Self>,
-        info: &crate::genesys::protocol::MemberInfo,
+        info: &crate::backends::guest_chat::protocol::MemberInfo,
         log_detail: String,
         take_faults: bool,
-    ) -> Result<crate::genesys::protocol::CreateChatResponse, http::ApiError> {
+    ) -> Result<crate::backends::guest_chat::protocol::CreateChatResponse, http::ApiError> {
         let (id, jwt, guest, notify) = {
             let mut w = self.world();
             if take_faults {
@@ -245,11 +245,11 @@ impl Shared {
             out
         };
         self.spawn_rules(id.clone(), notify);
-        Ok(crate::genesys::protocol::CreateChatResponse {
+        Ok(crate::backends::guest_chat::protocol::CreateChatResponse {
             event_stream_uri: format!("{}/v2/stream/{id}", self.next_stream_base()),
             id,
             jwt,
-            member: crate::genesys::protocol::IdRef { id: guest },
+            member: crate::backends::guest_chat::protocol::IdRef { id: guest },
         })
     }
 
@@ -437,7 +437,8 @@ impl Emulator {
             .agent_id
             .clone()
             .ok_or_else(|| AdminError::NoAgent(id.into()))?;
-        if c.member_state(&a) != Some(crate::genesys::protocol::MemberState::Connected) {
+        if c.member_state(&a) != Some(crate::backends::guest_chat::protocol::MemberState::Connected)
+        {
             return Err(AdminError::NoAgent(id.into()));
         }
         Ok(a)
@@ -448,14 +449,18 @@ impl Emulator {
         &self,
         id: &str,
         body: &str,
-    ) -> Result<crate::genesys::protocol::Message, AdminError> {
+    ) -> Result<crate::backends::guest_chat::protocol::Message, AdminError> {
         self.with_live(id, |w| {
             let agent = Self::agent_id(w, id)?;
             let c = w
                 .convs
                 .get_mut(id)
                 .ok_or_else(|| AdminError::NoConversation(id.into()))?;
-            Ok(c.post_message(&agent, body, crate::genesys::protocol::BodyType::Standard))
+            Ok(c.post_message(
+                &agent,
+                body,
+                crate::backends::guest_chat::protocol::BodyType::Standard,
+            ))
         })
     }
 
@@ -557,13 +562,14 @@ impl Emulator {
     /// Send a well-formed frame of `bytes` bytes (to trip a client's frame limit).
     pub fn send_oversized(&self, id: &str, bytes: usize) -> Result<usize, AdminError> {
         let body = serde_json::json!({ "message": "x".repeat(bytes) });
-        let text = crate::genesys::protocol::encode_envelope("channel.metadata", body, None);
+        let text =
+            crate::backends::guest_chat::protocol::encode_envelope("channel.metadata", body, None);
         self.sockets(id, SocketCmd::Text(text.into()))
     }
 
     /// Send a frame of an unknown topic.
     pub fn send_unknown(&self, id: &str) -> Result<usize, AdminError> {
-        let text = crate::genesys::protocol::encode_envelope(
+        let text = crate::backends::guest_chat::protocol::encode_envelope(
             "v2.emulator.unknown",
             serde_json::json!({ "hello": "world" }),
             Some("mystery"),
@@ -634,7 +640,7 @@ impl Emulator {
     /// Create `count` chats at once, as the platform's create call would (benchmarks). Returns
     /// (conversation id, guest member id, jwt, eventStreamUri) for each.
     pub fn bulk_create(&self, count: usize) -> Vec<(String, String, String, String)> {
-        let info = crate::genesys::protocol::MemberInfo {
+        let info = crate::backends::guest_chat::protocol::MemberInfo {
             display_name: "Bench guest".into(),
             ..Default::default()
         };

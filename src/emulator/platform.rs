@@ -13,7 +13,7 @@
 
 use super::EmulatorConfig;
 use super::world::{Conv, EndCause};
-use crate::genesys::protocol::{MemberState, Role};
+use crate::backends::guest_chat::protocol::{MemberState, Role};
 use serde_json::{Value, json};
 
 /// The conversation as the Platform API shows it.

@@ -2,7 +2,7 @@
 
 use super::Shared;
 use super::world::SocketCmd;
-use crate::genesys::protocol::{self as p, TOPIC_SOCKET_CLOSING};
+use crate::backends::guest_chat::protocol::{self as p, TOPIC_SOCKET_CLOSING};
 use futures::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
 use std::sync::Arc;
@@ -188,7 +188,8 @@ fn socket_reset(s: &TcpStream) -> std::io::Result<()> {
 }
 
 /// What the emulator serves on: TCP, or TLS over TCP (the same boxed-TLS type guestd uses).
-pub(crate) type EmuStream = crate::stream::MaybeTls<tokio_rustls::server::TlsStream<TcpStream>>;
+pub(crate) type EmuStream =
+    crate::transport::stream::MaybeTls<tokio_rustls::server::TlsStream<TcpStream>>;
 
 /// The TCP connection underneath (to reset it).
 fn tcp(s: &EmuStream) -> &TcpStream {

@@ -9,7 +9,7 @@
 //! `Notify` whenever a deadline may have moved.
 
 use super::EmulatorConfig;
-use crate::genesys::protocol::{
+use crate::backends::guest_chat::protocol::{
     self as p, BodyType, IdRef, Member, MemberChange, MemberRef, MemberState, Message, Role, Typing,
 };
 use serde::Serialize;

@@ -1,8 +1,5 @@
-//! One chat session: a pure state machine ([`machine`]) that decides, and an actor ([`actor`])
-//! that owns the sockets and timers and does what the machine asks.
+//! What every session shares, whatever its backend.
 
-pub mod actor;
-pub mod machine;
-
-pub use actor::{CommandError, Done, SessionCmd, SessionCtx, SessionHandle, SessionView};
-pub use machine::{Action, Input, Machine, Timing};
+pub use crate::backends::guest_chat::actor::{
+    CommandError, Done, SessionCmd, SessionCtx, SessionHandle, SessionView,
+};

@@ -7,7 +7,7 @@
 //! between the two readers; the median round is reported.
 
 use futures::{SinkExt, StreamExt};
-use guestd::stream::{Connector, StreamConfig};
+use guestd::transport::stream::{Connector, StreamConfig};
 use serde::Serialize;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;

@@ -40,7 +40,9 @@ mod history;
 mod link;
 mod roster;
 
-use crate::backend::{ChatEvent, ChatMember, ChatMessage, Failure, MemberState, Role};
+use crate::backends::guest_chat::api::{
+    ChatEvent, ChatMember, ChatMessage, Failure, MemberState, Role,
+};
 use crate::backoff_policy::{Backoff, BackoffConfig};
 use crate::events::{EndReason, EventKind};
 use ending::{ByDates, ByFrames, Evidence, Stream};

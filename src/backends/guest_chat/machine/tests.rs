@@ -3,7 +3,7 @@
 
 use super::roster::MAX_LOOKUP_RETRIES;
 use super::*;
-use crate::backend::{ChatEvent, ChatMember, ChatMessage, MemberState, Role};
+use crate::backends::guest_chat::api::{ChatEvent, ChatMember, ChatMessage, MemberState, Role};
 use tokio::time::advance;
 
 const GUEST: &str = "guest";
@@ -160,7 +160,7 @@ fn msg(id: &str, sender: &str) -> ChatMessage {
         id: id.into(),
         sender_id: sender.into(),
         body: format!("body {id}"),
-        kind: crate::backend::MessageKind::Standard,
+        kind: crate::backends::guest_chat::api::MessageKind::Standard,
         timestamp: "2026-01-01T00:00:00.000Z".into(),
     }
 }

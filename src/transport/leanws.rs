@@ -29,7 +29,7 @@
 //!   that never reads costs one pong, not one per ping.
 //!
 //! So no server holds more than about 2 x `M` + 5 KiB of one socket (the transport adds its own,
-//! see `crate::leantls`); `tests/transport.rs` measures it under every hostile server it plays.
+//! see `crate::transport::leantls`); `tests/transport.rs` measures it under every hostile server it plays.
 //!
 //! # The protocol is tungstenite's
 //! The rules, types ([`Message`], [`CloseFrame`], [`Error`]) and header parser are tungstenite's,
@@ -200,7 +200,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LeanWs<S> {
 
     /// A writer's poll that waits on the socket: remembered, so the read path can wake it.
     fn park_writer<T>(&mut self, cx: &Context<'_>, p: Poll<T>) -> Poll<T> {
-        crate::leantls::park(&mut self.write_waker, cx, p)
+        crate::transport::leantls::park(&mut self.write_waker, cx, p)
     }
 
     /// The read path's turn at writing what is owed (a full socket does not stop reading); a

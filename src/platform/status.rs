@@ -13,11 +13,12 @@
 //!
 //! else an error that says what would answer it.
 
-use crate::backend::{ApiError, ChatRef, MemberState};
+use crate::backends::guest_chat::api::{ChatRef, MemberState};
 use crate::events::{EndReason, Participant};
-use crate::genesys::platform::platform_reason;
+use crate::platform::api::platform_reason;
 use crate::secret::Secret;
 use crate::supervisor::{Supervisor, SupervisorError};
+use crate::transport::policy::ApiError;
 use serde::Serialize;
 
 /// A conversation's status.
@@ -99,7 +100,7 @@ pub async fn status(
     jwt: Option<Secret>,
 ) -> Result<ConversationStatus, SupervisorError> {
     // Before anything else: the id goes into Platform API and guest API URLs.
-    crate::backend::check_id("conversation_id", conversation_id)
+    crate::transport::policy::check_id("conversation_id", conversation_id)
         .map_err(|e| SupervisorError::Invalid(e.to_string()))?;
     let held = sup.get(conversation_id).await.ok();
     // Over (or gone): the remembered end says more than the view (when, how guestd knew).
@@ -123,12 +124,12 @@ pub async fn status(
 /// The same from explicit sources (`guestd status` without a running guestd passes no view).
 pub async fn status_from(
     held: Option<crate::session::SessionView>,
-    platform: Option<&crate::genesys::platform::PlatformApi>,
-    api: &dyn crate::backend::ChatApi,
+    platform: Option<&crate::platform::api::PlatformApi>,
+    api: &dyn crate::backends::guest_chat::api::ChatApi,
     conversation_id: &str,
     jwt: Option<Secret>,
 ) -> Result<ConversationStatus, SupervisorError> {
-    crate::backend::check_id("conversation_id", conversation_id)
+    crate::transport::policy::check_id("conversation_id", conversation_id)
         .map_err(|e| SupervisorError::Invalid(e.to_string()))?;
     let mut out = ConversationStatus::new(conversation_id);
     if let Some(view) = held {

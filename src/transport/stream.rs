@@ -4,13 +4,14 @@
 //! tungstenite's defaults reserve a 128 KiB read buffer per socket and let the write buffer grow
 //! to 128 KiB before flushing; at 50k sessions that is gigabytes for frames that are a few hundred
 //! bytes. By default the frames go through guestd's own reader and writer
-//! ([`crate::leanws`]), which keep no buffer per idle socket at all; with `stream.lean_ws = false`
+//! ([`crate::transport::leanws`]), which keep no buffer per idle socket at all; with `stream.lean_ws = false`
 //! tokio-tungstenite does, with both buffers set deliberately (default 1 KiB read, growing only
 //! for a larger frame; write-through). Either way message and frame size are capped so a hostile
 //! or broken server cannot make one session allocate without bound. Measured in
 //! `docs/benchmarks.md`: 4 KiB -> 1 KiB took 3 KiB off every session, no buffer 3 KiB more.
 
-use crate::backend::{ChatRef, EXCERPT_CHARS, PolicyError, check_stream_url, excerpt};
+use crate::backends::guest_chat::api::ChatRef;
+use crate::transport::policy::{EXCERPT_CHARS, PolicyError, check_stream_url, excerpt};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -20,20 +21,24 @@ use tokio::sync::Semaphore;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
-/// An open event stream: guestd's own websocket ([`crate::leanws::LeanWs`], no buffer held
+/// An open event stream: guestd's own websocket ([`crate::transport::leanws::LeanWs`], no buffer held
 /// while idle; the default, `Left`) or tokio-tungstenite's (`stream.lean_ws = false`, `Right`,
 /// boxed so it does not size the default). Both read and write tungstenite's `Message`; close
 /// either with `futures::SinkExt::close`.
-pub type Ws =
-    futures::future::Either<crate::leanws::LeanWs<Transport>, Box<WebSocketStream<Transport>>>;
+pub type Ws = futures::future::Either<
+    crate::transport::leanws::LeanWs<Transport>,
+    Box<WebSocketStream<Transport>>,
+>;
 
 /// guestd's side of a websocket: TCP, or TLS over TCP.
 pub type Transport = MaybeTls<ClientTls>;
 
-/// A client TLS stream: guestd's own ([`crate::leantls::LeanTls`], no buffer held while idle;
+/// A client TLS stream: guestd's own ([`crate::transport::leantls::LeanTls`], no buffer held while idle;
 /// the default, `Left`) or tokio-rustls's (`stream.lean_tls = false`, `Right`).
-pub type ClientTls =
-    tokio_util::either::Either<crate::leantls::LeanTls, tokio_rustls::client::TlsStream<TcpStream>>;
+pub type ClientTls = tokio_util::either::Either<
+    crate::transport::leantls::LeanTls,
+    tokio_rustls::client::TlsStream<TcpStream>,
+>;
 
 /// TCP, or TLS over TCP, with the TLS state boxed. Not tokio-tungstenite's `MaybeTlsStream`: that
 /// enum holds the rustls connection inline, so every socket is 1,112 bytes even when plaintext;
@@ -110,13 +115,13 @@ pub struct StreamConfig {
     /// Root certificates trusted besides the webpki roots.
     pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
     /// TLS through guestd's own stream, which holds no buffer while idle (see
-    /// `crate::leantls`); false: tokio-rustls.
+    /// `crate::transport::leantls`); false: tokio-rustls.
     pub lean_tls: bool,
     /// Websocket frames through guestd's own reader and writer, which hold no buffer while
-    /// idle (see `crate::leanws`); false: tokio-tungstenite.
+    /// idle (see `crate::transport::leanws`); false: tokio-tungstenite.
     pub lean_ws: bool,
-    /// The hosts a stream may be opened to (`crate::backend::host_allowed` rules); empty: any
-    /// (the daemon always names the platform's, see `crate::backend::default_stream_hosts`).
+    /// The hosts a stream may be opened to (`crate::transport::policy::host_allowed` rules); empty: any
+    /// (the daemon always names the platform's, see `crate::transport::policy::default_stream_hosts`).
     pub allowed_hosts: Vec<String>,
 }
 
@@ -172,7 +177,7 @@ pub struct Connector {
 impl Connector {
     /// A connector with a concurrency limit.
     pub fn new(cfg: StreamConfig, limit: usize) -> Self {
-        let tls = crate::tls::client_config(&cfg.extra_roots).map_err(|e| {
+        let tls = crate::transport::tls::client_config(&cfg.extra_roots).map_err(|e| {
             tracing::error!(error = %e, "TLS configuration failed; wss connections will fail");
             e.to_string()
         });
@@ -254,7 +259,7 @@ impl Connector {
                     .map_err(|e| failed(format!("TLS unavailable: {e}")))?;
                 let tls = if self.cfg.lean_tls {
                     ClientTls::Left(
-                        crate::leantls::LeanTls::connect(tcp, config, name)
+                        crate::transport::leantls::LeanTls::connect(tcp, config, name)
                             .await
                             .map_err(|e| failed(format!("TLS with {host}: {e}")))?,
                     )
@@ -297,7 +302,11 @@ impl Connector {
         drop(buf);
         if self.cfg.lean_ws {
             return Ok(futures::future::Either::Left(
-                crate::leanws::LeanWs::from_partially_read(stream, rest, self.cfg.max_message),
+                crate::transport::leanws::LeanWs::from_partially_read(
+                    stream,
+                    rest,
+                    self.cfg.max_message,
+                ),
             ));
         }
         let ws_cfg = WebSocketConfig::default()

@@ -8,9 +8,9 @@
 use super::Settings;
 use super::machine::Deployment;
 use super::protocol::{HistoryPage, StructuredMessage};
-use crate::backend::{ApiError, check_url};
-use crate::genesys::client::{ClientConfig, Inner};
+use crate::platform::rest::{ClientConfig, Inner};
 use crate::secret::Secret;
+use crate::transport::policy::{ApiError, check_url};
 use reqwest::Method;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -119,7 +119,7 @@ impl Messaging {
         let url = format!(
             "{}/webdeployments/v1/deployments/{}/config.json",
             self.endpoints.cdn,
-            crate::backend::path_segment(deployment)
+            crate::transport::policy::path_segment(deployment)
         );
         match self
             .rest

@@ -422,26 +422,8 @@ pub struct MemberRef {
     pub state: MemberState,
 }
 
-/// Error body of every 4xx/5xx (the SDK's `ErrorBody`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct ErrorBody {
-    /// Human text.
-    pub message: String,
-    /// Machine code, e.g. "bad.request".
-    pub code: String,
-    /// HTTP status.
-    pub status: u16,
-    /// Id of the failed request, for support.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub context_id: Option<String>,
-    /// More detail, where given.
-    #[serde(default)]
-    pub details: Vec<serde_json::Value>,
-    /// Nested errors, where given.
-    #[serde(default)]
-    pub errors: Vec<serde_json::Value>,
-}
+/// Error body of every 4xx/5xx (shared by every Genesys Cloud API).
+pub use crate::platform::rest::ErrorBody;
 
 /// The most characters a chat message body may have (`CreateWebChatMessageRequest.body`).
 pub const MAX_BODY_CHARS: usize = 4000;

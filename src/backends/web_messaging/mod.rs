@@ -169,7 +169,8 @@ impl Spec {
         }
         // It goes into the config.json URL and the socket's query.
         if let Some(d) = &self.deployment_id {
-            crate::backend::check_id("deployment_id", d).map_err(|e| format!("{name}: {e}"))?;
+            crate::transport::policy::check_id("deployment_id", d)
+                .map_err(|e| format!("{name}: {e}"))?;
         }
         match &self.token {
             None if attach => return Err("attach: web_messaging needs token".into()),

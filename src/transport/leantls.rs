@@ -433,7 +433,7 @@ impl LeanTls {
 
 /// Keeps the waker of a writer whose poll `p` waits (clears it once the poll is ready): with
 /// reader and writer on two tasks, the read path's writes take the socket's single write
-/// wake-up, and wake this one so the writer takes it back (here and in `crate::leanws`).
+/// wake-up, and wake this one so the writer takes it back (here and in `crate::transport::leanws`).
 pub(crate) fn park<T>(slot: &mut Option<Waker>, cx: &Context<'_>, p: Poll<T>) -> Poll<T> {
     match p {
         Poll::Pending => {
@@ -598,7 +598,7 @@ mod tests {
         versions: &[&'static rustls::SupportedProtocolVersion],
     ) -> (LeanTls, tokio_rustls::server::TlsStream<TcpStream>) {
         match pair_as(versions, true).await {
-            (crate::stream::ClientTls::Left(c), s) => (c, s),
+            (crate::transport::stream::ClientTls::Left(c), s) => (c, s),
             _ => unreachable!(),
         }
     }
@@ -608,7 +608,7 @@ mod tests {
         versions: &[&'static rustls::SupportedProtocolVersion],
         lean: bool,
     ) -> (
-        crate::stream::ClientTls,
+        crate::transport::stream::ClientTls,
         tokio_rustls::server::TlsStream<TcpStream>,
     ) {
         let key = rcgen::KeyPair::generate().unwrap();
@@ -652,11 +652,11 @@ mod tests {
         let tcp = sock.connect(addr).await.unwrap();
         let name = ServerName::try_from("localhost").unwrap();
         let c = if lean {
-            crate::stream::ClientTls::Left(
+            crate::transport::stream::ClientTls::Left(
                 LeanTls::connect(tcp, Arc::new(client), name).await.unwrap(),
             )
         } else {
-            crate::stream::ClientTls::Right(
+            crate::transport::stream::ClientTls::Right(
                 tokio_rustls::TlsConnector::from(Arc::new(client))
                     .connect(name, tcp)
                     .await

@@ -13,10 +13,10 @@
 //! host) is cached and renewed before `expires_in` runs out, and once more on a 401. The client
 //! id and secret are [`Secret`]s: never logged.
 
-use super::client::{ClientConfig, Inner};
-use crate::backend::ApiError;
 use crate::events::{EndReason, Event, EventKind, Participant};
+use crate::platform::rest::{ClientConfig, Inner};
 use crate::secret::Secret;
+use crate::transport::policy::ApiError;
 use reqwest::Method;
 use serde::Deserialize;
 use std::sync::Arc;
@@ -154,7 +154,7 @@ pub struct PlatformApi {
 impl PlatformApi {
     /// A client; checks the URLs against the policy.
     pub fn new(cfg: PlatformConfig) -> Result<Self, ApiError> {
-        crate::backend::check_url(&cfg.login_base, cfg.rest.allow_insecure)?;
+        crate::transport::policy::check_url(&cfg.login_base, cfg.rest.allow_insecure)?;
         Ok(PlatformApi {
             rest: Inner::new(cfg.rest.clone())?,
             credentials: std::sync::RwLock::new((cfg.client_id.clone(), cfg.client_secret.clone())),
@@ -225,9 +225,9 @@ impl PlatformApi {
             access_token: String,
             expires_in: u64,
         }
-        let bytes = match super::client::read_limited(resp, MAX_TOKEN_REPLY).await {
-            Ok(super::client::Body::Whole(b)) => b,
-            Ok(super::client::Body::Cut(_)) => {
+        let bytes = match crate::platform::rest::read_limited(resp, MAX_TOKEN_REPLY).await {
+            Ok(crate::platform::rest::Body::Whole(b)) => b,
+            Ok(crate::platform::rest::Body::Cut(_)) => {
                 return Err(ApiError::Decode(format!(
                     "token: the reply is over {MAX_TOKEN_REPLY} bytes"
                 )));
@@ -245,14 +245,14 @@ impl PlatformApi {
 
     /// `GET /api/v2/conversations/{id}` (429 and 5xx retried as for the guest API; a 401 renews
     /// the token once).
-    /// The id must pass [`crate::backend::check_id`]: anything else is refused before any
+    /// The id must pass [`crate::transport::policy::check_id`]: anything else is refused before any
     /// request (the call carries the organisation's token).
     pub async fn conversation(&self, id: &str) -> Result<Conversation, ApiError> {
-        crate::backend::check_id("conversation_id", id)?;
+        crate::transport::policy::check_id("conversation_id", id)?;
         let url = format!(
             "{}/api/v2/conversations/{}",
             self.rest.cfg.api_base.trim_end_matches('/'),
-            crate::backend::path_segment(id)
+            crate::transport::policy::path_segment(id)
         );
         let mut renew = false;
         loop {

@@ -111,7 +111,7 @@ async fn talks_to_tungstenites_server_over_a_socket_and_holds_nothing_while_idle
     let key = tokio_tungstenite::tungstenite::handshake::client::generate_key();
     let url = url::Url::parse(&format!("ws://{addr}/x")).unwrap();
     let mut tcp = tcp;
-    tcp.write_all(crate::stream::upgrade_request(&url, &key, None).as_bytes())
+    tcp.write_all(crate::transport::stream::upgrade_request(&url, &key, None).as_bytes())
         .await
         .unwrap();
     let mut buf = Vec::new();
@@ -119,7 +119,7 @@ async fn talks_to_tungstenites_server_over_a_socket_and_holds_nothing_while_idle
         let mut chunk = [0u8; 256];
         let n = tcp.read(&mut chunk).await.unwrap();
         buf.extend_from_slice(&chunk[..n]);
-        if let Some(h) = crate::stream::parse_upgrade_reply(&buf, &key).unwrap() {
+        if let Some(h) = crate::transport::stream::parse_upgrade_reply(&buf, &key).unwrap() {
             break h;
         }
     };

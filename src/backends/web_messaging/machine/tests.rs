@@ -2,7 +2,7 @@
 //! decoder, so a 72-hour session or a 5-second retry costs nothing.
 
 use super::*;
-use crate::webmessaging::protocol::decode;
+use crate::backends::web_messaging::protocol::decode;
 use proptest::prelude::*;
 use serde_json::json;
 use std::collections::VecDeque;

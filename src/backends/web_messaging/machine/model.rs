@@ -9,7 +9,7 @@
 //! message instead of after the last message seen before the outage, fails.
 
 use super::*;
-use crate::webmessaging::protocol::decode;
+use crate::backends::web_messaging::protocol::decode;
 use proptest::prelude::*;
 use serde_json::json;
 

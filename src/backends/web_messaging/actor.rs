@@ -10,15 +10,15 @@
 use super::client::Messaging;
 use super::machine::{Action, Input, Machine, Out, Refusal, Reply};
 use super::protocol::{self as p, Action as Wire};
-use crate::backend::ChatRef;
-use crate::events::EventKind;
-use crate::secret::Secret;
-use crate::session::actor::{
+use crate::backends::guest_chat::actor::{
     Calls, CommandError, Done, DoneReply, FAIR_EVERY, Mailbox, close_in_background, close_now,
     emit, leave_durably, next_call, next_frame, opt, rearm,
 };
+use crate::backends::guest_chat::api::ChatRef;
+use crate::events::EventKind;
+use crate::secret::Secret;
 use crate::session::{SessionCmd, SessionCtx, SessionHandle, SessionView};
-use crate::stream::{ConnectError, Ws};
+use crate::transport::stream::{ConnectError, Ws};
 use futures::future::BoxFuture;
 use futures::{FutureExt, SinkExt};
 use std::collections::VecDeque;

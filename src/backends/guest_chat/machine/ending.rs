@@ -23,7 +23,7 @@
 //! A 401 (`token_expired`) is not inferred here: it is decided the moment the 401 arrives, since
 //! the guest has not been seen to leave at all.
 
-use crate::backend::{ChatMember, MemberState, Role};
+use crate::backends::guest_chat::api::{ChatMember, MemberState, Role};
 use crate::events::EndReason;
 use std::time::Duration;
 

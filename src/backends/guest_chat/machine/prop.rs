@@ -29,7 +29,7 @@
 //! when it learns of it. At a no-activity end both orders of the two legs' frames are generated.
 
 use super::*;
-use crate::backend::{ChatEvent, ChatMember, ChatMessage, MemberState, Role};
+use crate::backends::guest_chat::api::{ChatEvent, ChatMember, ChatMessage, MemberState, Role};
 use proptest::prelude::*;
 
 const GUEST: &str = "guest";
@@ -1007,7 +1007,7 @@ fn message(id: &str, sender: &str, timestamp: &str) -> ChatMessage {
         id: id.into(),
         sender_id: sender.into(),
         body: String::new(),
-        kind: crate::backend::MessageKind::Standard,
+        kind: crate::backends::guest_chat::api::MessageKind::Standard,
         timestamp: timestamp.into(),
     }
 }

@@ -6,10 +6,11 @@
 //! actions in order. Nothing here decides anything the machine could decide.
 
 use super::machine::{Action, Input, Machine, Timing};
-use crate::backend::{ApiError, ChatApi, ChatRef, Failure};
+use crate::backends::guest_chat::api::{ChatApi, ChatRef, Failure};
 use crate::events::{AfterWrite, Emitter, EndReason, Event, EventKind};
 use crate::journal::{EndingRecord, Journal};
-use crate::stream::{ConnectError, Connector, Ws};
+use crate::transport::policy::ApiError;
+use crate::transport::stream::{ConnectError, Connector, Ws};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, SinkExt, StreamExt};
@@ -42,12 +43,12 @@ pub struct SessionCtx {
     /// On shutdown, leave the chats instead of only closing the sockets.
     pub leave_on_shutdown: bool,
     /// The Platform API, when configured: every `ended` is followed by `end_confirmed`.
-    pub platform: Option<crate::genesys::platform::Platform>,
+    pub platform: Option<crate::platform::api::Platform>,
     /// Cluster mode: whether this node may still act for the chats it took (see
     /// `crate::cluster::Fence`). None on a single node.
     pub fence: Option<crate::cluster::Fence>,
     /// The Web Messaging backend, when `[web_messaging]` can be used.
-    pub messaging: Option<Arc<crate::webmessaging::client::Messaging>>,
+    pub messaging: Option<Arc<crate::backends::web_messaging::client::Messaging>>,
 }
 
 impl SessionCtx {
@@ -189,7 +190,7 @@ pub enum SessionCmd {
     /// carries what the new one needs.
     StartNew {
         /// The session's deployment and token once it is closed, or why not.
-        reply: oneshot::Sender<Result<crate::webmessaging::actor::Reopen, CommandError>>,
+        reply: oneshot::Sender<Result<crate::backends::web_messaging::actor::Reopen, CommandError>>,
     },
 }
 
@@ -858,9 +859,9 @@ impl Actor {
                 Some(Input::Lost(why))
             }
             // Protocol pings/pongs and binary frames are still proof of life.
-            Some(Ok(_)) => Some(Input::Frame(crate::backend::ChatEvent::Other(
-                "control frame".into(),
-            ))),
+            Some(Ok(_)) => Some(Input::Frame(
+                crate::backends::guest_chat::api::ChatEvent::Other("control frame".into()),
+            )),
             Some(Err(e)) => {
                 self.ws = None;
                 Some(Input::Lost(format!("stream error: {e}")))
@@ -1026,7 +1027,7 @@ mod size_tests {
     async fn an_idle_session_stays_small() {
         let (em, _t) = crate::events::spawn_writer(crate::events::WriterSink(tokio::io::sink()), 4);
         let (ctx, _rx) = SessionCtx::for_test(
-            Arc::new(crate::backend::testing::Stalled),
+            Arc::new(crate::backends::guest_chat::api::testing::Stalled),
             em,
             Arc::new(crate::journal::NullJournal),
             1,
@@ -1110,7 +1111,7 @@ mod tests {
         let (emitter, _writer) = crate::events::spawn_writer(crate::events::WriterSink(client), 8);
         let marks = Arc::new(Marks::default());
         let (ctx, _rx) = SessionCtx::for_test(
-            Arc::new(crate::backend::testing::Stalled),
+            Arc::new(crate::backends::guest_chat::api::testing::Stalled),
             emitter.clone(),
             marks.clone(),
             1,
@@ -1201,7 +1202,7 @@ mod tests {
         let cancel = ctx.cancel.clone();
         let sup = crate::supervisor::Supervisor::spawn(ctx, done_rx, 4);
         let view = sup
-            .start(crate::backend::StartSpec {
+            .start(crate::backends::guest_chat::api::StartSpec {
                 queue: "Support".into(),
                 display_name: "Ann".into(),
                 ..Default::default()

@@ -13,13 +13,17 @@
 //! HTTP: each command runs in its own task, so a client that hangs up cannot abandon a `start`
 //! halfway (a chat created on the platform but never supervised).
 
-use crate::backend::{ApiError, ChatRef};
+/// Who may drive the HTTP API: Host, Origin, Content-Type and an optional bearer token.
+pub mod access;
+
+use crate::backends::guest_chat::api::ChatRef;
 pub use crate::command::Command;
 use crate::events::{Event, EventKind};
 use crate::secret::Secret;
 use crate::session::{Done, SessionView};
 pub use crate::supervisor::Route;
 use crate::supervisor::{Supervisor, SupervisorError};
+use crate::transport::policy::ApiError;
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
@@ -230,7 +234,7 @@ pub fn parse_command(name: &str, args: serde_json::Value) -> Result<Command, Str
     match backend.as_deref() {
         None | Some("guest_chat") => {}
         Some("web_messaging") => {
-            let spec: crate::webmessaging::Spec = de(name, args)?;
+            let spec: crate::backends::web_messaging::Spec = de(name, args)?;
             return Ok(if name == "start" {
                 Command::StartMessaging(spec)
             } else {
@@ -298,7 +302,7 @@ pub enum Reply {
     /// `send`, `typing`, `leave`: what the session did.
     Done(Done),
     /// `status`: whether the conversation is alive, and who says so.
-    Status(crate::status::ConversationStatus),
+    Status(crate::platform::status::ConversationStatus),
     /// Cluster mode: the reply of the node that ran the command, as it sent it.
     Remote(serde_json::Value),
 }
@@ -416,7 +420,7 @@ pub async fn execute_here(sup: &Supervisor, cmd: Command) -> Result<Reply, Super
         Command::Status {
             conversation_id,
             jwt,
-        } => Reply::Status(crate::status::status(sup, &conversation_id, jwt).await?),
+        } => Reply::Status(crate::platform::status::status(sup, &conversation_id, jwt).await?),
     })
 }
 
@@ -962,8 +966,8 @@ async fn body_deadline(
     .await
 }
 
-/// The HTTP API and ops endpoints, behind the access checks of [`crate::access`].
-pub fn router(st: HttpState, access: impl Into<crate::access::AccessCell>) -> Router {
+/// The HTTP API and ops endpoints, behind the access checks of [`crate::control::access`].
+pub fn router(st: HttpState, access: impl Into<crate::control::access::AccessCell>) -> Router {
     Router::new()
         .route("/v1/sessions", post(http_start).get(http_list))
         .route("/v1/sessions/attach", post(http_attach))
@@ -984,7 +988,7 @@ pub fn router(st: HttpState, access: impl Into<crate::access::AccessCell>) -> Ro
         ))
         .layer(axum::middleware::from_fn_with_state(
             access.into(),
-            crate::access::guard,
+            crate::control::access::guard,
         ))
 }
 
