@@ -3,23 +3,15 @@
 //! supervisor, which routes commands in cluster mode (`supervisor::Route`), and `control`, which
 //! parses and runs them, both use it without importing each other (issue 26: no circles).
 
-use crate::backends::guest_chat::api::{ChatRef, StartSpec};
 use crate::secret::Secret;
+use crate::session::{Args, Open};
 
 /// A parsed command.
 #[derive(Debug, Clone)]
 pub enum Command {
-    /// Create a chat and supervise it.
-    Start(StartSpec),
-    /// Supervise an existing chat.
-    Attach(ChatRef),
-    /// Open a Web Messaging session and supervise it (`start` with `"backend":
-    /// "web_messaging"`).
-    StartMessaging(crate::backends::web_messaging::Spec),
-    /// Supervise an existing Web Messaging session (`attach` with `"backend":
-    /// "web_messaging"`).
-    AttachMessaging(crate::backends::web_messaging::Spec),
-    /// Web Messaging: close the session and begin a new one on the same token.
+    /// `start` (create a chat) or `attach` (supervise one the caller created), with a backend.
+    Open(OpenCmd),
+    /// Close the session and begin a new one on the same credential (Web Messaging's).
     StartNew {
         /// Session id or conversation id.
         session: String,
@@ -61,8 +53,7 @@ impl Command {
     /// The command's name.
     pub fn name(&self) -> &'static str {
         match self {
-            Command::Start(_) | Command::StartMessaging(_) => "start",
-            Command::Attach(_) | Command::AttachMessaging(_) => "attach",
+            Command::Open(o) => o.open.name(),
             Command::StartNew { .. } => "start_new",
             Command::Send { .. } => "send",
             Command::Typing { .. } => "typing",
@@ -72,4 +63,18 @@ impl Command {
             Command::Status { .. } => "status",
         }
     }
+}
+
+/// A `start` or `attach`: which backend, and its arguments (the backend's to parse).
+#[derive(Debug, Clone)]
+pub struct OpenCmd {
+    /// Start or attach.
+    pub open: Open,
+    /// The backend the command names (`"backend": ...`); None: the default.
+    pub backend: Option<String>,
+    /// The rest of the command.
+    pub args: Args,
+    /// The chat's key, once the backend has prepared the command and the key is known before
+    /// opening (`Supervisor::prepare`).
+    pub key: Option<String>,
 }

@@ -1,8 +1,6 @@
 //! Wiring: turn a [`Config`] into a running guestd (journal, event writer, backend, supervisor,
 //! control channels) and shut it down in order. `guestd run` and `guestd demo` both use it.
 
-use crate::backends::guest_chat::api::ChatApi;
-use crate::backends::guest_chat::client::GenesysApi;
 use crate::config::Config;
 use crate::control::{self, HttpState};
 use crate::events::{self, Emitter, EventSink};
@@ -71,19 +69,6 @@ pub struct ShutdownReport {
     pub delivered: bool,
 }
 
-/// The guest chat API client a configuration describes.
-pub fn guest_api(
-    cfg: &Config,
-    extra_roots: &[rustls::pki_types::CertificateDer<'static>],
-) -> Result<GenesysApi, DaemonError> {
-    Ok(GenesysApi::new(rest_config(
-        cfg,
-        &cfg.genesys.api_base,
-        cfg.genesys.allow_insecure,
-        extra_roots,
-    ))?)
-}
-
 /// The Platform API client, when `[platform]` is configured.
 pub fn platform_api(
     cfg: &Config,
@@ -96,7 +81,7 @@ pub fn platform_api(
         .platform
         .credentials()
         .map_err(crate::transport::policy::ApiError::Policy)?;
-    let mut rest = rest_config(
+    let mut rest = ClientConfig::of(
         cfg,
         &cfg.platform.api_base,
         cfg.platform.allow_insecure,
@@ -116,47 +101,22 @@ pub fn platform_api(
     )?))
 }
 
-fn rest_config(
-    cfg: &Config,
-    api_base: &str,
-    allow_insecure: bool,
-    extra_roots: &[rustls::pki_types::CertificateDer<'static>],
-) -> ClientConfig {
-    ClientConfig {
-        api_base: api_base.to_string(),
-        organization_id: cfg.genesys.organization_id.clone(),
-        deployment_id: cfg.genesys.deployment_id.clone(),
-        timeout: cfg.rest.timeout,
-        max_retries: cfg.rest.max_retries,
-        backoff: cfg.rest.backoff.clone(),
-        max_retry_after: cfg.rest.max_retry_after,
-        allow_insecure,
-        max_concurrent: cfg.rest.max_concurrent,
-        extra_roots: extra_roots.to_vec(),
-    }
-}
-
-/// The hosts streams may be opened to: the guest API's host and parent domain, the Web
-/// Messaging socket's host (from the configuration, like the API base), and
-/// `genesys.stream_hosts`.
-fn stream_hosts(cfg: &Config) -> Vec<String> {
-    let mut hosts = crate::transport::policy::default_stream_hosts(&cfg.genesys.api_base);
-    let wm = crate::backends::web_messaging::client::Endpoints::of(&cfg.web_messaging);
-    if let Some(h) = url::Url::parse(&wm.socket)
-        .ok()
-        .and_then(|u| u.host_str().map(str::to_ascii_lowercase))
-    {
-        hosts.push(h);
-    }
-    hosts.extend(cfg.genesys.stream_hosts.iter().cloned());
-    hosts
-}
-
 /// Start guestd with `sink` for events and optionally `stdin` for commands.
 pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
     cfg: Config,
     sink: S,
     stdin: Option<R>,
+) -> Result<Running, DaemonError> {
+    start_with(cfg, sink, stdin, Vec::new()).await
+}
+
+/// [`start`], with backends of the caller's registered after the configured ones (an embedder's
+/// own backend; the seam's test backend in tests/seam.rs).
+pub async fn start_with<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
+    cfg: Config,
+    sink: S,
+    stdin: Option<R>,
+    extra: Vec<Arc<dyn crate::session::Backend>>,
 ) -> Result<Running, DaemonError> {
     crate::metrics::install();
     metrics::gauge!("guestd_connects_in_flight_limit")
@@ -213,16 +173,17 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
         let ends = crate::ends::Ends::new(cfg.status.clone(), None);
         (Arc::new(NullJournal), Vec::new(), ends)
     };
-    // Web Messaging conversation keys (after the journal made its directory): the cluster's secret, or one kept beside the journal.
+    // The secret behind derived chat keys (after the journal made its directory): the
+    // cluster's, or one kept beside the journal.
     if let Some(n) = &node {
-        crate::backends::web_messaging::set_key_secret(&n.keys.web_messaging_key());
+        crate::backends::set_key_secret(&n.keys.conversation_keys());
     } else if cfg.journal.enabled {
         let path = cfg.journal.path.with_extension("key");
         let key = crate::secret::key_file(&path).map_err(|e| crate::journal::JournalError::Io {
             path: path.clone(),
-            source: std::io::Error::other(format!("the Web Messaging key file: {e}")),
+            source: std::io::Error::other(format!("the chat key file: {e}")),
         })?;
-        crate::backends::web_messaging::set_key_secret(&key);
+        crate::backends::set_key_secret(&key);
     }
     let publisher = node.as_ref().map(|n| {
         crate::cluster::publish::Publisher::new(
@@ -240,8 +201,9 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
         .extra_roots()
         .map_err(crate::transport::policy::ApiError::Policy)?;
     let connector_roots = extra_roots;
-    let api: Arc<dyn ChatApi> = Arc::new(guest_api(&cfg, &connector_roots)?);
     let platform = platform_api(&cfg, &connector_roots)?.map(Arc::new);
+    let backends = crate::backends::registry(&cfg, &connector_roots, platform.clone())?;
+    let backends = crate::supervisor::Backends::new(backends.all().cloned().chain(extra).collect());
     let connector = Connector::new(
         StreamConfig {
             read_buffer: cfg.stream.read_buffer,
@@ -253,33 +215,26 @@ pub async fn start<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
             lean_tls: cfg.stream.lean_tls,
             lean_ws: cfg.stream.lean_ws,
             extra_roots: connector_roots.clone(),
-            allowed_hosts: stream_hosts(&cfg),
+            allowed_hosts: crate::backends::stream_hosts(&cfg),
         },
         cfg.stream.max_concurrent_connects,
     );
-    let messaging = Some(Arc::new(
-        crate::backends::web_messaging::client::Messaging::new(
-            cfg.web_messaging.clone(),
-            rest_config(&cfg, "", cfg.genesys.allow_insecure, &connector_roots),
-        )?,
-    ));
     let sessions_cancel = CancellationToken::new();
     let control_cancel = CancellationToken::new();
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let ctx = SessionCtx {
-        api,
         connector,
         emitter: emitter.clone(),
         journal: journal.clone(),
-        timing: Arc::new(cfg.session.clone()),
         done: done_tx,
         cancel: sessions_cancel.clone(),
         leave_on_shutdown: cfg.shutdown.leave_on_shutdown,
-        platform: platform.clone(),
         fence: node.as_ref().map(|n| n.fence.clone()),
-        messaging,
     };
-    let sup = Supervisor::spawn(ctx, done_rx, cfg.supervisor.max_sessions);
+    let sup = Supervisor::spawn(ctx, done_rx, cfg.supervisor.max_sessions, backends);
+    if let Some(p) = &platform {
+        sup.set_platform(p.clone());
+    }
     sup.set_ends(ends);
     if let Some(n) = &node {
         sup.set_router(Arc::new(crate::cluster::route::Router::new(n)));

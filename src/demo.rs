@@ -51,6 +51,21 @@ pub fn fast_config(api_base: &str) -> Config {
     c
 }
 
+/// A `start` command, as a user would send it.
+async fn start(
+    sup: &Supervisor,
+    args: serde_json::Value,
+) -> Result<crate::session::SessionView, crate::supervisor::SupervisorError> {
+    match crate::control::parse_command("start", args) {
+        Ok(crate::command::Command::Open(o)) => sup.open(o).await,
+        Ok(other) => Err(crate::supervisor::SupervisorError::Invalid(format!(
+            "not a start: {}",
+            other.name()
+        ))),
+        Err(e) => Err(crate::supervisor::SupervisorError::Invalid(e)),
+    }
+}
+
 /// Follows the event lines of one session.
 pub struct Follower {
     rx: broadcast::Receiver<serde_json::Value>,
@@ -155,12 +170,12 @@ async fn scenario(
     tap: broadcast::Sender<serde_json::Value>,
 ) -> Outcome {
     let rx = tap.subscribe();
-    let spec = crate::backends::guest_chat::api::StartSpec {
-        queue: "Support".into(),
-        display_name: format!("Demo guest ({name})"),
-        ..Default::default()
-    };
-    let view = match sup.start(spec).await {
+    let view = match start(
+        &sup,
+        serde_json::json!({"queue": "Support", "display_name": format!("Demo guest ({name})")}),
+    )
+    .await
+    {
         Ok(v) => v,
         Err(e) => {
             return Outcome::of(
@@ -259,11 +274,12 @@ async fn wm_scenario(
     use crate::emulator::messaging::WmAdmin;
     let rx = tap.subscribe();
     let token = uuid::Uuid::new_v4().to_string();
-    let spec = crate::backends::web_messaging::Spec {
-        token: Some(crate::secret::Secret::new(token.clone())),
-        ..Default::default()
-    };
-    let view = match sup.start_messaging(spec, false).await {
+    let view = match start(
+        &sup,
+        serde_json::json!({"backend": "web_messaging", "token": token}),
+    )
+    .await
+    {
         Ok(v) => v,
         Err(e) => {
             return Outcome::of(

@@ -33,7 +33,6 @@
 //! at-least-once, de-duplicable by `event_id`. Exactly-once to an arbitrary pipe is not possible
 //! (the write and the journal cannot be one atomic step); this is the strongest honest promise.
 
-use crate::backends::guest_chat::api::ChatRef;
 use crate::events::EndReason;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
@@ -42,28 +41,72 @@ use std::io::{BufRead, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use tokio::sync::{mpsc, oneshot, watch};
 
-/// A session as first recorded.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// A session as first recorded: what every backend's record has, and the backend's own part.
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct SessionRecord {
     /// guestd's session id.
     pub session: String,
-    /// The chat (with its jwt).
-    pub chat: ChatRef,
     /// Wall-clock start, ms since the epoch.
     pub started_ms: i64,
     /// "start" or "attach".
     pub mode: String,
-    /// A Web Messaging session (absent for a guest chat): `chat.jwt` then holds the session
-    /// token, `chat.event_stream_uri` the socket URL, `chat.conversation_id` guestd's key.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub web_messaging: Option<WmRecord>,
+    /// The backend's name (`session::Backend::name`); empty for a record written before
+    /// records named it (the backends say which is theirs: `Backend::claims_legacy`).
+    pub backend: String,
+    /// The chat's key (what commands and `status` name it by).
+    pub conversation_id: String,
+    /// The backend's own record (its credential in it).
+    pub state: serde_json::Value,
 }
 
-/// What a journaled Web Messaging session needs besides its [`ChatRef`].
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct WmRecord {
-    /// The deployment.
-    pub deployment_id: String,
+/// A record as read: today's form, or the one before records named their backend
+/// (`{"chat": {...}, ...}`, whose remainder is the backend's state as it was).
+#[derive(Deserialize)]
+struct RawRecord {
+    session: String,
+    started_ms: i64,
+    mode: String,
+    #[serde(default)]
+    backend: Option<String>,
+    #[serde(default)]
+    conversation_id: Option<String>,
+    #[serde(default)]
+    state: Option<serde_json::Value>,
+    #[serde(flatten)]
+    legacy: serde_json::Map<String, serde_json::Value>,
+}
+
+impl<'de> Deserialize<'de> for SessionRecord {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let r = RawRecord::deserialize(d)?;
+        if let (Some(backend), Some(conversation_id), Some(state)) =
+            (r.backend, r.conversation_id, r.state)
+        {
+            return Ok(SessionRecord {
+                session: r.session,
+                started_ms: r.started_ms,
+                mode: r.mode,
+                backend,
+                conversation_id,
+                state,
+            });
+        }
+        let conversation_id = r
+            .legacy
+            .get("chat")
+            .and_then(|c| c.get("conversation_id"))
+            .and_then(|c| c.as_str())
+            .ok_or_else(|| serde::de::Error::missing_field("conversation_id"))?
+            .to_string();
+        Ok(SessionRecord {
+            session: r.session,
+            started_ms: r.started_ms,
+            mode: r.mode,
+            backend: String::new(),
+            conversation_id,
+            state: serde_json::Value::Object(r.legacy),
+        })
+    }
 }
 
 /// The end, decided but maybe not yet written.
@@ -795,7 +838,6 @@ impl Journal for FileJournal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::secret::Secret;
 
     fn activity(last_guest_ms: Option<i64>) -> Activity {
         Activity {
@@ -809,16 +851,46 @@ mod tests {
     pub(super) fn rec(id: &str) -> SessionRecord {
         SessionRecord {
             session: id.into(),
-            chat: ChatRef {
-                conversation_id: format!("c-{id}"),
-                member_id: "m".into(),
-                jwt: Secret::new("tok"),
-                event_stream_uri: "ws://127.0.0.1:1/x".into(),
-            },
             started_ms: 1,
             mode: "start".into(),
-            web_messaging: None,
+            backend: "guest_chat".into(),
+            conversation_id: format!("c-{id}"),
+            state: serde_json::json!({"chat": {
+                "conversation_id": format!("c-{id}"),
+                "member_id": "m",
+                "jwt": "tok",
+                "event_stream_uri": "ws://127.0.0.1:1/x",
+            }}),
         }
+    }
+
+    /// A record written before records named their backend reads as one with no backend name,
+    /// its key from the chat, its state the rest as it was; today's form reads back as written.
+    #[test]
+    fn records_from_before_backends_had_names_still_read() {
+        let old = r#"{"op":"session","session":"s-1","chat":{"conversation_id":"c-1","member_id":"m","jwt":"tok","event_stream_uri":"ws://127.0.0.1:1/x"},"started_ms":5,"mode":"attach","web_messaging":{"deployment_id":"d"}}"#;
+        let Rec::Session(r) = serde_json::from_str::<Rec>(old).unwrap() else {
+            panic!("not a session record");
+        };
+        assert_eq!(
+            (r.backend.as_str(), r.conversation_id.as_str()),
+            ("", "c-1")
+        );
+        assert_eq!(
+            (r.session.as_str(), r.started_ms, r.mode.as_str()),
+            ("s-1", 5, "attach")
+        );
+        assert_eq!(r.state["chat"]["jwt"], "tok");
+        assert_eq!(r.state["web_messaging"]["deployment_id"], "d");
+        assert!(r.state.get("op").is_none() && r.state.get("session").is_none());
+        let now = rec("a");
+        let line = serde_json::to_string(&Rec::Session(now.clone())).unwrap();
+        let Rec::Session(back) = serde_json::from_str::<Rec>(&line).unwrap() else {
+            panic!("not a session record");
+        };
+        assert_eq!(back, now);
+        let missing = r#"{"op":"session","session":"s-1","started_ms":5,"mode":"attach"}"#;
+        assert!(serde_json::from_str::<Rec>(missing).is_err());
     }
 
     #[tokio::test]

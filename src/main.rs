@@ -427,12 +427,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 None => {
                     // No guestd running: ask the platform (or the guest API) directly.
                     let roots = cfg.genesys.extra_roots().map_err(anyhow::Error::msg)?;
-                    let api = guestd::daemon::guest_api(&cfg, &roots)?;
                     let platform = guestd::daemon::platform_api(&cfg, &roots)?;
+                    let backends = guestd::backends::registry(&cfg, &roots, None)?;
                     match guestd::platform::status::status_from(
                         None,
                         platform.as_ref(),
-                        &api,
+                        &backends,
                         &conversation_id,
                         jwt.map(guestd::secret::Secret::new),
                     )

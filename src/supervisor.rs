@@ -5,17 +5,17 @@
 //! shared `Mutex<HashMap>` of live state. Slow work (the create call, asking 10k sessions for
 //! their view) happens outside it, in the caller's task.
 
-use crate::backends::guest_chat::api::{ChatApi, ChatRef, StartSpec};
-use crate::backends::guest_chat::{Machine, actor};
+use crate::command::OpenCmd;
 use crate::events::{Emitter, Event, EventKind};
 use crate::journal::{Recovered, SessionRecord};
-use crate::session::{CommandError, Done, SessionCmd, SessionCtx, SessionHandle, SessionView};
+use crate::session::{
+    Backend, CommandError, Done, DoneReply, Launch, Open, OpenError, SessionCmd, SessionCtx,
+    SessionHandle, SessionView, Spawn,
+};
 use crate::transport::policy::ApiError;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::time::Instant;
 
 /// Cluster mode: where commands run. `place` answers from what this node knows (the chat's
 /// owner; for a new chat, the least-loaded live node); `forward` runs the command there.
@@ -87,6 +87,74 @@ pub enum SupervisorError {
     /// not be reached (`unreachable`).
     #[error("{1}")]
     Remote(&'static str, String),
+}
+
+impl From<OpenError> for SupervisorError {
+    fn from(e: OpenError) -> Self {
+        match e {
+            OpenError::Invalid(m) => SupervisorError::Invalid(m),
+            OpenError::Api(a) => SupervisorError::Api(a),
+        }
+    }
+}
+
+/// The backends a supervisor opens chats with, by name; the first is the default (a command
+/// that names none). Built in one place (`crate::backends::registry`).
+#[derive(Clone, Default)]
+pub struct Backends(Vec<Arc<dyn Backend>>);
+
+impl Backends {
+    /// These backends, the first the default; a later one of a name already taken is dropped.
+    pub fn new(list: Vec<Arc<dyn Backend>>) -> Backends {
+        let mut out: Vec<Arc<dyn Backend>> = Vec::new();
+        for b in list {
+            if out.iter().all(|o| o.name() != b.name()) {
+                out.push(b);
+            }
+        }
+        Backends(out)
+    }
+
+    /// The backend called `name` (the default for None).
+    pub fn get(&self, name: Option<&str>) -> Result<&Arc<dyn Backend>, SupervisorError> {
+        let found = match name {
+            None => self.0.first(),
+            Some(n) => self.0.iter().find(|b| b.name() == n),
+        };
+        found.ok_or_else(|| {
+            SupervisorError::Invalid(match name {
+                Some(n) => format!("unknown backend {n:?} ({})", self.names().join(" or ")),
+                None => "no backend is configured".into(),
+            })
+        })
+    }
+
+    /// Every backend's name, the default first.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.0.iter().map(|b| b.name()).collect()
+    }
+
+    /// Every backend.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<dyn Backend>> {
+        self.0.iter()
+    }
+
+    /// The backend a journal record belongs to: the one it names, or for a record from before
+    /// records named their backend, the one that claims it.
+    fn of_record(&self, rec: &SessionRecord) -> Result<&Arc<dyn Backend>, SupervisorError> {
+        if !rec.backend.is_empty() {
+            return self.get(Some(&rec.backend));
+        }
+        self.0
+            .iter()
+            .find(|b| b.claims_legacy(&rec.state))
+            .ok_or_else(|| {
+                SupervisorError::Invalid(format!(
+                    "no backend claims the journaled session {}",
+                    rec.session
+                ))
+            })
+    }
 }
 
 /// The codes [`SupervisorError::code`] gives, for errors that travel between nodes.
@@ -206,22 +274,18 @@ pub struct Supervisor {
     tx: mpsc::Sender<Cmd>,
     release: mpsc::UnboundedSender<Option<Arc<str>>>,
     ctx: Arc<SessionCtx>,
+    backends: Backends,
     live: watch::Receiver<usize>,
     accepting: watch::Receiver<bool>,
     stop_accepting: Arc<watch::Sender<bool>>,
     router: Arc<std::sync::OnceLock<Arc<dyn Route>>>,
     ends: Arc<std::sync::OnceLock<Arc<crate::ends::Ends>>>,
+    platform: Arc<std::sync::OnceLock<crate::platform::api::Platform>>,
 }
 
 fn new_session_id() -> String {
     let u = uuid::Uuid::new_v4().simple().to_string();
     format!("s-{}", &u[..12])
-}
-
-/// Rebase a wall-clock instant (ms since the epoch) onto the monotonic clock.
-fn instant_at(wall_ms: i64, now: Instant) -> Instant {
-    let ago = (chrono::Utc::now().timestamp_millis() - wall_ms).max(0) as u64;
-    now.checked_sub(Duration::from_millis(ago)).unwrap_or(now)
 }
 
 impl Supervisor {
@@ -230,6 +294,7 @@ impl Supervisor {
         ctx: SessionCtx,
         done_rx: mpsc::UnboundedReceiver<String>,
         max_sessions: usize,
+        backends: Backends,
     ) -> Supervisor {
         let (tx, rx) = mpsc::channel(1024);
         let (release, release_rx) = mpsc::unbounded_channel();
@@ -240,11 +305,13 @@ impl Supervisor {
             tx,
             release,
             ctx: Arc::new(ctx),
+            backends,
             live,
             accepting,
             stop_accepting: Arc::new(stop_accepting),
             router: Default::default(),
             ends: Default::default(),
+            platform: Default::default(),
         }
     }
 
@@ -288,14 +355,19 @@ impl Supervisor {
         self.lookup(session).await.is_some()
     }
 
-    /// The backend.
-    pub fn api(&self) -> &Arc<dyn ChatApi> {
-        &self.ctx.api
+    /// The backends.
+    pub fn backends(&self) -> &Backends {
+        &self.backends
+    }
+
+    /// The Platform API, for `status`, when configured.
+    pub fn set_platform(&self, platform: crate::platform::api::Platform) {
+        let _ = self.platform.set(platform);
     }
 
     /// The Platform API, when configured.
     pub fn platform(&self) -> Option<&crate::platform::api::PlatformApi> {
-        self.ctx.platform.as_deref()
+        self.platform.get().map(|p| p.as_ref())
     }
 
     /// The event emitter.
@@ -341,43 +413,28 @@ impl Supervisor {
         let _ = live.wait_for(|n| *n == 0).await;
     }
 
-    /// Create a chat with the backend and supervise it.
-    pub async fn start(&self, spec: StartSpec) -> Result<SessionView, SupervisorError> {
-        if spec.queue.trim().is_empty() || spec.display_name.trim().is_empty() {
-            return Err(SupervisorError::Invalid(
-                "start needs queue and display_name".into(),
-            ));
-        }
-        let slot = self.reserve(None, Limit::Enforced).await?;
-        let chat = self.ctx.api.create(spec).await?;
-        self.launch(chat, slot, "start").await
+    /// Check a `start`/`attach` and fill in what its backend's configuration supplies; sets
+    /// its key when known (run where the command is read, before it is routed).
+    pub fn prepare(&self, cmd: &mut OpenCmd) -> Result<(), SupervisorError> {
+        let backend = self.backends.get(cmd.backend.as_deref())?;
+        cmd.key = backend
+            .prepare(&self.ctx, cmd.open, &mut cmd.args)
+            .map_err(SupervisorError::Invalid)?;
+        Ok(())
     }
 
-    /// Supervise a chat the caller created.
-    pub async fn attach(&self, chat: ChatRef) -> Result<SessionView, SupervisorError> {
-        for (name, v) in [
-            ("conversation_id", &chat.conversation_id),
-            ("member_id", &chat.member_id),
-            ("event_stream_uri", &chat.event_stream_uri),
-        ] {
-            if v.trim().is_empty() {
-                return Err(SupervisorError::Invalid(format!("attach needs {name}")));
-            }
-        }
-        if chat.jwt.expose().trim().is_empty() {
-            return Err(SupervisorError::Invalid("attach needs jwt".into()));
-        }
-        // The ids go into every REST URL of the chat.
-        chat.check_ids()
-            .map_err(|e| SupervisorError::Invalid(e.to_string()))?;
-        self.ctx
-            .connector
-            .check_url(&chat.event_stream_uri)
-            .map_err(|e| SupervisorError::Invalid(format!("event_stream_uri {e}")))?;
-        let slot = self
-            .reserve(Some(chat.conversation_id.as_str().into()), Limit::Enforced)
-            .await?;
-        self.launch(chat, slot, "attach").await
+    /// Open a chat with its backend (`start`, `attach`) and supervise it.
+    pub async fn open(&self, mut cmd: OpenCmd) -> Result<SessionView, SupervisorError> {
+        let backend = self.backends.get(cmd.backend.as_deref())?.clone();
+        // Again, here: a command from stdin was prepared where it was read, one from HTTP or
+        // another node was not (and preparing twice changes nothing).
+        let key = backend
+            .prepare(&self.ctx, cmd.open, &mut cmd.args)
+            .map_err(SupervisorError::Invalid)?;
+        let slot = self.reserve(key.map(Into::into), Limit::Enforced).await?;
+        let launch = backend.open(&self.ctx, cmd.open, cmd.args).await?;
+        self.launch(backend.name(), launch, slot, cmd.open.name())
+            .await
     }
 
     /// Hold a slot (and the conversation, when known) until the session is registered.
@@ -398,181 +455,75 @@ impl Supervisor {
         })
     }
 
+    /// Record a new session durably, then run it.
     async fn launch(
         &self,
-        chat: ChatRef,
+        backend: &'static str,
+        launch: Launch,
         slot: Reservation,
         mode: &str,
     ) -> Result<SessionView, SupervisorError> {
         let id = new_session_id();
-        let now = Instant::now();
         let recorded = self
             .ctx
             .journal
             .session_started(SessionRecord {
                 session: id.clone(),
-                chat: chat.clone(),
                 started_ms: chrono::Utc::now().timestamp_millis(),
                 mode: mode.to_string(),
-                web_messaging: None,
+                backend: backend.to_string(),
+                conversation_id: launch.conversation_id.clone(),
+                state: launch.record,
             })
             .await;
         if let Err(e) = recorded {
-            // Unsupervised after a restart is not a chat guestd may take on. A chat it created
-            // itself is left, so nothing is orphaned on the platform.
-            if mode == "start" {
-                let leave = self.ctx.api.leave(&chat);
-                tokio::spawn(async move {
-                    if let Err(e) = leave.await {
-                        tracing::warn!(error = %e, "could not leave a chat whose record failed");
-                    }
-                });
+            // Unsupervised after a restart is not a chat guestd may take on.
+            if let Some(abandon) = launch.abandon {
+                tokio::spawn(abandon);
             }
             return Err(SupervisorError::Journal(e.0));
         }
-        let machine = Machine::new(self.ctx.timing.clone(), &chat.member_id, now);
-        self.spawn_session(id, chat, machine, slot, mode).await
+        self.run(
+            id,
+            &launch.conversation_id,
+            &launch.member_id,
+            launch.spawn,
+            slot,
+            mode,
+        )
+        .await
     }
 
-    async fn spawn_session(
+    /// Announce a session, spawn it, and hand its slot to the registry.
+    async fn run(
         &self,
         id: String,
-        chat: ChatRef,
-        machine: Machine,
+        conversation_id: &str,
+        member_id: &str,
+        spawn: Spawn,
         slot: Reservation,
         mode: &str,
     ) -> Result<SessionView, SupervisorError> {
-        self.announce(&id, &chat, mode).await;
-        let view = SessionView {
-            last_message_id: machine.last_message_id().map(str::to_string),
-            ..SessionView::guest_chat(&id, &chat, machine.phase().as_str())
-        }
-        .with_ends(machine.ends());
-        let handle = actor::spawn(self.ctx.clone(), id, chat, machine);
-        self.ask(|tx| Cmd::Register(handle, slot, tx)).await??;
-        Ok(view)
-    }
-
-    /// The Web Messaging backend.
-    fn messaging(
-        &self,
-    ) -> Result<&Arc<crate::backends::web_messaging::client::Messaging>, SupervisorError> {
-        self.ctx
-            .messaging
-            .as_ref()
-            .ok_or_else(|| SupervisorError::Invalid("web_messaging is not configured".into()))
-    }
-
-    /// Fill in what a Web Messaging `start`/`attach` leaves to the configuration (the
-    /// deployment; for a start, a new token), so every node routes it the same way.
-    pub fn resolve_messaging(
-        &self,
-        spec: &mut crate::backends::web_messaging::Spec,
-        attach: bool,
-    ) -> Result<(), SupervisorError> {
-        let wm = self.messaging()?;
-        spec.resolve(&wm.settings, attach)
-            .map_err(SupervisorError::Invalid)
-    }
-
-    /// Open (`start`) or take over (`attach`) a Web Messaging session and supervise it.
-    pub async fn start_messaging(
-        &self,
-        mut spec: crate::backends::web_messaging::Spec,
-        attach: bool,
-    ) -> Result<SessionView, SupervisorError> {
-        use crate::backends::web_messaging::machine::{Begin, Machine as WmMachine};
-        self.resolve_messaging(&mut spec, attach)?;
-        let wm = self.messaging()?.clone();
-        let key = spec.key();
-        let deployment_id = spec.deployment_id.clone().unwrap_or_default();
-        let Some(token) = spec.token.clone() else {
-            return Err(SupervisorError::Invalid("web_messaging needs token".into()));
-        };
-        let slot = self
-            .reserve(Some(key.as_str().into()), Limit::Enforced)
-            .await?;
-        let deployment = wm.deployment(&deployment_id).await;
-        let chat = ChatRef {
-            conversation_id: key,
-            member_id: "guest".into(),
-            jwt: token,
-            event_stream_uri: wm.endpoints.socket_url(&deployment_id),
-        };
-        let mode = if attach { "attach" } else { "start" };
-        let id = new_session_id();
-        self.ctx
-            .journal
-            .session_started(SessionRecord {
-                session: id.clone(),
-                chat: chat.clone(),
-                started_ms: chrono::Utc::now().timestamp_millis(),
-                mode: mode.to_string(),
-                web_messaging: Some(crate::journal::WmRecord {
-                    deployment_id: deployment_id.clone(),
-                }),
-            })
-            .await
-            .map_err(|e| SupervisorError::Journal(e.0))?;
-        let begin = if attach {
-            Begin::Attach
-        } else {
-            Begin::Start {
-                start_new: spec.start_new,
-            }
-        };
-        let machine = WmMachine::new(wm.settings.clone(), deployment, begin, Instant::now());
-        self.spawn_messaging(id, chat, deployment_id, machine, slot, mode)
-            .await
-    }
-
-    /// `session_started`: it goes out before the session's actor can emit anything.
-    async fn announce(&self, id: &str, chat: &ChatRef, mode: &str) {
+        // `session_started` goes out before the session's actor can emit anything.
         self.ctx
             .emitter
             .emit(Event::new(
-                id,
-                Some(&chat.conversation_id),
+                &id,
+                Some(conversation_id),
                 EventKind::SessionStarted {
                     mode: mode.to_string(),
-                    member_id: chat.member_id.clone(),
+                    member_id: member_id.to_string(),
                 },
             ))
             .await;
-    }
-
-    async fn spawn_messaging(
-        &self,
-        id: String,
-        chat: ChatRef,
-        deployment_id: String,
-        machine: crate::backends::web_messaging::machine::Machine,
-        slot: Reservation,
-        mode: &str,
-    ) -> Result<SessionView, SupervisorError> {
-        let wm = self.messaging()?.clone();
-        self.announce(&id, &chat, mode).await;
-        let view = SessionView {
-            backend: "web_messaging",
-            agent_end_visible: machine.deployment().disconnect_visible,
-            last_message_id: machine.last_message_id().map(str::to_string),
-            ..SessionView::guest_chat(&id, &chat, machine.phase().as_str())
-        }
-        .with_ends(machine.ends());
-        let handle = crate::backends::web_messaging::actor::spawn(
-            self.ctx.clone(),
-            wm,
-            id,
-            chat,
-            deployment_id,
-            machine,
-        );
+        let (handle, view) = spawn(self.ctx.clone(), id);
         self.ask(|tx| Cmd::Register(handle, slot, tx)).await??;
         Ok(view)
     }
 
-    /// Web Messaging: close the session of `key` and begin a new one on the same token
-    /// (`closeSession`, then `configureSession{startNew: true}`); the new session's view.
+    /// Close the session of `key` and begin a new one on the same credential (Web Messaging's
+    /// `start_new`: `closeSession`, then `configureSession{startNew: true}`); the new
+    /// session's view.
     pub async fn start_new(&self, key: &str) -> Result<SessionView, SupervisorError> {
         let h = self.handle(key).await?;
         let (tx, rx) = oneshot::channel();
@@ -585,18 +536,20 @@ impl Supervisor {
             .map_err(Self::refused)?;
         // The old session's slot and key are free once its task is done.
         h.finished().await;
-        let spec = crate::backends::web_messaging::Spec {
-            deployment_id: Some(reopen.deployment_id),
-            token: Some(reopen.token),
-            start_new: true,
-        };
-        self.start_messaging(spec, false).await
+        self.open(OpenCmd {
+            open: Open::Start,
+            backend: Some(reopen.backend.to_string()),
+            args: reopen.args,
+            key: None,
+        })
+        .await
     }
 
     /// Pick up a session found in the journal after a restart.
     pub async fn resume(&self, r: Recovered) -> Result<(), SupervisorError> {
         let id = r.record.session.clone();
-        let conv = r.record.chat.conversation_id.clone();
+        let conv = r.record.conversation_id.clone();
+        let backend = self.backends.of_record(&r.record)?.clone();
         if let Some(ending) = r.ending {
             // Decided before the crash but maybe never written: write it again, same event_id.
             let mut ev = Event::new(
@@ -614,59 +567,15 @@ impl Supervisor {
             if self.ctx.emitter.emit_flushed(ev).await {
                 self.ctx.journal.ended(&id);
             }
-            // Ended while guestd was down: confirmed the same way (guest chats only).
-            if r.record.web_messaging.is_none() {
-                self.ctx.confirm_end(&id, &conv, ending.reason);
-            }
+            // Ended while guestd was down: accounted for the same way as a live end.
+            backend.ended_while_down(&self.ctx, &id, &conv, ending.reason);
             return Ok(());
         }
         let slot = self
             .reserve(Some(conv.as_str().into()), Limit::Exceeded)
             .await?;
-        let now = Instant::now();
-        let started = instant_at(r.record.started_ms, now);
-        if let Some(wmr) = r.record.web_messaging {
-            use crate::backends::web_messaging::machine::{Begin, Machine as WmMachine};
-            let wm = self.messaging()?.clone();
-            let deployment = wm.deployment(&wmr.deployment_id).await;
-            let machine = WmMachine::new(wm.settings.clone(), deployment, Begin::Resume, now)
-                .resuming(started, r.last_message_id);
-            let machine = if r.leaving {
-                machine.leaving()
-            } else {
-                machine
-            };
-            return self
-                .spawn_messaging(
-                    id,
-                    r.record.chat,
-                    wmr.deployment_id,
-                    machine,
-                    slot,
-                    "resume",
-                )
-                .await
-                .map(|_| ());
-        }
-        // The grace window counts from this restart: the crash time is not known precisely,
-        // and giving up too early would lose chats the platform still holds.
-        let mut machine = Machine::resume(
-            self.ctx.timing.clone(),
-            &r.record.chat.member_id,
-            started,
-            now,
-            r.last_message_id,
-            now,
-        );
-        machine.anchor_wall(now, chrono::Utc::now().timestamp_millis());
-        let machine = machine.with_activity(&r.activity);
-        // A leave accepted before the crash is sent again.
-        let machine = if r.leaving {
-            machine.leaving()
-        } else {
-            machine
-        };
-        self.spawn_session(id, r.record.chat, machine, slot, "resume")
+        let launch = backend.resume(&self.ctx, r).await?;
+        self.run(id, &conv, &launch.member_id, launch.spawn, slot, "resume")
             .await
             .map(|_| ())
     }
@@ -690,7 +599,9 @@ impl Supervisor {
             CommandError::ReadOnly(_) => SupervisorError::ReadOnly(e.to_string()),
             CommandError::Refused(_) => SupervisorError::Refused(e.to_string()),
             CommandError::NotLive(_) => SupervisorError::NotConnected(e.to_string()),
-            CommandError::Unsupported(_) => SupervisorError::Invalid(e.to_string()),
+            CommandError::Unsupported(_) | CommandError::Invalid(_) => {
+                SupervisorError::Invalid(e.to_string())
+            }
         }
     }
 
@@ -717,7 +628,7 @@ impl Supervisor {
     async fn command(
         &self,
         key: &str,
-        make: impl FnOnce(crate::backends::guest_chat::actor::DoneReply) -> SessionCmd,
+        make: impl FnOnce(DoneReply) -> SessionCmd,
     ) -> Result<Done, SupervisorError> {
         let h = self.handle(key).await?;
         let (tx, rx) = oneshot::channel();
@@ -734,13 +645,7 @@ impl Supervisor {
                 "send needs a non-empty body".into(),
             ));
         }
-        let (chars, max) = (body.chars().count(), self.ctx.api.max_message_chars());
-        if chars > max {
-            // Refused here: the platform would refuse it, after a round trip.
-            return Err(SupervisorError::Invalid(format!(
-                "send: the body has {chars} characters; the platform takes at most {max}"
-            )));
-        }
+        // Its length is the backend's to judge (its session refuses one too long).
         self.command(key, |reply| SessionCmd::Send { body, reply })
             .await
     }
@@ -858,6 +763,8 @@ mod tests {
     use crate::backends::guest_chat::api::testing::Stalled;
     use tokio_util::sync::CancellationToken;
 
+    use std::time::Duration;
+
     fn supervisor(max: usize) -> (Supervisor, CancellationToken) {
         supervisor_with(max, Arc::new(crate::journal::NullJournal))
     }
@@ -868,26 +775,45 @@ mod tests {
     ) -> (Supervisor, CancellationToken) {
         let (emitter, _writer) =
             crate::events::spawn_writer(crate::events::WriterSink(tokio::io::sink()), 64);
-        let (ctx, done_rx) = SessionCtx::for_test(Arc::new(Stalled), emitter, journal, 4);
+        let (ctx, done_rx) = SessionCtx::for_test(emitter, journal, 4);
         let cancel = ctx.cancel.clone();
-        (Supervisor::spawn(ctx, done_rx, max), cancel)
+        let backends = crate::backends::guest_chat::backend::only(
+            Arc::new(Stalled),
+            crate::backends::guest_chat::Timing::default(),
+        );
+        (Supervisor::spawn(ctx, done_rx, max, backends), cancel)
     }
 
-    fn chat(conv: &str) -> ChatRef {
-        ChatRef {
-            conversation_id: conv.into(),
-            member_id: "m".into(),
-            jwt: crate::secret::Secret::new("j"),
-            event_stream_uri: "ws://127.0.0.1:9/x".into(),
+    fn open(open: Open, args: serde_json::Value) -> OpenCmd {
+        let serde_json::Value::Object(args) = args else {
+            panic!("arguments are an object");
+        };
+        OpenCmd {
+            open,
+            backend: None,
+            args: crate::session::Args(args),
+            key: None,
         }
     }
 
-    fn spec() -> StartSpec {
-        StartSpec {
-            queue: "Support".into(),
-            display_name: "Ann".into(),
-            ..Default::default()
-        }
+    fn chat_json(conv: &str) -> serde_json::Value {
+        serde_json::json!({
+            "conversation_id": conv,
+            "member_id": "m",
+            "jwt": "j",
+            "event_stream_uri": "ws://127.0.0.1:9/x",
+        })
+    }
+
+    fn chat(conv: &str) -> OpenCmd {
+        open(Open::Attach, chat_json(conv))
+    }
+
+    fn spec() -> OpenCmd {
+        open(
+            Open::Start,
+            serde_json::json!({"queue": "Support", "display_name": "Ann"}),
+        )
     }
 
     /// A `start` whose caller goes away mid-create (an HTTP client that hangs up) gives its slot
@@ -895,14 +821,14 @@ mod tests {
     #[tokio::test]
     async fn a_start_dropped_mid_create_gives_its_slot_back() {
         let (sup, cancel) = supervisor(1);
-        let r = tokio::time::timeout(Duration::from_millis(20), sup.start(spec())).await;
+        let r = tokio::time::timeout(Duration::from_millis(20), sup.open(spec())).await;
         assert!(r.is_err(), "create never answers; the caller gives up");
         let mut live = sup.live.clone();
         let _ = tokio::time::timeout(Duration::from_secs(5), live.wait_for(|n| *n == 0)).await;
         assert_eq!(sup.live(), 0);
-        sup.attach(chat("c1")).await.expect("the one slot is free");
+        sup.open(chat("c1")).await.expect("the one slot is free");
         assert!(matches!(
-            sup.attach(chat("c2")).await,
+            sup.open(chat("c2")).await,
             Err(SupervisorError::Full(1))
         ));
         cancel.cancel();
@@ -938,7 +864,7 @@ mod tests {
     async fn a_record_that_cannot_be_made_durable_fails_the_command() {
         let (sup, cancel) = supervisor_with(1, Arc::new(FullDisk));
         for conv in ["c1", "c2"] {
-            let e = sup.attach(chat(conv)).await.unwrap_err();
+            let e = sup.open(chat(conv)).await.unwrap_err();
             assert!(
                 matches!(e, SupervisorError::Journal(ref m) if m.contains("No space")),
                 "{e}"
@@ -958,10 +884,11 @@ mod tests {
             let r = Recovered {
                 record: SessionRecord {
                     session: format!("s-{conv}"),
-                    chat: chat(conv),
                     started_ms: chrono::Utc::now().timestamp_millis(),
                     mode: "start".into(),
-                    web_messaging: None,
+                    backend: "guest_chat".into(),
+                    conversation_id: conv.into(),
+                    state: serde_json::json!({ "chat": chat_json(conv) }),
                 },
                 last_message_id: None,
                 last_alive_ms: 0,
@@ -973,7 +900,7 @@ mod tests {
         }
         assert_eq!(sup.list().await.len(), 3);
         assert!(matches!(
-            sup.attach(chat("new")).await,
+            sup.open(chat("new")).await,
             Err(SupervisorError::Full(1))
         ));
         cancel.cancel();
@@ -983,7 +910,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_attaches_of_one_conversation_admit_one() {
         let (sup, cancel) = supervisor(100);
-        let results = futures::future::join_all((0..20).map(|_| sup.attach(chat("same")))).await;
+        let results = futures::future::join_all((0..20).map(|_| sup.open(chat("same")))).await;
         let ok = results.iter().filter(|r| r.is_ok()).count();
         let conflicts = results
             .iter()
@@ -991,7 +918,7 @@ mod tests {
             .count();
         assert_eq!((ok, conflicts), (1, 19), "{results:?}");
         // A different conversation is still welcome, and a failed attach held nothing.
-        sup.attach(chat("other")).await.unwrap();
+        sup.open(chat("other")).await.unwrap();
         assert_eq!(sup.list().await.len(), 2);
         cancel.cancel();
     }

@@ -1,4 +1,79 @@
-//! The backends: one folder per kind of chat guestd can supervise.
+//! The backends: one folder per kind of chat guestd can supervise, each owning its wire types,
+//! client, pure machine, actor and journal record, and each a `session::Backend`:
+//!
+//! - [`guest_chat`]: Genesys Cloud guest chat (Web Chat v2), the default;
+//! - [`web_messaging`]: Genesys Cloud Web Messaging (the Messenger guest API).
+//!
+//! This module is the registry: the one place that turns a configuration into the backends a
+//! supervisor holds ([`registry`]) and into what the rest of the daemon needs to know of them
+//! (the socket hosts they may open, the secret behind derived keys). Nothing outside this
+//! folder names a backend's type; adding one is a folder here and a line in [`registry`]
+//! (docs/design.md, "Adding a backend").
 
 pub mod guest_chat;
 pub mod web_messaging;
+
+use crate::config::Config;
+use crate::platform::api::Platform;
+use crate::platform::rest::ClientConfig;
+use crate::supervisor::Backends;
+use crate::transport::policy::ApiError;
+use rustls::pki_types::CertificateDer;
+use std::sync::Arc;
+
+/// The backends a configuration describes, the default (guest chat) first. `platform`, when
+/// configured, confirms every guest chat end.
+pub fn registry(
+    cfg: &Config,
+    roots: &[CertificateDer<'static>],
+    platform: Option<Platform>,
+) -> Result<Backends, ApiError> {
+    let guest = guest_chat::GuestChat {
+        api: Arc::new(guest_api(cfg, roots)?),
+        timing: Arc::new(cfg.session.clone()),
+        platform,
+    };
+    let messaging = web_messaging::client::Messaging::new(
+        cfg.web_messaging.clone(),
+        ClientConfig::of(cfg, "", cfg.genesys.allow_insecure, roots),
+    )?;
+    Ok(Backends::new(vec![
+        Arc::new(guest_chat::GuestChatBackend(Arc::new(guest))),
+        Arc::new(web_messaging::backend::WebMessaging(Arc::new(messaging))),
+    ]))
+}
+
+/// The guest chat API client a configuration describes.
+pub fn guest_api(
+    cfg: &Config,
+    roots: &[CertificateDer<'static>],
+) -> Result<guest_chat::client::GenesysApi, ApiError> {
+    guest_chat::client::GenesysApi::new(ClientConfig::of(
+        cfg,
+        &cfg.genesys.api_base,
+        cfg.genesys.allow_insecure,
+        roots,
+    ))
+}
+
+/// The hosts the backends' sockets may be opened to: the guest API's host and parent domain,
+/// the Web Messaging socket's host (from the configuration, like the API base), and
+/// `genesys.stream_hosts`.
+pub fn stream_hosts(cfg: &Config) -> Vec<String> {
+    let mut hosts = crate::transport::policy::default_stream_hosts(&cfg.genesys.api_base);
+    let wm = web_messaging::client::Endpoints::of(&cfg.web_messaging);
+    if let Some(h) = url::Url::parse(&wm.socket)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_ascii_lowercase))
+    {
+        hosts.push(h);
+    }
+    hosts.extend(cfg.genesys.stream_hosts.iter().cloned());
+    hosts
+}
+
+/// The secret behind the keys a backend derives for its chats (Web Messaging's conversation
+/// keys): the same on every node of a cluster, and across restarts. The first call wins.
+pub fn set_key_secret(secret: &[u8; 32]) {
+    web_messaging::set_key_secret(secret);
+}

@@ -22,7 +22,6 @@ pub mod store;
 use async_nats::jetstream;
 pub use section::ClusterSection;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -132,92 +131,7 @@ impl Names {
     }
 }
 
-/// Whether this node may act for chats it took in `epoch`: set by the node task after each
-/// acknowledged renewal, read by every session before anything with an effect (REST calls,
-/// `leave`, `ended`). Time-based, so it holds even if the node task is late.
-#[derive(Clone, Debug)]
-pub struct Fence(Arc<FenceState>);
-
-#[derive(Debug)]
-struct FenceState {
-    base: Instant,
-    epoch: AtomicU64,
-    /// ms after `base`.
-    until: AtomicU64,
-}
-
-impl Default for Fence {
-    fn default() -> Self {
-        Fence(Arc::new(FenceState {
-            base: Instant::now(),
-            epoch: AtomicU64::new(0),
-            until: AtomicU64::new(0),
-        }))
-    }
-}
-
-impl Fence {
-    /// The current epoch (0 before the first join).
-    pub fn epoch(&self) -> u64 {
-        self.0.epoch.load(Ordering::Acquire)
-    }
-
-    /// Whether a chat taken in `epoch` may be acted for now.
-    pub fn acting(&self, epoch: u64) -> bool {
-        let until = self.0.until.load(Ordering::Acquire);
-        let now = Instant::now()
-            .saturating_duration_since(self.0.base)
-            .as_millis() as u64;
-        self.epoch() == epoch && epoch != 0 && now < until
-    }
-
-    /// When acting stops, if it has not.
-    pub fn until(&self) -> Option<Instant> {
-        let until = self.0.until.load(Ordering::Acquire);
-        let at = self.0.base + Duration::from_millis(until);
-        (at > Instant::now()).then_some(at)
-    }
-
-    /// A renewal sent at some point was acknowledged: act until `until`, unless acting has
-    /// already stopped (an acknowledgement that comes back after the fence cannot revive the
-    /// epoch: other nodes may have counted this one dead and taken its chats). False then.
-    pub(crate) fn renewed(&self, epoch: u64, until: Instant) -> bool {
-        let ms = until.saturating_duration_since(self.0.base).as_millis() as u64;
-        let now = Instant::now()
-            .saturating_duration_since(self.0.base)
-            .as_millis() as u64;
-        if self.epoch() != epoch {
-            return false;
-        }
-        let mut cur = self.0.until.load(Ordering::Acquire);
-        loop {
-            if now >= cur {
-                return false;
-            }
-            if ms <= cur {
-                return true;
-            }
-            match self
-                .0
-                .until
-                .compare_exchange(cur, ms, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => return true,
-                Err(c) => cur = c,
-            }
-        }
-    }
-
-    pub(crate) fn begin(&self, epoch: u64, until: Instant) {
-        let ms = until.saturating_duration_since(self.0.base).as_millis() as u64;
-        self.0.until.store(ms, Ordering::Release);
-        self.0.epoch.store(epoch, Ordering::Release);
-    }
-
-    pub(crate) fn revoke(&self) {
-        self.0.until.store(0, Ordering::Release);
-    }
-}
+pub use crate::session::fence::Fence;
 
 /// A connection to NATS and JetStream with guestd's buckets and stream.
 #[derive(Clone)]

@@ -467,7 +467,7 @@ impl Node {
                                         tracing::warn!(key = %e.key, "ignored an older session entry stored again");
                                     }
                                     Some(Ok(entry)) => {
-                                        let conv = entry.record.chat.conversation_id.clone();
+                                        let conv = entry.record.conversation_id.clone();
                                         v.by_conv.insert(conv.clone(), e.key.clone());
                                         v.sessions.insert(
                                             e.key.clone(),

@@ -22,8 +22,11 @@
 
 use super::node::{Node, View, lock};
 use super::seal::{Keyring, Purpose};
-use crate::control::{self, Command, Route};
+use crate::command::Command;
+use crate::control;
 use crate::secret::Secret;
+use crate::session::Open;
+use crate::supervisor::Route;
 use crate::supervisor::{Supervisor, SupervisorError, static_code};
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -147,13 +150,10 @@ impl Route for Router {
     fn place<'a>(&'a self, cmd: &'a Command) -> BoxFuture<'a, Option<String>> {
         Box::pin(async move {
             let node = match cmd {
-                Command::Start(_) | Command::StartMessaging(_) => self.least_loaded(),
-                Command::Attach(chat) => self
-                    .owner(&chat.conversation_id)
-                    .or_else(|| self.least_loaded()),
-                Command::AttachMessaging(spec) => {
-                    self.owner(&spec.key()).or_else(|| self.least_loaded())
-                }
+                Command::Open(o) => match (o.open, &o.key) {
+                    (Open::Attach, Some(key)) => self.owner(key).or_else(|| self.least_loaded()),
+                    _ => self.least_loaded(),
+                },
                 Command::Send { session, .. }
                 | Command::Typing { session }
                 | Command::Leave { session }

@@ -100,7 +100,8 @@ struct KeySet {
     kid: String,
     aead: [XChaCha20Poly1305; 5],
     ids: ring::hmac::Key,
-    web_messaging: [u8; 32],
+    /// The secret behind derived chat keys.
+    conversation_keys: [u8; 32],
 }
 
 impl KeySet {
@@ -113,7 +114,9 @@ impl KeySet {
             kid,
             aead: Purpose::ALL.map(|p| XChaCha20Poly1305::new((&derive(secret, p.label())).into())),
             ids: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &derive(secret, b"event ids")),
-            web_messaging: derive(secret, b"web messaging keys"),
+            // The label is the one the first backend to derive keys (Web Messaging) was given:
+            // changing it would change every key a running cluster has handed out.
+            conversation_keys: derive(secret, b"web messaging keys"),
         }
     }
 
@@ -217,9 +220,9 @@ impl Keyring {
             .flatten()
     }
 
-    /// The secret behind Web Messaging conversation keys (the same on every node).
-    pub fn web_messaging_key(&self) -> [u8; 32] {
-        self.0[0].web_messaging
+    /// The secret behind the chat keys a backend derives (the same on every node).
+    pub fn conversation_keys(&self) -> [u8; 32] {
+        self.0[0].conversation_keys
     }
 
     /// An id for `raw` that every node computes alike and nobody without the secret can

@@ -693,21 +693,20 @@ impl Journal for KvJournal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backends::guest_chat::api::ChatRef;
-    use crate::secret::Secret;
 
     fn record(session: &str) -> SessionRecord {
         SessionRecord {
             session: session.into(),
-            chat: ChatRef {
-                conversation_id: "c".into(),
-                member_id: "m".into(),
-                jwt: Secret::new("eyJ.secret.sig"),
-                event_stream_uri: "ws://127.0.0.1/x".into(),
-            },
             started_ms: 5,
             mode: "start".into(),
-            web_messaging: None,
+            backend: "guest_chat".into(),
+            conversation_id: "c".into(),
+            state: serde_json::json!({"chat": {
+                "conversation_id": "c",
+                "member_id": "m",
+                "jwt": "eyJ.secret.sig",
+                "event_stream_uri": "ws://127.0.0.1/x",
+            }}),
         }
     }
 

@@ -16,11 +16,11 @@
 /// Who may drive the HTTP API: Host, Origin, Content-Type and an optional bearer token.
 pub mod access;
 
-use crate::backends::guest_chat::api::ChatRef;
 pub use crate::command::Command;
+use crate::command::OpenCmd;
 use crate::events::{Event, EventKind};
 use crate::secret::Secret;
-use crate::session::{Done, SessionView};
+use crate::session::{Args, Done, Open, SessionView};
 pub use crate::supervisor::Route;
 use crate::supervisor::{Supervisor, SupervisorError};
 use crate::transport::policy::ApiError;
@@ -137,26 +137,6 @@ impl Decoder for CommandLines {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct AttachArgs {
-    conversation_id: String,
-    member_id: String,
-    jwt: Secret,
-    event_stream_uri: String,
-}
-
-impl From<AttachArgs> for ChatRef {
-    fn from(a: AttachArgs) -> Self {
-        ChatRef {
-            conversation_id: a.conversation_id,
-            member_id: a.member_id,
-            jwt: a.jwt,
-            event_stream_uri: a.event_stream_uri,
-        }
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct SendArgs {
     session: String,
     body: String,
@@ -222,34 +202,30 @@ pub fn parse_command(name: &str, args: serde_json::Value) -> Result<Command, Str
     fn de<T: serde::de::DeserializeOwned>(name: &str, v: serde_json::Value) -> Result<T, String> {
         serde_json::from_value(v).map_err(|e| format!("{name}: {e}"))
     }
-    let mut args = args;
-    let backend = match args.as_object_mut().and_then(|m| m.remove("backend")) {
-        None => None,
-        Some(serde_json::Value::String(b)) if name == "start" || name == "attach" => Some(b),
-        Some(_) if name == "start" || name == "attach" => {
-            return Err(format!("{name}: backend is guest_chat or web_messaging"));
-        }
-        Some(_) => return Err(format!("{name}: unknown field `backend`")),
-    };
-    match backend.as_deref() {
-        None | Some("guest_chat") => {}
-        Some("web_messaging") => {
-            let spec: crate::backends::web_messaging::Spec = de(name, args)?;
-            return Ok(if name == "start" {
-                Command::StartMessaging(spec)
+    if name == "start" || name == "attach" {
+        let serde_json::Value::Object(mut args) = args else {
+            return Err(format!("{name}: the arguments are a JSON object"));
+        };
+        let backend = match args.remove("backend") {
+            None => None,
+            Some(serde_json::Value::String(b)) => Some(b),
+            Some(_) => return Err(format!("{name}: backend is a name (a string)")),
+        };
+        return Ok(Command::Open(OpenCmd {
+            open: if name == "start" {
+                Open::Start
             } else {
-                Command::AttachMessaging(spec)
-            });
-        }
-        Some(other) => {
-            return Err(format!(
-                "{name}: unknown backend {other:?} (guest_chat or web_messaging)"
-            ));
-        }
+                Open::Attach
+            },
+            backend,
+            args: Args(args),
+            key: None,
+        }));
+    }
+    if args.get("backend").is_some() {
+        return Err(format!("{name}: unknown field `backend`"));
     }
     Ok(match name {
-        "start" => Command::Start(de(name, args)?),
-        "attach" => Command::Attach(de::<AttachArgs>(name, args)?.into()),
         "start_new" => Command::StartNew {
             session: de::<SessionArg>(name, args)?.session,
         },
@@ -312,19 +288,13 @@ pub enum Reply {
 pub fn to_wire(cmd: &Command) -> serde_json::Value {
     use serde_json::json;
     let mut v = match cmd {
-        Command::Start(spec) => serde_json::to_value(spec).unwrap_or_else(|_| json!({})),
-        Command::Attach(c) => json!({
-            "conversation_id": c.conversation_id,
-            "member_id": c.member_id,
-            "jwt": c.jwt.expose(),
-            "event_stream_uri": c.event_stream_uri,
-        }),
-        Command::StartMessaging(spec) | Command::AttachMessaging(spec) => json!({
-            "backend": "web_messaging",
-            "deployment_id": spec.deployment_id,
-            "token": spec.token.as_ref().map(|t| t.expose()),
-            "start_new": spec.start_new,
-        }),
+        Command::Open(o) => {
+            let mut m = o.args.0.clone();
+            if let Some(b) = &o.backend {
+                m.insert("backend".into(), json!(b));
+            }
+            serde_json::Value::Object(m)
+        }
         Command::Send { session, body } => json!({ "session": session, "body": body }),
         Command::Typing { session }
         | Command::Leave { session }
@@ -349,16 +319,13 @@ pub fn to_wire(cmd: &Command) -> serde_json::Value {
 
 /// Run a command: here, or (cluster mode) on the node it belongs to.
 pub async fn execute(sup: &Supervisor, cmd: Command) -> Result<Reply, SupervisorError> {
-    // A Web Messaging chat's key comes from its deployment and token: fill them in here, so
-    // the node that runs the command is the one every node would pick.
+    // A backend fills in what its configuration supplies here (a Web Messaging chat's key
+    // comes from its deployment and token), so the node that runs the command is the one
+    // every node would pick.
     let cmd = match cmd {
-        Command::StartMessaging(mut spec) => {
-            sup.resolve_messaging(&mut spec, false)?;
-            Command::StartMessaging(spec)
-        }
-        Command::AttachMessaging(mut spec) => {
-            sup.resolve_messaging(&mut spec, true)?;
-            Command::AttachMessaging(spec)
+        Command::Open(mut o) => {
+            sup.prepare(&mut o)?;
+            Command::Open(o)
         }
         other => other,
     };
@@ -405,10 +372,7 @@ pub async fn execute(sup: &Supervisor, cmd: Command) -> Result<Reply, Supervisor
 /// Run a command on this node.
 pub async fn execute_here(sup: &Supervisor, cmd: Command) -> Result<Reply, SupervisorError> {
     Ok(match cmd {
-        Command::Start(spec) => Reply::Session(sup.start(spec).await?),
-        Command::Attach(chat) => Reply::Session(sup.attach(chat).await?),
-        Command::StartMessaging(spec) => Reply::Session(sup.start_messaging(spec, false).await?),
-        Command::AttachMessaging(spec) => Reply::Session(sup.start_messaging(spec, true).await?),
+        Command::Open(o) => Reply::Session(sup.open(o).await?),
         Command::StartNew { session } => Reply::Session(sup.start_new(&session).await?),
         Command::Send { session, body } => Reply::Done(sup.send_message(&session, body).await?),
         Command::Typing { session } => Reply::Done(sup.send_typing(&session).await?),
@@ -499,16 +463,13 @@ pub fn command_from_body(name: &str, session: &str, body: &[u8]) -> Result<Comma
 /// the order they were read.
 fn order_key(cmd: &Command) -> Option<String> {
     match cmd {
-        Command::Attach(chat) => Some(chat.conversation_id.clone()),
-        Command::AttachMessaging(spec) => Some(spec.key()),
+        Command::Open(o) if o.open == Open::Attach => o.key.clone(),
         Command::Send { session, .. }
         | Command::Typing { session }
         | Command::Leave { session }
         | Command::Get { session }
         | Command::StartNew { session } => Some(session.clone()),
-        Command::Start(_) | Command::StartMessaging(_) | Command::List | Command::Status { .. } => {
-            None
-        }
+        Command::Open(_) | Command::List | Command::Status { .. } => None,
     }
 }
 
@@ -547,6 +508,15 @@ pub async fn stdin_loop<R: AsyncRead + Unpin>(
                 break;
             }
         };
+        // A start/attach is checked (and completed from the configuration) here, once: its key
+        // orders it with the commands after it.
+        let parsed = parsed.and_then(|c| match c {
+            Command::Open(mut o) => {
+                sup.prepare(&mut o).map_err(|e| e.to_string())?;
+                Ok(Command::Open(o))
+            }
+            c => Ok(c),
+        });
         // Back-pressure: wait for a free slot before reading on.
         let permit = tokio::select! {
             _ = stop.cancelled() => break,
@@ -705,14 +675,7 @@ impl From<SupervisorError> for HttpError {
 
 /// Run a command in its own task and answer with its reply.
 async fn run_http(st: &HttpState, cmd: Command) -> Result<Response, HttpError> {
-    let created = matches!(
-        cmd,
-        Command::Start(_)
-            | Command::Attach(_)
-            | Command::StartMessaging(_)
-            | Command::AttachMessaging(_)
-            | Command::StartNew { .. }
-    );
+    let created = matches!(cmd, Command::Open(_) | Command::StartNew { .. });
     // In its own task: hyper drops this handler's future when the client hangs up, which must
     // not abandon a command halfway.
     let sup = st.sup.clone();
@@ -1185,9 +1148,25 @@ mod tests {
         assert_eq!(split_lines(b"", 10, 4), vec![]);
     }
 
-    #[test]
-    fn commands_on_one_session_share_an_order_key() {
-        let key = |l: &str| parse_line(l).2.ok().and_then(|c| order_key(&c));
+    #[tokio::test]
+    async fn commands_on_one_session_share_an_order_key() {
+        // As the stdin loop does: a start/attach is prepared by its backend, which gives its key.
+        let (emitter, _writer) =
+            crate::events::spawn_writer(crate::events::WriterSink(tokio::io::sink()), 4);
+        let (ctx, _done) =
+            crate::session::SessionCtx::for_test(emitter, Arc::new(crate::journal::NullJournal), 1);
+        let backends = crate::backends::guest_chat::backend::only(
+            Arc::new(crate::backends::guest_chat::api::testing::Stalled),
+            Default::default(),
+        );
+        let key = |l: &str| {
+            let mut c = parse_line(l).2.ok()?;
+            if let Command::Open(o) = &mut c {
+                let b = backends.get(None).ok()?;
+                o.key = b.prepare(&ctx, o.open, &mut o.args).ok()?;
+            }
+            order_key(&c)
+        };
         assert_eq!(
             key(
                 r#"{"cmd":"attach","conversation_id":"c1","member_id":"m","jwt":"j","event_stream_uri":"ws://127.0.0.1:1/x"}"#
@@ -1215,7 +1194,9 @@ mod tests {
             matches!(c, Ok(Command::Send { ref session, ref body }) if session == "s-1" && body == "hi")
         );
         let (_, _, c) = parse_line(r#"{"cmd":"start","queue":"Support","display_name":"Ann"}"#);
-        assert!(matches!(c, Ok(Command::Start(ref s)) if s.queue == "Support"));
+        assert!(
+            matches!(c, Ok(Command::Open(ref o)) if o.open == Open::Start && o.args.0["queue"] == "Support")
+        );
         let (_, _, c) = parse_line("{oops");
         assert!(c.unwrap_err().starts_with("not JSON"));
         let (rid, _, c) = parse_line(r#"{"request_id":"r2"}"#);

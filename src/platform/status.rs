@@ -13,7 +13,6 @@
 //!
 //! else an error that says what would answer it.
 
-use crate::backends::guest_chat::api::{ChatRef, MemberState};
 use crate::events::{EndReason, Participant};
 use crate::platform::api::platform_reason;
 use crate::secret::Secret;
@@ -111,21 +110,14 @@ pub async fn status(
             }
         }
     }
-    status_from(
-        held,
-        sup.platform(),
-        sup.api().as_ref(),
-        conversation_id,
-        jwt,
-    )
-    .await
+    status_from(held, sup.platform(), sup.backends(), conversation_id, jwt).await
 }
 
 /// The same from explicit sources (`guestd status` without a running guestd passes no view).
 pub async fn status_from(
     held: Option<crate::session::SessionView>,
     platform: Option<&crate::platform::api::PlatformApi>,
-    api: &dyn crate::backends::guest_chat::api::ChatApi,
+    backends: &crate::supervisor::Backends,
     conversation_id: &str,
     jwt: Option<Secret>,
 ) -> Result<ConversationStatus, SupervisorError> {
@@ -155,14 +147,16 @@ pub async fn status_from(
              nothing else can answer"
         )));
     };
-    let chat = ChatRef {
-        conversation_id: conversation_id.to_string(),
-        member_id: String::new(),
-        jwt,
-        event_stream_uri: String::new(),
+    let Some(asked) = backends
+        .all()
+        .find_map(|b| b.alive_by_credential(conversation_id, jwt.clone()))
+    else {
+        return Err(SupervisorError::Invalid(format!(
+            "guestd does not hold {conversation_id}, and no backend can answer from a jwt"
+        )));
     };
-    let members = match api.list_members(&chat).await {
-        Ok(m) => m,
+    let alive = match asked.await {
+        Ok(alive) => alive,
         // A refused jwt says nothing certain about the chat: say so.
         Err(ApiError::Unauthorized(m)) => {
             return Err(SupervisorError::Invalid(format!(
@@ -172,7 +166,6 @@ pub async fn status_from(
         Err(e) => return Err(e.into()),
     };
     out.source = "guest_api";
-    out.alive =
-        !(members.is_empty() || members.iter().all(|m| m.state == MemberState::Disconnected));
+    out.alive = alive;
     Ok(out)
 }

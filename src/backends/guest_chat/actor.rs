@@ -5,402 +5,40 @@
 //! result, the machine's next deadline, or shutdown; feeds it to the machine; and performs the
 //! actions in order. Nothing here decides anything the machine could decide.
 
-use super::machine::{Action, Input, Machine, Timing};
-use crate::backends::guest_chat::api::{ChatApi, ChatRef, Failure};
-use crate::events::{AfterWrite, Emitter, EndReason, Event, EventKind};
-use crate::journal::{EndingRecord, Journal};
-use crate::transport::policy::ApiError;
-use crate::transport::stream::{ConnectError, Connector, Ws};
+use super::api::{ChatRef, Failure};
+use super::backend::GuestChat;
+use super::machine::{Action, Input, Machine};
+use crate::events::EventKind;
+use crate::session::run::{
+    Calls, FAIR_EVERY, close_in_background, close_now, emit, leave_durably, next_call, next_frame,
+    opt, rearm,
+};
+use crate::session::{
+    CommandError, Done, Mailbox, SessionCmd, SessionCtx, SessionHandle, SessionView,
+};
+use crate::transport::stream::{ConnectError, Ws};
 use futures::future::BoxFuture;
-use futures::stream::FuturesUnordered;
 use futures::{FutureExt, SinkExt, StreamExt};
-use serde::Serialize;
 use std::collections::VecDeque;
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-/// What every session shares.
-#[derive(Clone)]
-pub struct SessionCtx {
-    /// The backend.
-    pub api: Arc<dyn ChatApi>,
-    /// Opens streams.
-    pub connector: Connector,
-    /// Where events go.
-    pub emitter: Emitter,
-    /// Where sessions are recorded.
-    pub journal: Arc<dyn Journal>,
-    /// Rules and durations.
-    pub timing: Arc<Timing>,
-    /// Told the session id when a session task finishes.
-    pub done: mpsc::UnboundedSender<String>,
-    /// Process shutdown.
-    pub cancel: CancellationToken,
-    /// On shutdown, leave the chats instead of only closing the sockets.
-    pub leave_on_shutdown: bool,
-    /// The Platform API, when configured: every `ended` is followed by `end_confirmed`.
-    pub platform: Option<crate::platform::api::Platform>,
-    /// Cluster mode: whether this node may still act for the chats it took (see
-    /// `crate::cluster::Fence`). None on a single node.
-    pub fence: Option<crate::cluster::Fence>,
-    /// The Web Messaging backend, when `[web_messaging]` can be used.
-    pub messaging: Option<Arc<crate::backends::web_messaging::client::Messaging>>,
-}
-
-impl SessionCtx {
-    /// A context for tests: one node, no Platform API, no Web Messaging, default timing, a
-    /// connector for `connects` at once; `done` and `cancel` fresh (the caller may replace
-    /// them).
-    #[cfg(test)]
-    pub(crate) fn for_test(
-        api: Arc<dyn ChatApi>,
-        emitter: crate::events::Emitter,
-        journal: Arc<dyn Journal>,
-        connects: usize,
-    ) -> (Self, mpsc::UnboundedReceiver<String>) {
-        let (done, done_rx) = mpsc::unbounded_channel();
-        let ctx = SessionCtx {
-            api,
-            connector: Connector::new(Default::default(), connects),
-            emitter,
-            journal,
-            timing: Arc::new(Timing::default()),
-            done,
-            cancel: CancellationToken::new(),
-            leave_on_shutdown: false,
-            platform: None,
-            fence: None,
-            messaging: None,
-        };
-        (ctx, done_rx)
-    }
-
-    /// Whether this process may still act for a chat it took in `epoch` (always, on a single
-    /// node; see `crate::cluster::Fence`).
-    pub fn may_act(&self, epoch: u64) -> bool {
-        self.fence.as_ref().is_none_or(|f| f.acting(epoch))
-    }
-
-    /// Ask the platform about an end, in the background, and write its `end_confirmed`.
-    pub fn confirm_end(&self, session: &str, conversation: &str, reason: EndReason) {
-        let Some(platform) = self.platform.clone() else {
-            return;
-        };
-        let (emitter, session, conversation) = (
-            self.emitter.clone(),
-            session.to_string(),
-            conversation.to_string(),
-        );
-        tokio::spawn(async move {
-            let ev = platform.confirm(&session, &conversation, reason).await;
-            emitter.emit(ev).await;
-        });
-    }
-}
-
-/// What a session did for a command (serialized as the command's `result`).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(untagged)]
-pub enum Done {
-    /// The message was sent.
-    Sent {
-        /// The platform's message id.
-        message_id: String,
-        /// The platform's timestamp (RFC 3339).
-        timestamp: String,
-    },
-    /// The typing indicator was sent.
-    Typed {},
-    /// The leave is recorded durably and under way; the `ended` event follows.
-    Leaving {
-        /// Always true.
-        leaving: bool,
-    },
-}
-
-/// Why a session refused or failed a command.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum CommandError {
-    /// The session has ended (or ended while the command waited).
-    #[error("session {0} has ended")]
-    Ended(String),
-    /// [`MAILBOX_LIMIT`] commands already wait for this session.
-    #[error("session {0} is busy: {MAILBOX_LIMIT} commands are waiting; retry")]
-    Busy(String),
-    /// The platform refused or failed the call.
-    #[error(transparent)]
-    Api(#[from] ApiError),
-    /// What the command needs recorded could not be made durable.
-    #[error("the session journal refused the record: {0}")]
-    Journal(String),
-    /// This node no longer acts for the chat (cluster mode); retry: the command reaches the
-    /// node that took it.
-    #[error("session {0} is moving to another node; retry")]
-    Moved(String),
-    /// Web Messaging: the session is read-only (its conversation was ended in ReadOnly mode).
-    #[error("session {0} is read-only: its conversation was ended; start_new begins another")]
-    ReadOnly(String),
-    /// Web Messaging: the platform refused the message, or did not confirm it.
-    #[error("{0}")]
-    Refused(String),
-    /// Web Messaging: the session is reconnecting; retry.
-    #[error("session {0} is not connected; retry")]
-    NotLive(String),
-    /// The command does not apply to this session's backend.
-    #[error("{0}")]
-    Unsupported(String),
-}
-
-/// The reply channel of a command that acts on the chat.
-pub type DoneReply = oneshot::Sender<Result<Done, CommandError>>;
-
-/// A command to one session.
-#[derive(Debug)]
-pub enum SessionCmd {
-    /// Send a message as the guest.
-    Send {
-        /// The message text (already checked against the backend's limit).
-        body: String,
-        /// The sent message, or why not.
-        reply: DoneReply,
-    },
-    /// Send a typing indicator.
-    Typing {
-        /// Done, or why not.
-        reply: DoneReply,
-    },
-    /// Leave the chat (the `ended` event follows).
-    Leave {
-        /// Accepted, or why not.
-        reply: DoneReply,
-    },
-    /// Describe the session.
-    Get {
-        /// Where the view goes (dropped unanswered once the session has ended).
-        reply: oneshot::Sender<SessionView>,
-    },
-    /// Stop acting for the chat without ending or leaving it: another node takes it (cluster
-    /// mode: this node is fenced, or lost the chat's entry).
-    Relinquish,
-    /// Web Messaging: close the session so a new one can begin on the same token; the reply
-    /// carries what the new one needs.
-    StartNew {
-        /// The session's deployment and token once it is closed, or why not.
-        reply: oneshot::Sender<Result<crate::backends::web_messaging::actor::Reopen, CommandError>>,
-    },
-}
-
-/// A snapshot of one session.
-#[derive(Debug, Clone, Serialize)]
-pub struct SessionView {
-    /// guestd's id.
-    pub session: String,
-    /// Conversation id.
-    pub conversation_id: String,
-    /// Guest member id.
-    pub member_id: String,
-    /// connecting, connected, reconnecting, ended.
-    pub state: &'static str,
-    /// Whether an agent is connected.
-    pub agent_connected: bool,
-    /// Newest message seen.
-    pub last_message_id: Option<String>,
-    /// Why it ended, once it has.
-    pub ended: Option<EndReason>,
-    /// `guest_chat` or `web_messaging`.
-    pub backend: &'static str,
-    /// Web Messaging: the session can no longer send.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub read_only: bool,
-    /// Web Messaging: whether an agent's end reaches the guest at all (the deployment's
-    /// Conversation Disconnect); false means guestd cannot see one and never reports one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub agent_end_visible: Option<bool>,
-    /// Web Messaging: milliseconds until the session expires, as last seen.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub expires_in_ms: Option<u64>,
-    /// When the platform ends the chat if nothing happens (RFC 3339); null while nothing would
-    /// (a guest chat queued with its socket up) and once it has ended.
-    pub ends_at: Option<String>,
-    /// Why it would end then: `inactivity_timeout`, `reconnect_grace_expired` or
-    /// `session_expired`.
-    pub ends_because: Option<EndReason>,
-}
-
-impl SessionView {
-    /// The view of a guest chat.
-    pub fn guest_chat(session: &str, chat: &ChatRef, state: &'static str) -> SessionView {
-        SessionView {
-            session: session.to_string(),
-            conversation_id: chat.conversation_id.clone(),
-            member_id: chat.member_id.clone(),
-            state,
-            agent_connected: false,
-            last_message_id: None,
-            ended: None,
-            backend: "guest_chat",
-            read_only: false,
-            agent_end_visible: None,
-            expires_in_ms: None,
-            ends_at: None,
-            ends_because: None,
-        }
-    }
-
-    /// With `ends` (a machine's [`Machine::ends`]) as wall-clock `ends_at`/`ends_because`.
-    pub fn with_ends(mut self, ends: Option<(Instant, EndReason)>) -> SessionView {
-        if let Some((at, why)) = ends {
-            self.ends_at = Some(wall_at(at, Instant::now(), chrono::Utc::now()));
-            self.ends_because = Some(why);
-        }
-        self
-    }
-}
-
-/// The wall-clock time (RFC 3339 UTC, ms) of instant `at`, given that `now` is `wall`.
-pub fn wall_at(at: Instant, now: Instant, wall: chrono::DateTime<chrono::Utc>) -> String {
-    let t = if at >= now {
-        wall + chrono::Duration::from_std(at - now).unwrap_or_default()
-    } else {
-        wall - chrono::Duration::from_std(now - at).unwrap_or_default()
-    };
-    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
-/// The way to talk to a session task.
-#[derive(Clone, Debug)]
-pub struct SessionHandle {
-    /// guestd's session id.
-    pub id: Arc<str>,
-    /// Conversation id.
-    pub conversation_id: Arc<str>,
-    mailbox: Arc<Mailbox>,
-}
-
-/// A session's command inbox. Not a `tokio::sync::mpsc` channel: with its cache-padded state and
-/// first block allocated up front that costs about 800 bytes per session, a tenth of an idle
-/// session, for commands that are rare. This is a short locked queue and a `Notify`.
-#[derive(Debug, Default)]
-pub struct Mailbox {
-    queue: std::sync::Mutex<VecDeque<Box<SessionCmd>>>,
-    notify: tokio::sync::Notify,
-    closed: std::sync::atomic::AtomicBool,
-    /// Told when the session task has finished.
-    gone: tokio::sync::Notify,
-}
-
-/// Commands queued for one session before senders are refused.
-pub const MAILBOX_LIMIT: usize = 64;
-
-impl Mailbox {
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Box<SessionCmd>>> {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Queue a command; `Err(true)` when the session has ended, `Err(false)` when it is full.
-    fn push(&self, cmd: SessionCmd) -> Result<(), bool> {
-        {
-            // Checked under the lock: `close` sets the flag under it too, so no command can slip
-            // in after the last one was dropped and wait for a reply forever.
-            let mut q = self.lock();
-            if self.closed.load(std::sync::atomic::Ordering::Acquire) {
-                return Err(true);
-            }
-            if q.len() >= MAILBOX_LIMIT {
-                return Err(false);
-            }
-            q.push_back(Box::new(cmd));
-        }
-        self.notify.notify_one();
-        Ok(())
-    }
-
-    /// The next command. `notify_one` keeps a permit when nobody waits, so no wake-up is lost.
-    pub(crate) async fn recv(&self) -> Box<SessionCmd> {
-        loop {
-            if let Some(c) = self.lock().pop_front() {
-                return c;
-            }
-            self.notify.notified().await;
-        }
-    }
-
-    /// Refuse new commands and drop the queued ones (their callers see the session ended).
-    pub(crate) fn close(&self) {
-        {
-            let mut q = self.lock();
-            self.closed
-                .store(true, std::sync::atomic::Ordering::Release);
-            q.clear();
-        }
-        self.gone.notify_waiters();
-    }
-}
-
-impl SessionHandle {
-    /// Send a command; fails if the session has ended or has a full backlog of commands.
-    pub async fn send(&self, cmd: SessionCmd) -> Result<(), CommandError> {
-        self.mailbox.push(cmd).map_err(|ended| {
-            if ended {
-                CommandError::Ended(self.id.to_string())
-            } else {
-                CommandError::Busy(self.id.to_string())
-            }
-        })
-    }
-
-    /// A handle for a new session task, and the inbox the task reads.
-    pub(crate) fn new(id: &str, conversation_id: &str) -> (SessionHandle, Arc<Mailbox>) {
-        let mailbox = Arc::new(Mailbox::default());
-        let handle = SessionHandle {
-            id: id.into(),
-            conversation_id: conversation_id.into(),
-            mailbox: mailbox.clone(),
-        };
-        (handle, mailbox)
-    }
-
-    /// Wait until the session task has finished.
-    pub async fn finished(&self) {
-        loop {
-            let gone = self.mailbox.gone.notified();
-            tokio::pin!(gone);
-            gone.as_mut().enable();
-            if self.is_closed() {
-                return;
-            }
-            gone.await;
-        }
-    }
-
-    /// Whether the session task has finished.
-    pub fn is_closed(&self) -> bool {
-        self.mailbox
-            .closed
-            .load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    /// Ask for the session's view.
-    pub async fn view(&self) -> Result<SessionView, CommandError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(SessionCmd::Get { reply }).await?;
-        rx.await
-            .map_err(|_| CommandError::Ended(self.id.to_string()))
-    }
-}
-
 /// Spawn a session task for `chat`, driven by `machine`.
-pub fn spawn(ctx: Arc<SessionCtx>, id: String, chat: ChatRef, machine: Machine) -> SessionHandle {
+pub fn spawn(
+    ctx: Arc<SessionCtx>,
+    gc: Arc<GuestChat>,
+    id: String,
+    chat: ChatRef,
+    machine: Machine,
+) -> SessionHandle {
     let (handle, rx) = SessionHandle::new(&id, &chat.conversation_id);
     let span = tracing::info_span!("session", session = %id, conversation = %chat.conversation_id);
     // The actor lives in its own allocation and the task's future only points at it: an async
     // fn's by-value arguments take space twice in its state (rust-lang/rust#62958), which for a
     // 2 KiB actor is 2 KiB per idle session.
-    let actor = Box::new(Actor::new(ctx, id, chat, machine));
+    let actor = Box::new(Actor::new(ctx, gc, id, chat, machine));
     tokio::spawn(run_then_report(actor, rx).instrument(span));
     handle
 }
@@ -420,6 +58,8 @@ enum Wake {
 
 struct Actor {
     ctx: Arc<SessionCtx>,
+    /// The backend: the guest API, the rules, the Platform API.
+    gc: Arc<GuestChat>,
     id: String,
     chat: ChatRef,
     machine: Machine,
@@ -440,105 +80,14 @@ struct Actor {
     relinquished: bool,
 }
 
-/// Frames handled in a row before the other sources of a session's loop get a turn (see the
-/// loop): a server that floods frames must not starve call results and deadlines.
-pub(crate) const FAIR_EVERY: u32 = 64;
-
-/// Set the session's one timer to `at`, unless it is set there already. Every frame passes
-/// here, and most leave the deadline where it was (a message, a typing event, a ping), so the
-/// timer wheel is left alone for them (a reset is a remove and an insert under the wheel's
-/// lock). Same outcome as a reset: a timer that fired at `at` and is not moved fires again at
-/// once, as a reset to that past instant would.
-pub(crate) fn rearm(sleep: std::pin::Pin<&mut tokio::time::Sleep>, at: tokio::time::Instant) {
-    if sleep.deadline() != at {
-        sleep.reset(at);
-    }
-}
-
-/// The output of `f`, or pending forever when there is none (a `select!` branch that is off).
-pub(crate) async fn opt<F: std::future::Future + Unpin>(f: Option<&mut F>) -> F::Output {
-    match f {
-        Some(f) => f.await,
-        None => futures::future::pending().await,
-    }
-}
-
-/// Calls in flight, allocated only while there are some (an idle session has none).
-pub(crate) type Calls<T> = Option<Box<FuturesUnordered<BoxFuture<'static, Option<T>>>>>;
-
-/// The next call's result; frees the set once it is empty. Pending while there is none.
-pub(crate) async fn next_call<T>(calls: &mut Calls<T>) -> Option<T> {
-    loop {
-        match calls {
-            Some(r) => match r.next().await {
-                Some(i) => {
-                    if r.is_empty() {
-                        *calls = None;
-                    }
-                    return i;
-                }
-                None => *calls = None,
-            },
-            None => futures::future::pending::<()>().await,
-        }
-    }
-}
-
-/// Close `ws` (if open) and wait for it at most a second.
-pub(crate) async fn close_now(ws: &mut Option<Ws>) {
-    if let Some(mut ws) = ws.take() {
-        let _ =
-            tokio::time::timeout(Duration::from_secs(1), futures::SinkExt::close(&mut ws)).await;
-    }
-}
-
-/// Close `ws` (if open) on its own task: the session does not wait for the peer.
-pub(crate) fn close_in_background(ws: &mut Option<Ws>) {
-    if let Some(mut ws) = ws.take() {
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(1), futures::SinkExt::close(&mut ws))
-                .await;
-        });
-    }
-}
-
-/// A `leave` made durable before it is answered: a crash after "leaving" must not lose it (the
-/// next process finds it in the journal and sends it again). Once durable, the reply says so
-/// and `then` goes to the session's machine.
-pub(crate) fn leave_durably<I: Send + 'static>(
-    ctx: &SessionCtx,
-    id: &str,
-    reply: DoneReply,
-    then: I,
-) -> BoxFuture<'static, Option<I>> {
-    let durable = ctx.journal.leaving(id);
-    async move {
-        match durable.await {
-            Ok(()) => {
-                let _ = reply.send(Ok(Done::Leaving { leaving: true }));
-                Some(then)
-            }
-            Err(e) => {
-                let _ = reply.send(Err(CommandError::Journal(e.0)));
-                None
-            }
-        }
-    }
-    .boxed()
-}
-
-/// The next frame of the socket, or pending forever while there is none.
-pub(crate) async fn next_frame(
-    ws: &mut Option<Ws>,
-) -> Option<Result<WsMessage, tokio_tungstenite::tungstenite::Error>> {
-    match ws {
-        Some(w) => w.next().await,
-        None => futures::future::pending().await,
-    }
-}
-
 impl Actor {
-    fn new(ctx: Arc<SessionCtx>, id: String, chat: ChatRef, mut machine: Machine) -> Self {
+    fn new(
+        ctx: Arc<SessionCtx>,
+        gc: Arc<GuestChat>,
+        id: String,
+        chat: ChatRef,
+        mut machine: Machine,
+    ) -> Self {
         if !machine.anchored() {
             machine.anchor_wall(Instant::now(), chrono::Utc::now().timestamp_millis());
         }
@@ -555,9 +104,10 @@ impl Actor {
             stopping: false,
             journaled_activity,
             journaled_agent,
-            epoch: ctx.fence.as_ref().map_or(0, |f| f.epoch()),
+            epoch: ctx.epoch(),
             relinquished: false,
             ctx,
+            gc,
         }
     }
 
@@ -764,6 +314,16 @@ impl Actor {
                 )));
                 None
             }
+            SessionCmd::Send { body, reply }
+                if body.chars().count() > self.gc.api.max_message_chars() =>
+            {
+                // Refused here: the platform would refuse it, after a round trip.
+                let (chars, max) = (body.chars().count(), self.gc.api.max_message_chars());
+                let _ = reply.send(Err(CommandError::Invalid(format!(
+                    "send: the body has {chars} characters; the platform takes at most {max}"
+                ))));
+                None
+            }
             SessionCmd::Send { reply, .. }
             | SessionCmd::Typing { reply }
             | SessionCmd::Leave { reply }
@@ -778,10 +338,12 @@ impl Actor {
                         agent_connected: self.machine.agent_connected(),
                         last_message_id: self.machine.last_message_id().map(str::to_string),
                         ended,
-                        ..SessionView::guest_chat(
+                        ..SessionView::new(
                             &self.id,
-                            &self.chat,
+                            &self.chat.conversation_id,
+                            &self.chat.member_id,
                             self.machine.phase().as_str(),
+                            super::backend::NAME,
                         )
                     }
                     .with_ends(self.machine.ends()),
@@ -797,7 +359,7 @@ impl Actor {
                 None
             }
             SessionCmd::Send { body, reply } => {
-                let fut = self.ctx.api.send_message(&self.chat, body);
+                let fut = self.gc.api.send_message(&self.chat, body);
                 self.rest_push(
                     async move {
                         match fut.await {
@@ -820,7 +382,7 @@ impl Actor {
                 None
             }
             SessionCmd::Typing { reply } => {
-                let fut = self.ctx.api.send_typing(&self.chat);
+                let fut = self.gc.api.send_typing(&self.chat);
                 self.rest_push(
                     async move {
                         let _ = reply.send(fut.await.map(|_| Done::Typed {}).map_err(Into::into));
@@ -843,7 +405,7 @@ impl Actor {
         frame: Option<Result<WsMessage, tokio_tungstenite::tungstenite::Error>>,
     ) -> Option<Input> {
         match frame {
-            Some(Ok(WsMessage::Text(t))) => Some(match self.ctx.api.decode(&t) {
+            Some(Ok(WsMessage::Text(t))) => Some(match self.gc.api.decode(&t) {
                 Ok(ev) => Input::Frame(ev),
                 Err(e) => {
                     metrics::counter!("guestd_bad_frames_total").increment(1);
@@ -893,7 +455,7 @@ impl Actor {
             Action::AbortConnect => self.connecting = None,
             Action::CloseSocket => close_in_background(&mut self.ws),
             Action::Ping => {
-                let ping = self.ctx.api.ping_frame();
+                let ping = self.gc.api.ping_frame();
                 if let Some(ws) = self.ws.as_mut() {
                     if let Err(e) = ws.send(WsMessage::Text(ping.into())).await {
                         self.ws = None;
@@ -903,14 +465,14 @@ impl Actor {
                 }
             }
             Action::FetchMembers => {
-                let fut = self.ctx.api.list_members(&self.chat);
+                let fut = self.gc.api.list_members(&self.chat);
                 self.rest_push(
                     fut.map(|r| Some(Input::Members(r.map_err(|e| Failure::from(&e)))))
                         .boxed(),
                 );
             }
             Action::Backfill { after, generation } => {
-                let fut = self.ctx.api.messages_after(&self.chat, after);
+                let fut = self.gc.api.messages_after(&self.chat, after);
                 self.rest_push(
                     fut.map(move |r| {
                         Some(Input::Backfill(
@@ -922,7 +484,7 @@ impl Actor {
                 );
             }
             Action::Leave => {
-                let fut = self.ctx.api.leave(&self.chat);
+                let fut = self.gc.api.leave(&self.chat);
                 self.rest_push(
                     fut.map(|r| Some(Input::LeaveDone(r.map_err(|e| Failure::from(&e)))))
                         .boxed(),
@@ -934,88 +496,17 @@ impl Actor {
 
     async fn emit(&mut self, kind: EventKind) {
         let conv = self.chat.conversation_id.clone();
-        if !emit(&self.ctx, &self.id, &conv, kind, true).await {
-            self.relinquish("end not recorded");
-        }
-    }
-}
-
-/// Emit one of a session's events, with its metrics. A message is marked in the journal (the
-/// id a restart's backfill starts after) once its line is written and flushed, not when it is
-/// queued: a SIGKILL in between then repeats it after the restart instead of losing it (both
-/// machines emit messages in order, and the id of the last one emitted is their backfill's
-/// starting point). An `ended` is recorded in the journal first (its `event_id` is stable
-/// across restarts), written and flushed, then the session's entry is closed and, with
-/// `confirm`, the platform asked for its account. False when the end could not be recorded and
-/// the journal is strict (cluster mode): the caller relinquishes the chat to its next owner,
-/// which decides again.
-pub(crate) async fn emit(
-    ctx: &SessionCtx,
-    id: &str,
-    conversation: &str,
-    kind: EventKind,
-    confirm: bool,
-) -> bool {
-    match &kind {
-        EventKind::Reconnecting { .. } => {
-            metrics::counter!("guestd_reconnect_attempts_total").increment(1)
-        }
-        EventKind::Reconnected { .. } => metrics::counter!("guestd_reconnects_total").increment(1),
-        EventKind::HeartbeatMissed { .. } => {
-            metrics::counter!("guestd_heartbeat_misses_total").increment(1)
-        }
-        EventKind::StreamError { .. } => {
-            metrics::counter!("guestd_stream_errors_total").increment(1)
-        }
-        _ => {}
-    }
-    let mut ev = Event::new(id, Some(conversation), kind);
-    if let EventKind::Ended {
-        reason,
-        duration_ms,
-        detail,
-        extra,
-    } = &ev.kind
-    {
-        metrics::counter!("guestd_ended_total", "reason" => reason.as_str()).increment(1);
-        tracing::info!(reason = reason.as_str(), duration_ms, detail = %detail, "chat ended");
-        let event_id = format!("{id}:ended");
-        ev.event_id = Some(event_id.clone());
-        let rec = EndingRecord {
-            reason: *reason,
-            detail: detail.clone(),
-            duration_ms: *duration_ms,
-            event_id,
-            ts: ev.ts.clone(),
-            extra: extra.clone(),
+        let ended = match &kind {
+            EventKind::Ended { reason, .. } => Some(*reason),
+            _ => None,
         };
-        if let Err(e) = ctx.journal.ending(id, rec).await {
-            if ctx.journal.strict() {
-                // Cluster mode: the chat's next owner finds it and decides.
-                tracing::warn!(error = %e, "the end could not be recorded; leaving the chat to its next owner");
-                return false;
-            }
-            // Written anyway: the user learns of the end now. After a restart the chat may be
-            // picked up and its end reported again, with the same event_id.
-            tracing::error!(error = %e, "the end could not be made durable; writing it anyway");
+        if !emit(&self.ctx, &self.id, &conv, kind).await {
+            self.relinquish("end not recorded");
+        } else if let Some(reason) = ended {
+            // The platform's account of the end, once the line is out.
+            self.gc.confirm_end(&self.ctx, &self.id, &conv, reason);
         }
-        let reason = *reason;
-        if ctx.emitter.emit_flushed(ev).await {
-            ctx.journal.ended(id);
-        }
-        if confirm {
-            ctx.confirm_end(id, conversation, reason);
-        }
-        return true;
     }
-    if let EventKind::Message { message_id, .. } = &ev.kind {
-        let (journal, session, message) = (ctx.journal.clone(), id.to_string(), message_id.clone());
-        ev = ev.after_write(AfterWrite::new(move || {
-            journal.progress(&session, &message)
-        }));
-    }
-    ctx.emitter.emit(ev).await;
-    true
 }
 
 #[cfg(test)]
@@ -1026,21 +517,21 @@ mod size_tests {
     /// small (see docs/design.md). These bounds fail if a change inlines something large again.
     async fn an_idle_session_stays_small() {
         let (em, _t) = crate::events::spawn_writer(crate::events::WriterSink(tokio::io::sink()), 4);
-        let (ctx, _rx) = SessionCtx::for_test(
-            Arc::new(crate::backends::guest_chat::api::testing::Stalled),
-            em,
-            Arc::new(crate::journal::NullJournal),
-            1,
-        );
+        let (ctx, _rx) = SessionCtx::for_test(em, Arc::new(crate::journal::NullJournal), 1);
+        let gc = Arc::new(GuestChat {
+            api: Arc::new(crate::backends::guest_chat::api::testing::Stalled),
+            timing: Arc::new(super::super::Timing::default()),
+            platform: None,
+        });
         let chat = ChatRef {
             conversation_id: "c".into(),
             member_id: "m".into(),
             jwt: crate::secret::Secret::new("j"),
             event_stream_uri: "ws://127.0.0.1:1/x".into(),
         };
-        let m = Machine::new(Timing::default(), "m", Instant::now());
+        let m = Machine::new(super::super::Timing::default(), "m", Instant::now());
         let rx = Arc::new(Mailbox::default());
-        let a = Actor::new(Arc::new(ctx), "s".into(), chat, m);
+        let a = Actor::new(Arc::new(ctx), gc, "s".into(), chat, m);
         let f = run_then_report(Box::new(a), rx);
         let task = std::mem::size_of_val(&f);
         let actor = std::mem::size_of::<Actor>();
@@ -1060,8 +551,10 @@ mod size_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::journal::{EndingRecord, Journal};
     use std::sync::Mutex;
     use tokio::io::AsyncBufReadExt;
+    use tokio::sync::mpsc;
 
     /// Records the messages marked as emitted.
     #[derive(Default)]
@@ -1110,16 +603,11 @@ mod tests {
         let (client, server) = tokio::io::duplex(16);
         let (emitter, _writer) = crate::events::spawn_writer(crate::events::WriterSink(client), 8);
         let marks = Arc::new(Marks::default());
-        let (ctx, _rx) = SessionCtx::for_test(
-            Arc::new(crate::backends::guest_chat::api::testing::Stalled),
-            emitter.clone(),
-            marks.clone(),
-            1,
-        );
+        let (ctx, _rx) = SessionCtx::for_test(emitter.clone(), marks.clone(), 1);
         for id in ["m1", "m2"] {
-            assert!(emit(&ctx, "s", "c", message(id), false).await);
+            assert!(emit(&ctx, "s", "c", message(id)).await);
         }
-        emit(&ctx, "s", "c", EventKind::Connected, false).await;
+        emit(&ctx, "s", "c", EventKind::Connected).await;
         let marked = || marks.0.lock().map(|m| m.clone()).unwrap_or_default();
         assert!(marked().is_empty(), "queued, not written: {:?}", marked());
         // The reader catches up: both lines come out, and only then are they marked, in order.
@@ -1189,8 +677,7 @@ mod tests {
         let (emitter, _writer) = crate::events::spawn_writer(crate::events::WriterSink(client), 64);
         let (seen_tx, mut seen) = mpsc::unbounded_channel();
         let (open_tx, open) = tokio::sync::watch::channel(false);
-        let (mut ctx, done_rx) = SessionCtx::for_test(
-            Arc::new(crate::daemon::guest_api(&cfg, &[]).unwrap()),
+        let (ctx, done_rx) = SessionCtx::for_test(
             emitter,
             Arc::new(Gate {
                 seen: seen_tx,
@@ -1198,17 +685,20 @@ mod tests {
             }),
             4,
         );
-        ctx.timing = Arc::new(cfg.session.clone());
         let cancel = ctx.cancel.clone();
-        let sup = crate::supervisor::Supervisor::spawn(ctx, done_rx, 4);
-        let view = sup
-            .start(crate::backends::guest_chat::api::StartSpec {
-                queue: "Support".into(),
-                display_name: "Ann".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let backends = super::super::backend::only(
+            Arc::new(crate::backends::guest_api(&cfg, &[]).unwrap()),
+            cfg.session.clone(),
+        );
+        let sup = crate::supervisor::Supervisor::spawn(ctx, done_rx, 4, backends);
+        let crate::command::Command::Open(start) = crate::control::parse_command(
+            "start",
+            serde_json::json!({"queue": "Support", "display_name": "Ann"}),
+        )
+        .unwrap() else {
+            panic!("a start");
+        };
+        let view = sup.open(start).await.unwrap();
         let mut lines = tokio::io::BufReader::new(server).lines();
         let mut next_type = async move || -> String {
             let line = lines.next_line().await.unwrap().unwrap();

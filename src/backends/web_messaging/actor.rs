@@ -7,17 +7,19 @@
 //! nowhere else (not in the URL, not in a header, never in a log or an event). In the journal
 //! it takes the jwt's place in the record, so it is sealed where the jwt is (cluster mode).
 
+use super::backend::{Chat, NAME, reopen_args};
 use super::client::Messaging;
 use super::machine::{Action, Input, Machine, Out, Refusal, Reply};
 use super::protocol::{self as p, Action as Wire};
-use crate::backends::guest_chat::actor::{
-    Calls, CommandError, Done, DoneReply, FAIR_EVERY, Mailbox, close_in_background, close_now,
-    emit, leave_durably, next_call, next_frame, opt, rearm,
-};
-use crate::backends::guest_chat::api::ChatRef;
 use crate::events::EventKind;
-use crate::secret::Secret;
-use crate::session::{SessionCmd, SessionCtx, SessionHandle, SessionView};
+use crate::session::run::{
+    Calls, FAIR_EVERY, close_in_background, close_now, emit, leave_durably, next_call, next_frame,
+    opt, rearm,
+};
+use crate::session::{
+    CommandError, Done, DoneReply, Mailbox, Reopen, SessionCmd, SessionCtx, SessionHandle,
+    SessionView,
+};
 use crate::transport::stream::{ConnectError, Ws};
 use futures::future::BoxFuture;
 use futures::{FutureExt, SinkExt};
@@ -28,14 +30,10 @@ use tokio::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tracing::Instrument;
 
-/// What a new session needs after `start_new` closed the old one.
-#[derive(Debug)]
-pub struct Reopen {
-    /// The deployment.
-    pub deployment_id: String,
-    /// The same token.
-    pub token: Secret,
-}
+/// The longest text a `send` takes, in characters: guestd's one limit for every backend
+/// before they were split (the guest chat API's), kept so a send refused yesterday is refused
+/// today. The platform's own limit is [`p::MAX_TEXT_BYTES`] bytes.
+pub const MAX_SEND_CHARS: usize = 4000;
 
 /// Undecodable frames reported as `stream_error` per minute, at most (the rest are counted).
 const STREAM_ERRORS_PER_MINUTE: u32 = 5;
@@ -45,19 +43,18 @@ pub fn spawn(
     ctx: Arc<SessionCtx>,
     wm: Arc<Messaging>,
     id: String,
-    chat: ChatRef,
-    deployment_id: String,
+    chat: Chat,
     machine: Machine,
 ) -> SessionHandle {
-    let (handle, rx) = SessionHandle::new(&id, &chat.conversation_id);
-    let span = tracing::info_span!("session", session = %id, conversation = %chat.conversation_id, backend = "web_messaging");
+    let (handle, rx) = SessionHandle::new(&id, &chat.key);
+    let span =
+        tracing::info_span!("session", session = %id, conversation = %chat.key, backend = NAME);
     let actor = Box::new(Actor {
-        epoch: ctx.fence.as_ref().map_or(0, |f| f.epoch()),
+        epoch: ctx.epoch(),
         ctx,
         wm,
         id,
         chat,
-        deployment_id,
         machine,
         ws: None,
         connecting: None,
@@ -92,8 +89,7 @@ struct Actor {
     ctx: Arc<SessionCtx>,
     wm: Arc<Messaging>,
     id: String,
-    chat: ChatRef,
-    deployment_id: String,
+    chat: Chat,
     machine: Machine,
     ws: Option<Ws>,
     connecting: Option<BoxFuture<'static, Result<Ws, ConnectError>>>,
@@ -261,14 +257,19 @@ impl Actor {
         SessionView {
             last_message_id: self.machine.last_message_id().map(str::to_string),
             ended: self.machine.ended(),
-            backend: "web_messaging",
             read_only: self.machine.read_only(),
             agent_end_visible: d.disconnect_visible,
             expires_in_ms: self
                 .machine
                 .expires()
                 .map(|e| e.saturating_duration_since(Instant::now()).as_millis() as u64),
-            ..SessionView::guest_chat(&self.id, &self.chat, self.machine.phase().as_str())
+            ..SessionView::new(
+                &self.id,
+                &self.chat.key,
+                "guest",
+                self.machine.phase().as_str(),
+                NAME,
+            )
         }
         .with_ends(self.machine.ends())
     }
@@ -281,6 +282,14 @@ impl Actor {
             }
             SessionCmd::Get { reply } => {
                 let _ = reply.send(self.view());
+                None
+            }
+            SessionCmd::Send { body, reply } if body.chars().count() > MAX_SEND_CHARS => {
+                let chars = body.chars().count();
+                let _ = reply.send(Err(CommandError::Invalid(format!(
+                    "send: the body has {chars} characters; the platform takes at most \
+                     {MAX_SEND_CHARS}"
+                ))));
                 None
             }
             SessionCmd::Send { reply, .. }
@@ -383,14 +392,10 @@ impl Actor {
 
     /// An event to emit outside a machine step (a frame that does not decode).
     fn queued_emit(&mut self, kind: EventKind) {
-        let (ctx, id, conv) = (
-            self.ctx.clone(),
-            self.id.clone(),
-            self.chat.conversation_id.clone(),
-        );
+        let (ctx, id, conv) = (self.ctx.clone(), self.id.clone(), self.chat.key.clone());
         self.work_push(
             async move {
-                emit(&ctx, &id, &conv, kind, false).await;
+                emit(&ctx, &id, &conv, kind).await;
                 None
             }
             .boxed(),
@@ -411,7 +416,7 @@ impl Actor {
         match a {
             Action::Connect => {
                 let connector = self.ctx.connector.clone();
-                let url = self.chat.event_stream_uri.clone();
+                let url = self.chat.socket_url.clone();
                 self.connecting = Some(
                     async move {
                         let started = tokio::time::Instant::now();
@@ -428,8 +433,8 @@ impl Actor {
                 close_in_background(&mut self.ws);
             }
             Action::Write(out) => {
-                let token = self.chat.jwt.clone();
-                let dep = self.deployment_id.clone();
+                let token = self.chat.token.clone();
+                let dep = self.chat.deployment_id.clone();
                 let (wire, tid) = match &out {
                     Out::Configure { start_new } => (
                         Wire::ConfigureSession {
@@ -459,10 +464,10 @@ impl Actor {
                 }
             }
             Action::Emit(kind) => {
-                let conv = self.chat.conversation_id.clone();
+                let conv = self.chat.key.clone();
                 // The Platform API is asked about guest chats only: it has no view of a Web
                 // Messaging session guestd can name.
-                if !emit(&self.ctx, &self.id, &conv, kind, false).await {
+                if !emit(&self.ctx, &self.id, &conv, kind).await {
                     self.relinquish("end not recorded");
                 }
             }
@@ -486,8 +491,8 @@ impl Actor {
             if t == tid {
                 let _ = reply.send(match r {
                     Ok(_) => Ok(Reopen {
-                        deployment_id: self.deployment_id.clone(),
-                        token: self.chat.jwt.clone(),
+                        backend: NAME,
+                        args: reopen_args(&self.chat),
                     }),
                     Err(e) => Err(self.refused(e)),
                 });

@@ -6,6 +6,8 @@
 //! - [`machine`]: the pure rules of one Web Messaging session (no sockets, no clock of its own).
 //! - [`actor`]: the task that owns the socket and drives the machine; it answers the same
 //!   `SessionHandle` commands as a guest chat session.
+//! - [`backend`]: `start`, `attach` and a restart, as the `session::Backend` the supervisor
+//!   holds.
 //! - [`client`]: the REST side (history with a `getJwt` bearer, the deployment's `config.json`)
 //!   and the URLs of a region or of the emulator.
 //!
@@ -16,9 +18,10 @@
 //! the session's time to live, a conversation and a session that end separately. One machine
 //! would carry both sets of rules behind a flag on every branch. What they do share is the
 //! outside: the command handle, the registry, the journal, the event writer and the exactly-once
-//! `ended`; both actors plug into those unchanged.
+//! `ended`; both backends plug into those through `crate::session`.
 
 pub mod actor;
+pub mod backend;
 pub mod client;
 pub mod machine;
 pub mod protocol;
