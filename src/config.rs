@@ -923,26 +923,6 @@ pub struct Readiness {
     pub detail: String,
 }
 
-/// The keys a guest chat `start` needs that `organization_id`/`deployment_id` leave unset, as
-/// one message naming each key and its environment variable; None when it can run. guestd
-/// refuses such a `start` itself (code `not_configured`), before anything is sent.
-pub fn start_missing(organization_id: &str, deployment_id: &str) -> Option<String> {
-    let missing: Vec<String> = [
-        ("genesys.organization_id", organization_id),
-        ("genesys.deployment_id", deployment_id),
-    ]
-    .into_iter()
-    .filter(|(_, v)| v.trim().is_empty())
-    .map(|(k, _)| format!("{k} ({})", env_var_of(k)))
-    .collect();
-    (!missing.is_empty()).then(|| {
-        format!(
-            "guest chat start is not configured: set {} (attach needs neither)",
-            missing.join(" and ")
-        )
-    })
-}
-
 impl Config {
     /// What this configuration can serve: for each command, ready or what it lacks.
     pub fn readiness(&self) -> Vec<Readiness> {
@@ -950,9 +930,16 @@ impl Config {
         let g = &self.genesys;
         out.push(Readiness {
             command: "start (guest chat)",
-            ready: start_missing(&g.organization_id, &g.deployment_id).is_none(),
-            detail: start_missing(&g.organization_id, &g.deployment_id)
-                .unwrap_or_else(|| format!("creates chats at {}", g.api_base)),
+            ready: crate::backends::guest_chat::client::start_missing(
+                &g.organization_id,
+                &g.deployment_id,
+            )
+            .is_none(),
+            detail: crate::backends::guest_chat::client::start_missing(
+                &g.organization_id,
+                &g.deployment_id,
+            )
+            .unwrap_or_else(|| format!("creates chats at {}", g.api_base)),
         });
         out.push(Readiness {
             command: "attach (guest chat)",
@@ -1288,7 +1275,9 @@ mod tests {
         );
         let mut cfg = Config::default();
         cfg.genesys.organization_id = "o".into();
-        let m = start_missing(&cfg.genesys.organization_id, "").unwrap();
+        let m =
+            crate::backends::guest_chat::client::start_missing(&cfg.genesys.organization_id, "")
+                .unwrap();
         assert!(
             m.contains("deployment_id") && !m.contains("organization_id"),
             "{m}"

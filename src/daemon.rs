@@ -5,7 +5,6 @@ use crate::config::Config;
 use crate::control::{self, HttpState};
 use crate::events::{self, Emitter, EventSink};
 use crate::journal::{FileJournal, Journal, NullJournal};
-use crate::platform::rest::ClientConfig;
 use crate::session::SessionCtx;
 use crate::supervisor::Supervisor;
 use crate::transport::stream::{Connector, StreamConfig};
@@ -81,7 +80,7 @@ pub fn platform_api(
         .platform
         .credentials()
         .map_err(crate::transport::policy::ApiError::Policy)?;
-    let mut rest = ClientConfig::of(
+    let mut rest = crate::backends::rest_config(
         cfg,
         &cfg.platform.api_base,
         cfg.platform.allow_insecure,

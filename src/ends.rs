@@ -339,22 +339,6 @@ impl Ends {
     }
 }
 
-/// The end of `conversation_id` remembered in the journal `cfg` names, still inside the window
-/// (`guestd status` when no guestd runs). Read only; a journal that cannot be read answers
-/// nothing.
-pub fn in_journal(cfg: &crate::config::Config, conversation_id: &str) -> Option<EndRecord> {
-    if !cfg.journal.enabled {
-        return None;
-    }
-    let f = std::fs::File::open(&cfg.journal.path).ok()?;
-    let state = crate::journal::load_state(std::io::BufReader::new(f)).ok()?;
-    let now = now_ms();
-    state.remembered.into_iter().rev().find(|r| {
-        r.conversation_id == conversation_id
-            && r.ended_ms().is_some_and(|ms| cfg.status.keeps(ms, now))
-    })
-}
-
 /// Put `r` in the book (a newer end of the same conversation replaces an older one); the record
 /// as kept, or None if it is outside the window (or older than what is kept).
 fn insert(book: &mut Book, r: EndRecord, keep: &Remember, now: i64) -> Option<EndRecord> {

@@ -835,6 +835,22 @@ impl Journal for FileJournal {
     }
 }
 
+/// The end of `conversation_id` remembered in the journal at `path`, still inside `keep`'s
+/// window (`guestd status` when no guestd runs). Read only; a journal that cannot be read
+/// answers nothing.
+pub fn remembered_end(
+    path: &Path,
+    keep: &crate::ends::Remember,
+    conversation_id: &str,
+) -> Option<crate::ends::EndRecord> {
+    let f = std::fs::File::open(path).ok()?;
+    let state = load_state(std::io::BufReader::new(f)).ok()?;
+    let now = chrono::Utc::now().timestamp_millis();
+    state.remembered.into_iter().rev().find(|r| {
+        r.conversation_id == conversation_id && r.ended_ms().is_some_and(|ms| keep.keeps(ms, now))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -419,7 +419,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let answer = status_via_daemon(&cfg, &conversation_id, jwt.as_deref()).await?;
             let (ok, body) = match answer {
                 Some(a) => a,
-                None if let Some(r) = guestd::ends::in_journal(&cfg, &conversation_id) => {
+                None if let Some(r) = cfg
+                    .journal
+                    .enabled
+                    .then(|| {
+                        guestd::journal::remembered_end(
+                            &cfg.journal.path,
+                            &cfg.status,
+                            &conversation_id,
+                        )
+                    })
+                    .flatten() =>
+                {
                     // No guestd running: the end it remembered in its journal.
                     let s = guestd::platform::status::ConversationStatus::remembered(r);
                     (true, serde_json::to_string(&s)?)
@@ -432,7 +443,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     match guestd::platform::status::status_from(
                         None,
                         platform.as_ref(),
-                        &backends,
+                        &backends.all().cloned().collect::<Vec<_>>(),
                         &conversation_id,
                         jwt.map(guestd::secret::Secret::new),
                     )
@@ -441,7 +452,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         Ok(s) => (true, serde_json::to_string(&s)?),
                         Err(e) => (
                             false,
-                            serde_json::json!({"error": e.to_string(), "code": e.code()})
+                            serde_json::json!({"error": e.to_string(), "code": guestd::supervisor::SupervisorError::from(e).code()})
                                 .to_string(),
                         ),
                     }

@@ -89,6 +89,15 @@ pub enum SupervisorError {
     Remote(&'static str, String),
 }
 
+impl From<crate::platform::status::StatusError> for SupervisorError {
+    fn from(e: crate::platform::status::StatusError) -> Self {
+        match e {
+            crate::platform::status::StatusError::Invalid(m) => SupervisorError::Invalid(m),
+            crate::platform::status::StatusError::Api(a) => SupervisorError::Api(a),
+        }
+    }
+}
+
 impl From<OpenError> for SupervisorError {
     fn from(e: OpenError) -> Self {
         match e {

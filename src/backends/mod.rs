@@ -35,7 +35,7 @@ pub fn registry(
     };
     let messaging = web_messaging::client::Messaging::new(
         cfg.web_messaging.clone(),
-        ClientConfig::of(cfg, "", cfg.genesys.allow_insecure, roots),
+        rest_config(cfg, "", cfg.genesys.allow_insecure, roots),
     )?;
     Ok(Backends::new(vec![
         Arc::new(guest_chat::GuestChatBackend(Arc::new(guest))),
@@ -48,7 +48,7 @@ pub fn guest_api(
     cfg: &Config,
     roots: &[CertificateDer<'static>],
 ) -> Result<guest_chat::client::GenesysApi, ApiError> {
-    guest_chat::client::GenesysApi::new(ClientConfig::of(
+    guest_chat::client::GenesysApi::new(rest_config(
         cfg,
         &cfg.genesys.api_base,
         cfg.genesys.allow_insecure,
@@ -76,4 +76,26 @@ pub fn stream_hosts(cfg: &Config) -> Vec<String> {
 /// keys): the same on every node of a cluster, and across restarts. The first call wins.
 pub fn set_key_secret(secret: &[u8; 32]) {
     web_messaging::set_key_secret(secret);
+}
+
+/// The REST settings of a configuration (`[rest]`, the guest chat's organization and
+/// deployment) for a Genesys client of `api_base`.
+pub fn rest_config(
+    cfg: &Config,
+    api_base: &str,
+    allow_insecure: bool,
+    extra_roots: &[rustls::pki_types::CertificateDer<'static>],
+) -> ClientConfig {
+    ClientConfig {
+        api_base: api_base.to_string(),
+        organization_id: cfg.genesys.organization_id.clone(),
+        deployment_id: cfg.genesys.deployment_id.clone(),
+        timeout: cfg.rest.timeout,
+        max_retries: cfg.rest.max_retries,
+        backoff: cfg.rest.backoff.clone(),
+        max_retry_after: cfg.rest.max_retry_after,
+        allow_insecure,
+        max_concurrent: cfg.rest.max_concurrent,
+        extra_roots: extra_roots.to_vec(),
+    }
 }

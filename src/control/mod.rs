@@ -384,8 +384,34 @@ pub async fn execute_here(sup: &Supervisor, cmd: Command) -> Result<Reply, Super
         Command::Status {
             conversation_id,
             jwt,
-        } => Reply::Status(crate::platform::status::status(sup, &conversation_id, jwt).await?),
+        } => Reply::Status(status(sup, &conversation_id, jwt).await?),
     })
+}
+
+/// The status of `conversation_id`; `jwt` lets the guest API answer for a chat neither guestd
+/// holds nor the Platform API can be asked about.
+pub async fn status(
+    sup: &Supervisor,
+    conversation_id: &str,
+    jwt: Option<Secret>,
+) -> Result<crate::platform::status::ConversationStatus, SupervisorError> {
+    // Before anything else: the id goes into Platform API and guest API URLs.
+    crate::transport::policy::check_id("conversation_id", conversation_id)
+        .map_err(|e| SupervisorError::Invalid(e.to_string()))?;
+    let held = sup.get(conversation_id).await.ok();
+    // Over (or gone): the remembered end says more than the view (when, how guestd knew).
+    if held.as_ref().is_none_or(|v| v.ended.is_some()) {
+        if let Some(ends) = sup.ends() {
+            if let Some(r) = ends.find(conversation_id).await {
+                return Ok(crate::platform::status::ConversationStatus::remembered(r));
+            }
+        }
+    }
+    let backends: Vec<_> = sup.backends().all().cloned().collect();
+    Ok(
+        crate::platform::status::status_from(held, sup.platform(), &backends, conversation_id, jwt)
+            .await?,
+    )
 }
 
 /// The event that answers a stdin command; serialized here, at the edge.

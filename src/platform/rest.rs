@@ -57,30 +57,6 @@ pub struct ClientConfig {
     pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
-impl ClientConfig {
-    /// The REST settings of a configuration (`[rest]`, the guest chat's organization and
-    /// deployment) for a client of `api_base`.
-    pub fn of(
-        cfg: &crate::config::Config,
-        api_base: &str,
-        allow_insecure: bool,
-        extra_roots: &[rustls::pki_types::CertificateDer<'static>],
-    ) -> ClientConfig {
-        ClientConfig {
-            api_base: api_base.to_string(),
-            organization_id: cfg.genesys.organization_id.clone(),
-            deployment_id: cfg.genesys.deployment_id.clone(),
-            timeout: cfg.rest.timeout,
-            max_retries: cfg.rest.max_retries,
-            backoff: cfg.rest.backoff.clone(),
-            max_retry_after: cfg.rest.max_retry_after,
-            allow_insecure,
-            max_concurrent: cfg.rest.max_concurrent,
-            extra_roots: extra_roots.to_vec(),
-        }
-    }
-}
-
 /// The REST machinery both Genesys clients share (the guest API's and the Platform API's):
 /// one HTTP client with guestd's TLS, a cap on requests in flight, the retry policy.
 pub(crate) struct Inner {

@@ -16,9 +16,19 @@
 use crate::events::{EndReason, Participant};
 use crate::platform::api::platform_reason;
 use crate::secret::Secret;
-use crate::supervisor::{Supervisor, SupervisorError};
 use crate::transport::policy::ApiError;
 use serde::Serialize;
+
+/// Why `status` could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    /// The question was wrong, or nothing configured can answer it.
+    #[error("{0}")]
+    Invalid(String),
+    /// The platform refused or failed the call.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+}
 
 /// A conversation's status.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -91,38 +101,16 @@ impl ConversationStatus {
     }
 }
 
-/// The status of `conversation_id`; `jwt` lets the guest API answer for a chat neither guestd
-/// holds nor the Platform API can be asked about.
-pub async fn status(
-    sup: &Supervisor,
-    conversation_id: &str,
-    jwt: Option<Secret>,
-) -> Result<ConversationStatus, SupervisorError> {
-    // Before anything else: the id goes into Platform API and guest API URLs.
-    crate::transport::policy::check_id("conversation_id", conversation_id)
-        .map_err(|e| SupervisorError::Invalid(e.to_string()))?;
-    let held = sup.get(conversation_id).await.ok();
-    // Over (or gone): the remembered end says more than the view (when, how guestd knew).
-    if held.as_ref().is_none_or(|v| v.ended.is_some()) {
-        if let Some(ends) = sup.ends() {
-            if let Some(r) = ends.find(conversation_id).await {
-                return Ok(ConversationStatus::remembered(r));
-            }
-        }
-    }
-    status_from(held, sup.platform(), sup.backends(), conversation_id, jwt).await
-}
-
 /// The same from explicit sources (`guestd status` without a running guestd passes no view).
 pub async fn status_from(
     held: Option<crate::session::SessionView>,
     platform: Option<&crate::platform::api::PlatformApi>,
-    backends: &crate::supervisor::Backends,
+    backends: &[std::sync::Arc<dyn crate::session::Backend>],
     conversation_id: &str,
     jwt: Option<Secret>,
-) -> Result<ConversationStatus, SupervisorError> {
+) -> Result<ConversationStatus, StatusError> {
     crate::transport::policy::check_id("conversation_id", conversation_id)
-        .map_err(|e| SupervisorError::Invalid(e.to_string()))?;
+        .map_err(|e| StatusError::Invalid(e.to_string()))?;
     let mut out = ConversationStatus::new(conversation_id);
     if let Some(view) = held {
         out.alive = view.ended.is_none();
@@ -142,16 +130,16 @@ pub async fn status_from(
         return Ok(out);
     }
     let Some(jwt) = jwt else {
-        return Err(SupervisorError::Invalid(format!(
+        return Err(StatusError::Invalid(format!(
             "guestd does not hold {conversation_id}, and without [platform] or the chat's jwt \
              nothing else can answer"
         )));
     };
     let Some(asked) = backends
-        .all()
+        .iter()
         .find_map(|b| b.alive_by_credential(conversation_id, jwt.clone()))
     else {
-        return Err(SupervisorError::Invalid(format!(
+        return Err(StatusError::Invalid(format!(
             "guestd does not hold {conversation_id}, and no backend can answer from a jwt"
         )));
     };
@@ -159,7 +147,7 @@ pub async fn status_from(
         Ok(alive) => alive,
         // A refused jwt says nothing certain about the chat: say so.
         Err(ApiError::Unauthorized(m)) => {
-            return Err(SupervisorError::Invalid(format!(
+            return Err(StatusError::Invalid(format!(
                 "the guest API refused the jwt ({m}); it may have expired with a chat long over"
             )));
         }

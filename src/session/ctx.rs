@@ -25,8 +25,8 @@ pub struct SessionCtx {
     /// On shutdown, leave the chats instead of only closing the sockets.
     pub leave_on_shutdown: bool,
     /// Cluster mode: whether this node may still act for the chats it took (see
-    /// `crate::cluster::Fence`). None on a single node.
-    pub fence: Option<crate::cluster::Fence>,
+    /// `super::fence::Fence`). None on a single node.
+    pub fence: Option<super::fence::Fence>,
 }
 
 impl SessionCtx {
@@ -51,7 +51,7 @@ impl SessionCtx {
     }
 
     /// Whether this process may still act for a chat it took in `epoch` (always, on a single
-    /// node; see `crate::cluster::Fence`).
+    /// node; see `super::fence::Fence`).
     pub fn may_act(&self, epoch: u64) -> bool {
         self.fence.as_ref().is_none_or(|f| f.acting(epoch))
     }

@@ -10,7 +10,7 @@
 //! or broken server cannot make one session allocate without bound. Measured in
 //! `docs/benchmarks.md`: 4 KiB -> 1 KiB took 3 KiB off every session, no buffer 3 KiB more.
 
-use crate::backends::guest_chat::api::ChatRef;
+use crate::secret::Secret;
 use crate::transport::policy::{EXCERPT_CHARS, PolicyError, check_stream_url, excerpt};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -206,10 +206,10 @@ impl Connector {
         check_stream_url(url, self.cfg.allow_insecure, &self.cfg.allowed_hosts)
     }
 
-    /// Open the event stream of `chat` (with its jwt as bearer, if `send_jwt`).
-    pub async fn connect(&self, chat: &ChatRef) -> Result<Ws, ConnectError> {
-        let bearer = self.cfg.send_jwt.then(|| chat.jwt.expose());
-        self.connect_to(&chat.event_stream_uri, bearer).await
+    /// Open a chat's event stream at `url`, with its credential as bearer if `send_jwt`.
+    pub async fn connect(&self, url: &str, credential: &Secret) -> Result<Ws, ConnectError> {
+        let bearer = self.cfg.send_jwt.then(|| credential.expose());
+        self.connect_to(url, bearer).await
     }
 
     /// Open a websocket to `url`, with `bearer` on the handshake when given.
@@ -555,6 +555,7 @@ mod tests {
     #[tokio::test]
     async fn a_dropped_connect_is_no_longer_in_flight() {
         use super::*;
+        use crate::backends::guest_chat::api::ChatRef;
         // A server that accepts and never answers the upgrade.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -572,7 +573,7 @@ mod tests {
             event_stream_uri: format!("ws://{addr}/v2/stream/c"),
         };
         for _ in 0..3 {
-            let attempt = c.connect(&chat);
+            let attempt = c.connect(&chat.event_stream_uri, &chat.jwt);
             let r = tokio::time::timeout(Duration::from_millis(50), attempt).await;
             assert!(r.is_err(), "the handshake hangs and is dropped");
         }

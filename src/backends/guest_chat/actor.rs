@@ -444,7 +444,7 @@ impl Actor {
                 self.connecting = Some(
                     async move {
                         let started = tokio::time::Instant::now();
-                        let r = connector.connect(&chat).await;
+                        let r = connector.connect(&chat.event_stream_uri, &chat.jwt).await;
                         metrics::histogram!("guestd_connect_duration_seconds", "backend" => "guest_chat")
                             .record(started.elapsed());
                         r

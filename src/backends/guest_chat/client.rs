@@ -120,9 +120,7 @@ impl ChatApi for GenesysApi {
         let url = self.url(p::CONVERSATIONS);
         async move {
             // Every missing key at once, before the platform is asked (issue 24).
-            if let Some(msg) =
-                crate::config::start_missing(&inner.cfg.organization_id, &inner.cfg.deployment_id)
-            {
+            if let Some(msg) = start_missing(&inner.cfg.organization_id, &inner.cfg.deployment_id) {
                 return Err(ApiError::NotConfigured(msg));
             }
             let req = CreateChatRequest {
@@ -349,4 +347,25 @@ fn truncate(s: &str) -> &str {
         Some((i, _)) => &s[..i],
         None => s,
     }
+}
+
+/// The keys a guest chat `start` needs that `organization_id`/`deployment_id` leave unset, as
+/// one message naming each key and its environment variable; None when it can run. guestd
+/// refuses such a `start` itself (code `not_configured`), before anything is sent.
+pub fn start_missing(organization_id: &str, deployment_id: &str) -> Option<String> {
+    let missing: Vec<String> = [
+        ("genesys.organization_id", organization_id),
+        ("genesys.deployment_id", deployment_id),
+    ]
+    .into_iter()
+    .filter(|(_, v)| v.trim().is_empty())
+    // The variable as `config::env_var_of` names it.
+    .map(|(k, _)| format!("{k} (GUESTD_{})", k.replace('.', "__").to_ascii_uppercase()))
+    .collect();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "guest chat start is not configured: set {} (attach needs neither)",
+            missing.join(" and ")
+        )
+    })
 }
