@@ -247,6 +247,27 @@ fn ended(seen: &[Value]) -> Vec<&Value> {
     seen.iter().filter(|v| v["type"] == "ended").collect()
 }
 
+/// Let the server end the chat: `session`'s `ended` (`server_ended`) must come from `d`; then
+/// `d` shuts down, and every event it wrote is in `seen`.
+async fn end_on_server(
+    srv: &ticks::Server,
+    d: guestd::daemon::Running,
+    mut rx: mpsc::UnboundedReceiver<Value>,
+    session: &Value,
+    seen: &mut Vec<Value>,
+) {
+    srv.go.send_replace(true);
+    let end = next(&mut rx, "ended", seen).await;
+    assert_eq!(
+        (&end["session"], end["reason"].as_str()),
+        (session, Some("server_ended"))
+    );
+    d.shutdown().await;
+    while let Ok(v) = rx.try_recv() {
+        seen.push(v);
+    }
+}
+
 /// Start, get, list, a refused send, and a leave, over the HTTP API: the supervisor and control
 /// run a backend they were never told about, and its chat ends once, for the reason it gives.
 #[tokio::test]
@@ -366,16 +387,7 @@ async fn a_journaled_chat_of_the_backend_is_picked_up_after_a_restart_and_ends_o
     );
     next(&mut rx, "connected", &mut second).await;
     assert_eq!(*srv.connections.borrow(), 2);
-    srv.go.send_replace(true);
-    let end = next(&mut rx, "ended", &mut second).await;
-    assert_eq!(
-        (end["session"].clone(), end["reason"].as_str()),
-        (session, Some("server_ended"))
-    );
-    d.shutdown().await;
-    while let Ok(v) = rx.try_recv() {
-        second.push(v);
-    }
+    end_on_server(&srv, d, rx, &session, &mut second).await;
     assert_eq!(
         ended(&first).len() + ended(&second).len(),
         1,
@@ -427,13 +439,7 @@ async fn a_chat_of_the_backend_moves_to_another_node_and_ends_once() {
     let taken = next(&mut rxb, "session_started", &mut on_b).await;
     assert_eq!(taken["session"], session, "node b took node a's chat");
     next(&mut rxb, "connected", &mut on_b).await;
-    srv.go.send_replace(true);
-    let end = next(&mut rxb, "ended", &mut on_b).await;
-    assert_eq!(
-        (end["session"].clone(), end["reason"].as_str()),
-        (session, Some("server_ended"))
-    );
-    db.shutdown().await;
+    end_on_server(&srv, db, rxb, &session, &mut on_b).await;
     while let Ok(v) = rxa.try_recv() {
         on_a.push(v);
     }
