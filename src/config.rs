@@ -924,40 +924,10 @@ pub struct Readiness {
 }
 
 impl Config {
-    /// What this configuration can serve: for each command, ready or what it lacks.
+    /// What this configuration can serve beyond the backends' own commands (which
+    /// `crate::backends::readiness` reports): for each, ready or what it lacks.
     pub fn readiness(&self) -> Vec<Readiness> {
         let mut out = Vec::new();
-        let g = &self.genesys;
-        out.push(Readiness {
-            command: "start (guest chat)",
-            ready: crate::backends::guest_chat::client::start_missing(
-                &g.organization_id,
-                &g.deployment_id,
-            )
-            .is_none(),
-            detail: crate::backends::guest_chat::client::start_missing(
-                &g.organization_id,
-                &g.deployment_id,
-            )
-            .unwrap_or_else(|| format!("creates chats at {}", g.api_base)),
-        });
-        out.push(Readiness {
-            command: "attach (guest chat)",
-            ready: true,
-            detail: "needs nothing configured: the command carries the chat's ids and jwt".into(),
-        });
-        let wm = self.web_messaging.deployment_id.trim().is_empty();
-        out.push(Readiness {
-            command: "start/attach (web_messaging)",
-            ready: !wm,
-            detail: if wm {
-                "each command must name its deployment_id: web_messaging.deployment_id \
-                 (GUESTD_WEB_MESSAGING__DEPLOYMENT_ID) is unset"
-                    .into()
-            } else {
-                format!("deployment {}", self.web_messaging.deployment_id)
-            },
-        });
         out.push(Readiness {
             command: "status (of any chat)",
             ready: self.platform.enabled(),
@@ -1255,35 +1225,8 @@ mod tests {
     }
 
     #[test]
-    fn readiness_names_what_start_lacks_and_attach_needs_nothing() {
-        let cfg = Config::default();
-        let r = cfg.readiness();
-        let start = r
-            .iter()
-            .find(|r| r.command == "start (guest chat)")
-            .unwrap();
-        assert!(!start.ready);
-        for needle in [
-            "genesys.organization_id (GUESTD_GENESYS__ORGANIZATION_ID)",
-            "genesys.deployment_id (GUESTD_GENESYS__DEPLOYMENT_ID)",
-        ] {
-            assert!(start.detail.contains(needle), "{}", start.detail);
-        }
-        assert!(
-            r.iter()
-                .any(|r| r.command == "attach (guest chat)" && r.ready)
-        );
+    fn readiness_says_where_chats_are_kept() {
         let mut cfg = Config::default();
-        cfg.genesys.organization_id = "o".into();
-        let m =
-            crate::backends::guest_chat::client::start_missing(&cfg.genesys.organization_id, "")
-                .unwrap();
-        assert!(
-            m.contains("deployment_id") && !m.contains("organization_id"),
-            "{m}"
-        );
-        cfg.genesys.deployment_id = "d".into();
-        assert!(cfg.readiness()[0].ready);
         // The cluster line says where chats are kept, and says so when nowhere.
         let cluster = |cfg: &Config| {
             cfg.readiness()

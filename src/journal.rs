@@ -42,7 +42,8 @@ use std::path::{Path, PathBuf};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// A session as first recorded: what every backend's record has, and the backend's own part.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+/// Its `Debug` shows the keys of `state` only (a credential is in it).
+#[derive(Clone, Serialize, PartialEq)]
 pub struct SessionRecord {
     /// guestd's session id.
     pub session: String,
@@ -57,6 +58,24 @@ pub struct SessionRecord {
     pub conversation_id: String,
     /// The backend's own record (its credential in it).
     pub state: serde_json::Value,
+}
+
+impl std::fmt::Debug for SessionRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys: Vec<&String> = self
+            .state
+            .as_object()
+            .map(|m| m.keys().collect())
+            .unwrap_or_default();
+        f.debug_struct("SessionRecord")
+            .field("session", &self.session)
+            .field("started_ms", &self.started_ms)
+            .field("mode", &self.mode)
+            .field("backend", &self.backend)
+            .field("conversation_id", &self.conversation_id)
+            .field("state", &keys)
+            .finish()
+    }
 }
 
 /// A record as read: today's form, or the one before records named their backend
@@ -79,16 +98,15 @@ struct RawRecord {
 impl<'de> Deserialize<'de> for SessionRecord {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let r = RawRecord::deserialize(d)?;
-        if let (Some(backend), Some(conversation_id), Some(state)) =
-            (r.backend, r.conversation_id, r.state)
-        {
+        if let (Some(backend), Some(conversation_id)) = (r.backend, r.conversation_id) {
+            // A backend with nothing of its own to keep journals `null`.
             return Ok(SessionRecord {
                 session: r.session,
                 started_ms: r.started_ms,
                 mode: r.mode,
                 backend,
                 conversation_id,
-                state,
+                state: r.state.unwrap_or(serde_json::Value::Null),
             });
         }
         let conversation_id = r
@@ -907,6 +925,19 @@ mod tests {
         assert_eq!(back, now);
         let missing = r#"{"op":"session","session":"s-1","started_ms":5,"mode":"attach"}"#;
         assert!(serde_json::from_str::<Rec>(missing).is_err());
+        // A backend with nothing of its own journals `null`, and it reads back.
+        let bare = SessionRecord {
+            state: serde_json::Value::Null,
+            ..rec("b")
+        };
+        let line = serde_json::to_string(&Rec::Session(bare.clone())).unwrap();
+        let Rec::Session(back) = serde_json::from_str::<Rec>(&line).unwrap() else {
+            panic!("not a session record");
+        };
+        assert_eq!(back, bare);
+        // Its Debug names the state's keys, never the credential in it.
+        let dbg = format!("{:?}", rec("c"));
+        assert!(dbg.contains("chat") && !dbg.contains("tok"), "{dbg}");
     }
 
     #[tokio::test]

@@ -252,8 +252,9 @@ async fn main() {
 
 /// The check-config summary: one comment line per command, so stdout stays valid TOML.
 fn readiness_lines(cfg: &Config) -> String {
-    cfg.readiness()
-        .iter()
+    guestd::backends::readiness(cfg)
+        .into_iter()
+        .chain(cfg.readiness())
         .map(|r| {
             format!(
                 "# {:<30} {:<9} {}\n",
@@ -307,7 +308,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 log_filter = %logs.spec,
                 "guestd starting"
             );
-            for r in cfg.readiness() {
+            for r in guestd::backends::readiness(&cfg)
+                .into_iter()
+                .chain(cfg.readiness())
+            {
                 if r.ready {
                     tracing::info!(command = r.command, detail = %r.detail, "ready");
                 } else {

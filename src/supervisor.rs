@@ -425,16 +425,24 @@ impl Supervisor {
     /// Check a `start`/`attach` and fill in what its backend's configuration supplies; sets
     /// its key when known (run where the command is read, before it is routed).
     pub fn prepare(&self, cmd: &mut OpenCmd) -> Result<(), SupervisorError> {
-        let backend = self.backends.get(cmd.backend.as_deref())?;
+        let backend = self.backend_of(cmd)?;
         cmd.key = backend
             .prepare(&self.ctx, cmd.open, &mut cmd.args)
             .map_err(SupervisorError::Invalid)?;
         Ok(())
     }
 
+    /// The backend `cmd` names; an unknown one is refused with the command's name
+    /// (`start: unknown backend "x" (guest_chat or web_messaging)`).
+    fn backend_of(&self, cmd: &OpenCmd) -> Result<&Arc<dyn Backend>, SupervisorError> {
+        self.backends
+            .get(cmd.backend.as_deref())
+            .map_err(|e| SupervisorError::Invalid(format!("{}: {e}", cmd.open.name())))
+    }
+
     /// Open a chat with its backend (`start`, `attach`) and supervise it.
     pub async fn open(&self, mut cmd: OpenCmd) -> Result<SessionView, SupervisorError> {
-        let backend = self.backends.get(cmd.backend.as_deref())?.clone();
+        let backend = self.backend_of(&cmd)?.clone();
         // Again, here: a command from stdin was prepared where it was read, one from HTTP or
         // another node was not (and preparing twice changes nothing).
         let key = backend
@@ -558,7 +566,7 @@ impl Supervisor {
     pub async fn resume(&self, r: Recovered) -> Result<(), SupervisorError> {
         let id = r.record.session.clone();
         let conv = r.record.conversation_id.clone();
-        let backend = self.backends.of_record(&r.record)?.clone();
+        let backend = self.backends.of_record(&r.record).cloned();
         if let Some(ending) = r.ending {
             // Decided before the crash but maybe never written: write it again, same event_id.
             let mut ev = Event::new(
@@ -576,10 +584,14 @@ impl Supervisor {
             if self.ctx.emitter.emit_flushed(ev).await {
                 self.ctx.journal.ended(&id);
             }
-            // Ended while guestd was down: accounted for the same way as a live end.
-            backend.ended_while_down(&self.ctx, &id, &conv, ending.reason);
+            // Ended while guestd was down: accounted for the same way as a live end (by its
+            // backend, if it is still registered: the end itself is written whatever it is).
+            if let Ok(b) = &backend {
+                b.ended_while_down(&self.ctx, &id, &conv, ending.reason);
+            }
             return Ok(());
         }
+        let backend = backend?;
         let slot = self
             .reserve(Some(conv.as_str().into()), Limit::Exceeded)
             .await?;

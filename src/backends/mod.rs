@@ -21,6 +21,38 @@ use crate::transport::policy::ApiError;
 use rustls::pki_types::CertificateDer;
 use std::sync::Arc;
 
+/// What the backends can serve with this configuration (`check-config` prints these before
+/// `Config::readiness`'s lines; `run` logs them at start).
+pub fn readiness(cfg: &Config) -> Vec<crate::config::Readiness> {
+    use crate::config::Readiness;
+    let mut out = Vec::new();
+    let g = &cfg.genesys;
+    out.push(Readiness {
+        command: "start (guest chat)",
+        ready: guest_chat::client::start_missing(&g.organization_id, &g.deployment_id).is_none(),
+        detail: guest_chat::client::start_missing(&g.organization_id, &g.deployment_id)
+            .unwrap_or_else(|| format!("creates chats at {}", g.api_base)),
+    });
+    out.push(Readiness {
+        command: "attach (guest chat)",
+        ready: true,
+        detail: "needs nothing configured: the command carries the chat's ids and jwt".into(),
+    });
+    let wm = cfg.web_messaging.deployment_id.trim().is_empty();
+    out.push(Readiness {
+        command: "start/attach (web_messaging)",
+        ready: !wm,
+        detail: if wm {
+            "each command must name its deployment_id: web_messaging.deployment_id \
+             (GUESTD_WEB_MESSAGING__DEPLOYMENT_ID) is unset"
+                .into()
+        } else {
+            format!("deployment {}", cfg.web_messaging.deployment_id)
+        },
+    });
+    out
+}
+
 /// The backends a configuration describes, the default (guest chat) first. `platform`, when
 /// configured, confirms every guest chat end.
 pub fn registry(
@@ -97,5 +129,40 @@ pub fn rest_config(
         allow_insecure,
         max_concurrent: cfg.rest.max_concurrent,
         extra_roots: extra_roots.to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_names_what_start_lacks_and_attach_needs_nothing() {
+        let cfg = Config::default();
+        let r = readiness(&cfg);
+        let start = r
+            .iter()
+            .find(|r| r.command == "start (guest chat)")
+            .unwrap();
+        assert!(!start.ready);
+        for needle in [
+            "genesys.organization_id (GUESTD_GENESYS__ORGANIZATION_ID)",
+            "genesys.deployment_id (GUESTD_GENESYS__DEPLOYMENT_ID)",
+        ] {
+            assert!(start.detail.contains(needle), "{}", start.detail);
+        }
+        assert!(
+            r.iter()
+                .any(|r| r.command == "attach (guest chat)" && r.ready)
+        );
+        let mut cfg = Config::default();
+        cfg.genesys.organization_id = "o".into();
+        let m = guest_chat::client::start_missing(&cfg.genesys.organization_id, "").unwrap();
+        assert!(
+            m.contains("deployment_id") && !m.contains("organization_id"),
+            "{m}"
+        );
+        cfg.genesys.deployment_id = "d".into();
+        assert!(readiness(&cfg)[0].ready);
     }
 }

@@ -209,7 +209,7 @@ pub fn parse_command(name: &str, args: serde_json::Value) -> Result<Command, Str
         let backend = match args.remove("backend") {
             None => None,
             Some(serde_json::Value::String(b)) => Some(b),
-            Some(_) => return Err(format!("{name}: backend is a name (a string)")),
+            Some(_) => return Err(format!("{name}: backend is a backend's name, a string")),
         };
         return Ok(Command::Open(OpenCmd {
             open: if name == "start" {

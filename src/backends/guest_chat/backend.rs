@@ -177,7 +177,6 @@ impl Backend for GuestChatBackend {
     ) -> BoxFuture<'static, Result<Launch, OpenError>> {
         let gc = self.0.clone();
         async move {
-            let now = Instant::now();
             let chat: ChatRef = match open {
                 Open::Start => {
                     let spec: StartSpec = args.parse(open).map_err(OpenError::Invalid)?;
@@ -188,7 +187,8 @@ impl Backend for GuestChatBackend {
                     .map_err(OpenError::Invalid)?
                     .into(),
             };
-            let machine = Machine::new(gc.timing.clone(), &chat.member_id, now);
+            // The chat's clock starts once it exists (its create may have taken retries).
+            let machine = Machine::new(gc.timing.clone(), &chat.member_id, Instant::now());
             Ok(gc.launch(chat, machine, open == Open::Start))
         }
         .boxed()
