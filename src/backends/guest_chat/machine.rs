@@ -29,131 +29,36 @@
 //! One `Machine` value, its rules split by concern into child modules that each add methods
 //! to it: [`link`] (heartbeats, losing and reopening the socket, the grace window),
 //! [`roster`] (members, roles, held frames, members lists), [`history`] (messages once and in
-//! order, backfills), and [`ending`] (why a chat ended: a pure function of an `Evidence`
-//! value). This file holds the inputs and actions, the no-activity rule, and the one `end`.
+//! order, backfills), [`ending`] (why a chat ended: a pure function of an `Evidence`
+//! value), `inactivity` (the no-activity rule, its evidence and the wall-clock anchor), and
+//! `clock` (when to tick, when the chat ends if nothing happens, what a tick does). The
+//! inputs, actions and settings are in `types`. This file holds the state, the `step` that
+//! dispatches inputs, the evidence snapshot, and the one `end`.
 //! One struct rather than one per concern: the concerns read each other's state at every step
 //! (an end reads the link, the roster and the clock), and the session's size matters (see
 //! docs/design.md); the split is in the code that reads and writes it.
 
+mod clock;
 mod ending;
 mod history;
+mod inactivity;
 mod link;
 mod roster;
+mod types;
+
+pub use inactivity::ActivityDigest;
+pub use types::{Action, Input, Phase, Timing};
 
 use crate::backends::guest_chat::api::{
     ChatEvent, ChatMember, ChatMessage, Failure, MemberState, Role,
 };
-use crate::backoff_policy::{Backoff, BackoffConfig};
+use crate::backoff_policy::Backoff;
 use crate::events::{EndReason, EventKind};
 use ending::{ByDates, ByFrames, Evidence, Stream};
 use link::Link;
 use roster::Member;
 use std::collections::VecDeque;
 use tokio::time::{Duration, Instant};
-
-/// Every duration the machine uses; `[session]` in the configuration (humantime strings in
-/// files, e.g. `"30s"`; every key optional).
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Timing {
-    /// Expected heartbeat period (platform: about 30 s).
-    #[serde(with = "humantime_serde")]
-    pub heartbeat_interval: Duration,
-    /// Consecutive missed heartbeats that mean the socket is dead (at least 1).
-    pub heartbeat_tolerance: u32,
-    /// How long after a loss guestd keeps trying to reconnect.
-    #[serde(with = "humantime_serde")]
-    pub reconnect_grace: Duration,
-    /// No guest message for this long while an agent is connected ends the chat.
-    #[serde(with = "humantime_serde")]
-    pub inactivity_timeout: Duration,
-    /// How long before that deadline to warn (0 for no warning).
-    #[serde(with = "humantime_serde")]
-    pub inactivity_warning_lead: Duration,
-    /// A server-side end this close to guestd's own deadline counts as `inactivity_timeout`.
-    #[serde(with = "humantime_serde")]
-    pub inactivity_skew: Duration,
-    /// An agent leaving at most this long before the guest means `agent_ended`.
-    #[serde(with = "humantime_serde")]
-    pub agent_end_window: Duration,
-    /// Whether `message` events carry bodies.
-    pub include_bodies: bool,
-    /// Reconnect delays.
-    pub backoff: BackoffConfig,
-}
-
-impl Default for Timing {
-    fn default() -> Self {
-        Timing {
-            heartbeat_interval: Duration::from_secs(30),
-            heartbeat_tolerance: 2,
-            reconnect_grace: Duration::from_secs(120),
-            inactivity_timeout: Duration::from_secs(15 * 60),
-            inactivity_warning_lead: Duration::from_secs(60),
-            inactivity_skew: Duration::from_secs(5),
-            agent_end_window: Duration::from_secs(10),
-            include_bodies: true,
-            backoff: BackoffConfig::default(),
-        }
-    }
-}
-
-/// What happened.
-#[derive(Debug, Clone)]
-pub enum Input {
-    /// The websocket opened.
-    Opened,
-    /// Opening the websocket failed.
-    ConnectFailed(Failure),
-    /// A decoded frame.
-    Frame(ChatEvent),
-    /// A frame that could not be decoded (skipped; still proof of life).
-    BadFrame(String),
-    /// The websocket closed or failed.
-    Lost(String),
-    /// A deadline may have passed.
-    Tick,
-    /// Result of list members.
-    Members(Result<Vec<ChatMember>, Failure>),
-    /// Result of the backfill asked with this generation (`Action::Backfill::generation`): an answer
-    /// to an older one (asked before a socket loss, answered after the reopen asked again) is
-    /// ignored, so it cannot stand in for the newer one's.
-    Backfill(u32, Result<Vec<ChatMessage>, Failure>),
-    /// A caller asked the guest to leave.
-    LeaveRequested,
-    /// Result of the leave call.
-    LeaveDone(Result<(), Failure>),
-    /// A message was sent for the guest through guestd; the platform gave it this id.
-    GuestSent(String),
-}
-
-/// What to do.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Action {
-    /// Emit an event.
-    Emit(EventKind),
-    /// Open the websocket now.
-    Connect,
-    /// Give up an attempt in flight.
-    AbortConnect,
-    /// Close the websocket (without leaving the chat).
-    CloseSocket,
-    /// Send the protocol's ping frame.
-    Ping,
-    /// Call list members.
-    FetchMembers,
-    /// Fetch messages after this id.
-    Backfill {
-        /// Last seen message id.
-        after: Option<String>,
-        /// This backfill's generation, to be given back with its answer.
-        generation: u32,
-    },
-    /// Call leave (DELETE member).
-    Leave,
-    /// The session is over: finish pending work and stop.
-    Stop,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Fetch {
@@ -163,31 +68,6 @@ enum Fetch {
     GaveUp,
     /// The stream said the chat is gone (404): find out why.
     Gone,
-}
-
-/// The coarse state, for views and metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    /// Never connected yet.
-    Connecting,
-    /// Stream open.
-    Connected,
-    /// Stream lost, inside the grace window.
-    Reconnecting,
-    /// Over.
-    Ended,
-}
-
-impl Phase {
-    /// snake_case name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Connecting => "connecting",
-            Phase::Connected => "connected",
-            Phase::Reconnecting => "reconnecting",
-            Phase::Ended => "ended",
-        }
-    }
 }
 
 /// `stream_error` events a session emits per minute at most.
@@ -350,89 +230,6 @@ impl Machine {
         m
     }
 
-    /// Tie this machine's instants to the wall clock: `ms` is the wall-clock time at `at`. Leave
-    /// dates are read against guestd's no-activity deadline only with an anchor.
-    pub fn anchor_wall(&mut self, at: Instant, ms: i64) {
-        self.wall = Some((at, ms));
-    }
-
-    /// Whether [`Machine::anchor_wall`] was called.
-    pub fn anchored(&self) -> bool {
-        self.wall.is_some()
-    }
-
-    fn ms_at(&self, t: Instant) -> Option<i64> {
-        let (at, ms) = self.wall?;
-        Some(if t >= at {
-            ms + (t - at).as_millis() as i64
-        } else {
-            ms - (at - t).as_millis() as i64
-        })
-    }
-
-    fn instant_at_ms(&self, t: i64) -> Option<Instant> {
-        let (at, ms) = self.wall?;
-        Some(if t >= ms {
-            at + Duration::from_millis((t - ms) as u64)
-        } else {
-            at.checked_sub(Duration::from_millis((ms - t) as u64))
-                .unwrap_or(at)
-        })
-    }
-
-    /// A resumed session picks up the no-activity rule's evidence from the journal (the machine
-    /// must be anchored first): the guest's last message, and the agent connected before the
-    /// restart, which counts once the roster sees that same agent connected again (another
-    /// agent starts the clock afresh).
-    pub fn with_activity(mut self, a: &crate::journal::Activity) -> Self {
-        self.last_guest_msg = a.last_guest_ms.and_then(|t| self.instant_at_ms(t));
-        self.restored_agent = match (&a.agent, a.agent_since_ms) {
-            (Some(agent), Some(t)) => self.instant_at_ms(t).map(|t| (agent.clone(), t)),
-            _ => None,
-        };
-        self
-    }
-
-    /// The agent the no-activity evidence names, and since when: the one connected now, or
-    /// else the one a restart restored from the journal.
-    fn evidence_agent(&self) -> Option<(&str, Instant)> {
-        match (&self.agent, self.agent_since, &self.restored_agent) {
-            (Some(a), Some(t), _) => Some((a.as_str(), t)),
-            (None, _, Some((a, t))) => Some((a.as_str(), *t)),
-            _ => None,
-        }
-    }
-
-    /// A digest of [`Machine::activity`] without building it (the session asks after every
-    /// step, a heartbeat's included): of the whole evidence, and of its agent part when there
-    /// is an agent. Equal evidence gives equal digests.
-    pub fn activity_digest(&self) -> ActivityDigest {
-        use std::hash::{Hash, Hasher};
-        if self.wall.is_none() {
-            return ActivityDigest::default();
-        }
-        let (agent, since) = self.evidence_agent().unzip();
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        (agent, since.and_then(|t| self.ms_at(t))).hash(&mut h);
-        let agent_part = agent.map(|_| h.finish());
-        self.last_guest_msg.and_then(|t| self.ms_at(t)).hash(&mut h);
-        ActivityDigest {
-            all: h.finish(),
-            agent: agent_part,
-        }
-    }
-
-    /// The no-activity rule's evidence as the journal keeps it (None without an anchor).
-    pub fn activity(&self) -> Option<crate::journal::Activity> {
-        self.wall?;
-        let (agent, since) = self.evidence_agent().unzip();
-        Some(crate::journal::Activity {
-            agent: agent.map(str::to_string),
-            agent_since_ms: since.and_then(|t| self.ms_at(t)),
-            last_guest_ms: self.last_guest_msg.and_then(|t| self.ms_at(t)),
-        })
-    }
-
     /// A resumed session whose guest was asked to leave before the restart (the journal holds
     /// the request): the first tick sends the leave again, and the end reads `guest_left`.
     pub fn leaving(mut self) -> Self {
@@ -464,109 +261,6 @@ impl Machine {
     /// The newest message id seen (what a backfill starts after).
     pub fn last_message_id(&self) -> Option<&str> {
         self.last_msg_id.as_deref()
-    }
-
-    /// When the no-activity rule ends the chat, if it runs now.
-    pub fn inactivity_deadline(&self) -> Option<Instant> {
-        self.agent_since.map(|since| self.deadline_from(since))
-    }
-
-    /// The no-activity deadline for an agent connected since `since`: the later of that and the
-    /// guest's last message, plus the timeout.
-    fn deadline_from(&self, since: Instant) -> Instant {
-        let from = match self.last_guest_msg {
-            Some(m) if m > since => m,
-            _ => since,
-        };
-        from + self.timing.inactivity_timeout
-    }
-
-    /// The no-activity deadline as evidence: guestd's own, or, after a restart and before the
-    /// roster has seen the agent again, the one the journal's record implies.
-    fn evidence_deadline(&self) -> Option<Instant> {
-        if let Some(dl) = self.inactivity_deadline() {
-            return Some(dl);
-        }
-        let (_, since) = self.restored_agent.as_ref()?;
-        Some(self.deadline_from(*since))
-    }
-
-    /// Whether the guest's leave date (from a members list) falls at or after the no-activity
-    /// deadline, within the skew; None when either is unknown.
-    fn inactivity_by_date(&self) -> Option<bool> {
-        let left = self.guest_left_ms?;
-        let dl = self.ms_at(self.evidence_deadline()?)?;
-        let skew = self.timing.inactivity_skew.as_millis() as i64;
-        Some(left + skew >= dl)
-    }
-
-    /// When the platform ends the chat if nothing happens, and why (what `status` and `get`
-    /// report as `ends_at`/`ends_because`): the no-activity deadline while an agent is
-    /// connected (after a restart, the one the journal's agent and the guest's last message
-    /// imply, not one counted from the restart), the end of the grace window while the socket
-    /// is down (or has not opened yet), whichever comes first. None once ended, and while the
-    /// socket is up with no agent (queued: nothing ends the chat by itself).
-    pub fn ends(&self) -> Option<(Instant, EndReason)> {
-        if self.ended.is_some() {
-            return None;
-        }
-        let idle = self
-            .evidence_deadline()
-            .map(|t| (t, EndReason::InactivityTimeout));
-        let grace = match &self.link {
-            Link::Down { lost_at, .. } => Some((
-                *lost_at + self.timing.reconnect_grace,
-                EndReason::ReconnectGraceExpired,
-            )),
-            Link::Up { .. } => None,
-        };
-        match (idle, grace) {
-            (Some(i), Some(g)) => Some(if g.0 < i.0 { g } else { i }),
-            (i, g) => i.or(g),
-        }
-    }
-
-    /// When the actor must tick next, or None once ended.
-    pub fn next_deadline(&self) -> Option<Instant> {
-        if self.ended.is_some() {
-            return None;
-        }
-        let mut next: Option<Instant> = None;
-        let mut consider = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
-        match &self.link {
-            Link::Up { last_rx, missed } => {
-                consider(link::last_rx_miss_due(&self.timing, *last_rx, *missed))
-            }
-            Link::Down {
-                lost_at,
-                next_at,
-                giving_up,
-                ..
-            } => {
-                if !giving_up {
-                    consider(*lost_at + self.timing.reconnect_grace);
-                    if let Some(n) = next_at {
-                        consider(*n);
-                    }
-                }
-            }
-        }
-        if let Some(dl) = self.inactivity_deadline() {
-            if let Some(w) = self.warning_at(dl) {
-                consider(w);
-            }
-            consider(dl);
-        }
-        if let Some(w) = &self.roles_wait {
-            consider(w.1);
-        }
-        next
-    }
-
-    fn warning_at(&self, deadline: Instant) -> Option<Instant> {
-        let lead = self.timing.inactivity_warning_lead;
-        (!self.warned && !lead.is_zero() && lead < self.timing.inactivity_timeout)
-            .then(|| deadline - lead)
     }
 
     /// Feed one input; get the actions to perform, in order.
@@ -621,54 +315,6 @@ impl Machine {
             }
         }
         out
-    }
-
-    fn guest_activity(&mut self, now: Instant) {
-        self.last_guest_msg = Some(now);
-        self.warned = false;
-    }
-
-    fn on_tick(&mut self, now: Instant, out: &mut Vec<Action>) {
-        if std::mem::take(&mut self.leave_due) {
-            out.push(Action::Leave);
-        }
-        // The wait for roles ends at its bound, and before the no-activity rule is read: a
-        // guest's message waiting there (or held behind it) is activity, and is counted once
-        // it is emitted.
-        let inactive = self.inactivity_deadline().is_some_and(|dl| now >= dl);
-        if self
-            .roles_wait
-            .as_ref()
-            .is_some_and(|w| now >= w.1 || inactive)
-        {
-            self.release_roles_wait(now, out);
-            if self.ended.is_some() {
-                return;
-            }
-        }
-        self.tick_link(now, out);
-        if self.ended.is_some() {
-            return;
-        }
-        if let Some(dl) = self.inactivity_deadline() {
-            if now >= dl {
-                let limit = humantime::format_duration(self.timing.inactivity_timeout);
-                out.push(Action::Leave);
-                self.end(
-                    EndReason::InactivityTimeout,
-                    format!(
-                        "no guest message for {limit} while an agent was connected; guestd left"
-                    ),
-                    now,
-                    out,
-                );
-            } else if self.warning_at(dl).is_some_and(|w| now >= w) {
-                self.warned = true;
-                out.push(Action::Emit(EventKind::InactivityWarning {
-                    remaining_ms: (dl - now).as_millis() as u64,
-                }));
-            }
-        }
     }
 
     fn on_frame(&mut self, ev: ChatEvent, now: Instant, out: &mut Vec<Action>) {
@@ -796,15 +442,6 @@ impl Machine {
         out.push(Action::CloseSocket);
         out.push(Action::Stop);
     }
-}
-
-/// See [`Machine::activity_digest`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ActivityDigest {
-    /// Of the whole evidence (0 without an anchor).
-    pub all: u64,
-    /// Of the agent part, when there is an agent.
-    pub agent: Option<u64>,
 }
 
 #[cfg(test)]

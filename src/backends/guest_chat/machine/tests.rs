@@ -4,6 +4,7 @@
 use super::roster::MAX_LOOKUP_RETRIES;
 use super::*;
 use crate::backends::guest_chat::api::{ChatEvent, ChatMember, ChatMessage, MemberState, Role};
+use crate::backoff_policy::BackoffConfig;
 use tokio::time::advance;
 
 const GUEST: &str = "guest";
