@@ -666,7 +666,21 @@ impl Supervisor {
                 "send needs a non-empty body".into(),
             ));
         }
-        // Its length is the backend's to judge (its session refuses one too long).
+        // Its length is the backend's to judge (its session refuses one too long); one longer
+        // than any backend takes is refused here, before the session is looked for.
+        let chars = body.chars().count();
+        if let Some(max) = self
+            .backends
+            .all()
+            .filter_map(|b| b.max_message_chars())
+            .max()
+        {
+            if chars > max {
+                return Err(SupervisorError::Invalid(format!(
+                    "send: the body has {chars} characters; the platform takes at most {max}"
+                )));
+            }
+        }
         self.command(key, |reply| SessionCmd::Send { body, reply })
             .await
     }
@@ -923,6 +937,27 @@ mod tests {
         assert!(matches!(
             sup.open(chat("new")).await,
             Err(SupervisorError::Full(1))
+        ));
+        cancel.cancel();
+    }
+
+    /// A body longer than every backend takes is refused as `invalid` before the session is
+    /// looked for (as when the supervisor held the one limit), so an unknown session does not
+    /// turn it into `not_found`.
+    #[tokio::test]
+    async fn a_body_too_long_for_every_backend_is_invalid_wherever_it_goes() {
+        let (sup, cancel) = supervisor(1);
+        let e = sup
+            .send_message("nobody", "x".repeat(4001))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, SupervisorError::Invalid(ref m) if m.contains("4001 characters")),
+            "{e}"
+        );
+        assert!(matches!(
+            sup.send_message("nobody", "x".repeat(4000)).await,
+            Err(SupervisorError::NotFound(_))
         ));
         cancel.cancel();
     }

@@ -156,6 +156,13 @@ pub trait Backend: Send + Sync + 'static {
         false
     }
 
+    /// The most characters a message body may have, when the backend has one limit for all its
+    /// chats (the supervisor refuses a longer body before it looks for the session; the
+    /// session checks again).
+    fn max_message_chars(&self) -> Option<usize> {
+        None
+    }
+
     /// `status` for a chat guestd does not hold, from the chat's own credential: whether it is
     /// still alive. None: this backend cannot tell that way.
     fn alive_by_credential(

@@ -32,7 +32,8 @@ pub struct SessionCtx {
 impl SessionCtx {
     /// A context for tests: one node, a connector for `connects` at once; `done` and `cancel`
     /// fresh (the caller may replace them).
-    pub fn for_test(
+    #[cfg(test)]
+    pub(crate) fn for_test(
         emitter: Emitter,
         journal: Arc<dyn Journal>,
         connects: usize,

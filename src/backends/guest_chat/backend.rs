@@ -242,6 +242,10 @@ impl Backend for GuestChatBackend {
         state.get("chat").is_some() && state.get("web_messaging").is_none()
     }
 
+    fn max_message_chars(&self) -> Option<usize> {
+        Some(self.0.api.max_message_chars())
+    }
+
     fn alive_by_credential(
         &self,
         conversation_id: &str,

@@ -191,6 +191,10 @@ impl Backend for WebMessaging {
     fn claims_legacy(&self, state: &serde_json::Value) -> bool {
         state.get("web_messaging").is_some()
     }
+
+    fn max_message_chars(&self) -> Option<usize> {
+        Some(super::actor::MAX_SEND_CHARS)
+    }
 }
 
 /// The arguments of a `start` that begins a new session on `chat`'s token
