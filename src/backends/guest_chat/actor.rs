@@ -25,6 +25,24 @@ use tokio::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tracing::Instrument;
 
+/// The view of the session `id` of `chat`, as `machine` stands (the reply to `Get`, and what
+/// `start`/`attach` answer).
+pub(super) fn view_of(id: &str, chat: &ChatRef, machine: &Machine) -> SessionView {
+    SessionView {
+        agent_connected: machine.agent_connected(),
+        last_message_id: machine.last_message_id().map(str::to_string),
+        ended: machine.ended(),
+        ..SessionView::new(
+            id,
+            &chat.conversation_id,
+            &chat.member_id,
+            machine.phase().as_str(),
+            super::backend::NAME,
+        )
+    }
+    .with_ends(machine.ends())
+}
+
 /// Spawn a session task for `chat`, driven by `machine`.
 pub fn spawn(
     ctx: Arc<SessionCtx>,
@@ -333,21 +351,7 @@ impl Actor {
                 None
             }
             SessionCmd::Get { reply } => {
-                let _ = reply.send(
-                    SessionView {
-                        agent_connected: self.machine.agent_connected(),
-                        last_message_id: self.machine.last_message_id().map(str::to_string),
-                        ended,
-                        ..SessionView::new(
-                            &self.id,
-                            &self.chat.conversation_id,
-                            &self.chat.member_id,
-                            self.machine.phase().as_str(),
-                            super::backend::NAME,
-                        )
-                    }
-                    .with_ends(self.machine.ends()),
-                );
+                let _ = reply.send(view_of(&self.id, &self.chat, &self.machine));
                 None
             }
             SessionCmd::Send { reply, .. }

@@ -8,7 +8,7 @@ use crate::events::EndReason;
 use crate::journal::Recovered;
 use crate::platform::api::Platform;
 use crate::secret::Secret;
-use crate::session::{Args, Backend, Launch, Open, OpenError, SessionCtx, SessionView};
+use crate::session::{Args, Backend, Launch, Open, OpenError, SessionCtx};
 use crate::transport::policy::ApiError;
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -121,17 +121,7 @@ impl GuestChat {
             record,
             abandon: leave,
             spawn: Box::new(move |ctx, id| {
-                let view = SessionView {
-                    last_message_id: machine.last_message_id().map(str::to_string),
-                    ..SessionView::new(
-                        &id,
-                        &chat.conversation_id,
-                        &chat.member_id,
-                        machine.phase().as_str(),
-                        NAME,
-                    )
-                }
-                .with_ends(machine.ends());
+                let view = actor::view_of(&id, &chat, &machine);
                 (actor::spawn(ctx, gc, id, chat, machine), view)
             }),
         }

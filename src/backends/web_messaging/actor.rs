@@ -7,7 +7,7 @@
 //! nowhere else (not in the URL, not in a header, never in a log or an event). In the journal
 //! it takes the jwt's place in the record, so it is sealed where the jwt is (cluster mode).
 
-use super::backend::{Chat, NAME, reopen_args};
+use super::backend::{Chat, MEMBER, NAME, reopen_args};
 use super::client::Messaging;
 use super::machine::{Action, Input, Machine, Out, Refusal, Reply};
 use super::protocol::{self as p, Action as Wire};
@@ -37,6 +37,22 @@ pub const MAX_SEND_CHARS: usize = 4000;
 
 /// Undecodable frames reported as `stream_error` per minute, at most (the rest are counted).
 const STREAM_ERRORS_PER_MINUTE: u32 = 5;
+
+/// The view of the session `id` of `chat`, as `machine` stands (the reply to `Get`, and what
+/// `start`/`attach` answer).
+pub(super) fn view_of(id: &str, chat: &Chat, machine: &Machine) -> SessionView {
+    SessionView {
+        last_message_id: machine.last_message_id().map(str::to_string),
+        ended: machine.ended(),
+        read_only: machine.read_only(),
+        agent_end_visible: machine.deployment().disconnect_visible,
+        expires_in_ms: machine
+            .expires()
+            .map(|e| e.saturating_duration_since(Instant::now()).as_millis() as u64),
+        ..SessionView::new(id, &chat.key, MEMBER, machine.phase().as_str(), NAME)
+    }
+    .with_ends(machine.ends())
+}
 
 /// Spawn the session task of `chat` (a Web Messaging chat: see `Supervisor`).
 pub fn spawn(
@@ -253,25 +269,7 @@ impl Actor {
     }
 
     fn view(&self) -> SessionView {
-        let d = self.machine.deployment();
-        SessionView {
-            last_message_id: self.machine.last_message_id().map(str::to_string),
-            ended: self.machine.ended(),
-            read_only: self.machine.read_only(),
-            agent_end_visible: d.disconnect_visible,
-            expires_in_ms: self
-                .machine
-                .expires()
-                .map(|e| e.saturating_duration_since(Instant::now()).as_millis() as u64),
-            ..SessionView::new(
-                &self.id,
-                &self.chat.key,
-                "guest",
-                self.machine.phase().as_str(),
-                NAME,
-            )
-        }
-        .with_ends(self.machine.ends())
+        view_of(&self.id, &self.chat, &self.machine)
     }
 
     fn command(&mut self, cmd: SessionCmd) -> Option<Input> {

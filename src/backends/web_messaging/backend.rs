@@ -7,7 +7,7 @@ use super::client::Messaging;
 use super::machine::{Begin, Machine};
 use crate::journal::Recovered;
 use crate::secret::Secret;
-use crate::session::{Args, Backend, Launch, Open, OpenError, SessionCtx, SessionView};
+use crate::session::{Args, Backend, Launch, Open, OpenError, SessionCtx};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
@@ -19,7 +19,7 @@ pub const NAME: &str = "web_messaging";
 
 /// The guest's member id as `session_started` and the view report it: the guest side of Web
 /// Messaging has no member id of its own.
-const MEMBER: &str = "guest";
+pub(super) const MEMBER: &str = "guest";
 
 /// What a Web Messaging session acts with.
 #[derive(Debug, Clone)]
@@ -97,12 +97,7 @@ impl WebMessaging {
             record,
             abandon: None,
             spawn: Box::new(move |ctx, id| {
-                let view = SessionView {
-                    agent_end_visible: machine.deployment().disconnect_visible,
-                    last_message_id: machine.last_message_id().map(str::to_string),
-                    ..SessionView::new(&id, &chat.key, MEMBER, machine.phase().as_str(), NAME)
-                }
-                .with_ends(machine.ends());
+                let view = actor::view_of(&id, &chat, &machine);
                 (actor::spawn(ctx, wm, id, chat, machine), view)
             }),
         }
