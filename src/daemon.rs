@@ -202,7 +202,7 @@ pub async fn start_with<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
     let connector_roots = extra_roots;
     let platform = platform_api(&cfg, &connector_roots)?.map(Arc::new);
     let backends = crate::backends::registry(&cfg, &connector_roots, platform.clone())?;
-    let backends = crate::supervisor::Backends::new(backends.all().cloned().chain(extra).collect());
+    let backends = crate::session::Backends::new(backends.all().cloned().chain(extra).collect());
     let connector = Connector::new(
         StreamConfig {
             read_buffer: cfg.stream.read_buffer,

@@ -447,7 +447,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     match guestd::platform::status::status_from(
                         None,
                         platform.as_ref(),
-                        &backends.all().cloned().collect::<Vec<_>>(),
+                        &backends,
                         &conversation_id,
                         jwt.map(guestd::secret::Secret::new),
                     )

@@ -9,8 +9,8 @@ use crate::command::OpenCmd;
 use crate::events::{Emitter, Event, EventKind};
 use crate::journal::{Recovered, SessionRecord};
 use crate::session::{
-    Backend, CommandError, Done, DoneReply, Launch, Open, OpenError, SessionCmd, SessionCtx,
-    SessionHandle, SessionView, Spawn,
+    Backend, Backends, CommandError, Done, DoneReply, Launch, Open, OpenError, SessionCmd,
+    SessionCtx, SessionHandle, SessionView, Spawn,
 };
 use crate::transport::policy::ApiError;
 use std::collections::{HashMap, HashSet};
@@ -104,65 +104,6 @@ impl From<OpenError> for SupervisorError {
             OpenError::Invalid(m) => SupervisorError::Invalid(m),
             OpenError::Api(a) => SupervisorError::Api(a),
         }
-    }
-}
-
-/// The backends a supervisor opens chats with, by name; the first is the default (a command
-/// that names none). Built in one place (`crate::backends::registry`).
-#[derive(Clone, Default)]
-pub struct Backends(Vec<Arc<dyn Backend>>);
-
-impl Backends {
-    /// These backends, the first the default; a later one of a name already taken is dropped.
-    pub fn new(list: Vec<Arc<dyn Backend>>) -> Backends {
-        let mut out: Vec<Arc<dyn Backend>> = Vec::new();
-        for b in list {
-            if out.iter().all(|o| o.name() != b.name()) {
-                out.push(b);
-            }
-        }
-        Backends(out)
-    }
-
-    /// The backend called `name` (the default for None).
-    pub fn get(&self, name: Option<&str>) -> Result<&Arc<dyn Backend>, SupervisorError> {
-        let found = match name {
-            None => self.0.first(),
-            Some(n) => self.0.iter().find(|b| b.name() == n),
-        };
-        found.ok_or_else(|| {
-            SupervisorError::Invalid(match name {
-                Some(n) => format!("unknown backend {n:?} ({})", self.names().join(" or ")),
-                None => "no backend is configured".into(),
-            })
-        })
-    }
-
-    /// Every backend's name, the default first.
-    pub fn names(&self) -> Vec<&'static str> {
-        self.0.iter().map(|b| b.name()).collect()
-    }
-
-    /// Every backend.
-    pub fn all(&self) -> impl Iterator<Item = &Arc<dyn Backend>> {
-        self.0.iter()
-    }
-
-    /// The backend a journal record belongs to: the one it names, or for a record from before
-    /// records named their backend, the one that claims it.
-    fn of_record(&self, rec: &SessionRecord) -> Result<&Arc<dyn Backend>, SupervisorError> {
-        if !rec.backend.is_empty() {
-            return self.get(Some(&rec.backend));
-        }
-        self.0
-            .iter()
-            .find(|b| b.claims_legacy(&rec.state))
-            .ok_or_else(|| {
-                SupervisorError::Invalid(format!(
-                    "no backend claims the journaled session {}",
-                    rec.session
-                ))
-            })
     }
 }
 
@@ -442,13 +383,13 @@ impl Supervisor {
 
     /// Open a chat with its backend (`start`, `attach`) and supervise it.
     pub async fn open(&self, mut cmd: OpenCmd) -> Result<SessionView, SupervisorError> {
-        let backend = self.backend_of(&cmd)?.clone();
         // Again, here: a command from stdin was prepared where it was read, one from HTTP or
         // another node was not (and preparing twice changes nothing).
-        let key = backend
-            .prepare(&self.ctx, cmd.open, &mut cmd.args)
-            .map_err(SupervisorError::Invalid)?;
-        let slot = self.reserve(key.map(Into::into), Limit::Enforced).await?;
+        self.prepare(&mut cmd)?;
+        let backend = self.backend_of(&cmd)?.clone();
+        let slot = self
+            .reserve(cmd.key.map(Into::into), Limit::Enforced)
+            .await?;
         let launch = backend.open(&self.ctx, cmd.open, cmd.args).await?;
         self.launch(backend.name(), launch, slot, cmd.open.name())
             .await
@@ -566,7 +507,11 @@ impl Supervisor {
     pub async fn resume(&self, r: Recovered) -> Result<(), SupervisorError> {
         let id = r.record.session.clone();
         let conv = r.record.conversation_id.clone();
-        let backend = self.backends.of_record(&r.record).cloned();
+        let backend = self
+            .backends
+            .of_record(&r.record)
+            .map_err(SupervisorError::from)
+            .cloned();
         if let Some(ending) = r.ending {
             // Decided before the crash but maybe never written: write it again, same event_id.
             let mut ev = Event::new(

@@ -16,7 +16,7 @@ pub mod web_messaging;
 use crate::config::Config;
 use crate::platform::api::Platform;
 use crate::platform::rest::ClientConfig;
-use crate::supervisor::Backends;
+use crate::session::Backends;
 use crate::transport::policy::ApiError;
 use rustls::pki_types::CertificateDer;
 use std::sync::Arc;

@@ -407,11 +407,14 @@ pub async fn status(
             }
         }
     }
-    let backends: Vec<_> = sup.backends().all().cloned().collect();
-    Ok(
-        crate::platform::status::status_from(held, sup.platform(), &backends, conversation_id, jwt)
-            .await?,
+    Ok(crate::platform::status::status_from(
+        held,
+        sup.platform(),
+        sup.backends(),
+        conversation_id,
+        jwt,
     )
+    .await?)
 }
 
 /// The event that answers a stdin command; serialized here, at the edge.

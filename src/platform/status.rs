@@ -105,7 +105,7 @@ impl ConversationStatus {
 pub async fn status_from(
     held: Option<crate::session::SessionView>,
     platform: Option<&crate::platform::api::PlatformApi>,
-    backends: &[std::sync::Arc<dyn crate::session::Backend>],
+    backends: &crate::session::Backends,
     conversation_id: &str,
     jwt: Option<Secret>,
 ) -> Result<ConversationStatus, StatusError> {
@@ -136,7 +136,7 @@ pub async fn status_from(
         )));
     };
     let Some(asked) = backends
-        .iter()
+        .all()
         .find_map(|b| b.alive_by_credential(conversation_id, jwt.clone()))
     else {
         return Err(StatusError::Invalid(format!(

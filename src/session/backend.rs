@@ -173,3 +173,66 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 }
+
+/// The backends a supervisor opens chats with, by name; the first is the default (a command
+/// that names none). Built in one place (`crate::backends::registry`); held by the supervisor
+/// and read by `status`.
+#[derive(Clone, Default)]
+pub struct Backends(Vec<Arc<dyn Backend>>);
+
+impl Backends {
+    /// These backends, the first the default; a later one of a name already taken is dropped.
+    pub fn new(list: Vec<Arc<dyn Backend>>) -> Backends {
+        let mut out: Vec<Arc<dyn Backend>> = Vec::new();
+        for b in list {
+            if out.iter().all(|o| o.name() != b.name()) {
+                out.push(b);
+            }
+        }
+        Backends(out)
+    }
+
+    /// The backend called `name` (the default for None).
+    pub fn get(&self, name: Option<&str>) -> Result<&Arc<dyn Backend>, OpenError> {
+        let found = match name {
+            None => self.0.first(),
+            Some(n) => self.0.iter().find(|b| b.name() == n),
+        };
+        found.ok_or_else(|| {
+            OpenError::Invalid(match name {
+                Some(n) => format!("unknown backend {n:?} ({})", self.names().join(" or ")),
+                None => "no backend is configured".into(),
+            })
+        })
+    }
+
+    /// Every backend's name, the default first.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.0.iter().map(|b| b.name()).collect()
+    }
+
+    /// Every backend.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<dyn Backend>> {
+        self.0.iter()
+    }
+
+    /// The backend a journal record belongs to: the one it names, or for a record from before
+    /// records named their backend, the one that claims it.
+    pub fn of_record(
+        &self,
+        rec: &crate::journal::SessionRecord,
+    ) -> Result<&Arc<dyn Backend>, OpenError> {
+        if !rec.backend.is_empty() {
+            return self.get(Some(&rec.backend));
+        }
+        self.0
+            .iter()
+            .find(|b| b.claims_legacy(&rec.state))
+            .ok_or_else(|| {
+                OpenError::Invalid(format!(
+                    "no backend claims the journaled session {}",
+                    rec.session
+                ))
+            })
+    }
+}

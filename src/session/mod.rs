@@ -9,7 +9,7 @@ pub mod fence;
 pub mod handle;
 pub mod run;
 
-pub use backend::{Args, Backend, Launch, Open, OpenError, Spawn};
+pub use backend::{Args, Backend, Backends, Launch, Open, OpenError, Spawn};
 pub use ctx::SessionCtx;
 pub use handle::{
     CommandError, Done, DoneReply, MAILBOX_LIMIT, Mailbox, Reopen, SessionCmd, SessionHandle,

@@ -261,8 +261,8 @@ impl Backend for GuestChatBackend {
 
 /// The registry of a test: guest chat alone, on `api`, with `timing`.
 #[cfg(test)]
-pub(crate) fn only(api: Arc<dyn ChatApi>, timing: Timing) -> crate::supervisor::Backends {
-    crate::supervisor::Backends::new(vec![Arc::new(GuestChatBackend(Arc::new(GuestChat {
+pub(crate) fn only(api: Arc<dyn ChatApi>, timing: Timing) -> crate::session::Backends {
+    crate::session::Backends::new(vec![Arc::new(GuestChatBackend(Arc::new(GuestChat {
         api,
         timing: Arc::new(timing),
         platform: None,
