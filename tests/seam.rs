@@ -247,6 +247,18 @@ fn ended(seen: &[Value]) -> Vec<&Value> {
     seen.iter().filter(|v| v["type"] == "ended").collect()
 }
 
+/// A ticks chat started by a `start` command run through control, as stdin would; its
+/// session id.
+async fn start(d: &guestd::daemon::Running, key: &str, url: &str) -> Value {
+    let cmd = guestd::control::parse_command(
+        "start",
+        json!({"backend": "ticks", "key": key, "url": url}),
+    )
+    .unwrap();
+    let view = guestd::control::execute(&d.sup, cmd).await.unwrap();
+    serde_json::to_value(&view).unwrap()["session"].clone()
+}
+
 /// Let the server end the chat: `session`'s `ended` (`server_ended`) must come from `d`; then
 /// `d` shuts down, and every event it wrote is in `seen`.
 async fn end_on_server(
@@ -368,13 +380,7 @@ async fn a_journaled_chat_of_the_backend_is_picked_up_after_a_restart_and_ends_o
     cfg.journal.enabled = true;
     cfg.journal.path = dir.join("journal.jsonl");
     let (d, mut rx) = daemon(cfg.clone()).await;
-    let cmd = guestd::control::parse_command(
-        "start",
-        json!({"backend": "ticks", "key": "t-9", "url": srv.url}),
-    )
-    .unwrap();
-    let view = guestd::control::execute(&d.sup, cmd).await.unwrap();
-    let session = serde_json::to_value(&view).unwrap()["session"].clone();
+    let session = start(&d, "t-9", &srv.url).await;
     let mut first = Vec::new();
     next(&mut rx, "connected", &mut first).await;
     d.shutdown().await;
@@ -424,13 +430,7 @@ async fn a_chat_of_the_backend_moves_to_another_node_and_ends_once() {
     let mut b = node("b");
     b.cluster.prefix = a.cluster.prefix.clone();
     let (da, mut rxa) = daemon(a).await;
-    let cmd = guestd::control::parse_command(
-        "start",
-        json!({"backend": "ticks", "key": "t-c", "url": srv.url}),
-    )
-    .unwrap();
-    let view = guestd::control::execute(&da.sup, cmd).await.unwrap();
-    let session = serde_json::to_value(&view).unwrap()["session"].clone();
+    let session = start(&da, "t-c", &srv.url).await;
     let mut on_a = Vec::new();
     next(&mut rxa, "connected", &mut on_a).await;
     let (db, mut rxb) = daemon(b).await;
