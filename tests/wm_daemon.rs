@@ -459,10 +459,21 @@ async fn a_restart_resumes_web_messaging_sessions_from_the_journal() {
         json!({"action": "agent_text", "text": "before"}),
     )
     .await;
-    d.wait(|v| v["session"] == s.as_str() && v["body"] == "before")
+    let before = d
+        .wait(|v| v["session"] == s.as_str() && v["body"] == "before")
         .await;
     signal(d.pid(), "KILL");
     let _ = d.child.wait().await;
+    // What at-least-once allows (docs/events.md): a message is marked in the journal once its
+    // line is flushed, so a SIGKILL just after "before" was read may leave it unmarked; the next
+    // process then writes it again, backfilled, before "while down". Read before the restart
+    // compacts the file.
+    let marked = std::fs::read_to_string(dir.join("j"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .rfind(|v| v["op"] == "progress" && v["session"] == s.as_str())
+        .is_some_and(|v| v["last_message_id"] == before["message_id"]);
     wm_admin_ok(
         &emu,
         &tok,
@@ -472,9 +483,19 @@ async fn a_restart_resumes_web_messaging_sessions_from_the_journal() {
     let mut d2 = Daemon::spawn(e, &[]);
     let st = d2.wait_type(&s, "session_started").await;
     assert_eq!(st["mode"], "resume");
-    let m = d2
+    let mut m = d2
         .wait(|v| v["session"] == s.as_str() && v["type"] == "message")
         .await;
+    if !marked {
+        assert_eq!(
+            (&m["body"], &m["backfilled"], &m["message_id"]),
+            (&json!("before"), &json!(true), &before["message_id"]),
+            "the unmarked message comes again, first"
+        );
+        m = d2
+            .wait(|v| v["session"] == s.as_str() && v["type"] == "message")
+            .await;
+    }
     assert_eq!(
         (m["body"].clone(), m["backfilled"].clone()),
         (json!("while down"), json!(true))
@@ -482,8 +503,11 @@ async fn a_restart_resumes_web_messaging_sessions_from_the_journal() {
     d2.wait_type(&s, "reconnected").await;
     wm_admin_ok(&emu, &tok, json!({"action": "expire"})).await;
     one_ended(&mut d2, &s, "session_expired").await;
-    // "before" is not emitted again.
-    assert!(!d2.seen.iter().any(|v| v["body"] == "before"));
+    // "before" is not emitted again, beyond the one repeat an unmarked message allows.
+    assert_eq!(
+        d2.seen.iter().filter(|v| v["body"] == "before").count(),
+        usize::from(!marked)
+    );
     finish(d2, &[&tok]).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
