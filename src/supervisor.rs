@@ -27,6 +27,10 @@ pub trait Route: Send + Sync + 'static {
     ) -> futures::future::BoxFuture<'a, Option<String>>;
     /// `node` did not get a command (no responders): a new chat goes elsewhere for a while.
     fn unreachable(&self, node: &str);
+    /// The id of a new chat that runs on this node (None: any fresh id).
+    fn session_id(&self) -> Option<String> {
+        None
+    }
     /// Whether the chat `cmd` names exists in the cluster (so "not found" means "moving").
     fn moving<'a>(
         &'a self,
@@ -421,7 +425,10 @@ impl Supervisor {
         slot: Reservation,
         mode: &str,
     ) -> Result<SessionView, SupervisorError> {
-        let id = new_session_id();
+        let id = self
+            .router()
+            .and_then(|r| r.session_id())
+            .unwrap_or_else(new_session_id);
         let recorded = self
             .ctx
             .journal

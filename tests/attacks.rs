@@ -237,7 +237,7 @@ impl Rig {
         let e = self
             .kv("GUESTD_sessions")
             .await
-            .entry(session)
+            .entry(key(session))
             .await
             .unwrap()
             .unwrap();
@@ -275,6 +275,11 @@ impl Rig {
     }
 }
 
+/// Where `session`'s entry rests in the sessions bucket (its slot's prefix, docs/design.md).
+fn key(session: &str) -> String {
+    guestd::cluster::slots::bucket_key(session).into_owned()
+}
+
 /// Exactly one `ended` for `session` across every node's output, with `reason`.
 fn one_ended(lines: &[Value], session: &str, reason: &str) {
     let ends: Vec<&Value> = lines
@@ -293,7 +298,7 @@ async fn restored(rig: &Rig, session: &str, owner: &str, after: u64) -> u64 {
 /// [`restored`], with a value other than `not` (an older value of the same owner replayed).
 async fn restored_from(rig: &Rig, session: &str, owner: &str, after: u64, not: &[u8]) -> u64 {
     let kv = rig.kv("GUESTD_sessions").await;
-    let mut w = kv.watch(session).await.unwrap();
+    let mut w = kv.watch(key(session)).await.unwrap();
     let deadline = Instant::now() + LONG;
     // The watch starts with the newest value, then every change.
     loop {
@@ -320,9 +325,13 @@ async fn restored_from(rig: &Rig, session: &str, owner: &str, after: u64, not: &
 /// controls); the revision written.
 async fn forge(kv: &jetstream::kv::Store, session: &str, value: &Value) -> u64 {
     for _ in 0..20 {
-        let rev = kv.entry(session).await.unwrap().map_or(0, |e| e.revision);
+        let rev = kv
+            .entry(key(session))
+            .await
+            .unwrap()
+            .map_or(0, |e| e.revision);
         match kv
-            .update(session, serde_json::to_vec(value).unwrap().into(), rev)
+            .update(key(session), serde_json::to_vec(value).unwrap().into(), rev)
             .await
         {
             Ok(r) => return r,
@@ -345,7 +354,7 @@ async fn an_insider_without_the_secret_can_neither_steal_a_jwt_nor_move_or_drop_
     let first = rig
         .kv("GUESTD_sessions")
         .await
-        .entry(&s)
+        .entry(key(&s))
         .await
         .unwrap()
         .unwrap()
@@ -407,8 +416,8 @@ async fn an_insider_without_the_secret_can_neither_steal_a_jwt_nor_move_or_drop_
     // Compare-and-set on the revision last read, read again while the owner writes meanwhile.
     let mut purged = None;
     for _ in 0..20 {
-        let at = kv.entry(&s).await.unwrap().map_or(rev, |e| e.revision);
-        if kv.purge_expect_revision(&s, Some(at)).await.is_ok() {
+        let at = kv.entry(key(&s)).await.unwrap().map_or(rev, |e| e.revision);
+        if kv.purge_expect_revision(key(&s), Some(at)).await.is_ok() {
             purged = Some(at);
             break;
         }
@@ -418,7 +427,7 @@ async fn an_insider_without_the_secret_can_neither_steal_a_jwt_nor_move_or_drop_
 
     // The owner's own first value, genuinely sealed, stored again (it rolls back what the
     // entry says about the chat): older by its generation, written over.
-    let r3 = kv.put(&s, first.clone()).await.unwrap();
+    let r3 = kv.put(key(&s), first.clone()).await.unwrap();
     assert!(r3 > rev);
     restored_from(&rig, &s, &owner, r3, &first).await;
 
@@ -656,7 +665,7 @@ async fn forged_and_replayed_announcements_move_no_chat() {
     let n2_era = rig
         .kv("GUESTD_sessions")
         .await
-        .entry(&s2)
+        .entry(key(&s2))
         .await
         .unwrap()
         .unwrap()
@@ -672,7 +681,7 @@ async fn forged_and_replayed_announcements_move_no_chat() {
         })
     };
     let kv = rig.kv("GUESTD_sessions").await;
-    let mut w = kv.watch(&s2).await.unwrap();
+    let mut w = kv.watch(key(&s2)).await.unwrap();
     loop {
         let e = tokio::time::timeout(LONG, w.next())
             .await
@@ -687,7 +696,7 @@ async fn forged_and_replayed_announcements_move_no_chat() {
     replayer.abort();
     // The value that named n2, genuinely sealed, stored again once n1 holds the chat: it moves
     // nothing, and n1 writes its own over it.
-    let r = kv.put(&s2, n2_era).await.unwrap();
+    let r = kv.put(key(&s2), n2_era).await.unwrap();
     restored(&rig, &s2, "n1", r).await;
     let (lines, logs) = rig.stop().await;
     assert!(logs.contains("announcement in the nodes bucket that does not authenticate"));

@@ -371,9 +371,16 @@ impl Cluster {
             .await;
         let mut out = HashMap::new();
         for k in keys {
+            // A chat's entry rests under `<slot>.<session>`; the key index (`i.*`) is not one.
+            let Some(session) = guestd::cluster::slots::session_of_key(&k) else {
+                continue;
+            };
             if let Ok(Some(v)) = kv.get(&k).await {
                 let e: Value = serde_json::from_slice(&v).unwrap();
-                out.insert(k, e["owner"].as_str().unwrap().to_string());
+                out.insert(
+                    session.to_string(),
+                    e["owner"].as_str().unwrap().to_string(),
+                );
             }
         }
         out
@@ -1041,6 +1048,94 @@ async fn status_on_another_node_answers_for_a_chat_that_ended_elsewhere() {
     }
     let rest: Vec<(String, String)> = chats[1..].to_vec();
     let all = c.finish(&rest, chats.len(), &mut ev).await;
+    let sessions: Vec<String> = chats.iter().map(|(s, _)| s.clone()).collect();
+    check_one_ended_each(&all, &sessions, |_| Some("guest_left"));
+}
+
+/// A counter from `node`'s `/metrics` (0 when it was never counted).
+async fn counter(node: &Node, name: &str, label: &str) -> f64 {
+    let text = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{}/metrics", node.http().await))
+        .bearer_auth(TOKEN)
+        .timeout(LONG)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Issue 27: a node's cost follows its own chats. Each node watches only the slots it holds,
+/// and places its chats in them, so with chats on every node and agents writing to all of them
+/// (every message moves its chat's entry), no node is handed an entry of another node's chat,
+/// while each sees its own writes come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_is_handed_no_entry_of_another_nodes_chats() {
+    let _serial = SERIAL.lock().await;
+    let mut c = Cluster::three().await;
+    let n = 12;
+    let (chats, mut ev) = c.connected_chats(n).await;
+    let owners = c.owners().await;
+    for node in ["n1", "n2", "n3"] {
+        assert!(
+            owners.values().any(|o| o == node),
+            "{node} holds no chat: {owners:?}"
+        );
+    }
+    for (s, conv) in &chats {
+        // The chat's entry rests under the slot its id names.
+        assert!(guestd::cluster::slots::slot_of(s).is_some(), "{s}");
+        c.emu.agent_join(conv).unwrap();
+    }
+    ev.until("every agent connected", |seen| {
+        seen.iter()
+            .filter(|v| v["type"] == "agent_connected")
+            .count()
+            >= n
+    })
+    .await;
+    for (_, conv) in &chats {
+        c.emu.agent_send(conv, "hello").unwrap();
+    }
+    ev.until("every agent message", |seen| {
+        seen.iter().filter(|v| v["body"] == "hello").count() >= n
+    })
+    .await;
+    // Each node's own writes (a start, an agent, a message per chat at least) come back through
+    // its watches; once they have, nothing else was handed to it.
+    for (i, id) in ["n1", "n2", "n3"].iter().enumerate() {
+        let mine = owners.values().filter(|o| o == id).count() as f64;
+        let deadline = Instant::now() + LONG;
+        loop {
+            let own = counter(
+                &c.nodes[i],
+                "guestd_cluster_entries_seen_total",
+                "whose=\"own\"",
+            )
+            .await;
+            if own >= mine * 2.0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id}: {own} of its own writes came back"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let other = counter(
+            &c.nodes[i],
+            "guestd_cluster_entries_seen_total",
+            "whose=\"other\"",
+        )
+        .await;
+        assert_eq!(other, 0.0, "{id} was handed entries of other nodes' chats");
+    }
+    let all = c.finish(&chats, n, &mut ev).await;
     let sessions: Vec<String> = chats.iter().map(|(s, _)| s.clone()).collect();
     check_one_ended_each(&all, &sessions, |_| Some("guest_left"));
 }

@@ -110,6 +110,12 @@ struct Args {
     /// kill -9, events per second into JetStream.
     #[arg(long)]
     cluster: Option<usize>,
+    /// Cluster mode: node counts to run, each in turn (e.g. `3,6`).
+    #[arg(long, value_delimiter = ',', default_value = "3")]
+    cluster_nodes: Vec<usize>,
+    /// Cluster mode: `--cluster N` chats per node, not in all.
+    #[arg(long)]
+    per_node: bool,
     /// Web Messaging instead: this many guest chats, then as many Web Messaging sessions, side
     /// by side (memory per idle session, CPU per liveness cycle, `ended` latency).
     #[arg(long)]
@@ -356,6 +362,10 @@ impl Emu {
             base: format!("{scheme}://{}", first.context("an address")?),
             http: http.build()?,
         })
+    }
+
+    async fn post_path(&self, path: String, body: Value) -> anyhow::Result<Value> {
+        self.post(&path, body).await
     }
 
     async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {

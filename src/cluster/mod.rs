@@ -9,6 +9,7 @@
 //! - [`route`]: commands reach the chat's owner, new chats the least-loaded node.
 //! - [`seal`]: XChaCha20-Poly1305 for what must not rest in NATS in plaintext.
 //! - [`ends`]: the ends nodes reported, sealed, for `status` on any node.
+//! - [`slots`]: key prefixes held by nodes, so a node watches and keeps only its own chats.
 
 pub mod ends;
 pub mod lease;
@@ -17,6 +18,7 @@ pub mod publish;
 pub mod route;
 pub mod seal;
 mod section;
+pub mod slots;
 pub mod store;
 
 use async_nats::jetstream;

@@ -9,6 +9,7 @@
 use super::ClusterSection;
 use super::lease::{self, Announce, Holding, Observer};
 use super::seal::{Keyring, Purpose};
+use super::slots::{self, SlotEntry};
 use super::store::{KvJournal, Lost};
 use super::{Fence, Nats};
 use crate::journal::Journal;
@@ -38,6 +39,9 @@ pub struct NodeEntry {
     /// Left on purpose.
     #[serde(default)]
     pub left: bool,
+    /// Chats it held when it announced: how new chats are placed, without a view of every chat.
+    #[serde(default)]
+    pub held: u64,
 }
 
 /// How an announcement rests in the nodes bucket: the fields in the clear for operators, and
@@ -87,17 +91,33 @@ pub struct Info {
     pub generation: u64,
 }
 
-/// What this node knows of the cluster.
+/// Who holds a slot, as the nodes bucket shows it.
+#[derive(Debug, Clone)]
+pub struct SlotInfo {
+    /// The holder and its epoch.
+    pub entry: SlotEntry,
+    /// The slot entry's revision (a take or a release is a compare-and-set on it).
+    pub revision: u64,
+    /// Since when this node, holding it, has seen it empty.
+    pub empty_since: Option<Instant>,
+}
+
+/// What this node knows of the cluster: every node and slot (a few entries per node), and the
+/// chats of the slots it watches (its own, in steady state; `slots.rs`).
 #[derive(Debug)]
 pub struct View {
     /// Liveness of the nodes.
     pub observer: Observer,
-    /// Every chat's owner.
+    /// The chats of the watched slots, by session id.
     pub sessions: HashMap<String, Info>,
-    /// Conversation id -> session id.
+    /// Conversation id -> session id, for the same chats.
     pub by_conv: HashMap<String, String>,
-    /// The sessions watch has caught up since it (re)started.
-    pub synced: bool,
+    /// Every slot.
+    pub slots: HashMap<String, SlotInfo>,
+    /// Chats each node said it held in its newest announcement.
+    pub held: HashMap<String, u64>,
+    /// Watches (by filter) that have not caught up since they (re)started.
+    pub unsynced: HashSet<String>,
 }
 
 impl View {
@@ -106,7 +126,41 @@ impl View {
             observer: Observer::new(lease),
             sessions: HashMap::new(),
             by_conv: HashMap::new(),
-            synced: false,
+            slots: HashMap::new(),
+            held: HashMap::new(),
+            unsynced: HashSet::from([slots::filter(None)]),
+        }
+    }
+
+    /// Every watch has caught up with the bucket.
+    pub fn synced(&self) -> bool {
+        self.unsynced.is_empty()
+    }
+
+    /// The live holder of `slot`, if any.
+    pub fn slot_holder(&mut self, slot: &str, now: Instant) -> Option<String> {
+        let e = self.slots.get(slot)?.entry.clone();
+        (self.observer.holding(&e.holder, e.epoch, now) == Holding::Held).then_some(e.holder)
+    }
+
+    /// Forget the chats of `slot` (None: the legacy ones): its watch stopped.
+    fn drop_scope(&mut self, slot: Option<&str>) {
+        let gone: Vec<String> = self
+            .sessions
+            .keys()
+            .filter(|s| slots::slot_of(s) == slot)
+            .cloned()
+            .collect();
+        for k in gone {
+            self.remove(&k);
+        }
+    }
+
+    fn remove(&mut self, session: &str) {
+        if let Some(i) = self.sessions.remove(session) {
+            if self.by_conv.get(&i.conversation).map(String::as_str) == Some(session) {
+                self.by_conv.remove(&i.conversation);
+            }
         }
     }
 
@@ -125,20 +179,16 @@ impl View {
         (self.observer.holding(&info.owner, info.epoch, now) == Holding::Held).then_some(info.owner)
     }
 
-    /// Chats held per live node.
+    /// Chats held per live node, as each announced.
     pub fn load(&mut self, now: Instant) -> HashMap<String, usize> {
-        let mut load: HashMap<String, usize> = self
-            .observer
+        self.observer
             .live(now)
             .into_iter()
-            .map(|n| (n, 0))
-            .collect();
-        for info in self.sessions.values() {
-            if let Some(n) = load.get_mut(&info.owner) {
-                *n += 1;
-            }
-        }
-        load
+            .map(|n| {
+                let held = self.held.get(&n).copied().unwrap_or(0) as usize;
+                (n, held)
+            })
+            .collect()
     }
 }
 
@@ -165,6 +215,11 @@ pub struct Node {
     /// The nodes watch went silent (it sees this node's own renewals, so silence means stuck):
     /// both watches start over.
     stale: Arc<Notify>,
+    /// The slots this node made at its newest join, where its new chats go.
+    homes: Arc<Mutex<Vec<String>>>,
+    next_home: Arc<std::sync::atomic::AtomicUsize>,
+    /// A slot was made, taken, given back or changed hands: the watches follow.
+    slot_change: Arc<Notify>,
     cancel: CancellationToken,
 }
 
@@ -213,6 +268,9 @@ impl Node {
             lost: Arc::new(Mutex::new(Some(lost_rx))),
             changed: Arc::new(Notify::new()),
             stale: Arc::new(Notify::new()),
+            homes: Arc::new(Mutex::new(Vec::new())),
+            next_home: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            slot_change: Arc::new(Notify::new()),
             cancel: CancellationToken::new(),
         };
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -235,7 +293,14 @@ impl Node {
     async fn announce(&self, epoch: u64, left: bool) -> Result<Instant, String> {
         let sent = Instant::now();
         let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
-        let bytes = NodeEntry { epoch, seq, left }.seal(&self.id, &self.keys);
+        let held = self.journal.count() as u64;
+        let bytes = NodeEntry {
+            epoch,
+            seq,
+            left,
+            held,
+        }
+        .seal(&self.id, &self.keys);
         match tokio::time::timeout(
             self.cfg.renew.max(Duration::from_secs(1)),
             self.nats.nodes.put(&self.id, bytes.into()),
@@ -280,7 +345,65 @@ impl Node {
             epoch,
             lease::acting_until(sent, self.cfg.lease, self.cfg.fence_margin),
         );
+        self.make_homes(epoch).await;
         Ok(epoch)
+    }
+
+    /// Make this epoch's home slots (`slots.rs`). A slot that cannot be made is left out: with
+    /// none, new chats get ids without a slot and rest where every node watches them.
+    async fn make_homes(&self, epoch: u64) {
+        let mut homes = Vec::new();
+        let mut tries = 0;
+        while homes.len() < slots::SLOTS_PER_NODE && tries < 3 * slots::SLOTS_PER_NODE {
+            tries += 1;
+            let slot = slots::new_slot();
+            let entry = SlotEntry {
+                holder: self.id.clone(),
+                epoch,
+            };
+            let made = tokio::time::timeout(
+                Duration::from_secs(5),
+                self.nats
+                    .nodes
+                    .create(slots::entry_key(&slot), entry.seal(&slot, &self.keys)),
+            )
+            .await;
+            match made {
+                Ok(Ok(revision)) => {
+                    lock(&self.view).slots.insert(
+                        slot.clone(),
+                        SlotInfo {
+                            entry,
+                            revision,
+                            empty_since: None,
+                        },
+                    );
+                    homes.push(slot);
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not make a slot; trying another"),
+                Err(_) => tracing::warn!("no answer making a slot; trying another"),
+            }
+        }
+        if homes.len() < slots::SLOTS_PER_NODE {
+            tracing::warn!(
+                made = homes.len(),
+                "fewer home slots than wanted: new chats without a slot are watched by every node"
+            );
+        }
+        *self.homes.lock().unwrap_or_else(|e| e.into_inner()) = homes;
+        self.slot_change.notify_one();
+    }
+
+    /// A session id for a new chat on this node: in one of its home slots, in turn.
+    pub fn new_session_id(&self) -> Option<String> {
+        let homes = self.homes.lock().unwrap_or_else(|e| e.into_inner());
+        if homes.is_empty() {
+            return None;
+        }
+        let i = self
+            .next_home
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(slots::session_in(&homes[i % homes.len()]))
     }
 
     /// Wait a moment before watching again; false once the node is leaving.
@@ -295,7 +418,7 @@ impl Node {
     pub fn run(&self, sup: Supervisor) {
         tokio::spawn(self.clone().renewals(sup.clone()));
         tokio::spawn(self.clone().follow_nodes());
-        tokio::spawn(self.clone().follow_sessions());
+        tokio::spawn(self.clone().follow_slots());
         tokio::spawn(self.clone().claims(sup.clone()));
         if let Some(mut lost) = self.lost.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let cancel = self.cancel.clone();
@@ -409,55 +532,161 @@ impl Node {
         }
     }
 
-    async fn follow_sessions(self) {
+    /// The slots this node watches now: those whose entry names it in its current epoch.
+    fn watched_slots(&self) -> HashSet<String> {
+        let epoch = self.fence.epoch();
+        lock(&self.view)
+            .slots
+            .iter()
+            .filter(|(_, i)| i.entry.holder == self.id && i.entry.epoch == epoch)
+            .map(|(s, _)| s.clone())
+            .collect()
+    }
+
+    /// Keep one watch per slot this node holds, plus one of the legacy entries; give back a
+    /// slot taken from another node once it has stayed empty (`slots.rs`).
+    async fn follow_slots(self) {
+        let mut running: HashMap<Option<String>, CancellationToken> = HashMap::new();
         loop {
-            let watch = self.nats.sessions.watch_with_history(">").await;
+            let mut want: HashSet<Option<String>> =
+                self.watched_slots().into_iter().map(Some).collect();
+            want.insert(None);
+            for scope in &want {
+                if !running.contains_key(scope) {
+                    let stop = self.cancel.child_token();
+                    running.insert(scope.clone(), stop.clone());
+                    tokio::spawn(self.clone().follow(scope.clone(), stop));
+                }
+            }
+            let stopped: Vec<Option<String>> = running
+                .keys()
+                .filter(|s| !want.contains(*s))
+                .cloned()
+                .collect();
+            for scope in stopped {
+                if let Some(stop) = running.remove(&scope) {
+                    stop.cancel();
+                }
+                let mut v = lock(&self.view);
+                v.drop_scope(scope.as_deref());
+                v.unsynced.remove(&slots::filter(scope.as_deref()));
+            }
+            metrics::gauge!("guestd_cluster_slots_watched").set((running.len() - 1) as f64);
+            self.give_back_empty_slots().await;
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = self.slot_change.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// Give back the slots this node took from others (not its home slots) that have been
+    /// empty for [`slots::EMPTY_FOR_LEASES`] leases.
+    async fn give_back_empty_slots(&self) {
+        let homes: HashSet<String> = self
+            .homes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        let held = self.watched_slots();
+        let now = Instant::now();
+        let quiet = self.cfg.lease * slots::EMPTY_FOR_LEASES;
+        let mut ripe = Vec::new();
+        {
+            let mut v = lock(&self.view);
+            let synced = v.synced();
+            let busy: HashSet<&str> = v
+                .sessions
+                .keys()
+                .filter_map(|s| slots::slot_of(s))
+                .collect();
+            let busy: HashSet<String> = busy.into_iter().map(str::to_string).collect();
+            for slot in held.iter().filter(|s| !homes.contains(*s)) {
+                let Some(info) = v.slots.get_mut(slot) else {
+                    continue;
+                };
+                if !synced || busy.contains(slot) {
+                    info.empty_since = None;
+                    continue;
+                }
+                let since = *info.empty_since.get_or_insert(now);
+                if now.duration_since(since) >= quiet {
+                    ripe.push((slot.clone(), info.revision));
+                }
+            }
+        }
+        for (slot, revision) in ripe {
+            let gone = tokio::time::timeout(
+                Duration::from_secs(5),
+                self.nats
+                    .nodes
+                    .purge_expect_revision(slots::entry_key(&slot), Some(revision)),
+            )
+            .await;
+            if let Ok(Ok(())) = gone {
+                tracing::info!(slot, "gave back an empty slot taken from another node");
+                lock(&self.view).slots.remove(&slot);
+                self.slot_change.notify_one();
+            }
+        }
+    }
+
+    /// Follow the entries of `slot` (None: the legacy ones) into the view until `stop`.
+    async fn follow(self, slot: Option<String>, stop: CancellationToken) {
+        let filter = slots::filter(slot.as_deref());
+        loop {
+            let watch = self.nats.sessions.watch_with_history(&filter).await;
             match watch {
                 Ok(mut w) => {
                     // A fresh watch replays every entry. The old view stays in use meanwhile
                     // (commands keep finding their chats); once the replay has caught up
                     // (`delta` 0), entries it did not replay are gone and are dropped.
-                    lock(&self.view).synced = false;
+                    lock(&self.view).unsynced.insert(filter.clone());
                     let mut replayed: Option<HashSet<String>> = Some(HashSet::new());
                     loop {
                         let next = tokio::select! {
-                            _ = self.cancel.cancelled() => return,
+                            _ = stop.cancelled() => return,
                             _ = self.stale.notified() => break,
                             n = tokio::time::timeout(Duration::from_secs(2), w.next()) => match n {
                                 Ok(n) => n,
                                 Err(_) => {
                                     // Nothing to replay (or nothing new): in step.
-                                    lock(&self.view).synced = true;
+                                    lock(&self.view).unsynced.remove(&filter);
                                     continue;
                                 }
                             },
                         };
                         match next {
                             Some(Ok(e)) => {
+                                let Some(session) = slots::session_of_key(&e.key) else {
+                                    continue;
+                                };
                                 let mut v = lock(&self.view);
                                 if let Some(seen) = replayed.as_mut() {
-                                    seen.insert(e.key.clone());
+                                    seen.insert(session.to_string());
                                     if e.delta == 0 {
                                         let seen = replayed.take().unwrap_or_default();
                                         let gone: Vec<String> = v
                                             .sessions
                                             .keys()
-                                            .filter(|k| !seen.contains(*k))
+                                            .filter(|k| {
+                                                slots::slot_of(k) == slot.as_deref()
+                                                    && !seen.contains(*k)
+                                            })
                                             .cloned()
                                             .collect();
                                         for k in gone {
-                                            if let Some(i) = v.sessions.remove(&k) {
-                                                if v.by_conv.get(&i.conversation) == Some(&k) {
-                                                    v.by_conv.remove(&i.conversation);
-                                                }
-                                            }
+                                            v.remove(&k);
                                         }
-                                        v.synced = true;
+                                        v.unsynced.remove(&filter);
                                     }
                                 }
                                 let opened = (e.operation == Operation::Put)
-                                    .then(|| self.journal.open(&e.key, &e.value));
-                                let known = v.sessions.get(&e.key).map_or(0, |i| i.generation);
+                                    .then(|| self.journal.open(session, &e.value));
+                                let known = v.sessions.get(session).map_or(0, |i| i.generation);
                                 match &opened {
                                     Some(Ok(entry)) if entry.generation < known => {
                                         // An older value stored again: it moves nothing (its
@@ -467,10 +696,17 @@ impl Node {
                                         tracing::warn!(key = %e.key, "ignored an older session entry stored again");
                                     }
                                     Some(Ok(entry)) => {
+                                        let whose = if entry.owner == self.id {
+                                            "own"
+                                        } else {
+                                            "other"
+                                        };
+                                        metrics::counter!("guestd_cluster_entries_seen_total", "whose" => whose)
+                                            .increment(1);
                                         let conv = entry.record.conversation_id.clone();
-                                        v.by_conv.insert(conv.clone(), e.key.clone());
+                                        v.by_conv.insert(conv.clone(), session.to_string());
                                         v.sessions.insert(
-                                            e.key.clone(),
+                                            session.to_string(),
                                             Info {
                                                 owner: entry.owner.clone(),
                                                 epoch: entry.epoch,
@@ -486,29 +722,29 @@ impl Node {
                                             .increment(1);
                                         tracing::warn!(key = %e.key, error = %why, "ignored a sessions entry")
                                     }
-                                    None => {
-                                        if let Some(i) = v.sessions.remove(&e.key) {
-                                            if v.by_conv.get(&i.conversation) == Some(&e.key) {
-                                                v.by_conv.remove(&i.conversation);
-                                            }
-                                        }
-                                    }
+                                    None => v.remove(session),
                                 }
                                 drop(v);
-                                self.journal.watched(&e.key, e.revision);
+                                self.journal.watched(session, e.revision);
                                 self.changed.notify_one();
                             }
                             Some(Err(e)) => {
-                                tracing::warn!(error = %e, "sessions watch failed; watching again");
+                                tracing::warn!(error = %e, filter, "sessions watch failed; watching again");
                                 break;
                             }
                             None => break,
                         }
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot watch the sessions bucket yet"),
+                Err(e) => {
+                    tracing::warn!(error = %e, filter, "cannot watch the sessions bucket yet")
+                }
             }
-            if !self.pause().await {
+            let again = tokio::select! {
+                _ = stop.cancelled() => false,
+                go = self.pause() => go,
+            };
+            if !again {
                 return;
             }
         }
@@ -525,6 +761,9 @@ impl Node {
 
     /// A node's announcement (from the watch or a direct read), seen now.
     fn apply_node(&self, e: &async_nats::jetstream::kv::Entry) {
+        if let Some(slot) = slots::slot_of_entry_key(&e.key) {
+            return self.apply_slot(slot, e);
+        }
         let now = Instant::now();
         let mut v = lock(&self.view);
         match e.operation {
@@ -536,6 +775,7 @@ impl Node {
                         left: n.left,
                     };
                     v.observer.saw(&e.key, a, e.revision, now);
+                    v.held.insert(e.key.clone(), n.held);
                 }
                 None => {
                     metrics::counter!("guestd_cluster_forged_total", "what" => "announcement")
@@ -550,6 +790,133 @@ impl Node {
             // A deletion carries no proof of who made it: a node is counted gone only when its
             // renewals stop for a lease (lease.rs), never because its entry was removed.
             Operation::Delete | Operation::Purge => {}
+        }
+    }
+
+    /// A slot's entry (from the watch or a direct read).
+    fn apply_slot(&self, slot: &str, e: &async_nats::jetstream::kv::Entry) {
+        let mut v = lock(&self.view);
+        match e.operation {
+            Operation::Put => match SlotEntry::open(slot, &e.value, &self.keys) {
+                Some(entry) => {
+                    let newer = v.slots.get(slot).is_none_or(|i| i.revision < e.revision);
+                    if newer {
+                        v.slots.insert(
+                            slot.to_string(),
+                            SlotInfo {
+                                entry,
+                                revision: e.revision,
+                                empty_since: None,
+                            },
+                        );
+                        self.slot_change.notify_one();
+                    }
+                }
+                None => {
+                    metrics::counter!("guestd_cluster_forged_total", "what" => "slot").increment(1);
+                    tracing::error!(
+                        key = %e.key,
+                        "ALERT: a slot entry in the nodes bucket that does not authenticate; ignored"
+                    );
+                }
+            },
+            Operation::Delete | Operation::Purge => {
+                let Some(info) = v.slots.get(slot) else {
+                    return;
+                };
+                if info.revision >= e.revision {
+                    return;
+                }
+                let mine = info.entry.holder == self.id && info.entry.epoch == self.fence.epoch();
+                if !mine {
+                    v.slots.remove(slot);
+                    self.slot_change.notify_one();
+                    return;
+                }
+                // Removed by someone else while this node holds it: its chats would go
+                // unwatched. Made again.
+                metrics::counter!("guestd_cluster_entry_conflicts_total", "kind" => "slot_removed")
+                    .increment(1);
+                tracing::error!(
+                    slot,
+                    "ALERT: a slot this node holds was removed by something other than this node; \
+                     writing it again"
+                );
+                let entry = info.entry.clone();
+                drop(v);
+                let (nodes, keys, view, slot) = (
+                    self.nats.nodes.clone(),
+                    self.keys.clone(),
+                    self.view.clone(),
+                    slot.to_string(),
+                );
+                tokio::spawn(async move {
+                    let bytes = entry.seal(&slot, &keys);
+                    let made = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        nodes.create(slots::entry_key(&slot), bytes),
+                    )
+                    .await;
+                    if let Ok(Ok(revision)) = made {
+                        if let Some(i) = lock(&view).slots.get_mut(&slot) {
+                            i.revision = i.revision.max(revision);
+                        }
+                    }
+                });
+            }
+        }
+    }
+
+    /// Slots this node should take now: those whose holder is dead and for which this node is
+    /// the preferred live one. With the holder and the revision seen.
+    fn slot_candidates(&self) -> Vec<(String, String, u64)> {
+        let now = Instant::now();
+        if !self.fence.acting(self.fence.epoch()) {
+            return Vec::new();
+        }
+        let mut v = lock(&self.view);
+        let live = v.observer.live(now);
+        let all: Vec<(String, SlotInfo)> = v
+            .slots
+            .iter()
+            .map(|(s, i)| (s.clone(), i.clone()))
+            .collect();
+        all.into_iter()
+            .filter(|(s, i)| {
+                v.observer.holding(&i.entry.holder, i.entry.epoch, now) == Holding::Orphan
+                    && lease::preferred(s, &live) == Some(self.id.as_str())
+            })
+            .map(|(s, i)| (s, i.entry.holder, i.revision))
+            .collect()
+    }
+
+    /// Take `slot` (seen at `revision`) by compare-and-set; its watch starts at once.
+    async fn take_slot(&self, slot: &str, revision: u64) {
+        let entry = SlotEntry {
+            holder: self.id.clone(),
+            epoch: self.fence.epoch(),
+        };
+        let took = tokio::time::timeout(
+            Duration::from_secs(5),
+            self.nats.nodes.update(
+                slots::entry_key(slot),
+                entry.seal(slot, &self.keys),
+                revision,
+            ),
+        )
+        .await;
+        if let Ok(Ok(revision)) = took {
+            tracing::info!(slot, "took a slot whose holder is gone");
+            metrics::counter!("guestd_cluster_slots_taken_total").increment(1);
+            lock(&self.view).slots.insert(
+                slot.to_string(),
+                SlotInfo {
+                    entry,
+                    revision,
+                    empty_since: None,
+                },
+            );
+            self.slot_change.notify_one();
         }
     }
 
@@ -581,9 +948,16 @@ impl Node {
                 }
                 continue;
             }
-            if v.observer.holding(&info.owner, info.epoch, now) == Holding::Orphan
-                && lease::preferred(&s, &live) == Some(self.id.as_str())
-            {
+            // A chat in a slot goes to the slot's holder; a legacy one (no slot) to the live
+            // node preferred for it, as every node watches those.
+            let ours = match slots::slot_of(&s) {
+                Some(slot) => v
+                    .slots
+                    .get(slot)
+                    .is_some_and(|i| i.entry.holder == self.id && i.entry.epoch == epoch),
+                None => lease::preferred(&s, &live) == Some(self.id.as_str()),
+            };
+            if ours && v.observer.holding(&info.owner, info.epoch, now) == Holding::Orphan {
                 out.push((s, info.owner));
             }
         }
@@ -592,8 +966,11 @@ impl Node {
 
     /// Take one chat and resume it; false if it was not taken.
     async fn claim(&self, sup: &Supervisor, session: &str) -> bool {
-        let read =
-            tokio::time::timeout(Duration::from_secs(5), self.nats.sessions.entry(session)).await;
+        let read = tokio::time::timeout(
+            Duration::from_secs(5),
+            self.nats.sessions.entry(slots::bucket_key(session)),
+        )
+        .await;
         let cur = match read {
             Ok(Ok(Some(e))) if e.operation == Operation::Put => e,
             _ => return false,
@@ -659,6 +1036,17 @@ impl Node {
             }
             if !sup.accepting() {
                 continue;
+            }
+            let slots = self.slot_candidates();
+            if !slots.is_empty() {
+                // Check each holder's newest announcement before counting it dead.
+                let holders: HashSet<&str> = slots.iter().map(|(_, h, _)| h.as_str()).collect();
+                for h in holders {
+                    self.refresh(h).await;
+                }
+                for (slot, _, revision) in self.slot_candidates() {
+                    self.take_slot(&slot, revision).await;
+                }
             }
             let snapshot = busy.lock().unwrap_or_else(|e| e.into_inner()).clone();
             let first = self.candidates(&snapshot);

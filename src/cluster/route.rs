@@ -54,6 +54,8 @@ const PLACED_FOR: Duration = Duration::from_secs(3);
 /// Places and forwards commands.
 pub struct Router {
     node: String,
+    /// This node (its home slots name new chats).
+    me: Node,
     client: async_nats::Client,
     cmd: String,
     keys: Keyring,
@@ -69,6 +71,7 @@ impl Router {
     pub fn new(node: &Node) -> Self {
         Router {
             node: node.id.clone(),
+            me: node.clone(),
             client: node.nats.client.clone(),
             cmd: node.nats.names.cmd.clone(),
             keys: node.keys.clone(),
@@ -79,10 +82,14 @@ impl Router {
         }
     }
 
-    /// The least-loaded live node (counting placements the bucket does not show yet).
+    /// The least-loaded live node: what each announced (this node: what it holds now), plus
+    /// the placements made since.
     fn least_loaded(&self) -> Option<String> {
         let now = Instant::now();
         let mut load = lock(&self.view).load(now);
+        // This node's own count is known exactly, and it is a candidate even before its first
+        // announcement has come back through the watch.
+        load.insert(self.node.clone(), self.me.journal.count());
         let mut placed = self.placed.lock().unwrap_or_else(|e| e.into_inner());
         while placed
             .front()
@@ -122,13 +129,42 @@ impl Router {
         if !key.starts_with("s-") || !super::valid_token(key) {
             return None;
         }
-        let read = tokio::time::timeout(Duration::from_secs(5), self.sessions.entry(key)).await;
+        let read = tokio::time::timeout(
+            Duration::from_secs(5),
+            self.sessions.entry(super::slots::bucket_key(key)),
+        )
+        .await;
         match read {
             Ok(Ok(Some(e))) if e.operation == async_nats::jetstream::kv::Operation::Put => {
                 super::store::Entry::open(key, &e.value, &self.keys).ok()
             }
             _ => None,
         }
+    }
+
+    /// The entry of the chat `key` names: a session id's own entry, or for a conversation id
+    /// the entry the key index names, if it is that conversation's (the index is not trusted
+    /// further than that: the entry is sealed, the index is not).
+    async fn entry_of(&self, key: &str) -> Option<super::store::Entry> {
+        if key.starts_with("s-") {
+            return self.entry(key).await;
+        }
+        let index = super::slots::index_key(&self.keys, key);
+        let read = tokio::time::timeout(Duration::from_secs(5), self.sessions.get(index)).await;
+        let session = match read {
+            Ok(Ok(Some(v))) => String::from_utf8(v.to_vec()).ok()?,
+            _ => return None,
+        };
+        let e = self.entry(&session).await?;
+        (e.record.conversation_id == key).then_some(e)
+    }
+
+    /// The live owner of the chat `key` names, read from the bucket.
+    async fn owner_read(&self, key: &str) -> Option<String> {
+        let e = self.entry_of(key).await?;
+        let mut v = lock(&self.view);
+        (v.observer.holding(&e.owner, e.epoch, Instant::now()) == super::lease::Holding::Held)
+            .then_some(e.owner)
     }
 
     async fn owner_or_read(&self, key: &str) -> Option<String> {
@@ -139,19 +175,26 @@ impl Router {
         if known {
             return None;
         }
-        let e = self.entry(key).await?;
-        let mut v = lock(&self.view);
-        (v.observer.holding(&e.owner, e.epoch, Instant::now()) == super::lease::Holding::Held)
-            .then_some(e.owner)
+        self.owner_read(key).await
     }
 }
 
 impl Route for Router {
+    fn session_id(&self) -> Option<String> {
+        self.me.new_session_id()
+    }
+
     fn place<'a>(&'a self, cmd: &'a Command) -> BoxFuture<'a, Option<String>> {
         Box::pin(async move {
             let node = match cmd {
                 Command::Open(o) => match (o.open, &o.key) {
-                    (Open::Attach, Some(key)) => self.owner(key).or_else(|| self.least_loaded()),
+                    (Open::Attach, Some(key)) => match self.owner(key) {
+                        Some(o) => Some(o),
+                        None => match self.owner_read(key).await {
+                            Some(o) => Some(o),
+                            None => self.least_loaded(),
+                        },
+                    },
                     _ => self.least_loaded(),
                 },
                 Command::Send { session, .. }
@@ -176,11 +219,11 @@ impl Route for Router {
                     {
                         let v = lock(&self.view);
                         // Not in step with the bucket yet (just reconnected): it may exist.
-                        if v.session_of(session).is_some() || !v.synced {
+                        if v.session_of(session).is_some() || !v.synced() {
                             return true;
                         }
                     }
-                    self.entry(session).await.is_some()
+                    self.entry_of(session).await.is_some()
                 }
                 _ => false,
             }

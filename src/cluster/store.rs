@@ -25,6 +25,7 @@
 
 use super::Fence;
 use super::seal::{Keyring, Purpose};
+use super::slots;
 use crate::journal::{
     Activity, Durable, EndingRecord, Journal, NotDurable, Recovered, SessionRecord,
 };
@@ -131,10 +132,12 @@ impl Entry {
         }
     }
 
-    /// Sealed for the bucket under `key`.
-    pub fn seal(&self, key: &str, keys: &Keyring) -> bytes::Bytes {
+    /// Sealed for the bucket under `session`'s key ([`slots::bucket_key`]).
+    pub fn seal(&self, session: &str, keys: &Keyring) -> bytes::Bytes {
         let plain = serde_json::to_vec(self).unwrap_or_default();
         let epoch = self.epoch.to_be_bytes();
+        let key = slots::bucket_key(session);
+        let key = key.as_ref();
         let wire = Wire {
             owner: self.owner.clone(),
             epoch: self.epoch,
@@ -143,10 +146,13 @@ impl Entry {
         serde_json::to_vec(&wire).unwrap_or_default().into()
     }
 
-    /// The entry stored under `key`, if it opens and agrees with its clear fields.
-    pub fn open(key: &str, bytes: &[u8], keys: &Keyring) -> Result<Entry, Foreign> {
+    /// The entry stored for `session` (under its key), if it opens and agrees with its clear
+    /// fields.
+    pub fn open(session: &str, bytes: &[u8], keys: &Keyring) -> Result<Entry, Foreign> {
         let wire: Wire = serde_json::from_slice(bytes).map_err(|_| Foreign::Shape)?;
         let epoch = wire.epoch.to_be_bytes();
+        let key = slots::bucket_key(session);
+        let key = key.as_ref();
         let plain = keys
             .open(
                 Purpose::Entry,
@@ -155,7 +161,8 @@ impl Entry {
             )
             .map_err(|_| Foreign::Unauthenticated)?;
         let entry: Entry = serde_json::from_slice(&plain).map_err(|_| Foreign::Unauthenticated)?;
-        if entry.owner != wire.owner || entry.epoch != wire.epoch || entry.record.session != key {
+        if entry.owner != wire.owner || entry.epoch != wire.epoch || entry.record.session != session
+        {
             return Err(Foreign::Unauthenticated);
         }
         Ok(entry)
@@ -282,6 +289,11 @@ impl KvJournal {
         self.map().get(session).cloned()
     }
 
+    /// Chats this node holds (runs or is starting).
+    pub fn count(&self) -> usize {
+        self.map().len()
+    }
+
     /// Whether this node holds (runs or is starting) `session`.
     pub fn holds(&self, session: &str) -> bool {
         self.held(session).is_some()
@@ -303,7 +315,7 @@ impl KvJournal {
         entry.epoch = epoch;
         entry.generation += 1;
         let bytes = entry.seal(session, &self.0.keys);
-        let rev = match bounded(self.0.kv.update(session, bytes, rev)).await {
+        let rev = match bounded(self.0.kv.update(slots::bucket_key(session), bytes, rev)).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(session, error = %e, "another node took the chat first");
@@ -316,7 +328,7 @@ impl KvJournal {
         // A change that landed between the compare-and-set and the line above went unjudged:
         // the sessions watch passes over a chat not held here yet. Read the entry once more
         // (an older value stored again at that moment stayed in the bucket for good).
-        let newer = match bounded(self.0.kv.entry(session)).await {
+        let newer = match bounded(self.0.kv.entry(slots::bucket_key(session))).await {
             Ok(Some(cur)) => (cur.revision > rev).then_some(cur.revision),
             Ok(None) => Some(rev + 1),
             Err(_) => None,
@@ -335,7 +347,11 @@ impl KvJournal {
         if cur.operation != Operation::Put {
             return Judged::Conflict(cur.revision, "vanished");
         }
-        match Entry::open(&cur.key, &cur.value, &self.0.keys) {
+        match Entry::open(
+            slots::session_of_key(&cur.key).unwrap_or_default(),
+            &cur.value,
+            &self.0.keys,
+        ) {
             Err(_) => Judged::Conflict(cur.revision, "forged"),
             // Older than what this node wrote: stored again by someone, whoever it names.
             Ok(theirs) if theirs.generation < mine.generation => {
@@ -384,9 +400,14 @@ impl KvJournal {
             let bytes = slot.entry.seal(session, &self.0.keys);
             // Revision 0: the entry vanished (`create` steps over a delete or purge marker).
             let put = if slot.rev == 0 {
-                bounded(self.0.kv.create(session, bytes)).await
+                bounded(self.0.kv.create(slots::bucket_key(session), bytes)).await
             } else {
-                bounded(self.0.kv.update(session, bytes, slot.rev)).await
+                bounded(
+                    self.0
+                        .kv
+                        .update(slots::bucket_key(session), bytes, slot.rev),
+                )
+                .await
             };
             let e = match put {
                 Ok(rev) => {
@@ -398,7 +419,7 @@ impl KvJournal {
                 Err(e) => e,
             };
             // Wrong revision, or no answer: read what is there.
-            match bounded(self.0.kv.entry(session)).await {
+            match bounded(self.0.kv.entry(slots::bucket_key(session))).await {
                 Ok(cur) => match self.judge(&slot.entry, cur.as_ref()) {
                     Judged::Ours(rev, same) => {
                         // An earlier write landed (its ack lost). Go on from its revision.
@@ -464,6 +485,27 @@ impl KvJournal {
         });
     }
 
+    /// Note in the key index that `conversation`'s chat is `session`, so a keyed `attach`
+    /// on any node finds it without a view of the cluster (`route.rs`). Best effort: a missing
+    /// index entry costs what a view that lags does (the attach is placed as a new chat, and its
+    /// node refuses a key it already holds).
+    async fn index(&self, conversation: &str, session: &str) {
+        let key = slots::index_key(&self.0.keys, conversation);
+        if let Err(e) = bounded(self.0.kv.put(key, session.to_string().into())).await {
+            tracing::warn!(session, error = %e, "could not write the chat's key index entry");
+        }
+    }
+
+    /// Remove `conversation`'s key index entry if it still names `session`.
+    async fn unindex(&self, conversation: &str, session: &str) {
+        let key = slots::index_key(&self.0.keys, conversation);
+        if let Ok(Some(cur)) = bounded(self.0.kv.entry(key.clone())).await {
+            if cur.operation == Operation::Put && cur.value.as_ref() == session.as_bytes() {
+                let _ = bounded(self.0.kv.purge_expect_revision(key, Some(cur.revision))).await;
+            }
+        }
+    }
+
     /// Remove an ended chat's entry, at the revision this node wrote: a chat another node took
     /// meanwhile keeps its entry (that node re-emits the same `ended`; the stream drops it).
     async fn purge(&self, session: &str, rev: Option<u64>) {
@@ -472,10 +514,16 @@ impl KvJournal {
         };
         let mut wait = Duration::from_millis(100);
         for _ in 0..30 {
-            match bounded(self.0.kv.purge_expect_revision(session, Some(rev))).await {
+            match bounded(
+                self.0
+                    .kv
+                    .purge_expect_revision(slots::bucket_key(session), Some(rev)),
+            )
+            .await
+            {
                 Ok(()) => return,
                 Err(e) => {
-                    if matches!(bounded(self.0.kv.entry(session)).await, Ok(Some(cur)) if cur.revision != rev)
+                    if matches!(bounded(self.0.kv.entry(slots::bucket_key(session))).await, Ok(Some(cur)) if cur.revision != rev)
                     {
                         return;
                     }
@@ -573,11 +621,13 @@ impl Journal for KvJournal {
             // over in a second or two) must not fail a `start` whose chat exists already.
             let mut wait = Duration::from_millis(100);
             let result = loop {
-                match bounded(me.0.kv.create(&session, bytes.clone())).await {
+                match bounded(me.0.kv.create(slots::bucket_key(&session), bytes.clone())).await {
                     Ok(rev) => break Ok(rev),
                     Err(e) => {
                         // Did an earlier try land (its ack lost)?
-                        if let Ok(Some(cur)) = bounded(me.0.kv.entry(&session)).await {
+                        if let Ok(Some(cur)) =
+                            bounded(me.0.kv.entry(slots::bucket_key(&session))).await
+                        {
                             if cur.operation == Operation::Put {
                                 break match me.open(&session, &cur.value) {
                                     Ok(theirs)
@@ -605,7 +655,10 @@ impl Journal for KvJournal {
                 Ok(rev) => {
                     me.0.healthy.store(true, Ordering::Relaxed);
                     held.last_rev.store(rev, Ordering::Release);
+                    let conversation = entry.record.conversation_id.clone();
                     *slot = Some(Slot { rev, entry });
+                    drop(slot);
+                    me.index(&conversation, &session).await;
                     Ok(())
                 }
                 Err(e) => {
@@ -667,9 +720,15 @@ impl Journal for KvJournal {
             // Held through the purge: no write lands between reading the revision and removing it.
             let slot = held.slot.lock().await;
             let rev = slot.as_ref().map(|s| s.rev);
+            let conversation = slot
+                .as_ref()
+                .map(|s| s.entry.record.conversation_id.clone());
             me.purge(&session, rev).await;
             drop(slot);
             me.forget(&session);
+            if let Some(c) = conversation {
+                me.unindex(&c, &session).await;
+            }
         });
     }
 

@@ -48,6 +48,8 @@ fn free_ports(n: usize) -> Vec<u16> {
 /// Three JetStream servers in one cluster.
 pub struct NatsCluster {
     pub ports: Vec<u16>,
+    /// Each server's monitoring port (`/connz`: messages per client connection).
+    pub monitors: Vec<u16>,
     dir: PathBuf,
     procs: Vec<Option<Child>>,
 }
@@ -56,7 +58,8 @@ impl NatsCluster {
     pub fn start() -> NatsCluster {
         let dir = std::env::temp_dir().join(format!("guestd-nats-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
-        let mut ports = free_ports(6);
+        let mut ports = free_ports(9);
+        let monitors = ports.split_off(6);
         let routes = ports.split_off(3);
         for i in 0..3 {
             let others: Vec<String> = (0..3)
@@ -64,9 +67,11 @@ impl NatsCluster {
                 .map(|j| format!("nats-route://127.0.0.1:{}", routes[j]))
                 .collect();
             let conf = format!(
-                "server_name: s{i}\nlisten: 127.0.0.1:{}\njetstream {{\n  store_dir: \"{}\"\n}}\n\
+                "server_name: s{i}\nlisten: 127.0.0.1:{}\nhttp: 127.0.0.1:{}\n\
+                 jetstream {{\n  store_dir: \"{}\"\n}}\n\
                  cluster {{\n  name: guestd-test\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
                 ports[i],
+                monitors[i],
                 dir.join(format!("s{i}")).display(),
                 routes[i],
                 others.join(", ")
@@ -75,6 +80,7 @@ impl NatsCluster {
         }
         let mut c = NatsCluster {
             ports,
+            monitors,
             dir,
             procs: vec![None, None, None],
         };

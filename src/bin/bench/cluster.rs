@@ -1,15 +1,23 @@
 //! `guestd-bench --cluster N`: cluster mode measured (docs/benchmarks.md, "Cluster mode").
-//! A 3-server NATS JetStream cluster on loopback (R3), three guestd nodes, the emulator in its
-//! own process. N chats are attached through the nodes' stdin; then:
+//! A 3-server NATS JetStream cluster on loopback (R3), `--cluster-nodes` guestd nodes (3 unless
+//! told), the emulator in its own process. N chats (N per node with `--per-node`) are attached
+//! through the nodes' stdin; then:
 //! - memory: RSS per idle session on each node, next to one single-node guestd holding as many
 //!   chats as one node does;
+//! - traffic: an agent joins a sample of chats and sends them messages for a few seconds; what
+//!   each node received from NATS meanwhile (`out_msgs` of its connection in the servers'
+//!   `/connz`), which is design-neutral: it counts for a build before slots as for one after;
 //! - failover: kill -9 the node holding the most chats; time from the kill to each of its chats
 //!   reconnected on another node (p50, p99, last);
 //! - event throughput into JetStream: every chat ended at once; time until the stream has
 //!   acknowledged an `ended` for each (events per second into the stream).
+//!
+//! With `--baseline`, every node count runs with both builds, alternating for `--rounds`, each
+//! on fresh NATS servers and a fresh emulator.
 
 use super::{Emu, Proc, rss_kib, wall_us};
 use anyhow::{Context, bail};
+use futures::StreamExt;
 use serde_json::{Value, json};
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -95,7 +103,75 @@ fn merge(procs: &mut [Proc]) -> tokio::sync::mpsc::UnboundedReceiver<(usize, u64
     rx
 }
 
-pub async fn run(n: usize, exe: &PathBuf, args: &super::Args) -> anyhow::Result<Value> {
+/// Messages each guestd node's NATS connection received so far, by node id, over every server.
+async fn received(http: &reqwest::Client, monitors: &[u16]) -> HashMap<String, u64> {
+    let mut out = HashMap::new();
+    for port in monitors {
+        let url = format!("http://127.0.0.1:{port}/connz?limit=10000");
+        let Ok(r) = http.get(url).send().await else {
+            continue;
+        };
+        let Ok(v) = r.json::<Value>().await else {
+            continue;
+        };
+        for c in v["connections"].as_array().into_iter().flatten() {
+            if let Some(node) = c["name"].as_str().and_then(|n| n.strip_prefix("guestd-")) {
+                *out.entry(node.to_string()).or_default() += c["out_msgs"].as_u64().unwrap_or(0);
+            }
+        }
+    }
+    out
+}
+
+/// Every arm, node count and round; their runs and a summary.
+pub async fn run(n: usize, exe: &std::path::Path, args: &super::Args) -> anyhow::Result<Value> {
+    let mut arms = vec![("guestd", exe.to_path_buf())];
+    if let Some(old) = &args.baseline {
+        arms.push(("guestd-baseline", old.clone()));
+    }
+    let mut runs = Vec::new();
+    for &nodes in &args.cluster_nodes {
+        for round in 0..args.rounds.max(1) {
+            for (arm, bin) in &arms {
+                let chats = if args.per_node { n * nodes } else { n };
+                eprintln!(
+                    "cluster: {arm}, {nodes} nodes, {chats} chats, round {}",
+                    round + 1
+                );
+                let mut r = run_arm(chats, nodes, bin, args).await?;
+                r["arm"] = json!(arm);
+                r["round"] = json!(round + 1);
+                runs.push(r);
+            }
+        }
+    }
+    eprintln!(
+        "\n{:<16} {:>5} {:>7} {:>14} {:>14} {:>16} {:>14}",
+        "arm", "nodes", "chats", "KiB/chat node", "KiB/chat one", "recv/node/msg", "failover p99"
+    );
+    for r in &runs {
+        eprintln!(
+            "{:<16} {:>5} {:>7} {:>14.2} {:>14.2} {:>16.2} {:>11} ms",
+            r["arm"].as_str().unwrap_or_default(),
+            r["nodes"],
+            r["chats"],
+            r["cluster_kib_per_session_avg"].as_f64().unwrap_or(0.0),
+            r["single_node_kib_per_session"].as_f64().unwrap_or(0.0),
+            r["traffic"]["received_per_node_per_message"]
+                .as_f64()
+                .unwrap_or(0.0),
+            r["failover_p99_ms"],
+        );
+    }
+    Ok(json!({ "runs": runs }))
+}
+
+async fn run_arm(
+    n: usize,
+    nodes: usize,
+    exe: &PathBuf,
+    args: &super::Args,
+) -> anyhow::Result<Value> {
     let cluster = nats::NatsCluster::start();
     let client = cluster.client().await;
     let js = async_nats::jetstream::new(client.clone());
@@ -111,8 +187,9 @@ pub async fn run(n: usize, exe: &PathBuf, args: &super::Args) -> anyhow::Result<
             .join(",")
     );
     let mut procs = Vec::new();
-    for id in ["n1", "n2", "n3"] {
-        procs.push(Proc::spawn(node(exe, id, &emu, &servers, hb_ms, true))?);
+    for i in 0..nodes {
+        let id = format!("n{}", i + 1);
+        procs.push(Proc::spawn(node(exe, &id, &emu, &servers, hb_ms, true))?);
     }
     for p in procs.iter_mut() {
         p.ready(Duration::from_secs(90)).await?;
@@ -120,7 +197,7 @@ pub async fn run(n: usize, exe: &PathBuf, args: &super::Args) -> anyhow::Result<
     let base: Vec<u64> = procs.iter().map(|p| rss_kib(p.pid)).collect();
     let chats = super::create_chats(&emu, n).await?;
     let t0 = Instant::now();
-    for (i, part) in chats.chunks(n.div_ceil(3)).enumerate() {
+    for (i, part) in chats.chunks(n.div_ceil(nodes)).enumerate() {
         attach(&mut procs[i], part).await?;
     }
     let mut rx = merge(&mut procs);
@@ -143,10 +220,10 @@ pub async fn run(n: usize, exe: &PathBuf, args: &super::Args) -> anyhow::Result<
     // Settle, then memory.
     let quiet = args.heartbeat.max(Duration::from_secs(1)) * 2;
     while let Ok(Some(_)) = tokio::time::timeout(quiet, rx.recv()).await {}
-    let held: Vec<usize> = (0..3)
+    let held: Vec<usize> = (0..nodes)
         .map(|i| owner.values().filter(|o| **o == i).count())
         .collect();
-    let per_session: Vec<f64> = (0..3)
+    let per_session: Vec<f64> = (0..nodes)
         .map(|i| {
             (rss_kib(procs[i].pid).saturating_sub(base[i])) as f64 * 1024.0 / held[i].max(1) as f64
         })
@@ -155,8 +232,55 @@ pub async fn run(n: usize, exe: &PathBuf, args: &super::Args) -> anyhow::Result<
         "cluster: {n} chats connected in {connect_secs:.1} s, held {held:?}, bytes/session {per_session:?}"
     );
 
+    // Traffic: an agent joins a sample of chats, then sends each a message a second for a few
+    // seconds; what each node receives from NATS meanwhile.
+    let http = reqwest::Client::new();
+    let sample: Vec<String> = owner.keys().take(600.min(n)).cloned().collect();
+    let before = received(&http, &cluster.monitors).await;
+    let t_traffic = Instant::now();
+    futures::stream::iter(sample.iter())
+        .map(|c| emu.post_path(format!("conversations/{c}/agent/join"), json!({})))
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let rounds = 5;
+    for r in 0..rounds {
+        let next = Instant::now() + Duration::from_secs(1);
+        futures::stream::iter(sample.iter())
+            .map(|c| {
+                emu.post_path(
+                    format!("conversations/{c}/agent/message"),
+                    json!({ "body": format!("m{r}") }),
+                )
+            })
+            .buffer_unordered(32)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        tokio::time::sleep_until(next).await;
+    }
+    // Let the last writes land and reach every watch.
+    while let Ok(Some(_)) = tokio::time::timeout(quiet, rx.recv()).await {}
+    let traffic_secs = t_traffic.elapsed().as_secs_f64();
+    let after = received(&http, &cluster.monitors).await;
+    let got: Vec<u64> = (0..nodes)
+        .map(|i| {
+            let id = format!("n{}", i + 1);
+            after.get(&id).copied().unwrap_or(0) - before.get(&id).copied().unwrap_or(0)
+        })
+        .collect();
+    let messages = sample.len() * rounds;
+    let per_message = got.iter().sum::<u64>() as f64 / nodes as f64 / messages.max(1) as f64;
+    eprintln!(
+        "traffic: {messages} agent messages to {} chats in {traffic_secs:.1} s; NATS messages received per node {got:?} ({per_message:.2} per node per agent message)",
+        sample.len()
+    );
+
     // Failover: kill -9 the busiest node.
-    let victim = (0..3).max_by_key(|i| held[*i]).unwrap_or(2);
+    let victim = (0..nodes).max_by_key(|i| held[*i]).unwrap_or(0);
     let moving: HashSet<String> = owner
         .iter()
         .filter(|(_, o)| **o == victim)
@@ -249,10 +373,17 @@ pub async fn run(n: usize, exe: &PathBuf, args: &super::Args) -> anyhow::Result<
     let single_per = (rss_kib(single.pid).saturating_sub(base1)) as f64 * 1024.0 / m as f64;
     eprintln!("single node: {m} chats, {single_per:.0} bytes/session");
 
-    let avg = per_session.iter().sum::<f64>() / 3.0;
+    let avg = per_session.iter().sum::<f64>() / nodes as f64;
     Ok(json!({
         "chats": n,
-        "nodes": 3,
+        "nodes": nodes,
+        "traffic": {
+            "chats": sample.len(),
+            "agent_messages": messages,
+            "secs": traffic_secs,
+            "received_per_node": got,
+            "received_per_node_per_message": per_message,
+        },
         "nats_servers": 3,
         "replicas": 3,
         "lease": "6s", "renew": "2s", "fence_margin": "2s",
