@@ -113,9 +113,14 @@ fn forgeries() -> Vec<Vec<(&'static str, &'static str)>> {
         "replayed_entry",
         "reply",
         "forward",
+        "slot",
     ]
     .map(|w| vec![("what", w)])
     .into()
+}
+
+fn whose() -> Vec<Vec<(&'static str, &'static str)>> {
+    ["own", "other"].map(|w| vec![("whose", w)]).to_vec()
 }
 
 fn conflicts() -> Vec<Vec<(&'static str, &'static str)>> {
@@ -319,6 +324,30 @@ pub const CATALOGUE: &[Metric] = &[
         kind: Counter,
         help: "Session entries in the cluster bucket refused as conflicting, by kind.",
         labels: conflicts,
+    },
+    Metric {
+        name: "guestd_cluster_entries_seen_total",
+        kind: Counter,
+        help: "Session entries this node's watches handed it, by whose chat they are (own, other): other stays 0 in steady state.",
+        labels: whose,
+    },
+    Metric {
+        name: "guestd_cluster_slots_watched",
+        kind: Gauge,
+        help: "Slots this node holds and watches (its home slots and any taken from dead nodes).",
+        labels: none,
+    },
+    Metric {
+        name: "guestd_cluster_slots_taken_total",
+        kind: Counter,
+        help: "Slots this node took from a node whose lease ran out.",
+        labels: none,
+    },
+    Metric {
+        name: "guestd_cluster_slot_conflicts_total",
+        kind: Counter,
+        help: "Slots this node holds that something else removed (written again).",
+        labels: none,
     },
     Metric {
         name: "guestd_stream_publish_failures_total",

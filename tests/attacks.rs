@@ -168,7 +168,10 @@ impl Rig {
                 .expect("nodes did not join")
                 .unwrap()
                 .unwrap();
-            seen.insert(e.key);
+            // A node's announcement, not one of its slots (`slot.<id>`).
+            if !e.key.starts_with("slot.") {
+                seen.insert(e.key);
+            }
         }
     }
 

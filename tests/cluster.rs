@@ -268,6 +268,10 @@ impl Cluster {
                 if let Ok(mut w) = kv.watch_with_history(">").await {
                     let mut live = HashSet::new();
                     while let Ok(Some(Ok(e))) = tokio::time::timeout_at(deadline, w.next()).await {
+                        // A node's announcement, not one of its slots (`slot.<id>`).
+                        if e.key.starts_with("slot.") {
+                            continue;
+                        }
                         let v: Value = serde_json::from_slice(&e.value).unwrap_or(Value::Null);
                         if v["left"] == true || e.value.is_empty() {
                             live.remove(&e.key);

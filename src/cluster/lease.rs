@@ -66,15 +66,16 @@ impl Observer {
         }
     }
 
-    /// A renewal (or a leave) of `node`, stored at `revision`, was seen now.
-    pub fn saw(&mut self, node: &str, a: Announce, revision: u64, now: Instant) {
+    /// A renewal (or a leave) of `node`, stored at `revision`, was seen now; whether it was
+    /// news (newer than any seen).
+    pub fn saw(&mut self, node: &str, a: Announce, revision: u64, now: Instant) -> bool {
         self.unknown
             .retain(|(n, e), _| !(n == node && *e <= a.epoch));
         if let Some(s) = self.nodes.get(node) {
             // A watch that starts again replays the newest value (same revision); a value
             // stored again by someone who read it earlier has a new revision but is no newer.
             if s.revision >= revision || (s.epoch, s.seq) >= (a.epoch, a.seq) {
-                return;
+                return false;
             }
         }
         self.nodes.insert(
@@ -87,6 +88,7 @@ impl Observer {
                 at: now,
             },
         );
+        true
     }
 
     /// The newest epoch seen of `node`.

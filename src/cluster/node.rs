@@ -42,6 +42,9 @@ pub struct NodeEntry {
     /// Chats it held when it announced: how new chats are placed, without a view of every chat.
     #[serde(default)]
     pub held: u64,
+    /// This build holds slots (`slots.rs`).
+    #[serde(default)]
+    pub slots: bool,
 }
 
 /// How an announcement rests in the nodes bucket: the fields in the clear for operators, and
@@ -100,6 +103,23 @@ pub struct SlotInfo {
     pub revision: u64,
     /// Since when this node, holding it, has seen it empty.
     pub empty_since: Option<Instant>,
+    /// When its newest value was written or seen: the holder writes it again before the nodes
+    /// bucket's `max_age` (a day) would remove it ([`SLOT_REFRESH`]).
+    pub seen: Instant,
+}
+
+/// How often a holder writes its slot entries again (the nodes bucket keeps a value a day).
+const SLOT_REFRESH: Duration = Duration::from_secs(3600);
+
+impl SlotInfo {
+    fn new(entry: SlotEntry, revision: u64) -> Self {
+        SlotInfo {
+            entry,
+            revision,
+            empty_since: None,
+            seen: Instant::now(),
+        }
+    }
 }
 
 /// What this node knows of the cluster: every node and slot (a few entries per node), and the
@@ -116,6 +136,8 @@ pub struct View {
     pub slots: HashMap<String, SlotInfo>,
     /// Chats each node said it held in its newest announcement.
     pub held: HashMap<String, u64>,
+    /// Nodes that hold slots (a build before slots never takes one: not preferred for any).
+    pub slotted: HashSet<String>,
     /// Watches (by filter) that have not caught up since they (re)started.
     pub unsynced: HashSet<String>,
 }
@@ -128,6 +150,7 @@ impl View {
             by_conv: HashMap::new(),
             slots: HashMap::new(),
             held: HashMap::new(),
+            slotted: HashSet::new(),
             unsynced: HashSet::from([slots::filter(None)]),
         }
     }
@@ -135,12 +158,6 @@ impl View {
     /// Every watch has caught up with the bucket.
     pub fn synced(&self) -> bool {
         self.unsynced.is_empty()
-    }
-
-    /// The live holder of `slot`, if any.
-    pub fn slot_holder(&mut self, slot: &str, now: Instant) -> Option<String> {
-        let e = self.slots.get(slot)?.entry.clone();
-        (self.observer.holding(&e.holder, e.epoch, now) == Holding::Held).then_some(e.holder)
     }
 
     /// Forget the chats of `slot` (None: the legacy ones): its watch stopped.
@@ -299,6 +316,7 @@ impl Node {
             seq,
             left,
             held,
+            slots: true,
         }
         .seal(&self.id, &self.keys);
         match tokio::time::timeout(
@@ -340,6 +358,8 @@ impl Node {
             .max(now)
             .max(self.fence.epoch().saturating_add(1));
         self.seq.store(0, std::sync::atomic::Ordering::Release);
+        // The previous epoch's home slots are others' to take now: no new chat goes there.
+        self.homes.lock().unwrap_or_else(|e| e.into_inner()).clear();
         let sent = self.announce(epoch, false).await?;
         self.fence.begin(
             epoch,
@@ -352,36 +372,38 @@ impl Node {
     /// Make this epoch's home slots (`slots.rs`). A slot that cannot be made is left out: with
     /// none, new chats get ids without a slot and rest where every node watches them.
     async fn make_homes(&self, epoch: u64) {
+        let entry = SlotEntry {
+            holder: self.id.clone(),
+            epoch,
+        };
+        // All at once, within a third of a lease: renewals wait for this after a fence.
+        let wait = (self.cfg.lease / 3).clamp(Duration::from_millis(500), Duration::from_secs(5));
         let mut homes = Vec::new();
-        let mut tries = 0;
-        while homes.len() < slots::SLOTS_PER_NODE && tries < 3 * slots::SLOTS_PER_NODE {
-            tries += 1;
-            let slot = slots::new_slot();
-            let entry = SlotEntry {
-                holder: self.id.clone(),
-                epoch,
-            };
-            let made = tokio::time::timeout(
-                Duration::from_secs(5),
-                self.nats
+        for _ in 0..2 {
+            let want = slots::SLOTS_PER_NODE - homes.len();
+            let made = futures::future::join_all((0..want).map(|_| {
+                let slot = slots::new_slot();
+                let put = self
+                    .nats
                     .nodes
-                    .create(slots::entry_key(&slot), entry.seal(&slot, &self.keys)),
-            )
+                    .create(slots::entry_key(&slot), entry.seal(&slot, &self.keys));
+                async move { (slot, tokio::time::timeout(wait, put).await) }
+            }))
             .await;
-            match made {
-                Ok(Ok(revision)) => {
-                    lock(&self.view).slots.insert(
-                        slot.clone(),
-                        SlotInfo {
-                            entry,
-                            revision,
-                            empty_since: None,
-                        },
-                    );
-                    homes.push(slot);
+            for (slot, r) in made {
+                match r {
+                    Ok(Ok(revision)) => {
+                        lock(&self.view)
+                            .slots
+                            .insert(slot.clone(), SlotInfo::new(entry.clone(), revision));
+                        homes.push(slot);
+                    }
+                    Ok(Err(e)) => tracing::warn!(error = %e, "could not make a slot"),
+                    Err(_) => tracing::warn!("no answer making a slot"),
                 }
-                Ok(Err(e)) => tracing::warn!(error = %e, "could not make a slot; trying another"),
-                Err(_) => tracing::warn!("no answer making a slot; trying another"),
+            }
+            if homes.len() == slots::SLOTS_PER_NODE {
+                break;
             }
         }
         if homes.len() < slots::SLOTS_PER_NODE {
@@ -395,15 +417,27 @@ impl Node {
     }
 
     /// A session id for a new chat on this node: in one of its home slots, in turn.
+    /// A home the view no longer shows held by this node in its epoch (taken, or expired)
+    /// is passed over: a chat must rest where its holder watches.
     pub fn new_session_id(&self) -> Option<String> {
-        let homes = self.homes.lock().unwrap_or_else(|e| e.into_inner());
-        if homes.is_empty() {
+        let homes = self.homes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let epoch = self.fence.epoch();
+        let v = lock(&self.view);
+        let held: Vec<&String> = homes
+            .iter()
+            .filter(|h| {
+                v.slots
+                    .get(*h)
+                    .is_some_and(|i| i.entry.holder == self.id && i.entry.epoch == epoch)
+            })
+            .collect();
+        if held.is_empty() {
             return None;
         }
         let i = self
             .next_home
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Some(slots::session_in(&homes[i % homes.len()]))
+        Some(slots::session_in(held[i % held.len()]))
     }
 
     /// Wait a moment before watching again; false once the node is leaving.
@@ -573,6 +607,7 @@ impl Node {
             }
             metrics::gauge!("guestd_cluster_slots_watched").set((running.len() - 1) as f64);
             self.give_back_empty_slots().await;
+            self.refresh_slots().await;
             tokio::select! {
                 _ = self.cancel.cancelled() => return,
                 _ = self.slot_change.notified() => {}
@@ -619,6 +654,11 @@ impl Node {
             }
         }
         for (slot, revision) in ripe {
+            // Out of the view first, so this node's own watch does not take the removal for
+            // someone else's (and write the slot again); back in if it did not go.
+            let Some(info) = lock(&self.view).slots.remove(&slot) else {
+                continue;
+            };
             let gone = tokio::time::timeout(
                 Duration::from_secs(5),
                 self.nats
@@ -628,8 +668,50 @@ impl Node {
             .await;
             if let Ok(Ok(())) = gone {
                 tracing::info!(slot, "gave back an empty slot taken from another node");
-                lock(&self.view).slots.remove(&slot);
-                self.slot_change.notify_one();
+            } else {
+                let mut v = lock(&self.view);
+                if !v.slots.contains_key(&slot) {
+                    v.slots.insert(slot.clone(), info);
+                }
+            }
+            self.slot_change.notify_one();
+        }
+    }
+
+    /// Write again the entries of the slots this node holds that were last written
+    /// [`SLOT_REFRESH`] ago, so the nodes bucket's `max_age` never removes a held slot. One
+    /// that is gone already is made again.
+    async fn refresh_slots(&self) {
+        let now = Instant::now();
+        let stale: Vec<(String, SlotInfo)> = {
+            let epoch = self.fence.epoch();
+            lock(&self.view)
+                .slots
+                .iter()
+                .filter(|(_, i)| {
+                    i.entry.holder == self.id
+                        && i.entry.epoch == epoch
+                        && now.duration_since(i.seen) >= SLOT_REFRESH
+                })
+                .map(|(s, i)| (s.clone(), i.clone()))
+                .collect()
+        };
+        for (slot, info) in stale {
+            let bytes = info.entry.seal(&slot, &self.keys);
+            let key = slots::entry_key(&slot);
+            let wrote = match self.nats.nodes.entry(key.clone()).await {
+                Ok(Some(e)) if e.operation == Operation::Put && e.revision == info.revision => {
+                    self.nats.nodes.update(key, bytes, info.revision).await.ok()
+                }
+                Ok(Some(e)) if e.operation == Operation::Put => None,
+                Ok(_) => self.nats.nodes.create(key, bytes).await.ok(),
+                Err(_) => None,
+            };
+            if let Some(revision) = wrote {
+                if let Some(i) = lock(&self.view).slots.get_mut(&slot) {
+                    i.revision = i.revision.max(revision);
+                    i.seen = Instant::now();
+                }
             }
         }
     }
@@ -637,14 +719,31 @@ impl Node {
     /// Follow the entries of `slot` (None: the legacy ones) into the view until `stop`.
     async fn follow(self, slot: Option<String>, stop: CancellationToken) {
         let filter = slots::filter(slot.as_deref());
+        self.follow_until(slot, &filter, &stop).await;
+        // Stopped: whatever this watch put in the view goes (`follow_slots` drops it too; a
+        // change applied meanwhile is refused under the lock, as `stop` is checked there).
+        lock(&self.view).unsynced.remove(&filter);
+    }
+
+    async fn follow_until(&self, slot: Option<String>, filter: &str, stop: &CancellationToken) {
+        let filter = filter.to_string();
         loop {
-            let watch = self.nats.sessions.watch_with_history(&filter).await;
+            let watch = tokio::select! {
+                _ = stop.cancelled() => return,
+                w = self.nats.sessions.watch_with_history(&filter) => w,
+            };
             match watch {
                 Ok(mut w) => {
                     // A fresh watch replays every entry. The old view stays in use meanwhile
                     // (commands keep finding their chats); once the replay has caught up
                     // (`delta` 0), entries it did not replay are gone and are dropped.
-                    lock(&self.view).unsynced.insert(filter.clone());
+                    {
+                        let mut v = lock(&self.view);
+                        if stop.is_cancelled() {
+                            return;
+                        }
+                        v.unsynced.insert(filter.clone());
+                    }
                     let mut replayed: Option<HashSet<String>> = Some(HashSet::new());
                     loop {
                         let next = tokio::select! {
@@ -665,6 +764,9 @@ impl Node {
                                     continue;
                                 };
                                 let mut v = lock(&self.view);
+                                if stop.is_cancelled() {
+                                    return;
+                                }
                                 if let Some(seen) = replayed.as_mut() {
                                     seen.insert(session.to_string());
                                     if e.delta == 0 {
@@ -774,8 +876,14 @@ impl Node {
                         seq: n.seq,
                         left: n.left,
                     };
-                    v.observer.saw(&e.key, a, e.revision, now);
-                    v.held.insert(e.key.clone(), n.held);
+                    if v.observer.saw(&e.key, a, e.revision, now) {
+                        v.held.insert(e.key.clone(), n.held);
+                        if n.slots {
+                            v.slotted.insert(e.key.clone());
+                        } else {
+                            v.slotted.remove(&e.key);
+                        }
+                    }
                 }
                 None => {
                     metrics::counter!("guestd_cluster_forged_total", "what" => "announcement")
@@ -801,14 +909,8 @@ impl Node {
                 Some(entry) => {
                     let newer = v.slots.get(slot).is_none_or(|i| i.revision < e.revision);
                     if newer {
-                        v.slots.insert(
-                            slot.to_string(),
-                            SlotInfo {
-                                entry,
-                                revision: e.revision,
-                                empty_since: None,
-                            },
-                        );
+                        v.slots
+                            .insert(slot.to_string(), SlotInfo::new(entry, e.revision));
                         self.slot_change.notify_one();
                     }
                 }
@@ -835,8 +937,7 @@ impl Node {
                 }
                 // Removed by someone else while this node holds it: its chats would go
                 // unwatched. Made again.
-                metrics::counter!("guestd_cluster_entry_conflicts_total", "kind" => "slot_removed")
-                    .increment(1);
+                metrics::counter!("guestd_cluster_slot_conflicts_total").increment(1);
                 tracing::error!(
                     slot,
                     "ALERT: a slot this node holds was removed by something other than this node; \
@@ -875,7 +976,12 @@ impl Node {
             return Vec::new();
         }
         let mut v = lock(&self.view);
-        let live = v.observer.live(now);
+        let live: Vec<String> = v
+            .observer
+            .live(now)
+            .into_iter()
+            .filter(|n| v.slotted.contains(n))
+            .collect();
         let all: Vec<(String, SlotInfo)> = v
             .slots
             .iter()
@@ -908,14 +1014,9 @@ impl Node {
         if let Ok(Ok(revision)) = took {
             tracing::info!(slot, "took a slot whose holder is gone");
             metrics::counter!("guestd_cluster_slots_taken_total").increment(1);
-            lock(&self.view).slots.insert(
-                slot.to_string(),
-                SlotInfo {
-                    entry,
-                    revision,
-                    empty_since: None,
-                },
-            );
+            lock(&self.view)
+                .slots
+                .insert(slot.to_string(), SlotInfo::new(entry, revision));
             self.slot_change.notify_one();
         }
     }

@@ -89,7 +89,11 @@ impl Router {
         let mut load = lock(&self.view).load(now);
         // This node's own count is known exactly, and it is a candidate even before its first
         // announcement has come back through the watch.
-        load.insert(self.node.clone(), self.me.journal.count());
+        if self.me.fence.acting(self.me.fence.epoch()) {
+            load.insert(self.node.clone(), self.me.journal.count());
+        } else {
+            load.remove(&self.node);
+        }
         let mut placed = self.placed.lock().unwrap_or_else(|e| e.into_inner());
         while placed
             .front()

@@ -24,6 +24,11 @@
 //! [`EMPTY_FOR_LEASES`] leases: long enough that a write of the slot's last holder, in flight
 //! when it was fenced, has landed or failed.
 //!
+//! A holder writes its slot entries again every hour (the nodes bucket's `max_age` is a day), a
+//! node names new chats only in home slots its view shows it holding in its current epoch, and
+//! only nodes that announce they hold slots are preferred for a dead holder's slot (a node of a
+//! build before slots never takes one, so during a rolling upgrade no slot waits for it).
+//!
 //! **Legacy entries** (written before slots, key = session id, one token) are watched by every
 //! node with the filter `*`, as the whole bucket used to be, until they end.
 
@@ -219,6 +224,7 @@ mod tests {
             seq: 1,
             left: false,
             held: 0,
+            slots: true,
         }
         .seal("abcdef", &k);
         assert_eq!(SlotEntry::open("abcdef", &n, &k), None);

@@ -323,6 +323,14 @@ impl KvJournal {
             }
         };
         let recovered = entry.recovered();
+        // The key index names the chat again (written at its start; written again here in case
+        // that write was lost), in the background: the resume does not wait for it.
+        let (me, conversation, sess) = (
+            self.clone(),
+            entry.record.conversation_id.clone(),
+            session.to_string(),
+        );
+        tokio::spawn(async move { me.index(&conversation, &sess).await });
         self.map()
             .insert(session.to_string(), Held::new(Some(Slot { rev, entry })));
         // A change that landed between the compare-and-set and the line above went unjudged:
@@ -491,8 +499,14 @@ impl KvJournal {
     /// node refuses a key it already holds).
     async fn index(&self, conversation: &str, session: &str) {
         let key = slots::index_key(&self.0.keys, conversation);
-        if let Err(e) = bounded(self.0.kv.put(key, session.to_string().into())).await {
-            tracing::warn!(session, error = %e, "could not write the chat's key index entry");
+        for left in (0..3).rev() {
+            match bounded(self.0.kv.put(key.clone(), session.to_string().into())).await {
+                Ok(_) => return,
+                Err(e) if left == 0 => {
+                    tracing::warn!(session, error = %e, "could not write the chat's key index entry")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
         }
     }
 

@@ -232,6 +232,20 @@ async fn run_arm(
         "cluster: {n} chats connected in {connect_secs:.1} s, held {held:?}, bytes/session {per_session:?}"
     );
 
+    // What the sessions bucket holds per chat (every replica holds as much).
+    let bucket = js
+        .get_stream("KV_GUESTD_sessions")
+        .await?
+        .info()
+        .await?
+        .state
+        .clone();
+    let entry_bytes = bucket.bytes as f64 / bucket.messages.max(1) as f64;
+    eprintln!(
+        "sessions bucket: {} entries, {} bytes ({entry_bytes:.0} per entry)",
+        bucket.messages, bucket.bytes
+    );
+
     // Traffic: an agent joins a sample of chats, then sends each a message a second for a few
     // seconds; what each node receives from NATS meanwhile.
     let http = reqwest::Client::new();
@@ -377,6 +391,8 @@ async fn run_arm(
     Ok(json!({
         "chats": n,
         "nodes": nodes,
+        "sessions_bucket_entries": bucket.messages,
+        "sessions_bucket_bytes_per_entry": entry_bytes,
         "traffic": {
             "chats": sample.len(),
             "agent_messages": messages,
