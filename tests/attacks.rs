@@ -173,6 +173,24 @@ impl Rig {
                 seen.insert(e.key);
             }
         }
+        // And each serves its forward subject: a node announces itself a moment before it
+        // subscribes, and a forward nobody hears sends the chat elsewhere for a while. A
+        // probe that is no forward gets a refusal once someone listens.
+        for id in seen {
+            loop {
+                let probe = self
+                    .insider
+                    .request(format!("GUESTD.cmd.{id}"), "probe".into())
+                    .await;
+                match probe {
+                    Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                        assert!(Instant::now() < deadline, "{id} never served its subject");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    _ => break,
+                }
+            }
+        }
     }
 
     /// The HTTP API of node `i`, with the API token.
@@ -482,14 +500,20 @@ async fn commands_over_nats_need_the_secret_and_a_captured_forward_runs_once() {
     );
     let mut forwards = rig.insider.subscribe("GUESTD.cmd.n2").await.unwrap();
     let mut replies = rig.insider.subscribe("_INBOX_GUESTD.>").await.unwrap();
+    // Both subscriptions in place at the server before anything is forwarded.
+    rig.insider.flush().await.unwrap();
     // Through n1: the first start stays on n1 (least loaded, first by name), the second goes
     // to n2 as a forward.
     let (s1, _) = rig.chat(0).await;
     let (s2, _) = rig.chat(0).await;
-    let fwd = tokio::time::timeout(LONG, forwards.next())
-        .await
-        .unwrap()
-        .unwrap();
+    let fwd = match tokio::time::timeout(LONG, forwards.next()).await {
+        Ok(m) => m.unwrap(),
+        Err(_) => panic!(
+            "no forward to n2 seen: s1 on {}, s2 on {}",
+            rig.entry(&s1).await.0["owner"],
+            rig.entry(&s2).await.0["owner"]
+        ),
+    };
     let chats = rig.emu.conversation_ids().len();
     assert_eq!(chats, 2);
     // Every reply that crossed the inbox was sealed: no session id, no jwt.

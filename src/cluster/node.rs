@@ -360,12 +360,16 @@ impl Node {
         self.seq.store(0, std::sync::atomic::Ordering::Release);
         // The previous epoch's home slots are others' to take now: no new chat goes there.
         self.homes.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        // This epoch's homes before its announcement: once others see the node, it can take
+        // chats at once (a slot whose holder's epoch is not seen yet counts as held for a
+        // lease, and one of an epoch never announced is taken and given back after that).
+        self.make_homes(epoch).await;
         let sent = self.announce(epoch, false).await?;
         self.fence.begin(
             epoch,
             lease::acting_until(sent, self.cfg.lease, self.cfg.fence_margin),
         );
-        self.make_homes(epoch).await;
+        self.slot_change.notify_one();
         Ok(epoch)
     }
 

@@ -169,6 +169,23 @@ impl Entry {
     }
 }
 
+/// Note in the key index that `conversation`'s chat is `session`, so a keyed `attach` or a
+/// command by conversation id on any node finds it without a view of the cluster (`route.rs`).
+/// Best effort: a missing index entry costs what a view that lags did (the attach is placed as
+/// a new chat, and its node refuses a key it already holds).
+async fn write_index(kv: &Store, keys: &Keyring, conversation: &str, session: &str) {
+    let key = slots::index_key(keys, conversation);
+    for left in (0..3).rev() {
+        match bounded(kv.put(key.clone(), session.to_string().into())).await {
+            Ok(_) => return,
+            Err(e) if left == 0 => {
+                tracing::warn!(session, error = %e, "could not write the chat's key index entry")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
 /// A chat this node lost: its entry was taken, or it may no longer act. The node relinquishes it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Lost(pub String);
@@ -237,7 +254,15 @@ struct Inner {
     held: Mutex<HashMap<String, Arc<Held>>>,
     lost: mpsc::UnboundedSender<Lost>,
     healthy: AtomicBool,
+    /// Key index writes waiting, written by one task a few at a time ([`INDEX_QUEUE`]).
+    index: mpsc::Sender<(String, String)>,
 }
+
+/// Key index writes that may wait; more are dropped (best effort: the index is a hint).
+const INDEX_QUEUE: usize = 65_536;
+/// Key index writes in flight at once: a burst of starts does not double JetStream's write
+/// rate at the moment renewals need it.
+const INDEX_IN_FLIGHT: usize = 4;
 
 #[derive(Debug)]
 enum WriteError {
@@ -269,6 +294,20 @@ impl KvJournal {
         live: Liveness,
         lost: mpsc::UnboundedSender<Lost>,
     ) -> Self {
+        let (index, mut queued) = mpsc::channel::<(String, String)>(INDEX_QUEUE);
+        let (ikv, ikeys) = (kv.clone(), keys.clone());
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                use futures::StreamExt;
+                let writes = futures::stream::poll_fn(move |cx| queued.poll_recv(cx))
+                    .map(|(conversation, session)| {
+                        let (kv, keys) = (ikv.clone(), ikeys.clone());
+                        async move { write_index(&kv, &keys, &conversation, &session).await }
+                    })
+                    .buffer_unordered(INDEX_IN_FLIGHT);
+                writes.for_each(|()| async {}).await;
+            });
+        }
         KvJournal(Arc::new(Inner {
             kv,
             keys,
@@ -278,6 +317,7 @@ impl KvJournal {
             held: Mutex::new(HashMap::new()),
             lost,
             healthy: AtomicBool::new(true),
+            index,
         }))
     }
 
@@ -325,12 +365,7 @@ impl KvJournal {
         let recovered = entry.recovered();
         // The key index names the chat again (written at its start; written again here in case
         // that write was lost), in the background: the resume does not wait for it.
-        let (me, conversation, sess) = (
-            self.clone(),
-            entry.record.conversation_id.clone(),
-            session.to_string(),
-        );
-        tokio::spawn(async move { me.index(&conversation, &sess).await });
+        self.index_later(entry.record.conversation_id.clone(), session.to_string());
         self.map()
             .insert(session.to_string(), Held::new(Some(Slot { rev, entry })));
         // A change that landed between the compare-and-set and the line above went unjudged:
@@ -493,20 +528,10 @@ impl KvJournal {
         });
     }
 
-    /// Note in the key index that `conversation`'s chat is `session`, so a keyed `attach`
-    /// on any node finds it without a view of the cluster (`route.rs`). Best effort: a missing
-    /// index entry costs what a view that lags does (the attach is placed as a new chat, and its
-    /// node refuses a key it already holds).
-    async fn index(&self, conversation: &str, session: &str) {
-        let key = slots::index_key(&self.0.keys, conversation);
-        for left in (0..3).rev() {
-            match bounded(self.0.kv.put(key.clone(), session.to_string().into())).await {
-                Ok(_) => return,
-                Err(e) if left == 0 => {
-                    tracing::warn!(session, error = %e, "could not write the chat's key index entry")
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
+    /// Queue a key index write ([`write_index`]).
+    fn index_later(&self, conversation: String, session: String) {
+        if self.0.index.try_send((conversation, session)).is_err() {
+            tracing::warn!("key index writes are behind; one was dropped (a hint only)");
         }
     }
 
@@ -672,7 +697,7 @@ impl Journal for KvJournal {
                     let conversation = entry.record.conversation_id.clone();
                     *slot = Some(Slot { rev, entry });
                     drop(slot);
-                    me.index(&conversation, &session).await;
+                    me.index_later(conversation, session);
                     Ok(())
                 }
                 Err(e) => {

@@ -252,13 +252,12 @@ async fn run_arm(
     let sample: Vec<String> = owner.keys().take(600.min(n)).cloned().collect();
     let before = received(&http, &cluster.monitors).await;
     let t_traffic = Instant::now();
+    // Chats the emulator made in bulk have an agent already: a refusal says so, nothing more.
     futures::stream::iter(sample.iter())
         .map(|c| emu.post_path(format!("conversations/{c}/agent/join"), json!({})))
         .buffer_unordered(32)
         .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        .await;
     let rounds = 5;
     for r in 0..rounds {
         let next = Instant::now() + Duration::from_secs(1);
