@@ -643,6 +643,15 @@ async fn a_killed_node_s_chats_fail_over_inside_the_grace_window() {
         "{msg}"
     );
 
+    // n3's chats moved slot by slot: n1 and n2 took its slots (a compare-and-set on each slot's
+    // entry), and nothing removed a slot either of them holds.
+    let mut slots_taken = 0.0;
+    for node in &c.nodes[..2] {
+        slots_taken += counter(node, "guestd_cluster_slots_taken_total", "").await;
+        let conflicts = counter(node, "guestd_cluster_slot_conflicts_total", "").await;
+        assert_eq!(conflicts, 0.0, "{}: a slot it holds was removed", node.id);
+    }
+    assert!(slots_taken >= 1.0, "no slot of n3 was taken");
     // The rest end by the guest leaving; then read the stream from the start.
     let rest: Vec<(String, String)> = chats.iter().filter(|(s, _)| *s != end.0).cloned().collect();
     let all = c.finish(&rest, n, &mut ev).await;
@@ -1016,9 +1025,22 @@ async fn status_on_another_node_answers_for_a_chat_that_ended_elsewhere() {
     let path = format!("/v1/conversations/{conv}/status");
     for other in (0..3).filter(|&i| i != at) {
         // The owner shares the end as it writes the line: poll until the other node sees it.
+        // Until then that node neither holds the chat nor remembers it, and says so (400).
         let deadline = Instant::now() + LONG;
         let r = loop {
-            let r = c.http(other, reqwest::Method::GET, &path, None).await;
+            let r: Value = reqwest::Client::new()
+                .get(format!(
+                    "http://127.0.0.1:{}{path}",
+                    c.nodes[other].http().await
+                ))
+                .bearer_auth(TOKEN)
+                .timeout(LONG)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
             if r["source"] == "remembered" {
                 break r;
             }

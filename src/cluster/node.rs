@@ -376,39 +376,12 @@ impl Node {
     /// Make this epoch's home slots (`slots.rs`). A slot that cannot be made is left out: with
     /// none, new chats get ids without a slot and rest where every node watches them.
     async fn make_homes(&self, epoch: u64) {
-        let entry = SlotEntry {
-            holder: self.id.clone(),
-            epoch,
-        };
-        // All at once, within a third of a lease: renewals wait for this after a fence.
-        let wait = (self.cfg.lease / 3).clamp(Duration::from_millis(500), Duration::from_secs(5));
-        let mut homes = Vec::new();
-        for _ in 0..2 {
-            let want = slots::SLOTS_PER_NODE - homes.len();
-            let made = futures::future::join_all((0..want).map(|_| {
-                let slot = slots::new_slot();
-                let put = self
-                    .nats
-                    .nodes
-                    .create(slots::entry_key(&slot), entry.seal(&slot, &self.keys));
-                async move { (slot, tokio::time::timeout(wait, put).await) }
-            }))
-            .await;
-            for (slot, r) in made {
-                match r {
-                    Ok(Ok(revision)) => {
-                        lock(&self.view)
-                            .slots
-                            .insert(slot.clone(), SlotInfo::new(entry.clone(), revision));
-                        homes.push(slot);
-                    }
-                    Ok(Err(e)) => tracing::warn!(error = %e, "could not make a slot"),
-                    Err(_) => tracing::warn!("no answer making a slot"),
-                }
-            }
-            if homes.len() == slots::SLOTS_PER_NODE {
-                break;
-            }
+        let mut homes = self.new_slots(epoch, slots::SLOTS_PER_NODE).await;
+        if homes.len() < slots::SLOTS_PER_NODE {
+            homes.extend(
+                self.new_slots(epoch, slots::SLOTS_PER_NODE - homes.len())
+                    .await,
+            );
         }
         if homes.len() < slots::SLOTS_PER_NODE {
             tracing::warn!(
@@ -418,6 +391,79 @@ impl Node {
         }
         *self.homes.lock().unwrap_or_else(|e| e.into_inner()) = homes;
         self.slot_change.notify_one();
+    }
+
+    /// Make `want` new slots held by this node in `epoch`, all at once, within a third of a
+    /// lease (renewals wait for this after a fence); the ones made.
+    async fn new_slots(&self, epoch: u64, want: usize) -> Vec<String> {
+        let entry = SlotEntry {
+            holder: self.id.clone(),
+            epoch,
+        };
+        let wait = (self.cfg.lease / 3).clamp(Duration::from_millis(500), Duration::from_secs(5));
+        let made = futures::future::join_all((0..want).map(|_| {
+            let slot = slots::new_slot();
+            let put = self
+                .nats
+                .nodes
+                .create(slots::entry_key(&slot), entry.seal(&slot, &self.keys));
+            async move { (slot, tokio::time::timeout(wait, put).await) }
+        }))
+        .await;
+        let mut out = Vec::new();
+        for (slot, r) in made {
+            match r {
+                Ok(Ok(revision)) => {
+                    lock(&self.view)
+                        .slots
+                        .insert(slot.clone(), SlotInfo::new(entry.clone(), revision));
+                    out.push(slot);
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not make a slot"),
+                Err(_) => tracing::warn!("no answer making a slot"),
+            }
+        }
+        if !out.is_empty() {
+            self.slot_change.notify_one();
+        }
+        out
+    }
+
+    /// Make more home slots in this epoch when fewer than [`slots::SLOTS_PER_NODE`] are held
+    /// (some could not be made at the join, or were taken while the announcement was late):
+    /// without them, new chats get ids every node watches.
+    async fn top_up_homes(&self) {
+        let epoch = self.fence.epoch();
+        if !self.fence.acting(epoch) {
+            return;
+        }
+        let held: Vec<String> = {
+            let homes = self.homes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let v = lock(&self.view);
+            homes
+                .into_iter()
+                .filter(|h| {
+                    v.slots
+                        .get(h)
+                        .is_some_and(|i| i.entry.holder == self.id && i.entry.epoch == epoch)
+                })
+                .collect()
+        };
+        if held.len() >= slots::SLOTS_PER_NODE {
+            return;
+        }
+        let made = self
+            .new_slots(epoch, slots::SLOTS_PER_NODE - held.len())
+            .await;
+        if made.is_empty() {
+            return;
+        }
+        tracing::info!(made = made.len(), "made more home slots");
+        let mut homes = held;
+        homes.extend(made);
+        if self.fence.epoch() == epoch {
+            *self.homes.lock().unwrap_or_else(|e| e.into_inner()) = homes;
+        }
     }
 
     /// A session id for a new chat on this node: in one of its home slots, in turn.
@@ -593,6 +639,11 @@ impl Node {
                 if !running.contains_key(scope) {
                     let stop = self.cancel.child_token();
                     running.insert(scope.clone(), stop.clone());
+                    // Not in step until its watch exists and has replayed (or found nothing):
+                    // a slot whose watch cannot be made is never taken for empty.
+                    lock(&self.view)
+                        .unsynced
+                        .insert(slots::filter(scope.as_deref()));
                     tokio::spawn(self.clone().follow(scope.clone(), stop));
                 }
             }
@@ -612,6 +663,7 @@ impl Node {
             metrics::gauge!("guestd_cluster_slots_watched").set((running.len() - 1) as f64);
             self.give_back_empty_slots().await;
             self.refresh_slots().await;
+            self.top_up_homes().await;
             tokio::select! {
                 _ = self.cancel.cancelled() => return,
                 _ = self.slot_change.notified() => {}
@@ -1018,9 +1070,14 @@ impl Node {
         if let Ok(Ok(revision)) = took {
             tracing::info!(slot, "took a slot whose holder is gone");
             metrics::counter!("guestd_cluster_slots_taken_total").increment(1);
-            lock(&self.view)
-                .slots
-                .insert(slot.to_string(), SlotInfo::new(entry, revision));
+            {
+                // A newer value the watch applied meanwhile stays.
+                let mut v = lock(&self.view);
+                if v.slots.get(slot).is_none_or(|i| i.revision < revision) {
+                    v.slots
+                        .insert(slot.to_string(), SlotInfo::new(entry, revision));
+                }
+            }
             self.slot_change.notify_one();
         }
     }
