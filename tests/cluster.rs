@@ -1028,19 +1028,7 @@ async fn status_on_another_node_answers_for_a_chat_that_ended_elsewhere() {
         // Until then that node neither holds the chat nor remembers it, and says so (400).
         let deadline = Instant::now() + LONG;
         let r = loop {
-            let r: Value = reqwest::Client::new()
-                .get(format!(
-                    "http://127.0.0.1:{}{path}",
-                    c.nodes[other].http().await
-                ))
-                .bearer_auth(TOKEN)
-                .timeout(LONG)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let r: Value = get(&c.nodes[other], &path).await.json().await.unwrap();
             if r["source"] == "remembered" {
                 break r;
             }
@@ -1078,18 +1066,20 @@ async fn status_on_another_node_answers_for_a_chat_that_ended_elsewhere() {
     check_one_ended_each(&all, &sessions, |_| Some("guest_left"));
 }
 
-/// A counter from `node`'s `/metrics` (0 when it was never counted).
-async fn counter(node: &Node, name: &str, label: &str) -> f64 {
-    let text = reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{}/metrics", node.http().await))
+/// GET `path` from `node`'s HTTP API with the API token, whatever the status.
+async fn get(node: &Node, path: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{}{path}", node.http().await))
         .bearer_auth(TOKEN)
         .timeout(LONG)
         .send()
         .await
         .unwrap()
-        .text()
-        .await
-        .unwrap();
+}
+
+/// A counter from `node`'s `/metrics` (0 when it was never counted).
+async fn counter(node: &Node, name: &str, label: &str) -> f64 {
+    let text = get(node, "/metrics").await.text().await.unwrap();
     text.lines()
         .filter(|l| l.starts_with(name) && l.contains(label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

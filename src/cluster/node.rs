@@ -120,6 +120,11 @@ impl SlotInfo {
             seen: Instant::now(),
         }
     }
+
+    /// Held by `node` in `epoch`.
+    fn held_by(&self, node: &str, epoch: u64) -> bool {
+        self.entry.holder == node && self.entry.epoch == epoch
+    }
 }
 
 /// What this node knows of the cluster: every node and slot (a few entries per node), and the
@@ -437,18 +442,7 @@ impl Node {
         if !self.fence.acting(epoch) {
             return;
         }
-        let held: Vec<String> = {
-            let homes = self.homes.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            let v = lock(&self.view);
-            homes
-                .into_iter()
-                .filter(|h| {
-                    v.slots
-                        .get(h)
-                        .is_some_and(|i| i.entry.holder == self.id && i.entry.epoch == epoch)
-                })
-                .collect()
-        };
+        let held = self.held_homes(epoch);
         if held.len() >= slots::SLOTS_PER_NODE {
             return;
         }
@@ -470,24 +464,24 @@ impl Node {
     /// A home the view no longer shows held by this node in its epoch (taken, or expired)
     /// is passed over: a chat must rest where its holder watches.
     pub fn new_session_id(&self) -> Option<String> {
-        let homes = self.homes.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let epoch = self.fence.epoch();
-        let v = lock(&self.view);
-        let held: Vec<&String> = homes
-            .iter()
-            .filter(|h| {
-                v.slots
-                    .get(*h)
-                    .is_some_and(|i| i.entry.holder == self.id && i.entry.epoch == epoch)
-            })
-            .collect();
+        let held = self.held_homes(self.fence.epoch());
         if held.is_empty() {
             return None;
         }
         let i = self
             .next_home
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Some(slots::session_in(held[i % held.len()]))
+        Some(slots::session_in(&held[i % held.len()]))
+    }
+
+    /// This node's home slots that the view shows it holding in `epoch`.
+    fn held_homes(&self, epoch: u64) -> Vec<String> {
+        let homes = self.homes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let v = lock(&self.view);
+        homes
+            .into_iter()
+            .filter(|h| v.slots.get(h).is_some_and(|i| i.held_by(&self.id, epoch)))
+            .collect()
     }
 
     /// Wait a moment before watching again; false once the node is leaving.
@@ -622,7 +616,7 @@ impl Node {
         lock(&self.view)
             .slots
             .iter()
-            .filter(|(_, i)| i.entry.holder == self.id && i.entry.epoch == epoch)
+            .filter(|(_, i)| i.held_by(&self.id, epoch))
             .map(|(s, _)| s.clone())
             .collect()
     }
@@ -745,9 +739,7 @@ impl Node {
                 .slots
                 .iter()
                 .filter(|(_, i)| {
-                    i.entry.holder == self.id
-                        && i.entry.epoch == epoch
-                        && now.duration_since(i.seen) >= SLOT_REFRESH
+                    i.held_by(&self.id, epoch) && now.duration_since(i.seen) >= SLOT_REFRESH
                 })
                 .map(|(s, i)| (s.clone(), i.clone()))
                 .collect()
@@ -985,7 +977,7 @@ impl Node {
                 if info.revision >= e.revision {
                     return;
                 }
-                let mine = info.entry.holder == self.id && info.entry.epoch == self.fence.epoch();
+                let mine = info.held_by(&self.id, self.fence.epoch());
                 if !mine {
                     v.slots.remove(slot);
                     self.slot_change.notify_one();
@@ -1116,7 +1108,7 @@ impl Node {
                 Some(slot) => v
                     .slots
                     .get(slot)
-                    .is_some_and(|i| i.entry.holder == self.id && i.entry.epoch == epoch),
+                    .is_some_and(|i| i.held_by(&self.id, epoch)),
                 None => lease::preferred(&s, &live) == Some(self.id.as_str()),
             };
             if ours && v.observer.holding(&info.owner, info.epoch, now) == Holding::Orphan {
