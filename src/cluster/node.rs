@@ -902,7 +902,7 @@ impl Node {
 
     /// Read `owner`'s announcement from the bucket itself: a watch can deliver late, and a node
     /// must not be counted dead on a stale view. A newer revision counts as seen now.
-    async fn refresh(&self, owner: &str) {
+    pub(crate) async fn refresh(&self, owner: &str) {
         let read = tokio::time::timeout(Duration::from_secs(5), self.nats.nodes.entry(owner)).await;
         if let Ok(Ok(Some(e))) = read {
             self.apply_node(&e);

@@ -12,15 +12,17 @@
 //! [`REPLIES_KEPT`] (longer than a forward stays fresh): a forward that got no answer in time
 //! (the node was reconnecting to NATS, say) is sent again with the same id and gets the first
 //! run's reply, never a second run (a `start` run twice would create two chats); a captured
-//! forward replayed gets the same (sealed) reply and runs nothing. After [`FORWARD_TRIES`] the
-//! caller gets `unreachable`.
+//! forward replayed gets the same (sealed) reply and runs nothing. A node's refusal (it cannot
+//! open a forward sealed for an epoch it is not acting in: the sender's view lags, or the node
+//! is between epochs) has the sender read the node's announcement from the bucket again and try
+//! after a pause ([`refused_pause`]). After [`FORWARD_TRIES`] the caller gets `unreachable`.
 //!
 //! Plain command lines (the stdin form) on `<prefix>.cmd`, served by a queue group of every
 //! node, are off unless `cluster.nats_commands` is set; then each needs the HTTP API's token in
 //! an `Authorization: Bearer` header, and NATS permissions must keep others from subscribing to
 //! the subject (docs/operations.md, "Threat model").
 
-use super::node::{Node, View, lock};
+use super::node::{Node, lock};
 use super::seal::{Keyring, Purpose};
 use crate::command::Command;
 use crate::control;
@@ -53,14 +55,8 @@ const PLACED_FOR: Duration = Duration::from_secs(3);
 
 /// Places and forwards commands.
 pub struct Router {
-    node: String,
-    /// This node (its home slots name new chats).
+    /// This node: its id, view, keys, NATS handles, and the home slots that name new chats.
     me: Node,
-    client: async_nats::Client,
-    cmd: String,
-    keys: Keyring,
-    view: Arc<Mutex<View>>,
-    sessions: async_nats::jetstream::kv::Store,
     placed: Mutex<VecDeque<(Instant, String)>>,
     /// Nodes that answered no responders lately (reconnecting to NATS), with when.
     avoid: Mutex<Vec<(Instant, String)>>,
@@ -70,13 +66,7 @@ impl Router {
     /// For `node`, forwarding on `<cmd>.<node>`.
     pub fn new(node: &Node) -> Self {
         Router {
-            node: node.id.clone(),
             me: node.clone(),
-            client: node.nats.client.clone(),
-            cmd: node.nats.names.cmd.clone(),
-            keys: node.keys.clone(),
-            view: node.view.clone(),
-            sessions: node.nats.sessions.clone(),
             placed: Mutex::new(VecDeque::new()),
             avoid: Mutex::new(Vec::new()),
         }
@@ -86,13 +76,13 @@ impl Router {
     /// the placements made since.
     fn least_loaded(&self) -> Option<String> {
         let now = Instant::now();
-        let mut load = lock(&self.view).load(now);
+        let mut load = lock(&self.me.view).load(now);
         // This node's own count is known exactly, and it is a candidate even before its first
         // announcement has come back through the watch.
         if self.me.fence.acting(self.me.fence.epoch()) {
-            load.insert(self.node.clone(), self.me.journal.count());
+            load.insert(self.me.id.clone(), self.me.journal.count());
         } else {
-            load.remove(&self.node);
+            load.remove(&self.me.id);
         }
         let mut placed = self.placed.lock().unwrap_or_else(|e| e.into_inner());
         while placed
@@ -124,7 +114,7 @@ impl Router {
     }
 
     fn owner(&self, key: &str) -> Option<String> {
-        lock(&self.view).owner_of(key, Instant::now())
+        lock(&self.me.view).owner_of(key, Instant::now())
     }
 
     /// The sessions bucket's own entry for a session id the view does not know (yet): a watch
@@ -135,12 +125,12 @@ impl Router {
         }
         let read = tokio::time::timeout(
             Duration::from_secs(5),
-            self.sessions.entry(super::slots::bucket_key(key)),
+            self.me.nats.sessions.entry(super::slots::bucket_key(key)),
         )
         .await;
         match read {
             Ok(Ok(Some(e))) if e.operation == async_nats::jetstream::kv::Operation::Put => {
-                super::store::Entry::open(key, &e.value, &self.keys).ok()
+                super::store::Entry::open(key, &e.value, &self.me.keys).ok()
             }
             _ => None,
         }
@@ -153,8 +143,9 @@ impl Router {
         if key.starts_with("s-") {
             return self.entry(key).await;
         }
-        let index = super::slots::index_key(&self.keys, key);
-        let read = tokio::time::timeout(Duration::from_secs(5), self.sessions.get(index)).await;
+        let index = super::slots::index_key(&self.me.keys, key);
+        let read =
+            tokio::time::timeout(Duration::from_secs(5), self.me.nats.sessions.get(index)).await;
         let session = match read {
             Ok(Ok(Some(v))) => String::from_utf8(v.to_vec()).ok()?,
             _ => return None,
@@ -166,7 +157,7 @@ impl Router {
     /// The live owner of the chat `key` names, read from the bucket.
     async fn owner_read(&self, key: &str) -> Option<String> {
         let e = self.entry_of(key).await?;
-        let mut v = lock(&self.view);
+        let mut v = lock(&self.me.view);
         (v.observer.holding(&e.owner, e.epoch, Instant::now()) == super::lease::Holding::Held)
             .then_some(e.owner)
     }
@@ -175,7 +166,7 @@ impl Router {
         if let Some(o) = self.owner(key) {
             return Some(o);
         }
-        let known = lock(&self.view).session_of(key).is_some();
+        let known = lock(&self.me.view).session_of(key).is_some();
         if known {
             return None;
         }
@@ -208,7 +199,7 @@ impl Route for Router {
                 | Command::StartNew { session } => self.owner_or_read(session).await,
                 Command::List | Command::Status { .. } => None,
             }?;
-            (node != self.node).then_some(node)
+            (node != self.me.id).then_some(node)
         })
     }
 
@@ -221,7 +212,7 @@ impl Route for Router {
                 | Command::Get { session }
                 | Command::StartNew { session } => {
                     {
-                        let v = lock(&self.view);
+                        let v = lock(&self.me.view);
                         // Not in step with the bucket yet (just reconnected): it may exist.
                         if v.session_of(session).is_some() || !v.synced() {
                             return true;
@@ -249,18 +240,17 @@ impl Route for Router {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let made = now_ms();
         let cmd = cmd.clone();
-        let subject = format!("{}.{node}", self.cmd);
-        let client = self.client.clone();
-        let keys = self.keys.clone();
-        let view = self.view.clone();
+        let me = self.me.clone();
         Box::pin(async move {
+            let subject = format!("{}.{node}", me.nats.names.cmd);
             let mut last = String::new();
+            let mut refusals = 0u32;
             for _ in 0..FORWARD_TRIES {
                 // Sealed for the node's epoch as the view knows it at each try: a node that
                 // joined again meanwhile (after a fence) takes the retry, same id and time.
-                let epoch = lock(&view).observer.epoch_of(&node).unwrap_or(0);
-                let sealed = seal_forward(&keys, &node, epoch, &id, made, &cmd);
-                match try_forward(&client, &subject, &sealed, &keys, &id).await {
+                let epoch = lock(&me.view).observer.epoch_of(&node).unwrap_or(0);
+                let sealed = seal_forward(&me.keys, &node, epoch, &id, made, &cmd);
+                match try_forward(&me.nats.client, &subject, &sealed, &me.keys, &id).await {
                     Try::Done(r) => return r,
                     Try::NoResponders => {
                         // Nobody got it: the caller may place it elsewhere.
@@ -268,6 +258,16 @@ impl Route for Router {
                             "no_responders",
                             format!("node {node}: no responders"),
                         ));
+                    }
+                    Try::Refused(why) => {
+                        // The node could not open it: sealed for an epoch it is not acting in.
+                        // Either the view's watch lags (after a NATS server died, say), so the
+                        // bucket is read again, or the node is between epochs (its new one not
+                        // announced yet), so the next try waits for it, paced.
+                        last = why;
+                        me.refresh(&node).await;
+                        tokio::time::sleep(refused_pause(refusals)).await;
+                        refusals += 1;
                     }
                     Try::Again(why) => last = why,
                 }
@@ -281,12 +281,21 @@ impl Route for Router {
     }
 }
 
+/// How long to wait after the `n`th refusal of a forward before the next try: 250 ms doubling
+/// up to [`FORWARD_TIMEOUT`], so refusals alone span about as long as tries that time out
+/// (18 s over 7 waits) and a node's new epoch has time to be announced.
+fn refused_pause(n: u32) -> Duration {
+    (Duration::from_millis(250) * 2u32.saturating_pow(n.min(5))).min(FORWARD_TIMEOUT)
+}
+
 /// How one try of a forward went.
 enum Try {
     /// A reply that opened for this forward.
     Done(Result<serde_json::Value, SupervisorError>),
     /// Nobody listens on the node's subject.
     NoResponders,
+    /// The node refused it (it could not open it): its refusal.
+    Refused(String),
     /// No reply that opened, in time: why, for the last error.
     Again(String),
 }
@@ -328,9 +337,9 @@ async fn try_forward(
         match opened_reply(keys, id, &m.payload) {
             Some(r) => return Try::Done(r),
             // A node's refusal (it could not open the forward: it joined again since the view
-            // last saw it, say): try again now, sealed afresh. Forged, it costs a try, no more.
+            // last saw it, say): try again, sealed afresh. Forged, it costs a try and a pause.
             None if from_wire(&m.payload).is_err() && m.payload.starts_with(b"{") => {
-                return Try::Again(unopened_reply(&m.payload).to_string());
+                return Try::Refused(unopened_reply(&m.payload).to_string());
             }
             None => last = unopened_reply(&m.payload).to_string(),
         }
@@ -642,6 +651,26 @@ async fn run_line(sup: &Supervisor, payload: &[u8]) -> Result<control::Reply, Su
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_forward_refused_at_every_try_stays_fresh_to_its_last_try() {
+        // The worst case of one forward: every try refused after its re-read (5 s at most) and
+        // paced, or timing out. The last try must still be fresh where it lands.
+        let pauses: Duration = (0..FORWARD_TRIES as u32 - 1).map(refused_pause).sum();
+        let reads = Duration::from_secs(5) * (FORWARD_TRIES as u32 - 1);
+        let timeouts = FORWARD_TIMEOUT * FORWARD_TRIES as u32;
+        assert!(
+            pauses >= Duration::from_secs(15),
+            "too short to see a new epoch: {pauses:?}"
+        );
+        assert!(
+            pauses + reads < FORWARD_FRESH && timeouts < FORWARD_FRESH,
+            "a forward's tries outlive its freshness: {:?}",
+            pauses + reads
+        );
+        assert_eq!(refused_pause(0), Duration::from_millis(250));
+        assert_eq!(refused_pause(30), FORWARD_TIMEOUT);
+    }
 
     #[tokio::test]
     async fn a_repeated_forward_gets_the_first_run_s_reply_and_never_runs_twice() {
