@@ -22,6 +22,13 @@
 //! most one waiting. A write that fails for want of NATS (a timeout, no servers) is retried for
 //! as long as this node may act; a compare-and-set that fails because the entry moved on is
 //! re-read and judged as above.
+//!
+//! **Calls in flight.** At most [`CALLS_IN_FLIGHT`] calls on the sessions bucket are in flight
+//! from one node ([`Inner::call`]); the rest wait their turn, each holding only its arguments,
+//! and the call itself is allocated once it has a turn. A burst of starts (a thousand
+//! `attach`es in a second) so queues here, not in JetStream, where it would delay the
+//! renewals of every node, and its peak memory (about 3 KiB per write in flight, measured with
+//! heaptrack) does not stay behind in the allocator once the burst is over.
 
 use super::Fence;
 use super::seal::{Keyring, Purpose};
@@ -39,6 +46,11 @@ use tokio::sync::mpsc;
 
 /// Longest a single KV call may take: a call into a cluster that is electing leaders can hang.
 const CALL: Duration = Duration::from_secs(5);
+
+/// Calls on the sessions bucket in flight at once from one node (see the module's doc). At
+/// JetStream's pace on a loaded cluster (a few ms a write) that is thousands of writes a second;
+/// what it bounds is the backlog a burst puts in front of other nodes' renewals.
+pub const CALLS_IN_FLIGHT: usize = 64;
 
 /// `f`, bounded by [`CALL`]; its error as text.
 async fn bounded<T, E: std::fmt::Display>(
@@ -254,8 +266,30 @@ struct Inner {
     held: Mutex<HashMap<String, Arc<Held>>>,
     lost: mpsc::UnboundedSender<Lost>,
     healthy: AtomicBool,
+    /// Turns for calls on the bucket ([`CALLS_IN_FLIGHT`]).
+    turns: tokio::sync::Semaphore,
     /// Key index writes waiting, written by one task a few at a time ([`INDEX_QUEUE`]).
     index: mpsc::Sender<(String, String)>,
+}
+
+impl Inner {
+    /// One call on the sessions bucket, made by `make` once it has a turn (one of
+    /// [`CALLS_IN_FLIGHT`]): the wait for a turn and the call are each bounded by [`CALL`]. The
+    /// call's future is boxed when made, so a caller waiting for a turn holds only `make`.
+    async fn call<'a, T, E, F>(&'a self, make: impl FnOnce(&'a Store) -> F) -> Result<T, String>
+    where
+        E: std::fmt::Display,
+        F: std::future::Future<Output = Result<T, E>> + 'a,
+    {
+        let turn = match tokio::time::timeout(CALL, self.turns.acquire()).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(_)) => return Err("the journal is closed".into()),
+            Err(_) => return Err("no turn for a JetStream call in time".into()),
+        };
+        let r = bounded(Box::pin(make(&self.kv))).await;
+        drop(turn);
+        r
+    }
 }
 
 /// Key index writes that may wait; more are dropped (best effort: the index is a hint).
@@ -317,6 +351,7 @@ impl KvJournal {
             held: Mutex::new(HashMap::new()),
             lost,
             healthy: AtomicBool::new(true),
+            turns: tokio::sync::Semaphore::new(CALLS_IN_FLIGHT),
             index,
         }))
     }
@@ -355,7 +390,11 @@ impl KvJournal {
         entry.epoch = epoch;
         entry.generation += 1;
         let bytes = entry.seal(session, &self.0.keys);
-        let rev = match bounded(self.0.kv.update(slots::bucket_key(session), bytes, rev)).await {
+        let rev = match self
+            .0
+            .call(|kv| kv.update(slots::bucket_key(session), bytes, rev))
+            .await
+        {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(session, error = %e, "another node took the chat first");
@@ -371,7 +410,7 @@ impl KvJournal {
         // A change that landed between the compare-and-set and the line above went unjudged:
         // the sessions watch passes over a chat not held here yet. Read the entry once more
         // (an older value stored again at that moment stayed in the bucket for good).
-        let newer = match bounded(self.0.kv.entry(slots::bucket_key(session))).await {
+        let newer = match self.0.call(|kv| kv.entry(slots::bucket_key(session))).await {
             Ok(Some(cur)) => (cur.revision > rev).then_some(cur.revision),
             Ok(None) => Some(rev + 1),
             Err(_) => None,
@@ -443,14 +482,13 @@ impl KvJournal {
             let bytes = slot.entry.seal(session, &self.0.keys);
             // Revision 0: the entry vanished (`create` steps over a delete or purge marker).
             let put = if slot.rev == 0 {
-                bounded(self.0.kv.create(slots::bucket_key(session), bytes)).await
+                self.0
+                    .call(|kv| kv.create(slots::bucket_key(session), bytes))
+                    .await
             } else {
-                bounded(
-                    self.0
-                        .kv
-                        .update(slots::bucket_key(session), bytes, slot.rev),
-                )
-                .await
+                self.0
+                    .call(|kv| kv.update(slots::bucket_key(session), bytes, slot.rev))
+                    .await
             };
             let e = match put {
                 Ok(rev) => {
@@ -462,7 +500,7 @@ impl KvJournal {
                 Err(e) => e,
             };
             // Wrong revision, or no answer: read what is there.
-            match bounded(self.0.kv.entry(slots::bucket_key(session))).await {
+            match self.0.call(|kv| kv.entry(slots::bucket_key(session))).await {
                 Ok(cur) => match self.judge(&slot.entry, cur.as_ref()) {
                     Judged::Ours(rev, same) => {
                         // An earlier write landed (its ack lost). Go on from its revision.
@@ -538,9 +576,12 @@ impl KvJournal {
     /// Remove `conversation`'s key index entry if it still names `session`.
     async fn unindex(&self, conversation: &str, session: &str) {
         let key = slots::index_key(&self.0.keys, conversation);
-        if let Ok(Some(cur)) = bounded(self.0.kv.entry(key.clone())).await {
+        if let Ok(Some(cur)) = self.0.call(|kv| kv.entry(key.clone())).await {
             if cur.operation == Operation::Put && cur.value.as_ref() == session.as_bytes() {
-                let _ = bounded(self.0.kv.purge_expect_revision(key, Some(cur.revision))).await;
+                let _ = self
+                    .0
+                    .call(|kv| kv.purge_expect_revision(key, Some(cur.revision)))
+                    .await;
             }
         }
     }
@@ -553,16 +594,14 @@ impl KvJournal {
         };
         let mut wait = Duration::from_millis(100);
         for _ in 0..30 {
-            match bounded(
-                self.0
-                    .kv
-                    .purge_expect_revision(slots::bucket_key(session), Some(rev)),
-            )
-            .await
+            match self
+                .0
+                .call(|kv| kv.purge_expect_revision(slots::bucket_key(session), Some(rev)))
+                .await
             {
                 Ok(()) => return,
                 Err(e) => {
-                    if matches!(bounded(self.0.kv.entry(slots::bucket_key(session))).await, Ok(Some(cur)) if cur.revision != rev)
+                    if matches!(self.0.call(|kv| kv.entry(slots::bucket_key(session))).await, Ok(Some(cur)) if cur.revision != rev)
                     {
                         return;
                     }
@@ -660,12 +699,16 @@ impl Journal for KvJournal {
             // over in a second or two) must not fail a `start` whose chat exists already.
             let mut wait = Duration::from_millis(100);
             let result = loop {
-                match bounded(me.0.kv.create(slots::bucket_key(&session), bytes.clone())).await {
+                match me
+                    .0
+                    .call(|kv| kv.create(slots::bucket_key(&session), bytes.clone()))
+                    .await
+                {
                     Ok(rev) => break Ok(rev),
                     Err(e) => {
                         // Did an earlier try land (its ack lost)?
                         if let Ok(Some(cur)) =
-                            bounded(me.0.kv.entry(slots::bucket_key(&session))).await
+                            me.0.call(|kv| kv.entry(slots::bucket_key(&session))).await
                         {
                             if cur.operation == Operation::Put {
                                 break match me.open(&session, &cur.value) {
