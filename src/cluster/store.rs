@@ -273,23 +273,35 @@ struct Inner {
 }
 
 impl Inner {
-    /// One call on the sessions bucket, made by `make` once it has a turn (one of
-    /// [`CALLS_IN_FLIGHT`]): the wait for a turn and the call are each bounded by [`CALL`]. The
-    /// call's future is boxed when made, so a caller waiting for a turn holds only `make`.
+    /// One call on the sessions bucket, made by `make` once it has a turn ([`with_turn`]).
     async fn call<'a, T, E, F>(&'a self, make: impl FnOnce(&'a Store) -> F) -> Result<T, String>
     where
         E: std::fmt::Display,
         F: std::future::Future<Output = Result<T, E>> + 'a,
     {
-        let turn = match tokio::time::timeout(CALL, self.turns.acquire()).await {
-            Ok(Ok(t)) => t,
-            Ok(Err(_)) => return Err("the journal is closed".into()),
-            Err(_) => return Err("no turn for a JetStream call in time".into()),
-        };
-        let r = bounded(Box::pin(make(&self.kv))).await;
-        drop(turn);
-        r
+        with_turn(&self.turns, || make(&self.kv)).await
     }
+}
+
+/// The call `make` makes, once it has one of `turns`: the wait for a turn and the call are
+/// each bounded by [`CALL`]. The call's future is boxed when made, so a caller waiting for a
+/// turn holds only `make`.
+async fn with_turn<T, E, F>(
+    turns: &tokio::sync::Semaphore,
+    make: impl FnOnce() -> F,
+) -> Result<T, String>
+where
+    E: std::fmt::Display,
+    F: std::future::Future<Output = Result<T, E>>,
+{
+    let turn = match tokio::time::timeout(CALL, turns.acquire()).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(_)) => return Err("the journal is closed".into()),
+        Err(_) => return Err("no turn for a JetStream call in time".into()),
+    };
+    let r = bounded(Box::pin(make())).await;
+    drop(turn);
+    r
 }
 
 /// Key index writes that may wait; more are dropped (best effort: the index is a hint).
@@ -479,15 +491,18 @@ impl KvJournal {
             if !self.0.fence.acting(slot.entry.epoch) {
                 return Err(WriteError::Fenced);
             }
-            let bytes = slot.entry.seal(session, &self.0.keys);
+            // Sealed once the write has its turn: a write waiting holds no sealed copy.
+            let entry = &slot.entry;
+            let sealed = || entry.seal(session, &self.0.keys);
             // Revision 0: the entry vanished (`create` steps over a delete or purge marker).
             let put = if slot.rev == 0 {
                 self.0
-                    .call(|kv| kv.create(slots::bucket_key(session), bytes))
+                    .call(|kv| kv.create(slots::bucket_key(session), sealed()))
                     .await
             } else {
+                let rev = slot.rev;
                 self.0
-                    .call(|kv| kv.update(slots::bucket_key(session), bytes, slot.rev))
+                    .call(|kv| kv.update(slots::bucket_key(session), sealed(), rev))
                     .await
             };
             let e = match put {
@@ -834,6 +849,88 @@ impl Journal for KvJournal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn no_more_than_the_stated_calls_are_in_flight_and_a_call_waits_a_bounded_time() {
+        use std::sync::atomic::AtomicUsize;
+        let turns = tokio::sync::Semaphore::new(CALLS_IN_FLIGHT);
+        let (now, most, made) = (
+            AtomicUsize::new(0),
+            AtomicUsize::new(0),
+            AtomicUsize::new(0),
+        );
+        let gate = tokio::sync::Semaphore::new(0);
+        // Four times the bound, each call held until the gate opens.
+        let calls = futures::future::join_all((0..CALLS_IN_FLIGHT * 4).map(|_| {
+            with_turn(&turns, || {
+                made.fetch_add(1, Ordering::SeqCst);
+                let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(n, Ordering::SeqCst);
+                async {
+                    if let Ok(p) = gate.acquire().await {
+                        p.forget();
+                    }
+                    now.fetch_sub(1, Ordering::SeqCst);
+                    Ok::<_, String>(())
+                }
+            })
+        }));
+        let opener = async {
+            // Let every call that can start do so, then open the gate a call at a time.
+            for _ in 0..CALLS_IN_FLIGHT * 4 {
+                tokio::task::yield_now().await;
+                assert!(now.load(Ordering::SeqCst) <= CALLS_IN_FLIGHT);
+                gate.add_permits(1);
+            }
+        };
+        let (results, ()) = tokio::join!(calls, opener);
+        assert_eq!(
+            most.load(Ordering::SeqCst),
+            CALLS_IN_FLIGHT,
+            "the bound is reached, never passed"
+        );
+        assert!(results.iter().all(Result::is_ok), "every call ran");
+        assert_eq!(made.load(Ordering::SeqCst), CALLS_IN_FLIGHT * 4);
+
+        // Calls that hang (JetStream stalled): every turn taken and as many callers waiting
+        // (turns go first come, first served). A caller behind them gives up after CALL
+        // without making its call; each hung call gives its turn back after CALL.
+        let hung = futures::future::join_all(
+            (0..CALLS_IN_FLIGHT * 2)
+                .map(|_| with_turn(&turns, futures::future::pending::<Result<(), String>>)),
+        );
+        let late = async {
+            tokio::task::yield_now().await;
+            let t = tokio::time::Instant::now();
+            let r = with_turn(&turns, || async {
+                made.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, String>(())
+            })
+            .await;
+            (r, t.elapsed())
+        };
+        let begun = tokio::time::Instant::now();
+        let (hung, (late, waited)) = tokio::join!(hung, late);
+        assert!(
+            hung.iter()
+                .all(|r| r.as_ref().is_err_and(|e| e.contains("no answer")))
+        );
+        assert_eq!(
+            begun.elapsed(),
+            CALL * 2,
+            "the second half got its turns after CALL"
+        );
+        assert_eq!(
+            late,
+            Err("no turn for a JetStream call in time".to_string())
+        );
+        assert_eq!(waited, CALL);
+        assert_eq!(
+            made.load(Ordering::SeqCst),
+            CALLS_IN_FLIGHT * 4,
+            "the late call was never made"
+        );
+    }
 
     fn record(session: &str) -> SessionRecord {
         SessionRecord {
