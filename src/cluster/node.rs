@@ -311,8 +311,20 @@ impl Node {
         }
     }
 
-    /// Announce `epoch` (`left` when leaving), one more in this epoch's sequence.
+    /// Announce `epoch` (`left` when leaving), one more in this epoch's sequence, waiting
+    /// `renew` (at least a second) for the acknowledgement.
     async fn announce(&self, epoch: u64, left: bool) -> Result<Instant, String> {
+        self.announce_within(epoch, left, self.cfg.renew.max(Duration::from_secs(1)))
+            .await
+    }
+
+    /// [`Node::announce`], waiting `wait` for the acknowledgement.
+    async fn announce_within(
+        &self,
+        epoch: u64,
+        left: bool,
+        wait: Duration,
+    ) -> Result<Instant, String> {
         let sent = Instant::now();
         let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
         let held = self.journal.count() as u64;
@@ -324,12 +336,7 @@ impl Node {
             slots: true,
         }
         .seal(&self.id, &self.keys);
-        match tokio::time::timeout(
-            self.cfg.renew.max(Duration::from_secs(1)),
-            self.nats.nodes.put(&self.id, bytes.into()),
-        )
-        .await
-        {
+        match tokio::time::timeout(wait, self.nats.nodes.put(&self.id, bytes.into())).await {
             Ok(Ok(_)) => Ok(sent),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err("no acknowledgement in time".into()),
@@ -557,18 +564,33 @@ impl Node {
             }
             if Instant::now() >= next {
                 next = Instant::now() + self.cfg.renew;
-                match self.announce(epoch, false).await {
-                    Ok(sent) => {
-                        let until =
-                            lease::acting_until(sent, self.cfg.lease, self.cfg.fence_margin);
-                        if !self.fence.renewed(epoch, until) {
-                            tracing::warn!(
-                                "a renewal was acknowledged after the fence; joining again"
-                            );
+                // Each renewal waits for its acknowledgement until acting would stop, beside
+                // the next ones (at most (lease - fence_margin) / renew + 1 in flight): one
+                // acknowledged late (JetStream busy with a burst of writes) still proves the
+                // node alive from when it was sent, which is all the lease counts from.
+                let wait = self
+                    .fence
+                    .until()
+                    .map_or(Duration::ZERO, |t| {
+                        t.saturating_duration_since(Instant::now())
+                    })
+                    .max(self.cfg.renew)
+                    .max(Duration::from_secs(1));
+                let me = self.clone();
+                tokio::spawn(async move {
+                    match me.announce_within(epoch, false, wait).await {
+                        Ok(sent) => {
+                            let until =
+                                lease::acting_until(sent, me.cfg.lease, me.cfg.fence_margin);
+                            if !me.fence.renewed(epoch, until) {
+                                tracing::warn!(
+                                    "a renewal was acknowledged after the fence; joining again"
+                                );
+                            }
                         }
+                        Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
                     }
-                    Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
-                }
+                });
             }
         }
     }

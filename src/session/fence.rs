@@ -86,8 +86,10 @@ impl Fence {
 
     pub(crate) fn begin(&self, epoch: u64, until: Instant) {
         let ms = until.saturating_duration_since(self.0.base).as_millis() as u64;
-        self.0.until.store(ms, Ordering::Release);
+        // The epoch first: a reader asking whether the old epoch may act never pairs it with
+        // the new deadline.
         self.0.epoch.store(epoch, Ordering::Release);
+        self.0.until.store(ms, Ordering::Release);
     }
 
     pub(crate) fn revoke(&self) {
