@@ -108,6 +108,11 @@ pub struct SlotInfo {
     pub seen: Instant,
 }
 
+/// Renewals waiting for their acknowledgement at once, at most. With sane settings there are
+/// never more than `(lease - fence_margin) / renew` plus one (4 with the defaults); a renew far
+/// shorter than the lease skips renewals rather than pile them up.
+const RENEWALS_IN_FLIGHT: usize = 8;
+
 /// How often a holder writes its slot entries again (the nodes bucket keeps a value a day).
 const SLOT_REFRESH: Duration = Duration::from_secs(3600);
 
@@ -240,6 +245,10 @@ pub struct Node {
     /// The slots this node made at its newest join, where its new chats go.
     homes: Arc<Mutex<Vec<String>>>,
     next_home: Arc<std::sync::atomic::AtomicUsize>,
+    /// Renewals waiting for their acknowledgement ([`RENEWALS_IN_FLIGHT`] at most).
+    renewing: Arc<std::sync::atomic::AtomicUsize>,
+    /// The last renewal in flight came back.
+    renewals_done: Arc<Notify>,
     /// A slot was made, taken, given back or changed hands: the watches follow.
     slot_change: Arc<Notify>,
     cancel: CancellationToken,
@@ -292,6 +301,8 @@ impl Node {
             stale: Arc::new(Notify::new()),
             homes: Arc::new(Mutex::new(Vec::new())),
             next_home: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            renewing: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            renewals_done: Arc::new(Notify::new()),
             slot_change: Arc::new(Notify::new()),
             cancel: CancellationToken::new(),
         };
@@ -576,18 +587,34 @@ impl Node {
                     })
                     .max(self.cfg.renew)
                     .max(Duration::from_secs(1));
+                use std::sync::atomic::Ordering::AcqRel;
+                if self.renewing.fetch_add(1, AcqRel) >= RENEWALS_IN_FLIGHT {
+                    self.renewing.fetch_sub(1, AcqRel);
+                    tracing::warn!("renewals are not acknowledged; skipping one");
+                    continue;
+                }
                 let me = self.clone();
                 tokio::spawn(async move {
-                    match me.announce_within(epoch, false, wait).await {
+                    // A node leaving sends `left` last: no renewal of this loop after it.
+                    let r = if me.cancel.is_cancelled() {
+                        Err("leaving".to_string())
+                    } else {
+                        me.announce_within(epoch, false, wait).await
+                    };
+                    if me.renewing.fetch_sub(1, AcqRel) == 1 {
+                        me.renewals_done.notify_waiters();
+                    }
+                    match r {
                         Ok(sent) => {
                             let until =
                                 lease::acting_until(sent, me.cfg.lease, me.cfg.fence_margin);
-                            if !me.fence.renewed(epoch, until) {
+                            if !me.fence.renewed(epoch, until) && !me.cancel.is_cancelled() {
                                 tracing::warn!(
                                     "a renewal was acknowledged after the fence; joining again"
                                 );
                             }
                         }
+                        Err(_) if me.cancel.is_cancelled() => {}
                         Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
                     }
                 });
@@ -1258,6 +1285,20 @@ impl Node {
         let epoch = self.fence.epoch();
         self.fence.revoke();
         self.cancel.cancel();
+        // Renewals in flight land before `left` (for up to `renew`), so none is stored after it
+        // and read as this node still here.
+        let deadline = Instant::now() + self.cfg.renew;
+        loop {
+            let done = self.renewals_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if self.renewing.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, done).await.is_err() {
+                break;
+            }
+        }
         match self.announce(epoch, true).await {
             Ok(_) => {
                 tracing::info!(node = %self.id, "left the cluster; the other nodes take its chats")

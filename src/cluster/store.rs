@@ -52,6 +52,10 @@ const CALL: Duration = Duration::from_secs(5);
 /// what it bounds is the backlog a burst puts in front of other nodes' renewals.
 pub const CALLS_IN_FLIGHT: usize = 64;
 
+/// The error of a call that got no turn in time ([`with_turn`]): nothing was sent, so there is
+/// nothing to read back, and it says the node is busy, not that JetStream is unwell.
+const NO_TURN: &str = "no turn for a JetStream call in time";
+
 /// `f`, bounded by [`CALL`]; its error as text.
 async fn bounded<T, E: std::fmt::Display>(
     f: impl std::future::Future<Output = Result<T, E>>,
@@ -297,7 +301,7 @@ where
     let turn = match tokio::time::timeout(CALL, turns.acquire()).await {
         Ok(Ok(t)) => t,
         Ok(Err(_)) => return Err("the journal is closed".into()),
-        Err(_) => return Err("no turn for a JetStream call in time".into()),
+        Err(_) => return Err(NO_TURN.into()),
     };
     let r = bounded(Box::pin(make())).await;
     drop(turn);
@@ -401,15 +405,22 @@ impl KvJournal {
         entry.owner = self.0.node.clone();
         entry.epoch = epoch;
         entry.generation += 1;
-        let bytes = entry.seal(session, &self.0.keys);
         let rev = match self
             .0
-            .call(|kv| kv.update(slots::bucket_key(session), bytes, rev))
+            .call(|kv| {
+                kv.update(
+                    slots::bucket_key(session),
+                    entry.seal(session, &self.0.keys),
+                    rev,
+                )
+            })
             .await
         {
             Ok(r) => r,
             Err(e) => {
-                tracing::debug!(session, error = %e, "another node took the chat first");
+                // Another node was faster, or no answer (or turn) in time: the chat stays an
+                // orphan for the next round of claims.
+                tracing::debug!(session, error = %e, "did not take the chat");
                 return None;
             }
         };
@@ -514,6 +525,16 @@ impl KvJournal {
                 }
                 Err(e) => e,
             };
+            if e == NO_TURN {
+                // Nothing was sent: wait for a turn again.
+                tracing::debug!(
+                    session,
+                    "session entry write waited too long for a turn; retrying"
+                );
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+                continue;
+            }
             // Wrong revision, or no answer: read what is there.
             match self.0.call(|kv| kv.entry(slots::bucket_key(session))).await {
                 Ok(cur) => match self.judge(&slot.entry, cur.as_ref()) {
@@ -706,7 +727,6 @@ impl Journal for KvJournal {
             }
             let session = rec.session.clone();
             let entry = Entry::new(rec, &me.0.node, epoch);
-            let bytes = entry.seal(&session, &me.0.keys);
             let held = Held::new(None);
             let mut slot = held.slot.lock().await;
             me.map().insert(session.clone(), held.clone());
@@ -716,10 +736,26 @@ impl Journal for KvJournal {
             let result = loop {
                 match me
                     .0
-                    .call(|kv| kv.create(slots::bucket_key(&session), bytes.clone()))
+                    .call(|kv| {
+                        // Sealed once the write has its turn.
+                        kv.create(
+                            slots::bucket_key(&session),
+                            entry.seal(&session, &me.0.keys),
+                        )
+                    })
                     .await
                 {
                     Ok(rev) => break Ok(rev),
+                    Err(e) if e == NO_TURN => {
+                        // Nothing was sent: wait for a turn again, while this node may act.
+                        if !me.0.fence.acting(epoch) {
+                            break Err(format!(
+                                "session entry: {e}; and this node may no longer act"
+                            ));
+                        }
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(1));
+                    }
                     Err(e) => {
                         // Did an earlier try land (its ack lost)?
                         if let Ok(Some(cur)) =
@@ -892,15 +928,29 @@ mod tests {
         assert!(results.iter().all(Result::is_ok), "every call ran");
         assert_eq!(made.load(Ordering::SeqCst), CALLS_IN_FLIGHT * 4);
 
-        // Calls that hang (JetStream stalled): every turn taken and as many callers waiting
-        // (turns go first come, first served). A caller behind them gives up after CALL
-        // without making its call; each hung call gives its turn back after CALL.
+        // Every turn taken (held here): a caller gives up after CALL without making its call.
+        let all = turns
+            .acquire_many(CALLS_IN_FLIGHT as u32)
+            .await
+            .expect("open");
+        let t = tokio::time::Instant::now();
+        let late = with_turn(&turns, || async {
+            made.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, String>(())
+        })
+        .await;
+        assert_eq!(late, Err(NO_TURN.to_string()));
+        assert_eq!(t.elapsed(), CALL);
+        drop(all);
+
+        // Calls that hang (JetStream stalled) give their turns back after CALL: a caller that
+        // came a second later gets one then and makes its call.
         let hung = futures::future::join_all(
-            (0..CALLS_IN_FLIGHT * 2)
+            (0..CALLS_IN_FLIGHT)
                 .map(|_| with_turn(&turns, futures::future::pending::<Result<(), String>>)),
         );
-        let late = async {
-            tokio::task::yield_now().await;
+        let later = async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
             let t = tokio::time::Instant::now();
             let r = with_turn(&turns, || async {
                 made.fetch_add(1, Ordering::SeqCst);
@@ -909,26 +959,17 @@ mod tests {
             .await;
             (r, t.elapsed())
         };
-        let begun = tokio::time::Instant::now();
-        let (hung, (late, waited)) = tokio::join!(hung, late);
+        let (hung, (later, waited)) = tokio::join!(hung, later);
         assert!(
             hung.iter()
                 .all(|r| r.as_ref().is_err_and(|e| e.contains("no answer")))
         );
-        assert_eq!(
-            begun.elapsed(),
-            CALL * 2,
-            "the second half got its turns after CALL"
-        );
-        assert_eq!(
-            late,
-            Err("no turn for a JetStream call in time".to_string())
-        );
-        assert_eq!(waited, CALL);
+        assert_eq!(later, Ok(()));
+        assert_eq!(waited, CALL - Duration::from_secs(1));
         assert_eq!(
             made.load(Ordering::SeqCst),
-            CALLS_IN_FLIGHT * 4,
-            "the late call was never made"
+            CALLS_IN_FLIGHT * 4 + 1,
+            "the call that got no turn was never made; the later one was"
         );
     }
 
