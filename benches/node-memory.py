@@ -12,11 +12,10 @@ import subprocess, json, os, sys, time, urllib.request, socket, threading, shuti
 EXE=sys.argv[1]
 sys.argv=sys.argv[:1]+sys.argv[2:]
 WORK=tempfile.mkdtemp(prefix="guestd-node-memory-")
-NATS=shutil.which("nats-server") or NATS
-import subprocess, json, os, sys, time, urllib.request, socket, threading, shutil
+NATS=shutil.which("nats-server") or "/usr/sbin/nats-server"
 N=int(sys.argv[1]); mode=sys.argv[2]  # cluster|single
 def free_port():
-    ocket.socket(); s.bind(("127.0.0.1",0)); p=s.getsockname()[1]; s.close(); return p
+    s=socket.socket(); s.bind(("127.0.0.1",0)); p=s.getsockname()[1]; s.close(); return p
 def rss(pid):
     for l in open(f"/proc/{pid}/status"):
         if l.startswith("VmRSS"): return int(l.split()[1])
@@ -38,7 +37,7 @@ env.pop("GUESTD_CONFIG",None)
 nats=None
 if mode=="cluster":
     np=free_port(); d=os.path.join(WORK,"js"); shutil.rmtree(d,ignore_errors=True)
-    natubprocess.Popen([NATS,"-js","-a","127.0.0.1","-p",str(np),"-sd",d],stdout=subprocess.DEVNULL,stderr=subprocess.DEVNULL)
+    nats=subprocess.Popen([NATS,"-js","-a","127.0.0.1","-p",str(np),"-sd",d],stdout=subprocess.DEVNULL,stderr=subprocess.DEVNULL)
     time.sleep(1)
     env.update(GUESTD_CLUSTER__SERVERS=f'["nats://127.0.0.1:{np}"]', GUESTD_CLUSTER__NODE_ID="n1", GUESTD_CLUSTER__REPLICAS="1",
       GUESTD_CLUSTER__LEASE="6s", GUESTD_CLUSTER__RENEW="2s", GUESTD_CLUSTER__FENCE_MARGIN="2s", GUESTD_CLUSTER_SEAL_KEY="0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")

@@ -555,6 +555,10 @@ impl Node {
                 metrics::counter!("guestd_cluster_fenced_total").increment(1);
                 sup.relinquish_all().await;
                 loop {
+                    // A node leaving does not join again (its `left` is its last word).
+                    if self.cancel.is_cancelled() {
+                        return;
+                    }
                     match self.announce_new_epoch().await {
                         Ok(e) => {
                             tracing::info!(node = %self.id, epoch = e, "joined again");

@@ -74,7 +74,7 @@ pub struct Entry {
     /// The owner's epoch when it took the chat.
     pub epoch: u64,
     /// As first recorded (the jwt in it: the entry rests sealed whole).
-    pub record: SessionRecord,
+    pub record: StoredRecord,
     /// Newest message seen.
     pub last_message_id: Option<String>,
     /// Last write, ms since the epoch.
@@ -90,6 +90,86 @@ pub struct Entry {
     /// again (a replay) is told from a newer one by every node that saw the newer.
     #[serde(default)]
     pub generation: u64,
+}
+
+/// A chat's record as its entry keeps it: the JSON text of its [`SessionRecord`] (the backend's
+/// state, the credential in it), read back only when the chat is resumed, and the two ids the
+/// nodes look at. Held as a `serde_json::Value` map for as long as the chat lived, the state cost
+/// about 1 KiB more per chat on a cluster node (docs/benchmarks.md), and every write walked it.
+/// Written exactly as the record it holds, so entries stay readable both ways.
+#[derive(Clone)]
+pub struct StoredRecord {
+    raw: Box<serde_json::value::RawValue>,
+    /// guestd's session id.
+    pub session: String,
+    /// The chat's key.
+    pub conversation_id: String,
+}
+
+impl StoredRecord {
+    /// `rec`, kept as its JSON text.
+    pub fn new(rec: &SessionRecord) -> Result<StoredRecord, serde_json::Error> {
+        Ok(StoredRecord {
+            raw: serde_json::value::to_raw_value(rec)?,
+            session: rec.session.clone(),
+            conversation_id: rec.conversation_id.clone(),
+        })
+    }
+
+    /// The record, read back.
+    pub fn record(&self) -> Result<SessionRecord, serde_json::Error> {
+        serde_json::from_str(self.raw.get())
+    }
+}
+
+impl PartialEq for StoredRecord {
+    fn eq(&self, other: &Self) -> bool {
+        self.raw.get() == other.raw.get()
+    }
+}
+
+/// The ids only: the rest holds a credential.
+impl std::fmt::Debug for StoredRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredRecord")
+            .field("session", &self.session)
+            .field("conversation_id", &self.conversation_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Serialize for StoredRecord {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.raw.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for StoredRecord {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let raw = Box::<serde_json::value::RawValue>::deserialize(d)?;
+        #[derive(Deserialize)]
+        struct Ids {
+            session: String,
+            backend: Option<String>,
+            conversation_id: Option<String>,
+        }
+        let ids: Ids = serde_json::from_str(raw.get()).map_err(D::Error::custom)?;
+        match (ids.backend, ids.conversation_id) {
+            (Some(_), Some(conversation_id)) => Ok(StoredRecord {
+                raw,
+                session: ids.session,
+                conversation_id,
+            }),
+            // A record of the shape before backends were named: read as the journal reads it,
+            // and kept in today's shape.
+            _ => {
+                let rec: SessionRecord =
+                    serde_json::from_str(raw.get()).map_err(D::Error::custom)?;
+                StoredRecord::new(&rec).map_err(D::Error::custom)
+            }
+        }
+    }
 }
 
 /// How an entry rests in the bucket.
@@ -122,30 +202,30 @@ fn context<'a>(key: &'a str, owner: &'a str, epoch: &'a [u8; 8]) -> [&'a [u8]; 3
 
 impl Entry {
     /// A new entry for `rec`.
-    pub fn new(rec: SessionRecord, owner: &str, epoch: u64) -> Entry {
-        Entry {
+    pub fn new(rec: &SessionRecord, owner: &str, epoch: u64) -> Result<Entry, serde_json::Error> {
+        Ok(Entry {
             owner: owner.to_string(),
             epoch,
             last_alive_ms: rec.started_ms,
-            record: rec,
+            record: StoredRecord::new(rec)?,
             last_message_id: None,
             ending: None,
             leaving: false,
             activity: Activity::default(),
             generation: 1,
-        }
+        })
     }
 
-    /// What a node resuming the chat needs.
-    pub fn recovered(&self) -> Recovered {
-        Recovered {
-            record: self.record.clone(),
+    /// What a node resuming the chat needs; an error when its record does not read back.
+    pub fn recovered(&self) -> Result<Recovered, serde_json::Error> {
+        Ok(Recovered {
+            record: self.record.record()?,
             last_message_id: self.last_message_id.clone(),
             last_alive_ms: self.last_alive_ms,
             ending: self.ending.clone(),
             leaving: self.leaving,
             activity: self.activity.clone(),
-        }
+        })
     }
 
     /// Sealed for the bucket under `session`'s key ([`slots::bucket_key`]).
@@ -402,6 +482,15 @@ impl KvJournal {
         if !self.0.fence.acting(epoch) || self.holds(session) {
             return None;
         }
+        // What the resume needs, read back before anything is taken: a chat whose record
+        // does not read back here stays where it is.
+        let recovered = match entry.recovered() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(session, error = %e, "a chat's record does not read back; not taken");
+                return None;
+            }
+        };
         entry.owner = self.0.node.clone();
         entry.epoch = epoch;
         entry.generation += 1;
@@ -424,7 +513,6 @@ impl KvJournal {
                 return None;
             }
         };
-        let recovered = entry.recovered();
         // The key index names the chat again (written at its start; written again here in case
         // that write was lost), in the background: the resume does not wait for it.
         self.index_later(entry.record.conversation_id.clone(), session.to_string());
@@ -726,18 +814,21 @@ impl Journal for KvJournal {
                 ));
             }
             let session = rec.session.clone();
-            let entry = Entry::new(rec, &me.0.node, epoch);
+            let entry = Entry::new(&rec, &me.0.node, epoch)
+                .map_err(|e| NotDurable(format!("session record: {e}")))?;
             let held = Held::new(None);
             let mut slot = held.slot.lock().await;
             me.map().insert(session.clone(), held.clone());
             // Retried while this node may act: a server that dies mid-write (its peers take
             // over in a second or two) must not fail a `start` whose chat exists already.
             let mut wait = Duration::from_millis(100);
+            let mut sent = false;
             let result = loop {
                 match me
                     .0
                     .call(|kv| {
                         // Sealed once the write has its turn.
+                        sent = true;
                         kv.create(
                             slots::bucket_key(&session),
                             entry.seal(&session, &me.0.keys),
@@ -746,8 +837,10 @@ impl Journal for KvJournal {
                     .await
                 {
                     Ok(rev) => break Ok(rev),
-                    Err(e) if e == NO_TURN => {
-                        // Nothing was sent: wait for a turn again, while this node may act.
+                    Err(e) if e == NO_TURN && !sent => {
+                        // Nothing was ever sent: wait for a turn again, while this node may
+                        // act. (Once a try was sent, every failure reads back first: that try
+                        // may have landed.)
                         if !me.0.fence.acting(epoch) {
                             break Err(format!(
                                 "session entry: {e}; and this node may no longer act"
@@ -990,9 +1083,39 @@ mod tests {
     }
 
     #[test]
+    fn a_stored_record_is_written_as_the_record_and_reads_back_from_either_shape() {
+        let rec = record("s-1");
+        let stored = StoredRecord::new(&rec).unwrap();
+        // The same JSON as the record itself: entries stay readable by builds either side.
+        assert_eq!(
+            serde_json::to_value(&stored).unwrap(),
+            serde_json::to_value(&rec).unwrap()
+        );
+        let back: StoredRecord =
+            serde_json::from_str(&serde_json::to_string(&rec).unwrap()).unwrap();
+        assert_eq!(back, stored);
+        assert_eq!(back.record().unwrap(), rec);
+        assert_eq!(
+            (back.session.as_str(), back.conversation_id.as_str()),
+            ("s-1", "c")
+        );
+        // The shape before records named their backend reads as the journal reads it.
+        let legacy = serde_json::json!({
+            "session": "s-2", "started_ms": 5, "mode": "attach",
+            "chat": {"conversation_id": "c-old", "jwt": "eyJ.secret.sig"},
+        });
+        let old: StoredRecord = serde_json::from_str(&legacy.to_string()).unwrap();
+        let expected: SessionRecord = serde_json::from_value(legacy).unwrap();
+        assert_eq!(old.record().unwrap(), expected);
+        assert_eq!(old.conversation_id, "c-old");
+        // Its Debug names the ids, never the credential.
+        assert!(!format!("{stored:?}").contains("secret"));
+    }
+
+    #[test]
     fn entries_rest_sealed_whole_and_open_only_where_they_were_written() {
         let keys = Keyring::new(&[3; 32], &[]);
-        let e = Entry::new(record("s-1"), "n1", 9);
+        let e = Entry::new(&record("s-1"), "n1", 9).unwrap();
         let bytes = e.seal("s-1", &keys);
         let text = String::from_utf8(bytes.to_vec()).unwrap();
         for secret in ["secret", "127.0.0.1", "\"c\""] {
@@ -1003,6 +1126,7 @@ mod tests {
             Entry::open("s-1", &bytes, &keys)
                 .unwrap()
                 .recovered()
+                .unwrap()
                 .record,
             record("s-1")
         );
