@@ -245,10 +245,8 @@ pub struct Node {
     /// The slots this node made at its newest join, where its new chats go.
     homes: Arc<Mutex<Vec<String>>>,
     next_home: Arc<std::sync::atomic::AtomicUsize>,
-    /// Renewals waiting for their acknowledgement ([`RENEWALS_IN_FLIGHT`] at most).
-    renewing: Arc<std::sync::atomic::AtomicUsize>,
-    /// The last renewal in flight came back.
-    renewals_done: Arc<Notify>,
+    /// One permit per renewal waiting for its acknowledgement ([`RENEWALS_IN_FLIGHT`]).
+    renewals: Arc<tokio::sync::Semaphore>,
     /// A slot was made, taken, given back or changed hands: the watches follow.
     slot_change: Arc<Notify>,
     cancel: CancellationToken,
@@ -301,8 +299,7 @@ impl Node {
             stale: Arc::new(Notify::new()),
             homes: Arc::new(Mutex::new(Vec::new())),
             next_home: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
-            renewing: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
-            renewals_done: Arc::new(Notify::new()),
+            renewals: Arc::new(tokio::sync::Semaphore::new(RENEWALS_IN_FLIGHT)),
             slot_change: Arc::new(Notify::new()),
             cancel: CancellationToken::new(),
         };
@@ -591,12 +588,10 @@ impl Node {
                     })
                     .max(self.cfg.renew)
                     .max(Duration::from_secs(1));
-                use std::sync::atomic::Ordering::AcqRel;
-                if self.renewing.fetch_add(1, AcqRel) >= RENEWALS_IN_FLIGHT {
-                    self.renewing.fetch_sub(1, AcqRel);
+                let Ok(permit) = self.renewals.clone().try_acquire_owned() else {
                     tracing::warn!("renewals are not acknowledged; skipping one");
                     continue;
-                }
+                };
                 let me = self.clone();
                 tokio::spawn(async move {
                     // A node leaving sends `left` last: no renewal of this loop after it.
@@ -605,9 +600,7 @@ impl Node {
                     } else {
                         me.announce_within(epoch, false, wait).await
                     };
-                    if me.renewing.fetch_sub(1, AcqRel) == 1 {
-                        me.renewals_done.notify_waiters();
-                    }
+                    drop(permit);
                     match r {
                         Ok(sent) => {
                             let until =
@@ -1291,18 +1284,8 @@ impl Node {
         self.cancel.cancel();
         // Renewals in flight land before `left` (for up to `renew`), so none is stored after it
         // and read as this node still here.
-        let deadline = Instant::now() + self.cfg.renew;
-        loop {
-            let done = self.renewals_done.notified();
-            tokio::pin!(done);
-            done.as_mut().enable();
-            if self.renewing.load(std::sync::atomic::Ordering::Acquire) == 0 {
-                break;
-            }
-            if tokio::time::timeout_at(deadline, done).await.is_err() {
-                break;
-            }
-        }
+        let all = self.renewals.acquire_many(RENEWALS_IN_FLIGHT as u32);
+        let _ = tokio::time::timeout(self.cfg.renew, all).await;
         match self.announce(epoch, true).await {
             Ok(_) => {
                 tracing::info!(node = %self.id, "left the cluster; the other nodes take its chats")
