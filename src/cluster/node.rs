@@ -249,6 +249,9 @@ pub struct Node {
     renewals: Arc<tokio::sync::Semaphore>,
     /// A slot was made, taken, given back or changed hands: the watches follow.
     slot_change: Arc<Notify>,
+    /// Held while a new epoch is being announced: `leave` waits for a join under way, so no
+    /// join is announced after its `left`.
+    joining: Arc<tokio::sync::Mutex<()>>,
     cancel: CancellationToken,
 }
 
@@ -301,6 +304,7 @@ impl Node {
             next_home: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             renewals: Arc::new(tokio::sync::Semaphore::new(RENEWALS_IN_FLIGHT)),
             slot_change: Arc::new(Notify::new()),
+            joining: Arc::new(tokio::sync::Mutex::new(())),
             cancel: CancellationToken::new(),
         };
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -352,6 +356,10 @@ impl Node {
     }
 
     async fn announce_new_epoch(&self) -> Result<u64, String> {
+        let _joining = self.joining.lock().await;
+        if self.cancel.is_cancelled() {
+            return Err("leaving".into());
+        }
         let read = tokio::time::timeout(Duration::from_secs(5), self.nats.nodes.entry(&self.id))
             .await
             .map_err(|_| "no answer reading this node's entry".to_string())?;
@@ -384,6 +392,10 @@ impl Node {
         // chats at once (a slot whose holder's epoch is not seen yet counts as held for a
         // lease, and one of an epoch never announced is taken and given back after that).
         self.make_homes(epoch).await;
+        // A node leaving does not announce a join: its `left` is its last word.
+        if self.cancel.is_cancelled() {
+            return Err("leaving".into());
+        }
         let sent = self.announce(epoch, false).await?;
         self.fence.begin(
             epoch,
@@ -1279,9 +1291,15 @@ impl Node {
     /// Leave on purpose (after the sessions have stopped): announce it, so the others take this
     /// node's chats at once instead of after a lease.
     pub async fn leave(&self) {
-        let epoch = self.fence.epoch();
         self.fence.revoke();
         self.cancel.cancel();
+        // A join under way finishes first (it announces nothing once it sees `cancel`, but one
+        // already announcing may still begin its fence): then the fence is revoked again, and
+        // `left` names the newest epoch announced.
+        let joining = self.joining.lock();
+        let _joined = tokio::time::timeout(self.cfg.lease, joining).await;
+        self.fence.revoke();
+        let epoch = self.fence.epoch();
         // Renewals in flight land before `left` (for up to `renew`), so none is stored after it
         // and read as this node still here.
         let all = self.renewals.acquire_many(RENEWALS_IN_FLIGHT as u32);

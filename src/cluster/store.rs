@@ -148,11 +148,18 @@ impl<'de> Deserialize<'de> for StoredRecord {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error;
         let raw = Box::<serde_json::value::RawValue>::deserialize(d)?;
+        // The ids, and the other fields a [`SessionRecord`] requires checked for their type
+        // without being kept (its `state` may be any JSON): what opens here, `record()` reads
+        // back.
         #[derive(Deserialize)]
         struct Ids {
             session: String,
             backend: Option<String>,
             conversation_id: Option<String>,
+            #[serde(rename = "started_ms")]
+            _started_ms: i64,
+            #[serde(rename = "mode")]
+            _mode: String,
         }
         let ids: Ids = serde_json::from_str(raw.get()).map_err(D::Error::custom)?;
         match (ids.backend, ids.conversation_id) {
@@ -1108,6 +1115,19 @@ mod tests {
         let expected: SessionRecord = serde_json::from_value(legacy).unwrap();
         assert_eq!(old.record().unwrap(), expected);
         assert_eq!(old.conversation_id, "c-old");
+        // A record `record()` would not read back does not open: a bad start time or mode.
+        for bad in [
+            serde_json::json!({"session": "s", "started_ms": "soon", "mode": "start",
+                "backend": "guest_chat", "conversation_id": "c", "state": null}),
+            serde_json::json!({"session": "s", "started_ms": 5,
+                "backend": "guest_chat", "conversation_id": "c", "state": null}),
+        ] {
+            assert!(
+                serde_json::from_str::<StoredRecord>(&bad.to_string()).is_err(),
+                "{bad}"
+            );
+            assert!(serde_json::from_value::<SessionRecord>(bad).is_err());
+        }
         // Its Debug names the ids, never the credential.
         assert!(!format!("{stored:?}").contains("secret"));
     }
