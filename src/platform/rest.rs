@@ -107,88 +107,133 @@ impl Inner {
     }
 
     /// One REST call with the retry policy. `T = ()` for replies without a body.
-    pub(crate) async fn call<T: DeserializeOwned>(
+    ///
+    /// Not an `async fn`: its arguments would be held twice in its state (rust-lang/rust#62958),
+    /// and in a connect burst thousands of calls wait for a permit at once.
+    #[allow(clippy::manual_async_fn)] // on purpose: see above
+    pub(crate) fn call<T: DeserializeOwned + Send>(
         &self,
         name: &'static str,
         method: Method,
         url: String,
         jwt: Option<Secret>,
         body: Option<serde_json::Value>,
-    ) -> Result<Option<T>, ApiError> {
-        let mut backoff = Backoff::new(&self.cfg.backoff);
-        let mut attempt = 0;
-        loop {
-            let mut req = self.http.request(method.clone(), &url);
-            if let Some(jwt) = &jwt {
-                req = req.bearer_auth(jwt.expose());
-            }
-            if let Some(b) = &body {
-                req = req.json(b);
-            }
-            let permit = self
-                .permits
-                .acquire()
-                .await
-                .map_err(|_| ApiError::Transport("client closed".into()))?;
-            let started = Instant::now();
-            let sent = req.send().await;
-            metrics::histogram!("guestd_rest_request_duration_seconds", "call" => name)
-                .record(started.elapsed().as_secs_f64());
-            let (err, wait) = match sent {
-                Err(e) => (ApiError::Transport(transport_text(&e)), None),
-                Ok(resp) => {
-                    let status = resp.status();
-                    if status.is_success() {
-                        if status == StatusCode::NO_CONTENT {
-                            return Ok(None);
-                        }
-                        let bytes = match read_limited(resp, reply_limit(name)).await {
-                            Ok(Body::Whole(b)) => b,
-                            Ok(Body::Cut(_)) => {
-                                return Err(ApiError::Decode(format!(
-                                    "{name}: the reply is over {} bytes",
-                                    reply_limit(name)
-                                )));
-                            }
-                            Err(e) => return Err(ApiError::Transport(transport_text(&e))),
-                        };
-                        if bytes.is_empty() {
-                            return Ok(None);
-                        }
-                        return serde_json::from_slice(&bytes)
-                            .map(Some)
-                            .map_err(|e| ApiError::Decode(format!("{name}: {e}")));
-                    }
-                    let retry_after = resp
-                        .headers()
-                        .get(reqwest::header::RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.trim().parse::<u64>().ok())
-                        .map(Duration::from_secs);
-                    let message = error_message(resp).await;
-                    match status.as_u16() {
-                        401 => return Err(ApiError::Unauthorized(message)),
-                        404 => return Err(ApiError::NotFound(message)),
-                        429 => (ApiError::RateLimited(retry_after), retry_after),
-                        s @ 500..=599 => (ApiError::Server { status: s, message }, None),
-                        s => return Err(ApiError::Rejected { status: s, message }),
-                    }
+    ) -> impl std::future::Future<Output = Result<Option<T>, ApiError>> + Send + '_ {
+        async move {
+            // Made at the first retry: most calls never need it.
+            let mut backoff: Option<Box<Backoff>> = None;
+            let mut attempt = 0;
+            loop {
+                let permit = self
+                    .permits
+                    .acquire()
+                    .await
+                    .map_err(|_| ApiError::Transport("client closed".into()))?;
+                // The attempt's state (the request, hyper's future, the reply) is allocated only
+                // once a permit is held: a call waiting its turn holds its arguments and no more.
+                // Built before the wait, every session of a connect burst held one (about 1 KiB)
+                // while the REST permits were taken, and the holes they left among the sessions'
+                // own allocations stayed in RSS (docs/benchmarks.md, "A burst's leftovers").
+                let tried =
+                    Box::pin(self.attempt(name, &method, &url, jwt.as_ref(), body.as_ref())).await;
+                drop(permit);
+                let (err, wait) = match tried {
+                    Attempt::Done(r) => return r,
+                    Attempt::Again(err, wait) => (err, wait),
+                };
+                if attempt >= self.cfg.max_retries {
+                    return Err(err);
                 }
-            };
-            drop(permit);
-            if attempt >= self.cfg.max_retries {
-                return Err(err);
+                attempt += 1;
+                let delay = match wait {
+                    Some(d) => d.min(self.cfg.max_retry_after),
+                    None => backoff
+                        .get_or_insert_with(|| Box::new(Backoff::new(&self.cfg.backoff)))
+                        .next_delay(),
+                };
+                metrics::counter!("guestd_rest_retries_total", "call" => name).increment(1);
+                tracing::debug!(call = name, attempt, delay_ms = delay.as_millis() as u64, error = %err, "retrying REST call");
+                drop(err);
+                // Boxed: a retry is rare, and its timer inline would be held by every waiting call.
+                Box::pin(tokio::time::sleep(delay)).await;
             }
-            attempt += 1;
-            let delay = match wait {
-                Some(d) => d.min(self.cfg.max_retry_after),
-                None => backoff.next_delay(),
-            };
-            metrics::counter!("guestd_rest_retries_total", "call" => name).increment(1);
-            tracing::debug!(call = name, attempt, delay_ms = delay.as_millis() as u64, error = %err, "retrying REST call");
-            tokio::time::sleep(delay).await;
         }
     }
+
+    /// One try of [`Inner::call`], with a permit held.
+    async fn attempt<T: DeserializeOwned>(
+        &self,
+        name: &'static str,
+        method: &Method,
+        url: &str,
+        jwt: Option<&Secret>,
+        body: Option<&serde_json::Value>,
+    ) -> Attempt<T> {
+        let mut req = self.http.request(method.clone(), url);
+        if let Some(jwt) = jwt {
+            req = req.bearer_auth(jwt.expose());
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let started = Instant::now();
+        let sent = req.send().await;
+        metrics::histogram!("guestd_rest_request_duration_seconds", "call" => name)
+            .record(started.elapsed().as_secs_f64());
+        match sent {
+            Err(e) => Attempt::Again(ApiError::Transport(transport_text(&e)), None),
+            Ok(resp) => {
+                let status = resp.status();
+                if status.is_success() {
+                    if status == StatusCode::NO_CONTENT {
+                        return Attempt::Done(Ok(None));
+                    }
+                    let bytes = match read_limited(resp, reply_limit(name)).await {
+                        Ok(Body::Whole(b)) => b,
+                        Ok(Body::Cut(_)) => {
+                            return Attempt::Done(Err(ApiError::Decode(format!(
+                                "{name}: the reply is over {} bytes",
+                                reply_limit(name)
+                            ))));
+                        }
+                        Err(e) => {
+                            return Attempt::Done(Err(ApiError::Transport(transport_text(&e))));
+                        }
+                    };
+                    if bytes.is_empty() {
+                        return Attempt::Done(Ok(None));
+                    }
+                    return Attempt::Done(
+                        serde_json::from_slice(&bytes)
+                            .map(Some)
+                            .map_err(|e| ApiError::Decode(format!("{name}: {e}"))),
+                    );
+                }
+                let retry_after = resp
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs);
+                let message = error_message(resp).await;
+                match status.as_u16() {
+                    401 => Attempt::Done(Err(ApiError::Unauthorized(message))),
+                    404 => Attempt::Done(Err(ApiError::NotFound(message))),
+                    429 => Attempt::Again(ApiError::RateLimited(retry_after), retry_after),
+                    s @ 500..=599 => Attempt::Again(ApiError::Server { status: s, message }, None),
+                    s => Attempt::Done(Err(ApiError::Rejected { status: s, message })),
+                }
+            }
+        }
+    }
+}
+
+/// How one try of a call came out.
+enum Attempt<T> {
+    /// The call's result: no retry.
+    Done(Result<Option<T>, ApiError>),
+    /// Worth another try (after the wait the server asked for, if any).
+    Again(ApiError, Option<Duration>),
 }
 
 /// Largest reply body read for a listing page (`list_messages`, Web Messaging `history`): a
@@ -266,4 +311,40 @@ fn transport_text(e: &reqwest::Error) -> String {
         src = cause.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The most bytes a REST call holds while it waits for a permit (its arguments once, the
+    /// wait itself; 288 measured, 568 as an `async fn` with its backoff and retry timer inline).
+    /// In a connect burst thousands of calls wait at once (a roster fetch per connected chat,
+    /// 64 permits): docs/benchmarks.md, "A burst's leftovers".
+    const WAITING_CALL_BYTES: usize = 320;
+
+    #[test]
+    fn a_call_waiting_its_turn_holds_its_arguments_not_its_attempt() {
+        let cfg = crate::backends::rest_config(
+            &crate::config::Config::default(),
+            "http://127.0.0.1:9",
+            false,
+            &[],
+        );
+        let inner = Inner::new(cfg).unwrap();
+        let call =
+            inner.call::<serde_json::Value>("list_members", Method::GET, String::new(), None, None);
+        let attempt =
+            inner.attempt::<serde_json::Value>("list_members", &Method::GET, "", None, None);
+        let (call, attempt) = (
+            std::mem::size_of_val(&call),
+            std::mem::size_of_val(&attempt),
+        );
+        assert!(
+            call <= WAITING_CALL_BYTES,
+            "a waiting call holds {call} bytes"
+        );
+        // The attempt is the large part, allocated only with a permit held.
+        assert!(attempt > 2 * call, "attempt {attempt} bytes, call {call}");
+    }
 }
