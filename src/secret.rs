@@ -4,10 +4,17 @@
 use serde::{Deserialize, Serialize};
 
 /// A secret string. Serialization writes the value (the journal needs it) except inside
-/// [`redacting`]; formatting never does.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
+/// [`redacting`]; formatting never does. Shared, not copied: a chat's calls and reconnects
+/// each take a handle to its one copy (a copy per waiting call was part of what a connect
+/// burst left behind, docs/benchmarks.md).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(std::sync::Arc<str>);
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret::new)
+    }
+}
 
 thread_local! {
     static REDACT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -39,7 +46,7 @@ impl Serialize for Secret {
 impl Secret {
     /// Wrap a value.
     pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
+        Secret(s.into().into())
     }
     /// The value, for the one place that must send it.
     pub fn expose(&self) -> &str {

@@ -444,11 +444,12 @@ impl Actor {
             Action::Emit(kind) => self.emit(kind).await,
             Action::Connect => {
                 let connector = self.ctx.connector.clone();
-                let chat = self.chat.clone();
+                // What the connect needs, not the whole chat: in a burst thousands wait.
+                let (uri, jwt) = (self.chat.event_stream_uri.clone(), self.chat.jwt.clone());
                 self.connecting = Some(
                     async move {
                         let started = tokio::time::Instant::now();
-                        let r = connector.connect(&chat.event_stream_uri, &chat.jwt).await;
+                        let r = connector.connect(&uri, &jwt).await;
                         metrics::histogram!("guestd_connect_duration_seconds", "backend" => "guest_chat")
                             .record(started.elapsed());
                         r
