@@ -252,6 +252,9 @@ pub struct Node {
     /// Held while a new epoch is being announced: `leave` waits for a join under way, so no
     /// join is announced after its `left`.
     joining: Arc<tokio::sync::Mutex<()>>,
+    /// The newest epoch this node put to the nodes bucket, acknowledged or not: what its `left`
+    /// names (one older than what others saw would be ignored).
+    announced: Arc<std::sync::atomic::AtomicU64>,
     cancel: CancellationToken,
 }
 
@@ -305,6 +308,7 @@ impl Node {
             renewals: Arc::new(tokio::sync::Semaphore::new(RENEWALS_IN_FLIGHT)),
             slot_change: Arc::new(Notify::new()),
             joining: Arc::new(tokio::sync::Mutex::new(())),
+            announced: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             cancel: CancellationToken::new(),
         };
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -357,12 +361,16 @@ impl Node {
 
     async fn announce_new_epoch(&self) -> Result<u64, String> {
         let _joining = self.joining.lock().await;
+        // A leave stops a join at once (it waits for the lock), up to the announcement itself.
+        let leaving = || Err::<u64, String>("leaving".into());
         if self.cancel.is_cancelled() {
-            return Err("leaving".into());
+            return leaving();
         }
-        let read = tokio::time::timeout(Duration::from_secs(5), self.nats.nodes.entry(&self.id))
-            .await
-            .map_err(|_| "no answer reading this node's entry".to_string())?;
+        let read = tokio::select! {
+            _ = self.cancel.cancelled() => return leaving(),
+            r = tokio::time::timeout(Duration::from_secs(5), self.nats.nodes.entry(&self.id)) => r,
+        }
+        .map_err(|_| "no answer reading this node's entry".to_string())?;
         let now = now_ms();
         let prev = match read {
             // The epoch this node last announced. One that does not open (forged, or sealed with
@@ -385,17 +393,24 @@ impl Node {
             .saturating_add(1)
             .max(now)
             .max(self.fence.epoch().saturating_add(1));
-        self.seq.store(0, std::sync::atomic::Ordering::Release);
         // The previous epoch's home slots are others' to take now: no new chat goes there.
         self.homes.lock().unwrap_or_else(|e| e.into_inner()).clear();
         // This epoch's homes before its announcement: once others see the node, it can take
         // chats at once (a slot whose holder's epoch is not seen yet counts as held for a
         // lease, and one of an epoch never announced is taken and given back after that).
-        self.make_homes(epoch).await;
-        // A node leaving does not announce a join: its `left` is its last word.
-        if self.cancel.is_cancelled() {
-            return Err("leaving".into());
+        tokio::select! {
+            _ = self.cancel.cancelled() => return leaving(),
+            _ = self.make_homes(epoch) => {}
         }
+        // A node leaving does not announce a join: its `left` is its last word. Past this
+        // point the epoch counts as announced (its put may land even if unacknowledged), and
+        // its sequence starts: a `left` after it names this epoch, one more in its sequence.
+        if self.cancel.is_cancelled() {
+            return leaving();
+        }
+        self.seq.store(0, std::sync::atomic::Ordering::Release);
+        self.announced
+            .fetch_max(epoch, std::sync::atomic::Ordering::AcqRel);
         let sent = self.announce(epoch, false).await?;
         self.fence.begin(
             epoch,
@@ -1293,13 +1308,17 @@ impl Node {
     pub async fn leave(&self) {
         self.fence.revoke();
         self.cancel.cancel();
-        // A join under way finishes first (it announces nothing once it sees `cancel`, but one
-        // already announcing may still begin its fence): then the fence is revoked again, and
-        // `left` names the newest epoch announced.
+        // A join under way stops (it gives up at `cancel` until its announcement, which waits
+        // at most `max(renew, 1 s)`) and may still begin its fence: then the fence is revoked
+        // again, and `left` names the newest epoch put, acknowledged or not.
         let joining = self.joining.lock();
-        let _joined = tokio::time::timeout(self.cfg.lease, joining).await;
+        let wait = self.cfg.renew.max(Duration::from_secs(1)) + Duration::from_secs(1);
+        let _joined = tokio::time::timeout(wait, joining).await;
         self.fence.revoke();
-        let epoch = self.fence.epoch();
+        let epoch = self
+            .fence
+            .epoch()
+            .max(self.announced.load(std::sync::atomic::Ordering::Acquire));
         // Renewals in flight land before `left` (for up to `renew`), so none is stored after it
         // and read as this node still here.
         let all = self.renewals.acquire_many(RENEWALS_IN_FLIGHT as u32);

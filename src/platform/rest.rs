@@ -318,10 +318,11 @@ mod tests {
     use super::*;
 
     /// The most bytes a REST call holds while it waits for a permit (its arguments once, the
-    /// wait itself; 288 measured, 568 as an `async fn` with its backoff and retry timer inline).
+    /// wait itself; 288 measured with rustc 1.95, 568 as an `async fn` with its backoff and retry
+    /// timer inline; the bound leaves room for another compiler's layout).
     /// In a connect burst thousands of calls wait at once (a roster fetch per connected chat,
     /// 64 permits): docs/benchmarks.md, "A burst's leftovers".
-    const WAITING_CALL_BYTES: usize = 320;
+    const WAITING_CALL_BYTES: usize = 384;
 
     #[test]
     fn a_call_waiting_its_turn_holds_its_arguments_not_its_attempt() {
