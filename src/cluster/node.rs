@@ -389,10 +389,17 @@ impl Node {
             Ok(None) => 0,
             Err(e) => return Err(e.to_string()),
         };
+        // Above every epoch this node put, acknowledged or not: a put whose acknowledgement
+        // timed out may still have landed, and a retry must not repeat or undercut it.
         let epoch = prev
             .saturating_add(1)
             .max(now)
-            .max(self.fence.epoch().saturating_add(1));
+            .max(self.fence.epoch().saturating_add(1))
+            .max(
+                self.announced
+                    .load(std::sync::atomic::Ordering::Acquire)
+                    .saturating_add(1),
+            );
         // The previous epoch's home slots are others' to take now: no new chat goes there.
         self.homes.lock().unwrap_or_else(|e| e.into_inner()).clear();
         // This epoch's homes before its announcement: once others see the node, it can take
@@ -412,6 +419,9 @@ impl Node {
         self.announced
             .fetch_max(epoch, std::sync::atomic::Ordering::AcqRel);
         let sent = self.announce(epoch, false).await?;
+        if self.cancel.is_cancelled() {
+            return leaving();
+        }
         self.fence.begin(
             epoch,
             lease::acting_until(sent, self.cfg.lease, self.cfg.fence_margin),
@@ -1306,15 +1316,14 @@ impl Node {
     /// Leave on purpose (after the sessions have stopped): announce it, so the others take this
     /// node's chats at once instead of after a lease.
     pub async fn leave(&self) {
-        self.fence.revoke();
+        self.fence.close();
         self.cancel.cancel();
         // A join under way stops (it gives up at `cancel` until its announcement, which waits
-        // at most `max(renew, 1 s)`) and may still begin its fence: then the fence is revoked
-        // again, and `left` names the newest epoch put, acknowledged or not.
+        // at most `max(renew, 1 s)`); the fence is closed, so it cannot begin acting again
+        // however late it runs. `left` names the newest epoch put, acknowledged or not.
         let joining = self.joining.lock();
         let wait = self.cfg.renew.max(Duration::from_secs(1)) + Duration::from_secs(1);
         let _joined = tokio::time::timeout(wait, joining).await;
-        self.fence.revoke();
         let epoch = self
             .fence
             .epoch()

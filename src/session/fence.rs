@@ -4,7 +4,7 @@
 //! cluster.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -20,6 +20,8 @@ struct FenceState {
     epoch: AtomicU64,
     /// ms after `base`.
     until: AtomicU64,
+    /// Closed for good (the node left): nothing makes it act again.
+    closed: AtomicBool,
 }
 
 impl Default for Fence {
@@ -28,6 +30,7 @@ impl Default for Fence {
             base: Instant::now(),
             epoch: AtomicU64::new(0),
             until: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
         }))
     }
 }
@@ -89,10 +92,48 @@ impl Fence {
         // The epoch first: a reader asking whether the old epoch may act never pairs it with
         // the new deadline.
         self.0.epoch.store(epoch, Ordering::Release);
-        self.0.until.store(ms, Ordering::Release);
+        self.0.until.store(ms, Ordering::SeqCst);
+        // A close that came first wins: either this sees it, or its revoke comes after the
+        // store above (both sequentially consistent).
+        if self.0.closed.load(Ordering::SeqCst) {
+            self.0.until.store(0, Ordering::SeqCst);
+        }
     }
 
     pub(crate) fn revoke(&self) {
-        self.0.until.store(0, Ordering::Release);
+        self.0.until.store(0, Ordering::SeqCst);
+    }
+
+    /// Stop acting for good: a join still under way when the node leaves cannot begin it again.
+    pub(crate) fn close(&self) {
+        self.0.closed.store(true, Ordering::SeqCst);
+        self.revoke();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closed_fence_never_acts_again() {
+        let f = Fence::default();
+        let later = || Instant::now() + Duration::from_secs(10);
+        f.begin(7, later());
+        assert!(f.acting(7));
+        f.close();
+        assert!(!f.acting(7));
+        // A join that was under way when the node left, however late it comes.
+        f.begin(8, later());
+        assert!(!f.acting(8));
+        assert!(f.until().is_none());
+        assert!(!f.renewed(8, later()));
+        assert!(!f.acting(8));
+        // Revoke alone is not final: a fenced node joins again.
+        let g = Fence::default();
+        g.begin(1, later());
+        g.revoke();
+        g.begin(2, later());
+        assert!(g.acting(2));
     }
 }
