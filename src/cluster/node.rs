@@ -361,12 +361,11 @@ impl Node {
 
     async fn announce_new_epoch(&self) -> Result<u64, String> {
         let _joining = self.joining.lock().await;
-        // A leave stops a join at once (it waits for the lock), up to the announcement itself.
+        // A leave stops a join at once (it waits for the lock), up to the announcement itself;
+        // the cancel is polled first, so a join after a leave reads nothing.
         let leaving = || Err::<u64, String>("leaving".into());
-        if self.cancel.is_cancelled() {
-            return leaving();
-        }
         let read = tokio::select! {
+            biased;
             _ = self.cancel.cancelled() => return leaving(),
             r = tokio::time::timeout(Duration::from_secs(5), self.nats.nodes.entry(&self.id)) => r,
         }
@@ -389,23 +388,21 @@ impl Node {
             Ok(None) => 0,
             Err(e) => return Err(e.to_string()),
         };
-        // Above every epoch this node put, acknowledged or not: a put whose acknowledgement
-        // timed out may still have landed, and a retry must not repeat or undercut it.
-        let epoch = prev
-            .saturating_add(1)
-            .max(now)
-            .max(self.fence.epoch().saturating_add(1))
-            .max(
-                self.announced
-                    .load(std::sync::atomic::Ordering::Acquire)
-                    .saturating_add(1),
-            );
+        // Above every epoch this node put, acknowledged or not (the fence's among them: a fence
+        // begins only in an epoch put below): a put whose acknowledgement timed out may still
+        // have landed, and a retry must not repeat or undercut it.
+        let epoch = prev.saturating_add(1).max(now).max(
+            self.announced
+                .load(std::sync::atomic::Ordering::Acquire)
+                .saturating_add(1),
+        );
         // The previous epoch's home slots are others' to take now: no new chat goes there.
         self.homes.lock().unwrap_or_else(|e| e.into_inner()).clear();
         // This epoch's homes before its announcement: once others see the node, it can take
         // chats at once (a slot whose holder's epoch is not seen yet counts as held for a
         // lease, and one of an epoch never announced is taken and given back after that).
         tokio::select! {
+            biased;
             _ = self.cancel.cancelled() => return leaving(),
             _ = self.make_homes(epoch) => {}
         }
@@ -1324,10 +1321,7 @@ impl Node {
         let joining = self.joining.lock();
         let wait = self.cfg.renew.max(Duration::from_secs(1)) + Duration::from_secs(1);
         let _joined = tokio::time::timeout(wait, joining).await;
-        let epoch = self
-            .fence
-            .epoch()
-            .max(self.announced.load(std::sync::atomic::Ordering::Acquire));
+        let epoch = self.announced.load(std::sync::atomic::Ordering::Acquire);
         // Renewals in flight land before `left` (for up to `renew`), so none is stored after it
         // and read as this node still here.
         let all = self.renewals.acquire_many(RENEWALS_IN_FLIGHT as u32);

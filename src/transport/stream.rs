@@ -221,11 +221,11 @@ impl Connector {
             .await
             .map_err(|_| ConnectError::Failed("connector closed".into()))?;
         let _counted = InFlight::enter(&self.in_flight, &self.peak);
-        // The handshake's state (TCP, TLS, the reply's read chunk: a few KiB) is allocated
-        // only once a permit is held: a session waiting its turn holds this small future, not
-        // the handshake's. Held inline, every session of a burst held one while it waited, and
-        // the holes they left among the sessions' own allocations stayed in RSS for good
-        // (2.8 KiB per session after 10,000 at once; docs/benchmarks.md).
+        // The handshake's state (TCP, TLS, the reply's read chunk) is allocated only once a
+        // permit is held: a session waiting its turn holds this small future, not the
+        // handshake's. The same rule as a REST call's attempt (platform/rest.rs), whose waiting
+        // copies were what a 10,000-chat burst left in RSS; measured alone, this one was within
+        // the noise (docs/benchmarks.md, "A burst's leftovers").
         let fut = Box::pin(self.open(url, bearer));
         match tokio::time::timeout(self.cfg.connect_timeout, fut).await {
             Err(_) => Err(ConnectError::Timeout),
