@@ -3,7 +3,8 @@
 (in one burst, or BATCH at a time), then again after glibc's malloc_trim(0) (called with gdb),
 which returns freed pages: what it gives back was the burst's, not the chats'. With HEAP=1
 the node runs under heaptrack (heaptrack_print --print-peaks 1 shows the peak's allocation
-sites; the RSS figures are then heaptrack's, not the node's). docs/benchmarks.md, "Where a cluster node's memory goes".
+sites; the RSS figures are then heaptrack's, not the node's; the node is SIGKILLed at the end so that what the idle
+chats hold shows as heaptrack's leaks: heaptrack_print --print-leaks 1, or --print-flamegraph F --flamegraph-cost-type leaked). docs/benchmarks.md, "Where a cluster node's memory goes".
 
   benches/node-memory.py GUESTD N cluster|single [MALLOC_ARENA_MAX]
   (needs nats-server on /usr/sbin or PATH for cluster, gdb for the trim)
@@ -18,7 +19,7 @@ def free_port():
     s=socket.socket(); s.bind(("127.0.0.1",0)); p=s.getsockname()[1]; s.close(); return p
 def rss(pid):
     for l in open(f"/proc/{pid}/status"):
-        if l.startswith("VmRSS"): return int(l.split()[1])
+        if l.startswith(os.environ.get("NODE_MEMORY_FIELD","VmRSS")): return int(l.split()[1])
 emu_port=free_port()
 cfg=os.path.join(WORK,"emu.toml"); open(cfg,"w").write('heartbeat_interval = "5000ms"\nreconnect_grace = "5m"\ninactivity_timeout = "2h"\nlog_limit = 1000\n')
 emu=subprocess.Popen([EXE,"emulator","--config",cfg,"--listen",f"127.0.0.1:{emu_port}"],stdout=subprocess.DEVNULL,stderr=subprocess.DEVNULL,env=dict(os.environ,RUST_LOG="warn"))
@@ -32,7 +33,7 @@ req=urllib.request.Request(base+"/emulator/bulk/create",data=json.dumps({"count"
 chats=json.load(urllib.request.urlopen(req))
 env=dict(os.environ, GUESTD_GENESYS__API_BASE=base, GUESTD_GENESYS__STREAM_HOSTS="[\"127.0.0.1\"]", GUESTD_SESSION__HEARTBEAT_INTERVAL="5000ms",
   GUESTD_SESSION__RECONNECT_GRACE="2m", GUESTD_SESSION__INACTIVITY_TIMEOUT="1h", GUESTD_STREAM__MAX_CONCURRENT_CONNECTS="256",
-  GUESTD_JOURNAL__ENABLED="false", GUESTD_CONTROL__HTTP_LISTEN="", GUESTD_SUPERVISOR__MAX_SESSIONS="200000", RUST_LOG="error")
+  GUESTD_JOURNAL__ENABLED="false", GUESTD_CONTROL__HTTP_LISTEN="", GUESTD_SUPERVISOR__MAX_SESSIONS="200000", RUST_LOG=os.environ.pop("NODE_MEMORY_LOG","error"))
 env.pop("GUESTD_CONFIG",None)
 nats=None
 if mode=="cluster":
@@ -46,7 +47,11 @@ pre=["heaptrack","-o",os.path.join(WORK,"heap")] if os.environ.get("HEAP") else 
 g=subprocess.Popen(pre+[EXE,"run"],stdin=subprocess.PIPE,stdout=subprocess.PIPE,stderr=open(os.path.join(WORK,"guestd.err"),"w"),env=env)
 # ready: wait for first stdout line? just wait a bit for startup
 time.sleep(3)
-r0=rss(g.pid)
+pid=g.pid
+if pre:  # heaptrack's script runs guestd as its child: measure and stop guestd itself
+    for c in subprocess.run(["pgrep","-P",str(g.pid)],capture_output=True,text=True).stdout.split():
+        if open(f"/proc/{c}/cmdline","rb").read().split(b"\0")[0].decode()==EXE: pid=int(c)
+r0=rss(pid)
 batch=int(os.environ.get("BATCH","0")) or N
 up=0
 def reader():
@@ -62,12 +67,13 @@ for i in range(0,N,batch):
     g.stdin.flush()
     while up < min(N,i+batch): time.sleep(0.2)
 time.sleep(8)
-r1=rss(g.pid)
-out=subprocess.run(["gdb","-p",str(g.pid),"-batch","-ex","call (int)malloc_trim(0)"],capture_output=True,text=True)
+r1=rss(pid)
+out=subprocess.run(["gdb","-p",str(pid),"-batch","-ex","call (int)malloc_trim(0)"],capture_output=True,text=True)
 time.sleep(1)
-r2=rss(g.pid)
+r2=rss(pid)
 print(f"{mode} N={N} batch={batch} arena={sys.argv[3] if len(sys.argv)>3 else '-'}: base {r0} KiB, after {r1} KiB -> {(r1-r0)*1024/N:.0f} B/chat; after malloc_trim {r2} KiB -> {(r2-r0)*1024/N:.0f} B/chat")
-g.terminate(); g.wait(); emu.kill()
+# Under heaptrack, SIGKILL: what the idle chats hold is then heaptrack's "leaked" (--print-leaks 1).
+os.kill(pid,9 if pre else 15); g.wait(); emu.kill()
 if nats: nats.kill()
 shutil.rmtree(os.path.join(WORK,"js"),ignore_errors=True)
 print("work files:",WORK)

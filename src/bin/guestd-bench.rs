@@ -183,11 +183,22 @@ fn wall_us() -> u64 {
 }
 
 fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// The anonymous part of RSS: the heap and stacks, without the binary's own pages (which one
+/// build maps more of than another at the same work: 1.2-1.5 MiB at start between two builds
+/// of one source tree, docs/benchmarks.md, "A burst's freed pages").
+fn anon_kib(pid: u32) -> u64 {
+    status_kib(pid, "RssAnon:")
+}
+
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
@@ -403,6 +414,8 @@ struct Report {
     rss_base_kib: u64,
     rss_loaded_kib: u64,
     bytes_per_session: f64,
+    /// The same from anonymous RSS only (0 in the peers' rows written before it was added).
+    anon_bytes_per_session: f64,
     cpu_secs_per_1000_heartbeats: f64,
     core_pct_at_30s_heartbeats: f64,
     core_pct_at_30s_for_50k: f64,
@@ -527,7 +540,7 @@ async fn run(kind: &str, n: usize, exe: &PathBuf, args: &Args) -> anyhow::Result
     } else {
         while p.next(Duration::from_secs(20)).await?.1["type"] != "ready" {}
     }
-    let rss_base = rss_kib(p.pid);
+    let (rss_base, anon_base) = (rss_kib(p.pid), anon_kib(p.pid));
     // Chats, created straight on the emulator, attached through stdin.
     let chats = create_chats(&emu, n).await?;
     let t0 = Instant::now();
@@ -588,7 +601,7 @@ async fn run(kind: &str, n: usize, exe: &PathBuf, args: &Args) -> anyhow::Result
             bail!("no quiet steady state within 120 s");
         }
     }
-    let rss_loaded = rss_kib(p.pid);
+    let (rss_loaded, anon_loaded) = (rss_kib(p.pid), anon_kib(p.pid));
     let (hb0, cpu0) = (emu.heartbeats().await?, cpu_secs(p.pid));
     let t_cpu = Instant::now();
     drain_until(&mut p, Instant::now() + args.steady).await;
@@ -675,6 +688,7 @@ async fn run(kind: &str, n: usize, exe: &PathBuf, args: &Args) -> anyhow::Result
         rss_base_kib: rss_base,
         rss_loaded_kib: rss_loaded,
         bytes_per_session: (rss_loaded.saturating_sub(rss_base) as f64 * 1024.0) / n as f64,
+        anon_bytes_per_session: (anon_loaded.saturating_sub(anon_base) as f64 * 1024.0) / n as f64,
         cpu_secs_per_1000_heartbeats: per_hb * 1000.0,
         core_pct_at_30s_heartbeats: per_30s * 100.0,
         core_pct_at_30s_for_50k: per_hb * 50_000.0 / 30.0 * 100.0,
@@ -761,9 +775,10 @@ fn print(reports: &[Report]) {
         }
         let mean = |f: fn(&Report) -> f64| rs.iter().map(|r| f(r)).sum::<f64>() / rs.len() as f64;
         println!(
-            "mean of {} rounds at {n} sessions, {program}: RSS/session {:.2} KiB, CPU s/1k hb {:.4}, ended p99 {:.2} ms",
+            "mean of {} rounds at {n} sessions, {program}: RSS/session {:.2} KiB (anonymous {:.2}), CPU s/1k hb {:.4}, ended p99 {:.2} ms",
             rs.len(),
             mean(|r| r.bytes_per_session) / 1024.0,
+            mean(|r| r.anon_bytes_per_session) / 1024.0,
             mean(|r| r.cpu_secs_per_1000_heartbeats),
             mean(|r| r.ended_p99_ms),
         );

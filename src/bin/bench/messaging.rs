@@ -12,7 +12,7 @@
 //!
 //! There is no reconnect storm for Web Messaging here: the emulator's drop-all is guest chat's.
 
-use super::{Args, Emu, Proc, Report, cpu_secs, percentile, rss_kib, wall_us};
+use super::{Args, Emu, Proc, Report, anon_kib, cpu_secs, percentile, rss_kib, wall_us};
 use anyhow::{Context, bail};
 use serde_json::json;
 use std::collections::{HashMap, HashSet};
@@ -41,7 +41,7 @@ pub async fn run(n: usize, exe: &PathBuf, args: &Args) -> anyhow::Result<Report>
         .env("RUST_LOG", "error");
     let mut p = Proc::spawn(c)?;
     p.ready(Duration::from_secs(20)).await?;
-    let rss_base = rss_kib(p.pid);
+    let (rss_base, anon_base) = (rss_kib(p.pid), anon_kib(p.pid));
     let tokens: Vec<String> = (0..n)
         .map(|i| format!("bench-{i}-{}", uuid::Uuid::new_v4()))
         .collect();
@@ -98,7 +98,7 @@ pub async fn run(n: usize, exe: &PathBuf, args: &Args) -> anyhow::Result<Report>
             bail!("no quiet steady state within 120 s");
         }
     }
-    let rss_loaded = rss_kib(p.pid);
+    let (rss_loaded, anon_loaded) = (rss_kib(p.pid), anon_kib(p.pid));
     let cpu0 = cpu_secs(p.pid);
     let t_cpu = Instant::now();
     super::drain_until(&mut p, std::time::Instant::now() + args.steady).await;
@@ -151,6 +151,7 @@ pub async fn run(n: usize, exe: &PathBuf, args: &Args) -> anyhow::Result<Report>
         rss_base_kib: rss_base,
         rss_loaded_kib: rss_loaded,
         bytes_per_session: (rss_loaded.saturating_sub(rss_base) as f64 * 1024.0) / n as f64,
+        anon_bytes_per_session: (anon_loaded.saturating_sub(anon_base) as f64 * 1024.0) / n as f64,
         // Per liveness cycle (a ping), in the columns of a heartbeat.
         cpu_secs_per_1000_heartbeats: per_cycle * 1000.0,
         core_pct_at_30s_heartbeats: per_cycle * n as f64 / 15.0 * 100.0,
