@@ -76,6 +76,8 @@ pub struct Config {
     pub log: LogSection,
     /// `[status]`: how long and how many reported ends `status` remembers.
     pub status: crate::ends::Remember,
+    /// `[memory]`: giving a burst's freed memory back to the system.
+    pub memory: MemorySection,
 }
 
 /// `[log]`: the log filter, reloaded on SIGHUP.
@@ -436,6 +438,26 @@ impl Default for ShutdownSection {
         ShutdownSection {
             drain_timeout: Duration::from_secs(10),
             leave_on_shutdown: false,
+        }
+    }
+}
+
+/// `[memory]`: when a burst's freed memory is given back to the system (`crate::heap`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemorySection {
+    /// Trim after at least this many connects and ends since the last trim; 0: never.
+    pub trim_after: u64,
+    /// How often to check; a trim waits for a check that finds no churn since the one before.
+    #[serde(with = "humantime_serde")]
+    pub trim_quiet: Duration,
+}
+
+impl Default for MemorySection {
+    fn default() -> Self {
+        MemorySection {
+            trim_after: 1000,
+            trim_quiet: Duration::from_secs(2),
         }
     }
 }
@@ -802,6 +824,12 @@ impl Config {
         }
         if s.inactivity_timeout.is_zero() {
             return bad("session.inactivity_timeout", "must be > 0");
+        }
+        if self.memory.trim_after > 0 && self.memory.trim_quiet < Duration::from_millis(100) {
+            return bad(
+                "memory.trim_quiet",
+                "must be >= 100ms (or memory.trim_after = 0)",
+            );
         }
         self.web_messaging
             .validate()

@@ -250,6 +250,12 @@ pub async fn start_with<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
         });
         n.run(sup.clone());
     }
+    crate::heap::spawn(
+        cfg.memory.trim_after,
+        cfg.memory.trim_quiet,
+        crate::heap::churned,
+        control_cancel.clone(),
+    );
     let (ready, ready_rx) = watch::channel(false);
     let mut access_cell = None;
     let http_addr = if let Some(listener) = listener {

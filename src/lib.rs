@@ -28,6 +28,8 @@ pub mod emulator;
 pub mod ends;
 /// guestd's own event schema and the sinks that write it.
 pub mod events;
+/// Giving a burst's freed memory back to the system.
+pub mod heap;
 /// The session journal that lets a restarted guestd pick chats back up.
 pub mod journal;
 /// The log filter and its checks.

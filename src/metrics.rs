@@ -176,6 +176,24 @@ pub const CATALOGUE: &[Metric] = &[
         labels: nothing,
     },
     Metric {
+        name: "guestd_heap_trims_total",
+        kind: Counter,
+        help: "Times a burst's freed memory was given back to the system ([memory] trim_after).",
+        labels: none,
+    },
+    Metric {
+        name: "guestd_heap_returned_bytes_total",
+        kind: Counter,
+        help: "Resident bytes those trims gave back to the system.",
+        labels: none,
+    },
+    Metric {
+        name: "guestd_heap_trim_seconds",
+        kind: Histogram,
+        help: "How long each trim took (it holds each allocator arena's lock while it walks it).",
+        labels: nothing,
+    },
+    Metric {
         name: "guestd_connects_in_flight_peak",
         kind: Gauge,
         help: "The most websocket connects under way at once since start.",
@@ -382,6 +400,11 @@ pub fn install() -> Option<PrometheusHandle> {
                     &[
                         0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                     ],
+                )
+                .ok()?
+                .set_buckets_for_metric(
+                    Matcher::Full("guestd_heap_trim_seconds".into()),
+                    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25],
                 )
                 .ok()?
                 .set_buckets_for_metric(

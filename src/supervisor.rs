@@ -735,6 +735,7 @@ async fn registry(
                 }
             }
             Some(id) = done_rx.recv() => {
+                crate::heap::churn();
                 if let Some(h) = by_id.remove(id.as_str()) {
                     by_conv.remove(&h.conversation_id);
                 }

@@ -1220,3 +1220,72 @@ async fn under_systemd_ready_means_serving_stopping_means_draining_and_events_ha
     assert_no_second_ended(&lines);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Issue 27: a burst's freed memory goes back to the system once the burst is over. With
+/// `memory.trim_after = 20`, twenty chats started at once are followed by a trim (glibc only),
+/// counted, timed and reported with what it returned; the chats go on as before and each ends
+/// once when its guest leaves. The trim is seen only in guestd's metrics and log (no event can
+/// say so), so the metrics are polled.
+#[tokio::test]
+async fn a_burst_s_freed_memory_goes_back_to_the_system_once_it_is_over() {
+    let emu = emulator(quick()).await;
+    let mut env = with_http_any_port(fast_env(&emu), "127.0.0.1");
+    env.push(("GUESTD_MEMORY__TRIM_AFTER".into(), "20".into()));
+    env.push(("GUESTD_MEMORY__TRIM_QUIET".into(), "100ms".into()));
+    let mut d = Daemon::spawn(env, &[]);
+    let base = d.http_base().await;
+    let http = reqwest::Client::new();
+    let before = metrics_text(&http, &base).await;
+    assert_eq!(metric(&before, "guestd_heap_trims_total"), 0.0, "{before}");
+    for i in 0..20 {
+        d.send(json!({"cmd": "start", "request_id": format!("r{i}"), "queue": "Support", "display_name": "Guest"}))
+            .await;
+    }
+    let mut sessions = Vec::new();
+    for i in 0..20 {
+        let rid = format!("r{i}");
+        let r = d.wait(|v| v["request_id"] == rid.as_str()).await;
+        assert_eq!(r["type"], "command_result", "{r}");
+        sessions.push(r["result"]["session"].as_str().unwrap().to_string());
+    }
+    for s in &sessions {
+        d.wait_type(s, "connected").await;
+    }
+    let glibc = cfg!(all(target_os = "linux", target_env = "gnu"));
+    let deadline = tokio::time::Instant::now() + wait();
+    let m = loop {
+        let m = metrics_text(&http, &base).await;
+        if !glibc || metric(&m, "guestd_heap_trims_total") >= 1.0 {
+            break m;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no trim after the burst:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    if glibc {
+        let trims = metric(&m, "guestd_heap_trims_total");
+        assert_eq!(
+            metric(&m, "guestd_heap_trim_seconds_count"),
+            trims,
+            "each trim is timed"
+        );
+        assert!(m.contains("guestd_heap_returned_bytes_total"), "{m}");
+        assert!(
+            d.stderr()
+                .contains("returned a burst's freed memory to the system"),
+            "the trim is logged"
+        );
+    }
+    for (i, s) in sessions.iter().enumerate() {
+        let rid = format!("l{i}");
+        d.send(json!({"cmd": "leave", "session": s, "request_id": rid}))
+            .await;
+    }
+    for s in &sessions {
+        let e = d.wait_type(s, "ended").await;
+        assert_eq!(e["reason"], "guest_left", "{e}");
+    }
+    finish_ok(d).await;
+}

@@ -134,6 +134,7 @@ impl Inner {
                 // Built before the wait, every session of a connect burst held one (about 1 KiB)
                 // while the REST permits were taken, and the holes they left among the sessions'
                 // own allocations stayed in RSS (docs/benchmarks.md, "A burst's leftovers").
+                crate::heap::churn();
                 let tried =
                     Box::pin(self.attempt(name, &method, &url, jwt.as_ref(), body.as_ref())).await;
                 drop(permit);

@@ -221,6 +221,7 @@ impl Connector {
             .await
             .map_err(|_| ConnectError::Failed("connector closed".into()))?;
         let _counted = InFlight::enter(&self.in_flight, &self.peak);
+        crate::heap::churn();
         // The handshake's state (TCP, TLS, the reply's read chunk) is allocated only once a
         // permit is held: a session waiting its turn holds this small future, not the
         // handshake's. The same rule as a REST call's attempt (platform/rest.rs), whose waiting
