@@ -446,9 +446,11 @@ impl Default for ShutdownSection {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct MemorySection {
-    /// Trim after at least this many connects and ends since the last trim; 0: never.
+    /// Trim after at least this much churn (connects and REST attempts begun, sessions gone)
+    /// since the last trim; 0: never.
     pub trim_after: u64,
-    /// How often to check; a trim waits for a check that finds no churn since the one before.
+    /// How often to check; a due trim waits for a check that finds the churn since the one
+    /// before below a tenth of `trim_after` (or for 30 checks at most).
     #[serde(with = "humantime_serde")]
     pub trim_quiet: Duration,
 }
@@ -1065,6 +1067,22 @@ mod tests {
         ] {
             assert!(!is_service_link(v), "{v}");
         }
+    }
+
+    #[test]
+    fn a_trim_check_faster_than_100ms_is_refused_unless_trims_are_off() {
+        let err = Config::from_toml("[memory]\ntrim_quiet = \"10ms\"\n", none()).unwrap_err();
+        assert!(err.to_string().contains("memory.trim_quiet"), "{err}");
+        let off = Config::from_toml("[memory]\ntrim_after = 0\ntrim_quiet = \"10ms\"\n", none());
+        assert!(off.is_ok(), "{off:?}");
+        let env = [("GUESTD_MEMORY__TRIM_AFTER".to_string(), "5".to_string())];
+        assert_eq!(
+            Config::from_toml("", env.into_iter())
+                .unwrap()
+                .memory
+                .trim_after,
+            5
+        );
     }
 
     #[test]

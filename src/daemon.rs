@@ -250,12 +250,6 @@ pub async fn start_with<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
         });
         n.run(sup.clone());
     }
-    crate::heap::spawn(
-        cfg.memory.trim_after,
-        cfg.memory.trim_quiet,
-        crate::heap::churned,
-        control_cancel.clone(),
-    );
     let (ready, ready_rx) = watch::channel(false);
     let mut access_cell = None;
     let http_addr = if let Some(listener) = listener {
@@ -329,6 +323,14 @@ pub async fn start_with<S: EventSink, R: AsyncRead + Unpin + Send + 'static>(
             control_cancel.clone(),
         ));
     }
+    // Started once nothing here can fail any more; stopped with the sessions (a shutdown's
+    // mass end is not a burst worth trimming for).
+    crate::heap::spawn(
+        cfg.memory.trim_after,
+        cfg.memory.trim_quiet,
+        crate::heap::churned,
+        sessions_cancel.clone(),
+    );
     let _ = ready.send(true);
     Ok(Running {
         sup,

@@ -184,7 +184,7 @@ pub const CATALOGUE: &[Metric] = &[
     Metric {
         name: "guestd_heap_returned_bytes_total",
         kind: Counter,
-        help: "Resident bytes those trims gave back to the system.",
+        help: "Resident bytes those trims gave back to the system (approximate: RSS before less RSS after).",
         labels: none,
     },
     Metric {

@@ -1271,7 +1271,6 @@ async fn a_burst_s_freed_memory_goes_back_to_the_system_once_it_is_over() {
             trims,
             "each trim is timed"
         );
-        assert!(m.contains("guestd_heap_returned_bytes_total"), "{m}");
         assert!(
             d.stderr()
                 .contains("returned a burst's freed memory to the system"),
