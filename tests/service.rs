@@ -1255,6 +1255,7 @@ async fn a_burst_s_freed_memory_goes_back_to_the_system_once_it_is_over() {
     let deadline = tokio::time::Instant::now() + wait();
     let m = loop {
         let m = metrics_text(&http, &base).await;
+        // The count is raised last, after the trim's time and its log line.
         if !glibc || metric(&m, "guestd_heap_trims_total") >= 1.0 {
             break m;
         }
@@ -1266,10 +1267,9 @@ async fn a_burst_s_freed_memory_goes_back_to_the_system_once_it_is_over() {
     };
     if glibc {
         let trims = metric(&m, "guestd_heap_trims_total");
-        assert_eq!(
-            metric(&m, "guestd_heap_trim_seconds_count"),
-            trims,
-            "each trim is timed"
+        assert!(
+            metric(&m, "guestd_heap_trim_seconds_count") >= trims,
+            "each trim is timed:\n{m}"
         );
         assert!(
             d.stderr()
