@@ -6,19 +6,20 @@
 //! chunks for reuse, and on its own returns only the free top of a heap: after 10,000 chats
 //! attached in one burst the chats hold the same as when attached 500 at a time, but the process
 //! keeps 0.4-0.5 KiB a chat more in pages that hold nothing (docs/benchmarks.md, "A burst's
-//! leftovers" and "A burst's freed pages"). `malloc_trim(0)` walks every arena and hands each whole free page back
-//! (`madvise(MADV_DONTNEED)`); the memory stays mapped and is reused on the next burst.
+//! leftovers" and "A burst's freed pages"). `malloc_trim(0)` walks every arena and hands each
+//! whole free page back (`madvise(MADV_DONTNEED)`); the memory stays mapped and is reused on the
+//! next burst.
 //!
 //! The walk holds each arena's lock while it trims that arena, so a thread that allocates from
-//! it meanwhile waits: the trim runs once a burst is over, on a blocking thread (or, on a node
-//! whose churn never falls to a trickle, at most once a minute: see [`Trigger`]). [`Trigger`] decides: after at least `memory.trim_after` units of churn
-//! (websocket connects and REST attempts begun, sessions gone, counted process-wide) since the
-//! last trim, at the first check (one every `memory.trim_quiet`) that finds the churn since the
-//! check before down to a trickle. A burst's roster fetches go on after its connects, so the
-//! REST attempts count: trimming when the connects alone were done returned less than half
-//! (576 against 1,312 KiB at 4,000 chats). Its duration is the metric
-//! `guestd_heap_trim_seconds`: 1.5-2.6 ms at 10,000 chats (docs/benchmarks.md, "A burst's
-//! freed pages").
+//! it meanwhile waits: the trim runs on a blocking thread once a burst is over, as [`Trigger`]
+//! decides: after at least `memory.trim_after` units of churn (websocket connects and REST
+//! attempts begun, sessions gone, counted process-wide) since the last trim, at the first check
+//! (one every `memory.trim_quiet`) that finds the churn since the check before down to a
+//! trickle, or, on a node whose churn never falls that low, at most once a minute. A burst's
+//! roster fetches go on after its connects, so the REST attempts count: trimming when the
+//! connects alone were done returned less than half (576 against 1,312 KiB at 4,000 chats). Its
+//! duration is the metric `guestd_heap_trim_seconds`: 1.5-2.6 ms at 10,000 chats
+//! (docs/benchmarks.md, "A burst's freed pages").
 //!
 //! Only glibc has `malloc_trim`; elsewhere (musl, macOS) no task starts, and the start says so.
 //!

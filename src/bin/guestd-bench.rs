@@ -193,6 +193,11 @@ fn anon_kib(pid: u32) -> u64 {
     status_kib(pid, "RssAnon:")
 }
 
+/// Bytes per session from a reading in KiB before `n` sessions and one with them.
+fn per_session(base_kib: u64, loaded_kib: u64, n: usize) -> f64 {
+    (loaded_kib.saturating_sub(base_kib) as f64 * 1024.0) / n as f64
+}
+
 fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -687,8 +692,8 @@ async fn run(kind: &str, n: usize, exe: &PathBuf, args: &Args) -> anyhow::Result
         connect_secs,
         rss_base_kib: rss_base,
         rss_loaded_kib: rss_loaded,
-        bytes_per_session: (rss_loaded.saturating_sub(rss_base) as f64 * 1024.0) / n as f64,
-        anon_bytes_per_session: (anon_loaded.saturating_sub(anon_base) as f64 * 1024.0) / n as f64,
+        bytes_per_session: per_session(rss_base, rss_loaded, n),
+        anon_bytes_per_session: per_session(anon_base, anon_loaded, n),
         cpu_secs_per_1000_heartbeats: per_hb * 1000.0,
         core_pct_at_30s_heartbeats: per_30s * 100.0,
         core_pct_at_30s_for_50k: per_hb * 50_000.0 / 30.0 * 100.0,

@@ -12,7 +12,9 @@
 //!
 //! There is no reconnect storm for Web Messaging here: the emulator's drop-all is guest chat's.
 
-use super::{Args, Emu, Proc, Report, anon_kib, cpu_secs, percentile, rss_kib, wall_us};
+use super::{
+    Args, Emu, Proc, Report, anon_kib, cpu_secs, per_session, percentile, rss_kib, wall_us,
+};
 use anyhow::{Context, bail};
 use serde_json::json;
 use std::collections::{HashMap, HashSet};
@@ -150,8 +152,8 @@ pub async fn run(n: usize, exe: &PathBuf, args: &Args) -> anyhow::Result<Report>
         connect_secs,
         rss_base_kib: rss_base,
         rss_loaded_kib: rss_loaded,
-        bytes_per_session: (rss_loaded.saturating_sub(rss_base) as f64 * 1024.0) / n as f64,
-        anon_bytes_per_session: (anon_loaded.saturating_sub(anon_base) as f64 * 1024.0) / n as f64,
+        bytes_per_session: per_session(rss_base, rss_loaded, n),
+        anon_bytes_per_session: per_session(anon_base, anon_loaded, n),
         // Per liveness cycle (a ping), in the columns of a heartbeat.
         cpu_secs_per_1000_heartbeats: per_cycle * 1000.0,
         core_pct_at_30s_heartbeats: per_cycle * n as f64 / 15.0 * 100.0,
