@@ -39,9 +39,11 @@ pub fn address(line: &[u8], origin: &str) -> (String, String) {
         .unwrap_or("none")
         .to_string();
     let id = match &head {
+        // An empty `event_id` is no id (guestd's own are never empty): it would deduplicate
+        // every such line against the others.
         Some(Head {
             event_id: Some(id), ..
-        }) => id.to_string(),
+        }) if !id.is_empty() => id.to_string(),
         Some(h) => format!("{origin}:{}", h.seq),
         None => format!("{origin}:unparsed:{}", uuid::Uuid::new_v4().simple()),
     };
@@ -207,5 +209,8 @@ mod tests {
         let (c, id) = address(b"not json", "n");
         assert_eq!(c, "none");
         assert!(id.starts_with("n:unparsed:"));
+        // An empty event id (a fuzz finding of cluster_wire) is no id: the line's sequence is.
+        let (_, id) = address(br#"{"v":1,"cr_id":"c-1","event_id":""}"#, "n1-ab");
+        assert_eq!(id, "n1-ab:0");
     }
 }
